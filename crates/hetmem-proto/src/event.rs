@@ -1,0 +1,135 @@
+//! What goes into the engine.
+
+use crate::ids::{DeviceId, Mem, OpId, PageRun, Proc, ReqId};
+
+/// The access a fault asks for.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub enum Access {
+    /// Read.
+    Read,
+    /// Write.
+    Write,
+    /// Device atomics: an exclusive mapping, as `make_device_exclusive` gives (devices only).
+    Atomic,
+}
+
+/// Work that completes later, with [`crate::Action::Complete`] carrying its [`ReqId`].
+///
+/// Requests are served in arrival order per page: a request acts only on pages that no earlier
+/// pending request covers, like a queue on a page lock.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum RequestKind {
+    /// A processor touched pages it has no (sufficient) mapping for.
+    Fault {
+        /// Who faulted.
+        proc: Proc,
+        /// What it needs.
+        access: Access,
+    },
+    /// Move the pages to `dst` (prefetch, explicit migration). Read-mostly pages are duplicated
+    /// instead. Pages without data are populated there (zero or file).
+    Migrate {
+        /// Destination memory.
+        dst: Mem,
+    },
+    /// Free up to `pages` frames of `dev`, copying sole copies to system memory first.
+    Evict {
+        /// The full device.
+        dev: DeviceId,
+        /// Frames wanted.
+        pages: u32,
+    },
+    /// Write back dirty file pages (msync(MS_SYNC)); reports the block's remembered error once.
+    Flush,
+    /// Drop every copy and mapping `dev` holds, moving sole copies to system memory.
+    Release {
+        /// The departing device.
+        dev: DeviceId,
+    },
+}
+
+/// How a range stops being what it was. Mappings are torn down at once, when the event is
+/// handled, as an MMU notifier does; dropping data waits for transfers in flight.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Invalidation {
+    /// munmap: the range stops being managed. Dirty file data is written back first.
+    Unmap,
+    /// MADV_DONTNEED / MADV_FREE: data dropped, the range stays; anonymous pages read zero after,
+    /// file pages read the file. Dirty file data is written back first.
+    Discard,
+    /// The file shrank: pages are beyond its end. Their data, dirty or not, is discarded and any
+    /// later access is an error (SIGBUS on the CPU).
+    Truncate,
+    /// mprotect. Mappings beyond the new protection are revoked.
+    Protect {
+        /// Reads allowed.
+        read: bool,
+        /// Writes allowed.
+        write: bool,
+    },
+}
+
+/// Placement hints, as `cudaMemAdvise`. They change decisions, never correctness.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Advice {
+    /// Where the data should live. `Some(Mem::System)` makes device faults map system memory
+    /// remotely instead of migrating.
+    PreferredLocation(Option<Mem>),
+    /// Reads duplicate the page instead of moving it; a write collapses the duplicates.
+    ReadMostly(bool),
+    /// `dev` will access the range: if the page is in system memory, map it there rather than
+    /// migrate.
+    AccessedBy(DeviceId, bool),
+}
+
+/// Why an asynchronous operation failed.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, thiserror::Error)]
+pub enum OpError {
+    /// The copy engine or the device failed (a device error, a DMA fault).
+    #[error("device transfer failed")]
+    Device,
+    /// I/O error (EIO).
+    #[error("I/O error (EIO)")]
+    Io,
+    /// No space left on the file system (ENOSPC).
+    #[error("no space left on device (ENOSPC)")]
+    NoSpace,
+}
+
+/// One input to a block.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Event {
+    /// Queue a request.
+    Request {
+        /// Caller's token, returned on completion.
+        id: ReqId,
+        /// Pages it covers.
+        pages: PageRun,
+        /// What to do.
+        kind: RequestKind,
+    },
+    /// Change the mapping or protection of a range. `id` completes once data was dropped (or
+    /// written back); mappings are already gone when `handle` returns.
+    Invalidate {
+        /// Caller's token.
+        id: ReqId,
+        /// Pages it covers.
+        pages: PageRun,
+        /// What happened.
+        kind: Invalidation,
+    },
+    /// Set a placement hint. Takes effect at once.
+    Advise {
+        /// Pages it covers.
+        pages: PageRun,
+        /// The hint.
+        advice: Advice,
+    },
+    /// An asynchronous operation finished.
+    Complete {
+        /// Which.
+        op: OpId,
+        /// Its outcome.
+        result: Result<(), OpError>,
+    },
+}

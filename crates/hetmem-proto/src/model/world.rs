@@ -1,0 +1,295 @@
+//! Blocks, their machines, device capacity and outstanding requests, checked after every event.
+
+use super::machine::{Machine, Violation};
+use crate::action::{Action, MapMode};
+use crate::bitmap::PageMask;
+use crate::block::{Block, Env, Layout};
+use crate::budget::FrameCounts;
+use crate::config::Topology;
+use crate::error::RequestError;
+use crate::event::{Access, Event, Invalidation, OpError, RequestKind};
+use crate::ids::{OpId, PageRun, Proc, ReqId};
+
+/// What the world remembers about a request until it completes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Outstanding {
+    /// A fault; on success the machine must show the mapping.
+    Fault {
+        /// Block index.
+        block: usize,
+        /// Page.
+        run: PageRun,
+        /// Who.
+        proc: Proc,
+        /// What for.
+        access: Access,
+    },
+    /// A discard; on completion anonymous pages read zero again.
+    Discard {
+        /// Block index.
+        block: usize,
+        /// Pages.
+        run: PageRun,
+    },
+    /// Anything else.
+    Other,
+}
+
+/// A set of blocks on one simulated machine.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct World<const W: usize> {
+    /// The engines.
+    pub blocks: Vec<Block<W>>,
+    /// One simulated machine per block.
+    pub machines: Vec<Machine>,
+    /// Device capacity, shared.
+    pub frames: FrameCounts,
+    /// Outstanding requests by slot (`ReqId(slot)`).
+    pub outstanding: Vec<Option<Outstanding>>,
+    /// The next version a write stores.
+    pub next_version: u8,
+}
+
+/// The outcome of a completed request, as the world saw it.
+pub type Completed = (ReqId, Result<(), RequestError>);
+
+impl<const W: usize> World<W> {
+    /// `layouts.len()` blocks, simulating their first `pages` pages.
+    pub fn new(layouts: &[Layout<W>], pages: usize, capacity: &[u32]) -> Self {
+        Self {
+            blocks: layouts.iter().map(|&l| Block::new(l)).collect(),
+            machines: layouts
+                .iter()
+                .map(|l| Machine::new(pages, l.file_page))
+                .collect(),
+            frames: FrameCounts::new(capacity),
+            outstanding: Vec::new(),
+            next_version: 1,
+        }
+    }
+
+    /// A free request slot.
+    pub fn free_slot(&self) -> usize {
+        self.outstanding
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or(self.outstanding.len())
+    }
+
+    /// Number of outstanding requests.
+    pub fn outstanding_count(&self) -> usize {
+        self.outstanding.iter().filter(|o| o.is_some()).count()
+    }
+
+    /// Issues a request in the next free slot.
+    pub fn request(
+        &mut self,
+        topo: &Topology,
+        block: usize,
+        run: PageRun,
+        kind: RequestKind,
+        done: &mut Vec<Completed>,
+    ) -> Result<ReqId, Violation> {
+        let slot = self.free_slot();
+        let note = match kind {
+            RequestKind::Fault { proc, access } => Outstanding::Fault {
+                block,
+                run,
+                proc,
+                access,
+            },
+            _ => Outstanding::Other,
+        };
+        let id = self.remember(slot, note);
+        self.event(
+            topo,
+            block,
+            Event::Request {
+                id,
+                pages: run,
+                kind,
+            },
+            done,
+        )?;
+        Ok(id)
+    }
+
+    /// Issues an invalidation in the next free slot.
+    pub fn invalidate(
+        &mut self,
+        topo: &Topology,
+        block: usize,
+        run: PageRun,
+        kind: Invalidation,
+        done: &mut Vec<Completed>,
+    ) -> Result<ReqId, Violation> {
+        let slot = self.free_slot();
+        let note = match kind {
+            Invalidation::Discard => Outstanding::Discard { block, run },
+            _ => Outstanding::Other,
+        };
+        if matches!(kind, Invalidation::Unmap | Invalidation::Truncate) {
+            let n = self.machines[block].pages();
+            for p in run.pages().take_while(|&p| p < n) {
+                self.machines[block].gone[p] = true;
+            }
+        }
+        let id = self.remember(slot, note);
+        self.event(
+            topo,
+            block,
+            Event::Invalidate {
+                id,
+                pages: run,
+                kind,
+            },
+            done,
+        )?;
+        Ok(id)
+    }
+
+    fn remember(&mut self, slot: usize, note: Outstanding) -> ReqId {
+        if slot == self.outstanding.len() {
+            self.outstanding.push(None);
+        }
+        self.outstanding[slot] = Some(note);
+        ReqId(slot as u64)
+    }
+
+    /// Lands or fails `op` of `block` on the machine, then tells the engine.
+    pub fn complete(
+        &mut self,
+        topo: &Topology,
+        block: usize,
+        op: OpId,
+        result: Result<(), OpError>,
+        done: &mut Vec<Completed>,
+    ) -> Result<(), Violation> {
+        self.machines[block].complete(op, result.is_ok());
+        self.event(topo, block, Event::Complete { op, result }, done)
+    }
+
+    /// Writes a new version through `proc`'s writable mapping of `page`.
+    pub fn write(&mut self, block: usize, proc: Proc, page: usize) -> Result<u8, Violation> {
+        let v = self.next_version;
+        self.machines[block].write(proc, page, v)?;
+        self.next_version = self.next_version.wrapping_add(1).max(1);
+        Ok(v)
+    }
+
+    /// Feeds one event to a block, executes its actions one by one on the machine (checking
+    /// between each), then checks the block, the machine and the capacity.
+    pub fn event(
+        &mut self,
+        topo: &Topology,
+        block: usize,
+        event: Event,
+        done: &mut Vec<Completed>,
+    ) -> Result<(), Violation> {
+        let mut actions = Vec::new();
+        let mut env = Env {
+            topology: topo,
+            frames: &mut self.frames,
+        };
+        self.blocks[block]
+            .handle(&mut env, event, &mut actions)
+            .map_err(|e| Violation::new(format!("event refused: {e}")))?;
+        for a in &actions {
+            self.machines[block].apply(topo, a)?;
+            if let Action::Complete { id, result } = *a {
+                self.on_complete(block, id, result)?;
+                done.push((id, result));
+            }
+        }
+        self.machines[block].check_block(topo, &self.blocks[block])?;
+        for d in topo.devices() {
+            let held: u32 = self.blocks.iter().map(|b| b.frames_held(d)).sum();
+            let (used, cap) = (self.frames.used[d.index()], self.frames.capacity[d.index()]);
+            if held != used || used > cap {
+                return Err(Violation::new(format!(
+                    "{d:?}: blocks hold {held} frames, budget says {used} of {cap}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn on_complete(
+        &mut self,
+        block: usize,
+        id: ReqId,
+        result: Result<(), RequestError>,
+    ) -> Result<(), Violation> {
+        let slot = id.0 as usize;
+        let Some(note) = self.outstanding.get_mut(slot).and_then(Option::take) else {
+            return Err(Violation::new(format!(
+                "{id:?} completed twice or never issued"
+            )));
+        };
+        match note {
+            Outstanding::Fault {
+                block: b,
+                run,
+                proc,
+                access,
+            } if result.is_ok() => {
+                debug_assert_eq!(b, block);
+                let m = &self.machines[block];
+                for p in run.pages().filter(|&p| p < m.pages()) {
+                    let ok = match (m.mapping(proc, p), access) {
+                        (Some(_), Access::Read) => true,
+                        (Some((MapMode::ReadWrite | MapMode::Exclusive, _)), Access::Write) => true,
+                        (Some((MapMode::Exclusive, _)), Access::Atomic) => true,
+                        _ => false,
+                    };
+                    if !ok {
+                        return Err(Violation::new(format!(
+                            "{id:?} fault by {proc:?} completed but page {p} is mapped {:?}",
+                            m.mapping(proc, p)
+                        )));
+                    }
+                }
+            }
+            Outstanding::Discard { block: b, run } => {
+                let n = self.machines[b].pages();
+                for p in run.pages().take_while(|&p| p < n) {
+                    if !self.blocks[b].page(p).file {
+                        self.machines[b].latest[p] = 0;
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Every page of every block, simulated, that `proc` maps writable.
+    pub fn writable(&self, proc: Proc) -> Vec<(usize, usize)> {
+        let mut v = Vec::new();
+        for (b, m) in self.machines.iter().enumerate() {
+            for p in 0..m.pages() {
+                if matches!(
+                    m.mapping(proc, p),
+                    Some((MapMode::ReadWrite | MapMode::Exclusive, _))
+                ) {
+                    v.push((b, p));
+                }
+            }
+        }
+        v
+    }
+
+    /// Ops in flight, as (block, op).
+    pub fn in_flight(&self) -> Vec<(usize, OpId)> {
+        self.blocks
+            .iter()
+            .enumerate()
+            .flat_map(|(b, blk)| blk.ops_in_flight().map(move |op| (b, op)))
+            .collect()
+    }
+
+    /// A run covering page `p` alone.
+    pub fn page_run(p: usize) -> PageRun {
+        PageRun::page(p, PageMask::<W>::PAGES).expect("page inside the block")
+    }
+}
