@@ -74,7 +74,9 @@ pub enum Action {
         /// File offset of the run's first page, in pages.
         file_page: u64,
     },
-    /// Map the CPU to `target`'s copy (replacing nothing: the CPU has no mapping of these pages).
+    /// Map the CPU to `target`'s copy. If the CPU already maps that copy read-only, this is an
+    /// upgrade (with userfaultfd: clear write-protect); a mapping of another copy is always
+    /// removed with `CpuUnmap` first.
     CpuMap {
         /// System memory or a coherent device.
         target: Mem,
@@ -93,7 +95,8 @@ pub enum Action {
         /// Pages.
         run: PageRun,
     },
-    /// Map `dev` to its own memory (`remote == false`) or to system memory (`remote == true`).
+    /// Map `dev` to its own memory (`remote == false`) or to system memory (`remote == true`),
+    /// or change the mode of its existing mapping of that copy.
     DeviceMap {
         /// Device.
         dev: DeviceId,

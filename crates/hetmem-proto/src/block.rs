@@ -83,7 +83,7 @@ struct Pending<const W: usize> {
     id: ReqId,
     work: Work,
     pages: PageMask<W>,
-    /// Fault-around pages: filled and mapped read-only along with `pages`.
+    /// Fault-around pages: filled and mapped along with `pages`, as for a read.
     extra: PageMask<W>,
     /// Pages whose writeback was attempted on behalf of this request.
     written: PageMask<W>,
@@ -98,7 +98,8 @@ enum OpKind {
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 struct Inflight<const W: usize> {
-    owner: ReqId,
+    /// The request that started it, until that request completes (ids may then be reused).
+    owner: Option<ReqId>,
     kind: OpKind,
     pages: PageMask<W>,
 }
@@ -345,7 +346,8 @@ impl<const W: usize> Block<W> {
                 (result.err(), pages)
             }
         };
-        if let Some(r) = self.requests.iter_mut().find(|r| r.id == inflight.owner) {
+        let owner = inflight.owner;
+        if let Some(r) = self.requests.iter_mut().find(|r| Some(r.id) == owner) {
             r.written |= written;
             if let Some(e) = error {
                 r.error.get_or_insert(RequestError::Op(e));
@@ -363,6 +365,11 @@ impl<const W: usize> Block<W> {
             match self.step(env, &mut req, claimed, out) {
                 Some(result) => {
                     self.requests.remove(i);
+                    for op in self.ops.iter_mut().flatten() {
+                        if op.owner == Some(req.id) {
+                            op.owner = None;
+                        }
+                    }
                     out.push(Action::Complete { id: req.id, result });
                 }
                 None => {
@@ -439,6 +446,10 @@ impl<const W: usize> Block<W> {
                 })
             }
             Work::Drop(kind) => {
+                // All or nothing: the range's data goes at one instant, as with zap_page_range.
+                if free != req.pages {
+                    return None;
+                }
                 for p in procs(env.topology) {
                     self.unmap(p, free, out);
                 }
@@ -819,7 +830,11 @@ impl<const W: usize> Block<W> {
     }
 
     fn start_op(&mut self, owner: ReqId, kind: OpKind, pages: PageMask<W>) -> OpId {
-        let op = Some(Inflight { owner, kind, pages });
+        let op = Some(Inflight {
+            owner: Some(owner),
+            kind,
+            pages,
+        });
         let slot = match self.ops.iter().position(Option::is_none) {
             Some(i) => {
                 self.ops[i] = op;

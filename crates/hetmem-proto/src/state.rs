@@ -29,7 +29,7 @@ pub struct BlockState<const W: usize> {
     pub(crate) dirty: PageMask<W>,
     /// A transfer into some memory is in flight; accesses wait, mappings are read-only.
     pub(crate) busy: PageMask<W>,
-    /// A writeback is in flight; writes wait (stable pages).
+    /// A writeback is in flight; mappings are read-only (stable pages) and new faults wait.
     pub(crate) writeback: PageMask<W>,
     /// Backed by the file (else anonymous: zero-filled).
     pub(crate) file: PageMask<W>,

@@ -49,7 +49,83 @@ fn anonymous_and_file_faults_migrations_failures() {
             flush: true,
             ..Moves::default()
         },
-        max_states: 20_000_000,
+        max_states: std::env::var("HETMEM_MC_MAX")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20_000_000),
     };
     run("anon+file", cfg);
+}
+
+#[test]
+fn file_pages_writeback_truncate_discard_unmap_protect() {
+    let cfg = Config {
+        topology: private_and_coherent(),
+        layout: layout(&[0, 1]),
+        pages: 2,
+        capacity: vec![1, 1],
+        max_outstanding: 1,
+        max_writes: 2,
+        max_failures: 1,
+        moves: Moves {
+            flush: true,
+            truncate: true,
+            discard: true,
+            unmap: true,
+            protect: true,
+            ..Moves::default()
+        },
+        max_states: std::env::var("HETMEM_MC_MAX")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20_000_000),
+    };
+    run("file lifecycle", cfg);
+}
+
+#[test]
+fn advice_and_atomics() {
+    let cfg = Config {
+        topology: private_and_coherent(),
+        layout: layout(&[1]),
+        pages: 2,
+        capacity: vec![1, 1],
+        max_outstanding: 1,
+        max_writes: 1,
+        max_failures: 0,
+        moves: Moves {
+            advise: true,
+            atomics: true,
+            ..Moves::default()
+        },
+        max_states: std::env::var("HETMEM_MC_MAX")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20_000_000),
+    };
+    run("advice+atomics", cfg);
+}
+
+#[test]
+fn three_pages_one_request_at_a_time() {
+    let cfg = Config {
+        topology: private_and_coherent(),
+        layout: layout(&[2]),
+        pages: 3,
+        capacity: vec![1, 1],
+        max_outstanding: 1,
+        max_writes: 1,
+        max_failures: 1,
+        moves: Moves {
+            evict: true,
+            flush: true,
+            release: true,
+            ..Moves::default()
+        },
+        max_states: std::env::var("HETMEM_MC_MAX")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20_000_000),
+    };
+    run("3 pages", cfg);
 }

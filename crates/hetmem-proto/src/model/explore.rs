@@ -3,8 +3,8 @@
 //! requests, writes and injected failures. Depth-first, with a set of state fingerprints.
 //!
 //! In every reachable state the explorer checks, besides everything [`World::event`] checks
-//! after each action: a *drain* from that state (completing the oldest op successfully, again and
-//! again) finishes every pending request. That is the liveness property "every fault completes
+//! after each action: a *drain* from that state (completing the op in the lowest slot
+//! successfully, again and again) finishes every pending request. That is the liveness property "every fault completes
 //! or reports an error under a fair order of completions".
 
 use super::machine::Violation;
@@ -278,7 +278,7 @@ fn apply(cfg: &Config, s: &mut State, mv: Move) -> Result<(), Violation> {
     }
 }
 
-/// Completes the oldest op successfully until nothing is pending; fails if requests remain or
+/// Completes the op in the lowest slot successfully until nothing is pending; fails if requests remain or
 /// it takes unreasonably long.
 fn drain(cfg: &Config, s: &State) -> Result<(), Violation> {
     if s.world.blocks[0].pending_requests() == 0 {

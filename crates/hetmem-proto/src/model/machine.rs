@@ -6,7 +6,7 @@ use crate::config::{DeviceKind, Topology};
 use crate::ids::{Mem, OpId, Proc, MAX_MEMS, MAX_PROCS};
 
 /// Content of a frame that holds no data (never filled, or freed).
-pub const POISON: u8 = u8::MAX;
+pub const POISON: u32 = u32::MAX;
 
 /// A check that failed; `what` names the invariant.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -25,8 +25,8 @@ impl Violation {
 /// that races with the copy is lost here exactly as it would be on real hardware.
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 enum InFlight {
-    Fill { dst: Mem, page: usize, value: u8 },
-    WriteBack { page: usize, value: u8 },
+    Fill { dst: Mem, page: usize, value: u32 },
+    WriteBack { page: usize, value: u32 },
 }
 
 /// Physical state for the first `pages` pages of one block.
@@ -35,15 +35,15 @@ pub struct Machine {
     pages: usize,
     file_page: u64,
     /// `mem[m * pages + p]`: version held by memory `m`'s frame of page `p`.
-    mem: Vec<u8>,
+    mem: Vec<u32>,
     /// Device frame bound (system memory is always there).
     bound: Vec<bool>,
     /// `maps[proc * pages + p]`.
     maps: Vec<Option<(MapMode, Mem)>>,
     /// File contents per page.
-    pub(crate) file: Vec<u8>,
+    pub(crate) file: Vec<u32>,
     /// The last value written per page: the oracle.
-    pub(crate) latest: Vec<u8>,
+    pub(crate) latest: Vec<u32>,
     /// Pages no longer managed (munmapped or truncated): their data is nobody's business.
     pub(crate) gone: Vec<bool>,
     in_flight: Vec<(OpId, InFlight)>,
@@ -76,18 +76,18 @@ impl Machine {
     }
 
     /// The value `proc` reads from `page` through its mapping.
-    pub fn read(&self, proc: Proc, page: usize) -> Option<u8> {
+    pub fn read(&self, proc: Proc, page: usize) -> Option<u32> {
         self.mapping(proc, page)
             .map(|(_, m)| self.mem[m.index() * self.pages + page])
     }
 
     /// The version in memory `m`'s copy of `page`.
-    pub fn value(&self, m: Mem, page: usize) -> u8 {
+    pub fn value(&self, m: Mem, page: usize) -> u32 {
         self.mem[m.index() * self.pages + page]
     }
 
     /// Writes `value` through `proc`'s mapping, which must be writable.
-    pub fn write(&mut self, proc: Proc, page: usize, value: u8) -> Result<(), Violation> {
+    pub fn write(&mut self, proc: Proc, page: usize, value: u32) -> Result<(), Violation> {
         match self.mapping(proc, page) {
             Some((MapMode::ReadWrite | MapMode::Exclusive, m)) => {
                 self.mem[m.index() * self.pages + page] = value;

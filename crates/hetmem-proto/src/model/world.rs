@@ -47,7 +47,9 @@ pub struct World<const W: usize> {
     /// Outstanding requests by slot (`ReqId(slot)`).
     pub outstanding: Vec<Option<Outstanding>>,
     /// The next version a write stores.
-    pub next_version: u8,
+    pub next_version: u32,
+    /// When set, every event, action and write is appended here (for counterexamples).
+    pub log: Option<Vec<String>>,
 }
 
 /// The outcome of a completed request, as the world saw it.
@@ -65,6 +67,7 @@ impl<const W: usize> World<W> {
             frames: FrameCounts::new(capacity),
             outstanding: Vec::new(),
             next_version: 1,
+            log: None,
         }
     }
 
@@ -170,10 +173,14 @@ impl<const W: usize> World<W> {
     }
 
     /// Writes a new version through `proc`'s writable mapping of `page`.
-    pub fn write(&mut self, block: usize, proc: Proc, page: usize) -> Result<u8, Violation> {
+    pub fn write(&mut self, block: usize, proc: Proc, page: usize) -> Result<u32, Violation> {
         let v = self.next_version;
+        if let Some(log) = &mut self.log {
+            log.push(format!("b{block}: {proc:?} writes {v} to page {page}"));
+        }
         self.machines[block].write(proc, page, v)?;
-        self.next_version = self.next_version.wrapping_add(1).max(1);
+        // Versions never repeat within a run (4 billion writes) and never equal POISON.
+        self.next_version += 1;
         Ok(v)
     }
 
@@ -194,6 +201,10 @@ impl<const W: usize> World<W> {
         self.blocks[block]
             .handle(&mut env, event, &mut actions)
             .map_err(|e| Violation::new(format!("event refused: {e}")))?;
+        if let Some(log) = &mut self.log {
+            log.push(format!("b{block}: {event:?}"));
+            log.extend(actions.iter().map(|a| format!("    {a:?}")));
+        }
         for a in &actions {
             self.machines[block].apply(topo, a)?;
             if let Action::Complete { id, result } = *a {
