@@ -186,31 +186,41 @@ impl<const W: usize> fmt::Debug for PageMask<W> {
     }
 }
 
-macro_rules! binop {
-    ($tr:ident, $f:ident, $atr:ident, $af:ident, $op:tt) => {
-        impl<const W: usize> $tr for PageMask<W> {
-            type Output = Self;
-            #[inline]
-            fn $f(mut self, rhs: Self) -> Self {
-                for (a, b) in self.0.iter_mut().zip(rhs.0.iter()) {
-                    *a = *a $op *b;
-                }
-                self
-            }
-        }
-        impl<const W: usize> $atr for PageMask<W> {
-            #[inline]
-            fn $af(&mut self, rhs: Self) {
-                for (a, b) in self.0.iter_mut().zip(rhs.0.iter()) {
-                    *a = *a $op *b;
-                }
-            }
-        }
-    };
+impl<const W: usize> BitAnd for PageMask<W> {
+    type Output = Self;
+    #[inline]
+    fn bitand(mut self, rhs: Self) -> Self {
+        self &= rhs;
+        self
+    }
 }
 
-binop!(BitAnd, bitand, BitAndAssign, bitand_assign, &);
-binop!(BitOr, bitor, BitOrAssign, bitor_assign, |);
+impl<const W: usize> BitAndAssign for PageMask<W> {
+    #[inline]
+    fn bitand_assign(&mut self, rhs: Self) {
+        for (a, b) in self.0.iter_mut().zip(rhs.0.iter()) {
+            *a &= *b;
+        }
+    }
+}
+
+impl<const W: usize> BitOr for PageMask<W> {
+    type Output = Self;
+    #[inline]
+    fn bitor(mut self, rhs: Self) -> Self {
+        self |= rhs;
+        self
+    }
+}
+
+impl<const W: usize> BitOrAssign for PageMask<W> {
+    #[inline]
+    fn bitor_assign(&mut self, rhs: Self) {
+        for (a, b) in self.0.iter_mut().zip(rhs.0.iter()) {
+            *a |= *b;
+        }
+    }
+}
 
 impl<const W: usize> Sub for PageMask<W> {
     type Output = Self;

@@ -230,7 +230,7 @@ impl<const W: usize> Block<W> {
     ) {
         let topo = env.topology;
         let known = |d: DeviceId| topo.kind(d).is_some();
-        let known_mem = |m: Mem| m.device().is_none_or(known);
+        let known_mem = |m: Mem| m.device().map_or(true, known);
         let work = match kind {
             RequestKind::Fault { proc, access } => {
                 if let Proc::Device(d) = proc {
@@ -245,7 +245,7 @@ impl<const W: usize> Block<W> {
             RequestKind::Migrate { dst } if known_mem(dst) => Work::Migrate(dst),
             RequestKind::Evict { dev, pages: n } if known(dev) => {
                 let s = &self.state;
-                pages = (s.frames[dev.index()] & pages - s.busy - s.writeback).first_n(n);
+                pages = (s.frames[dev.index()] & (pages - s.busy - s.writeback)).first_n(n);
                 Work::Evict(dev)
             }
             RequestKind::Release { dev } if known(dev) => Work::Release(dev),
@@ -332,7 +332,7 @@ impl<const W: usize> Block<W> {
             (OpKind::Fill(dst), Err(e)) => {
                 s.busy -= pages;
                 if let Mem::Device(d) = dst {
-                    let fresh = pages & s.frames[d.index()] - s.valid[dst.index()];
+                    let fresh = pages & (s.frames[d.index()] - s.valid[dst.index()]);
                     self.free_frames(env, d, fresh, out);
                 }
                 (Some(e), PageMask::EMPTY)
@@ -405,7 +405,7 @@ impl<const W: usize> Block<W> {
                     return Some(Err(e));
                 }
                 let s = &self.state;
-                let moved = req.pages - s.valid_elsewhere(dst) | s.read_mostly;
+                let moved = (req.pages - s.valid_elsewhere(dst)) | s.read_mostly;
                 done_if(req.pages.is_subset(&(s.valid[dst.index()] & moved)))
             }
             Work::Evict(dev) => {
@@ -431,10 +431,10 @@ impl<const W: usize> Block<W> {
             }
             Work::Flush => {
                 let s = &self.state;
-                let todo = free & s.dirty - s.eof - req.written;
+                let todo = free & (s.dirty - s.eof - req.written);
                 self.write_back(env, req.id, todo, out);
                 let s = &self.state;
-                let left = req.pages & s.dirty - s.eof - req.written | req.pages & s.writeback;
+                let left = req.pages & (s.dirty - s.eof - req.written) | req.pages & s.writeback;
                 if !left.is_empty() {
                     return None;
                 }
@@ -465,7 +465,7 @@ impl<const W: usize> Block<W> {
                 }
                 self.write_back(env, req.id, keep - req.written, out);
                 let s = &self.state;
-                let left = req.pages & s.any_valid() - (s.dirty & req.written)
+                let left = req.pages & (s.any_valid() - (s.dirty & req.written))
                     | req.pages & (s.busy | s.writeback);
                 if !left.is_empty() {
                     return None;
@@ -516,7 +516,7 @@ impl<const W: usize> Block<W> {
         }
         let s = &self.state;
         // Fault-around pages that stopped being accessible are simply no longer wanted.
-        req.extra &= s.vma & s.prot_read - s.eof;
+        req.extra &= s.vma & (s.prot_read - s.eof);
         let blocked = s.busy | s.writeback;
         let main = req.pages - self.satisfied(proc, access) - claimed - blocked;
         let extra = req.extra - s.mapped(proc) - claimed - blocked;
@@ -530,7 +530,7 @@ impl<const W: usize> Block<W> {
             return Some(Err(e));
         }
         let s = &self.state;
-        let unsatisfied = req.pages - self.satisfied(proc, access) | req.extra - s.mapped(proc);
+        let unsatisfied = (req.pages - self.satisfied(proc, access)) | (req.extra - s.mapped(proc));
         done_if(unsatisfied.is_empty())
     }
 
@@ -573,9 +573,10 @@ impl<const W: usize> Block<W> {
         // Fault-around: neighbours in the aligned window that only need a fill from nothing.
         let s = &self.state;
         let window = fault_around_window(rest, env.topology.policy.cpu_fault_around);
-        let around = window - claimed - s.busy - s.writeback - s.any_valid() - s.mapped(Proc::Cpu)
-            & s.vma
-            & s.prot_read - s.eof - req.pages;
+        let around =
+            (window - claimed - s.busy - s.writeback - s.any_valid() - s.mapped(Proc::Cpu))
+                & s.vma
+                & (s.prot_read - s.eof - req.pages);
         req.extra |= around;
         self.fill(env, req.id, Mem::System, rest | around, out)
     }
@@ -641,7 +642,7 @@ impl<const W: usize> Block<W> {
             // A read maps writable when that cannot hide a write: sole copy, writes allowed, and
             // not a clean file page (its first write must fault to mark it dirty).
             Access::Read => (
-                pages - s.valid_elsewhere(target) & s.prot_write - (s.file - s.dirty),
+                (pages - s.valid_elsewhere(target)) & (s.prot_write - (s.file - s.dirty)),
                 MapMode::ReadWrite,
             ),
         };

@@ -247,12 +247,15 @@ impl<const W: usize> World<W> {
                 debug_assert_eq!(b, block);
                 let m = &self.machines[block];
                 for p in run.pages().filter(|&p| p < m.pages()) {
-                    let ok = match (m.mapping(proc, p), access) {
-                        (Some(_), Access::Read) => true,
-                        (Some((MapMode::ReadWrite | MapMode::Exclusive, _)), Access::Write) => true,
-                        (Some((MapMode::Exclusive, _)), Access::Atomic) => true,
-                        _ => false,
-                    };
+                    let ok = matches!(
+                        (m.mapping(proc, p), access),
+                        (Some(_), Access::Read)
+                            | (
+                                Some((MapMode::ReadWrite | MapMode::Exclusive, _)),
+                                Access::Write
+                            )
+                            | (Some((MapMode::Exclusive, _)), Access::Atomic)
+                    );
                     if !ok {
                         return Err(Violation::new(format!(
                             "{id:?} fault by {proc:?} completed but page {p} is mapped {:?}",
