@@ -3,37 +3,15 @@
 //!
 //! `cargo run --release -p hetmem-proto --example protocol_check [SEED] [STEPS]`
 
-use hetmem_proto::model::explore::{explore, private_and_coherent, Config, Moves};
+use hetmem_proto::model::explore::{anon_and_file, explore};
 use hetmem_proto::model::random::{run, RandomConfig};
-use hetmem_proto::{Layout, PageMask};
 
 fn main() {
     let mut args = std::env::args().skip(1).map(|a| a.parse::<u64>());
     let seed = args.next().and_then(Result::ok).unwrap_or(0x5eed_2026);
     let steps = args.next().and_then(Result::ok).unwrap_or(2_000_000);
 
-    let mut file_backed = PageMask::EMPTY;
-    file_backed.insert(1);
-    let cfg = Config {
-        topology: private_and_coherent(),
-        layout: Layout {
-            managed: PageMask::FULL,
-            file_backed,
-            file_page: 0,
-        },
-        pages: 2,
-        capacity: vec![1, 1],
-        max_outstanding: 2,
-        max_writes: 2,
-        max_failures: 1,
-        moves: Moves {
-            migrate: true,
-            evict: true,
-            flush: true,
-            ..Moves::default()
-        },
-        max_states: 20_000_000,
-    };
+    let cfg = anon_and_file();
     let t = std::time::Instant::now();
     let r = explore(&cfg);
     println!(

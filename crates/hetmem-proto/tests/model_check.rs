@@ -1,7 +1,9 @@
 //! Exhaustive model checking of small worlds (docs/protocol.md §7). Each test prints the number of
 //! states it explored; run with `--nocapture` to see them.
 
-use hetmem_proto::model::explore::{explore, private_and_coherent, Config, Moves, Report};
+use hetmem_proto::model::explore::{
+    anon_and_file, explore, private_and_coherent, Config, Moves, Report,
+};
 use hetmem_proto::{Layout, PageMask};
 
 fn layout(file_pages: &[usize]) -> Layout<1> {
@@ -14,6 +16,13 @@ fn layout(file_pages: &[usize]) -> Layout<1> {
         file_backed: file,
         file_page: 100,
     }
+}
+
+fn max_states() -> u64 {
+    std::env::var("HETMEM_MC_MAX")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000_000)
 }
 
 fn run(name: &str, cfg: Config) -> Report {
@@ -35,25 +44,8 @@ fn run(name: &str, cfg: Config) -> Report {
 
 #[test]
 fn anonymous_and_file_faults_migrations_failures() {
-    let cfg = Config {
-        topology: private_and_coherent(),
-        layout: layout(&[1]),
-        pages: 2,
-        capacity: vec![1, 1],
-        max_outstanding: 2,
-        max_writes: 2,
-        max_failures: 1,
-        moves: Moves {
-            migrate: true,
-            evict: true,
-            flush: true,
-            ..Moves::default()
-        },
-        max_states: std::env::var("HETMEM_MC_MAX")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(20_000_000),
-    };
+    let mut cfg = anon_and_file();
+    cfg.max_states = max_states();
     run("anon+file", cfg);
 }
 

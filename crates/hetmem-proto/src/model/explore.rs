@@ -317,3 +317,32 @@ pub const COHERENT: DeviceId = match DeviceId::new(1) {
     Some(d) => d,
     None => unreachable!(),
 };
+
+/// The standard small world: CPU + private + coherent device, one anonymous and one file page,
+/// one frame per device, two outstanding requests, two writes, one injected failure; faults,
+/// migration, eviction and flush.
+pub fn anon_and_file() -> Config {
+    use crate::bitmap::PageMask;
+    let mut file_backed = PageMask::EMPTY;
+    file_backed.insert(1);
+    Config {
+        topology: private_and_coherent(),
+        layout: Layout {
+            managed: PageMask::FULL,
+            file_backed,
+            file_page: 100,
+        },
+        pages: 2,
+        capacity: vec![1, 1],
+        max_outstanding: 2,
+        max_writes: 2,
+        max_failures: 1,
+        moves: Moves {
+            migrate: true,
+            evict: true,
+            flush: true,
+            ..Moves::default()
+        },
+        max_states: 20_000_000,
+    }
+}
