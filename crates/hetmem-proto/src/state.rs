@@ -171,6 +171,26 @@ impl<const W: usize> BlockState<W> {
         self.cpu_on.iter().fold(PageMask::EMPTY, |acc, &m| acc | m)
     }
 
+    /// Pages whose latest data `mem` holds.
+    pub fn valid_in(&self, mem: Mem) -> PageMask<W> {
+        self.valid[mem.index()]
+    }
+
+    /// Pages with a frame of `dev` bound (valid copies and transfer destinations in flight).
+    pub fn frames_of(&self, dev: DeviceId) -> PageMask<W> {
+        self.frames[dev.index()]
+    }
+
+    /// Pages `proc` maps, in any mode.
+    pub fn mapped_by(&self, proc: Proc) -> PageMask<W> {
+        self.map_lo[proc.index()] | self.map_hi[proc.index()]
+    }
+
+    /// Pages the CPU maps on device `dev`'s memory (coherent devices only).
+    pub fn cpu_mapped_on(&self, dev: DeviceId) -> PageMask<W> {
+        self.cpu_on[dev.index()]
+    }
+
     /// Pages with a valid copy anywhere.
     pub(crate) fn any_valid(&self) -> PageMask<W> {
         self.valid.iter().fold(PageMask::EMPTY, |acc, &m| acc | m)

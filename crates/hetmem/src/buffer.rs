@@ -1,0 +1,151 @@
+//! Handles to managed memory: `ManagedBuf` (allocated) and `Registration` (adopted).
+
+#![allow(unsafe_code)]
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use crate::context::Shared;
+use crate::region::Region;
+use crate::sys::mem::{self, Mapping};
+
+/// Managed memory from [`crate::Hetmem::alloc`]. The CPU uses it as a plain slice; devices reach
+/// it by address. Dropping it frees everything, device frames included.
+#[derive(Debug)]
+pub struct ManagedBuf {
+    shared: Arc<Shared>,
+    region: Arc<Region>,
+    addr: usize,
+    len: usize,
+}
+
+impl ManagedBuf {
+    pub(crate) fn new(shared: Arc<Shared>, region: Arc<Region>, addr: usize, len: usize) -> Self {
+        Self {
+            shared,
+            region,
+            addr,
+            len,
+        }
+    }
+
+    /// Start address (what devices are given).
+    pub fn addr(&self) -> usize {
+        self.addr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: buffers are at least one page.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Start pointer.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.addr as *mut u8
+    }
+
+    /// The memory as 64-bit atomics, for CPU threads that share it while devices work on it.
+    pub fn as_atomic_u64(&self) -> &[AtomicU64] {
+        // SAFETY: the view is mapped, page-aligned (so 8-byte aligned) and `len` bytes long for
+        // as long as `self` lives; atomics allow shared mutation.
+        unsafe { std::slice::from_raw_parts(self.addr as *const AtomicU64, self.len / 8) }
+    }
+}
+
+impl std::ops::Deref for ManagedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the CPU view is mapped read-write for as long as `self` lives; a page that is
+        // not present faults to the service threads, which fill it. Devices write this memory
+        // only while the protocol has taken the CPU's mapping away, i.e. never under a live
+        // CPU access to the same page.
+        unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for ManagedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for Deref; `&mut self` makes this the only CPU reference.
+        unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u8, self.len) }
+    }
+}
+
+impl Drop for ManagedBuf {
+    fn drop(&mut self) {
+        self.shared.inner.free_region(&self.region);
+    }
+}
+
+/// Existing private anonymous memory adopted by [`crate::Hetmem::register`]. Dropping it gives the
+/// range back as private anonymous memory holding the latest data.
+#[derive(Debug)]
+pub struct Registration {
+    shared: Arc<Shared>,
+    region: Arc<Region>,
+    addr: usize,
+    len: usize,
+}
+
+impl Registration {
+    pub(crate) fn new(shared: Arc<Shared>, region: Arc<Region>, addr: usize, len: usize) -> Self {
+        Self {
+            shared,
+            region,
+            addr,
+            len,
+        }
+    }
+
+    /// Start address.
+    pub fn addr(&self) -> usize {
+        self.addr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let inner = &self.shared.inner;
+        // Bring every page home, then copy the data out before the views go.
+        inner.migrate_home(&self.region);
+        let views = inner.retire_region(&self.region);
+        self.region.set_views(std::iter::empty());
+        for v in views {
+            let Ok(fresh) = Mapping::anonymous(v.len) else {
+                continue;
+            };
+            // SAFETY: the backing view holds the region's latest data (everything was migrated
+            // to system memory above) and `fresh` is ours.
+            unsafe { mem::copy(fresh.as_ptr(), self.region.backing.as_ptr().wrapping_add(v.off), v.len) };
+            // SAFETY: moves our fresh private mapping over the view, which the caller handed to
+            // us at registration; the contents are identical, so references into it stay valid.
+            let r = unsafe {
+                libc::mremap(
+                    fresh.as_ptr().cast(),
+                    v.len,
+                    v.len,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    v.va as *mut libc::c_void,
+                )
+            };
+            if r != libc::MAP_FAILED {
+                fresh.leak();
+            }
+        }
+        inner.drop_all_copies(&self.region);
+    }
+}

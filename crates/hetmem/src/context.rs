@@ -1,0 +1,999 @@
+//! The `Hetmem` context: devices, the userfaultfd, fault-service threads, the address map of
+//! managed regions, requests with eviction, and the whole-range operations.
+
+#![allow(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+
+use hetmem_proto::{
+    Access, DeviceId, DeviceKind, Event, Invalidation, Mem, PageRun, Proc, ReqId, RequestError,
+    RequestKind, Topology, PAGES_PER_BLOCK, PAGE_SIZE,
+};
+
+use crate::budget::AtomicBudget;
+use crate::buffer::{ManagedBuf, Registration};
+use crate::device::{Device, DeviceCounters, DeviceState};
+use crate::error::{Error, Result};
+use crate::exec::Outcome;
+use crate::region::{Origin, Region, View, BLOCK_BYTES};
+use crate::stats::{Counter, Stats};
+use crate::sys::mem::{self, Mapping};
+use crate::sys::uffd::{self, Modes, Msg, Uffd};
+
+/// Where to migrate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// System memory.
+    System,
+    /// A device's memory.
+    Device(DeviceId),
+}
+
+impl Target {
+    fn mem(self) -> Mem {
+        match self {
+            Target::System => Mem::System,
+            Target::Device(d) => Mem::Device(d),
+        }
+    }
+}
+
+/// Simulated device settings.
+#[derive(Clone, Copy, Debug)]
+pub struct SimConfig {
+    /// Private (the CPU never maps its memory) or coherent (the CPU maps it directly).
+    pub kind: DeviceKind,
+    /// Device memory in bytes (rounded down to pages).
+    pub capacity: usize,
+    /// Worker threads that run device kernels.
+    pub workers: usize,
+}
+
+/// Builds a [`Hetmem`].
+#[derive(Debug, Clone)]
+pub struct HetmemBuilder {
+    devices: Vec<SimConfig>,
+    service_threads: usize,
+    fault_around: usize,
+    readback_window: usize,
+}
+
+impl Default for HetmemBuilder {
+    fn default() -> Self {
+        Self {
+            devices: Vec::new(),
+            service_threads: 2,
+            fault_around: PAGES_PER_BLOCK,
+            readback_window: PAGES_PER_BLOCK,
+        }
+    }
+}
+
+impl HetmemBuilder {
+    /// Adds a simulated device with `capacity` bytes of memory and two kernel workers.
+    pub fn sim_device(mut self, kind: DeviceKind, capacity: usize) -> Self {
+        self.devices.push(SimConfig {
+            kind,
+            capacity,
+            workers: 2,
+        });
+        self
+    }
+
+    /// Adds a simulated device with full settings.
+    pub fn sim_device_with(mut self, config: SimConfig) -> Self {
+        self.devices.push(config);
+        self
+    }
+
+    /// Threads that serve CPU faults (at least 1; default 2).
+    pub fn service_threads(mut self, n: usize) -> Self {
+        self.service_threads = n.max(1);
+        self
+    }
+
+    /// Pages a CPU first touch fills and maps around the faulting one (1 to 512; default 512).
+    pub fn fault_around_pages(mut self, n: usize) -> Self {
+        self.fault_around = n.clamp(1, PAGES_PER_BLOCK);
+        self
+    }
+
+    /// Pages a CPU fault on data in private device memory brings back at once (1 to 512;
+    /// default 512, one block, as UVM migrates 2 MiB on a CPU fault of a GPU-resident block).
+    pub fn readback_window_pages(mut self, n: usize) -> Self {
+        self.readback_window = n.clamp(1, PAGES_PER_BLOCK);
+        self
+    }
+
+    /// Opens the userfaultfd, probes its features and starts the service threads.
+    pub fn build(self) -> Result<Hetmem> {
+        let kinds: Vec<DeviceKind> = self.devices.iter().map(|d| d.kind).collect();
+        let mut topology = Topology::new(kinds).map_err(|_| Error::Invalid("at most 8 devices"))?;
+        topology.policy.cpu_fault_around = self.fault_around as u16;
+        let uffd = Uffd::open(uffd::WANTED_FEATURES).map_err(Error::os("open userfaultfd"))?;
+        let missing = uffd::REQUIRED_FEATURES & !uffd.features();
+        if missing != 0 {
+            return Err(Error::Unsupported(uffd::feature_names(missing)));
+        }
+        let capacity: Vec<u32> = self
+            .devices
+            .iter()
+            .map(|d| (d.capacity / PAGE_SIZE).min(u32::MAX as usize) as u32)
+            .collect();
+        // SAFETY: eventfd takes a count and flags and returns a new fd or -1.
+        let kick = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if kick < 0 {
+            return Err(Error::os("eventfd")(std::io::Error::last_os_error()));
+        }
+        // SAFETY: a fresh fd that nobody else owns.
+        let kick = unsafe { OwnedFd::from_raw_fd(kick) };
+        let inner = Arc::new(Inner {
+            budget: AtomicBudget::new(&capacity),
+            devices: self
+                .devices
+                .iter()
+                .enumerate()
+                .map(|(i, c)| DeviceState::new(DeviceId::new(i).expect("checked by Topology"), *c))
+                .collect(),
+            topology,
+            uffd,
+            continue_wp: AtomicBool::new(true),
+            space: RwLock::new(BTreeMap::new()),
+            regions: Mutex::new(Vec::new()),
+            events: Mutex::new(()),
+            backlog: Mutex::new(Vec::new()),
+            kick,
+            shutdown: AtomicBool::new(false),
+            next_req: AtomicU64::new(1),
+            next_region: AtomicU64::new(1),
+            clock: AtomicU64::new(1),
+            readback_window: self.readback_window,
+            stats: Stats::default(),
+        });
+        let threads = (0..self.service_threads)
+            .map(|i| {
+                let inner = inner.clone();
+                std::thread::Builder::new()
+                    .name(format!("hetmem-fault-{i}"))
+                    .spawn(move || inner.serve())
+                    .map_err(Error::os("spawn fault-service thread"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Hetmem(Arc::new(Shared {
+            inner,
+            threads: Mutex::new(threads),
+        })))
+    }
+}
+
+/// Handle to a hetmem context. Clones share it; buffers and devices keep it alive.
+#[derive(Clone, Debug)]
+pub struct Hetmem(pub(crate) Arc<Shared>);
+
+/// Owns the service threads: stops them when the last handle goes.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub inner: Arc<Inner>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.inner.shutdown.store(true, Ordering::SeqCst);
+        self.inner.kick();
+        for t in self.threads.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A piece of an address range: one view, one block.
+#[derive(Clone, Debug)]
+pub(crate) struct Piece {
+    pub region: Arc<Region>,
+    pub bi: usize,
+    pub run: PageRun,
+    /// CPU address of the run's first page.
+    pub va: usize,
+}
+
+/// Work read from the userfaultfd, already applied to the address map.
+#[derive(Debug)]
+pub(crate) enum Work {
+    Fault { addr: usize, write: bool },
+    /// File bytes no view shows any more: invalidate them.
+    Unmapped { region: Arc<Region>, off: usize, len: usize },
+}
+
+/// Address map entry: `[va, end)` shows `region` from file offset `off`.
+#[derive(Clone, Debug)]
+pub(crate) struct MapEntry {
+    pub end: usize,
+    pub region: Arc<Region>,
+    pub off: usize,
+}
+
+/// Everything the service threads share.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub topology: Topology,
+    pub budget: AtomicBudget,
+    pub devices: Vec<DeviceState>,
+    pub uffd: Uffd,
+    /// UFFDIO_CONTINUE_MODE_WP works (Linux 6.3); cleared on the first EINVAL.
+    pub continue_wp: AtomicBool,
+    /// Views by start address.
+    pub space: RwLock<BTreeMap<usize, MapEntry>>,
+    pub regions: Mutex<Vec<Arc<Region>>>,
+    /// Held while reading events and applying them to the address map, so a `munmap` that
+    /// returned has its view removed before anyone looks at views again.
+    events: Mutex<()>,
+    backlog: Mutex<Vec<Work>>,
+    /// Wakes service threads: backlog work or shutdown.
+    kick: OwnedFd,
+    shutdown: AtomicBool,
+    next_req: AtomicU64,
+    next_region: AtomicU64,
+    /// Logical clock for LRU.
+    pub clock: AtomicU64,
+    readback_window: usize,
+    pub stats: Stats,
+}
+
+impl Inner {
+    pub(crate) fn note_error(&self, what: &str, e: &std::io::Error) {
+        self.stats.errors.add(1);
+        if std::env::var_os("HETMEM_DEBUG").is_some() {
+            eprintln!("hetmem: {what}: {e}");
+        }
+    }
+
+    pub(crate) fn take_injected_failure(&self, dst: Mem, src: hetmem_proto::Source) -> bool {
+        let dev = match (dst, src) {
+            (Mem::Device(d), _) | (_, hetmem_proto::Source::Mem(Mem::Device(d))) => d,
+            _ => return false,
+        };
+        self.devices[dev.index()]
+            .fail_transfers
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    fn kick(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from our stack to our own eventfd.
+        unsafe { libc::write(self.kick.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    pub(crate) fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed)
+    }
+
+    // ---------------------------------------------------------------- address map
+
+    /// Splits `[addr, addr + len)` into pieces of one view and one block each. `Err(Fault)` if
+    /// some page is not managed memory.
+    pub(crate) fn pieces(&self, addr: usize, len: usize) -> Result<Vec<Piece>> {
+        if addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+            return Err(Error::Invalid("address and length must be page-aligned"));
+        }
+        let end = addr.checked_add(len).ok_or(Error::Invalid("range wraps"))?;
+        let space = self.space.read().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        let mut at = addr;
+        while at < end {
+            let Some((&va, entry)) = space.range(..=at).next_back() else {
+                return Err(Error::Fault("address is not managed memory"));
+            };
+            if at >= entry.end {
+                return Err(Error::Fault("address is not managed memory"));
+            }
+            let stop = end.min(entry.end);
+            while at < stop {
+                let off = entry.off + (at - va);
+                let bi = off / BLOCK_BYTES;
+                let page = (off % BLOCK_BYTES) / PAGE_SIZE;
+                let n = ((stop - at) / PAGE_SIZE).min(PAGES_PER_BLOCK - page);
+                let run = PageRun::new(page, n, PAGES_PER_BLOCK).expect("inside one block");
+                out.push(Piece {
+                    region: entry.region.clone(),
+                    bi,
+                    run,
+                    va: at,
+                });
+                at += n * PAGE_SIZE;
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn add_region(&self, region: Arc<Region>, va: usize) {
+        let view = View {
+            va,
+            off: 0,
+            len: region.len,
+        };
+        region.views.write().unwrap_or_else(|e| e.into_inner()).push(view);
+        self.space.write().unwrap_or_else(|e| e.into_inner()).insert(
+            va,
+            MapEntry {
+                end: va + region.len,
+                region: region.clone(),
+                off: 0,
+            },
+        );
+        self.regions.lock().unwrap_or_else(|e| e.into_inner()).push(region);
+    }
+
+    /// Removes `[start, end)` from the address map; returns the file ranges that lost their
+    /// view.
+    fn unmap_views(&self, start: usize, end: usize) -> Vec<(Arc<Region>, usize, usize)> {
+        let mut space = self.space.write().unwrap_or_else(|e| e.into_inner());
+        let hit: Vec<usize> = space
+            .range(..end)
+            .filter(|(_, e)| e.end > start)
+            .map(|(&va, _)| va)
+            .collect();
+        let mut gone = Vec::new();
+        for va in hit {
+            let e = space.remove(&va).expect("just found");
+            let s = start.max(va);
+            let t = end.min(e.end);
+            if va < s {
+                space.insert(
+                    va,
+                    MapEntry {
+                        end: s,
+                        region: e.region.clone(),
+                        off: e.off,
+                    },
+                );
+            }
+            if t < e.end {
+                space.insert(
+                    t,
+                    MapEntry {
+                        end: e.end,
+                        region: e.region.clone(),
+                        off: e.off + (t - va),
+                    },
+                );
+            }
+            gone.push((e.region.clone(), e.off + (s - va), t - s));
+            e.region.set_views(space.iter().filter(|(_, m)| Arc::ptr_eq(&m.region, &e.region)).map(
+                |(&va, m)| View {
+                    va,
+                    off: m.off,
+                    len: m.end - va,
+                },
+            ));
+        }
+        gone
+    }
+
+    /// `mremap` moved `[from, from + len)` to `to`.
+    fn remap_views(&self, from: usize, to: usize, len: usize) {
+        let mut space = self.space.write().unwrap_or_else(|e| e.into_inner());
+        let end = from + len;
+        let hit: Vec<usize> = space
+            .range(..end)
+            .filter(|(_, e)| e.end > from)
+            .map(|(&va, _)| va)
+            .collect();
+        let mut moved = Vec::new();
+        for va in hit {
+            let e = space.remove(&va).expect("just found");
+            let s = from.max(va);
+            let t = end.min(e.end);
+            if va < s {
+                space.insert(
+                    va,
+                    MapEntry {
+                        end: s,
+                        region: e.region.clone(),
+                        off: e.off,
+                    },
+                );
+            }
+            if t < e.end {
+                space.insert(
+                    t,
+                    MapEntry {
+                        end: e.end,
+                        region: e.region.clone(),
+                        off: e.off + (t - va),
+                    },
+                );
+            }
+            moved.push((
+                to + (s - from),
+                MapEntry {
+                    end: to + (t - from),
+                    region: e.region.clone(),
+                    off: e.off + (s - va),
+                },
+            ));
+        }
+        for (va, m) in moved {
+            let region = m.region.clone();
+            space.insert(va, m);
+            region.set_views(space.iter().filter(|(_, m)| Arc::ptr_eq(&m.region, &region)).map(
+                |(&va, m)| View {
+                    va,
+                    off: m.off,
+                    len: m.end - va,
+                },
+            ));
+        }
+    }
+
+    // ---------------------------------------------------------------- events
+
+    /// Reads pending userfaultfd messages and applies unmap/remap to the address map at once.
+    fn read_events(&self) -> Vec<Work> {
+        let _g = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        let mut msgs = Vec::new();
+        let mut work = Vec::new();
+        loop {
+            match self.uffd.read(&mut msgs) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    self.note_error("read userfaultfd", &e);
+                    break;
+                }
+            }
+        }
+        for m in msgs {
+            match m {
+                Msg::PageFault { addr, write, wp, .. } => work.push(Work::Fault {
+                    addr,
+                    write: write || wp,
+                }),
+                Msg::Unmap { start, end } | Msg::Remove { start, end } => {
+                    for (region, off, len) in self.unmap_views(start, end) {
+                        work.push(Work::Unmapped { region, off, len });
+                    }
+                }
+                Msg::Remap { from, to, len } => self.remap_views(from, to, len),
+                Msg::Other(_) => {}
+            }
+        }
+        work
+    }
+
+    /// Reads pending events into the backlog: userfaultfd answers EAGAIN until they are read.
+    pub(crate) fn drain_events(&self) {
+        let work = self.read_events();
+        if !work.is_empty() {
+            self.backlog.lock().unwrap_or_else(|e| e.into_inner()).extend(work);
+            self.kick();
+        }
+        std::thread::yield_now();
+    }
+
+    /// A fault-service thread.
+    fn serve(self: Arc<Self>) {
+        loop {
+            let mut work = std::mem::take(&mut *self.backlog.lock().unwrap_or_else(|e| e.into_inner()));
+            if work.is_empty() {
+                match self.uffd.wait(self.kick.as_fd()) {
+                    Ok(kicked) => {
+                        if self.shutdown.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        if kicked {
+                            let mut buf = 0u64;
+                            // SAFETY: reads 8 bytes into our stack from our own eventfd.
+                            unsafe { libc::read(self.kick.as_raw_fd(), (&mut buf as *mut u64).cast(), 8) };
+                        }
+                    }
+                    Err(e) => {
+                        self.note_error("poll userfaultfd", &e);
+                        return;
+                    }
+                }
+                work = self.read_events();
+            }
+            for w in work {
+                match w {
+                    Work::Fault { addr, write } => self.cpu_fault(addr & !(PAGE_SIZE - 1), write),
+                    Work::Unmapped { region, off, len } => self.invalidate_file_range(&region, off, len, Invalidation::Unmap),
+                }
+            }
+        }
+    }
+
+    fn invalidate_file_range(&self, region: &Region, off: usize, len: usize, kind: Invalidation) {
+        let mut at = off;
+        let end = (off + len).min(region.len);
+        while at < end {
+            let bi = at / BLOCK_BYTES;
+            let page = (at % BLOCK_BYTES) / PAGE_SIZE;
+            let n = ((end - at) / PAGE_SIZE).min(PAGES_PER_BLOCK - page);
+            if let Some(run) = PageRun::new(page, n, PAGES_PER_BLOCK) {
+                let _ = self.invalidate(region, bi, run, kind);
+            }
+            at += n.max(1) * PAGE_SIZE;
+        }
+    }
+
+    // ---------------------------------------------------------------- requests
+
+    pub(crate) fn next_req(&self) -> ReqId {
+        ReqId(self.next_req.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Runs one request to completion on one block; `after` runs under the block lock.
+    pub(crate) fn request_with(
+        &self,
+        region: &Region,
+        bi: usize,
+        run: PageRun,
+        kind: RequestKind,
+        mut after: impl FnMut(&hetmem_proto::Block2M, &Outcome),
+    ) -> std::result::Result<(), RequestError> {
+        let slot = &region.blocks[bi];
+        let id = self.next_req();
+        let outcome = {
+            let mut block = slot.engine.lock().unwrap_or_else(|e| e.into_inner());
+            let outcome = self
+                .drive(region, bi, &mut block, Event::Request { id, pages: run, kind })
+                .map_err(|_| RequestError::NoMapping)?;
+            for d in self.topology.devices() {
+                slot.held[d.index()].store(block.frames_held(d), Ordering::Relaxed);
+            }
+            after(&block, &outcome);
+            outcome
+        };
+        for &(va, len) in &outcome.wake {
+            let _ = self.uffd.wake(va, len);
+        }
+        outcome
+            .result_of(id)
+            .unwrap_or(Err(RequestError::Op(hetmem_proto::OpError::Device)))
+    }
+
+    /// Like `request_with`, evicting other blocks when a device is full.
+    pub(crate) fn request(&self, region: &Region, bi: usize, run: PageRun, kind: RequestKind) -> Result<()> {
+        let mut evictions = 0;
+        loop {
+            match self.request_with(region, bi, run, kind, |_, _| {}) {
+                Err(RequestError::DeviceFull(d)) if evictions < 1024 => {
+                    evictions += 1;
+                    if !self.evict(d, region, bi, run) {
+                        return Err(Error::NoMem);
+                    }
+                }
+                r => return r.map_err(Error::from),
+            }
+        }
+    }
+
+    /// Frees frames of `dev` by evicting the least recently used block that holds some (LRU at
+    /// 2 MiB granularity, as UVM evicts root chunks). Falls back to the rest of the faulting
+    /// block. Returns whether anything was freed.
+    fn evict(&self, dev: DeviceId, cur: &Region, cur_bi: usize, keep: PageRun) -> bool {
+        let regions = self.regions.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut victim: Option<(u64, Arc<Region>, usize)> = None;
+        for r in &regions {
+            for (bi, slot) in r.blocks.iter().enumerate() {
+                if slot.held[dev.index()].load(Ordering::Relaxed) == 0 || (std::ptr::eq(&**r, cur) && bi == cur_bi) {
+                    continue;
+                }
+                let t = slot.last_use[dev.index()].load(Ordering::Relaxed);
+                if victim.as_ref().is_none_or(|(vt, _, _)| t < *vt) {
+                    victim = Some((t, r.clone(), bi));
+                }
+            }
+        }
+        let before = self.budget.used(dev);
+        let kind = RequestKind::Evict {
+            dev,
+            pages: PAGES_PER_BLOCK as u32,
+        };
+        if let Some((_, r, bi)) = victim {
+            let all = PageRun::new(0, r.block_pages(bi), PAGES_PER_BLOCK).expect("non-empty block");
+            let _ = self.request_with(&r, bi, all, kind, |_, _| {});
+        } else {
+            let pages = cur.block_pages(cur_bi);
+            let runs = [
+                PageRun::new(0, keep.start(), PAGES_PER_BLOCK),
+                PageRun::new(keep.end(), pages.saturating_sub(keep.end()), PAGES_PER_BLOCK),
+            ];
+            for run in runs.into_iter().flatten() {
+                let _ = self.request_with(cur, cur_bi, run, kind, |_, _| {});
+            }
+        }
+        let after = self.budget.used(dev);
+        let freed = before.saturating_sub(after) as u64;
+        self.stats.pages_evicted.add(freed);
+        self.devices[dev.index()].counters.evicted.add(freed);
+        freed > 0 || after < self.budget.capacity(dev)
+    }
+
+    pub(crate) fn invalidate(&self, region: &Region, bi: usize, run: PageRun, kind: Invalidation) -> Result<()> {
+        let slot = &region.blocks[bi];
+        let id = self.next_req();
+        let outcome = {
+            let mut block = slot.engine.lock().unwrap_or_else(|e| e.into_inner());
+            let o = self
+                .drive(region, bi, &mut block, Event::Invalidate { id, pages: run, kind })
+                .map_err(|_| Error::Invalid("page run outside its block"))?;
+            for d in self.topology.devices() {
+                slot.held[d.index()].store(block.frames_held(d), Ordering::Relaxed);
+            }
+            o
+        };
+        for &(va, len) in &outcome.wake {
+            let _ = self.uffd.wake(va, len);
+        }
+        match outcome.result_of(id) {
+            Some(r) => r.map_err(Error::from),
+            None => Ok(()),
+        }
+    }
+
+    // ---------------------------------------------------------------- CPU faults
+
+    fn cpu_fault(&self, addr: usize, write: bool) {
+        self.stats.cpu_faults.add(1);
+        let Ok(pieces) = self.pieces(addr, PAGE_SIZE) else {
+            // Not (or no longer) managed: let the kernel serve it as plain memory.
+            let _ = self.uffd.unregister(addr, PAGE_SIZE);
+            let _ = self.uffd.wake(addr, PAGE_SIZE);
+            return;
+        };
+        let p = &pieces[0];
+        let page = p.run.start();
+        let access = if write { Access::Write } else { Access::Read };
+        // Read-back policy: data that lives only in private device memory comes back a window
+        // at a time, not 4 KiB per fault. This is placement, decided here and carried out by
+        // the protocol as an ordinary migration.
+        if self.readback_window > 1 {
+            let only_private = {
+                let block = p.region.blocks[p.bi].engine.lock().unwrap_or_else(|e| e.into_inner());
+                let v = block.page(page);
+                !v.is_valid_in(Mem::System)
+                    && self
+                        .topology
+                        .devices()
+                        .any(|d| !self.topology.is_coherent(d) && v.is_valid_in(Mem::Device(d)))
+            };
+            if only_private {
+                let w = self.readback_window;
+                let start = page / w * w;
+                let n = w.min(p.region.block_pages(p.bi) - start);
+                if let Some(run) = PageRun::new(start, n, PAGES_PER_BLOCK) {
+                    let _ = self.request(&p.region, p.bi, run, RequestKind::Migrate { dst: Mem::System });
+                }
+            }
+        }
+        let va = addr;
+        let r = self.request_with(
+            &p.region,
+            p.bi,
+            p.run,
+            RequestKind::Fault {
+                proc: Proc::Cpu,
+                access,
+            },
+            |block, outcome| {
+                if outcome.cpu_mapped.contains(page) {
+                    return;
+                }
+                // The engine already considers the page mapped (a user MADV_DONTNEED zapped
+                // it, or another thread's fault mapped it first): re-install what it says.
+                if let Some((mode, _)) = block.page(page).mapping_of(Proc::Cpu) {
+                    let wp = mode == hetmem_proto::MapMode::Read;
+                    let _ = self.fill(va, PAGE_SIZE, |s, l| self.uffd.continue_(s, l, false, false));
+                    let _ = self.uffd.write_protect(va, PAGE_SIZE, wp, false);
+                }
+            },
+        );
+        if let Err(e) = r {
+            // The protocol refused (the page was unmapped under us): stop managing the page
+            // so the faulting thread is not stuck; the kernel then serves it.
+            self.note_error("cpu fault", &std::io::Error::other(e.to_string()));
+            let _ = self.uffd.unregister(addr, PAGE_SIZE);
+        }
+        let _ = self.uffd.wake(addr, PAGE_SIZE);
+    }
+
+    // ---------------------------------------------------------------- regions
+
+    fn new_region(&self, origin: Origin, len: usize) -> Result<(Arc<Region>, Mapping)> {
+        let id = self.next_region.fetch_add(1, Ordering::Relaxed);
+        let memfd = mem::memfd(&format!("hetmem-{id}"), len).map_err(Error::os("memfd_create"))?;
+        let backing = Mapping::shared(memfd.as_fd(), 0, len).map_err(Error::os("mmap backing view"))?;
+        let cpu = Mapping::shared_aligned(memfd.as_fd(), len, BLOCK_BYTES).map_err(Error::os("mmap cpu view"))?;
+        let region = Arc::new(Region::new(id, origin, memfd, backing, len, self.devices.len()));
+        Ok((region, cpu))
+    }
+
+    fn register_view(&self, va: usize, len: usize) -> Result<()> {
+        // SAFETY: the view stays mapped until `remove_region` unregisters it, and service
+        // threads serve its faults for as long as the context lives, which every buffer
+        // outlives by holding the context.
+        unsafe {
+            self.uffd.register(
+                va,
+                len,
+                Modes {
+                    missing: true,
+                    minor: true,
+                    wp: true,
+                },
+            )
+        }
+        .map(|_| ())
+        .map_err(Error::os("register with userfaultfd"))
+    }
+
+    /// Takes the region out of the address map and drops every copy and mapping of it. Its
+    /// views are left registered-free but still mapped; the caller decides what becomes of
+    /// them.
+    pub(crate) fn retire_region(&self, region: &Arc<Region>) -> Vec<View> {
+        let views: Vec<View> = {
+            let _g = self.events.lock().unwrap_or_else(|e| e.into_inner());
+            let mut space = self.space.write().unwrap_or_else(|e| e.into_inner());
+            space.retain(|_, m| !Arc::ptr_eq(&m.region, region));
+            region.views.read().unwrap_or_else(|e| e.into_inner()).clone()
+        };
+        for v in &views {
+            let _ = self.uffd.unregister(v.va, v.len);
+        }
+        self.regions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|r| !Arc::ptr_eq(r, region));
+        views
+    }
+
+    /// Brings every page of the region to system memory.
+    pub(crate) fn migrate_home(&self, region: &Region) {
+        for bi in 0..region.blocks.len() {
+            let all = PageRun::new(0, region.block_pages(bi), PAGES_PER_BLOCK).expect("non-empty");
+            let _ = self.request(region, bi, all, RequestKind::Migrate { dst: Mem::System });
+        }
+    }
+
+    pub(crate) fn drop_all_copies(&self, region: &Region) {
+        for bi in 0..region.blocks.len() {
+            let all = PageRun::new(0, region.block_pages(bi), PAGES_PER_BLOCK).expect("non-empty");
+            let _ = self.invalidate(region, bi, all, Invalidation::Unmap);
+        }
+    }
+
+    pub(crate) fn free_region(&self, region: &Arc<Region>) {
+        let views = self.retire_region(region);
+        // Views first: nothing may reach the data while its copies go.
+        region.set_views(std::iter::empty());
+        self.drop_all_copies(region);
+        for v in views {
+            // SAFETY: the view belonged to this region, whose buffer is being dropped, so no
+            // reference into it remains; it is no longer registered.
+            unsafe { libc::munmap(v.va as *mut libc::c_void, v.len) };
+        }
+    }
+}
+
+impl Hetmem {
+    /// A builder with no device, 2 service threads and 2 MiB fault-around.
+    pub fn builder() -> HetmemBuilder {
+        HetmemBuilder::default()
+    }
+
+    pub(crate) fn inner(&self) -> &Inner {
+        &self.0.inner
+    }
+
+    /// Devices, in the order they were added.
+    pub fn devices(&self) -> Vec<Device> {
+        (0..self.inner().devices.len())
+            .filter_map(|i| self.device(i))
+            .collect()
+    }
+
+    /// Device `i`.
+    pub fn device(&self, i: usize) -> Option<Device> {
+        (i < self.inner().devices.len()).then(|| Device::new(self.0.clone(), DeviceId::new(i).expect("< 8")))
+    }
+
+    /// The userfaultfd features in use, by name.
+    pub fn uffd_features(&self) -> Vec<&'static str> {
+        uffd::feature_names(self.inner().uffd.features())
+    }
+
+    /// Whether kernel-mode accesses (read(2) into managed memory) are served. False when the
+    /// process may only open user-mode-only userfaultfds.
+    pub fn serves_kernel_faults(&self) -> bool {
+        !self.inner().uffd.user_mode_only()
+    }
+
+    /// Allocates `len` bytes of managed memory (a multiple of the page size), zero-filled on
+    /// first touch.
+    pub fn alloc(&self, len: usize) -> Result<ManagedBuf> {
+        if len == 0 || len % PAGE_SIZE != 0 {
+            return Err(Error::Invalid("length must be a non-zero multiple of the page size"));
+        }
+        let inner = self.inner();
+        let (region, cpu) = inner.new_region(Origin::Alloc, len)?;
+        let va = cpu.addr();
+        inner.register_view(va, len)?;
+        // From here on the view is the region's: it is unmapped in `free_region`.
+        cpu.leak();
+        inner.add_region(region.clone(), va);
+        Ok(ManagedBuf::new(self.0.clone(), region, va, len))
+    }
+
+    /// Adopts `[ptr, ptr + len)`, an existing private anonymous mapping, as managed memory.
+    ///
+    /// Its contents move into hetmem's backing at the same address (one copy: the slower path
+    /// the design allows), then devices can use it like allocated memory. Dropping the
+    /// [`Registration`] moves the data back into a private anonymous mapping at that address.
+    ///
+    /// # Errors
+    /// `Invalid` (EINVAL) for an unaligned or empty range, shared or file mappings, or memory
+    /// that is not read-write; `NoEnt` (ENOENT) when part of the range is not mapped.
+    ///
+    /// # Safety
+    /// No other thread may access the range during the call, and no mapping other than the
+    /// one the caller owns may be in it.
+    pub unsafe fn register(&self, ptr: *mut u8, len: usize) -> Result<Registration> {
+        let addr = ptr as usize;
+        if len == 0 || addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+            return Err(Error::Invalid("range must be page-aligned and non-empty"));
+        }
+        let end = addr.checked_add(len).ok_or(Error::Invalid("range wraps"))?;
+        let maps = mem::maps_in(addr, end).map_err(Error::os("read /proc/self/maps"))?;
+        let mut at = addr;
+        for m in &maps {
+            if m.start > at {
+                return Err(Error::NoEnt("part of the range is not mapped"));
+            }
+            if m.inode != 0 || !(m.path.is_empty() || m.path == "[heap]") {
+                return Err(Error::Invalid("file mappings cannot be registered"));
+            }
+            if m.perms.as_bytes().get(3) != Some(&b'p') {
+                return Err(Error::Invalid("shared mappings cannot be registered"));
+            }
+            if !m.perms.starts_with("rw") {
+                return Err(Error::Invalid("the range must be readable and writable"));
+            }
+            at = m.end;
+        }
+        if at < end {
+            return Err(Error::NoEnt("part of the range is not mapped"));
+        }
+        if self
+            .inner()
+            .space
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .range(..end)
+            .any(|(_, m)| m.end > addr)
+        {
+            return Err(Error::Invalid("the range is already managed"));
+        }
+        let inner = self.inner();
+        let (region, cpu) = inner.new_region(Origin::Registered, len)?;
+        drop(cpu);
+        // SAFETY: the caller guarantees nobody touches the range during the call; the backing
+        // view is ours and `len` long.
+        unsafe { mem::copy(region.backing.as_ptr(), ptr, len) };
+        // SAFETY: replaces the caller's private mapping with a shared view of the memfd that
+        // now holds identical contents (caller's contract: no concurrent access).
+        let view = unsafe { Mapping::shared_fixed(addr, region.memfd.as_fd(), 0, len) }
+            .map_err(Error::os("map the registered range"))?;
+        view.leak();
+        for bi in 0..region.blocks.len() {
+            let mut a = region.blocks[bi].adopted.lock().unwrap_or_else(|e| e.into_inner());
+            a.insert_range(0, region.block_pages(bi));
+        }
+        inner.register_view(addr, len)?;
+        inner.add_region(region.clone(), addr);
+        Ok(Registration::new(self.0.clone(), region, addr, len))
+    }
+
+    /// Migrates a range (prefetch): `Target::System` or a device.
+    pub fn migrate(&self, addr: usize, len: usize, target: Target) -> Result<()> {
+        let inner = self.inner();
+        if let Target::Device(d) = target {
+            if inner.topology.kind(d).is_none() {
+                return Err(Error::Invalid("no such device"));
+            }
+        }
+        for p in inner.pieces(addr, len)? {
+            inner.request(&p.region, p.bi, p.run, RequestKind::Migrate { dst: target.mem() })?;
+        }
+        Ok(())
+    }
+
+    /// Drops the data of a range: it reads zero afterwards, as after MADV_DONTNEED on private
+    /// anonymous memory. Device copies go too.
+    pub fn discard(&self, addr: usize, len: usize) -> Result<()> {
+        let inner = self.inner();
+        for p in inner.pieces(addr, len)? {
+            inner.invalidate(&p.region, p.bi, p.run, Invalidation::Discard)?;
+        }
+        Ok(())
+    }
+
+    /// mprotect through hetmem: changes the protection and invalidates device mappings beyond
+    /// it at once, as an MMU notifier would.
+    pub fn protect(&self, addr: usize, len: usize, read: bool, write: bool) -> Result<()> {
+        let inner = self.inner();
+        let pieces = inner.pieces(addr, len)?;
+        let prot = match (read, write) {
+            (false, _) => libc::PROT_NONE,
+            (true, false) => libc::PROT_READ,
+            (true, true) => libc::PROT_READ | libc::PROT_WRITE,
+        };
+        // SAFETY: the range is managed memory the caller reaches; changing its protection is
+        // what they ask for, and hetmem's own accesses go through the backing view.
+        if unsafe { libc::mprotect(addr as *mut libc::c_void, len, prot) } < 0 {
+            return Err(Error::os("mprotect")(std::io::Error::last_os_error()));
+        }
+        for p in pieces {
+            inner.invalidate(&p.region, p.bi, p.run, Invalidation::Protect { read, write })?;
+        }
+        Ok(())
+    }
+
+    /// Advice for a range, as cudaMemAdvise.
+    pub fn advise(&self, addr: usize, len: usize, advice: hetmem_proto::Advice) -> Result<()> {
+        let inner = self.inner();
+        for p in inner.pieces(addr, len)? {
+            let mut block = p.region.blocks[p.bi].engine.lock().unwrap_or_else(|e| e.into_inner());
+            inner
+                .drive(&p.region, p.bi, &mut block, Event::Advise { pages: p.run, advice })
+                .map_err(|_| Error::Invalid("page run outside its block"))?;
+        }
+        Ok(())
+    }
+
+    /// Counters since the context was built.
+    pub fn stats(&self) -> crate::stats::StatsSnapshot {
+        self.inner().stats.snapshot()
+    }
+
+    /// Device frames in use on `dev`, in pages.
+    pub fn device_pages_used(&self, dev: DeviceId) -> u32 {
+        self.inner().budget.used(dev)
+    }
+
+    /// Protocol metadata bytes per managed page (engine state plus device page tables).
+    pub fn metadata_bytes_per_page(&self) -> f64 {
+        let engine = std::mem::size_of::<hetmem_proto::Block2M>() as f64;
+        let dev = self.inner().devices.len() as f64
+            * (std::mem::size_of::<crate::region::DevBlock>() + 16) as f64;
+        (engine + dev + 64.0) / PAGES_PER_BLOCK as f64
+    }
+}
+
+impl Region {
+    pub(crate) fn set_views(&self, views: impl Iterator<Item = View>) {
+        *self.views.write().unwrap_or_else(|e| e.into_inner()) = views.collect();
+    }
+}
+
+pub(crate) fn counters_of(inner: &Inner, dev: DeviceId) -> DeviceCounters {
+    inner.devices[dev.index()].counters.snapshot()
+}
+
+#[allow(dead_code)]
+pub(crate) fn counter(c: &Counter) -> u64 {
+    c.get()
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn f<T: Send + Sync>() {}
+    f::<Hetmem>();
+    f::<AtomicU32>();
+}

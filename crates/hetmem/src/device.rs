@@ -1,0 +1,504 @@
+//! Simulated devices with dmirror's semantics: a page table per block, memory of their own
+//! (private) or aliased with system memory (coherent), faults served through the protocol in
+//! batches, and kernels that run on worker threads over translated runs of pages.
+
+#![allow(unsafe_code)]
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use hetmem_proto::{
+    Access, DeviceId, DeviceKind, Invalidation, MapMode, Mem, PageRun, Proc, RequestKind,
+    PAGES_PER_BLOCK, PAGE_SIZE,
+};
+
+use crate::context::{Piece, Shared, SimConfig, Target};
+use crate::error::{Error, Result};
+use crate::raw::RawRange;
+use crate::region::{pte, BLOCK_BYTES};
+use crate::stats::Counter;
+use crate::sys::mem;
+
+/// Per-device runtime state.
+#[derive(Debug)]
+pub(crate) struct DeviceState {
+    pub id: DeviceId,
+    pub config: SimConfig,
+    pub counters: Counters,
+    /// Test hook: fail this many upcoming transfers that touch the device.
+    pub fail_transfers: AtomicU32,
+}
+
+impl DeviceState {
+    pub fn new(id: DeviceId, config: SimConfig) -> Self {
+        Self {
+            id,
+            config,
+            counters: Counters::default(),
+            fail_transfers: AtomicU32::new(0),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub faults: Counter,
+    pub pages: Counter,
+    pub migrated_in: Counter,
+    pub migrated_out: Counter,
+    pub evicted: Counter,
+}
+
+impl Counters {
+    pub fn snapshot(&self) -> DeviceCounters {
+        DeviceCounters {
+            faults: self.faults.get(),
+            pages: self.pages.get(),
+            migrated_in: self.migrated_in.get(),
+            migrated_out: self.migrated_out.get(),
+            evicted: self.evicted.get(),
+        }
+    }
+}
+
+/// A device's counters, like dmirror's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceCounters {
+    /// Fault rounds: each pass over a command's range that had to fault counts once.
+    pub faults: u64,
+    /// Pages read or written by `read`, `write` and kernels.
+    pub pages: u64,
+    /// Pages copied into this device's memory.
+    pub migrated_in: u64,
+    /// Pages copied out of this device's memory to system memory.
+    pub migrated_out: u64,
+    /// Frames freed by eviction.
+    pub evicted: u64,
+}
+
+/// Where a CPU access to a page would find its data, per [`PageState::location`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Location {
+    /// No data yet: reads zero.
+    None,
+    /// System memory.
+    System,
+    /// This device's private memory.
+    PrivateLocal,
+    /// Another device's private memory.
+    PrivateRemote,
+    /// This device's coherent memory.
+    CoherentLocal,
+    /// Another device's coherent memory.
+    CoherentRemote,
+}
+
+/// The CPU's permission on a page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuProt {
+    /// Not mapped.
+    None,
+    /// Read-only.
+    Read,
+    /// Read-write.
+    Write,
+}
+
+/// One page of a snapshot, in the spirit of HMM_DMIRROR_SNAPSHOT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageState {
+    /// The CPU's mapping.
+    pub cpu: CpuProt,
+    /// Where the data is.
+    pub location: Location,
+    /// This device's page-table entry: `None`, `Some(Read)`, `Some(ReadWrite)`,
+    /// `Some(Exclusive)`.
+    pub device: Option<MapMode>,
+    /// The page is not managed (unmapped) or not accessible (PROT_NONE).
+    pub error: bool,
+}
+
+/// A simulated device (dmirror-like). Clones share it.
+#[derive(Clone, Debug)]
+pub struct Device {
+    shared: Arc<Shared>,
+    id: DeviceId,
+}
+
+fn satisfies(e: u8, access: Access) -> bool {
+    let m = e & pte::MODE;
+    match access {
+        Access::Read => m != pte::NONE,
+        Access::Write => m >= pte::WRITE,
+        Access::Atomic => m == pte::ATOMIC,
+    }
+}
+
+impl Device {
+    pub(crate) fn new(shared: Arc<Shared>, id: DeviceId) -> Self {
+        Self { shared, id }
+    }
+
+    fn inner(&self) -> &crate::context::Inner {
+        &self.shared.inner
+    }
+
+    /// Its id in the protocol.
+    pub fn id(&self) -> DeviceId {
+        self.id
+    }
+
+    /// Private or coherent.
+    pub fn kind(&self) -> DeviceKind {
+        self.inner().devices[self.id.index()].config.kind
+    }
+
+    /// Capacity in pages.
+    pub fn capacity_pages(&self) -> u32 {
+        self.inner().budget.capacity(self.id)
+    }
+
+    /// Frames in use, in pages.
+    pub fn used_pages(&self) -> u32 {
+        self.inner().budget.used(self.id)
+    }
+
+    /// Counters since the last reset.
+    pub fn counters(&self) -> DeviceCounters {
+        self.inner().devices[self.id.index()].counters.snapshot()
+    }
+
+    /// Resets the counters.
+    pub fn reset_counters(&self) {
+        let c = &self.inner().devices[self.id.index()].counters;
+        c.faults.reset();
+        c.pages.reset();
+        c.migrated_in.reset();
+        c.migrated_out.reset();
+        c.evicted.reset();
+    }
+
+    /// Makes the next `n` transfers into or out of this device fail (a DMA error), to test
+    /// that data stays where it was.
+    pub fn inject_transfer_failures(&self, n: u32) {
+        self.inner().devices[self.id.index()]
+            .fail_transfers
+            .store(n, Ordering::Release);
+    }
+
+    /// Faults `pieces` in for `access` until the device maps all of them; then calls `f` for
+    /// each piece under the page-table read lock. `counted` pieces add to `pages`.
+    fn access_pieces(
+        &self,
+        pieces: &[Piece],
+        access: Access,
+        f: &(dyn Fn(&Piece, &[(usize, RawRange)]) + Sync),
+        rounds: &AtomicU32,
+    ) -> Result<()> {
+        let inner = self.inner();
+        let d = self.id.index();
+        for p in pieces {
+            let slot = &p.region.blocks[p.bi];
+            let mut tries = 0u32;
+            loop {
+                {
+                    let db = slot.dev[d].read().unwrap_or_else(|e| e.into_inner());
+                    let entries = &db.pt[p.run.pages()];
+                    if entries.iter().all(|&e| satisfies(e, access)) {
+                        slot.last_use[d].store(inner.tick(), Ordering::Relaxed);
+                        let mut runs = Vec::new();
+                        let mut i = 0;
+                        while i < entries.len() {
+                            let local_private = entries[i] & pte::REMOTE == 0 && self.kind() == DeviceKind::Private;
+                            let mut j = i + 1;
+                            while j < entries.len()
+                                && (entries[j] & pte::REMOTE == 0 && self.kind() == DeviceKind::Private) == local_private
+                            {
+                                j += 1;
+                            }
+                            let page = p.run.start() + i;
+                            let ptr = if local_private {
+                                match &db.chunk {
+                                    Some(c) => c.as_ptr().wrapping_add(page * PAGE_SIZE),
+                                    None => return Err(Error::Io(hetmem_proto::OpError::Device)),
+                                }
+                            } else {
+                                p.region.backing_ptr(p.bi, page)
+                            };
+                            runs.push((
+                                p.va + i * PAGE_SIZE,
+                                RawRange {
+                                    ptr,
+                                    len: (j - i) * PAGE_SIZE,
+                                },
+                            ));
+                            i = j;
+                        }
+                        f(p, &runs);
+                        inner.devices[d].counters.pages.add(p.run.len() as u64);
+                        break;
+                    }
+                }
+                tries += 1;
+                if tries > 10_000 {
+                    return Err(Error::Fault("device fault did not converge"));
+                }
+                if tries == 1 {
+                    rounds.fetch_add(1, Ordering::Relaxed);
+                }
+                self.fault(p, access)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A device fault on a piece: check the CPU mapping's protection as hmm_range_fault checks
+    /// the VMA, then ask the protocol.
+    fn fault(&self, p: &Piece, access: Access) -> Result<()> {
+        let inner = self.inner();
+        let vma = mem::vma_at(p.va).map_err(Error::os("query mapping"))?;
+        let Some((_, vend, read, write)) = vma else {
+            return Err(Error::Fault("address is not mapped"));
+        };
+        if vend < p.va + p.run.len() * PAGE_SIZE {
+            // The range crosses mappings (a partial mprotect): fault page by page.
+            if p.run.len() > 1 {
+                for i in 0..p.run.len() {
+                    let one = Piece {
+                        region: p.region.clone(),
+                        bi: p.bi,
+                        run: PageRun::new(p.run.start() + i, 1, PAGES_PER_BLOCK).expect("in block"),
+                        va: p.va + i * PAGE_SIZE,
+                    };
+                    self.fault(&one, access)?;
+                }
+                return Ok(());
+            }
+        }
+        let known = {
+            let block = p.region.blocks[p.bi].engine.lock().unwrap_or_else(|e| e.into_inner());
+            block.page(p.run.start()).prot
+        };
+        if known != (read, write) {
+            inner.invalidate(&p.region, p.bi, p.run, Invalidation::Protect { read, write })?;
+        }
+        inner.stats.device_faults.add(1);
+        inner.request(
+            &p.region,
+            p.bi,
+            p.run,
+            RequestKind::Fault {
+                proc: Proc::Device(self.id),
+                access,
+            },
+        )
+    }
+
+    fn run_command(&self, addr: usize, len: usize, access: Access, f: &(dyn Fn(&Piece, &[(usize, RawRange)]) + Sync)) -> Result<()> {
+        let pieces = self.inner().pieces(addr, len)?;
+        let rounds = AtomicU32::new(0);
+        let r = self.access_pieces(&pieces, access, f, &rounds);
+        let n = rounds.load(Ordering::Relaxed);
+        if n > 0 {
+            self.inner().devices[self.id.index()].counters.faults.add(1);
+        }
+        r
+    }
+
+    /// Reads through the device page table, faulting as needed.
+    pub fn read(&self, addr: usize, len: usize) -> Result<Vec<u8>> {
+        let out = std::sync::Mutex::new(vec![0u8; len]);
+        self.run_command(addr, len, Access::Read, &|_, runs| {
+            let mut o = out.lock().unwrap_or_else(|e| e.into_inner());
+            for &(va, r) in runs {
+                // SAFETY: the page-table read lock is held and the device maps these pages, so
+                // the protocol keeps the memory valid and unwritten by others for now.
+                let src = unsafe { r.as_slice() };
+                o[va - addr..va - addr + r.len].copy_from_slice(src);
+            }
+        })?;
+        Ok(out.into_inner().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Writes through the device page table, faulting as needed.
+    pub fn write(&self, addr: usize, data: &[u8]) -> Result<()> {
+        self.run_command(addr, data.len(), Access::Write, &|_, runs| {
+            for &(va, r) in runs {
+                // SAFETY: the device maps these pages writable, which the protocol grants to
+                // one processor at a time; the read lock keeps the mapping from going away.
+                let dst = unsafe { r.as_mut_slice() };
+                dst.copy_from_slice(&data[va - addr..va - addr + r.len]);
+            }
+        })
+    }
+
+    /// Maps the range exclusively for device atomics (`make_device_exclusive`); any CPU access
+    /// revokes it.
+    pub fn exclusive(&self, addr: usize, len: usize) -> Result<()> {
+        self.run_command(addr, len, Access::Atomic, &|_, _| {})
+    }
+
+    /// Whether every page is still mapped exclusive by this device.
+    pub fn check_exclusive(&self, addr: usize, len: usize) -> Result<bool> {
+        let pieces = self.inner().pieces(addr, len)?;
+        Ok(pieces.iter().all(|p| {
+            let db = p.region.blocks[p.bi].dev[self.id.index()].read().unwrap_or_else(|e| e.into_inner());
+            db.pt[p.run.pages()].iter().all(|&e| e & pte::MODE == pte::ATOMIC)
+        }))
+    }
+
+    /// Migrates the range into this device's memory.
+    pub fn migrate_to_device(&self, addr: usize, len: usize) -> Result<()> {
+        Hetmem(self.shared.clone()).migrate(addr, len, Target::Device(self.id))
+    }
+
+    /// Migrates the range to system memory.
+    pub fn migrate_to_system(&self, addr: usize, len: usize) -> Result<()> {
+        Hetmem(self.shared.clone()).migrate(addr, len, Target::System)
+    }
+
+    /// Per-page state, without faulting or moving anything.
+    pub fn snapshot(&self, addr: usize, len: usize) -> Result<Vec<PageState>> {
+        if addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+            return Err(Error::Invalid("address and length must be page-aligned"));
+        }
+        let inner = self.inner();
+        let topo = &inner.topology;
+        let mut out = Vec::with_capacity(len / PAGE_SIZE);
+        let mut at = addr;
+        while at < addr + len {
+            let Ok(pieces) = inner.pieces(at, PAGE_SIZE) else {
+                out.push(PageState {
+                    cpu: CpuProt::None,
+                    location: Location::None,
+                    device: None,
+                    error: true,
+                });
+                at += PAGE_SIZE;
+                continue;
+            };
+            let p = &pieces[0];
+            let page = p.run.start();
+            let slot = &p.region.blocks[p.bi];
+            let v = slot.engine.lock().unwrap_or_else(|e| e.into_inner()).page(page);
+            let e = slot.dev[self.id.index()].read().unwrap_or_else(|e| e.into_inner()).pt[page];
+            let location = if v.is_valid_in(Mem::Device(self.id)) {
+                if topo.is_coherent(self.id) {
+                    Location::CoherentLocal
+                } else {
+                    Location::PrivateLocal
+                }
+            } else if v.is_valid_in(Mem::System) {
+                Location::System
+            } else if let Some(other) = topo.devices().find(|&d| v.is_valid_in(Mem::Device(d))) {
+                if topo.is_coherent(other) {
+                    Location::CoherentRemote
+                } else {
+                    Location::PrivateRemote
+                }
+            } else {
+                Location::None
+            };
+            let vma = mem::vma_at(at).ok().flatten();
+            let accessible = vma.is_some_and(|(_, _, r, _)| r);
+            out.push(PageState {
+                cpu: match v.mapping_of(Proc::Cpu) {
+                    None => CpuProt::None,
+                    Some((MapMode::Read, _)) => CpuProt::Read,
+                    Some(_) => CpuProt::Write,
+                },
+                location,
+                device: match e & pte::MODE {
+                    pte::READ => Some(MapMode::Read),
+                    pte::WRITE => Some(MapMode::ReadWrite),
+                    pte::ATOMIC => Some(MapMode::Exclusive),
+                    _ => None,
+                },
+                error: !v.managed || !accessible,
+            });
+            at += PAGE_SIZE;
+        }
+        Ok(out)
+    }
+
+    /// Every page on the device goes back to system memory with its data; every mapping of
+    /// the device goes.
+    pub fn release(&self) -> Result<()> {
+        let inner = self.inner();
+        let regions = inner.regions.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for r in regions {
+            for bi in 0..r.blocks.len() {
+                let all = PageRun::new(0, r.block_pages(bi), PAGES_PER_BLOCK).expect("non-empty");
+                inner.request(&r, bi, all, RequestKind::Release { dev: self.id })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn kernel(&self, addr: usize, len: usize, access: Access, f: &(dyn Fn(&Piece, &[(usize, RawRange)]) + Sync)) -> Result<()> {
+        let pieces = self.inner().pieces(addr, len)?;
+        let workers = self.inner().devices[self.id.index()].config.workers.max(1).min(pieces.len().max(1));
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let rounds = AtomicU32::new(0);
+        let first_err = std::sync::Mutex::new(None);
+        std::thread::scope(|s| {
+            for w in 0..workers {
+                let (next, rounds, first_err, pieces) = (&next, &rounds, &first_err, &pieces);
+                let _ = std::thread::Builder::new()
+                    .name(format!("hetmem-dev{}-w{w}", self.id.index()))
+                    .spawn_scoped(s, move || loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= pieces.len() {
+                            return;
+                        }
+                        if let Err(e) = self.access_pieces(&pieces[i..=i], access, f, rounds) {
+                            first_err.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+                            next.store(pieces.len(), Ordering::Relaxed);
+                            return;
+                        }
+                    });
+            }
+        });
+        if rounds.load(Ordering::Relaxed) > 0 {
+            self.inner().devices[self.id.index()].counters.faults.add(1);
+        }
+        match first_err.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `f` on the device's worker threads over `[addr, addr + len)`, once per translated
+    /// run of pages (at most one 2 MiB block), read-only. `f` gets the run's address and its
+    /// bytes in device-reachable memory.
+    pub fn kernel_read<F>(&self, addr: usize, len: usize, f: F) -> Result<()>
+    where
+        F: Fn(usize, &[u8]) + Sync,
+    {
+        self.kernel(addr, len, Access::Read, &|_, runs| {
+            for &(va, r) in runs {
+                // SAFETY: mapped readable by this device; the read lock is held during `f`.
+                f(va, unsafe { r.as_slice() });
+            }
+        })
+    }
+
+    /// Like [`Device::kernel_read`], writable. Runs of one launch never overlap.
+    pub fn kernel_write<F>(&self, addr: usize, len: usize, f: F) -> Result<()>
+    where
+        F: Fn(usize, &mut [u8]) + Sync,
+    {
+        self.kernel(addr, len, Access::Write, &|_, runs| {
+            for &(va, r) in runs {
+                // SAFETY: mapped writable by this device alone (the protocol's single-writer
+                // rule); the read lock is held during `f`; pieces of a launch are disjoint.
+                f(va, unsafe { r.as_mut_slice() });
+            }
+        })
+    }
+}
+
+use crate::context::Hetmem;
+
+#[allow(dead_code)]
+const _BLOCK: usize = BLOCK_BYTES;

@@ -1,0 +1,76 @@
+//! Errors, each with the errno it stands for (dmirror's meanings for device accesses).
+
+use hetmem_proto::{OpError, RequestError};
+
+/// What went wrong. [`Error::errno`] gives the kernel's equivalent.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No mapping, PROT_NONE, an address outside managed memory, or memory already freed
+    /// (EFAULT).
+    #[error("bad address: {0} (EFAULT)")]
+    Fault(&'static str),
+    /// A write to read-only memory (EPERM).
+    #[error("write to read-only memory (EPERM)")]
+    Perm,
+    /// A page or range that does not exist where it was looked for (ENOENT).
+    #[error("no such mapping: {0} (ENOENT)")]
+    NoEnt(&'static str),
+    /// Unaligned, not fully mapped, or otherwise malformed input (EINVAL).
+    #[error("invalid argument: {0} (EINVAL)")]
+    Invalid(&'static str),
+    /// A device is full and nothing on it can be evicted (ENOMEM).
+    #[error("device memory exhausted (ENOMEM)")]
+    NoMem,
+    /// A transfer or the device failed; the data stayed where it was (EIO).
+    #[error("transfer failed: {0} (EIO)")]
+    Io(OpError),
+    /// The kernel refused a system call.
+    #[error("{what}: {source}")]
+    Os {
+        /// What hetmem was doing.
+        what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The kernel lacks a userfaultfd feature hetmem needs.
+    #[error("this kernel lacks userfaultfd features {0:?}; hetmem needs Linux 5.19 or later")]
+    Unsupported(Vec<&'static str>),
+}
+
+impl Error {
+    /// The errno this error stands for.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Fault(_) => libc::EFAULT,
+            Error::Perm => libc::EPERM,
+            Error::NoEnt(_) => libc::ENOENT,
+            Error::Invalid(_) => libc::EINVAL,
+            Error::NoMem => libc::ENOMEM,
+            Error::Io(_) => libc::EIO,
+            Error::Os { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Error::Unsupported(_) => libc::ENOSYS,
+        }
+    }
+
+    pub(crate) fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+        move |source| Error::Os { what, source }
+    }
+}
+
+impl From<RequestError> for Error {
+    fn from(e: RequestError) -> Self {
+        match e {
+            RequestError::NoMapping => Error::Fault("page is not mapped"),
+            RequestError::NoAccess => Error::Fault("page is PROT_NONE"),
+            RequestError::ReadOnly => Error::Perm,
+            RequestError::BeyondEof => Error::Fault("page is beyond end of file"),
+            RequestError::DeviceFull(_) => Error::NoMem,
+            RequestError::NoDevice => Error::Invalid("no such device"),
+            RequestError::InvalidAccess => Error::Invalid("atomic access is for devices"),
+            RequestError::Op(op) => Error::Io(op),
+        }
+    }
+}
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

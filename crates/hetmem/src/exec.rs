@@ -1,0 +1,409 @@
+//! Executes the protocol's actions for one block: userfaultfd ioctls on the CPU views, device
+//! page-table updates, frame binding and copies. It makes no decision of its own.
+//!
+//! A drive runs under the block's engine lock: hand the event to the engine, execute the
+//! synchronous actions in order, run the transfers the engine started, report their completions,
+//! and repeat until the engine starts nothing new. Simulated transfers are synchronous, so every
+//! request a drive starts has completed when the drive returns.
+
+#![allow(unsafe_code)]
+
+use std::io;
+
+use hetmem_proto::{
+    Action, Block2M, DeviceId, DeviceKind, Env, Event, EventError, MapMode, Mem, OpError, OpId,
+    PageMask, PageRun, Proc, ReqId, RequestError, Source, BLOCK_WORDS, PAGE_SIZE,
+};
+
+use crate::budget::BudgetRef;
+use crate::context::Inner;
+use crate::region::{pte, Region, BLOCK_BYTES};
+use crate::sys::mem::{self, Mapping};
+use crate::sys::uffd::Fill;
+
+/// 64 pages' worth of masks per word: the production block.
+pub(crate) type Mask = PageMask<BLOCK_WORDS>;
+
+/// What a drive did.
+#[derive(Debug, Default)]
+pub(crate) struct Outcome {
+    /// Requests that finished, with their outcome.
+    pub done: Vec<(ReqId, Result<(), RequestError>)>,
+    /// CPU ranges mapped during the drive; their waiters must be woken.
+    pub wake: Vec<(usize, usize)>,
+    /// Pages the CPU got a mapping for.
+    pub cpu_mapped: Mask,
+}
+
+impl Outcome {
+    /// The outcome of request `id`, if it finished.
+    pub fn result_of(&self, id: ReqId) -> Option<Result<(), RequestError>> {
+        self.done.iter().find(|(r, _)| *r == id).map(|&(_, r)| r)
+    }
+}
+
+struct Transfer {
+    op: OpId,
+    src: Source,
+    dst: Mem,
+    run: PageRun,
+}
+
+fn mask_of(run: PageRun) -> Mask {
+    Mask::from_run(run)
+}
+
+fn pte_mode(mode: MapMode) -> u8 {
+    match mode {
+        MapMode::Read => pte::READ,
+        MapMode::ReadWrite => pte::WRITE,
+        MapMode::Exclusive => pte::ATOMIC,
+    }
+}
+
+impl Inner {
+    /// Hands `event` to block `bi` of `region` and executes everything that follows from it.
+    pub(crate) fn drive(
+        &self,
+        region: &Region,
+        bi: usize,
+        block: &mut Block2M,
+        event: Event,
+    ) -> Result<Outcome, EventError> {
+        let mut out = Outcome::default();
+        let mut actions = Vec::new();
+        // What the kernel's CPU page table holds for this block, as far as our actions go.
+        let mut cpu_now = block.state().mapped_by(Proc::Cpu);
+        self.handle(block, event, &mut actions)?;
+        loop {
+            let mut transfers = Vec::new();
+            for action in actions.drain(..) {
+                match action {
+                    Action::Transfer { op, src, dst, run } => {
+                        transfers.push(Transfer { op, src, dst, run })
+                    }
+                    Action::WriteBack { op, run, .. } => transfers.push(Transfer {
+                        op,
+                        src: Source::Zero,
+                        dst: Mem::System,
+                        run,
+                    }),
+                    other => self.execute(region, bi, block, other, &mut cpu_now, &mut out),
+                }
+            }
+            if transfers.is_empty() {
+                return Ok(out);
+            }
+            let mut results: Vec<(OpId, Result<(), OpError>)> = Vec::new();
+            for t in &transfers {
+                let r = self.transfer(region, bi, block, t);
+                match results.iter_mut().find(|(op, _)| *op == t.op) {
+                    Some((_, acc)) => {
+                        if acc.is_ok() {
+                            *acc = r;
+                        }
+                    }
+                    None => results.push((t.op, r)),
+                }
+            }
+            for (op, result) in results {
+                self.handle(block, Event::Complete { op, result }, &mut actions)?;
+            }
+        }
+    }
+
+    fn handle(&self, block: &mut Block2M, event: Event, out: &mut Vec<Action>) -> Result<(), EventError> {
+        let mut budget = BudgetRef(&self.budget);
+        let mut env = Env {
+            topology: &self.topology,
+            frames: &mut budget,
+        };
+        block.handle(&mut env, event, out)?;
+        debug_assert_eq!(block.check(&self.topology), Ok(()));
+        Ok(())
+    }
+
+    fn execute(
+        &self,
+        region: &Region,
+        bi: usize,
+        block: &Block2M,
+        action: Action,
+        cpu_now: &mut Mask,
+        out: &mut Outcome,
+    ) {
+        match action {
+            Action::AllocFrames { dev, run: _ } => {
+                if self.topology.kind(dev) == Some(DeviceKind::Private) {
+                    let mut db = region.blocks[bi].dev[dev.index()].write().unwrap_or_else(|e| e.into_inner());
+                    if db.chunk.is_none() {
+                        match Mapping::anonymous(BLOCK_BYTES) {
+                            Ok(m) => db.chunk = Some(m),
+                            // Out of address space: the transfer into it will fail cleanly.
+                            Err(e) => self.note_error("device chunk mmap", &e),
+                        }
+                    }
+                }
+            }
+            Action::FreeFrames { mem: Mem::System, run } => self.punch(region, bi, block, run),
+            Action::FreeFrames {
+                mem: Mem::Device(d),
+                run,
+            } => {
+                if self.topology.is_coherent(d) {
+                    self.punch(region, bi, block, run);
+                } else {
+                    let mut db = region.blocks[bi].dev[d.index()].write().unwrap_or_else(|e| e.into_inner());
+                    if block.state().frames_of(d).is_empty() {
+                        db.chunk = None;
+                    } else if let Some(chunk) = &db.chunk {
+                        let start = chunk.addr() + run.start() * PAGE_SIZE;
+                        // SAFETY: the protocol freed these frames: no page table maps them and
+                        // no transfer uses them, and the write lock keeps kernels out. Their
+                        // data is garbage; dropping it zeroes them for their next use.
+                        if let Err(e) = unsafe { mem::madvise(start, run.len() * PAGE_SIZE, libc::MADV_DONTNEED) } {
+                            self.note_error("device frame zeroing", &e);
+                        }
+                    }
+                }
+            }
+            Action::CpuMap { target: _, run, mode } => {
+                let wp = mode == MapMode::Read;
+                let mask = mask_of(run);
+                let fresh = mask - *cpu_now;
+                let present = mask & *cpu_now;
+                let mut ranges = Vec::new();
+                for r in fresh.runs() {
+                    ranges.clear();
+                    region.cpu_ranges(bi * BLOCK_BYTES + r.start() * PAGE_SIZE, r.len() * PAGE_SIZE, &mut ranges);
+                    for &(va, len) in &ranges {
+                        self.map_cpu(va, len, wp);
+                        out.wake.push((va, len));
+                    }
+                }
+                for r in present.runs() {
+                    ranges.clear();
+                    region.cpu_ranges(bi * BLOCK_BYTES + r.start() * PAGE_SIZE, r.len() * PAGE_SIZE, &mut ranges);
+                    for &(va, len) in &ranges {
+                        self.write_protect(va, len, wp);
+                        out.wake.push((va, len));
+                    }
+                }
+                *cpu_now |= mask;
+                out.cpu_mapped |= mask;
+            }
+            Action::CpuProtect { run } => {
+                let mut ranges = Vec::new();
+                region.cpu_ranges(bi * BLOCK_BYTES + run.start() * PAGE_SIZE, run.len() * PAGE_SIZE, &mut ranges);
+                for (va, len) in ranges {
+                    self.write_protect(va, len, true);
+                }
+            }
+            Action::CpuUnmap { run } => {
+                let mut ranges = Vec::new();
+                region.cpu_ranges(bi * BLOCK_BYTES + run.start() * PAGE_SIZE, run.len() * PAGE_SIZE, &mut ranges);
+                for (va, len) in ranges {
+                    // SAFETY: a shared mapping of the memfd: zapping its page-table entries keeps
+                    // the data in the file. A thread that touches the range next faults to us.
+                    if let Err(e) = unsafe { mem::madvise(va, len, libc::MADV_DONTNEED) } {
+                        self.note_error("cpu unmap", &e);
+                    }
+                }
+                *cpu_now -= mask_of(run);
+                out.cpu_mapped -= mask_of(run);
+            }
+            Action::DeviceMap {
+                dev,
+                run,
+                remote,
+                mode,
+            } => {
+                let mut db = region.blocks[bi].dev[dev.index()].write().unwrap_or_else(|e| e.into_inner());
+                let e = pte_mode(mode) | if remote { pte::REMOTE } else { 0 };
+                db.pt[run.pages()].fill(e);
+            }
+            Action::DeviceProtect { dev, run } => {
+                let mut db = region.blocks[bi].dev[dev.index()].write().unwrap_or_else(|e| e.into_inner());
+                for e in &mut db.pt[run.pages()] {
+                    if *e & pte::MODE != pte::NONE {
+                        *e = (*e & pte::REMOTE) | pte::READ;
+                    }
+                }
+            }
+            Action::DeviceUnmap { dev, run } => {
+                let mut db = region.blocks[bi].dev[dev.index()].write().unwrap_or_else(|e| e.into_inner());
+                db.pt[run.pages()].fill(pte::NONE);
+            }
+            Action::Complete { id, result } => out.done.push((id, result)),
+            Action::Transfer { .. } | Action::WriteBack { .. } => unreachable!("deferred by drive"),
+        }
+    }
+
+    /// Drops system pages of `run` that no memory aliases any more. A coherent device's frames
+    /// are the system page itself (see `docs/runtime.md`), so a page is punched only when
+    /// neither system memory nor any coherent device holds it.
+    fn punch(&self, region: &Region, bi: usize, block: &Block2M, run: PageRun) {
+        let st = block.state();
+        let mut keep = st.valid_in(Mem::System);
+        for d in self.topology.devices() {
+            if self.topology.is_coherent(d) {
+                keep |= st.frames_of(d);
+            }
+        }
+        let drop = mask_of(run) - keep;
+        for r in drop.runs() {
+            let off = bi * BLOCK_BYTES + r.start() * PAGE_SIZE;
+            if let Err(e) = mem::punch_hole(std::os::fd::AsFd::as_fd(&region.memfd), off, r.len() * PAGE_SIZE) {
+                self.note_error("punch hole", &e);
+            }
+        }
+    }
+
+    /// Address of `mem`'s copy of `page`, and the guard that keeps it mapped.
+    fn transfer(&self, region: &Region, bi: usize, block: &Block2M, t: &Transfer) -> Result<(), OpError> {
+        let bytes = t.run.len() * PAGE_SIZE;
+        let slot = &region.blocks[bi];
+        let chunk_ptr = |d: DeviceId| -> Option<*mut u8> {
+            let db = slot.dev[d.index()].read().unwrap_or_else(|e| e.into_inner());
+            db.chunk.as_ref().map(|c| c.as_ptr().wrapping_add(t.run.start() * PAGE_SIZE))
+        };
+        let ptr_of = |m: Mem| -> Option<*mut u8> {
+            match m {
+                Mem::Device(d) if !self.topology.is_coherent(d) => chunk_ptr(d),
+                _ => Some(region.backing_ptr(bi, t.run.start())),
+            }
+        };
+        let Some(dst) = ptr_of(t.dst) else {
+            return Err(OpError::Device);
+        };
+        if self.take_injected_failure(t.dst, t.src) {
+            return Err(OpError::Device);
+        }
+        match t.src {
+            Source::Zero => {
+                // Pages adopted by `register` come with data: their first fill keeps it.
+                let adopted = {
+                    let mut a = slot.adopted.lock().unwrap_or_else(|e| e.into_inner());
+                    let hit = *a & mask_of(t.run);
+                    *a -= hit;
+                    hit
+                };
+                let fresh = mask_of(t.run) - adopted;
+                let to_backing = dst == region.backing_ptr(bi, t.run.start());
+                let fd = std::os::fd::AsFd::as_fd(&region.memfd);
+                for r in fresh.runs() {
+                    let len = r.len() * PAGE_SIZE;
+                    if to_backing {
+                        mem::punch_hole(fd, bi * BLOCK_BYTES + r.start() * PAGE_SIZE, len).map_err(|_| OpError::Device)?;
+                    } else {
+                        let at = dst.wrapping_add((r.start() - t.run.start()) * PAGE_SIZE);
+                        // SAFETY: freshly bound private frames of this run, which no page table
+                        // maps yet; dropping them makes them read zero.
+                        unsafe { mem::madvise(at as usize, len, libc::MADV_DONTNEED) }.map_err(|_| OpError::Device)?;
+                    }
+                }
+                if to_backing {
+                    // Populate now: UFFDIO_CONTINUE maps only pages already in the page cache.
+                    // SAFETY: the backing view is ours; populating changes no data.
+                    unsafe { mem::madvise(dst as usize, bytes, libc::MADV_POPULATE_WRITE) }
+                        .map_err(|_| OpError::Device)?;
+                } else {
+                    for r in adopted.runs() {
+                        let at = dst.wrapping_add((r.start() - t.run.start()) * PAGE_SIZE);
+                        // SAFETY: as for a transfer from system memory: the backing pages hold
+                        // the adopted data, the destination frames are bound to this run and
+                        // unmapped, and the pages are busy.
+                        unsafe { mem::copy(at, region.backing_ptr(bi, r.start()), r.len() * PAGE_SIZE) };
+                    }
+                }
+                self.stats.zero_fills.add(fresh.count() as u64);
+            }
+            Source::Mem(src_mem) => {
+                let Some(src) = ptr_of(src_mem) else {
+                    return Err(OpError::Device);
+                };
+                if src != dst {
+                    // SAFETY: src holds the latest data and dst is a bound frame of the run;
+                    // the protocol marked the pages busy, so no processor writes either side
+                    // (writers were downgraded), and both ranges are `bytes` long inside their
+                    // mappings. Device chunks live as long as the region, and a chunk is
+                    // dropped only when no frame of it is bound.
+                    unsafe { mem::copy(dst, src, bytes) };
+                    self.stats.bytes_copied.add(bytes as u64);
+                }
+                match (src_mem, t.dst) {
+                    (_, Mem::Device(d)) => {
+                        self.stats.pages_to_device.add(t.run.len() as u64);
+                        self.devices[d.index()].counters.migrated_in.add(t.run.len() as u64);
+                    }
+                    (Mem::Device(d), Mem::System) => {
+                        self.stats.pages_to_system.add(t.run.len() as u64);
+                        self.devices[d.index()].counters.migrated_out.add(t.run.len() as u64);
+                    }
+                    _ => {}
+                }
+            }
+            Source::File { .. } => return Err(OpError::Io),
+        }
+        let _ = block;
+        Ok(())
+    }
+
+    /// Maps fresh pages of a CPU view (UFFDIO_CONTINUE), read-only if `wp`.
+    fn map_cpu(&self, va: usize, len: usize, wp: bool) {
+        let with_wp = wp && self.continue_wp.load(std::sync::atomic::Ordering::Relaxed);
+        let r = self.fill(va, len, |s, l| self.uffd.continue_(s, l, with_wp, false));
+        match r {
+            Ok(existed) => {
+                if (wp && !with_wp) || existed {
+                    self.write_protect(va, len, wp);
+                }
+            }
+            Err(e) if wp && e.raw_os_error() == Some(libc::EINVAL) && with_wp => {
+                // CONTINUE_MODE_WP is Linux 6.3; fall back to CONTINUE, then WRITEPROTECT.
+                self.continue_wp.store(false, std::sync::atomic::Ordering::Relaxed);
+                self.map_cpu(va, len, wp);
+            }
+            Err(e) => self.note_error("UFFDIO_CONTINUE", &e),
+        }
+    }
+
+    fn write_protect(&self, va: usize, len: usize, protect: bool) {
+        loop {
+            match self.uffd.write_protect(va, len, protect, false) {
+                Ok(Fill::Again { .. }) => self.drain_events(),
+                Ok(_) => return,
+                Err(e) => return self.note_error("UFFDIO_WRITEPROTECT", &e),
+            }
+        }
+    }
+
+    /// Runs a page-filling ioctl over the range: skips pages that are already present (EEXIST;
+    /// their waiters are woken later with the rest), and on EAGAIN reads pending events before
+    /// retrying. Returns whether some page was already present.
+    pub(crate) fn fill(
+        &self,
+        start: usize,
+        len: usize,
+        mut op: impl FnMut(usize, usize) -> io::Result<Fill>,
+    ) -> io::Result<bool> {
+        let mut at = 0;
+        let mut existed = false;
+        while at < len {
+            match op(start + at, len - at)? {
+                Fill::Done => break,
+                Fill::Exists { done } => {
+                    existed = true;
+                    at += done + PAGE_SIZE;
+                }
+                Fill::Again { done } => {
+                    at += done;
+                    if done == 0 {
+                        self.drain_events();
+                    }
+                }
+            }
+        }
+        Ok(existed)
+    }
+}

@@ -1,0 +1,154 @@
+//! A managed region: a memfd holding system memory, its views, and per 2 MiB block the
+//! protocol engine and each device's slice of page table and memory.
+//!
+//! System memory is the memfd. The runtime reaches it through `backing`, a shared view nobody
+//! else uses; the CPU reaches it through one or more *views* registered with userfaultfd
+//! (MISSING | MINOR | WP). Blocks are keyed by file offset, not address, so an `mremap` only
+//! moves a view: data, device copies and device page tables stay put.
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::{Mutex, RwLock};
+
+use hetmem_proto::{Block2M, Layout, PageMask, BLOCK_WORDS, PAGES_PER_BLOCK, PAGE_SIZE};
+
+use crate::sys::mem::Mapping;
+
+/// Bytes per block.
+pub(crate) const BLOCK_BYTES: usize = PAGES_PER_BLOCK * PAGE_SIZE;
+
+/// Device page-table entry: mode in bits 0-1, target in bit 2.
+pub(crate) mod pte {
+    pub const NONE: u8 = 0;
+    pub const READ: u8 = 1;
+    pub const WRITE: u8 = 2;
+    pub const ATOMIC: u8 = 3;
+    pub const MODE: u8 = 3;
+    /// The entry maps system memory (over the link), not the device's own.
+    pub const REMOTE: u8 = 4;
+}
+
+/// One device's view of one block: its page table and, for private devices, its memory.
+#[derive(Debug)]
+pub(crate) struct DevBlock {
+    pub pt: [u8; PAGES_PER_BLOCK],
+    /// 2 MiB of device memory for this block, mapped lazily, as CUDA maps device memory at
+    /// 2 MiB granularity. Only frames the protocol bound hold memory: free frames are
+    /// MADV_DONTNEED'd, so they read zero when reused.
+    pub chunk: Option<Mapping>,
+}
+
+impl DevBlock {
+    fn new() -> Self {
+        Self {
+            pt: [pte::NONE; PAGES_PER_BLOCK],
+            chunk: None,
+        }
+    }
+}
+
+/// One 2 MiB block.
+#[derive(Debug)]
+pub(crate) struct BlockSlot {
+    /// The protocol state. Lock order: `engine`, then a `dev` lock, then `Region::views`.
+    pub engine: Mutex<Block2M>,
+    /// Per device. Kernels hold the read lock while they touch the block's memory; every
+    /// device page-table change takes the write lock, so it waits for them (TLB shootdown).
+    pub dev: Box<[RwLock<DevBlock>]>,
+    /// Per device: logical time of the last device access, for LRU eviction.
+    pub last_use: Box<[AtomicU64]>,
+    /// Per device: frames the block holds, mirrored after every drive so eviction can pick a
+    /// victim without locking every block.
+    pub held: Box<[AtomicU32]>,
+    /// Pages adopted by `register` whose first fill must keep the data they came with.
+    pub adopted: Mutex<PageMask<BLOCK_WORDS>>,
+}
+
+/// A CPU view: `[va, va + len)` maps the memfd at `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct View {
+    pub va: usize,
+    pub off: usize,
+    pub len: usize,
+}
+
+/// How the region came to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// `Hetmem::alloc`.
+    Alloc,
+    /// `Hetmem::register` of existing private anonymous memory.
+    Registered,
+}
+
+/// A managed region.
+#[derive(Debug)]
+pub(crate) struct Region {
+    pub id: u64,
+    pub origin: Origin,
+    pub memfd: OwnedFd,
+    /// The runtime's own view of the memfd (DMA view): never registered, never handed out.
+    pub backing: Mapping,
+    /// Managed bytes (a multiple of the page size).
+    pub len: usize,
+    pub blocks: Box<[BlockSlot]>,
+    /// The CPU views. Normally one; `mremap` and partial `munmap` split or move them.
+    pub views: RwLock<Vec<View>>,
+}
+
+impl Region {
+    pub fn new(id: u64, origin: Origin, memfd: OwnedFd, backing: Mapping, len: usize, devices: usize) -> Self {
+        let nblocks = len.div_ceil(BLOCK_BYTES);
+        let blocks = (0..nblocks)
+            .map(|b| {
+                let pages = ((len - b * BLOCK_BYTES).min(BLOCK_BYTES)) / PAGE_SIZE;
+                let mut layout = Layout::anonymous();
+                if pages < PAGES_PER_BLOCK {
+                    let mut managed = PageMask::EMPTY;
+                    managed.insert_range(0, pages);
+                    layout.managed = managed;
+                }
+                BlockSlot {
+                    engine: Mutex::new(Block2M::new(layout)),
+                    dev: (0..devices).map(|_| RwLock::new(DevBlock::new())).collect(),
+                    last_use: (0..devices).map(|_| AtomicU64::new(0)).collect(),
+                    held: (0..devices).map(|_| AtomicU32::new(0)).collect(),
+                    adopted: Mutex::new(PageMask::EMPTY),
+                }
+            })
+            .collect();
+        Self {
+            id,
+            origin,
+            memfd,
+            backing,
+            len,
+            blocks,
+            views: RwLock::new(Vec::new()),
+        }
+    }
+
+    /// Pages managed in block `bi`.
+    pub fn block_pages(&self, bi: usize) -> usize {
+        ((self.len - bi * BLOCK_BYTES).min(BLOCK_BYTES)) / PAGE_SIZE
+    }
+
+    /// Address of page `page` of block `bi` in the backing (DMA) view.
+    pub fn backing_ptr(&self, bi: usize, page: usize) -> *mut u8 {
+        self.backing
+            .as_ptr()
+            .wrapping_add(bi * BLOCK_BYTES + page * PAGE_SIZE)
+    }
+
+    /// The CPU address ranges showing file bytes `[off, off + len)`.
+    pub fn cpu_ranges(&self, off: usize, len: usize, out: &mut Vec<(usize, usize)>) {
+        let views = self.views.read().unwrap_or_else(|e| e.into_inner());
+        for v in views.iter() {
+            let s = off.max(v.off);
+            let e = (off + len).min(v.off + v.len);
+            if s < e {
+                out.push((v.va + (s - v.off), e - s));
+            }
+        }
+    }
+}

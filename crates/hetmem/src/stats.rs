@@ -1,0 +1,67 @@
+//! Counters, for the demo, the benchmarks and policy research.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A relaxed event counter.
+#[derive(Debug, Default)]
+pub(crate) struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+    pub fn reset(&self) {
+        self.0.store(0, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub cpu_faults: Counter,
+    pub device_faults: Counter,
+    pub pages_to_device: Counter,
+    pub pages_to_system: Counter,
+    pub pages_evicted: Counter,
+    pub zero_fills: Counter,
+    pub bytes_copied: Counter,
+    pub errors: Counter,
+}
+
+/// What the runtime did since the context was built.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// CPU faults served (userfaultfd page faults).
+    pub cpu_faults: u64,
+    /// Device fault rounds, all devices.
+    pub device_faults: u64,
+    /// Pages copied into device memory.
+    pub pages_to_device: u64,
+    /// Pages copied from device memory to system memory.
+    pub pages_to_system: u64,
+    /// Device frames freed by eviction.
+    pub pages_evicted: u64,
+    /// Pages filled with zeros on first touch.
+    pub zero_fills: u64,
+    /// Bytes copied between memories (aliased coherent copies cost nothing and count nothing).
+    pub bytes_copied: u64,
+    /// System calls that failed unexpectedly (see HETMEM_DEBUG=1).
+    pub errors: u64,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            cpu_faults: self.cpu_faults.get(),
+            device_faults: self.device_faults.get(),
+            pages_to_device: self.pages_to_device.get(),
+            pages_to_system: self.pages_to_system.get(),
+            pages_evicted: self.pages_evicted.get(),
+            zero_fills: self.zero_fills.get(),
+            bytes_copied: self.bytes_copied.get(),
+            errors: self.errors.get(),
+        }
+    }
+}
