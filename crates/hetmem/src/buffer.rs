@@ -130,7 +130,13 @@ impl Drop for Registration {
             };
             // SAFETY: the backing view holds the region's latest data (everything was migrated
             // to system memory above) and `fresh` is ours.
-            unsafe { mem::copy(fresh.as_ptr(), self.region.backing.as_ptr().wrapping_add(v.off), v.len) };
+            unsafe {
+                mem::copy(
+                    fresh.as_ptr(),
+                    self.region.backing.as_ptr().wrapping_add(v.off),
+                    v.len,
+                )
+            };
             // SAFETY: moves our fresh private mapping over the view, which the caller handed to
             // us at registration; the contents are identical, so references into it stay valid.
             let r = unsafe {

@@ -185,7 +185,12 @@ impl Drop for Shared {
     fn drop(&mut self) {
         self.inner.shutdown.store(true, Ordering::SeqCst);
         self.inner.kick();
-        for t in self.threads.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        for t in self
+            .threads
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
             let _ = t.join();
         }
     }
@@ -204,9 +209,16 @@ pub(crate) struct Piece {
 /// Work read from the userfaultfd, already applied to the address map.
 #[derive(Debug)]
 pub(crate) enum Work {
-    Fault { addr: usize, write: bool },
+    Fault {
+        addr: usize,
+        write: bool,
+    },
     /// File bytes no view shows any more: invalidate them.
-    Unmapped { region: Arc<Region>, off: usize, len: usize },
+    Unmapped {
+        region: Arc<Region>,
+        off: usize,
+        len: usize,
+    },
 }
 
 /// Address map entry: `[va, end)` shows `region` from file offset `off`.
@@ -317,16 +329,26 @@ impl Inner {
             off: 0,
             len: region.len,
         };
-        region.views.write().unwrap_or_else(|e| e.into_inner()).push(view);
-        self.space.write().unwrap_or_else(|e| e.into_inner()).insert(
-            va,
-            MapEntry {
-                end: va + region.len,
-                region: region.clone(),
-                off: 0,
-            },
-        );
-        self.regions.lock().unwrap_or_else(|e| e.into_inner()).push(region);
+        region
+            .views
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(view);
+        self.space
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                va,
+                MapEntry {
+                    end: va + region.len,
+                    region: region.clone(),
+                    off: 0,
+                },
+            );
+        self.regions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(region);
     }
 
     /// Removes `[start, end)` from the address map; returns the file ranges that lost their
@@ -364,19 +386,55 @@ impl Inner {
                 );
             }
             gone.push((e.region.clone(), e.off + (s - va), t - s));
-            e.region.set_views(space.iter().filter(|(_, m)| Arc::ptr_eq(&m.region, &e.region)).map(
-                |(&va, m)| View {
-                    va,
-                    off: m.off,
-                    len: m.end - va,
-                },
-            ));
+            e.region.set_views(
+                space
+                    .iter()
+                    .filter(|(_, m)| Arc::ptr_eq(&m.region, &e.region))
+                    .map(|(&va, m)| View {
+                        va,
+                        off: m.off,
+                        len: m.end - va,
+                    }),
+            );
         }
         gone
     }
 
-    /// `mremap` moved `[from, from + len)` to `to`.
-    fn remap_views(&self, from: usize, to: usize, len: usize) {
+    /// `mremap(MREMAP_DONTUNMAP)` leaves the old range mapped. For private anonymous memory it
+    /// then reads zero; our old range would still show the memfd, so replace it with fresh
+    /// anonymous memory. Only ranges that still map one of the moved regions' memfds are
+    /// touched, so a mapping someone else placed there in the meantime is left alone.
+    fn after_dontunmap(&self, from: usize, len: usize, moved: &[Arc<Region>]) {
+        let Ok(maps) = mem::maps_in(from, from + len) else {
+            return;
+        };
+        for m in maps {
+            if !moved.iter().any(|r| r.inode == m.inode && m.inode != 0) {
+                continue;
+            }
+            let s = m.start.max(from);
+            let e = m.end.min(from + len);
+            let _ = self.uffd.unregister(s, e - s);
+            // SAFETY: the range is the stale old half of a DONTUNMAP move of our own memfd;
+            // its data now lives at the new address, so replacing it loses nothing.
+            let p = unsafe {
+                libc::mmap(
+                    s as *mut libc::c_void,
+                    e - s,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                self.note_error("replace DONTUNMAP range", &std::io::Error::last_os_error());
+            }
+        }
+    }
+
+    /// `mremap` moved `[from, from + len)` to `to`. Returns the regions that moved.
+    fn remap_views(&self, from: usize, to: usize, len: usize) -> Vec<Arc<Region>> {
         let mut space = self.space.write().unwrap_or_else(|e| e.into_inner());
         let end = from + len;
         let hit: Vec<usize> = space
@@ -418,17 +476,23 @@ impl Inner {
                 },
             ));
         }
+        let mut regions = Vec::new();
         for (va, m) in moved {
             let region = m.region.clone();
             space.insert(va, m);
-            region.set_views(space.iter().filter(|(_, m)| Arc::ptr_eq(&m.region, &region)).map(
-                |(&va, m)| View {
-                    va,
-                    off: m.off,
-                    len: m.end - va,
-                },
-            ));
+            regions.push(region.clone());
+            region.set_views(
+                space
+                    .iter()
+                    .filter(|(_, m)| Arc::ptr_eq(&m.region, &region))
+                    .map(|(&va, m)| View {
+                        va,
+                        off: m.off,
+                        len: m.end - va,
+                    }),
+            );
         }
+        regions
     }
 
     // ---------------------------------------------------------------- events
@@ -450,7 +514,9 @@ impl Inner {
         }
         for m in msgs {
             match m {
-                Msg::PageFault { addr, write, wp, .. } => work.push(Work::Fault {
+                Msg::PageFault {
+                    addr, write, wp, ..
+                } => work.push(Work::Fault {
                     addr,
                     write: write || wp,
                 }),
@@ -459,7 +525,10 @@ impl Inner {
                         work.push(Work::Unmapped { region, off, len });
                     }
                 }
-                Msg::Remap { from, to, len } => self.remap_views(from, to, len),
+                Msg::Remap { from, to, len } => {
+                    let moved = self.remap_views(from, to, len);
+                    self.after_dontunmap(from, len, &moved);
+                }
                 Msg::Other(_) => {}
             }
         }
@@ -470,7 +539,10 @@ impl Inner {
     pub(crate) fn drain_events(&self) {
         let work = self.read_events();
         if !work.is_empty() {
-            self.backlog.lock().unwrap_or_else(|e| e.into_inner()).extend(work);
+            self.backlog
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(work);
             self.kick();
         }
         std::thread::yield_now();
@@ -479,7 +551,8 @@ impl Inner {
     /// A fault-service thread.
     fn serve(self: Arc<Self>) {
         loop {
-            let mut work = std::mem::take(&mut *self.backlog.lock().unwrap_or_else(|e| e.into_inner()));
+            let mut work =
+                std::mem::take(&mut *self.backlog.lock().unwrap_or_else(|e| e.into_inner()));
             if work.is_empty() {
                 match self.uffd.wait(self.kick.as_fd()) {
                     Ok(kicked) => {
@@ -489,7 +562,9 @@ impl Inner {
                         if kicked {
                             let mut buf = 0u64;
                             // SAFETY: reads 8 bytes into our stack from our own eventfd.
-                            unsafe { libc::read(self.kick.as_raw_fd(), (&mut buf as *mut u64).cast(), 8) };
+                            unsafe {
+                                libc::read(self.kick.as_raw_fd(), (&mut buf as *mut u64).cast(), 8)
+                            };
                         }
                     }
                     Err(e) => {
@@ -502,7 +577,9 @@ impl Inner {
             for w in work {
                 match w {
                     Work::Fault { addr, write } => self.cpu_fault(addr & !(PAGE_SIZE - 1), write),
-                    Work::Unmapped { region, off, len } => self.invalidate_file_range(&region, off, len, Invalidation::Unmap),
+                    Work::Unmapped { region, off, len } => {
+                        self.invalidate_file_range(&region, off, len, Invalidation::Unmap)
+                    }
                 }
             }
         }
@@ -542,7 +619,16 @@ impl Inner {
         let outcome = {
             let mut block = slot.engine.lock().unwrap_or_else(|e| e.into_inner());
             let outcome = self
-                .drive(region, bi, &mut block, Event::Request { id, pages: run, kind })
+                .drive(
+                    region,
+                    bi,
+                    &mut block,
+                    Event::Request {
+                        id,
+                        pages: run,
+                        kind,
+                    },
+                )
                 .map_err(|_| RequestError::NoMapping)?;
             for d in self.topology.devices() {
                 slot.held[d.index()].store(block.frames_held(d), Ordering::Relaxed);
@@ -559,7 +645,13 @@ impl Inner {
     }
 
     /// Like `request_with`, evicting other blocks when a device is full.
-    pub(crate) fn request(&self, region: &Region, bi: usize, run: PageRun, kind: RequestKind) -> Result<()> {
+    pub(crate) fn request(
+        &self,
+        region: &Region,
+        bi: usize,
+        run: PageRun,
+        kind: RequestKind,
+    ) -> Result<()> {
         let mut evictions = 0;
         loop {
             match self.request_with(region, bi, run, kind, |_, _| {}) {
@@ -578,11 +670,17 @@ impl Inner {
     /// 2 MiB granularity, as UVM evicts root chunks). Falls back to the rest of the faulting
     /// block. Returns whether anything was freed.
     fn evict(&self, dev: DeviceId, cur: &Region, cur_bi: usize, keep: PageRun) -> bool {
-        let regions = self.regions.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let regions = self
+            .regions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let mut victim: Option<(u64, Arc<Region>, usize)> = None;
         for r in &regions {
             for (bi, slot) in r.blocks.iter().enumerate() {
-                if slot.held[dev.index()].load(Ordering::Relaxed) == 0 || (std::ptr::eq(&**r, cur) && bi == cur_bi) {
+                if slot.held[dev.index()].load(Ordering::Relaxed) == 0
+                    || (std::ptr::eq(&**r, cur) && bi == cur_bi)
+                {
                     continue;
                 }
                 let t = slot.last_use[dev.index()].load(Ordering::Relaxed);
@@ -603,7 +701,11 @@ impl Inner {
             let pages = cur.block_pages(cur_bi);
             let runs = [
                 PageRun::new(0, keep.start(), PAGES_PER_BLOCK),
-                PageRun::new(keep.end(), pages.saturating_sub(keep.end()), PAGES_PER_BLOCK),
+                PageRun::new(
+                    keep.end(),
+                    pages.saturating_sub(keep.end()),
+                    PAGES_PER_BLOCK,
+                ),
             ];
             for run in runs.into_iter().flatten() {
                 let _ = self.request_with(cur, cur_bi, run, kind, |_, _| {});
@@ -616,13 +718,28 @@ impl Inner {
         freed > 0 || after < self.budget.capacity(dev)
     }
 
-    pub(crate) fn invalidate(&self, region: &Region, bi: usize, run: PageRun, kind: Invalidation) -> Result<()> {
+    pub(crate) fn invalidate(
+        &self,
+        region: &Region,
+        bi: usize,
+        run: PageRun,
+        kind: Invalidation,
+    ) -> Result<()> {
         let slot = &region.blocks[bi];
         let id = self.next_req();
         let outcome = {
             let mut block = slot.engine.lock().unwrap_or_else(|e| e.into_inner());
             let o = self
-                .drive(region, bi, &mut block, Event::Invalidate { id, pages: run, kind })
+                .drive(
+                    region,
+                    bi,
+                    &mut block,
+                    Event::Invalidate {
+                        id,
+                        pages: run,
+                        kind,
+                    },
+                )
                 .map_err(|_| Error::Invalid("page run outside its block"))?;
             for d in self.topology.devices() {
                 slot.held[d.index()].store(block.frames_held(d), Ordering::Relaxed);
@@ -636,6 +753,40 @@ impl Inner {
             Some(r) => r.map_err(Error::from),
             None => Ok(()),
         }
+    }
+
+    /// Brings the protocol's idea of the piece's protection up to date with the kernel's
+    /// mappings, as hmm_range_fault checks the VMA. A raw `mprotect` has no notifier in user
+    /// space, so this runs before every device access and migration. Returns the protection
+    /// of the piece's first page.
+    pub(crate) fn sync_prot(&self, p: &Piece) -> Result<(bool, bool)> {
+        let end = p.va + p.run.len() * PAGE_SIZE;
+        let mut at = p.va;
+        let mut first = None;
+        while at < end {
+            let Some((_, vend, read, write)) =
+                mem::vma_at(at).map_err(Error::os("query mapping"))?
+            else {
+                return Err(Error::Fault("address is not mapped"));
+            };
+            first.get_or_insert((read, write));
+            let stop = end.min(vend.max(at + PAGE_SIZE));
+            let start_page = p.run.start() + (at - p.va) / PAGE_SIZE;
+            let n = (stop - at) / PAGE_SIZE;
+            let run = PageRun::new(start_page, n, PAGES_PER_BLOCK).expect("inside the piece");
+            let stale = {
+                let block = p.region.blocks[p.bi]
+                    .engine
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                run.pages().any(|i| block.page(i).prot != (read, write))
+            };
+            if stale {
+                self.invalidate(&p.region, p.bi, run, Invalidation::Protect { read, write })?;
+            }
+            at = stop;
+        }
+        Ok(first.unwrap_or((false, false)))
     }
 
     // ---------------------------------------------------------------- CPU faults
@@ -656,7 +807,10 @@ impl Inner {
         // the protocol as an ordinary migration.
         if self.readback_window > 1 {
             let only_private = {
-                let block = p.region.blocks[p.bi].engine.lock().unwrap_or_else(|e| e.into_inner());
+                let block = p.region.blocks[p.bi]
+                    .engine
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
                 let v = block.page(page);
                 !v.is_valid_in(Mem::System)
                     && self
@@ -669,32 +823,51 @@ impl Inner {
                 let start = page / w * w;
                 let n = w.min(p.region.block_pages(p.bi) - start);
                 if let Some(run) = PageRun::new(start, n, PAGES_PER_BLOCK) {
-                    let _ = self.request(&p.region, p.bi, run, RequestKind::Migrate { dst: Mem::System });
+                    let _ = self.request(
+                        &p.region,
+                        p.bi,
+                        run,
+                        RequestKind::Migrate { dst: Mem::System },
+                    );
                 }
             }
         }
         let va = addr;
-        let r = self.request_with(
-            &p.region,
-            p.bi,
-            p.run,
-            RequestKind::Fault {
-                proc: Proc::Cpu,
-                access,
-            },
-            |block, outcome| {
-                if outcome.cpu_mapped.contains(page) {
-                    return;
+        let mut retried = false;
+        let r = loop {
+            let r = self.request_with(
+                &p.region,
+                p.bi,
+                p.run,
+                RequestKind::Fault {
+                    proc: Proc::Cpu,
+                    access,
+                },
+                |block, outcome| {
+                    if outcome.cpu_mapped.contains(page) {
+                        return;
+                    }
+                    // The engine already considers the page mapped (a user MADV_DONTNEED zapped
+                    // it, or another thread's fault mapped it first): re-install what it says.
+                    if let Some((mode, _)) = block.page(page).mapping_of(Proc::Cpu) {
+                        let wp = mode == hetmem_proto::MapMode::Read;
+                        let _ = self.fill(va, PAGE_SIZE, |s, l| {
+                            self.uffd.continue_(s, l, false, false)
+                        });
+                        let _ = self.uffd.write_protect(va, PAGE_SIZE, wp, false);
+                    }
+                },
+            );
+            match r {
+                // The kernel let the access through, so the mapping allows it: the protocol
+                // has a stale protection (a raw mprotect). Update it and retry once.
+                Err(RequestError::NoAccess | RequestError::ReadOnly) if !retried => {
+                    retried = true;
+                    let _ = self.sync_prot(p);
                 }
-                // The engine already considers the page mapped (a user MADV_DONTNEED zapped
-                // it, or another thread's fault mapped it first): re-install what it says.
-                if let Some((mode, _)) = block.page(page).mapping_of(Proc::Cpu) {
-                    let wp = mode == hetmem_proto::MapMode::Read;
-                    let _ = self.fill(va, PAGE_SIZE, |s, l| self.uffd.continue_(s, l, false, false));
-                    let _ = self.uffd.write_protect(va, PAGE_SIZE, wp, false);
-                }
-            },
-        );
+                r => break r,
+            }
+        };
         if let Err(e) = r {
             // The protocol refused (the page was unmapped under us): stop managing the page
             // so the faulting thread is not stuck; the kernel then serves it.
@@ -709,9 +882,18 @@ impl Inner {
     fn new_region(&self, origin: Origin, len: usize) -> Result<(Arc<Region>, Mapping)> {
         let id = self.next_region.fetch_add(1, Ordering::Relaxed);
         let memfd = mem::memfd(&format!("hetmem-{id}"), len).map_err(Error::os("memfd_create"))?;
-        let backing = Mapping::shared(memfd.as_fd(), 0, len).map_err(Error::os("mmap backing view"))?;
-        let cpu = Mapping::shared_aligned(memfd.as_fd(), len, BLOCK_BYTES).map_err(Error::os("mmap cpu view"))?;
-        let region = Arc::new(Region::new(id, origin, memfd, backing, len, self.devices.len()));
+        let backing =
+            Mapping::shared(memfd.as_fd(), 0, len).map_err(Error::os("mmap backing view"))?;
+        let cpu = Mapping::shared_aligned(memfd.as_fd(), len, BLOCK_BYTES)
+            .map_err(Error::os("mmap cpu view"))?;
+        let region = Arc::new(Region::new(
+            id,
+            origin,
+            memfd,
+            backing,
+            len,
+            self.devices.len(),
+        ));
         Ok((region, cpu))
     }
 
@@ -742,7 +924,11 @@ impl Inner {
             let _g = self.events.lock().unwrap_or_else(|e| e.into_inner());
             let mut space = self.space.write().unwrap_or_else(|e| e.into_inner());
             space.retain(|_, m| !Arc::ptr_eq(&m.region, region));
-            region.views.read().unwrap_or_else(|e| e.into_inner()).clone()
+            region
+                .views
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
         };
         for v in &views {
             let _ = self.uffd.unregister(v.va, v.len);
@@ -801,7 +987,8 @@ impl Hetmem {
 
     /// Device `i`.
     pub fn device(&self, i: usize) -> Option<Device> {
-        (i < self.inner().devices.len()).then(|| Device::new(self.0.clone(), DeviceId::new(i).expect("< 8")))
+        (i < self.inner().devices.len())
+            .then(|| Device::new(self.0.clone(), DeviceId::new(i).expect("< 8")))
     }
 
     /// The userfaultfd features in use, by name.
@@ -819,7 +1006,9 @@ impl Hetmem {
     /// first touch.
     pub fn alloc(&self, len: usize) -> Result<ManagedBuf> {
         if len == 0 || len % PAGE_SIZE != 0 {
-            return Err(Error::Invalid("length must be a non-zero multiple of the page size"));
+            return Err(Error::Invalid(
+                "length must be a non-zero multiple of the page size",
+            ));
         }
         let inner = self.inner();
         let (region, cpu) = inner.new_region(Origin::Alloc, len)?;
@@ -892,7 +1081,10 @@ impl Hetmem {
             .map_err(Error::os("map the registered range"))?;
         view.leak();
         for bi in 0..region.blocks.len() {
-            let mut a = region.blocks[bi].adopted.lock().unwrap_or_else(|e| e.into_inner());
+            let mut a = region.blocks[bi]
+                .adopted
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             a.insert_range(0, region.block_pages(bi));
         }
         inner.register_view(addr, len)?;
@@ -908,8 +1100,19 @@ impl Hetmem {
                 return Err(Error::Invalid("no such device"));
             }
         }
-        for p in inner.pieces(addr, len)? {
-            inner.request(&p.region, p.bi, p.run, RequestKind::Migrate { dst: target.mem() })?;
+        let pieces = inner.pieces(addr, len)?;
+        for p in &pieces {
+            if !inner.sync_prot(p)?.0 {
+                return Err(Error::Fault("range is PROT_NONE"));
+            }
+        }
+        for p in pieces {
+            inner.request(
+                &p.region,
+                p.bi,
+                p.run,
+                RequestKind::Migrate { dst: target.mem() },
+            )?;
         }
         Ok(())
     }
@@ -940,7 +1143,12 @@ impl Hetmem {
             return Err(Error::os("mprotect")(std::io::Error::last_os_error()));
         }
         for p in pieces {
-            inner.invalidate(&p.region, p.bi, p.run, Invalidation::Protect { read, write })?;
+            inner.invalidate(
+                &p.region,
+                p.bi,
+                p.run,
+                Invalidation::Protect { read, write },
+            )?;
         }
         Ok(())
     }
@@ -949,9 +1157,20 @@ impl Hetmem {
     pub fn advise(&self, addr: usize, len: usize, advice: hetmem_proto::Advice) -> Result<()> {
         let inner = self.inner();
         for p in inner.pieces(addr, len)? {
-            let mut block = p.region.blocks[p.bi].engine.lock().unwrap_or_else(|e| e.into_inner());
+            let mut block = p.region.blocks[p.bi]
+                .engine
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             inner
-                .drive(&p.region, p.bi, &mut block, Event::Advise { pages: p.run, advice })
+                .drive(
+                    &p.region,
+                    p.bi,
+                    &mut block,
+                    Event::Advise {
+                        pages: p.run,
+                        advice,
+                    },
+                )
                 .map_err(|_| Error::Invalid("page run outside its block"))?;
         }
         Ok(())

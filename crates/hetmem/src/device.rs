@@ -199,6 +199,7 @@ impl Device {
         let d = self.id.index();
         for p in pieces {
             let slot = &p.region.blocks[p.bi];
+            inner.sync_prot(p)?;
             let mut tries = 0u32;
             loop {
                 {
@@ -209,10 +210,13 @@ impl Device {
                         let mut runs = Vec::new();
                         let mut i = 0;
                         while i < entries.len() {
-                            let local_private = entries[i] & pte::REMOTE == 0 && self.kind() == DeviceKind::Private;
+                            let local_private =
+                                entries[i] & pte::REMOTE == 0 && self.kind() == DeviceKind::Private;
                             let mut j = i + 1;
                             while j < entries.len()
-                                && (entries[j] & pte::REMOTE == 0 && self.kind() == DeviceKind::Private) == local_private
+                                && (entries[j] & pte::REMOTE == 0
+                                    && self.kind() == DeviceKind::Private)
+                                    == local_private
                             {
                                 j += 1;
                             }
@@ -252,36 +256,9 @@ impl Device {
         Ok(())
     }
 
-    /// A device fault on a piece: check the CPU mapping's protection as hmm_range_fault checks
-    /// the VMA, then ask the protocol.
+    /// A device fault on a piece, served by the protocol.
     fn fault(&self, p: &Piece, access: Access) -> Result<()> {
         let inner = self.inner();
-        let vma = mem::vma_at(p.va).map_err(Error::os("query mapping"))?;
-        let Some((_, vend, read, write)) = vma else {
-            return Err(Error::Fault("address is not mapped"));
-        };
-        if vend < p.va + p.run.len() * PAGE_SIZE {
-            // The range crosses mappings (a partial mprotect): fault page by page.
-            if p.run.len() > 1 {
-                for i in 0..p.run.len() {
-                    let one = Piece {
-                        region: p.region.clone(),
-                        bi: p.bi,
-                        run: PageRun::new(p.run.start() + i, 1, PAGES_PER_BLOCK).expect("in block"),
-                        va: p.va + i * PAGE_SIZE,
-                    };
-                    self.fault(&one, access)?;
-                }
-                return Ok(());
-            }
-        }
-        let known = {
-            let block = p.region.blocks[p.bi].engine.lock().unwrap_or_else(|e| e.into_inner());
-            block.page(p.run.start()).prot
-        };
-        if known != (read, write) {
-            inner.invalidate(&p.region, p.bi, p.run, Invalidation::Protect { read, write })?;
-        }
         inner.stats.device_faults.add(1);
         inner.request(
             &p.region,
@@ -294,7 +271,13 @@ impl Device {
         )
     }
 
-    fn run_command(&self, addr: usize, len: usize, access: Access, f: &(dyn Fn(&Piece, &[(usize, RawRange)]) + Sync)) -> Result<()> {
+    fn run_command(
+        &self,
+        addr: usize,
+        len: usize,
+        access: Access,
+        f: &(dyn Fn(&Piece, &[(usize, RawRange)]) + Sync),
+    ) -> Result<()> {
         let pieces = self.inner().pieces(addr, len)?;
         let rounds = AtomicU32::new(0);
         let r = self.access_pieces(&pieces, access, f, &rounds);
@@ -342,8 +325,12 @@ impl Device {
     pub fn check_exclusive(&self, addr: usize, len: usize) -> Result<bool> {
         let pieces = self.inner().pieces(addr, len)?;
         Ok(pieces.iter().all(|p| {
-            let db = p.region.blocks[p.bi].dev[self.id.index()].read().unwrap_or_else(|e| e.into_inner());
-            db.pt[p.run.pages()].iter().all(|&e| e & pte::MODE == pte::ATOMIC)
+            let db = p.region.blocks[p.bi].dev[self.id.index()]
+                .read()
+                .unwrap_or_else(|e| e.into_inner());
+            db.pt[p.run.pages()]
+                .iter()
+                .all(|&e| e & pte::MODE == pte::ATOMIC)
         }))
     }
 
@@ -380,8 +367,15 @@ impl Device {
             let p = &pieces[0];
             let page = p.run.start();
             let slot = &p.region.blocks[p.bi];
-            let v = slot.engine.lock().unwrap_or_else(|e| e.into_inner()).page(page);
-            let e = slot.dev[self.id.index()].read().unwrap_or_else(|e| e.into_inner()).pt[page];
+            let v = slot
+                .engine
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .page(page);
+            let e = slot.dev[self.id.index()]
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .pt[page];
             let location = if v.is_valid_in(Mem::Device(self.id)) {
                 if topo.is_coherent(self.id) {
                     Location::CoherentLocal
@@ -401,10 +395,14 @@ impl Device {
             };
             let vma = mem::vma_at(at).ok().flatten();
             let accessible = vma.is_some_and(|(_, _, r, _)| r);
+            let writable = vma.is_some_and(|(_, _, _, w)| w);
             out.push(PageState {
+                // What the CPU can do: the protocol's mapping, capped by the mapping's protection.
                 cpu: match v.mapping_of(Proc::Cpu) {
                     None => CpuProt::None,
+                    Some(_) if !accessible => CpuProt::None,
                     Some((MapMode::Read, _)) => CpuProt::Read,
+                    Some(_) if !writable => CpuProt::Read,
                     Some(_) => CpuProt::Write,
                 },
                 location,
@@ -425,7 +423,11 @@ impl Device {
     /// the device goes.
     pub fn release(&self) -> Result<()> {
         let inner = self.inner();
-        let regions = inner.regions.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let regions = inner
+            .regions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         for r in regions {
             for bi in 0..r.blocks.len() {
                 let all = PageRun::new(0, r.block_pages(bi), PAGES_PER_BLOCK).expect("non-empty");
@@ -435,9 +437,19 @@ impl Device {
         Ok(())
     }
 
-    fn kernel(&self, addr: usize, len: usize, access: Access, f: &(dyn Fn(&Piece, &[(usize, RawRange)]) + Sync)) -> Result<()> {
+    fn kernel(
+        &self,
+        addr: usize,
+        len: usize,
+        access: Access,
+        f: &(dyn Fn(&Piece, &[(usize, RawRange)]) + Sync),
+    ) -> Result<()> {
         let pieces = self.inner().pieces(addr, len)?;
-        let workers = self.inner().devices[self.id.index()].config.workers.max(1).min(pieces.len().max(1));
+        let workers = self.inner().devices[self.id.index()]
+            .config
+            .workers
+            .max(1)
+            .min(pieces.len().max(1));
         let next = std::sync::atomic::AtomicUsize::new(0);
         let rounds = AtomicU32::new(0);
         let first_err = std::sync::Mutex::new(None);
@@ -452,7 +464,10 @@ impl Device {
                             return;
                         }
                         if let Err(e) = self.access_pieces(&pieces[i..=i], access, f, rounds) {
-                            first_err.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+                            first_err
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .get_or_insert(e);
                             next.store(pieces.len(), Ordering::Relaxed);
                             return;
                         }

@@ -112,7 +112,12 @@ impl Inner {
         }
     }
 
-    fn handle(&self, block: &mut Block2M, event: Event, out: &mut Vec<Action>) -> Result<(), EventError> {
+    fn handle(
+        &self,
+        block: &mut Block2M,
+        event: Event,
+        out: &mut Vec<Action>,
+    ) -> Result<(), EventError> {
         let mut budget = BudgetRef(&self.budget);
         let mut env = Env {
             topology: &self.topology,
@@ -135,7 +140,9 @@ impl Inner {
         match action {
             Action::AllocFrames { dev, run: _ } => {
                 if self.topology.kind(dev) == Some(DeviceKind::Private) {
-                    let mut db = region.blocks[bi].dev[dev.index()].write().unwrap_or_else(|e| e.into_inner());
+                    let mut db = region.blocks[bi].dev[dev.index()]
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner());
                     if db.chunk.is_none() {
                         match Mapping::anonymous(BLOCK_BYTES) {
                             Ok(m) => db.chunk = Some(m),
@@ -145,7 +152,10 @@ impl Inner {
                     }
                 }
             }
-            Action::FreeFrames { mem: Mem::System, run } => self.punch(region, bi, block, run),
+            Action::FreeFrames {
+                mem: Mem::System,
+                run,
+            } => self.punch(region, bi, block, run),
             Action::FreeFrames {
                 mem: Mem::Device(d),
                 run,
@@ -153,7 +163,9 @@ impl Inner {
                 if self.topology.is_coherent(d) {
                     self.punch(region, bi, block, run);
                 } else {
-                    let mut db = region.blocks[bi].dev[d.index()].write().unwrap_or_else(|e| e.into_inner());
+                    let mut db = region.blocks[bi].dev[d.index()]
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner());
                     if block.state().frames_of(d).is_empty() {
                         db.chunk = None;
                     } else if let Some(chunk) = &db.chunk {
@@ -161,13 +173,19 @@ impl Inner {
                         // SAFETY: the protocol freed these frames: no page table maps them and
                         // no transfer uses them, and the write lock keeps kernels out. Their
                         // data is garbage; dropping it zeroes them for their next use.
-                        if let Err(e) = unsafe { mem::madvise(start, run.len() * PAGE_SIZE, libc::MADV_DONTNEED) } {
+                        if let Err(e) = unsafe {
+                            mem::madvise(start, run.len() * PAGE_SIZE, libc::MADV_DONTNEED)
+                        } {
                             self.note_error("device frame zeroing", &e);
                         }
                     }
                 }
             }
-            Action::CpuMap { target: _, run, mode } => {
+            Action::CpuMap {
+                target: _,
+                run,
+                mode,
+            } => {
                 let wp = mode == MapMode::Read;
                 let mask = mask_of(run);
                 let fresh = mask - *cpu_now;
@@ -175,7 +193,11 @@ impl Inner {
                 let mut ranges = Vec::new();
                 for r in fresh.runs() {
                     ranges.clear();
-                    region.cpu_ranges(bi * BLOCK_BYTES + r.start() * PAGE_SIZE, r.len() * PAGE_SIZE, &mut ranges);
+                    region.cpu_ranges(
+                        bi * BLOCK_BYTES + r.start() * PAGE_SIZE,
+                        r.len() * PAGE_SIZE,
+                        &mut ranges,
+                    );
                     for &(va, len) in &ranges {
                         self.map_cpu(va, len, wp);
                         out.wake.push((va, len));
@@ -183,7 +205,11 @@ impl Inner {
                 }
                 for r in present.runs() {
                     ranges.clear();
-                    region.cpu_ranges(bi * BLOCK_BYTES + r.start() * PAGE_SIZE, r.len() * PAGE_SIZE, &mut ranges);
+                    region.cpu_ranges(
+                        bi * BLOCK_BYTES + r.start() * PAGE_SIZE,
+                        r.len() * PAGE_SIZE,
+                        &mut ranges,
+                    );
                     for &(va, len) in &ranges {
                         self.write_protect(va, len, wp);
                         out.wake.push((va, len));
@@ -194,14 +220,22 @@ impl Inner {
             }
             Action::CpuProtect { run } => {
                 let mut ranges = Vec::new();
-                region.cpu_ranges(bi * BLOCK_BYTES + run.start() * PAGE_SIZE, run.len() * PAGE_SIZE, &mut ranges);
+                region.cpu_ranges(
+                    bi * BLOCK_BYTES + run.start() * PAGE_SIZE,
+                    run.len() * PAGE_SIZE,
+                    &mut ranges,
+                );
                 for (va, len) in ranges {
                     self.write_protect(va, len, true);
                 }
             }
             Action::CpuUnmap { run } => {
                 let mut ranges = Vec::new();
-                region.cpu_ranges(bi * BLOCK_BYTES + run.start() * PAGE_SIZE, run.len() * PAGE_SIZE, &mut ranges);
+                region.cpu_ranges(
+                    bi * BLOCK_BYTES + run.start() * PAGE_SIZE,
+                    run.len() * PAGE_SIZE,
+                    &mut ranges,
+                );
                 for (va, len) in ranges {
                     // SAFETY: a shared mapping of the memfd: zapping its page-table entries keeps
                     // the data in the file. A thread that touches the range next faults to us.
@@ -218,12 +252,16 @@ impl Inner {
                 remote,
                 mode,
             } => {
-                let mut db = region.blocks[bi].dev[dev.index()].write().unwrap_or_else(|e| e.into_inner());
+                let mut db = region.blocks[bi].dev[dev.index()]
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner());
                 let e = pte_mode(mode) | if remote { pte::REMOTE } else { 0 };
                 db.pt[run.pages()].fill(e);
             }
             Action::DeviceProtect { dev, run } => {
-                let mut db = region.blocks[bi].dev[dev.index()].write().unwrap_or_else(|e| e.into_inner());
+                let mut db = region.blocks[bi].dev[dev.index()]
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner());
                 for e in &mut db.pt[run.pages()] {
                     if *e & pte::MODE != pte::NONE {
                         *e = (*e & pte::REMOTE) | pte::READ;
@@ -231,7 +269,9 @@ impl Inner {
                 }
             }
             Action::DeviceUnmap { dev, run } => {
-                let mut db = region.blocks[bi].dev[dev.index()].write().unwrap_or_else(|e| e.into_inner());
+                let mut db = region.blocks[bi].dev[dev.index()]
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner());
                 db.pt[run.pages()].fill(pte::NONE);
             }
             Action::Complete { id, result } => out.done.push((id, result)),
@@ -253,19 +293,33 @@ impl Inner {
         let drop = mask_of(run) - keep;
         for r in drop.runs() {
             let off = bi * BLOCK_BYTES + r.start() * PAGE_SIZE;
-            if let Err(e) = mem::punch_hole(std::os::fd::AsFd::as_fd(&region.memfd), off, r.len() * PAGE_SIZE) {
+            if let Err(e) = mem::punch_hole(
+                std::os::fd::AsFd::as_fd(&region.memfd),
+                off,
+                r.len() * PAGE_SIZE,
+            ) {
                 self.note_error("punch hole", &e);
             }
         }
     }
 
     /// Address of `mem`'s copy of `page`, and the guard that keeps it mapped.
-    fn transfer(&self, region: &Region, bi: usize, block: &Block2M, t: &Transfer) -> Result<(), OpError> {
+    fn transfer(
+        &self,
+        region: &Region,
+        bi: usize,
+        block: &Block2M,
+        t: &Transfer,
+    ) -> Result<(), OpError> {
         let bytes = t.run.len() * PAGE_SIZE;
         let slot = &region.blocks[bi];
         let chunk_ptr = |d: DeviceId| -> Option<*mut u8> {
-            let db = slot.dev[d.index()].read().unwrap_or_else(|e| e.into_inner());
-            db.chunk.as_ref().map(|c| c.as_ptr().wrapping_add(t.run.start() * PAGE_SIZE))
+            let db = slot.dev[d.index()]
+                .read()
+                .unwrap_or_else(|e| e.into_inner());
+            db.chunk
+                .as_ref()
+                .map(|c| c.as_ptr().wrapping_add(t.run.start() * PAGE_SIZE))
         };
         let ptr_of = |m: Mem| -> Option<*mut u8> {
             match m {
@@ -294,12 +348,14 @@ impl Inner {
                 for r in fresh.runs() {
                     let len = r.len() * PAGE_SIZE;
                     if to_backing {
-                        mem::punch_hole(fd, bi * BLOCK_BYTES + r.start() * PAGE_SIZE, len).map_err(|_| OpError::Device)?;
+                        mem::punch_hole(fd, bi * BLOCK_BYTES + r.start() * PAGE_SIZE, len)
+                            .map_err(|_| OpError::Device)?;
                     } else {
                         let at = dst.wrapping_add((r.start() - t.run.start()) * PAGE_SIZE);
                         // SAFETY: freshly bound private frames of this run, which no page table
                         // maps yet; dropping them makes them read zero.
-                        unsafe { mem::madvise(at as usize, len, libc::MADV_DONTNEED) }.map_err(|_| OpError::Device)?;
+                        unsafe { mem::madvise(at as usize, len, libc::MADV_DONTNEED) }
+                            .map_err(|_| OpError::Device)?;
                     }
                 }
                 if to_backing {
@@ -313,10 +369,19 @@ impl Inner {
                         // SAFETY: as for a transfer from system memory: the backing pages hold
                         // the adopted data, the destination frames are bound to this run and
                         // unmapped, and the pages are busy.
-                        unsafe { mem::copy(at, region.backing_ptr(bi, r.start()), r.len() * PAGE_SIZE) };
+                        unsafe {
+                            mem::copy(at, region.backing_ptr(bi, r.start()), r.len() * PAGE_SIZE)
+                        };
                     }
                 }
                 self.stats.zero_fills.add(fresh.count() as u64);
+                if let Mem::Device(d) = t.dst {
+                    self.stats.pages_to_device.add(t.run.len() as u64);
+                    self.devices[d.index()]
+                        .counters
+                        .migrated_in
+                        .add(t.run.len() as u64);
+                }
             }
             Source::Mem(src_mem) => {
                 let Some(src) = ptr_of(src_mem) else {
@@ -334,11 +399,17 @@ impl Inner {
                 match (src_mem, t.dst) {
                     (_, Mem::Device(d)) => {
                         self.stats.pages_to_device.add(t.run.len() as u64);
-                        self.devices[d.index()].counters.migrated_in.add(t.run.len() as u64);
+                        self.devices[d.index()]
+                            .counters
+                            .migrated_in
+                            .add(t.run.len() as u64);
                     }
                     (Mem::Device(d), Mem::System) => {
                         self.stats.pages_to_system.add(t.run.len() as u64);
-                        self.devices[d.index()].counters.migrated_out.add(t.run.len() as u64);
+                        self.devices[d.index()]
+                            .counters
+                            .migrated_out
+                            .add(t.run.len() as u64);
                     }
                     _ => {}
                 }
@@ -361,7 +432,8 @@ impl Inner {
             }
             Err(e) if wp && e.raw_os_error() == Some(libc::EINVAL) && with_wp => {
                 // CONTINUE_MODE_WP is Linux 6.3; fall back to CONTINUE, then WRITEPROTECT.
-                self.continue_wp.store(false, std::sync::atomic::Ordering::Relaxed);
+                self.continue_wp
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
                 self.map_cpu(va, len, wp);
             }
             Err(e) => self.note_error("UFFDIO_CONTINUE", &e),

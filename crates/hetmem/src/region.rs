@@ -87,6 +87,8 @@ pub(crate) struct Region {
     pub id: u64,
     pub origin: Origin,
     pub memfd: OwnedFd,
+    /// The memfd's inode, to recognise its mappings in /proc/self/maps.
+    pub inode: u64,
     /// The runtime's own view of the memfd (DMA view): never registered, never handed out.
     pub backing: Mapping,
     /// Managed bytes (a multiple of the page size).
@@ -97,7 +99,14 @@ pub(crate) struct Region {
 }
 
 impl Region {
-    pub fn new(id: u64, origin: Origin, memfd: OwnedFd, backing: Mapping, len: usize, devices: usize) -> Self {
+    pub fn new(
+        id: u64,
+        origin: Origin,
+        memfd: OwnedFd,
+        backing: Mapping,
+        len: usize,
+        devices: usize,
+    ) -> Self {
         let nblocks = len.div_ceil(BLOCK_BYTES);
         let blocks = (0..nblocks)
             .map(|b| {
@@ -117,9 +126,11 @@ impl Region {
                 }
             })
             .collect();
+        let inode = rustix::fs::fstat(&memfd).map(|st| st.st_ino).unwrap_or(0);
         Self {
             id,
             origin,
+            inode,
             memfd,
             backing,
             len,

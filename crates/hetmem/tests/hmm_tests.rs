@@ -1141,9 +1141,11 @@ fn snapshot(v: Variant) -> Result<()> {
         "page 1 (unmapped): {:?}, expected an error",
         m[1]
     );
+    // hetmem has no shared zero page: a first-touch read fills a private zero page and maps it
+    // writable (read-only where the mapping is PROT_READ), so either permission is right here.
     assert!(
         !m[2].error
-            && matches!(m[2].cpu, CpuProt::Read)
+            && matches!(m[2].cpu, CpuProt::Read | CpuProt::Write)
             && matches!(m[2].location, Location::None | Location::System),
         "page 2 (read-only zero page): {:?}",
         m[2]
@@ -1208,9 +1210,14 @@ fn double_map(v: Variant) -> Result<()> {
     }
 
     // Migrate the pages to device 1 and read them from device 0.
-    dev1.reset_counters();
+    // hetmem migrates on device read faults (as UVM does; dmirror maps system memory), so
+    // device 1 may already hold copies: check where the data is, not how much moved.
     dev1.migrate_to_device(buf.addr(), size)?;
-    assert_migrated_in("migrate to device 1", &dev1, npages);
+    let snap = dev1.snapshot(buf.addr(), size)?;
+    assert!(
+        snap.iter().all(|s| v.is_local(&s.location)),
+        "after migrate to device 1: {snap:?}"
+    );
     dev0.reset_counters();
     let m = dev0.read(buf.addr(), size)?;
     assert_faulted("device 0 read of device 1's pages", &dev0, 1, npages);
@@ -1457,18 +1464,17 @@ fn migrate_anon_huge_free(v: Variant) -> Result<()> {
     assert_migrated_in("migrate_to_device", &dev, npages);
     check("device read", &dev.read(buf.addr(), size)?, ident);
 
-    // Try freeing it.
+    // hetmem's system memory is a shared memfd, so MADV_FREE (private anonymous memory only)
+    // fails with EINVAL, as on any shared mapping, and changes nothing. `Hetmem::discard` is the
+    // way to drop data (docs/runtime.md, "The process around it").
     let r = madvise(buf.addr(), size, libc::MADV_FREE);
-    assert_eq!(r, 0, "madvise(MADV_FREE): {}", last_os_error());
-    // MADV_FREE may drop a page's data; each page reads either its data or zeros.
-    let m = dev.read(buf.addr(), size)?;
-    for (n, pg) in m.chunks_exact(PAGE_SIZE).enumerate() {
-        let first = n * PAGE_SIZE / 4;
-        assert!(
-            mismatch(pg, |i| (first + i) as i32).is_none() || mismatch(pg, zero).is_none(),
-            "page {n} after MADV_FREE is neither its data nor zeros"
-        );
-    }
+    assert_eq!(r, -1, "madvise(MADV_FREE) on managed memory must fail");
+    assert_eq!(last_os_error().raw_os_error(), Some(libc::EINVAL));
+    check(
+        "device read after MADV_FREE",
+        &dev.read(buf.addr(), size)?,
+        ident,
+    );
 
     // Discarding drops the data everywhere.
     hm.discard(buf.addr(), size)?;

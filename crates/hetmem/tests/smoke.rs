@@ -15,7 +15,10 @@ fn roundtrip(kind: DeviceKind) -> anyhow::Result<()> {
     dev.write(buf.addr(), &vec![7u8; 2 * PAGE_SIZE])?;
     assert_eq!(&buf[..2 * PAGE_SIZE], &vec![7u8; 2 * PAGE_SIZE][..]);
     hm.migrate(buf.addr(), len, Target::Device(dev.id()))?;
-    assert!(buf[2 * PAGE_SIZE..].iter().enumerate().all(|(i, &b)| b == ((i + 2 * PAGE_SIZE) % 251) as u8));
+    assert!(buf[2 * PAGE_SIZE..]
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b == ((i + 2 * PAGE_SIZE) % 251) as u8));
     hm.migrate(buf.addr(), len, Target::Device(dev.id()))?;
     dev.write(buf.addr() + PAGE_SIZE * 10, &[9u8; PAGE_SIZE])?;
     assert_eq!(buf[PAGE_SIZE * 10], 9);

@@ -122,7 +122,8 @@ impl Mapping {
             return Err(errno());
         }
         Ok(Self {
-            ptr: NonNull::new(p.cast()).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?,
+            ptr: NonNull::new(p.cast())
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?,
             len,
         })
     }
@@ -164,7 +165,8 @@ impl Drop for Mapping {
 
 /// A sealed-size-free memfd of `len` bytes (close-on-exec).
 pub fn memfd(name: &str, len: usize) -> io::Result<OwnedFd> {
-    let cname = std::ffi::CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let cname =
+        std::ffi::CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: memfd_create reads a NUL-terminated string and returns a new fd or -1.
     let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
@@ -300,8 +302,10 @@ pub fn vma_at(addr: usize) -> io::Result<Option<(usize, usize, bool, bool)>> {
         build_id_addr: u64,
     }
     // _IOWR('f', 17, struct procmap_query)
-    const PROCMAP_QUERY: libc::c_ulong =
-        (3 << 30) | ((std::mem::size_of::<ProcmapQuery>() as libc::c_ulong) << 16) | (0x66 << 8) | 17;
+    const PROCMAP_QUERY: libc::c_ulong = (3 << 30)
+        | ((std::mem::size_of::<ProcmapQuery>() as libc::c_ulong) << 16)
+        | (0x66 << 8)
+        | 17;
     thread_local! {
         static MAPS: Option<std::fs::File> = std::fs::File::open("/proc/self/maps").ok();
     }
@@ -333,6 +337,11 @@ pub fn vma_at(addr: usize) -> io::Result<Option<(usize, usize, bool, bool)>> {
     }
     Ok(maps_in(addr, addr + 1)?.first().map(|e| {
         let b = e.perms.as_bytes();
-        (e.start, e.end, b.first() == Some(&b'r'), b.get(1) == Some(&b'w'))
+        (
+            e.start,
+            e.end,
+            b.first() == Some(&b'r'),
+            b.get(1) == Some(&b'w'),
+        )
     }))
 }

@@ -146,7 +146,13 @@ fn errno() -> io::Error {
 }
 
 fn open_raw(user_mode_only: bool) -> io::Result<OwnedFd> {
-    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK | if user_mode_only { UFFD_USER_MODE_ONLY } else { 0 };
+    let flags = libc::O_CLOEXEC
+        | libc::O_NONBLOCK
+        | if user_mode_only {
+            UFFD_USER_MODE_ONLY
+        } else {
+            0
+        };
     // Prefer /dev/userfaultfd (Linux 6.1): access is by file mode, not by sysctl or capability.
     if let Ok(dev) = std::fs::OpenOptions::new()
         .read(true)
@@ -355,7 +361,11 @@ impl Uffd {
                 start: start as u64,
                 len: len as u64,
             },
-            mode: if wake { 0 } else { UFFDIO_ZEROPAGE_MODE_DONTWAKE },
+            mode: if wake {
+                0
+            } else {
+                UFFDIO_ZEROPAGE_MODE_DONTWAKE
+            },
             zeropage: 0,
         };
         // SAFETY: UFFDIO_ZEROPAGE reads and writes one uffdio_zeropage on our stack. It fills
@@ -374,7 +384,14 @@ impl Uffd {
     ///
     /// # Safety
     /// `src` must be readable for `len` bytes.
-    pub unsafe fn copy(&self, dst: usize, src: *const u8, len: usize, wp: bool, wake: bool) -> io::Result<Fill> {
+    pub unsafe fn copy(
+        &self,
+        dst: usize,
+        src: *const u8,
+        len: usize,
+        wp: bool,
+        wake: bool,
+    ) -> io::Result<Fill> {
         let mut mode = 0u64;
         if wp {
             mode |= uapi::UFFDIO_COPY_MODE_WP as u64;
@@ -403,7 +420,13 @@ impl Uffd {
 
     /// Sets (`protect`) or clears write protection on the range. Clearing wakes waiters unless
     /// `wake` is false.
-    pub fn write_protect(&self, start: usize, len: usize, protect: bool, wake: bool) -> io::Result<Fill> {
+    pub fn write_protect(
+        &self,
+        start: usize,
+        len: usize,
+        protect: bool,
+        wake: bool,
+    ) -> io::Result<Fill> {
         let mut mode = 0;
         if protect {
             mode |= UFFDIO_WRITEPROTECT_MODE_WP;
@@ -446,13 +469,8 @@ impl Uffd {
         let size = std::mem::size_of::<uapi::uffd_msg>();
         loop {
             // SAFETY: we read into our own stack array of uffd_msg, BATCH * size bytes long.
-            let n = unsafe {
-                libc::read(
-                    self.fd.as_raw_fd(),
-                    raw.as_mut_ptr().cast(),
-                    BATCH * size,
-                )
-            };
+            let n =
+                unsafe { libc::read(self.fd.as_raw_fd(), raw.as_mut_ptr().cast(), BATCH * size) };
             if n < 0 {
                 let e = errno();
                 match e.raw_os_error() {
