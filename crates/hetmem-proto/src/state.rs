@@ -186,6 +186,11 @@ impl<const W: usize> BlockState<W> {
         self.map_lo[proc.index()] | self.map_hi[proc.index()]
     }
 
+    /// Pages `proc` maps writable (read-write or exclusive).
+    pub fn mapped_writable_by(&self, proc: Proc) -> PageMask<W> {
+        self.map_hi[proc.index()]
+    }
+
     /// Pages the CPU maps on device `dev`'s memory (coherent devices only).
     pub fn cpu_mapped_on(&self, dev: DeviceId) -> PageMask<W> {
         self.cpu_on[dev.index()]

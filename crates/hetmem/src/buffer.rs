@@ -120,6 +120,10 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         let inner = &self.shared.inner;
+        if !inner.is_owner() {
+            // A fork child: the range is already its private copy.
+            return;
+        }
         // Bring every page home, then copy the data out before the views go.
         inner.migrate_home(&self.region);
         let views = inner.retire_region(&self.region);

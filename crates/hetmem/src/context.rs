@@ -19,6 +19,7 @@ use crate::buffer::{ManagedBuf, Registration};
 use crate::device::{Device, DeviceCounters, DeviceState};
 use crate::error::{Error, Result};
 use crate::exec::Outcome;
+use crate::fork::{ForkGate, GateGuard};
 use crate::region::{Origin, Region, View, BLOCK_BYTES};
 use crate::stats::{Counter, Stats};
 use crate::sys::mem::{self, Mapping};
@@ -153,7 +154,11 @@ impl HetmemBuilder {
             clock: AtomicU64::new(1),
             readback_window: self.readback_window,
             stats: Stats::default(),
+            gate: ForkGate::default(),
+            owner: std::process::id(),
+            orphaned: AtomicBool::new(false),
         });
+        crate::fork::track(&inner);
         let threads = (0..self.service_threads)
             .map(|i| {
                 let inner = inner.clone();
@@ -183,6 +188,13 @@ pub(crate) struct Shared {
 
 impl Drop for Shared {
     fn drop(&mut self) {
+        if !self.inner.is_owner() {
+            // A fork child: the service threads exist only in the parent.
+            std::mem::forget(std::mem::take(
+                self.threads.get_mut().unwrap_or_else(|e| e.into_inner()),
+            ));
+            return;
+        }
         self.inner.shutdown.store(true, Ordering::SeqCst);
         self.inner.kick();
         for t in self
@@ -254,9 +266,51 @@ pub(crate) struct Inner {
     pub clock: AtomicU64,
     readback_window: usize,
     pub stats: Stats,
+    /// Quiesces everything for fork (see `fork.rs`).
+    pub gate: ForkGate,
+    owner: u32,
+    /// This is a fork child's copy of the context: nothing may touch the parent's userfaultfd.
+    orphaned: AtomicBool,
+}
+
+/// A block's engine, locked, inside the fork gate.
+pub(crate) struct Locked<'a> {
+    block: std::sync::MutexGuard<'a, hetmem_proto::Block2M>,
+    _gate: GateGuard<'a>,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = hetmem_proto::Block2M;
+    fn deref(&self) -> &Self::Target {
+        &self.block
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.block
+    }
 }
 
 impl Inner {
+    /// Locks a block's engine (inside the fork gate).
+    pub(crate) fn lock_block<'a>(&'a self, slot: &'a crate::region::BlockSlot) -> Locked<'a> {
+        let gate = self.gate.enter();
+        Locked {
+            block: slot.engine.lock().unwrap_or_else(|e| e.into_inner()),
+            _gate: gate,
+        }
+    }
+
+    /// Whether this process owns the context (false in a fork child).
+    pub(crate) fn is_owner(&self) -> bool {
+        !self.orphaned.load(Ordering::Relaxed) && self.owner == std::process::id()
+    }
+
+    pub(crate) fn orphan(&self) {
+        self.orphaned.store(true, Ordering::Relaxed);
+    }
+
     pub(crate) fn note_error(&self, what: &str, e: &std::io::Error) {
         self.stats.errors.add(1);
         if std::env::var_os("HETMEM_DEBUG").is_some() {
@@ -290,6 +344,9 @@ impl Inner {
     /// Splits `[addr, addr + len)` into pieces of one view and one block each. `Err(Fault)` if
     /// some page is not managed memory.
     pub(crate) fn pieces(&self, addr: usize, len: usize) -> Result<Vec<Piece>> {
+        if !self.is_owner() {
+            return Err(Error::Invalid("the context belongs to the parent process"));
+        }
         if addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
             return Err(Error::Invalid("address and length must be page-aligned"));
         }
@@ -499,6 +556,7 @@ impl Inner {
 
     /// Reads pending userfaultfd messages and applies unmap/remap to the address map at once.
     fn read_events(&self) -> Vec<Work> {
+        let _gate = self.gate.enter();
         let _g = self.events.lock().unwrap_or_else(|e| e.into_inner());
         let mut msgs = Vec::new();
         let mut work = Vec::new();
@@ -617,7 +675,7 @@ impl Inner {
         let slot = &region.blocks[bi];
         let id = self.next_req();
         let outcome = {
-            let mut block = slot.engine.lock().unwrap_or_else(|e| e.into_inner());
+            let mut block = self.lock_block(slot);
             let outcome = self
                 .drive(
                     region,
@@ -728,7 +786,7 @@ impl Inner {
         let slot = &region.blocks[bi];
         let id = self.next_req();
         let outcome = {
-            let mut block = slot.engine.lock().unwrap_or_else(|e| e.into_inner());
+            let mut block = self.lock_block(slot);
             let o = self
                 .drive(
                     region,
@@ -775,10 +833,7 @@ impl Inner {
             let n = (stop - at) / PAGE_SIZE;
             let run = PageRun::new(start_page, n, PAGES_PER_BLOCK).expect("inside the piece");
             let stale = {
-                let block = p.region.blocks[p.bi]
-                    .engine
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
+                let block = self.lock_block(&p.region.blocks[p.bi]);
                 run.pages().any(|i| block.page(i).prot != (read, write))
             };
             if stale {
@@ -807,10 +862,7 @@ impl Inner {
         // the protocol as an ordinary migration.
         if self.readback_window > 1 {
             let only_private = {
-                let block = p.region.blocks[p.bi]
-                    .engine
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
+                let block = self.lock_block(&p.region.blocks[p.bi]);
                 let v = block.page(page);
                 !v.is_valid_in(Mem::System)
                     && self
@@ -956,6 +1008,20 @@ impl Inner {
     }
 
     pub(crate) fn free_region(&self, region: &Arc<Region>) {
+        if !self.is_owner() {
+            // A fork child: the views are its private copies; the rest is the parent's.
+            for v in region
+                .views
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+            {
+                // SAFETY: the child's own private copy of the view, which its buffer owned.
+                unsafe { libc::munmap(v.va as *mut libc::c_void, v.len) };
+            }
+            return;
+        }
+        let _gate = self.gate.enter();
         let views = self.retire_region(region);
         // Views first: nothing may reach the data while its copies go.
         region.set_views(std::iter::empty());
@@ -1157,10 +1223,7 @@ impl Hetmem {
     pub fn advise(&self, addr: usize, len: usize, advice: hetmem_proto::Advice) -> Result<()> {
         let inner = self.inner();
         for p in inner.pieces(addr, len)? {
-            let mut block = p.region.blocks[p.bi]
-                .engine
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut block = inner.lock_block(&p.region.blocks[p.bi]);
             inner
                 .drive(
                     &p.region,

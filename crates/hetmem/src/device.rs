@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use hetmem_proto::{
-    Access, DeviceId, DeviceKind, Invalidation, MapMode, Mem, PageRun, Proc, RequestKind,
-    PAGES_PER_BLOCK, PAGE_SIZE,
+    Access, DeviceId, DeviceKind, MapMode, Mem, PageRun, Proc, RequestKind, PAGES_PER_BLOCK,
+    PAGE_SIZE,
 };
 
 use crate::context::{Piece, Shared, SimConfig, Target};
@@ -203,6 +203,7 @@ impl Device {
             let mut tries = 0u32;
             loop {
                 {
+                    let _gate = inner.gate.enter();
                     let db = slot.dev[d].read().unwrap_or_else(|e| e.into_inner());
                     let entries = &db.pt[p.run.pages()];
                     if entries.iter().all(|&e| satisfies(e, access)) {
@@ -367,11 +368,7 @@ impl Device {
             let p = &pieces[0];
             let page = p.run.start();
             let slot = &p.region.blocks[p.bi];
-            let v = slot
-                .engine
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .page(page);
+            let v = inner.lock_block(slot).page(page);
             let e = slot.dev[self.id.index()]
                 .read()
                 .unwrap_or_else(|e| e.into_inner())

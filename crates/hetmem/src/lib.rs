@@ -17,6 +17,7 @@ mod context;
 mod device;
 mod error;
 mod exec;
+mod fork;
 mod raw;
 mod region;
 mod stats;

@@ -1,0 +1,266 @@
+//! Native baselines that need raw system calls: private anonymous mappings and a minimal
+//! userfaultfd fault handler (MISSING mode, UFFDIO_ZEROPAGE), the floor any userfaultfd-based
+//! runtime pays per CPU fault.
+//!
+//! The only module of the crate with `unsafe`; everything it exports is a safe API.
+
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+use std::time::Instant;
+
+use linux_raw_sys::general as uapi;
+use linux_raw_sys::ioctl as uioctl;
+
+/// The page size everything here assumes (x86-64 and the common arm64 configuration).
+pub const PAGE: usize = 4096;
+
+/// `USERFAULTFD_IOC_NEW` on /dev/userfaultfd: `_IO(0xAA, 0)`.
+const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00;
+/// `UFFD_USER_MODE_ONLY`: only user-mode faults are reported (allowed without privilege).
+const UFFD_USER_MODE_ONLY: libc::c_int = 1;
+/// Size of one `struct uffd_msg`.
+const MSG_LEN: usize = std::mem::size_of::<uapi::uffd_msg>();
+
+fn errno() -> io::Error {
+    io::Error::last_os_error()
+}
+
+/// A private anonymous mapping (plain `mmap` memory), unmapped on drop. Pages are not touched
+/// by `new`: the first access to each one is a real first-touch fault.
+#[derive(Debug)]
+pub struct AnonMap {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; access goes through `&`/`&mut`.
+unsafe impl Send for AnonMap {}
+// SAFETY: shared access only hands out `&[u8]`.
+unsafe impl Sync for AnonMap {}
+
+impl AnonMap {
+    /// Maps `len` bytes (rounded up to pages), readable and writable, not populated.
+    pub fn new(len: usize) -> io::Result<Self> {
+        let len = len.div_ceil(PAGE).max(1) * PAGE;
+        // SAFETY: a fresh private anonymous mapping at an address of the kernel's choice; it
+        // aliases nothing.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(errno());
+        }
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(Self { ptr, len })
+    }
+
+    /// Start address.
+    pub fn addr(&self) -> usize {
+        self.ptr.as_ptr() as usize
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The memory.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the mapping is `len` bytes, readable, and lives as long as `self`; untouched
+        // pages read as zero (the kernel, or the userfaultfd handler below, fills them).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The memory, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as for `as_slice`; `&mut self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AnonMap {
+    fn drop(&mut self) {
+        // SAFETY: the mapping is ours and no reference into it outlives `self`.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Opens a userfaultfd, preferring /dev/userfaultfd, falling back to the syscall and to
+/// user-mode-only descriptors when privilege is missing.
+fn open_uffd() -> io::Result<OwnedFd> {
+    let mut last = io::Error::from_raw_os_error(libc::ENOSYS);
+    for umo in [0, UFFD_USER_MODE_ONLY] {
+        let flags = libc::O_CLOEXEC | libc::O_NONBLOCK | umo;
+        if let Ok(dev) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/userfaultfd") {
+            // SAFETY: USERFAULTFD_IOC_NEW takes an int of flags and returns a new fd or -1.
+            let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, flags) };
+            if fd >= 0 {
+                // SAFETY: a fresh fd that nobody else owns.
+                return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+            last = errno();
+        }
+        // SAFETY: the userfaultfd syscall takes one int and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+        if fd >= 0 {
+            // SAFETY: a fresh fd that nobody else owns.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
+        }
+        last = errno();
+    }
+    Err(last)
+}
+
+fn uffd_api(fd: RawFd) -> io::Result<()> {
+    let mut arg = uapi::uffdio_api {
+        api: uapi::UFFD_API as u64,
+        features: 0,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API reads and writes one uffdio_api on our stack.
+    let r = unsafe { libc::ioctl(fd, uioctl::UFFDIO_API as _, &mut arg as *mut uapi::uffdio_api) };
+    if r < 0 {
+        return Err(errno());
+    }
+    Ok(())
+}
+
+fn uffd_register_missing(fd: RawFd, addr: usize, len: usize) -> io::Result<()> {
+    let mut arg = uapi::uffdio_register {
+        range: uapi::uffdio_range {
+            start: addr as u64,
+            len: len as u64,
+        },
+        mode: uapi::UFFDIO_REGISTER_MODE_MISSING as u64,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_REGISTER reads and writes one uffdio_register on our stack; the range is
+    // a private anonymous mapping we own.
+    let r = unsafe { libc::ioctl(fd, uioctl::UFFDIO_REGISTER as _, &mut arg as *mut uapi::uffdio_register) };
+    if r < 0 {
+        return Err(errno());
+    }
+    Ok(())
+}
+
+/// Serves one missing fault: maps the zero page at `page`, waking the faulting thread.
+fn serve_zeropage(fd: RawFd, page: usize) {
+    let mut arg = uapi::uffdio_zeropage {
+        range: uapi::uffdio_range {
+            start: page as u64,
+            len: PAGE as u64,
+        },
+        mode: 0,
+        zeropage: 0,
+    };
+    // SAFETY: UFFDIO_ZEROPAGE reads and writes one uffdio_zeropage on our stack; the page is
+    // in the registered range.
+    let r = unsafe { libc::ioctl(fd, uioctl::UFFDIO_ZEROPAGE as _, &mut arg as *mut uapi::uffdio_zeropage) };
+    if r < 0 && errno().raw_os_error() == Some(libc::EEXIST) {
+        // Already mapped (a duplicate message): just wake whoever waits on it.
+        let mut range = uapi::uffdio_range {
+            start: page as u64,
+            len: PAGE as u64,
+        };
+        // SAFETY: UFFDIO_WAKE reads one uffdio_range on our stack.
+        unsafe { libc::ioctl(fd, uioctl::UFFDIO_WAKE as _, &mut range as *mut uapi::uffdio_range) };
+    }
+}
+
+/// The handler thread: poll the userfaultfd and the stop eventfd, read messages, serve page
+/// faults with UFFDIO_ZEROPAGE. Returns the number of faults served.
+fn handler(uffd: RawFd, stop: RawFd) -> u64 {
+    let mut served = 0u64;
+    let mut buf = [0u8; MSG_LEN * 16];
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: uffd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: poll reads and writes the two pollfds on our stack.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            if errno().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return served;
+        }
+        if fds[1].revents != 0 {
+            return served;
+        }
+        if fds[0].revents & libc::POLLIN == 0 {
+            continue;
+        }
+        // SAFETY: reads at most `buf.len()` bytes into our stack buffer.
+        let n = unsafe { libc::read(uffd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            continue;
+        }
+        for msg in buf[..n as usize].chunks_exact(MSG_LEN) {
+            // struct uffd_msg: u8 event at 0; for page faults, u64 flags at 8, u64 address at 16.
+            if u32::from(msg[0]) != uapi::UFFD_EVENT_PAGEFAULT {
+                continue;
+            }
+            let addr = u64::from_ne_bytes(msg[16..24].try_into().expect("8 bytes")) as usize;
+            serve_zeropage(uffd, addr & !(PAGE - 1));
+            served += 1;
+        }
+    }
+}
+
+/// Touches (reads one byte of) each of `pages` fresh pages of a private anonymous mapping
+/// registered MISSING with a userfaultfd whose handler thread answers UFFDIO_ZEROPAGE, and
+/// returns each touch's latency in nanoseconds: one complete userfaultfd round trip.
+pub fn uffd_fault_latencies_ns(pages: usize) -> io::Result<Vec<u64>> {
+    let uffd = open_uffd()?;
+    uffd_api(uffd.as_raw_fd())?;
+    let map = AnonMap::new(pages * PAGE)?;
+    uffd_register_missing(uffd.as_raw_fd(), map.addr(), map.len())?;
+    // SAFETY: eventfd takes a count and flags and returns a new fd or -1.
+    let stop = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if stop < 0 {
+        return Err(errno());
+    }
+    // SAFETY: a fresh fd that nobody else owns.
+    let stop = unsafe { OwnedFd::from_raw_fd(stop) };
+    let (ufd, sfd) = (uffd.as_raw_fd(), stop.as_raw_fd());
+    let mut lat = Vec::with_capacity(pages);
+    let served = std::thread::scope(|s| {
+        let h = std::thread::Builder::new()
+            .name("uffd-baseline".into())
+            .spawn_scoped(s, move || handler(ufd, sfd))?;
+        let mem = map.as_slice();
+        for i in 0..pages {
+            let t = Instant::now();
+            std::hint::black_box(mem[i * PAGE]);
+            lat.push(t.elapsed().as_nanos() as u64);
+        }
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from our stack to our eventfd.
+        unsafe { libc::write(sfd, (&one as *const u64).cast(), 8) };
+        h.join().map_err(|_| io::Error::other("uffd handler panicked"))
+    })?;
+    if served < pages as u64 {
+        return Err(io::Error::other(format!("uffd handler served {served} of {pages} faults")));
+    }
+    drop(map);
+    Ok(lat)
+}

@@ -1,0 +1,293 @@
+//! fork(): the child gets a private copy of every managed range as of the fork, and the parent
+//! carries on.
+//!
+//! System memory is a shared memfd, so without help a child would share it with the parent and
+//! lose whatever lives in device memory (the userfaultfd registration is not inherited without
+//! `EVENT_FORK`). Instead, `pthread_atfork` handlers:
+//! - **prepare** (parent, before fork): close every context's [`ForkGate`], which waits for
+//!   drives, event handling and device kernels in progress and holds new ones off; then
+//!   write-protect every CPU view, so the parent's threads cannot change data while the child
+//!   copies it (their writes fault and wait).
+//! - **child**: for each view, build a private anonymous copy from wherever each page's latest
+//!   data lives (system memory, a coherent device's alias of it, a private device's chunk,
+//!   which the child inherited as a copy-on-write snapshot) and `mremap` it over the view. The
+//!   child's contexts are dead: every call on them fails with `Invalid`, and dropping them
+//!   unmaps the copies. Then tell the parent.
+//! - **parent** (after fork): wait for the child's word (or its death), restore write
+//!   permission where the protocol has the CPU mapping writable, and open the gates.
+
+#![allow(unsafe_code)]
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Once, Weak};
+
+use hetmem_proto::{Mem, PageMask, Proc, BLOCK_WORDS, PAGE_SIZE};
+
+use crate::context::Inner;
+use crate::region::{Region, BLOCK_BYTES};
+use crate::sys::mem::{self, Mapping};
+
+thread_local! {
+    /// How deep this thread is inside gates (re-entrant: a drive may drain events).
+    static DEPTH: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Held by every piece of work that reads or changes managed data or its mappings; closed by
+/// fork's prepare handler so the child copies a quiescent state.
+#[derive(Debug, Default)]
+pub(crate) struct ForkGate {
+    state: Mutex<(usize, bool)>,
+    cv: Condvar,
+}
+
+/// Inside the gate.
+#[derive(Debug)]
+pub(crate) struct GateGuard<'a> {
+    gate: &'a ForkGate,
+}
+
+impl ForkGate {
+    pub fn enter(&self) -> GateGuard<'_> {
+        let depth = DEPTH.with(|d| d.get());
+        if depth == 0 {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            while st.1 {
+                st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+            st.0 += 1;
+        }
+        DEPTH.with(|d| d.set(depth + 1));
+        GateGuard { gate: self }
+    }
+
+    fn close(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.1 = true;
+        while st.0 > 0 {
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn open(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.1 = false;
+        self.cv.notify_all();
+    }
+}
+
+impl Drop for GateGuard<'_> {
+    fn drop(&mut self) {
+        let depth = DEPTH.with(|d| d.get()) - 1;
+        DEPTH.with(|d| d.set(depth));
+        if depth == 0 {
+            let mut st = self.gate.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.0 -= 1;
+            if st.0 == 0 {
+                self.gate.cv.notify_all();
+            }
+        }
+    }
+}
+
+static CONTEXTS: Mutex<Vec<Weak<Inner>>> = Mutex::new(Vec::new());
+/// The contexts a fork in progress froze (prepare to parent/child).
+static FROZEN: Mutex<Vec<(Arc<Inner>, Vec<Arc<Region>>)>> = Mutex::new(Vec::new());
+/// Serialises concurrent forks; a spin flag because the child must be able to release it.
+static FORKING: AtomicBool = AtomicBool::new(false);
+static PIPE_READ: AtomicI32 = AtomicI32::new(-1);
+static PIPE_WRITE: AtomicI32 = AtomicI32::new(-1);
+static INSTALL: Once = Once::new();
+
+/// Makes fork() safe for `inner`'s managed memory.
+pub(crate) fn track(inner: &Arc<Inner>) {
+    INSTALL.call_once(|| {
+        // SAFETY: the handlers are plain `extern "C"` functions that live forever.
+        unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
+    });
+    let mut list = CONTEXTS.lock().unwrap_or_else(|e| e.into_inner());
+    list.retain(|w| w.strong_count() > 0);
+    list.push(Arc::downgrade(inner));
+}
+
+extern "C" fn prepare() {
+    while FORKING
+        .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        std::thread::yield_now();
+    }
+    let live: Vec<Arc<Inner>> = CONTEXTS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter_map(Weak::upgrade)
+        .filter(|i| i.is_owner())
+        .collect();
+    let mut frozen = Vec::new();
+    for inner in live {
+        inner.gate.close();
+        let regions = inner
+            .regions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for r in &regions {
+            for v in r.views.read().unwrap_or_else(|e| e.into_inner()).iter() {
+                let _ = inner.uffd.write_protect(v.va, v.len, true, false);
+            }
+        }
+        frozen.push((inner, regions));
+    }
+    let mut fds = [-1; 2];
+    // SAFETY: pipe2 writes two fds into our array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == 0 {
+        PIPE_READ.store(fds[0], Ordering::Relaxed);
+        PIPE_WRITE.store(fds[1], Ordering::Relaxed);
+    }
+    *FROZEN.lock().unwrap_or_else(|e| e.into_inner()) = frozen;
+}
+
+extern "C" fn parent() {
+    let (r, w) = (
+        PIPE_READ.swap(-1, Ordering::Relaxed),
+        PIPE_WRITE.swap(-1, Ordering::Relaxed),
+    );
+    if w >= 0 {
+        // SAFETY: closing our own write end, so a dead child reads as EOF below.
+        unsafe { libc::close(w) };
+    }
+    let frozen = std::mem::take(&mut *FROZEN.lock().unwrap_or_else(|e| e.into_inner()));
+    if r >= 0 {
+        let mut byte = 0u8;
+        // Wait until the child has copied everything (or died: EOF).
+        loop {
+            // SAFETY: reads one byte into our stack from our own pipe.
+            let n = unsafe { libc::read(r, (&mut byte as *mut u8).cast(), 1) };
+            if n >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                break;
+            }
+        }
+        // SAFETY: our own fd.
+        unsafe { libc::close(r) };
+    }
+    for (inner, _) in &frozen {
+        restore_write(inner);
+        inner.gate.open();
+    }
+    FORKING.store(false, Ordering::Release);
+}
+
+/// Clears the write protection prepare set, where the protocol maps the CPU writable.
+fn restore_write(inner: &Inner) {
+    let regions = inner
+        .regions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    for r in regions {
+        let mut ranges = Vec::new();
+        for (bi, slot) in r.blocks.iter().enumerate() {
+            let writable: PageMask<BLOCK_WORDS> = {
+                let b = slot.engine.lock().unwrap_or_else(|e| e.into_inner());
+                b.state().mapped_writable_by(Proc::Cpu)
+            };
+            for run in writable.runs() {
+                ranges.clear();
+                r.cpu_ranges(
+                    bi * BLOCK_BYTES + run.start() * PAGE_SIZE,
+                    run.len() * PAGE_SIZE,
+                    &mut ranges,
+                );
+                for &(va, len) in &ranges {
+                    let _ = inner.uffd.write_protect(va, len, false, true);
+                }
+            }
+        }
+    }
+}
+
+extern "C" fn child() {
+    let frozen = std::mem::take(&mut *FROZEN.lock().unwrap_or_else(|e| e.into_inner()));
+    for (inner, regions) in &frozen {
+        inner.orphan();
+        for r in regions {
+            let views = r.views.read().unwrap_or_else(|e| e.into_inner()).clone();
+            for v in views {
+                let Ok(copy) = Mapping::anonymous(v.len) else {
+                    continue;
+                };
+                let mut at = 0;
+                while at < v.len {
+                    let off = v.off + at;
+                    let (bi, page) = (off / BLOCK_BYTES, (off % BLOCK_BYTES) / PAGE_SIZE);
+                    let slot = &r.blocks[bi];
+                    let view = slot
+                        .engine
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .page(page);
+                    let dst = copy.as_ptr().wrapping_add(at);
+                    let src = if view.is_valid_in(Mem::System)
+                        || inner.topology.devices().any(|d| {
+                            inner.topology.is_coherent(d) && view.is_valid_in(Mem::Device(d))
+                        }) {
+                        Some(r.backing_ptr(bi, page))
+                    } else {
+                        inner
+                            .topology
+                            .devices()
+                            .find(|&d| view.is_valid_in(Mem::Device(d)))
+                            .and_then(|d| {
+                                let db = slot.dev[d.index()]
+                                    .read()
+                                    .unwrap_or_else(|e| e.into_inner());
+                                db.chunk
+                                    .as_ref()
+                                    .map(|c| c.as_ptr().wrapping_add(page * PAGE_SIZE))
+                            })
+                    };
+                    if let Some(src) = src {
+                        // SAFETY: both are mapped 4 KiB pages: our fresh copy, and the latest
+                        // data of the page (the backing view, or the child's copy-on-write
+                        // snapshot of a private device chunk). The parent's threads are held
+                        // off by the closed gate and write protection.
+                        unsafe { mem::copy(dst, src, PAGE_SIZE) };
+                    }
+                    at += PAGE_SIZE;
+                }
+                // SAFETY: replaces the child's inherited shared view with its private copy at
+                // the same address, so the child's pointers stay valid and see the same data.
+                let p = unsafe {
+                    libc::mremap(
+                        copy.as_ptr().cast(),
+                        v.len,
+                        v.len,
+                        libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                        v.va as *mut libc::c_void,
+                    )
+                };
+                if p != libc::MAP_FAILED {
+                    copy.leak();
+                }
+            }
+        }
+    }
+    let (r, w) = (
+        PIPE_READ.swap(-1, Ordering::Relaxed),
+        PIPE_WRITE.swap(-1, Ordering::Relaxed),
+    );
+    if w >= 0 {
+        let byte = 1u8;
+        // SAFETY: writes one byte from our stack to the pipe, then closes our copies of it.
+        unsafe {
+            libc::write(w, (&byte as *const u8).cast(), 1);
+            libc::close(w);
+        }
+    }
+    if r >= 0 {
+        // SAFETY: our own fd.
+        unsafe { libc::close(r) };
+    }
+    FORKING.store(false, Ordering::Release);
+}
