@@ -138,6 +138,8 @@ struct Stress<'a> {
     locks: Vec<Mutex<u64>>,
     mismatches: AtomicU64,
     op_errors: AtomicU64,
+    /// Spurious ENOMEM (see `op_error`).
+    enomem: AtomicU64,
     messages: Mutex<Vec<String>>,
     page_writes: AtomicU64,
     page_checks: AtomicU64,
@@ -154,6 +156,7 @@ impl<'a> Stress<'a> {
             locks: (0..pages).map(|_| Mutex::new(1)).collect(),
             mismatches: AtomicU64::new(0),
             op_errors: AtomicU64::new(0),
+            enomem: AtomicU64::new(0),
             messages: Mutex::new(Vec::new()),
             page_writes: AtomicU64::new(0),
             page_checks: AtomicU64::new(0),
@@ -180,6 +183,12 @@ impl<'a> Stress<'a> {
     }
 
     fn op_error(&self, who: &str, what: &str, e: hetmem::Error) {
+        if matches!(e, hetmem::Error::NoMem) {
+            // Known runtime bug under concurrent eviction: see
+            // `concurrent_eviction_never_reports_enomem`. Counted, not fatal here.
+            self.enomem.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         self.op_errors.fetch_add(1, Ordering::Relaxed);
         self.note(format!("{who}: {what} failed: {e}"));
     }
@@ -529,7 +538,7 @@ fn stress(name: &'static str, kinds: [DeviceKind; 2], seed: u64) -> anyhow::Resu
     eprintln!(
         "stress::{name}: {ops} ops/thread in {:.1?}: {} page writes, {} page checks, {} tag checks, \
          {} migrate calls, {moved} pages migrated ({} to device, {} to system), {} evicted, \
-         {} cpu faults, {} device faults, {} op errors, {} mismatches, {} runtime errors",
+         {} cpu faults, {} device faults, {} op errors (+{} ENOMEM), {} mismatches, {} runtime errors",
         t0.elapsed(),
         s.page_writes.load(Ordering::Relaxed),
         s.page_checks.load(Ordering::Relaxed),
@@ -541,6 +550,7 @@ fn stress(name: &'static str, kinds: [DeviceKind; 2], seed: u64) -> anyhow::Resu
         st.cpu_faults,
         st.device_faults,
         s.op_errors.load(Ordering::Relaxed),
+        s.enomem.load(Ordering::Relaxed),
         s.mismatches.load(Ordering::Relaxed),
         st.errors,
     );
@@ -559,7 +569,7 @@ fn stress(name: &'static str, kinds: [DeviceKind; 2], seed: u64) -> anyhow::Resu
         st.errors, 0,
         "runtime errors (seed {seed:#x}; HETMEM_DEBUG=1 shows them)"
     );
-    let floor = (ops as u64).min(DEFAULT_OPS as u64);
+    let floor = 5 * (ops as u64).min(DEFAULT_OPS as u64);
     assert!(
         moved > floor,
         "only {moved} pages migrated (want > {floor})"
@@ -589,46 +599,51 @@ fn private_and_private() -> anyhow::Result<()> {
     )
 }
 
+/// Minimized from the stress runs: two threads use disjoint blocks of one buffer on one private
+/// device with room for 1.5 blocks. Each request needs at most one block (512 pages) and every
+/// other block is evictable, so eviction should always make room; instead some requests fail
+/// with ENOMEM (a runtime bug: `Inner::evict` judges success by the change in the device's global
+/// frame count, which a concurrent reservation can cancel out, and `request` then gives up).
 #[test]
-fn repro_enomem() -> anyhow::Result<()> {
+fn concurrent_eviction_never_reports_enomem() -> anyhow::Result<()> {
+    let _watchdog = Watchdog::start("concurrent_eviction_never_reports_enomem");
     let hm = Hetmem::builder()
         .sim_device(DeviceKind::Private, 768 * PAGE_SIZE)
         .build()?;
-    let dev = hm.device(0).unwrap();
-    let buf = hm.alloc(4 * 512 * PAGE_SIZE)?;
-    let errs = AtomicU64::new(0);
+    let dev = hm.device(0).expect("one device");
+    let block = 512 * PAGE_SIZE;
+    let buf = hm.alloc(4 * block)?;
+    let failures = Mutex::new(Vec::new());
     std::thread::scope(|sc| {
         for t in 0..2usize {
-            let (hm, buf, errs, dev) = (&hm, &buf, &errs, &dev);
+            let (hm, buf, dev, failures) = (&hm, &buf, &dev, &failures);
             sc.spawn(move || {
-                for i in 0..2000usize {
-                    let b = t * 2 + i % 2;
+                for i in 0..500usize {
+                    // Thread 0 migrates blocks 0 and 1 in turn; thread 1 runs a kernel over
+                    // blocks 2 and 3 in turn.
+                    let addr = buf.addr() + (2 * t + i % 2) * block;
                     let r = if t == 0 {
-                        hm.migrate(
-                            buf.addr() + b * 512 * PAGE_SIZE,
-                            512 * PAGE_SIZE,
-                            Target::Device(dev.id()),
-                        )
+                        hm.migrate(addr, block, Target::Device(dev.id()))
                     } else {
-                        dev.kernel_read(
-                            buf.addr() + b * 512 * PAGE_SIZE,
-                            512 * PAGE_SIZE,
-                            |_, _| {},
-                        )
+                        dev.kernel_read(addr, block, |_, _| {})
                     };
                     if let Err(e) = r {
-                        if errs.fetch_add(1, Ordering::Relaxed) < 5 {
-                            eprintln!("t{t} i{i}: {e}");
-                        }
+                        failures
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(format!("thread {t} op {i}: {e}"));
                     }
                 }
             });
         }
     });
-    eprintln!(
-        "errors {} stats {:?}",
-        errs.load(Ordering::Relaxed),
-        hm.stats()
+    let failures = failures.into_inner().unwrap_or_else(|e| e.into_inner());
+    assert!(
+        failures.is_empty(),
+        "{} of 1000 one-block requests failed although eviction could always make room; first: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
     );
+    assert_eq!(hm.stats().errors, 0);
     Ok(())
 }

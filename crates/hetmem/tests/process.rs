@@ -1,0 +1,324 @@
+//! The process around managed memory: kernel-mode accesses, register(), madvise, mprotect,
+//! concurrent faults under application locks, and teardown that leaks nothing.
+
+#![allow(unsafe_code)]
+
+use std::sync::{Arc, Barrier, Mutex};
+
+use hetmem::{DeviceKind, Error, Hetmem, Location, Target, PAGE_SIZE};
+
+fn hm(kind: DeviceKind) -> Hetmem {
+    Hetmem::builder()
+        .sim_device(kind, 16 << 20)
+        .build()
+        .expect("hetmem context")
+}
+
+fn anon(len: usize) -> *mut u8 {
+    // SAFETY: a fresh private anonymous mapping.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    p.cast()
+}
+
+fn memfd_count() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("memfd:hetmem-"))
+        .count()
+}
+
+/// read(2) from a pipe into managed memory whose pages live in private device memory, and
+/// write(2) from it: the kernel's own accesses fault through userfaultfd like the CPU's.
+#[test]
+fn kernel_mode_read_and_write() {
+    let hm = hm(DeviceKind::Private);
+    if !hm.serves_kernel_faults() {
+        eprintln!("SKIPPED: only user-mode userfaultfd is allowed to this process");
+        return;
+    }
+    let dev = hm.device(0).unwrap();
+    let len = 64 * PAGE_SIZE;
+    let mut buf = hm.alloc(len).unwrap();
+    buf.fill(0x5a);
+    dev.migrate_to_device(buf.addr(), len).unwrap();
+    assert!(dev
+        .snapshot(buf.addr(), len)
+        .unwrap()
+        .iter()
+        .all(|s| s.location == Location::PrivateLocal));
+
+    let mut fds = [0; 2];
+    // SAFETY: pipe writes two fds.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // write(2) from device-resident memory: the kernel reads it through a fault.
+    // SAFETY: the buffer is mapped and len bytes long.
+    let n = unsafe { libc::write(fds[1], buf.as_ptr().cast(), 8 * PAGE_SIZE) };
+    assert_eq!(n, (8 * PAGE_SIZE) as isize, "write(2) from managed memory");
+    let mut out = vec![0u8; 8 * PAGE_SIZE];
+    // SAFETY: reading into our Vec.
+    unsafe { libc::read(fds[0], out.as_mut_ptr().cast(), out.len()) };
+    assert!(out.iter().all(|&b| b == 0x5a));
+
+    // read(2) into pages that are on the device again.
+    dev.migrate_to_device(buf.addr(), len).unwrap();
+    let msg = vec![0xc3u8; 3 * PAGE_SIZE];
+    // SAFETY: writing our Vec into the pipe.
+    unsafe { libc::write(fds[1], msg.as_ptr().cast(), msg.len()) };
+    let dst = buf.addr() + 10 * PAGE_SIZE;
+    // SAFETY: dst..dst+3 pages lies inside the buffer.
+    let n = unsafe { libc::read(fds[0], dst as *mut libc::c_void, msg.len()) };
+    assert_eq!(n, msg.len() as isize, "read(2) into managed memory");
+    assert!(buf[10 * PAGE_SIZE..13 * PAGE_SIZE]
+        .iter()
+        .all(|&b| b == 0xc3));
+    assert!(buf[13 * PAGE_SIZE..].iter().all(|&b| b == 0x5a));
+    // And the device sees the kernel's write.
+    let back = dev.read(dst, msg.len()).unwrap();
+    assert_eq!(back, msg);
+    // SAFETY: closing our pipe.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+}
+
+#[test]
+fn register_rejects_bad_ranges() {
+    let hm = hm(DeviceKind::Private);
+    let p = anon(4 * PAGE_SIZE);
+    // SAFETY (all register calls): the ranges are ours and untouched by other threads.
+    let e = unsafe { hm.register(p.wrapping_add(1), PAGE_SIZE) }.unwrap_err();
+    assert!(matches!(e, Error::Invalid(_)), "unaligned: {e}");
+    assert_eq!(e.errno(), libc::EINVAL);
+    let e = unsafe { hm.register(p, PAGE_SIZE + 7) }.unwrap_err();
+    assert!(matches!(e, Error::Invalid(_)), "unaligned length: {e}");
+    // A hole in the middle.
+    // SAFETY: unmapping a page of our own mapping.
+    unsafe { libc::munmap(p.wrapping_add(PAGE_SIZE).cast(), PAGE_SIZE) };
+    let e = unsafe { hm.register(p, 4 * PAGE_SIZE) }.unwrap_err();
+    assert!(matches!(e, Error::NoEnt(_)), "hole: {e}");
+    assert_eq!(e.errno(), libc::ENOENT);
+    // Shared anonymous memory.
+    // SAFETY: a fresh shared anonymous mapping.
+    let shared = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            PAGE_SIZE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    let e = unsafe { hm.register(shared.cast(), PAGE_SIZE) }.unwrap_err();
+    assert!(matches!(e, Error::Invalid(_)), "shared: {e}");
+    // A file mapping.
+    let f = std::fs::File::open("/proc/self/exe").unwrap();
+    // SAFETY: a fresh private read-only file mapping.
+    let file = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            PAGE_SIZE,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+        )
+    };
+    let e = unsafe { hm.register(file.cast(), PAGE_SIZE) }.unwrap_err();
+    assert!(matches!(e, Error::Invalid(_)), "file: {e}");
+    // Managed memory twice.
+    let buf = hm.alloc(PAGE_SIZE).unwrap();
+    let e = unsafe { hm.register(buf.as_ptr(), PAGE_SIZE) }.unwrap_err();
+    assert!(matches!(e, Error::Invalid(_)), "already managed: {e}");
+}
+
+/// register() keeps the data, devices use it, and dropping the registration leaves private
+/// anonymous memory holding the latest data.
+#[test]
+fn register_roundtrip_keeps_data() {
+    for kind in [DeviceKind::Private, DeviceKind::Coherent] {
+        let hm = hm(kind);
+        let dev = hm.device(0).unwrap();
+        let len = 3 * (2 << 20) / 2; // 3 MiB: spans a block boundary
+        let p = anon(len);
+        // SAFETY: our own mapping.
+        let s = unsafe { std::slice::from_raw_parts_mut(p, len) };
+        for (i, b) in s.iter_mut().enumerate().step_by(97) {
+            *b = (i / 97) as u8 | 1;
+        }
+        // SAFETY: the range is ours and no other thread touches it.
+        let reg = unsafe { hm.register(p, len) }.unwrap();
+        let seen = dev.read(p as usize, len).unwrap();
+        for i in (0..len).step_by(97) {
+            assert_eq!(seen[i], (i / 97) as u8 | 1, "device read at {i}");
+        }
+        dev.write(p as usize + PAGE_SIZE, &[0xee; PAGE_SIZE])
+            .unwrap();
+        hm.migrate(p as usize, len, Target::Device(dev.id()))
+            .unwrap();
+        drop(reg);
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let line = maps
+            .lines()
+            .find(|l| {
+                usize::from_str_radix(l.split('-').next().unwrap(), 16).unwrap() <= p as usize && {
+                    let end = l.split(['-', ' ']).nth(1).unwrap();
+                    usize::from_str_radix(end, 16).unwrap() > p as usize
+                }
+            })
+            .unwrap();
+        assert!(
+            line.contains("rw-p") && !line.contains("memfd"),
+            "after drop: {line}"
+        );
+        // SAFETY: still our mapping, now private anonymous again.
+        let s = unsafe { std::slice::from_raw_parts(p, len) };
+        assert!(s[PAGE_SIZE..2 * PAGE_SIZE].iter().all(|&b| b == 0xee));
+        for i in (0..len).step_by(97) {
+            if !(PAGE_SIZE..2 * PAGE_SIZE).contains(&i) {
+                assert_eq!(s[i], (i / 97) as u8 | 1, "after drop at {i}");
+            }
+        }
+        // SAFETY: unmapping our own mapping.
+        unsafe { libc::munmap(p.cast(), len) };
+    }
+}
+
+/// `discard` is hetmem's MADV_DONTNEED: zeros afterwards, on the CPU and on devices. A raw
+/// MADV_DONTNEED on managed memory keeps the data, as on any shared mapping.
+#[test]
+fn discard_and_raw_madvise() {
+    let hm = hm(DeviceKind::Private);
+    let dev = hm.device(0).unwrap();
+    let len = 32 * PAGE_SIZE;
+    let mut buf = hm.alloc(len).unwrap();
+    buf.fill(9);
+    dev.migrate_to_device(buf.addr(), len / 2).unwrap();
+    // SAFETY: zapping page-table entries of managed memory; hetmem restores them on the next
+    // access from the memfd.
+    assert_eq!(
+        unsafe { libc::madvise(buf.as_ptr().cast(), len, libc::MADV_DONTNEED) },
+        0
+    );
+    assert!(buf.iter().all(|&b| b == 9), "raw MADV_DONTNEED keeps data");
+    assert!(dev.read(buf.addr(), len).unwrap().iter().all(|&b| b == 9));
+    hm.discard(buf.addr(), len).unwrap();
+    assert!(dev.read(buf.addr(), len).unwrap().iter().all(|&b| b == 0));
+    assert!(buf.iter().all(|&b| b == 0), "discard reads zero");
+    assert_eq!(
+        hm.device_pages_used(dev.id()) as usize,
+        0,
+        "device reads of zero pages hold no frames after discard"
+    );
+}
+
+/// `protect` revokes device mappings at once; raw mprotect is seen at the next device access.
+#[test]
+fn protect_revokes_device_mappings() {
+    let hm = hm(DeviceKind::Private);
+    let dev = hm.device(0).unwrap();
+    let len = 8 * PAGE_SIZE;
+    let mut buf = hm.alloc(len).unwrap();
+    buf.fill(1);
+    dev.write(buf.addr(), &vec![2; len]).unwrap();
+    hm.protect(buf.addr(), len, true, false).unwrap();
+    assert!(matches!(
+        dev.write(buf.addr(), &[3; PAGE_SIZE]),
+        Err(Error::Perm)
+    ));
+    assert!(dev.read(buf.addr(), len).unwrap().iter().all(|&b| b == 2));
+    hm.protect(buf.addr(), len, false, false).unwrap();
+    assert!(matches!(
+        dev.read(buf.addr(), PAGE_SIZE),
+        Err(Error::Fault(_))
+    ));
+    hm.protect(buf.addr(), len, true, true).unwrap();
+    dev.write(buf.addr(), &[4; PAGE_SIZE]).unwrap();
+    assert_eq!(buf[0], 4);
+}
+
+/// Many threads fault the same pages while holding an application lock that the service
+/// threads never take: no deadlock, every thread sees the data (EEXIST + explicit wake).
+#[test]
+fn concurrent_faults_under_application_lock() {
+    let hm = Hetmem::builder()
+        .sim_device(DeviceKind::Private, 16 << 20)
+        .service_threads(3)
+        .fault_around_pages(1)
+        .build()
+        .unwrap();
+    let dev = hm.device(0).unwrap();
+    let len = 256 * PAGE_SIZE;
+    let buf = Arc::new(hm.alloc(len).unwrap());
+    for round in 0..20u64 {
+        let words = buf.as_atomic_u64();
+        for p in 0..256 {
+            words[p * PAGE_SIZE / 8].store(
+                round * 1000 + p as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+        dev.migrate_to_device(buf.addr(), len).unwrap();
+        let app_lock = Arc::new(Mutex::new(0u64));
+        let barrier = Arc::new(Barrier::new(4));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let (buf, app_lock, barrier) = (buf.clone(), app_lock.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    let words = buf.as_atomic_u64();
+                    for i in 0..256 {
+                        let p = (i * 7 + t * 13) % 256;
+                        let mut g = app_lock.lock().unwrap();
+                        let v = words[p * PAGE_SIZE / 8].load(std::sync::atomic::Ordering::Relaxed);
+                        assert_eq!(v, round * 1000 + p as u64, "thread {t} page {p}");
+                        *g += 1;
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(*app_lock.lock().unwrap(), 4 * 256);
+    }
+    assert_eq!(hm.stats().errors, 0);
+}
+
+/// Dropping buffers, releasing devices and dropping the context leaks no device frame, no
+/// mapping and no memfd.
+#[test]
+fn teardown_leaks_nothing() {
+    let before = memfd_count();
+    {
+        let hm = hm(DeviceKind::Private);
+        let dev = hm.device(0).unwrap();
+        let mut a = hm.alloc(4 << 20).unwrap();
+        let b = hm.alloc(1 << 20).unwrap();
+        a.fill(3);
+        dev.migrate_to_device(a.addr(), 4 << 20).unwrap();
+        dev.read(b.addr(), 1 << 20).unwrap();
+        assert!(dev.used_pages() > 0);
+        dev.release().unwrap();
+        assert_eq!(dev.used_pages(), 0, "release frees every frame");
+        assert!(a.iter().all(|&x| x == 3), "release keeps the data");
+        dev.migrate_to_device(a.addr(), 4 << 20).unwrap();
+        drop(a);
+        drop(b);
+        assert_eq!(dev.used_pages(), 0, "dropping buffers frees their frames");
+        assert_eq!(memfd_count(), before, "no memfd mapping left");
+    }
+    assert_eq!(memfd_count(), before);
+}
