@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
@@ -16,12 +16,12 @@ use hetmem_proto::{
 
 use crate::budget::AtomicBudget;
 use crate::buffer::{ManagedBuf, Registration};
-use crate::device::{Device, DeviceCounters, DeviceState};
+use crate::device::{Device, DeviceBackend, DeviceState, SimBackend};
 use crate::error::{Error, Result};
 use crate::exec::Outcome;
 use crate::fork::{ForkGate, GateGuard};
-use crate::region::{Origin, Region, View, BLOCK_BYTES};
-use crate::stats::{Counter, Stats};
+use crate::region::{Region, View, BLOCK_BYTES};
+use crate::stats::Stats;
 use crate::sys::mem::{self, Mapping};
 use crate::sys::uffd::{self, Modes, Msg, Uffd};
 
@@ -55,9 +55,9 @@ pub struct SimConfig {
 }
 
 /// Builds a [`Hetmem`].
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct HetmemBuilder {
-    devices: Vec<SimConfig>,
+    devices: Vec<(SimConfig, Arc<dyn DeviceBackend>)>,
     service_threads: usize,
     fault_around: usize,
     readback_window: usize,
@@ -76,18 +76,27 @@ impl Default for HetmemBuilder {
 
 impl HetmemBuilder {
     /// Adds a simulated device with `capacity` bytes of memory and two kernel workers.
-    pub fn sim_device(mut self, kind: DeviceKind, capacity: usize) -> Self {
-        self.devices.push(SimConfig {
+    pub fn sim_device(self, kind: DeviceKind, capacity: usize) -> Self {
+        self.sim_device_with(SimConfig {
             kind,
             capacity,
             workers: 2,
-        });
-        self
+        })
     }
 
     /// Adds a simulated device with full settings.
-    pub fn sim_device_with(mut self, config: SimConfig) -> Self {
-        self.devices.push(config);
+    pub fn sim_device_with(self, config: SimConfig) -> Self {
+        self.device_with_backend(config, Arc::new(SimBackend::new(config.kind)))
+    }
+
+    /// Adds a device whose memory and copies another backend provides (the CUDA backend's
+    /// entry point). `config.kind` must match the backend's.
+    pub fn device_with_backend(
+        mut self,
+        config: SimConfig,
+        backend: Arc<dyn DeviceBackend>,
+    ) -> Self {
+        self.devices.push((config, backend));
         self
     }
 
@@ -112,7 +121,7 @@ impl HetmemBuilder {
 
     /// Opens the userfaultfd, probes its features and starts the service threads.
     pub fn build(self) -> Result<Hetmem> {
-        let kinds: Vec<DeviceKind> = self.devices.iter().map(|d| d.kind).collect();
+        let kinds: Vec<DeviceKind> = self.devices.iter().map(|(_, b)| b.kind()).collect();
         let mut topology = Topology::new(kinds).map_err(|_| Error::Invalid("at most 8 devices"))?;
         topology.policy.cpu_fault_around = self.fault_around as u16;
         let uffd = Uffd::open(uffd::WANTED_FEATURES).map_err(Error::os("open userfaultfd"))?;
@@ -123,7 +132,7 @@ impl HetmemBuilder {
         let capacity: Vec<u32> = self
             .devices
             .iter()
-            .map(|d| (d.capacity / PAGE_SIZE).min(u32::MAX as usize) as u32)
+            .map(|(d, _)| (d.capacity / PAGE_SIZE).min(u32::MAX as usize) as u32)
             .collect();
         // SAFETY: eventfd takes a count and flags and returns a new fd or -1.
         let kick = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -138,7 +147,13 @@ impl HetmemBuilder {
                 .devices
                 .iter()
                 .enumerate()
-                .map(|(i, c)| DeviceState::new(DeviceId::new(i).expect("checked by Topology"), *c))
+                .map(|(i, (c, b))| {
+                    DeviceState::new(
+                        DeviceId::new(i).expect("checked by Topology"),
+                        *c,
+                        b.clone(),
+                    )
+                })
                 .collect(),
             topology,
             uffd,
@@ -587,7 +602,7 @@ impl Inner {
                     let moved = self.remap_views(from, to, len);
                     self.after_dontunmap(from, len, &moved);
                 }
-                Msg::Other(_) => {}
+                Msg::Other => {}
             }
         }
         work
@@ -742,7 +757,7 @@ impl Inner {
                     continue;
                 }
                 let t = slot.last_use[dev.index()].load(Ordering::Relaxed);
-                if victim.as_ref().is_none_or(|(vt, _, _)| t < *vt) {
+                if victim.as_ref().map_or(true, |(vt, _, _)| t < *vt) {
                     victim = Some((t, r.clone(), bi));
                 }
             }
@@ -931,21 +946,14 @@ impl Inner {
 
     // ---------------------------------------------------------------- regions
 
-    fn new_region(&self, origin: Origin, len: usize) -> Result<(Arc<Region>, Mapping)> {
+    fn new_region(&self, len: usize) -> Result<(Arc<Region>, Mapping)> {
         let id = self.next_region.fetch_add(1, Ordering::Relaxed);
         let memfd = mem::memfd(&format!("hetmem-{id}"), len).map_err(Error::os("memfd_create"))?;
         let backing =
             Mapping::shared(memfd.as_fd(), 0, len).map_err(Error::os("mmap backing view"))?;
         let cpu = Mapping::shared_aligned(memfd.as_fd(), len, BLOCK_BYTES)
             .map_err(Error::os("mmap cpu view"))?;
-        let region = Arc::new(Region::new(
-            id,
-            origin,
-            memfd,
-            backing,
-            len,
-            self.devices.len(),
-        ));
+        let region = Arc::new(Region::new(memfd, backing, len, self.devices.len()));
         Ok((region, cpu))
     }
 
@@ -1077,7 +1085,7 @@ impl Hetmem {
             ));
         }
         let inner = self.inner();
-        let (region, cpu) = inner.new_region(Origin::Alloc, len)?;
+        let (region, cpu) = inner.new_region(len)?;
         let va = cpu.addr();
         inner.register_view(va, len)?;
         // From here on the view is the region's: it is unmapped in `free_region`.
@@ -1136,7 +1144,7 @@ impl Hetmem {
             return Err(Error::Invalid("the range is already managed"));
         }
         let inner = self.inner();
-        let (region, cpu) = inner.new_region(Origin::Registered, len)?;
+        let (region, cpu) = inner.new_region(len)?;
         drop(cpu);
         // SAFETY: the caller guarantees nobody touches the range during the call; the backing
         // view is ours and `len` long.
@@ -1262,20 +1270,4 @@ impl Region {
     pub(crate) fn set_views(&self, views: impl Iterator<Item = View>) {
         *self.views.write().unwrap_or_else(|e| e.into_inner()) = views.collect();
     }
-}
-
-pub(crate) fn counters_of(inner: &Inner, dev: DeviceId) -> DeviceCounters {
-    inner.devices[dev.index()].counters.snapshot()
-}
-
-#[allow(dead_code)]
-pub(crate) fn counter(c: &Counter) -> u64 {
-    c.get()
-}
-
-#[allow(dead_code)]
-fn _assert_send_sync() {
-    fn f<T: Send + Sync>() {}
-    f::<Hetmem>();
-    f::<AtomicU32>();
 }

@@ -17,8 +17,9 @@ use hetmem_proto::{
 
 use crate::budget::BudgetRef;
 use crate::context::Inner;
+use crate::device::{CopyOp, Endpoint};
 use crate::region::{pte, Region, BLOCK_BYTES};
-use crate::sys::mem::{self, Mapping};
+use crate::sys::mem;
 use crate::sys::uffd::Fill;
 
 /// 64 pages' worth of masks per word: the production block.
@@ -96,7 +97,7 @@ impl Inner {
             }
             let mut results: Vec<(OpId, Result<(), OpError>)> = Vec::new();
             for t in &transfers {
-                let r = self.transfer(region, bi, block, t);
+                let r = self.transfer(region, bi, t);
                 match results.iter_mut().find(|(op, _)| *op == t.op) {
                     Some((_, acc)) => {
                         if acc.is_ok() {
@@ -144,10 +145,10 @@ impl Inner {
                         .write()
                         .unwrap_or_else(|e| e.into_inner());
                     if db.chunk.is_none() {
-                        match Mapping::anonymous(BLOCK_BYTES) {
-                            Ok(m) => db.chunk = Some(m),
-                            // Out of address space: the transfer into it will fail cleanly.
-                            Err(e) => self.note_error("device chunk mmap", &e),
+                        match self.devices[dev.index()].backend.alloc_chunk() {
+                            Ok(c) => db.chunk = Some(c),
+                            // Out of memory: the transfer into it fails cleanly.
+                            Err(e) => self.note_error("device chunk", &e),
                         }
                     }
                 }
@@ -163,19 +164,19 @@ impl Inner {
                 if self.topology.is_coherent(d) {
                     self.punch(region, bi, block, run);
                 } else {
+                    let backend = &self.devices[d.index()].backend;
                     let mut db = region.blocks[bi].dev[d.index()]
                         .write()
                         .unwrap_or_else(|e| e.into_inner());
                     if block.state().frames_of(d).is_empty() {
-                        db.chunk = None;
+                        if let Some(c) = db.chunk.take() {
+                            backend.free_chunk(c);
+                        }
                     } else if let Some(chunk) = &db.chunk {
-                        let start = chunk.addr() + run.start() * PAGE_SIZE;
-                        // SAFETY: the protocol freed these frames: no page table maps them and
-                        // no transfer uses them, and the write lock keeps kernels out. Their
-                        // data is garbage; dropping it zeroes them for their next use.
-                        if let Err(e) = unsafe {
-                            mem::madvise(start, run.len() * PAGE_SIZE, libc::MADV_DONTNEED)
-                        } {
+                        // Freed frames must read zero when reused.
+                        if let Err(e) =
+                            backend.discard(chunk, run.start() * PAGE_SIZE, run.len() * PAGE_SIZE)
+                        {
                             self.note_error("device frame zeroing", &e);
                         }
                     }
@@ -304,35 +305,61 @@ impl Inner {
     }
 
     /// Address of `mem`'s copy of `page`, and the guard that keeps it mapped.
-    fn transfer(
-        &self,
-        region: &Region,
-        bi: usize,
-        block: &Block2M,
-        t: &Transfer,
-    ) -> Result<(), OpError> {
+    fn transfer(&self, region: &Region, bi: usize, t: &Transfer) -> Result<(), OpError> {
         let bytes = t.run.len() * PAGE_SIZE;
+        let off = t.run.start() * PAGE_SIZE;
         let slot = &region.blocks[bi];
-        let chunk_ptr = |d: DeviceId| -> Option<*mut u8> {
-            let db = slot.dev[d.index()]
-                .read()
-                .unwrap_or_else(|e| e.into_inner());
-            db.chunk
-                .as_ref()
-                .map(|c| c.as_ptr().wrapping_add(t.run.start() * PAGE_SIZE))
+        let private = |m: Mem| match m {
+            Mem::Device(d) if !self.topology.is_coherent(d) => Some(d),
+            _ => None,
         };
-        let ptr_of = |m: Mem| -> Option<*mut u8> {
-            match m {
-                Mem::Device(d) if !self.topology.is_coherent(d) => chunk_ptr(d),
-                _ => Some(region.backing_ptr(bi, t.run.start())),
+        // Chunks are reached under their page-table read locks, which every chunk change
+        // takes for writing.
+        let lock = |d: Option<DeviceId>| {
+            d.map(|d| {
+                slot.dev[d.index()]
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+            })
+        };
+        let (src_dev, dst_dev) = (
+            match t.src {
+                Source::Mem(m) => private(m),
+                _ => None,
+            },
+            private(t.dst),
+        );
+        let dst_guard = lock(dst_dev);
+        let src_guard = if src_dev == dst_dev {
+            None
+        } else {
+            lock(src_dev)
+        };
+        let endpoint = |m: Mem, at: usize| -> Result<Endpoint<'_>, OpError> {
+            match private(m) {
+                Some(d) => {
+                    let g = if Some(d) == dst_dev {
+                        &dst_guard
+                    } else {
+                        &src_guard
+                    };
+                    let chunk = g
+                        .as_ref()
+                        .and_then(|g| g.chunk.as_ref())
+                        .ok_or(OpError::Device)?;
+                    Ok(Endpoint::Chunk(chunk, at))
+                }
+                None => Ok(Endpoint::Host(region.backing_ptr(bi, at / PAGE_SIZE))),
             }
-        };
-        let Some(dst) = ptr_of(t.dst) else {
-            return Err(OpError::Device);
         };
         if self.take_injected_failure(t.dst, t.src) {
             return Err(OpError::Device);
         }
+        // The copy engine of the device involved (the destination's if both are devices).
+        let engine = |m: Mem| match m {
+            Mem::Device(d) => Some(&*self.devices[d.index()].backend),
+            Mem::System => None,
+        };
         match t.src {
             Source::Zero => {
                 // Pages adopted by `register` come with data: their first fill keeps it.
@@ -343,35 +370,49 @@ impl Inner {
                     hit
                 };
                 let fresh = mask_of(t.run) - adopted;
-                let to_backing = dst == region.backing_ptr(bi, t.run.start());
-                let fd = std::os::fd::AsFd::as_fd(&region.memfd);
-                for r in fresh.runs() {
-                    let len = r.len() * PAGE_SIZE;
-                    if to_backing {
-                        mem::punch_hole(fd, bi * BLOCK_BYTES + r.start() * PAGE_SIZE, len)
+                match dst_dev {
+                    None => {
+                        let fd = std::os::fd::AsFd::as_fd(&region.memfd);
+                        for r in fresh.runs() {
+                            mem::punch_hole(
+                                fd,
+                                bi * BLOCK_BYTES + r.start() * PAGE_SIZE,
+                                r.len() * PAGE_SIZE,
+                            )
                             .map_err(|_| OpError::Device)?;
-                    } else {
-                        let at = dst.wrapping_add((r.start() - t.run.start()) * PAGE_SIZE);
-                        // SAFETY: freshly bound private frames of this run, which no page table
-                        // maps yet; dropping them makes them read zero.
-                        unsafe { mem::madvise(at as usize, len, libc::MADV_DONTNEED) }
+                        }
+                        // Populate now: UFFDIO_CONTINUE maps only pages already in the page
+                        // cache.
+                        let at = region.backing_ptr(bi, t.run.start()) as usize;
+                        // SAFETY: the backing view is ours; populating changes no data.
+                        unsafe { mem::madvise(at, bytes, libc::MADV_POPULATE_WRITE) }
                             .map_err(|_| OpError::Device)?;
                     }
-                }
-                if to_backing {
-                    // Populate now: UFFDIO_CONTINUE maps only pages already in the page cache.
-                    // SAFETY: the backing view is ours; populating changes no data.
-                    unsafe { mem::madvise(dst as usize, bytes, libc::MADV_POPULATE_WRITE) }
-                        .map_err(|_| OpError::Device)?;
-                } else {
-                    for r in adopted.runs() {
-                        let at = dst.wrapping_add((r.start() - t.run.start()) * PAGE_SIZE);
-                        // SAFETY: as for a transfer from system memory: the backing pages hold
-                        // the adopted data, the destination frames are bound to this run and
-                        // unmapped, and the pages are busy.
-                        unsafe {
-                            mem::copy(at, region.backing_ptr(bi, r.start()), r.len() * PAGE_SIZE)
-                        };
+                    Some(d) => {
+                        let backend = &*self.devices[d.index()].backend;
+                        let chunk = dst_guard
+                            .as_ref()
+                            .and_then(|g| g.chunk.as_ref())
+                            .ok_or(OpError::Device)?;
+                        for r in fresh.runs() {
+                            backend
+                                .discard(chunk, r.start() * PAGE_SIZE, r.len() * PAGE_SIZE)
+                                .map_err(|_| OpError::Device)?;
+                        }
+                        let ops: Vec<CopyOp<'_>> = adopted
+                            .runs()
+                            .map(|r| CopyOp {
+                                src: Endpoint::Host(region.backing_ptr(bi, r.start())),
+                                dst: Endpoint::Chunk(chunk, r.start() * PAGE_SIZE),
+                                len: r.len() * PAGE_SIZE,
+                            })
+                            .collect();
+                        if !ops.is_empty() {
+                            // SAFETY: the backing pages hold the adopted data; the destination
+                            // frames are bound to this run and unmapped; the pages are busy.
+                            let fence = unsafe { backend.copy(&ops) }?;
+                            backend.wait(fence)?;
+                        }
                     }
                 }
                 self.stats.zero_fills.add(fresh.count() as u64);
@@ -384,16 +425,27 @@ impl Inner {
                 }
             }
             Source::Mem(src_mem) => {
-                let Some(src) = ptr_of(src_mem) else {
-                    return Err(OpError::Device);
-                };
-                if src != dst {
-                    // SAFETY: src holds the latest data and dst is a bound frame of the run;
-                    // the protocol marked the pages busy, so no processor writes either side
-                    // (writers were downgraded), and both ranges are `bytes` long inside their
-                    // mappings. Device chunks live as long as the region, and a chunk is
-                    // dropped only when no frame of it is bound.
-                    unsafe { mem::copy(dst, src, bytes) };
+                let (src, dst) = (endpoint(src_mem, off)?, endpoint(t.dst, off)?);
+                // A coherent device's frames alias system memory: nothing to copy between them.
+                let aliased =
+                    matches!((src, dst), (Endpoint::Host(a), Endpoint::Host(b)) if a == b);
+                if !aliased {
+                    let op = CopyOp {
+                        src,
+                        dst,
+                        len: bytes,
+                    };
+                    match engine(t.dst).or(engine(src_mem)) {
+                        Some(backend) => {
+                            // SAFETY: src holds the latest data and dst is a bound frame of the
+                            // run; the protocol marked the pages busy, so no processor writes
+                            // either side, and both ranges are `bytes` long inside memory that
+                            // stays mapped (chunk guards held, backing view owned).
+                            let fence = unsafe { backend.copy(&[op]) }?;
+                            backend.wait(fence)?;
+                        }
+                        None => return Err(OpError::Device),
+                    }
                     self.stats.bytes_copied.add(bytes as u64);
                 }
                 match (src_mem, t.dst) {
@@ -416,7 +468,6 @@ impl Inner {
             }
             Source::File { .. } => return Err(OpError::Io),
         }
-        let _ = block;
         Ok(())
     }
 

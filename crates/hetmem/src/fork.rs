@@ -92,7 +92,10 @@ impl Drop for GateGuard<'_> {
 
 static CONTEXTS: Mutex<Vec<Weak<Inner>>> = Mutex::new(Vec::new());
 /// The contexts a fork in progress froze (prepare to parent/child).
-static FROZEN: Mutex<Vec<(Arc<Inner>, Vec<Arc<Region>>)>> = Mutex::new(Vec::new());
+static FROZEN: Mutex<Vec<Frozen>> = Mutex::new(Vec::new());
+
+/// A context and its regions, as prepare saw them.
+type Frozen = (Arc<Inner>, Vec<Arc<Region>>);
 /// Serialises concurrent forks; a spin flag because the child must be able to release it.
 static FORKING: AtomicBool = AtomicBool::new(false);
 static PIPE_READ: AtomicI32 = AtomicI32::new(-1);
@@ -244,7 +247,8 @@ extern "C" fn child() {
                                     .unwrap_or_else(|e| e.into_inner());
                                 db.chunk
                                     .as_ref()
-                                    .map(|c| c.as_ptr().wrapping_add(page * PAGE_SIZE))
+                                    .and_then(|c| c.host_ptr())
+                                    .map(|c| c.wrapping_add(page * PAGE_SIZE))
                             })
                     };
                     if let Some(src) = src {

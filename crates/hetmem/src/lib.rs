@@ -25,7 +25,10 @@ mod sys;
 
 pub use buffer::{ManagedBuf, Registration};
 pub use context::{Hetmem, HetmemBuilder, SimConfig, Target};
-pub use device::{CpuProt, Device, DeviceCounters, Location, PageState};
+pub use device::{
+    Chunk, CopyOp, CpuProt, Device, DeviceBackend, DeviceCounters, Endpoint, Fence, Location,
+    PageState, SimBackend,
+};
 pub use error::{Error, Result};
 pub use hetmem_proto::{Advice, DeviceId, DeviceKind, MapMode, PAGE_SIZE};
 pub use stats::StatsSnapshot;

@@ -35,7 +35,7 @@ pub(crate) struct DevBlock {
     /// 2 MiB of device memory for this block, mapped lazily, as CUDA maps device memory at
     /// 2 MiB granularity. Only frames the protocol bound hold memory: free frames are
     /// MADV_DONTNEED'd, so they read zero when reused.
-    pub chunk: Option<Mapping>,
+    pub chunk: Option<crate::device::Chunk>,
 }
 
 impl DevBlock {
@@ -72,20 +72,9 @@ pub(crate) struct View {
     pub len: usize,
 }
 
-/// How the region came to be.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Origin {
-    /// `Hetmem::alloc`.
-    Alloc,
-    /// `Hetmem::register` of existing private anonymous memory.
-    Registered,
-}
-
 /// A managed region.
 #[derive(Debug)]
 pub(crate) struct Region {
-    pub id: u64,
-    pub origin: Origin,
     pub memfd: OwnedFd,
     /// The memfd's inode, to recognise its mappings in /proc/self/maps.
     pub inode: u64,
@@ -99,14 +88,7 @@ pub(crate) struct Region {
 }
 
 impl Region {
-    pub fn new(
-        id: u64,
-        origin: Origin,
-        memfd: OwnedFd,
-        backing: Mapping,
-        len: usize,
-        devices: usize,
-    ) -> Self {
+    pub fn new(memfd: OwnedFd, backing: Mapping, len: usize, devices: usize) -> Self {
         let nblocks = len.div_ceil(BLOCK_BYTES);
         let blocks = (0..nblocks)
             .map(|b| {
@@ -128,8 +110,6 @@ impl Region {
             .collect();
         let inode = rustix::fs::fstat(&memfd).map(|st| st.st_ino).unwrap_or(0);
         Self {
-            id,
-            origin,
             inode,
             memfd,
             backing,

@@ -1,7 +1,7 @@
 //! The process around managed memory: kernel-mode accesses, register(), madvise, mprotect,
 //! concurrent faults under application locks, and teardown that leaks nothing.
 
-#![allow(unsafe_code)]
+#![allow(unsafe_code, clippy::undocumented_unsafe_blocks)]
 
 use std::sync::{Arc, Barrier, Mutex};
 

@@ -6,9 +6,6 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 
-/// Base page size. hetmem supports 4 KiB pages only (x86-64, arm64 4K).
-pub const PAGE: usize = 4096;
-
 fn errno() -> io::Error {
     io::Error::last_os_error()
 }
@@ -138,16 +135,6 @@ impl Mapping {
         self.ptr.as_ptr()
     }
 
-    /// Length in bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the length is zero.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// Gives up ownership without unmapping (the range now belongs to someone else).
     pub fn leak(self) {
         std::mem::forget(self);
@@ -220,15 +207,6 @@ pub unsafe fn madvise(addr: usize, len: usize, advice: libc::c_int) -> io::Resul
 pub unsafe fn copy(dst: *mut u8, src: *const u8, len: usize) {
     // SAFETY: the caller's contract.
     unsafe { std::ptr::copy_nonoverlapping(src, dst, len) }
-}
-
-/// Zeroes `len` bytes.
-///
-/// # Safety
-/// `dst` writable for `len` bytes; nobody else accesses it meanwhile.
-pub unsafe fn zero(dst: *mut u8, len: usize) {
-    // SAFETY: the caller's contract.
-    unsafe { std::ptr::write_bytes(dst, 0, len) }
 }
 
 /// A mapping found in /proc/self/maps.

@@ -15,7 +15,6 @@ use linux_raw_sys::general as uapi;
 /// `_UFFDIO_CONTINUE`'s WP mode (Linux 6.3); linux-raw-sys 0.12 does not name it.
 const UFFDIO_CONTINUE_MODE_WP: u64 = 1 << 1;
 const UFFDIO_CONTINUE_MODE_DONTWAKE: u64 = 1;
-const UFFDIO_ZEROPAGE_MODE_DONTWAKE: u64 = 1;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
 const UFFDIO_WRITEPROTECT_MODE_DONTWAKE: u64 = 2;
 /// `USERFAULTFD_IOC_NEW` on /dev/userfaultfd: `_IO(0xAA, 0)`.
@@ -92,8 +91,6 @@ pub enum Msg {
         write: bool,
         /// A write to a write-protected page.
         wp: bool,
-        /// A minor fault: the page is in the page cache but not mapped.
-        minor: bool,
     },
     /// `mremap` moved `[from, from + len)` to `to`.
     Remap {
@@ -119,7 +116,7 @@ pub enum Msg {
         end: usize,
     },
     /// Another event (fork, not requested).
-    Other(u8),
+    Other,
 }
 
 /// Registration modes.
@@ -354,70 +351,6 @@ impl Uffd {
         Self::fill_outcome(r, arg.mapped)
     }
 
-    /// Fills missing pages with zeros (UFFDIO_ZEROPAGE).
-    pub fn zeropage(&self, start: usize, len: usize, wake: bool) -> io::Result<Fill> {
-        let mut arg = uapi::uffdio_zeropage {
-            range: uapi::uffdio_range {
-                start: start as u64,
-                len: len as u64,
-            },
-            mode: if wake {
-                0
-            } else {
-                UFFDIO_ZEROPAGE_MODE_DONTWAKE
-            },
-            zeropage: 0,
-        };
-        // SAFETY: UFFDIO_ZEROPAGE reads and writes one uffdio_zeropage on our stack. It fills
-        // only pages that are not present, so no live data is overwritten.
-        let r = unsafe {
-            libc::ioctl(
-                self.fd.as_raw_fd(),
-                linux_raw_sys::ioctl::UFFDIO_ZEROPAGE as _,
-                &mut arg as *mut uapi::uffdio_zeropage,
-            )
-        };
-        Self::fill_outcome(r, arg.zeropage)
-    }
-
-    /// Copies `len` bytes from `src` into missing pages at `dst` (UFFDIO_COPY).
-    ///
-    /// # Safety
-    /// `src` must be readable for `len` bytes.
-    pub unsafe fn copy(
-        &self,
-        dst: usize,
-        src: *const u8,
-        len: usize,
-        wp: bool,
-        wake: bool,
-    ) -> io::Result<Fill> {
-        let mut mode = 0u64;
-        if wp {
-            mode |= uapi::UFFDIO_COPY_MODE_WP as u64;
-        }
-        if !wake {
-            mode |= uapi::UFFDIO_COPY_MODE_DONTWAKE as u64;
-        }
-        let mut arg = uapi::uffdio_copy {
-            dst: dst as u64,
-            src: src as u64,
-            len: len as u64,
-            mode,
-            copy: 0,
-        };
-        // SAFETY: UFFDIO_COPY reads one uffdio_copy on our stack and `len` bytes at `src` (the
-        // caller's contract); it fills only pages that are not present.
-        let r = unsafe {
-            libc::ioctl(
-                self.fd.as_raw_fd(),
-                linux_raw_sys::ioctl::UFFDIO_COPY as _,
-                &mut arg as *mut uapi::uffdio_copy,
-            )
-        };
-        Self::fill_outcome(r, arg.copy)
-    }
-
     /// Sets (`protect`) or clears write protection on the range. Clearing wakes waiters unless
     /// `wake` is false.
     pub fn write_protect(
@@ -535,7 +468,6 @@ fn decode(m: &uapi::uffd_msg) -> Msg {
                     addr: pf.address as usize,
                     write: flags & uapi::UFFD_PAGEFAULT_FLAG_WRITE != 0,
                     wp: flags & uapi::UFFD_PAGEFAULT_FLAG_WP != 0,
-                    minor: flags & uapi::UFFD_PAGEFAULT_FLAG_MINOR != 0,
                 }
             }
             uapi::UFFD_EVENT_REMAP => {
@@ -560,7 +492,7 @@ fn decode(m: &uapi::uffd_msg) -> Msg {
                     end: r.end as usize,
                 }
             }
-            other => Msg::Other(other as u8),
+            _ => Msg::Other,
         }
     }
 }

@@ -12,29 +12,39 @@ use hetmem_proto::{
     PAGE_SIZE,
 };
 
+mod backend;
+mod sim;
+
+pub use backend::{Chunk, CopyOp, DeviceBackend, Endpoint, Fence};
+pub use sim::SimBackend;
+
 use crate::context::{Piece, Shared, SimConfig, Target};
 use crate::error::{Error, Result};
 use crate::raw::RawRange;
-use crate::region::{pte, BLOCK_BYTES};
+use crate::region::pte;
 use crate::stats::Counter;
 use crate::sys::mem;
+
+/// What a command does with each translated piece: its runs as `(address, memory)`.
+type RunFn<'a> = dyn Fn(&Piece, &[(usize, RawRange)]) + Sync + 'a;
 
 /// Per-device runtime state.
 #[derive(Debug)]
 pub(crate) struct DeviceState {
-    pub id: DeviceId,
     pub config: SimConfig,
     pub counters: Counters,
+    /// Its memory and copy engine.
+    pub backend: Arc<dyn DeviceBackend>,
     /// Test hook: fail this many upcoming transfers that touch the device.
     pub fail_transfers: AtomicU32,
 }
 
 impl DeviceState {
-    pub fn new(id: DeviceId, config: SimConfig) -> Self {
+    pub fn new(_id: DeviceId, config: SimConfig, backend: Arc<dyn DeviceBackend>) -> Self {
         Self {
-            id,
             config,
             counters: Counters::default(),
+            backend,
             fail_transfers: AtomicU32::new(0),
         }
     }
@@ -192,7 +202,7 @@ impl Device {
         &self,
         pieces: &[Piece],
         access: Access,
-        f: &(dyn Fn(&Piece, &[(usize, RawRange)]) + Sync),
+        f: &RunFn<'_>,
         rounds: &AtomicU32,
     ) -> Result<()> {
         let inner = self.inner();
@@ -223,9 +233,13 @@ impl Device {
                             }
                             let page = p.run.start() + i;
                             let ptr = if local_private {
-                                match &db.chunk {
-                                    Some(c) => c.as_ptr().wrapping_add(page * PAGE_SIZE),
-                                    None => return Err(Error::Io(hetmem_proto::OpError::Device)),
+                                match db.chunk.as_ref().and_then(Chunk::host_ptr) {
+                                    Some(c) => c.wrapping_add(page * PAGE_SIZE),
+                                    None => {
+                                        return Err(Error::Invalid(
+                                            "device memory is not host-addressable",
+                                        ))
+                                    }
                                 }
                             } else {
                                 p.region.backing_ptr(p.bi, page)
@@ -272,13 +286,7 @@ impl Device {
         )
     }
 
-    fn run_command(
-        &self,
-        addr: usize,
-        len: usize,
-        access: Access,
-        f: &(dyn Fn(&Piece, &[(usize, RawRange)]) + Sync),
-    ) -> Result<()> {
+    fn run_command(&self, addr: usize, len: usize, access: Access, f: &RunFn<'_>) -> Result<()> {
         let pieces = self.inner().pieces(addr, len)?;
         let rounds = AtomicU32::new(0);
         let r = self.access_pieces(&pieces, access, f, &rounds);
@@ -434,13 +442,7 @@ impl Device {
         Ok(())
     }
 
-    fn kernel(
-        &self,
-        addr: usize,
-        len: usize,
-        access: Access,
-        f: &(dyn Fn(&Piece, &[(usize, RawRange)]) + Sync),
-    ) -> Result<()> {
+    fn kernel(&self, addr: usize, len: usize, access: Access, f: &RunFn<'_>) -> Result<()> {
         let pieces = self.inner().pieces(addr, len)?;
         let workers = self.inner().devices[self.id.index()]
             .config
@@ -511,6 +513,3 @@ impl Device {
 }
 
 use crate::context::Hetmem;
-
-#[allow(dead_code)]
-const _BLOCK: usize = BLOCK_BYTES;

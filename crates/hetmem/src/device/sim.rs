@@ -1,0 +1,77 @@
+//! The simulated device's memory: chunks are anonymous mappings, copies are `memcpy` on the
+//! calling thread, and freed frames are dropped with MADV_DONTNEED so they read zero.
+
+#![allow(unsafe_code)]
+
+use std::io;
+
+use hetmem_proto::{DeviceKind, OpError};
+
+use super::backend::{Chunk, CopyOp, DeviceBackend, Endpoint, Fence};
+use crate::region::BLOCK_BYTES;
+use crate::sys::mem::{self, Mapping};
+
+/// Memory of a simulated device.
+#[derive(Debug)]
+pub struct SimBackend {
+    kind: DeviceKind,
+}
+
+impl SimBackend {
+    /// A simulated device of this kind.
+    pub fn new(kind: DeviceKind) -> Self {
+        Self { kind }
+    }
+}
+
+fn host(e: Endpoint<'_>) -> Result<*mut u8, OpError> {
+    match e {
+        Endpoint::Host(p) => Ok(p),
+        Endpoint::Chunk(c, off) => c
+            .host_ptr()
+            .map(|p| p.wrapping_add(off))
+            .ok_or(OpError::Device),
+    }
+}
+
+impl DeviceBackend for SimBackend {
+    fn kind(&self) -> DeviceKind {
+        self.kind
+    }
+
+    fn demand_faults(&self) -> bool {
+        true
+    }
+
+    fn alloc_chunk(&self) -> io::Result<Chunk> {
+        let m = Mapping::anonymous(BLOCK_BYTES)?;
+        Ok(Chunk {
+            handle: m.addr() as u64,
+            host: Some(m),
+        })
+    }
+
+    fn discard(&self, chunk: &Chunk, offset: usize, len: usize) -> io::Result<()> {
+        let Some(p) = chunk.host_ptr() else {
+            return Ok(());
+        };
+        // SAFETY: the frames are free: no page table maps them and no copy uses them, so their
+        // contents are garbage; dropping them makes them read zero.
+        unsafe { mem::madvise(p as usize + offset, len, libc::MADV_DONTNEED) }
+    }
+
+    unsafe fn copy(&self, ops: &[CopyOp<'_>]) -> Result<Fence, OpError> {
+        for op in ops {
+            let (src, dst) = (host(op.src)?, host(op.dst)?);
+            if src != dst {
+                // SAFETY: the caller's contract: both ranges are valid, busy and ours.
+                unsafe { mem::copy(dst, src, op.len) };
+            }
+        }
+        Ok(Fence(0))
+    }
+
+    fn wait(&self, _fence: Fence) -> Result<(), OpError> {
+        Ok(())
+    }
+}
