@@ -366,6 +366,9 @@ impl Inner {
             return Err(Error::Invalid("address and length must be page-aligned"));
         }
         let end = addr.checked_add(len).ok_or(Error::Invalid("range wraps"))?;
+        // Wait for a reader that has taken an UNMAP/REMAP message but not yet applied it: the
+        // munmap that sent it may already have returned.
+        drop(self.events.lock().unwrap_or_else(|e| e.into_inner()));
         let space = self.space.read().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::new();
         let mut at = addr;
