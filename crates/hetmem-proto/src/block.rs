@@ -230,7 +230,7 @@ impl<const W: usize> Block<W> {
     ) {
         let topo = env.topology;
         let known = |d: DeviceId| topo.kind(d).is_some();
-        let known_mem = |m: Mem| m.device().map_or(true, known);
+        let known_mem = |m: Mem| m.device().is_none_or(known);
         let work = match kind {
             RequestKind::Fault { proc, access } => {
                 if let Proc::Device(d) = proc {

@@ -728,14 +728,22 @@ impl Inner {
         run: PageRun,
         kind: RequestKind,
     ) -> Result<()> {
-        let mut evictions = 0;
+        let mut fruitless_since: Option<std::time::Instant> = None;
         loop {
             match self.request_with(region, bi, run, kind, |_, _| {}) {
-                Err(RequestError::DeviceFull(d)) if evictions < 1024 => {
-                    evictions += 1;
-                    if !self.evict(d, region, bi, run) {
+                Err(RequestError::DeviceFull(d)) => {
+                    if self.evict(d, region, bi, run) {
+                        fruitless_since = None;
+                        continue;
+                    }
+                    // Nothing was evictable just now. Frames another thread reserved may be
+                    // inside a drive (not yet visible to eviction) or on their way back to the
+                    // budget: keep trying for a while before calling the device full.
+                    let since = *fruitless_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() > std::time::Duration::from_millis(200) {
                         return Err(Error::NoMem);
                     }
+                    std::thread::yield_now();
                 }
                 r => return r.map_err(Error::from),
             }
@@ -743,15 +751,16 @@ impl Inner {
     }
 
     /// Frees frames of `dev` by evicting the least recently used block that holds some (LRU at
-    /// 2 MiB granularity, as UVM evicts root chunks). Falls back to the rest of the faulting
-    /// block. Returns whether anything was freed.
+    /// 2 MiB granularity, as UVM evicts root chunks), then the rest of the faulting block.
+    /// Returns whether any frame was freed. Success is judged per victim block, under its
+    /// lock, not from the device's total, which other threads change meanwhile.
     fn evict(&self, dev: DeviceId, cur: &Region, cur_bi: usize, keep: PageRun) -> bool {
         let regions = self
             .regions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let mut victim: Option<(u64, Arc<Region>, usize)> = None;
+        let mut victims: Vec<(u64, Arc<Region>, usize)> = Vec::new();
         for r in &regions {
             for (bi, slot) in r.blocks.iter().enumerate() {
                 if slot.held[dev.index()].load(Ordering::Relaxed) == 0
@@ -759,39 +768,54 @@ impl Inner {
                 {
                     continue;
                 }
-                let t = slot.last_use[dev.index()].load(Ordering::Relaxed);
-                if victim.as_ref().map_or(true, |(vt, _, _)| t < *vt) {
-                    victim = Some((t, r.clone(), bi));
-                }
+                victims.push((
+                    slot.last_use[dev.index()].load(Ordering::Relaxed),
+                    r.clone(),
+                    bi,
+                ));
             }
         }
-        let before = self.budget.used(dev);
+        victims.sort_by_key(|v| v.0);
         let kind = RequestKind::Evict {
             dev,
             pages: PAGES_PER_BLOCK as u32,
         };
-        if let Some((_, r, bi)) = victim {
-            let all = PageRun::new(0, r.block_pages(bi), PAGES_PER_BLOCK).expect("non-empty block");
-            let _ = self.request_with(&r, bi, all, kind, |_, _| {});
-        } else {
-            let pages = cur.block_pages(cur_bi);
-            let runs = [
-                PageRun::new(0, keep.start(), PAGES_PER_BLOCK),
-                PageRun::new(
-                    keep.end(),
-                    pages.saturating_sub(keep.end()),
-                    PAGES_PER_BLOCK,
-                ),
-            ];
-            for run in runs.into_iter().flatten() {
-                let _ = self.request_with(cur, cur_bi, run, kind, |_, _| {});
+        let evict_runs = |r: &Region, bi: usize, runs: &[Option<PageRun>]| -> u64 {
+            let mut freed = 0u64;
+            for run in runs.iter().flatten() {
+                let before = r.blocks[bi].held[dev.index()].load(Ordering::Relaxed);
+                let _ = self.request_with(r, bi, *run, kind, |block, _| {
+                    freed += u64::from(before.saturating_sub(block.frames_held(dev)));
+                });
+            }
+            freed
+        };
+        let mut freed = 0;
+        for (_, r, bi) in victims.iter().take(4) {
+            let all = PageRun::new(0, r.block_pages(*bi), PAGES_PER_BLOCK);
+            freed += evict_runs(r, *bi, &[all]);
+            if freed > 0 {
+                break;
             }
         }
-        let after = self.budget.used(dev);
-        let freed = before.saturating_sub(after) as u64;
+        if freed == 0 {
+            let pages = cur.block_pages(cur_bi);
+            freed += evict_runs(
+                cur,
+                cur_bi,
+                &[
+                    PageRun::new(0, keep.start(), PAGES_PER_BLOCK),
+                    PageRun::new(
+                        keep.end(),
+                        pages.saturating_sub(keep.end()),
+                        PAGES_PER_BLOCK,
+                    ),
+                ],
+            );
+        }
         self.stats.pages_evicted.add(freed);
         self.devices[dev.index()].counters.evicted.add(freed);
-        freed > 0 || after < self.budget.capacity(dev)
+        freed > 0
     }
 
     pub(crate) fn invalidate(
@@ -904,6 +928,7 @@ impl Inner {
         }
         let va = addr;
         let mut retried = false;
+        let mut failures = 0u32;
         let r = loop {
             let r = self.request_with(
                 &p.region,
@@ -934,6 +959,14 @@ impl Inner {
                 Err(RequestError::NoAccess | RequestError::ReadOnly) if !retried => {
                     retried = true;
                     let _ = self.sync_prot(p);
+                }
+                // A copy back failed; the data stayed where it was. The faulting thread must
+                // not see anything else, so it waits while we retry, backing off to 10 ms.
+                Err(RequestError::Op(_)) => {
+                    self.stats.failed_transfers.add(1);
+                    failures += 1;
+                    let pause = 1u64 << failures.min(13);
+                    std::thread::sleep(std::time::Duration::from_micros(pause.min(10_000)));
                 }
                 r => break r,
             }

@@ -28,6 +28,7 @@ pub(crate) struct Stats {
     pub zero_fills: Counter,
     pub bytes_copied: Counter,
     pub errors: Counter,
+    pub failed_transfers: Counter,
 }
 
 /// What the runtime did since the context was built.
@@ -49,6 +50,8 @@ pub struct StatsSnapshot {
     pub bytes_copied: u64,
     /// System calls that failed unexpectedly (see HETMEM_DEBUG=1).
     pub errors: u64,
+    /// CPU faults whose copy back failed and was retried (device errors).
+    pub failed_transfers: u64,
 }
 
 impl Stats {
@@ -62,6 +65,7 @@ impl Stats {
             zero_fills: self.zero_fills.get(),
             bytes_copied: self.bytes_copied.get(),
             errors: self.errors.get(),
+            failed_transfers: self.failed_transfers.get(),
         }
     }
 }
