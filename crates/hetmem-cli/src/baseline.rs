@@ -60,7 +60,8 @@ impl AnonMap {
         if p == libc::MAP_FAILED {
             return Err(errno());
         }
-        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        let ptr =
+            NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
         Ok(Self { ptr, len })
     }
 
@@ -101,14 +102,17 @@ fn open_uffd() -> io::Result<OwnedFd> {
     let mut last = io::Error::from_raw_os_error(libc::ENOSYS);
     for umo in [0, UFFD_USER_MODE_ONLY] {
         let flags = libc::O_CLOEXEC | libc::O_NONBLOCK | umo;
-        if let Ok(dev) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/userfaultfd") {
+        if let Ok(dev) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/userfaultfd")
+        {
             // SAFETY: USERFAULTFD_IOC_NEW takes an int of flags and returns a new fd or -1.
             let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, flags) };
             if fd >= 0 {
                 // SAFETY: a fresh fd that nobody else owns.
                 return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
             }
-            last = errno();
         }
         // SAFETY: the userfaultfd syscall takes one int and returns a new fd or -1.
         let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
@@ -128,7 +132,13 @@ fn uffd_api(fd: RawFd) -> io::Result<()> {
         ioctls: 0,
     };
     // SAFETY: UFFDIO_API reads and writes one uffdio_api on our stack.
-    let r = unsafe { libc::ioctl(fd, uioctl::UFFDIO_API as _, &mut arg as *mut uapi::uffdio_api) };
+    let r = unsafe {
+        libc::ioctl(
+            fd,
+            uioctl::UFFDIO_API as _,
+            &mut arg as *mut uapi::uffdio_api,
+        )
+    };
     if r < 0 {
         return Err(errno());
     }
@@ -146,7 +156,13 @@ fn uffd_register_missing(fd: RawFd, addr: usize, len: usize) -> io::Result<()> {
     };
     // SAFETY: UFFDIO_REGISTER reads and writes one uffdio_register on our stack; the range is
     // a private anonymous mapping we own.
-    let r = unsafe { libc::ioctl(fd, uioctl::UFFDIO_REGISTER as _, &mut arg as *mut uapi::uffdio_register) };
+    let r = unsafe {
+        libc::ioctl(
+            fd,
+            uioctl::UFFDIO_REGISTER as _,
+            &mut arg as *mut uapi::uffdio_register,
+        )
+    };
     if r < 0 {
         return Err(errno());
     }
@@ -165,7 +181,13 @@ fn serve_zeropage(fd: RawFd, page: usize) {
     };
     // SAFETY: UFFDIO_ZEROPAGE reads and writes one uffdio_zeropage on our stack; the page is
     // in the registered range.
-    let r = unsafe { libc::ioctl(fd, uioctl::UFFDIO_ZEROPAGE as _, &mut arg as *mut uapi::uffdio_zeropage) };
+    let r = unsafe {
+        libc::ioctl(
+            fd,
+            uioctl::UFFDIO_ZEROPAGE as _,
+            &mut arg as *mut uapi::uffdio_zeropage,
+        )
+    };
     if r < 0 && errno().raw_os_error() == Some(libc::EEXIST) {
         // Already mapped (a duplicate message): just wake whoever waits on it.
         let mut range = uapi::uffdio_range {
@@ -173,7 +195,13 @@ fn serve_zeropage(fd: RawFd, page: usize) {
             len: PAGE as u64,
         };
         // SAFETY: UFFDIO_WAKE reads one uffdio_range on our stack.
-        unsafe { libc::ioctl(fd, uioctl::UFFDIO_WAKE as _, &mut range as *mut uapi::uffdio_range) };
+        unsafe {
+            libc::ioctl(
+                fd,
+                uioctl::UFFDIO_WAKE as _,
+                &mut range as *mut uapi::uffdio_range,
+            )
+        };
     }
 }
 
@@ -256,10 +284,13 @@ pub fn uffd_fault_latencies_ns(pages: usize) -> io::Result<Vec<u64>> {
         let one = 1u64;
         // SAFETY: writes 8 bytes from our stack to our eventfd.
         unsafe { libc::write(sfd, (&one as *const u64).cast(), 8) };
-        h.join().map_err(|_| io::Error::other("uffd handler panicked"))
+        h.join()
+            .map_err(|_| io::Error::other("uffd handler panicked"))
     })?;
     if served < pages as u64 {
-        return Err(io::Error::other(format!("uffd handler served {served} of {pages} faults")));
+        return Err(io::Error::other(format!(
+            "uffd handler served {served} of {pages} faults"
+        )));
     }
     drop(map);
     Ok(lat)

@@ -194,10 +194,19 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     let copied = st.bytes_copied - s0.bytes_copied;
     let secs = elapsed.as_secs_f64();
     let line = |k: &str, v: String| println!("  {k:<22} {v}");
-    line("managed memory", format!("{} ({} pages)", fmt_bytes(len as u64), rows));
+    line(
+        "managed memory",
+        format!("{} ({} pages)", fmt_bytes(len as u64), rows),
+    );
     line(
         "device capacity",
-        format!("{} ({} pages, {:?}, {} kernel workers)", fmt_bytes((a.device_mib << 20) as u64), dev.capacity_pages(), a.kind, a.workers.max(1)),
+        format!(
+            "{} ({} pages, {:?}, {} kernel workers)",
+            fmt_bytes((a.device_mib << 20) as u64),
+            dev.capacity_pages(),
+            a.kind,
+            a.workers.max(1)
+        ),
     );
     line("iterations", a.iters.to_string());
     line(
@@ -210,13 +219,26 @@ pub fn run(a: &DemoArgs) -> Result<()> {
             t_ref.as_secs_f64()
         ),
     );
-    line("pages to device", fmt_count(st.pages_to_device - s0.pages_to_device));
-    line("pages to system", fmt_count(st.pages_to_system - s0.pages_to_system));
-    line("pages evicted", fmt_count(st.pages_evicted - s0.pages_evicted));
+    line(
+        "pages to device",
+        fmt_count(st.pages_to_device - s0.pages_to_device),
+    );
+    line(
+        "pages to system",
+        fmt_count(st.pages_to_system - s0.pages_to_system),
+    );
+    line(
+        "pages evicted",
+        fmt_count(st.pages_evicted - s0.pages_evicted),
+    );
     line("CPU faults", fmt_count(st.cpu_faults - s0.cpu_faults));
     line(
         "device fault rounds",
-        format!("{} (context: {} piece faults)", fmt_count(dc.faults), fmt_count(st.device_faults - s0.device_faults)),
+        format!(
+            "{} (context: {} piece faults)",
+            fmt_count(dc.faults),
+            fmt_count(st.device_faults - s0.device_faults)
+        ),
     );
     line(
         "device counters",
@@ -228,7 +250,10 @@ pub fn run(a: &DemoArgs) -> Result<()> {
             fmt_count(dc.evicted)
         ),
     );
-    line("bytes copied", format!("{} ({})", fmt_count(copied), fmt_bytes(copied)));
+    line(
+        "bytes copied",
+        format!("{} ({})", fmt_count(copied), fmt_bytes(copied)),
+    );
     line(
         "effective bandwidth",
         format!(
@@ -252,7 +277,10 @@ pub fn run(a: &DemoArgs) -> Result<()> {
             println!("verified: OK ({} bytes identical to the CPU-only reference, final checksum {:#018x})", len, sums.last().copied().unwrap_or(0));
             Ok(())
         }
-        None if st.errors != s0.errors => bail!("verified: FAILED ({} runtime errors)", st.errors - s0.errors),
+        None if st.errors != s0.errors => bail!(
+            "verified: FAILED ({} runtime errors)",
+            st.errors - s0.errors
+        ),
         None => bail!("verified: FAILED (per-iteration checksums differ)"),
         Some(r) => {
             let off = grid[r * PAGE_SIZE..]
@@ -260,7 +288,10 @@ pub fn run(a: &DemoArgs) -> Result<()> {
                 .zip(&reference[r * PAGE_SIZE..])
                 .position(|(a, b)| a != b)
                 .unwrap_or(0);
-            bail!("verified: MISMATCH at row {r}, byte {} of the grid", r * PAGE_SIZE + off)
+            bail!(
+                "verified: MISMATCH at row {r}, byte {} of the grid",
+                r * PAGE_SIZE + off
+            )
         }
     }
 }

@@ -61,6 +61,44 @@ impl Target {
     }
 }
 
+/// Runtime counters (`Hetmem::stats`) over the timed part of one hetmem run.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Counters {
+    pub cpu_faults: u64,
+    pub device_faults: u64,
+    pub pages_to_device: u64,
+    pub pages_to_system: u64,
+    pub pages_evicted: u64,
+    pub zero_fills: u64,
+    pub bytes_copied: u64,
+}
+
+impl Counters {
+    pub fn between(a: hetmem::StatsSnapshot, b: hetmem::StatsSnapshot) -> Self {
+        Self {
+            cpu_faults: b.cpu_faults - a.cpu_faults,
+            device_faults: b.device_faults - a.device_faults,
+            pages_to_device: b.pages_to_device - a.pages_to_device,
+            pages_to_system: b.pages_to_system - a.pages_to_system,
+            pages_evicted: b.pages_evicted - a.pages_evicted,
+            zero_fills: b.zero_fills - a.zero_fills,
+            bytes_copied: b.bytes_copied - a.bytes_copied,
+        }
+    }
+
+    fn show(&self) -> String {
+        format!(
+            "{} CPU faults, {} device faults, {} pages to device, {} to system, {} zero-filled, {} copied",
+            fmt_count(self.cpu_faults),
+            fmt_count(self.device_faults),
+            fmt_count(self.pages_to_device),
+            fmt_count(self.pages_to_system),
+            fmt_count(self.zero_fills),
+            fmt_bytes(self.bytes_copied)
+        )
+    }
+}
+
 /// One row of the benchmark table.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
@@ -85,6 +123,9 @@ pub struct Row {
     pub hetmem_samples: Vec<f64>,
     /// Per-run baseline values.
     pub baseline_samples: Vec<f64>,
+    /// hetmem's counters during the last measured run, where they say something.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub counters: Option<Counters>,
 }
 
 /// The whole benchmark report.
@@ -113,14 +154,22 @@ fn fmt_val(v: f64, unit: &str) -> String {
 
 /// The table, as printed.
 pub fn table(rows: &[Row]) -> String {
-    let header = ["measurement", "hetmem", "baseline", "ratio", "target", "result"];
+    let header = [
+        "measurement",
+        "hetmem",
+        "baseline",
+        "ratio",
+        "target",
+        "result",
+    ];
     let cells: Vec<[String; 6]> = rows
         .iter()
         .map(|r| {
             [
                 format!("{} {}", r.id, r.name),
                 fmt_val(r.hetmem, &r.unit),
-                r.baseline.map_or_else(|| "-".into(), |b| fmt_val(b, &r.unit)),
+                r.baseline
+                    .map_or_else(|| "-".into(), |b| fmt_val(b, &r.unit)),
                 r.ratio.map_or_else(|| "-".into(), |x| format!("{x:.2}")),
                 r.target.show(),
                 match r.pass {
@@ -158,6 +207,14 @@ pub fn table(rows: &[Row]) -> String {
     out.push('\n');
     for c in &cells {
         line(&mut out, c);
+    }
+    let notes: Vec<String> = rows
+        .iter()
+        .filter_map(|r| r.counters.map(|c| format!("  {:<3} {}\n", r.id, c.show())))
+        .collect();
+    if !notes.is_empty() {
+        out.push_str("\nhetmem counters during the last timed run:\n");
+        notes.iter().for_each(|n| out.push_str(n));
     }
     out
 }

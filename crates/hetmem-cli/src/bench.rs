@@ -1,0 +1,541 @@
+//! `hetmem bench`: each hetmem figure as a ratio against a native baseline measured in the same
+//! process, interleaved run by run, medians of `--runs` runs after one warm-up run.
+
+use std::cell::Cell;
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context as _, Result};
+use hetmem::{DeviceKind, Hetmem, ManagedBuf, Target as Dest, PAGE_SIZE};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::baseline::{self, AnonMap};
+use crate::report::{self, median, percentile, BenchReport, Counters, Row, Target};
+
+const ALL: [char; 6] = ['a', 'b', 'c', 'd', 'e', 'f'];
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Buffer size in MiB for the throughput measurements (a-d).
+    #[arg(long, default_value_t = 256)]
+    pub size_mib: usize,
+    /// Measured runs per measurement (after one warm-up run); the median is reported.
+    #[arg(long, default_value_t = 7)]
+    pub runs: usize,
+    /// Write the results as JSON to this path (`-` for stdout; the table then goes to stderr).
+    #[arg(long)]
+    pub json: Option<String>,
+    /// Only these measurements, e.g. `--only a,e` (a: first touch, b: CPU read-back from the
+    /// device, c: device-fault migration, d: explicit migration, e: fault latency, f: metadata).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Pages touched per run by the fault-latency measurement (e).
+    #[arg(long, default_value_t = 4096)]
+    pub fault_pages: usize,
+    /// Fault-service threads of the fault-latency context (e); the baseline has one handler.
+    #[arg(long, default_value_t = 2)]
+    pub fault_service_threads: usize,
+    /// Exit with status 1 when a target is missed.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+/// GB/s for `bytes` in `secs`.
+fn gbps(bytes: usize, secs: f64) -> f64 {
+    bytes as f64 / secs / 1e9
+}
+
+/// Sum of the buffer as native-endian u64s (what "the CPU reads the whole buffer" means here).
+fn sum_u64(bytes: &[u8]) -> u64 {
+    bytes.chunks_exact(8).fold(0u64, |s, c| {
+        s.wrapping_add(u64::from_ne_bytes(c.try_into().expect("8 bytes")))
+    })
+}
+
+/// Fills `bytes` with a position-dependent pattern.
+fn fill_pattern(bytes: &mut [u8]) {
+    for (i, c) in bytes.chunks_exact_mut(8).enumerate() {
+        c.copy_from_slice(&(i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).to_ne_bytes());
+    }
+}
+
+/// Pre-faulted buffers for the memcpy baseline.
+struct Memcpy {
+    src: Vec<u8>,
+    dst: Vec<u8>,
+}
+
+impl Memcpy {
+    fn new(len: usize) -> Self {
+        let mut src = vec![0u8; len];
+        fill_pattern(&mut src);
+        let mut dst = vec![0u8; len];
+        dst.fill(1);
+        Self { src, dst }
+    }
+
+    /// One memcpy of the whole buffer, in GB/s.
+    fn sample(&mut self) -> f64 {
+        let t = Instant::now();
+        self.dst.copy_from_slice(&self.src);
+        black_box(&mut self.dst);
+        gbps(self.src.len(), t.elapsed().as_secs_f64())
+    }
+}
+
+/// Runs one warm-up plus `runs` rounds of `(hetmem, baseline)`, alternating which goes first.
+fn sampled(
+    runs: usize,
+    pb: &ProgressBar,
+    mut hetmem: impl FnMut() -> Result<f64>,
+    mut base: impl FnMut() -> Result<f64>,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (mut hs, mut bs) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
+    for r in 0..=runs {
+        let (h, b) = if r % 2 == 0 {
+            let h = hetmem()?;
+            (h, base()?)
+        } else {
+            let b = base()?;
+            (hetmem()?, b)
+        };
+        if r > 0 {
+            hs.push(h);
+            bs.push(b);
+        }
+        pb.inc(1);
+    }
+    Ok((hs, bs))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn row(
+    id: &str,
+    name: &str,
+    unit: &str,
+    baseline_name: &str,
+    target: Target,
+    hs: Vec<f64>,
+    bs: Vec<f64>,
+) -> Row {
+    let h = median(&hs);
+    let b = (!bs.is_empty()).then(|| median(&bs));
+    let ratio = b.map(|b| h / b);
+    Row {
+        id: id.into(),
+        name: name.into(),
+        unit: unit.into(),
+        hetmem: h,
+        baseline: b,
+        ratio,
+        target,
+        pass: target.check(ratio),
+        baseline_name: baseline_name.into(),
+        hetmem_samples: hs,
+        baseline_samples: bs,
+        counters: None,
+    }
+}
+
+fn with(counters: Option<Counters>, mut r: Row) -> Row {
+    r.counters = counters;
+    r
+}
+
+/// Writes one byte per page: every page faults once.
+fn touch_pages(bytes: &mut [u8]) {
+    for i in (0..bytes.len()).step_by(PAGE_SIZE) {
+        bytes[i] = 1;
+    }
+}
+
+/// Makes `buf` resident in system memory only, with no device copy left.
+fn to_system(hm: &Hetmem, buf: &mut ManagedBuf, dev: &hetmem::Device) -> Result<()> {
+    hm.migrate(buf.addr(), buf.len(), Dest::System)?;
+    if dev.used_pages() != 0 {
+        // A read-only device copy survived: a CPU write invalidates it.
+        for i in (0..buf.len()).step_by(PAGE_SIZE) {
+            buf[i] = black_box(buf[i]);
+        }
+    }
+    ensure!(
+        dev.used_pages() == 0,
+        "device still holds {} pages after migrating to system",
+        dev.used_pages()
+    );
+    Ok(())
+}
+
+pub fn run(a: &BenchArgs) -> Result<()> {
+    let sel: Vec<char> = if a.only.is_empty() {
+        ALL.to_vec()
+    } else {
+        let mut v = Vec::new();
+        for s in &a.only {
+            let s = s.trim().to_ascii_lowercase();
+            match s.chars().next() {
+                Some(c) if s.len() == 1 && ALL.contains(&c) => v.push(c),
+                _ => bail!("--only takes letters a-f, got {s:?}"),
+            }
+        }
+        v
+    };
+    ensure!(a.runs >= 1, "--runs must be at least 1");
+    if a.runs < 5 {
+        eprintln!("warning: --runs {} < 5: medians are noisy", a.runs);
+    }
+    ensure!(a.size_mib >= 4, "--size-mib must be at least 4");
+    let len = a.size_mib << 20;
+    let runs = a.runs;
+    let has = |c: char| sel.contains(&c);
+
+    let steps: u64 = sel.iter().filter(|&&c| c != 'f').count() as u64 * (runs as u64 + 1);
+    let pb = ProgressBar::with_draw_target(Some(steps), ProgressDrawTarget::stderr());
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+            .expect("valid template"),
+    );
+
+    // One context for a-d and f, with a private device that holds the whole buffer.
+    let hm = Hetmem::builder()
+        .sim_device(DeviceKind::Private, len + (2 << 20))
+        .build()
+        .context("build the hetmem context (needs userfaultfd)")?;
+    let dev = hm.device(0).context("device 0")?;
+    let mut rows = Vec::new();
+    let last: Cell<Option<Counters>> = Cell::new(None);
+    let last2: Cell<Option<Counters>> = Cell::new(None);
+    let mut memcpy = if has('b') || has('c') || has('d') {
+        Some(Memcpy::new(len))
+    } else {
+        None
+    };
+
+    if has('a') {
+        pb.set_message("a: first touch");
+        let (hs, bs) = sampled(
+            runs,
+            &pb,
+            || {
+                let s0 = hm.stats();
+                let t = Instant::now();
+                let mut b = hm.alloc(len)?;
+                touch_pages(&mut b);
+                let s = t.elapsed().as_secs_f64();
+                last.set(Some(Counters::between(s0, hm.stats())));
+                drop(b);
+                Ok(gbps(len, s))
+            },
+            || {
+                let t = Instant::now();
+                let mut m = AnonMap::new(len)?;
+                touch_pages(m.as_mut_slice());
+                let s = t.elapsed().as_secs_f64();
+                drop(m);
+                Ok(gbps(len, s))
+            },
+        )?;
+        rows.push(with(
+            last.take(),
+            row(
+                "a",
+                &format!("first touch, {} MiB (alloc + 1 write/page)", a.size_mib),
+                "GB/s",
+                "mmap(MAP_PRIVATE|MAP_ANONYMOUS) + 1 write/page",
+                Target::AtLeast(0.8),
+                hs,
+                bs,
+            ),
+        ));
+    }
+
+    // A filled buffer for b-d.
+    let mut buf = if has('b') || has('c') || has('d') {
+        let mut b = hm.alloc(len)?;
+        fill_pattern(&mut b);
+        Some(b)
+    } else {
+        None
+    };
+    let expected = buf.as_ref().map(|b| sum_u64(b)).unwrap_or(0);
+
+    if has('b') {
+        pb.set_message("b: CPU read-back of device-resident data");
+        let bref = buf.as_ref().expect("allocated");
+        let mc = memcpy.as_mut().expect("allocated");
+        let (hs, bs) = sampled(
+            runs,
+            &pb,
+            || {
+                hm.migrate(bref.addr(), len, Dest::Device(dev.id()))?;
+                ensure!(
+                    dev.used_pages() as usize >= len / PAGE_SIZE,
+                    "only {} pages on the device after migrating {} there",
+                    dev.used_pages(),
+                    len / PAGE_SIZE
+                );
+                let s0 = hm.stats();
+                let t = Instant::now();
+                let s = sum_u64(bref);
+                let secs = t.elapsed().as_secs_f64();
+                last.set(Some(Counters::between(s0, hm.stats())));
+                ensure!(s == expected, "read-back checksum mismatch");
+                Ok(gbps(len, secs))
+            },
+            || Ok(mc.sample()),
+        )?;
+        rows.push(with(
+            last.take(),
+            row(
+                "b",
+                "CPU read-back from private device memory",
+                "GB/s",
+                "memcpy between pre-faulted buffers",
+                Target::AtLeast(0.5),
+                hs,
+                bs,
+            ),
+        ));
+    }
+
+    if has('c') {
+        pb.set_message("c: device-fault migration");
+        let b = buf.as_mut().expect("allocated");
+        let mc = memcpy.as_mut().expect("allocated");
+        let mut hs = Vec::with_capacity(runs);
+        let mut bs = Vec::with_capacity(runs);
+        for r in 0..=runs {
+            to_system(&hm, b, &dev)?;
+            if r % 2 == 1 {
+                bs.push(mc.sample());
+            }
+            let acc = AtomicU64::new(0);
+            let s0 = hm.stats();
+            let t = Instant::now();
+            dev.kernel_read(b.addr(), len, |_, s| {
+                acc.fetch_add(sum_u64(s), Ordering::Relaxed);
+            })?;
+            let secs = t.elapsed().as_secs_f64();
+            last.set(Some(Counters::between(s0, hm.stats())));
+            ensure!(acc.into_inner() == expected, "device checksum mismatch");
+            hs.push(gbps(len, secs));
+            if r % 2 == 0 {
+                bs.push(mc.sample());
+            }
+            pb.inc(1);
+        }
+        hs.remove(0);
+        bs.remove(0);
+        rows.push(with(
+            last.take(),
+            row(
+                "c",
+                "migration to device on device faults (kernel_read)",
+                "GB/s",
+                "memcpy between pre-faulted buffers",
+                Target::AtLeast(0.5),
+                hs,
+                bs,
+            ),
+        ));
+    }
+
+    if has('d') {
+        pb.set_message("d: explicit migration");
+        let b = buf.as_mut().expect("allocated");
+        let mc = memcpy.as_mut().expect("allocated");
+        let (mut to_dev, mut to_sys, mut bs) = (Vec::new(), Vec::new(), Vec::new());
+        to_system(&hm, b, &dev)?;
+        for r in 0..=runs {
+            if r % 2 == 1 {
+                bs.push(mc.sample());
+            }
+            let s0 = hm.stats();
+            let t = Instant::now();
+            hm.migrate(b.addr(), len, Dest::Device(dev.id()))?;
+            let t_dev = t.elapsed().as_secs_f64();
+            let s1 = hm.stats();
+            ensure!(
+                dev.used_pages() as usize >= len / PAGE_SIZE,
+                "migration to the device left pages behind"
+            );
+            let t = Instant::now();
+            hm.migrate(b.addr(), len, Dest::System)?;
+            let t_sys = t.elapsed().as_secs_f64();
+            last.set(Some(Counters::between(s0, s1)));
+            last2.set(Some(Counters::between(s1, hm.stats())));
+            to_system(&hm, b, &dev)?;
+            to_dev.push(gbps(len, t_dev));
+            to_sys.push(gbps(len, t_sys));
+            if r % 2 == 0 {
+                bs.push(mc.sample());
+            }
+            pb.inc(1);
+        }
+        ensure!(sum_u64(b) == expected, "data changed across migrations");
+        for v in [&mut to_dev, &mut to_sys, &mut bs] {
+            v.remove(0);
+        }
+        rows.push(with(
+            last.take(),
+            row(
+                "d1",
+                "hm.migrate to device",
+                "GB/s",
+                "memcpy between pre-faulted buffers",
+                Target::AtLeast(0.5),
+                to_dev,
+                bs.clone(),
+            ),
+        ));
+        rows.push(with(
+            last2.take(),
+            row(
+                "d2",
+                "hm.migrate back to system",
+                "GB/s",
+                "memcpy between pre-faulted buffers",
+                Target::AtLeast(0.5),
+                to_sys,
+                bs,
+            ),
+        ));
+    }
+    drop(buf);
+    drop(memcpy);
+
+    if has('e') {
+        pb.set_message("e: 4 KiB CPU fault latency");
+        let pages = a.fault_pages.max(16);
+        let hm1 = Hetmem::builder()
+            .fault_around_pages(1)
+            .service_threads(a.fault_service_threads)
+            .build()
+            .context("build the fault-latency context")?;
+        let (mut h50, mut h99, mut b50, mut b99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for r in 0..=runs {
+            let hetmem_sample = || -> Result<(f64, f64)> {
+                let buf = hm1.alloc(pages * PAGE_SIZE)?;
+                let mut lat = Vec::with_capacity(pages);
+                let s0 = hm1.stats();
+                for i in 0..pages {
+                    let t = Instant::now();
+                    black_box(buf[i * PAGE_SIZE]);
+                    lat.push(t.elapsed().as_nanos() as u64);
+                }
+                last.set(Some(Counters::between(s0, hm1.stats())));
+                drop(buf);
+                Ok((
+                    percentile(&mut lat, 50.0) as f64 / 1e3,
+                    percentile(&mut lat, 99.0) as f64 / 1e3,
+                ))
+            };
+            let base_sample = || -> Result<(f64, f64)> {
+                let mut lat =
+                    baseline::uffd_fault_latencies_ns(pages).context("raw userfaultfd baseline")?;
+                Ok((
+                    percentile(&mut lat, 50.0) as f64 / 1e3,
+                    percentile(&mut lat, 99.0) as f64 / 1e3,
+                ))
+            };
+            let (h, b) = if r % 2 == 0 {
+                let h = hetmem_sample()?;
+                (h, base_sample()?)
+            } else {
+                let b = base_sample()?;
+                (hetmem_sample()?, b)
+            };
+            if r > 0 {
+                h50.push(h.0);
+                h99.push(h.1);
+                b50.push(b.0);
+                b99.push(b.1);
+            }
+            pb.inc(1);
+        }
+        let base = "raw userfaultfd MISSING + UFFDIO_ZEROPAGE handler thread";
+        rows.push(with(
+            last.take(),
+            row(
+                "e1",
+                "4 KiB CPU fault latency p50 (read touch, fault-around 1)",
+                "us",
+                base,
+                Target::AtMost(1.5),
+                h50,
+                b50,
+            ),
+        ));
+        rows.push(row(
+            "e2",
+            "4 KiB CPU fault latency p99 (read touch, fault-around 1)",
+            "us",
+            base,
+            Target::None,
+            h99,
+            b99,
+        ));
+        if hm1.stats().errors != 0 {
+            eprintln!(
+                "warning: the fault-latency context reported {} errors",
+                hm1.stats().errors
+            );
+        }
+    }
+
+    if has('f') {
+        rows.push(row(
+            "f",
+            "metadata per managed page",
+            "B/page",
+            "none (reported)",
+            Target::None,
+            vec![hm.metadata_bytes_per_page()],
+            Vec::new(),
+        ));
+    }
+    pb.finish_and_clear();
+    if hm.stats().errors != 0 {
+        eprintln!(
+            "warning: the hetmem context reported {} errors",
+            hm.stats().errors
+        );
+    }
+
+    let all_pass = rows.iter().all(|r| r.pass != Some(false));
+    let report = BenchReport {
+        tool: "hetmem bench",
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default(),
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        size_mib: a.size_mib,
+        runs,
+        uffd_features: hm.uffd_features().into_iter().map(String::from).collect(),
+        rows,
+        all_pass,
+    };
+    let header = format!(
+        "hetmem bench: {} MiB buffers, median of {} runs after 1 warm-up, kernel {}, {} CPUs\n",
+        report.size_mib, report.runs, report.kernel, report.cpus
+    );
+    let text = format!("{header}{}", report::table(&report.rows));
+    match a.json.as_deref() {
+        Some("-") => {
+            eprint!("{text}");
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Some(path) => {
+            print!("{text}");
+            std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
+                .with_context(|| format!("write {path}"))?;
+            println!("JSON written to {path}");
+        }
+        None => print!("{text}"),
+    }
+    if a.strict && !all_pass {
+        bail!("some targets were missed");
+    }
+    Ok(())
+}
