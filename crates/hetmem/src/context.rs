@@ -170,7 +170,6 @@ impl HetmemBuilder {
             readback_window: self.readback_window,
             stats: Stats::default(),
             gate: ForkGate::default(),
-            owner: std::process::id(),
             orphaned: AtomicBool::new(false),
         });
         crate::fork::track(&inner);
@@ -283,7 +282,6 @@ pub(crate) struct Inner {
     pub stats: Stats,
     /// Quiesces everything for fork (see `fork.rs`).
     pub gate: ForkGate,
-    owner: u32,
     /// This is a fork child's copy of the context: nothing may touch the parent's userfaultfd.
     orphaned: AtomicBool,
 }
@@ -319,7 +317,8 @@ impl Inner {
 
     /// Whether this process owns the context (false in a fork child).
     pub(crate) fn is_owner(&self) -> bool {
-        !self.orphaned.load(Ordering::Relaxed) && self.owner == std::process::id()
+        // The fork child handler sets `orphaned`; no getpid on the fault path.
+        !self.orphaned.load(Ordering::Relaxed)
     }
 
     pub(crate) fn orphan(&self) {
@@ -580,7 +579,7 @@ impl Inner {
         let mut work = Vec::new();
         loop {
             match self.uffd.read(&mut msgs) {
-                Ok(0) => break,
+                Ok(n) if n < 32 => break,
                 Ok(_) => {}
                 Err(e) => {
                     self.note_error("read userfaultfd", &e);
@@ -626,11 +625,15 @@ impl Inner {
 
     /// A fault-service thread.
     fn serve(self: Arc<Self>) {
+        let waiter = match uffd::Waiter::new(&self.uffd, self.kick.as_fd()) {
+            Ok(w) => w,
+            Err(e) => return self.note_error("epoll", &e),
+        };
         loop {
             let mut work =
                 std::mem::take(&mut *self.backlog.lock().unwrap_or_else(|e| e.into_inner()));
             if work.is_empty() {
-                match self.uffd.wait(self.kick.as_fd()) {
+                match waiter.wait() {
                     Ok(kicked) => {
                         if self.shutdown.load(Ordering::SeqCst) {
                             return;
@@ -844,6 +847,10 @@ impl Inner {
             for d in self.topology.devices() {
                 slot.held[d.index()].store(block.frames_held(d), Ordering::Relaxed);
             }
+            if matches!(kind, Invalidation::Discard | Invalidation::Unmap) {
+                // The data is gone for good: give its memory back.
+                self.release_pages(region, bi, &block, run);
+            }
             o
         };
         for &(va, len) in &outcome.wake {
@@ -899,6 +906,7 @@ impl Inner {
         let p = &pieces[0];
         let page = p.run.start();
         let access = if write { Access::Write } else { Access::Read };
+        let mut fault_run = p.run;
         // Read-back policy: data that lives only in private device memory comes back a window
         // at a time, not 4 KiB per fault. This is placement, decided here and carried out by
         // the protocol as an ordinary migration.
@@ -923,22 +931,26 @@ impl Inner {
                         run,
                         RequestKind::Migrate { dst: Mem::System },
                     );
+                    // Map the whole window too, or every page would still fault once.
+                    fault_run = run;
                 }
             }
         }
         let va = addr;
         let mut retried = false;
         let mut failures = 0u32;
+        let mut woken = false;
         let r = loop {
             let r = self.request_with(
                 &p.region,
                 p.bi,
-                p.run,
+                fault_run,
                 RequestKind::Fault {
                     proc: Proc::Cpu,
                     access,
                 },
                 |block, outcome| {
+                    woken = outcome.wake.iter().any(|&(v, l)| (v..v + l).contains(&va));
                     if outcome.cpu_mapped.contains(page) {
                         return;
                     }
@@ -977,7 +989,10 @@ impl Inner {
             self.note_error("cpu fault", &std::io::Error::other(e.to_string()));
             let _ = self.uffd.unregister(addr, PAGE_SIZE);
         }
-        let _ = self.uffd.wake(addr, PAGE_SIZE);
+        if !woken {
+            // EEXIST and repairs wake nobody by themselves.
+            let _ = self.uffd.wake(addr, PAGE_SIZE);
+        }
     }
 
     // ---------------------------------------------------------------- regions
@@ -1196,6 +1211,11 @@ impl Hetmem {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
             a.insert_range(0, region.block_pages(bi));
+            let mut p = region.blocks[bi]
+                .populated
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            p.insert_range(0, region.block_pages(bi));
         }
         inner.register_view(addr, len)?;
         inner.add_region(region.clone(), addr);

@@ -145,7 +145,7 @@ impl Inner {
                         .write()
                         .unwrap_or_else(|e| e.into_inner());
                     if db.chunk.is_none() {
-                        match self.devices[dev.index()].backend.alloc_chunk() {
+                        match self.devices[dev.index()].take_chunk() {
                             Ok(c) => db.chunk = Some(c),
                             // Out of memory: the transfer into it fails cleanly.
                             Err(e) => self.note_error("device chunk", &e),
@@ -153,32 +153,30 @@ impl Inner {
                     }
                 }
             }
+            // System pages stay allocated when their copy is dropped (most come back: read-back,
+            // eviction), so migrations copy into resident pages. `release_pages` frees them
+            // when the data goes for good (discard, munmap). A coherent device's frames are the
+            // system pages themselves.
             Action::FreeFrames {
-                mem: Mem::System,
-                run,
-            } => self.punch(region, bi, block, run),
+                mem: Mem::System, ..
+            } => {}
             Action::FreeFrames {
                 mem: Mem::Device(d),
-                run,
+                ..
+            } if self.topology.is_coherent(d) => {}
+            Action::FreeFrames {
+                mem: Mem::Device(d),
+                run: _,
             } => {
-                if self.topology.is_coherent(d) {
-                    self.punch(region, bi, block, run);
-                } else {
-                    let backend = &self.devices[d.index()].backend;
+                // Frames are always fully written (copied or zeroed) before they become valid,
+                // so freed frames need no scrubbing; a chunk with no frame left goes back to the
+                // device's pool.
+                if block.state().frames_of(d).is_empty() {
                     let mut db = region.blocks[bi].dev[d.index()]
                         .write()
                         .unwrap_or_else(|e| e.into_inner());
-                    if block.state().frames_of(d).is_empty() {
-                        if let Some(c) = db.chunk.take() {
-                            backend.free_chunk(c);
-                        }
-                    } else if let Some(chunk) = &db.chunk {
-                        // Freed frames must read zero when reused.
-                        if let Err(e) =
-                            backend.discard(chunk, run.start() * PAGE_SIZE, run.len() * PAGE_SIZE)
-                        {
-                            self.note_error("device frame zeroing", &e);
-                        }
+                    if let Some(c) = db.chunk.take() {
+                        self.devices[d.index()].put_chunk(c);
                     }
                 }
             }
@@ -191,26 +189,49 @@ impl Inner {
                 let mask = mask_of(run);
                 let fresh = mask - *cpu_now;
                 let present = mask & *cpu_now;
+                let holes = {
+                    let mut pop = region.blocks[bi]
+                        .populated
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    let holes = fresh - *pop;
+                    *pop |= fresh;
+                    holes
+                };
                 let mut ranges = Vec::new();
-                for r in fresh.runs() {
-                    ranges.clear();
-                    region.cpu_ranges(
-                        bi * BLOCK_BYTES + r.start() * PAGE_SIZE,
-                        r.len() * PAGE_SIZE,
-                        &mut ranges,
-                    );
+                for r in (fresh - holes).runs() {
+                    self.cpu_ranges(region, bi, r, &mut ranges);
                     for &(va, len) in &ranges {
                         self.map_cpu(va, len, wp);
                         out.wake.push((va, len));
                     }
                 }
+                for r in holes.runs() {
+                    self.cpu_ranges(region, bi, r, &mut ranges);
+                    if wp {
+                        // Read-only zero pages: populate, then CONTINUE with WP in one step, so
+                        // no writer slips in before the protection.
+                        let at = region.backing_ptr(bi, r.start()) as usize;
+                        // SAFETY: the backing view is ours; populating a hole writes zeros
+                        // that are the page's data anyway.
+                        if let Err(e) = unsafe {
+                            mem::madvise(at, r.len() * PAGE_SIZE, libc::MADV_POPULATE_WRITE)
+                        } {
+                            self.note_error("populate", &e);
+                        }
+                        for &(va, len) in &ranges {
+                            self.map_cpu(va, len, true);
+                            out.wake.push((va, len));
+                        }
+                    } else {
+                        for &(va, len) in &ranges {
+                            self.zero_map(va, len);
+                            out.wake.push((va, len));
+                        }
+                    }
+                }
                 for r in present.runs() {
-                    ranges.clear();
-                    region.cpu_ranges(
-                        bi * BLOCK_BYTES + r.start() * PAGE_SIZE,
-                        r.len() * PAGE_SIZE,
-                        &mut ranges,
-                    );
+                    self.cpu_ranges(region, bi, r, &mut ranges);
                     for &(va, len) in &ranges {
                         self.write_protect(va, len, wp);
                         out.wake.push((va, len));
@@ -258,6 +279,13 @@ impl Inner {
                     .unwrap_or_else(|e| e.into_inner());
                 let e = pte_mode(mode) | if remote { pte::REMOTE } else { 0 };
                 db.pt[run.pages()].fill(e);
+                if remote || self.topology.is_coherent(dev) {
+                    // The device reaches the backing view, which allocates holes it touches.
+                    *region.blocks[bi]
+                        .populated
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) |= mask_of(run);
+                }
             }
             Action::DeviceProtect { dev, run } => {
                 let mut db = region.blocks[bi].dev[dev.index()]
@@ -280,10 +308,11 @@ impl Inner {
         }
     }
 
-    /// Drops system pages of `run` that no memory aliases any more. A coherent device's frames
-    /// are the system page itself (see `docs/runtime.md`), so a page is punched only when
-    /// neither system memory nor any coherent device holds it.
-    fn punch(&self, region: &Region, bi: usize, block: &Block2M, run: PageRun) {
+    /// Frees the memfd pages of `run` that no memory holds any more (after a discard or an
+    /// unmap: the data is gone for good). A coherent device's frames are the system pages
+    /// themselves (`docs/runtime.md`), so a page goes only when neither system memory nor any
+    /// coherent device holds it, nor a transfer is filling it.
+    pub(crate) fn release_pages(&self, region: &Region, bi: usize, block: &Block2M, run: PageRun) {
         let st = block.state();
         let mut keep = st.valid_in(Mem::System);
         for d in self.topology.devices() {
@@ -291,15 +320,62 @@ impl Inner {
                 keep |= st.frames_of(d);
             }
         }
-        let drop = mask_of(run) - keep;
+        let mut pop = region.blocks[bi]
+            .populated
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let drop = mask_of(run) & *pop - keep;
+        *pop -= drop;
         for r in drop.runs() {
-            let off = bi * BLOCK_BYTES + r.start() * PAGE_SIZE;
-            if let Err(e) = mem::punch_hole(
-                std::os::fd::AsFd::as_fd(&region.memfd),
-                off,
-                r.len() * PAGE_SIZE,
-            ) {
-                self.note_error("punch hole", &e);
+            self.punch(region, bi, r);
+        }
+    }
+
+    fn punch(&self, region: &Region, bi: usize, r: PageRun) {
+        let off = bi * BLOCK_BYTES + r.start() * PAGE_SIZE;
+        if let Err(e) = mem::punch_hole(
+            std::os::fd::AsFd::as_fd(&region.memfd),
+            off,
+            r.len() * PAGE_SIZE,
+        ) {
+            self.note_error("punch hole", &e);
+        }
+    }
+
+    fn cpu_ranges(&self, region: &Region, bi: usize, r: PageRun, out: &mut Vec<(usize, usize)>) {
+        out.clear();
+        region.cpu_ranges(
+            bi * BLOCK_BYTES + r.start() * PAGE_SIZE,
+            r.len() * PAGE_SIZE,
+            out,
+        );
+    }
+
+    /// Fills holes of a CPU view with zero pages and maps them writable (UFFDIO_ZEROPAGE: one
+    /// ioctl allocates, clears and maps). A page already in the page cache gives EEXIST and is
+    /// mapped with CONTINUE instead.
+    fn zero_map(&self, va: usize, len: usize) {
+        let mut at = 0;
+        while at < len {
+            match self.uffd.zeropage(va + at, len - at, false) {
+                Ok(Fill::Done) => break,
+                Ok(Fill::Exists { done }) => {
+                    at += done;
+                    let _ = self.fill(va + at, PAGE_SIZE, |s, l| {
+                        self.uffd.continue_(s, l, false, false)
+                    });
+                    at += PAGE_SIZE;
+                }
+                Ok(Fill::Again { done }) => {
+                    at += done;
+                    if done == 0 {
+                        self.drain_events();
+                    }
+                }
+                Err(e) => {
+                    self.note_error("UFFDIO_ZEROPAGE", &e);
+                    break;
+                }
             }
         }
     }
@@ -372,21 +448,17 @@ impl Inner {
                 let fresh = mask_of(t.run) - adopted;
                 match dst_dev {
                     None => {
-                        let fd = std::os::fd::AsFd::as_fd(&region.memfd);
-                        for r in fresh.runs() {
-                            mem::punch_hole(
-                                fd,
-                                bi * BLOCK_BYTES + r.start() * PAGE_SIZE,
-                                r.len() * PAGE_SIZE,
-                            )
-                            .map_err(|_| OpError::Device)?;
+                        // Zeros are what a hole reads: punch only pages that may hold old data.
+                        // The CPU map then fills the holes with UFFDIO_ZEROPAGE.
+                        let stale = {
+                            let mut pop = slot.populated.lock().unwrap_or_else(|e| e.into_inner());
+                            let stale = *pop & fresh;
+                            *pop -= fresh;
+                            stale
+                        };
+                        for r in stale.runs() {
+                            self.punch(region, bi, r);
                         }
-                        // Populate now: UFFDIO_CONTINUE maps only pages already in the page
-                        // cache.
-                        let at = region.backing_ptr(bi, t.run.start()) as usize;
-                        // SAFETY: the backing view is ours; populating changes no data.
-                        unsafe { mem::madvise(at, bytes, libc::MADV_POPULATE_WRITE) }
-                            .map_err(|_| OpError::Device)?;
                     }
                     Some(d) => {
                         let backend = &*self.devices[d.index()].backend;
@@ -429,6 +501,9 @@ impl Inner {
                 // A coherent device's frames alias system memory: nothing to copy between them.
                 let aliased =
                     matches!((src, dst), (Endpoint::Host(a), Endpoint::Host(b)) if a == b);
+                if private(t.dst).is_none() {
+                    *slot.populated.lock().unwrap_or_else(|e| e.into_inner()) |= mask_of(t.run);
+                }
                 if !aliased {
                     let op = CopyOp {
                         src,

@@ -62,6 +62,10 @@ pub(crate) struct BlockSlot {
     pub held: Box<[AtomicU32]>,
     /// Pages adopted by `register` whose first fill must keep the data they came with.
     pub adopted: Mutex<PageMask<BLOCK_WORDS>>,
+    /// Pages that may be in the memfd's page cache. The others are holes: a CPU map fills
+    /// them with one UFFDIO_ZEROPAGE, and a zero fill needs no hole punch. Changed only under
+    /// the engine lock.
+    pub populated: Mutex<PageMask<BLOCK_WORDS>>,
 }
 
 /// A CPU view: `[va, va + len)` maps the memfd at `off`.
@@ -105,6 +109,7 @@ impl Region {
                     last_use: (0..devices).map(|_| AtomicU64::new(0)).collect(),
                     held: (0..devices).map(|_| AtomicU32::new(0)).collect(),
                     adopted: Mutex::new(PageMask::EMPTY),
+                    populated: Mutex::new(PageMask::EMPTY),
                 }
             })
             .collect();

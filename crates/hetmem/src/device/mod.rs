@@ -35,6 +35,9 @@ pub(crate) struct DeviceState {
     pub counters: Counters,
     /// Its memory and copy engine.
     pub backend: Arc<dyn DeviceBackend>,
+    /// Chunks with no frame bound, kept mapped for reuse: migrations then copy into resident
+    /// memory instead of faulting fresh pages in. At most enough for the device's capacity.
+    pool: std::sync::Mutex<Vec<Chunk>>,
     /// Test hook: fail this many upcoming transfers that touch the device.
     pub fail_transfers: AtomicU32,
 }
@@ -45,7 +48,31 @@ impl DeviceState {
             config,
             counters: Counters::default(),
             backend,
+            pool: std::sync::Mutex::new(Vec::new()),
             fail_transfers: AtomicU32::new(0),
+        }
+    }
+}
+
+impl DeviceState {
+    /// A chunk from the pool, or a new one.
+    pub fn take_chunk(&self) -> std::io::Result<Chunk> {
+        let pooled = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        match pooled {
+            Some(c) => Ok(c),
+            None => self.backend.alloc_chunk(),
+        }
+    }
+
+    /// Returns a chunk none of whose frames is bound.
+    pub fn put_chunk(&self, chunk: Chunk) {
+        let max = (self.config.capacity / crate::region::BLOCK_BYTES).max(1);
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < max {
+            pool.push(chunk);
+        } else {
+            drop(pool);
+            self.backend.free_chunk(chunk);
         }
     }
 }

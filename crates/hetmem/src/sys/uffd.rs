@@ -15,6 +15,7 @@ use linux_raw_sys::general as uapi;
 /// `_UFFDIO_CONTINUE`'s WP mode (Linux 6.3); linux-raw-sys 0.12 does not name it.
 const UFFDIO_CONTINUE_MODE_WP: u64 = 1 << 1;
 const UFFDIO_CONTINUE_MODE_DONTWAKE: u64 = 1;
+const UFFDIO_ZEROPAGE_MODE_DONTWAKE: u64 = 1;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
 const UFFDIO_WRITEPROTECT_MODE_DONTWAKE: u64 = 2;
 /// `USERFAULTFD_IOC_NEW` on /dev/userfaultfd: `_IO(0xAA, 0)`.
@@ -351,6 +352,33 @@ impl Uffd {
         Self::fill_outcome(r, arg.mapped)
     }
 
+    /// Fills missing pages with zeros and maps them (UFFDIO_ZEROPAGE). On shmem this allocates
+    /// the page-cache page too; a page already in the cache gives EEXIST.
+    pub fn zeropage(&self, start: usize, len: usize, wake: bool) -> io::Result<Fill> {
+        let mut arg = uapi::uffdio_zeropage {
+            range: uapi::uffdio_range {
+                start: start as u64,
+                len: len as u64,
+            },
+            mode: if wake {
+                0
+            } else {
+                UFFDIO_ZEROPAGE_MODE_DONTWAKE
+            },
+            zeropage: 0,
+        };
+        // SAFETY: UFFDIO_ZEROPAGE reads and writes one uffdio_zeropage on our stack. It fills
+        // only pages that are not present, so no live data is overwritten.
+        let r = unsafe {
+            libc::ioctl(
+                self.fd.as_raw_fd(),
+                linux_raw_sys::ioctl::UFFDIO_ZEROPAGE as _,
+                &mut arg as *mut uapi::uffdio_zeropage,
+            )
+        };
+        Self::fill_outcome(r, arg.zeropage)
+    }
+
     /// Sets (`protect`) or clears write protection on the range. Clearing wakes waiters unless
     /// `wake` is false.
     pub fn write_protect(
@@ -417,35 +445,62 @@ impl Uffd {
                 out.push(decode(m));
             }
             return Ok(count);
+            // (A short read means the queue is empty: callers loop only while batches are full.)
         }
     }
+}
 
-    /// Waits until a message is readable or `other` becomes readable (the shutdown eventfd).
-    /// Returns whether `other` fired.
-    pub fn wait(&self, other: BorrowedFd<'_>) -> io::Result<bool> {
-        let mut fds = [
-            libc::pollfd {
-                fd: self.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: other.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
+/// One service thread's wait on the userfaultfd and a wake-up eventfd. Each thread has its own
+/// epoll set with the userfaultfd added EPOLLEXCLUSIVE, so a fault wakes one thread, not all.
+#[derive(Debug)]
+pub struct Waiter {
+    epoll: OwnedFd,
+}
+
+impl Waiter {
+    /// Watches `uffd` (exclusively) and `kick` (every waiter).
+    pub fn new(uffd: &Uffd, kick: BorrowedFd<'_>) -> io::Result<Self> {
+        // SAFETY: epoll_create1 returns a new fd or -1.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(errno());
+        }
+        // SAFETY: a fresh fd that nobody else owns.
+        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        for (fd, flags, tag) in [
+            (
+                uffd.fd.as_raw_fd(),
+                libc::EPOLLIN | libc::EPOLLEXCLUSIVE,
+                0u64,
+            ),
+            (kick.as_raw_fd(), libc::EPOLLIN, 1u64),
+        ] {
+            let mut ev = libc::epoll_event {
+                events: flags as u32,
+                u64: tag,
+            };
+            // SAFETY: registers a live fd with our epoll set, reading one epoll_event.
+            if unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+                return Err(errno());
+            }
+        }
+        Ok(Self { epoll })
+    }
+
+    /// Waits until the userfaultfd or the eventfd is readable; returns whether the eventfd fired.
+    pub fn wait(&self) -> io::Result<bool> {
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 2];
         loop {
-            // SAFETY: poll reads and writes our two-element stack array.
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if r < 0 {
+            // SAFETY: epoll_wait writes at most 2 events into our stack array.
+            let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), evs.as_mut_ptr(), 2, -1) };
+            if n < 0 {
                 let e = errno();
                 if e.raw_os_error() == Some(libc::EINTR) {
                     continue;
                 }
                 return Err(e);
             }
-            return Ok(fds[1].revents != 0);
+            return Ok(evs[..n as usize].iter().any(|e| e.u64 == 1));
         }
     }
 }
