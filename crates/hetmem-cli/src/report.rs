@@ -71,6 +71,7 @@ pub struct Counters {
     pub pages_evicted: u64,
     pub zero_fills: u64,
     pub bytes_copied: u64,
+    pub pages_prefetched: u64,
 }
 
 impl Counters {
@@ -83,16 +84,18 @@ impl Counters {
             pages_evicted: b.pages_evicted - a.pages_evicted,
             zero_fills: b.zero_fills - a.zero_fills,
             bytes_copied: b.bytes_copied - a.bytes_copied,
+            pages_prefetched: b.pages_prefetched - a.pages_prefetched,
         }
     }
 
     fn show(&self) -> String {
         format!(
-            "{} CPU faults, {} device faults, {} pages to device, {} to system, {} zero-filled, {} copied",
+            "{} CPU faults, {} device faults, {} pages to device, {} to system, {} read ahead, {} zero-filled, {} copied",
             fmt_count(self.cpu_faults),
             fmt_count(self.device_faults),
             fmt_count(self.pages_to_device),
             fmt_count(self.pages_to_system),
+            fmt_count(self.pages_prefetched),
             fmt_count(self.zero_fills),
             fmt_bytes(self.bytes_copied)
         )

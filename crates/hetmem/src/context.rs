@@ -61,6 +61,7 @@ pub struct HetmemBuilder {
     service_threads: usize,
     fault_around: usize,
     readback_window: usize,
+    readahead_blocks: usize,
 }
 
 impl Default for HetmemBuilder {
@@ -70,6 +71,7 @@ impl Default for HetmemBuilder {
             service_threads: 2,
             fault_around: PAGES_PER_BLOCK,
             readback_window: PAGES_PER_BLOCK,
+            readahead_blocks: 4,
         }
     }
 }
@@ -116,6 +118,15 @@ impl HetmemBuilder {
     /// default 512, one block, as UVM migrates 2 MiB on a CPU fault of a GPU-resident block).
     pub fn readback_window_pages(mut self, n: usize) -> Self {
         self.readback_window = n.clamp(1, PAGES_PER_BLOCK);
+        self
+    }
+
+    /// Blocks a sequential CPU read-back brings home ahead of the faulting one (0 disables;
+    /// default 2), as the page cache's readahead does. A service thread migrates and maps them
+    /// while the application reads, except for each block's first page, whose fault keeps the
+    /// stream going.
+    pub fn readahead_blocks(mut self, n: usize) -> Self {
+        self.readahead_blocks = n;
         self
     }
 
@@ -168,6 +179,7 @@ impl HetmemBuilder {
             next_region: AtomicU64::new(1),
             clock: AtomicU64::new(1),
             readback_window: self.readback_window,
+            readahead: self.readahead_blocks,
             stats: Stats::default(),
             gate: ForkGate::default(),
             orphaned: AtomicBool::new(false),
@@ -235,6 +247,11 @@ pub(crate) struct Piece {
 /// Work read from the userfaultfd, already applied to the address map.
 #[derive(Debug)]
 pub(crate) enum Work {
+    /// Read-ahead: bring block `bi` home and map it for the CPU.
+    Prefetch {
+        region: Arc<Region>,
+        bi: usize,
+    },
     Fault {
         addr: usize,
         write: bool,
@@ -279,6 +296,7 @@ pub(crate) struct Inner {
     /// Logical clock for LRU.
     pub clock: AtomicU64,
     readback_window: usize,
+    readahead: usize,
     pub stats: Stats,
     /// Quiesces everything for fork (see `fork.rs`).
     pub gate: ForkGate,
@@ -630,8 +648,30 @@ impl Inner {
             Err(e) => return self.note_error("epoll", &e),
         };
         loop {
-            let mut work =
-                std::mem::take(&mut *self.backlog.lock().unwrap_or_else(|e| e.into_inner()));
+            // Faults first: what is pending on the descriptor and in the backlog. Then at most
+            // one read-ahead, so the other threads can share them and a fault never waits
+            // behind a queue of them.
+            let mut work = self.read_events();
+            let mut prefetch = None;
+            {
+                let mut backlog = self.backlog.lock().unwrap_or_else(|e| e.into_inner());
+                let mut rest = Vec::new();
+                for w in backlog.drain(..) {
+                    match w {
+                        Work::Prefetch { .. } if prefetch.is_none() && work.is_empty() => {
+                            prefetch = Some(w)
+                        }
+                        Work::Prefetch { .. } => rest.push(w),
+                        _ => work.push(w),
+                    }
+                }
+                *backlog = rest;
+                if !backlog.is_empty() {
+                    drop(backlog);
+                    self.kick();
+                }
+            }
+            work.extend(prefetch);
             if work.is_empty() {
                 match waiter.wait() {
                     Ok(kicked) => {
@@ -651,11 +691,12 @@ impl Inner {
                         return;
                     }
                 }
-                work = self.read_events();
+                continue;
             }
             for w in work {
                 match w {
                     Work::Fault { addr, write } => self.cpu_fault(addr & !(PAGE_SIZE - 1), write),
+                    Work::Prefetch { region, bi } => self.prefetch(&region, bi),
                     Work::Unmapped { region, off, len } => {
                         self.invalidate_file_range(&region, off, len, Invalidation::Unmap)
                     }
@@ -920,6 +961,12 @@ impl Inner {
                         .devices()
                         .any(|d| !self.topology.is_coherent(d) && v.is_valid_in(Mem::Device(d)))
             };
+            let marker = p.region.blocks[p.bi]
+                .prefetched
+                .swap(false, Ordering::AcqRel);
+            if (only_private || marker) && self.readahead > 0 {
+                self.read_ahead(&p.region, p.bi, marker);
+            }
             if only_private {
                 let w = self.readback_window;
                 let start = page / w * w;
@@ -993,6 +1040,73 @@ impl Inner {
             // EEXIST and repairs wake nobody by themselves.
             let _ = self.uffd.wake(addr, PAGE_SIZE);
         }
+    }
+
+    /// A CPU read-back hit block `bi`. If the stream is sequential (the previous read-back was
+    /// block `bi - 1`, or `bi` was itself read ahead), queue the next blocks.
+    fn read_ahead(&self, region: &Arc<Region>, bi: usize, marker: bool) {
+        let prev = region.ra_last.swap(bi, Ordering::AcqRel);
+        if !marker && prev.wrapping_add(1) != bi {
+            return;
+        }
+        let last = (bi + self.readahead).min(region.blocks.len() - 1);
+        // Continue where the stream's read-ahead stopped, unless that mark belongs to an older
+        // stream.
+        let next = region.ra_next.load(Ordering::Acquire);
+        let from = if next > bi && next <= bi + self.readahead + 1 {
+            next
+        } else {
+            bi + 1
+        };
+        if from > last {
+            return;
+        }
+        region.ra_next.store(last + 1, Ordering::Release);
+        let mut backlog = self.backlog.lock().unwrap_or_else(|e| e.into_inner());
+        for j in from..=last {
+            backlog.push(Work::Prefetch {
+                region: region.clone(),
+                bi: j,
+            });
+        }
+        drop(backlog);
+        self.kick();
+    }
+
+    /// Read-ahead of one block: migrate what lives only in private device memory home and map
+    /// it for the CPU, all but the first page, whose fault continues the stream.
+    fn prefetch(&self, region: &Region, bi: usize) {
+        let pages = region.block_pages(bi);
+        let away = {
+            let block = self.lock_block(&region.blocks[bi]);
+            let st = block.state();
+            let mut on_private = hetmem_proto::PageMask::EMPTY;
+            for d in self.topology.devices() {
+                if !self.topology.is_coherent(d) {
+                    on_private |= st.valid_in(Mem::Device(d));
+                }
+            }
+            !(on_private - st.valid_in(Mem::System)).is_empty()
+        };
+        let Some(all) = PageRun::new(0, pages, PAGES_PER_BLOCK) else {
+            return;
+        };
+        if !away
+            || self
+                .request(region, bi, all, RequestKind::Migrate { dst: Mem::System })
+                .is_err()
+        {
+            return;
+        }
+        self.stats.pages_prefetched.add(pages as u64);
+        if let Some(rest) = PageRun::new(1, pages - 1, PAGES_PER_BLOCK) {
+            let fault = RequestKind::Fault {
+                proc: Proc::Cpu,
+                access: Access::Read,
+            };
+            let _ = self.request_with(region, bi, rest, fault, |_, _| {});
+        }
+        region.blocks[bi].prefetched.store(true, Ordering::Release);
     }
 
     // ---------------------------------------------------------------- regions

@@ -324,7 +324,7 @@ impl Inner {
             .populated
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let drop = mask_of(run) & *pop - keep;
+        let drop = (mask_of(run) & *pop) - keep;
         *pop -= drop;
         for r in drop.runs() {
             self.punch(region, bi, r);

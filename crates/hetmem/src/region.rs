@@ -7,7 +7,7 @@
 //! moves a view: data, device copies and device page tables stay put.
 
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize};
 use std::sync::{Mutex, RwLock};
 
 use hetmem_proto::{Block2M, Layout, PageMask, BLOCK_WORDS, PAGES_PER_BLOCK, PAGE_SIZE};
@@ -66,6 +66,8 @@ pub(crate) struct BlockSlot {
     /// them with one UFFDIO_ZEROPAGE, and a zero fill needs no hole punch. Changed only under
     /// the engine lock.
     pub populated: Mutex<PageMask<BLOCK_WORDS>>,
+    /// Read ahead; its first page was left unmapped so that touching it continues the stream.
+    pub prefetched: AtomicBool,
 }
 
 /// A CPU view: `[va, va + len)` maps the memfd at `off`.
@@ -87,6 +89,9 @@ pub(crate) struct Region {
     /// Managed bytes (a multiple of the page size).
     pub len: usize,
     pub blocks: Box<[BlockSlot]>,
+    /// Read-ahead stream: the last block a CPU read-back hit, and the next block to fetch.
+    pub ra_last: AtomicUsize,
+    pub ra_next: AtomicUsize,
     /// The CPU views. Normally one; `mremap` and partial `munmap` split or move them.
     pub views: RwLock<Vec<View>>,
 }
@@ -110,6 +115,7 @@ impl Region {
                     held: (0..devices).map(|_| AtomicU32::new(0)).collect(),
                     adopted: Mutex::new(PageMask::EMPTY),
                     populated: Mutex::new(PageMask::EMPTY),
+                    prefetched: AtomicBool::new(false),
                 }
             })
             .collect();
@@ -121,6 +127,8 @@ impl Region {
             len,
             blocks,
             views: RwLock::new(Vec::new()),
+            ra_last: AtomicUsize::new(usize::MAX),
+            ra_next: AtomicUsize::new(0),
         }
     }
 

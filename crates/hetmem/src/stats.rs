@@ -29,6 +29,7 @@ pub(crate) struct Stats {
     pub bytes_copied: Counter,
     pub errors: Counter,
     pub failed_transfers: Counter,
+    pub pages_prefetched: Counter,
 }
 
 /// What the runtime did since the context was built.
@@ -52,6 +53,8 @@ pub struct StatsSnapshot {
     pub errors: u64,
     /// CPU faults whose copy back failed and was retried (device errors).
     pub failed_transfers: u64,
+    /// Pages brought home by sequential read-ahead.
+    pub pages_prefetched: u64,
 }
 
 impl Stats {
@@ -66,6 +69,7 @@ impl Stats {
             bytes_copied: self.bytes_copied.get(),
             errors: self.errors.get(),
             failed_transfers: self.failed_transfers.get(),
+            pages_prefetched: self.pages_prefetched.get(),
         }
     }
 }

@@ -324,6 +324,57 @@ fn teardown_leaks_nothing() {
     drop(a);
     drop(b);
     assert_eq!(dev.used_pages(), 0, "dropping buffers frees their frames");
-    assert!(!memfd_mapped_at(a_addr) && !memfd_mapped_at(b_addr), "views unmapped");
+    assert!(
+        !memfd_mapped_at(a_addr) && !memfd_mapped_at(b_addr),
+        "views unmapped"
+    );
+    assert_eq!(hm.stats().errors, 0);
+}
+
+/// A sequential CPU read-back of device-resident data is read ahead: one fault per block (its
+/// first page), the data intact, and a device write racing ahead of the reader still wins.
+#[test]
+fn sequential_read_back_reads_ahead() {
+    let hm = Hetmem::builder()
+        .sim_device(DeviceKind::Private, 32 << 20)
+        .build()
+        .unwrap();
+    let dev = hm.device(0).unwrap();
+    let blocks = 8;
+    let len = blocks * (2 << 20);
+    let mut buf = hm.alloc(len).unwrap();
+    for (i, w) in buf.chunks_exact_mut(8).enumerate() {
+        w.copy_from_slice(&(i as u64).to_le_bytes());
+    }
+    dev.migrate_to_device(buf.addr(), len).unwrap();
+    // The device rewrites a page of block 2, which is being read ahead, while the CPU is still
+    // in block 0: the protocol takes the read-ahead copy back first.
+    let last = buf.addr() + 2 * (2 << 20);
+    let s0 = hm.stats();
+    let mut sum = 0u64;
+    for (i, w) in buf.chunks_exact(8).enumerate() {
+        if i == 8 {
+            dev.write(last, &vec![0xffu8; PAGE_SIZE]).unwrap();
+        }
+        sum = sum.wrapping_add(u64::from_le_bytes(w.try_into().unwrap()));
+    }
+    let s1 = hm.stats();
+    let n = (len / 8) as u64;
+    let words_per_page = (PAGE_SIZE / 8) as u64;
+    let first_of_last = (2 * (2 << 20) / 8) as u64;
+    let replaced: u64 = (first_of_last..first_of_last + words_per_page).sum();
+    let expected = (n * (n - 1) / 2)
+        .wrapping_sub(replaced)
+        .wrapping_add(words_per_page.wrapping_mul(u64::MAX));
+    assert_eq!(sum, expected, "read-back data");
+    assert!(
+        s1.pages_prefetched - s0.pages_prefetched > 0,
+        "read ahead happened"
+    );
+    assert!(
+        s1.cpu_faults - s0.cpu_faults <= 2 * blocks as u64,
+        "about one fault per block: {}",
+        s1.cpu_faults - s0.cpu_faults
+    );
     assert_eq!(hm.stats().errors, 0);
 }
