@@ -951,7 +951,11 @@ impl Inner {
         // Read-back policy: data that lives only in private device memory comes back a window
         // at a time, not 4 KiB per fault. This is placement, decided here and carried out by
         // the protocol as an ordinary migration.
-        if self.readback_window > 1 {
+        let slot = &p.region.blocks[p.bi];
+        let on_private = self.topology.devices().any(|d| {
+            !self.topology.is_coherent(d) && slot.held[d.index()].load(Ordering::Relaxed) > 0
+        });
+        if self.readback_window > 1 && (on_private || slot.prefetched.load(Ordering::Relaxed)) {
             let only_private = {
                 let block = self.lock_block(&p.region.blocks[p.bi]);
                 let v = block.page(page);
@@ -997,18 +1001,17 @@ impl Inner {
                     access,
                 },
                 |block, outcome| {
-                    woken = outcome.wake.iter().any(|&(v, l)| (v..v + l).contains(&va));
+                    // Pages this drive mapped were woken, by their ioctl or by the drive's
+                    // wake list.
+                    woken = outcome.cpu_mapped.contains(page)
+                        || outcome.wake.iter().any(|&(v, l)| (v..v + l).contains(&va));
                     if outcome.cpu_mapped.contains(page) {
                         return;
                     }
                     // The engine already considers the page mapped (a user MADV_DONTNEED zapped
                     // it, or another thread's fault mapped it first): re-install what it says.
                     if let Some((mode, _)) = block.page(page).mapping_of(Proc::Cpu) {
-                        let wp = mode == hetmem_proto::MapMode::Read;
-                        let _ = self.fill(va, PAGE_SIZE, |s, l| {
-                            self.uffd.continue_(s, l, false, false)
-                        });
-                        let _ = self.uffd.write_protect(va, PAGE_SIZE, wp, false);
+                        self.remap_cpu_page(va, mode == hetmem_proto::MapMode::Read);
                     }
                 },
             );

@@ -225,8 +225,9 @@ impl Inner {
                         }
                     } else {
                         for &(va, len) in &ranges {
-                            self.zero_map(va, len);
-                            out.wake.push((va, len));
+                            if !self.zero_map(va, len) {
+                                out.wake.push((va, len));
+                            }
                         }
                     }
                 }
@@ -354,30 +355,40 @@ impl Inner {
     /// Fills holes of a CPU view with zero pages and maps them writable (UFFDIO_ZEROPAGE: one
     /// ioctl allocates, clears and maps). A page already in the page cache gives EEXIST and is
     /// mapped with CONTINUE instead.
-    fn zero_map(&self, va: usize, len: usize) {
-        let mut at = 0;
-        while at < len {
-            match self.uffd.zeropage(va + at, len - at, false) {
-                Ok(Fill::Done) => break,
-                Ok(Fill::Exists { done }) => {
-                    at += done;
-                    let _ = self.fill(va + at, PAGE_SIZE, |s, l| {
-                        self.uffd.continue_(s, l, false, false)
-                    });
-                    at += PAGE_SIZE;
-                }
-                Ok(Fill::Again { done }) => {
-                    at += done;
-                    if done == 0 {
-                        self.drain_events();
-                    }
-                }
-                Err(e) => {
-                    self.note_error("UFFDIO_ZEROPAGE", &e);
-                    break;
-                }
-            }
+    ///
+    /// Fresh zero pages need nothing more, so the ioctl wakes their waiters itself (one
+    /// ioctl per fault, as a plain userfaultfd handler). Returns false if some page took the
+    /// CONTINUE path, whose waiters the caller must wake.
+    fn zero_map(&self, va: usize, len: usize) -> bool {
+        let mut existing = Vec::new();
+        let r = self.fill_each(
+            va,
+            len,
+            &mut |s, l| self.uffd.zeropage(s, l, true),
+            &mut |page| existing.push(page),
+        );
+        if let Err(e) = &r {
+            self.note_error("UFFDIO_ZEROPAGE", e);
         }
+        for &page in &existing {
+            let _ = self.fill(page, PAGE_SIZE, |s, l| {
+                self.uffd.continue_(s, l, false, false)
+            });
+        }
+        r.is_ok() && existing.is_empty()
+    }
+
+    /// Re-installs the CPU mapping the protocol says a page has (after a raw MADV_DONTNEED, or
+    /// when another thread's fault mapped it first). The page is in the page cache, or a hole
+    /// that reads zero, which is then its data.
+    pub(crate) fn remap_cpu_page(&self, va: usize, wp: bool) {
+        let r = self.fill(va, PAGE_SIZE, |s, l| {
+            self.uffd.continue_(s, l, false, false)
+        });
+        if matches!(&r, Err(e) if e.raw_os_error() == Some(libc::EFAULT)) {
+            self.zero_map(va, PAGE_SIZE);
+        }
+        self.write_protect(va, PAGE_SIZE, wp);
     }
 
     /// Address of `mem`'s copy of `page`, and the guard that keeps it mapped.
@@ -585,23 +596,49 @@ impl Inner {
         len: usize,
         mut op: impl FnMut(usize, usize) -> io::Result<Fill>,
     ) -> io::Result<bool> {
-        let mut at = 0;
         let mut existed = false;
-        while at < len {
-            match op(start + at, len - at)? {
-                Fill::Done => break,
-                Fill::Exists { done } => {
-                    existed = true;
+        self.fill_each(start, len, &mut op, &mut |_| existed = true)?;
+        Ok(existed)
+    }
+
+    /// The loop behind `fill`: calls `on_exists` for each page that was already present.
+    /// A range that spans several mappings (an `mprotect` split the view, which user space
+    /// is not told about) fails with ENOENT: it is then filled one mapping at a time.
+    fn fill_each(
+        &self,
+        start: usize,
+        len: usize,
+        op: &mut dyn FnMut(usize, usize) -> io::Result<Fill>,
+        on_exists: &mut dyn FnMut(usize),
+    ) -> io::Result<()> {
+        let end = start + len;
+        let mut at = start;
+        let mut limit = end;
+        while at < end {
+            if at >= limit {
+                limit = end;
+            }
+            match op(at, limit - at) {
+                Ok(Fill::Done) => at = limit,
+                Ok(Fill::Exists { done }) => {
+                    on_exists(at + done);
                     at += done + PAGE_SIZE;
                 }
-                Fill::Again { done } => {
+                Ok(Fill::Again { done }) => {
                     at += done;
                     if done == 0 {
                         self.drain_events();
                     }
                 }
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) && limit - at > PAGE_SIZE => {
+                    match mem::vma_at(at) {
+                        Ok(Some((_, vend, _, _))) if vend > at && vend < limit => limit = vend,
+                        _ => return Err(e),
+                    }
+                }
+                Err(e) => return Err(e),
             }
         }
-        Ok(existed)
+        Ok(())
     }
 }
