@@ -987,6 +987,9 @@ impl Inner {
                 }
             }
         }
+        if fault_run == p.run && self.readback_window > 1 {
+            fault_run = self.map_around(p, access);
+        }
         let va = addr;
         let mut retried = false;
         let mut failures = 0u32;
@@ -1043,6 +1046,57 @@ impl Inner {
             // EEXIST and repairs wake nobody by themselves.
             let _ = self.uffd.wake(addr, PAGE_SIZE);
         }
+    }
+
+    /// Map-around for resident data: when the faulting page already has data in system
+    /// memory (evicted from a device, or unmapped by a migration that came back), map the
+    /// window's other such pages too, read-only or better, instead of taking one fault per
+    /// 4 KiB page. Pages a device maps writable are left alone, so a CPU touch does not take a
+    /// whole window away from a device at work. Returns the run to fault for the faulting
+    /// page itself.
+    fn map_around(&self, p: &Piece, access: Access) -> PageRun {
+        let slot = &p.region.blocks[p.bi];
+        let page = p.run.start();
+        // First touches are fault-around's business; a hole has no data yet.
+        if !slot
+            .populated
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(page)
+        {
+            return p.run;
+        }
+        let w = self.readback_window;
+        let start = page / w * w;
+        let n = w.min(p.region.block_pages(p.bi) - start);
+        let Some(window) = PageRun::new(start, n, PAGES_PER_BLOCK) else {
+            return p.run;
+        };
+        let runs: Vec<PageRun> = {
+            let block = self.lock_block(slot);
+            let st = block.state();
+            let mut device_writes = hetmem_proto::PageMask::EMPTY;
+            for d in self.topology.devices() {
+                device_writes |= st.mapped_writable_by(Proc::Device(d));
+            }
+            let m = (hetmem_proto::PageMask::from_run(window) & st.valid_in(Mem::System))
+                - st.mapped_by(Proc::Cpu)
+                - device_writes;
+            m.runs().collect()
+        };
+        let mut own = p.run;
+        for run in runs {
+            if run.pages().contains(&page) && access == Access::Read {
+                own = run;
+                continue;
+            }
+            let read = RequestKind::Fault {
+                proc: Proc::Cpu,
+                access: Access::Read,
+            };
+            let _ = self.request_with(&p.region, p.bi, run, read, |_, _| {});
+        }
+        own
     }
 
     /// A CPU read-back hit block `bi`. If the stream is sequential (the previous read-back was

@@ -378,3 +378,41 @@ fn sequential_read_back_reads_ahead() {
     );
     assert_eq!(hm.stats().errors, 0);
 }
+
+/// Data evicted from a device lands in system memory unmapped; the CPU maps it back a window
+/// at a time (map-around), not one fault per 4 KiB page.
+#[test]
+fn evicted_data_is_mapped_around() {
+    let hm = Hetmem::builder()
+        .sim_device(DeviceKind::Private, 4 << 20)
+        .build()
+        .unwrap();
+    let dev = hm.device(0).unwrap();
+    let blocks = 8;
+    let len = blocks * (2 << 20);
+    let mut buf = hm.alloc(len).unwrap();
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = (i / PAGE_SIZE) as u8;
+    }
+    dev.kernel_write(buf.addr(), len, |addr, bytes| {
+        for (k, page) in bytes.chunks_exact_mut(PAGE_SIZE).enumerate() {
+            let add = ((addr + k * PAGE_SIZE) % 7) as u8;
+            page.iter_mut().for_each(|b| *b = b.wrapping_add(add));
+        }
+    })
+    .unwrap();
+    assert!(
+        hm.stats().pages_evicted > 0,
+        "the device is smaller than the buffer"
+    );
+    let s0 = hm.stats();
+    for (i, chunk) in buf.chunks_exact(PAGE_SIZE).enumerate() {
+        let want = (i as u8).wrapping_add(((buf.addr() + i * PAGE_SIZE) % 7) as u8);
+        assert!(chunk.iter().all(|&b| b == want), "page {i}");
+    }
+    let faults = hm.stats().cpu_faults - s0.cpu_faults;
+    assert!(
+        faults <= 2 * blocks as u64,
+        "{faults} CPU faults for {blocks} blocks"
+    );
+}
