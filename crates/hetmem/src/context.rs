@@ -122,7 +122,7 @@ impl HetmemBuilder {
     }
 
     /// Blocks a sequential CPU read-back brings home ahead of the faulting one (0 disables;
-    /// default 2), as the page cache's readahead does. A service thread migrates and maps them
+    /// default 4), as the page cache's readahead does. A service thread migrates and maps them
     /// while the application reads, except for each block's first page, whose fault keeps the
     /// stream going.
     pub fn readahead_blocks(mut self, n: usize) -> Self {
@@ -1048,11 +1048,11 @@ impl Inner {
         }
     }
 
-    /// Map-around for resident data: when the faulting page already has data in system
-    /// memory (evicted from a device, or unmapped by a migration that came back), map the
-    /// window's other such pages too, read-only or better, instead of taking one fault per
-    /// 4 KiB page. Pages a device maps writable are left alone, so a CPU touch does not take a
-    /// whole window away from a device at work. Returns the run to fault for the faulting
+    /// Map-around for resident data: when the faulting page already has data the CPU can map
+    /// without a copy (system memory, after an eviction or a migration back, or a coherent
+    /// device), map the window's other such pages too, with a read fault, instead of taking
+    /// one fault per 4 KiB page. A read fault only downgrades device write mappings (a device
+    /// that writes again faults once per block). Returns the run to fault for the faulting
     /// page itself.
     fn map_around(&self, p: &Piece, access: Access) -> PageRun {
         let slot = &p.region.blocks[p.bi];
@@ -1075,13 +1075,14 @@ impl Inner {
         let runs: Vec<PageRun> = {
             let block = self.lock_block(slot);
             let st = block.state();
-            let mut device_writes = hetmem_proto::PageMask::EMPTY;
+            let mut reachable = st.valid_in(Mem::System);
             for d in self.topology.devices() {
-                device_writes |= st.mapped_writable_by(Proc::Device(d));
+                if self.topology.is_coherent(d) {
+                    reachable |= st.valid_in(Mem::Device(d));
+                }
             }
-            let m = (hetmem_proto::PageMask::from_run(window) & st.valid_in(Mem::System))
-                - st.mapped_by(Proc::Cpu)
-                - device_writes;
+            let m =
+                (hetmem_proto::PageMask::from_run(window) & reachable) - st.mapped_by(Proc::Cpu);
             m.runs().collect()
         };
         let mut own = p.run;
