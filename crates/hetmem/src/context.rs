@@ -1104,7 +1104,9 @@ impl Inner {
     /// block `bi - 1`, or `bi` was itself read ahead), queue the next blocks.
     fn read_ahead(&self, region: &Arc<Region>, bi: usize, marker: bool) {
         let prev = region.ra_last.swap(bi, Ordering::AcqRel);
-        if !marker && prev.wrapping_add(1) != bi {
+        // A stream takes two read-backs in consecutive blocks (or a read-ahead marker): one
+        // read-back alone says nothing about the next block.
+        if !marker && (prev == usize::MAX || prev + 1 != bi) {
             return;
         }
         let last = (bi + self.readahead).min(region.blocks.len() - 1);
