@@ -908,6 +908,7 @@ impl Inner {
     /// space, so this runs before every device access and migration. Returns the protection
     /// of the piece's first page.
     pub(crate) fn sync_prot(&self, p: &Piece) -> Result<(bool, bool)> {
+        self.check_eof(&p.region);
         let end = p.va + p.run.len() * PAGE_SIZE;
         let mut at = p.va;
         let mut first = None;
@@ -947,6 +948,7 @@ impl Inner {
         let p = &pieces[0];
         let page = p.run.start();
         let access = if write { Access::Write } else { Access::Read };
+        self.check_eof(&p.region);
         let mut fault_run = p.run;
         // Read-back policy: data that lives only in private device memory comes back a window
         // at a time, not 4 KiB per fault. This is placement, decided here and carried out by
@@ -1036,11 +1038,18 @@ impl Inner {
                 r => break r,
             }
         };
-        if let Err(e) = r {
-            // The protocol refused (the page was unmapped under us): stop managing the page
-            // so the faulting thread is not stuck; the kernel then serves it.
-            self.note_error("cpu fault", &std::io::Error::other(e.to_string()));
-            let _ = self.uffd.unregister(addr, PAGE_SIZE);
+        match r {
+            Ok(()) => {}
+            // Past the end of the file: SIGBUS, as with mmap.
+            Err(RequestError::BeyondEof) => {
+                let _ = self.fill(addr, PAGE_SIZE, |s, l| self.uffd.poison(s, l));
+            }
+            Err(e) => {
+                // The protocol refused (the page was unmapped under us): stop managing the
+                // page so the faulting thread is not stuck; the kernel then serves it.
+                self.note_error("cpu fault", &std::io::Error::other(e.to_string()));
+                let _ = self.uffd.unregister(addr, PAGE_SIZE);
+            }
         }
         if !woken {
             // EEXIST and repairs wake nobody by themselves.
@@ -1171,18 +1180,22 @@ impl Inner {
 
     // ---------------------------------------------------------------- regions
 
-    fn new_region(&self, len: usize) -> Result<(Arc<Region>, Mapping)> {
+    pub(crate) fn new_region(
+        &self,
+        len: usize,
+        file: Option<crate::region::FileBacking>,
+    ) -> Result<(Arc<Region>, Mapping)> {
         let id = self.next_region.fetch_add(1, Ordering::Relaxed);
         let memfd = mem::memfd(&format!("hetmem-{id}"), len).map_err(Error::os("memfd_create"))?;
         let backing =
             Mapping::shared(memfd.as_fd(), 0, len).map_err(Error::os("mmap backing view"))?;
         let cpu = Mapping::shared_aligned(memfd.as_fd(), len, BLOCK_BYTES)
             .map_err(Error::os("mmap cpu view"))?;
-        let region = Arc::new(Region::new(memfd, backing, len, self.devices.len()));
+        let region = Arc::new(Region::new(memfd, backing, len, self.devices.len(), file));
         Ok((region, cpu))
     }
 
-    fn register_view(&self, va: usize, len: usize) -> Result<()> {
+    pub(crate) fn register_view(&self, va: usize, len: usize) -> Result<()> {
         // SAFETY: the view stays mapped until `remove_region` unregisters it, and service
         // threads serve its faults for as long as the context lives, which every buffer
         // outlives by holding the context.
@@ -1310,7 +1323,7 @@ impl Hetmem {
             ));
         }
         let inner = self.inner();
-        let (region, cpu) = inner.new_region(len)?;
+        let (region, cpu) = inner.new_region(len, None)?;
         let va = cpu.addr();
         inner.register_view(va, len)?;
         // From here on the view is the region's: it is unmapped in `free_region`.
@@ -1369,7 +1382,7 @@ impl Hetmem {
             return Err(Error::Invalid("the range is already managed"));
         }
         let inner = self.inner();
-        let (region, cpu) = inner.new_region(len)?;
+        let (region, cpu) = inner.new_region(len, None)?;
         drop(cpu);
         // SAFETY: the caller guarantees nobody touches the range during the call; the backing
         // view is ours and `len` long.

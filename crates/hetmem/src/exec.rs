@@ -43,11 +43,14 @@ impl Outcome {
     }
 }
 
+/// Asynchronous work a drive runs after the synchronous actions.
 struct Transfer {
     op: OpId,
     src: Source,
     dst: Mem,
     run: PageRun,
+    /// A writeback of `src`'s copy (`Source::Mem`) to the file at this page.
+    writeback: Option<u64>,
 }
 
 fn mask_of(run: PageRun) -> Mask {
@@ -80,14 +83,24 @@ impl Inner {
             let mut transfers = Vec::new();
             for action in actions.drain(..) {
                 match action {
-                    Action::Transfer { op, src, dst, run } => {
-                        transfers.push(Transfer { op, src, dst, run })
-                    }
-                    Action::WriteBack { op, run, .. } => transfers.push(Transfer {
+                    Action::Transfer { op, src, dst, run } => transfers.push(Transfer {
                         op,
-                        src: Source::Zero,
+                        src,
+                        dst,
+                        run,
+                        writeback: None,
+                    }),
+                    Action::WriteBack {
+                        op,
+                        src,
+                        run,
+                        file_page,
+                    } => transfers.push(Transfer {
+                        op,
+                        src: Source::Mem(src),
                         dst: Mem::System,
                         run,
+                        writeback: Some(file_page),
                     }),
                     other => self.execute(region, bi, block, other, &mut cpu_now, &mut out),
                 }
@@ -97,7 +110,10 @@ impl Inner {
             }
             let mut results: Vec<(OpId, Result<(), OpError>)> = Vec::new();
             for t in &transfers {
-                let r = self.transfer(region, bi, t);
+                let r = match t.writeback {
+                    Some(file_page) => self.write_back(region, bi, t, file_page),
+                    None => self.transfer(region, bi, t),
+                };
                 match results.iter_mut().find(|(op, _)| *op == t.op) {
                     Some((_, acc)) => {
                         if acc.is_ok() {
@@ -552,8 +568,90 @@ impl Inner {
                     _ => {}
                 }
             }
-            Source::File { .. } => return Err(OpError::Io),
+            Source::File { file_page } => {
+                let Some(f) = &region.file else {
+                    return Err(OpError::Io);
+                };
+                // pread straight into the destination: a device fault loads file data into
+                // device memory without mapping it on the CPU.
+                let dst = match dst_dev {
+                    Some(_) => dst_guard
+                        .as_ref()
+                        .and_then(|g| g.chunk.as_ref())
+                        .and_then(|c| c.host_ptr())
+                        .map(|p| p.wrapping_add(off))
+                        .ok_or(OpError::Device)?,
+                    None => {
+                        *slot.populated.lock().unwrap_or_else(|e| e.into_inner()) |= mask_of(t.run);
+                        region.backing_ptr(bi, t.run.start())
+                    }
+                };
+                // SAFETY: dst is `bytes` of a bound frame run (backing view or chunk) that the
+                // protocol marked busy, so nobody else touches it.
+                let buf = unsafe { std::slice::from_raw_parts_mut(dst, bytes) };
+                read_file(&f.file, buf, file_page * PAGE_SIZE as u64)?;
+                self.stats.pages_from_file.add(t.run.len() as u64);
+                if let Mem::Device(d) = t.dst {
+                    self.stats.pages_to_device.add(t.run.len() as u64);
+                    self.devices[d.index()]
+                        .counters
+                        .migrated_in
+                        .add(t.run.len() as u64);
+                }
+            }
         }
+        Ok(())
+    }
+
+    /// Writes `src`'s copy of the run to the file (pwrite through the page cache), from system
+    /// memory or straight from device memory. Private mappings never reach the file.
+    fn write_back(
+        &self,
+        region: &Region,
+        bi: usize,
+        t: &Transfer,
+        file_page: u64,
+    ) -> Result<(), OpError> {
+        let Some(f) = &region.file else {
+            return Err(OpError::Io);
+        };
+        if f.mode != crate::region::FileMode::Shared {
+            return Ok(());
+        }
+        if f.fail_writeback
+            .fetch_update(
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+                |n| n.checked_sub(1),
+            )
+            .is_ok()
+        {
+            return Err(errno_to_op(
+                f.fail_errno.load(std::sync::atomic::Ordering::Acquire),
+            ));
+        }
+        let bytes = t.run.len() * PAGE_SIZE;
+        let slot = &region.blocks[bi];
+        let guard;
+        let src = match t.src {
+            Source::Mem(Mem::Device(d)) if !self.topology.is_coherent(d) => {
+                guard = slot.dev[d.index()]
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner());
+                guard
+                    .chunk
+                    .as_ref()
+                    .and_then(|c| c.host_ptr())
+                    .map(|p| p.wrapping_add(t.run.start() * PAGE_SIZE))
+                    .ok_or(OpError::Device)?
+            }
+            _ => region.backing_ptr(bi, t.run.start()),
+        };
+        // SAFETY: src holds the latest data of the run; the protocol keeps it stable during
+        // writeback (mappings read-only, writers wait), and it stays mapped (guard or backing).
+        let data = unsafe { std::slice::from_raw_parts(src as *const u8, bytes) };
+        write_file(&f.file, data, file_page * PAGE_SIZE as u64)?;
+        self.stats.pages_written_back.add(t.run.len() as u64);
         Ok(())
     }
 
@@ -641,4 +739,44 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+fn errno_to_op(errno: i32) -> OpError {
+    match errno {
+        libc::ENOSPC | libc::EDQUOT => OpError::NoSpace,
+        _ => OpError::Io,
+    }
+}
+
+/// Reads `buf.len()` bytes at `offset`; bytes past the end of the file read zero.
+fn read_file(file: &std::fs::File, buf: &mut [u8], offset: u64) -> Result<(), OpError> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                break;
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(errno_to_op(e.raw_os_error().unwrap_or(libc::EIO))),
+        }
+    }
+    Ok(())
+}
+
+/// Writes all of `data` at `offset`.
+fn write_file(file: &std::fs::File, data: &[u8], offset: u64) -> Result<(), OpError> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < data.len() {
+        match file.write_at(&data[done..], offset + done as u64) {
+            Ok(0) => return Err(OpError::NoSpace),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(errno_to_op(e.raw_os_error().unwrap_or(libc::EIO))),
+        }
+    }
+    Ok(())
 }

@@ -17,6 +17,7 @@ mod context;
 mod device;
 mod error;
 mod exec;
+mod file;
 mod fork;
 mod raw;
 mod region;
@@ -30,5 +31,7 @@ pub use device::{
     PageState, SimBackend,
 };
 pub use error::{Error, Result};
+pub use file::FileMapping;
 pub use hetmem_proto::{Advice, DeviceId, DeviceKind, MapMode, PAGE_SIZE};
+pub use region::FileMode;
 pub use stats::StatsSnapshot;

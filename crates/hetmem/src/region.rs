@@ -78,6 +78,31 @@ pub(crate) struct View {
     pub len: usize,
 }
 
+/// How a file mapping treats writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileMode {
+    /// Neither the CPU nor devices may write.
+    ReadOnly,
+    /// Writes go back to the file (flush, sync, unmap).
+    Shared,
+    /// Copy-on-write: writes stay in memory and never reach the file.
+    Private,
+}
+
+/// The file behind a file-backed region.
+#[derive(Debug)]
+pub(crate) struct FileBacking {
+    pub file: std::fs::File,
+    /// File offset of the region's first byte, in pages.
+    pub first_page: u64,
+    pub mode: FileMode,
+    /// Pages of the region at or beyond this one are past the file's end (already truncated).
+    pub eof_page: AtomicUsize,
+    /// Test hook: fail this many upcoming writebacks with this errno.
+    pub fail_writeback: AtomicU32,
+    pub fail_errno: std::sync::atomic::AtomicI32,
+}
+
 /// A managed region.
 #[derive(Debug)]
 pub(crate) struct Region {
@@ -88,6 +113,8 @@ pub(crate) struct Region {
     pub backing: Mapping,
     /// Managed bytes (a multiple of the page size).
     pub len: usize,
+    /// The file, for a file mapping.
+    pub file: Option<FileBacking>,
     pub blocks: Box<[BlockSlot]>,
     /// Read-ahead stream: the last block a CPU read-back hit, and the next block to fetch.
     pub ra_last: AtomicUsize,
@@ -97,16 +124,26 @@ pub(crate) struct Region {
 }
 
 impl Region {
-    pub fn new(memfd: OwnedFd, backing: Mapping, len: usize, devices: usize) -> Self {
+    pub fn new(
+        memfd: OwnedFd,
+        backing: Mapping,
+        len: usize,
+        devices: usize,
+        file: Option<FileBacking>,
+    ) -> Self {
         let nblocks = len.div_ceil(BLOCK_BYTES);
         let blocks = (0..nblocks)
             .map(|b| {
                 let pages = ((len - b * BLOCK_BYTES).min(BLOCK_BYTES)) / PAGE_SIZE;
-                let mut layout = Layout::anonymous();
+                let mut layout = match &file {
+                    Some(f) => Layout::file(f.first_page + (b * PAGES_PER_BLOCK) as u64),
+                    None => Layout::anonymous(),
+                };
                 if pages < PAGES_PER_BLOCK {
                     let mut managed = PageMask::EMPTY;
                     managed.insert_range(0, pages);
                     layout.managed = managed;
+                    layout.file_backed &= managed;
                 }
                 BlockSlot {
                     engine: Mutex::new(Block2M::new(layout)),
@@ -125,6 +162,7 @@ impl Region {
             memfd,
             backing,
             len,
+            file,
             blocks,
             views: RwLock::new(Vec::new()),
             ra_last: AtomicUsize::new(usize::MAX),

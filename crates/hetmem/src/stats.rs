@@ -30,6 +30,8 @@ pub(crate) struct Stats {
     pub errors: Counter,
     pub failed_transfers: Counter,
     pub pages_prefetched: Counter,
+    pub pages_from_file: Counter,
+    pub pages_written_back: Counter,
 }
 
 /// What the runtime did since the context was built.
@@ -55,6 +57,10 @@ pub struct StatsSnapshot {
     pub failed_transfers: u64,
     /// Pages brought home by sequential read-ahead.
     pub pages_prefetched: u64,
+    /// Pages read from files (first touch of file mappings).
+    pub pages_from_file: u64,
+    /// Pages written back to files.
+    pub pages_written_back: u64,
 }
 
 impl Stats {
@@ -70,6 +76,8 @@ impl Stats {
             errors: self.errors.get(),
             failed_transfers: self.failed_transfers.get(),
             pages_prefetched: self.pages_prefetched.get(),
+            pages_from_file: self.pages_from_file.get(),
+            pages_written_back: self.pages_written_back.get(),
         }
     }
 }

@@ -379,6 +379,34 @@ impl Uffd {
         Self::fill_outcome(r, arg.zeropage)
     }
 
+    /// Marks missing pages poisoned (UFFDIO_POISON, Linux 6.6): an access raises SIGBUS, as
+    /// one past the end of a truncated file does.
+    pub fn poison(&self, start: usize, len: usize) -> io::Result<Fill> {
+        let mut arg = uapi::uffdio_poison {
+            range: uapi::uffdio_range {
+                start: start as u64,
+                len: len as u64,
+            },
+            mode: 0,
+            updated: 0,
+        };
+        // _IOWR(UFFDIO, _UFFDIO_POISON, struct uffdio_poison); linux-raw-sys 0.12 lacks the number.
+        const UFFDIO_POISON: libc::c_ulong = (3 << 30)
+            | ((std::mem::size_of::<uapi::uffdio_poison>() as libc::c_ulong) << 16)
+            | (0xAA << 8)
+            | uapi::_UFFDIO_POISON as libc::c_ulong;
+        // SAFETY: UFFDIO_POISON reads and writes one uffdio_poison on our stack; it installs
+        // markers on missing pages only.
+        let r = unsafe {
+            libc::ioctl(
+                self.fd.as_raw_fd(),
+                UFFDIO_POISON as _,
+                &mut arg as *mut uapi::uffdio_poison,
+            )
+        };
+        Self::fill_outcome(r, arg.updated)
+    }
+
     /// Sets (`protect`) or clears write protection on the range. Clearing wakes waiters unless
     /// `wake` is false.
     pub fn write_protect(

@@ -1,0 +1,217 @@
+//! File mappings: a file's pages as managed memory (`docs/file-contract.md`).
+//!
+//! hetmem keeps its own cache of the file's pages above the kernel's page cache: a region like
+//! an allocation, whose blocks are file-backed in the protocol. First touches read the file
+//! (`pread`, straight into device memory for a device fault); writebacks write it (`pwrite`,
+//! straight from device memory). `flush` is msync(MS_SYNC), `sync` adds fdatasync, and dropping
+//! the mapping writes dirty pages back first.
+
+#![allow(unsafe_code)]
+
+use std::path::Path;
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use hetmem_proto::{Invalidation, OpError, PageRun, RequestKind, PAGES_PER_BLOCK, PAGE_SIZE};
+
+use crate::context::{Hetmem, Inner, Shared};
+use crate::error::{Error, Result};
+use crate::region::{FileBacking, FileMode, Region};
+
+/// A file mapped as managed memory ([`Hetmem::map_file`]).
+#[derive(Debug)]
+pub struct FileMapping {
+    shared: Arc<Shared>,
+    region: Arc<Region>,
+    addr: usize,
+    len: usize,
+    mode: FileMode,
+}
+
+impl Hetmem {
+    /// Maps `len` bytes of the file at `path`, from byte `offset` (both page-aligned), as
+    /// managed memory. Pages are read from the file on first touch by the CPU or a device.
+    /// Pages past the file's end are like an mmap's: a CPU access raises SIGBUS, a device
+    /// access fails with `Fault`.
+    pub fn map_file(
+        &self,
+        path: impl AsRef<Path>,
+        offset: u64,
+        len: usize,
+        mode: FileMode,
+    ) -> Result<FileMapping> {
+        if len == 0 || len % PAGE_SIZE != 0 || offset % PAGE_SIZE as u64 != 0 {
+            return Err(Error::Invalid(
+                "offset and length must be page-aligned, length non-zero",
+            ));
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(mode == FileMode::Shared)
+            .open(path.as_ref())
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ENOENT) => Error::NoEnt("no such file"),
+                _ => Error::os("open file")(e),
+            })?;
+        let meta = file.metadata().map_err(Error::os("stat file"))?;
+        if !meta.is_file() {
+            return Err(Error::Invalid("only regular files can be mapped"));
+        }
+        let inner = &self.0.inner;
+        let pages = len / PAGE_SIZE;
+        let backing = FileBacking {
+            file,
+            first_page: offset / PAGE_SIZE as u64,
+            mode,
+            eof_page: AtomicUsize::new(pages),
+            fail_writeback: AtomicU32::new(0),
+            fail_errno: AtomicI32::new(libc::EIO),
+        };
+        let (region, cpu) = inner.new_region(len, Some(backing))?;
+        let va = cpu.addr();
+        inner.register_view(va, len)?;
+        cpu.leak();
+        inner.add_region(region.clone(), va);
+        let mapping = FileMapping {
+            shared: self.0.clone(),
+            region,
+            addr: va,
+            len,
+            mode,
+        };
+        if mode == FileMode::ReadOnly {
+            self.protect(va, len, true, false)?;
+        }
+        inner.check_eof(&mapping.region);
+        Ok(mapping)
+    }
+}
+
+impl Inner {
+    /// Compares a file mapping with the file's current size: pages past a new end of file get
+    /// `Invalidate { Truncate }` (their data is dropped, dirty or not) and are poisoned for the
+    /// CPU, so an access raises SIGBUS as with mmap. Runs at every fault and flush of a file
+    /// mapping: without leases, that is when hetmem notices another process's truncate.
+    pub(crate) fn check_eof(&self, region: &Region) {
+        let Some(f) = &region.file else {
+            return;
+        };
+        let Ok(meta) = f.file.metadata() else {
+            return;
+        };
+        let total = region.len / PAGE_SIZE;
+        let file_pages = meta.len().div_ceil(PAGE_SIZE as u64);
+        let eof = file_pages.saturating_sub(f.first_page).min(total as u64) as usize;
+        let old = f.eof_page.fetch_min(eof, Ordering::AcqRel);
+        if eof >= old {
+            return;
+        }
+        let mut page = eof;
+        while page < old {
+            let bi = page / PAGES_PER_BLOCK;
+            let start = page % PAGES_PER_BLOCK;
+            let n = (PAGES_PER_BLOCK - start).min(old - page);
+            if let Some(run) = PageRun::new(start, n, PAGES_PER_BLOCK) {
+                let _ = self.invalidate(region, bi, run, Invalidation::Truncate);
+            }
+            page += n;
+        }
+        let mut ranges = Vec::new();
+        region.cpu_ranges(eof * PAGE_SIZE, (old - eof) * PAGE_SIZE, &mut ranges);
+        for (va, len) in ranges {
+            let _ = self.fill(va, len, |s, l| self.uffd.poison(s, l));
+        }
+    }
+
+    /// Writes back every dirty page of a file mapping; the first error, once.
+    pub(crate) fn flush_region(&self, region: &Region) -> Result<()> {
+        self.check_eof(region);
+        let mut first = Ok(());
+        for bi in 0..region.blocks.len() {
+            let Some(all) = PageRun::new(0, region.block_pages(bi), PAGES_PER_BLOCK) else {
+                continue;
+            };
+            let r = self.request(region, bi, all, RequestKind::Flush);
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+}
+
+impl FileMapping {
+    /// Start address.
+    pub fn addr(&self) -> usize {
+        self.addr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: mappings are at least one page.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The mapping's mode.
+    pub fn mode(&self) -> FileMode {
+        self.mode
+    }
+
+    /// The memory, read-only.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the CPU view is mapped for as long as `self` lives; pages fault in from the
+        // file through the service threads. Devices write a page only while the protocol has
+        // taken the CPU's mapping away.
+        unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) }
+    }
+
+    /// The memory, writable. `None` for a read-only mapping.
+    pub fn as_mut_slice(&mut self) -> Option<&mut [u8]> {
+        if self.mode == FileMode::ReadOnly {
+            return None;
+        }
+        // SAFETY: as for `as_slice`; `&mut self` makes this the only CPU reference, and the
+        // view is writable in this mode.
+        Some(unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u8, self.len) })
+    }
+
+    /// Writes every dirty page back to the file and waits, like msync(MS_SYNC). A writeback
+    /// error (EIO, ENOSPC) is reported once; the pages stay dirty and a later flush retries.
+    /// Private and read-only mappings have nothing to write.
+    pub fn flush(&self) -> Result<()> {
+        self.shared.inner.flush_region(&self.region)
+    }
+
+    /// `flush`, then fdatasync: the data is durable when this returns.
+    pub fn sync(&self) -> Result<()> {
+        self.flush()?;
+        if self.mode == FileMode::Shared {
+            let file = &self.region.file.as_ref().expect("a file mapping").file;
+            file.sync_data().map_err(|e| match e.raw_os_error() {
+                Some(libc::ENOSPC) => Error::Io(OpError::NoSpace),
+                _ => Error::Io(OpError::Io),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Test hook: the next `n` writebacks fail with `errno` (EIO or ENOSPC), as a failing disk
+    /// would.
+    pub fn inject_writeback_failures(&self, n: u32, errno: i32) {
+        let f = self.region.file.as_ref().expect("a file mapping");
+        f.fail_errno.store(errno, Ordering::Release);
+        f.fail_writeback.store(n, Ordering::Release);
+    }
+}
+
+impl Drop for FileMapping {
+    fn drop(&mut self) {
+        // Unmapping writes dirty pages back first (the protocol's Invalidate { Unmap }); an
+        // error there has no caller to go to, so flush first when it matters.
+        self.shared.inner.free_region(&self.region);
+    }
+}
