@@ -1029,7 +1029,7 @@ impl Inner {
                 }
                 // A copy back failed; the data stayed where it was. The faulting thread must
                 // not see anything else, so it waits while we retry, backing off to 10 ms.
-                Err(RequestError::Op(_)) => {
+                Err(RequestError::Op(_)) if failures < 32 => {
                     self.stats.failed_transfers.add(1);
                     failures += 1;
                     let pause = 1u64 << failures.min(13);
@@ -1040,8 +1040,10 @@ impl Inner {
         };
         match r {
             Ok(()) => {}
-            // Past the end of the file: SIGBUS, as with mmap.
-            Err(RequestError::BeyondEof) => {
+            // Past the end of the file: SIGBUS, as with mmap. A copy that keeps failing
+            // (a file that cannot be read, a dead device) is a memory error: SIGBUS too, as
+            // the kernel gives for an unreadable page, rather than a thread stuck for ever.
+            Err(RequestError::BeyondEof | RequestError::Op(_)) => {
                 let _ = self.fill(addr, PAGE_SIZE, |s, l| self.uffd.poison(s, l));
             }
             Err(e) => {

@@ -21,8 +21,9 @@ pub enum Error {
     /// A device is full and nothing on it can be evicted (ENOMEM).
     #[error("device memory exhausted (ENOMEM)")]
     NoMem,
-    /// A transfer or the device failed; the data stayed where it was (EIO).
-    #[error("transfer failed: {0} (EIO)")]
+    /// A transfer, a writeback or the device failed; the data stayed where it was, dirty data
+    /// stayed dirty (EIO, or ENOSPC for a full file system).
+    #[error("transfer failed: {0}")]
     Io(OpError),
     /// The kernel refused a system call.
     #[error("{what}: {source}")]
@@ -46,6 +47,7 @@ impl Error {
             Error::NoEnt(_) => libc::ENOENT,
             Error::Invalid(_) => libc::EINVAL,
             Error::NoMem => libc::ENOMEM,
+            Error::Io(OpError::NoSpace) => libc::ENOSPC,
             Error::Io(_) => libc::EIO,
             Error::Os { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::Unsupported(_) => libc::ENOSYS,

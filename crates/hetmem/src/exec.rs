@@ -647,10 +647,15 @@ impl Inner {
             }
             _ => region.backing_ptr(bi, t.run.start()),
         };
+        // As the kernel writes back an mmap: nothing past the end of the file, so a writeback
+        // never grows it (a last partial page is clipped at EOF).
+        let offset = file_page * PAGE_SIZE as u64;
+        let size = f.file.metadata().map_err(|_| OpError::Io)?.len();
+        let bytes = (size.saturating_sub(offset)).min(bytes as u64) as usize;
         // SAFETY: src holds the latest data of the run; the protocol keeps it stable during
         // writeback (mappings read-only, writers wait), and it stays mapped (guard or backing).
         let data = unsafe { std::slice::from_raw_parts(src as *const u8, bytes) };
-        write_file(&f.file, data, file_page * PAGE_SIZE as u64)?;
+        write_file(&f.file, data, offset)?;
         self.stats.pages_written_back.add(t.run.len() as u64);
         Ok(())
     }
