@@ -1251,7 +1251,10 @@ impl Inner {
     pub(crate) fn drop_all_copies(&self, region: &Region) {
         for bi in 0..region.blocks.len() {
             let all = PageRun::new(0, region.block_pages(bi), PAGES_PER_BLOCK).expect("non-empty");
-            let _ = self.invalidate(region, bi, all, Invalidation::Unmap);
+            if let Err(e) = self.invalidate(region, bi, all, Invalidation::Unmap) {
+                // A writeback that failed at unmap: the data goes with the mapping.
+                self.note_error("writeback at unmap", &std::io::Error::other(e.to_string()));
+            }
         }
     }
 
