@@ -2,22 +2,28 @@
 //! process, interleaved run by run, medians of `--runs` runs after one warm-up run.
 
 use std::cell::Cell;
+use std::fs::{File, OpenOptions};
 use std::hint::black_box;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context as _, Result};
-use hetmem::{DeviceKind, Hetmem, ManagedBuf, Target as Dest, PAGE_SIZE};
+use hetmem::{DeviceKind, FileMode, Hetmem, ManagedBuf, Target as Dest, PAGE_SIZE};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::baseline::{self, AnonMap};
 use crate::report::{self, median, percentile, BenchReport, Counters, Row, Target};
 
-const ALL: [char; 6] = ['a', 'b', 'c', 'd', 'e', 'f'];
+const ALL: [char; 8] = ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h'];
+
+/// Chunk of the file baselines and of file creation.
+const CHUNK: usize = 2 << 20;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Buffer size in MiB for the throughput measurements (a-d).
+    /// Buffer size in MiB for the throughput measurements (a-d) and the file scanned by g.
     #[arg(long, default_value_t = 256)]
     pub size_mib: usize,
     /// Measured runs per measurement (after one warm-up run); the median is reported.
@@ -27,7 +33,9 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: Option<String>,
     /// Only these measurements, e.g. `--only a,e` (a: first touch, b: CPU read-back from the
-    /// device, c: device-fault migration, d: explicit migration, e: fault latency, f: metadata).
+    /// device, c: device-fault migration, d: explicit migration, e: fault latency, f: metadata,
+    /// g: device scan of a file in the page cache, h: device update + flush of a file larger
+    /// than device memory).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Pages touched per run by the fault-latency measurement (e).
@@ -36,6 +44,9 @@ pub struct BenchArgs {
     /// Fault-service threads of the fault-latency context (e); the baseline has one handler.
     #[arg(long, default_value_t = 2)]
     pub fault_service_threads: usize,
+    /// Device memory in MiB for the file update (h); the file is 4 times as large.
+    #[arg(long, default_value_t = 32)]
+    pub update_device_mib: usize,
     /// Exit with status 1 when a target is missed.
     #[arg(long)]
     pub strict: bool,
@@ -53,11 +64,86 @@ fn sum_u64(bytes: &[u8]) -> u64 {
     })
 }
 
+/// Word `i` of the pattern.
+fn pattern_word(i: usize) -> u64 {
+    (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
 /// Fills `bytes` with a position-dependent pattern.
 fn fill_pattern(bytes: &mut [u8]) {
+    fill_pattern_at(bytes, 0);
+}
+
+/// The pattern from word `first` on.
+fn fill_pattern_at(bytes: &mut [u8], first: usize) {
     for (i, c) in bytes.chunks_exact_mut(8).enumerate() {
-        c.copy_from_slice(&(i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).to_ne_bytes());
+        c.copy_from_slice(&pattern_word(first + i).to_ne_bytes());
     }
+}
+
+/// Adds one to every native-endian u64.
+fn inc_u64(bytes: &mut [u8]) {
+    for c in bytes.chunks_exact_mut(8) {
+        let v = u64::from_ne_bytes((&*c).try_into().expect("8 bytes"));
+        c.copy_from_slice(&v.wrapping_add(1).to_ne_bytes());
+    }
+}
+
+/// `std::env::temp_dir()/hetmem-bench-<pid>/`, removed with everything in it on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Result<Self> {
+        let p = std::env::temp_dir().join(format!("hetmem-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&p).with_context(|| format!("create {}", p.display()))?;
+        Ok(Self(p))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Creates `path` with `len` bytes of the pattern, made durable (so no writeback of it runs
+/// during the measurements), then reads it once so it sits in the page cache. Returns the
+/// pattern's u64 sum.
+fn create_pattern_file(path: &Path, len: usize) -> Result<u64> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .with_context(|| format!("create {}", path.display()))?;
+    let mut chunk = vec![0u8; CHUNK];
+    let mut sum = 0u64;
+    for off in (0..len).step_by(CHUNK) {
+        let n = CHUNK.min(len - off);
+        fill_pattern_at(&mut chunk[..n], off / 8);
+        sum = sum.wrapping_add(sum_u64(&chunk[..n]));
+        f.write_all_at(&chunk[..n], off as u64)
+            .with_context(|| format!("write {}", path.display()))?;
+    }
+    f.sync_data()
+        .with_context(|| format!("fdatasync {}", path.display()))?;
+    let mut check = 0u64;
+    for off in (0..len).step_by(CHUNK) {
+        let n = CHUNK.min(len - off);
+        f.read_exact_at(&mut chunk[..n], off as u64)
+            .with_context(|| format!("read {}", path.display()))?;
+        check = check.wrapping_add(sum_u64(&chunk[..n]));
+    }
+    ensure!(check == sum, "{} reads back wrong", path.display());
+    Ok(sum)
+}
+
+/// A pre-faulted buffer of `len` bytes.
+fn prefaulted(len: usize, byte: u8) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    v.fill(byte);
+    v
 }
 
 /// Pre-faulted buffers for the memcpy baseline.
@@ -176,7 +262,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             let s = s.trim().to_ascii_lowercase();
             match s.chars().next() {
                 Some(c) if s.len() == 1 && ALL.contains(&c) => v.push(c),
-                _ => bail!("--only takes letters a-f, got {s:?}"),
+                _ => bail!("--only takes letters a-h, got {s:?}"),
             }
         }
         v
@@ -186,6 +272,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         eprintln!("warning: --runs {} < 5: medians are noisy", a.runs);
     }
     ensure!(a.size_mib >= 4, "--size-mib must be at least 4");
+    ensure!(
+        a.update_device_mib >= 2,
+        "--update-device-mib must be at least 2"
+    );
     let len = a.size_mib << 20;
     let runs = a.runs;
     let has = |c: char| sel.contains(&c);
@@ -495,6 +585,155 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             Vec::new(),
         ));
     }
+    let tmp = if has('g') || has('h') {
+        Some(TempDir::new()?)
+    } else {
+        None
+    };
+
+    if has('g') {
+        pb.set_message("g: device scan of a file (warm page cache)");
+        let path = tmp.as_ref().expect("created").0.join("g.bin");
+        let expected = create_pattern_file(&path, len)?;
+        let mut rd = prefaulted(len, 1);
+        let mut cp = prefaulted(len, 2);
+        let (hs, bs) = sampled(
+            runs,
+            &pb,
+            || {
+                // A fresh mapping each run: every page comes from the file (device faults
+                // pread it straight into device memory).
+                let acc = AtomicU64::new(0);
+                let s0 = hm.stats();
+                let t = Instant::now();
+                let m = hm.map_file(&path, 0, len, FileMode::ReadOnly)?;
+                dev.kernel_read(m.addr(), len, |_, s| {
+                    acc.fetch_add(sum_u64(s), Ordering::Relaxed);
+                })?;
+                let secs = t.elapsed().as_secs_f64();
+                last.set(Some(Counters::between(s0, hm.stats())));
+                drop(m);
+                ensure!(acc.into_inner() == expected, "file scan checksum mismatch");
+                Ok(gbps(len, secs))
+            },
+            || {
+                let t = Instant::now();
+                let f = File::open(&path)?;
+                f.read_exact_at(&mut rd, 0)?;
+                cp.copy_from_slice(&rd);
+                black_box(&mut cp);
+                let secs = t.elapsed().as_secs_f64();
+                Ok(gbps(len, secs))
+            },
+        )?;
+        ensure!(sum_u64(&cp) == expected, "baseline read the file wrong");
+        drop((rd, cp));
+        let _ = std::fs::remove_file(&path);
+        rows.push(with(
+            last.take(),
+            row(
+                "g",
+                &format!(
+                    "device scan of a {} MiB file, warm page cache (map_file ReadOnly + kernel_read sum)",
+                    a.size_mib
+                ),
+                "GB/s",
+                "pread into a pre-faulted buffer + memcpy to another",
+                Target::AtLeast(0.7),
+                hs,
+                bs,
+            ),
+        ));
+    }
+
+    if has('h') {
+        pb.set_message("h: device update + flush of a file 4x device memory");
+        let dlen = a.update_device_mib << 20;
+        let flen = 4 * dlen;
+        let hm2 = Hetmem::builder()
+            .sim_device(DeviceKind::Private, dlen)
+            .build()
+            .context("build the file-update context")?;
+        let dev2 = hm2.device(0).context("device 0")?;
+        let path = tmp.as_ref().expect("created").0.join("h.bin");
+        create_pattern_file(&path, flen)?;
+        let mut chunk = prefaulted(CHUNK, 1);
+        // Increments applied to every word so far, by either side (warm-up included).
+        let incs = Cell::new(0u64);
+        let (hs, bs) = sampled(
+            runs,
+            &pb,
+            || {
+                let s0 = hm2.stats();
+                let t = Instant::now();
+                let m = hm2.map_file(&path, 0, flen, FileMode::Shared)?;
+                dev2.kernel_write(m.addr(), flen, |_, s| inc_u64(s))?;
+                m.flush()?;
+                let secs = t.elapsed().as_secs_f64();
+                last.set(Some(Counters::between(s0, hm2.stats())));
+                drop(m);
+                incs.set(incs.get() + 1);
+                // Untimed: the next run starts with a clean page cache, as the baseline's does.
+                File::open(&path)?.sync_data()?;
+                Ok(gbps(flen, secs))
+            },
+            || {
+                let t = Instant::now();
+                let f = OpenOptions::new().read(true).write(true).open(&path)?;
+                for off in (0..flen).step_by(CHUNK) {
+                    let n = CHUNK.min(flen - off);
+                    f.read_exact_at(&mut chunk[..n], off as u64)?;
+                    inc_u64(&mut chunk[..n]);
+                    f.write_all_at(&chunk[..n], off as u64)?;
+                }
+                let secs = t.elapsed().as_secs_f64();
+                incs.set(incs.get() + 1);
+                f.sync_data()?;
+                Ok(gbps(flen, secs))
+            },
+        )?;
+        // Every word of the file went up by one per run, whichever side ran it.
+        let f = File::open(&path)?;
+        let n = incs.get();
+        for off in (0..flen).step_by(CHUNK) {
+            let len = CHUNK.min(flen - off);
+            f.read_exact_at(&mut chunk[..len], off as u64)?;
+            for (i, c) in chunk[..len].chunks_exact(8).enumerate() {
+                let got = u64::from_ne_bytes(c.try_into().expect("8 bytes"));
+                let want = pattern_word(off / 8 + i).wrapping_add(n);
+                ensure!(
+                    got == want,
+                    "file update: word {} is {got:#x}, expected {want:#x}",
+                    off / 8 + i
+                );
+            }
+        }
+        drop(f);
+        let _ = std::fs::remove_file(&path);
+        if hm2.stats().errors != 0 {
+            eprintln!(
+                "warning: the file-update context reported {} errors",
+                hm2.stats().errors
+            );
+        }
+        rows.push(with(
+            last.take(),
+            row(
+                "h",
+                &format!(
+                    "device update of a {} MiB file, 4x device memory (map Shared + kernel_write +1/u64 + flush)",
+                    flen >> 20
+                ),
+                "GB/s",
+                "per 2 MiB: pread, +1/u64, pwrite (no fdatasync: flush is msync-like)",
+                Target::None,
+                hs,
+                bs,
+            ),
+        ));
+    }
+    drop(tmp);
+
     pb.finish_and_clear();
     if hm.stats().errors != 0 {
         eprintln!(

@@ -5,11 +5,16 @@
 //! mixes it with the row above, so pages go to the device (evicting others: the grid does not
 //! fit) and come back. A plain `Vec` computed by the same functions on the CPU alone must match
 //! byte for byte.
+//!
+//! With `--file PATH` the grid is a file mapped `Shared` instead of anonymous memory: pages come
+//! from the file on first touch, the result is `sync`ed back, and the file itself (read back
+//! with `std::fs::read`) is what gets verified.
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
-use hetmem::{DeviceKind, Hetmem, SimConfig, PAGE_SIZE};
+use hetmem::{DeviceKind, FileMode, Hetmem, SimConfig, StatsSnapshot, PAGE_SIZE};
 
 use crate::report::{fmt_bytes, fmt_count};
 
@@ -41,6 +46,11 @@ pub struct DemoArgs {
     /// Device kernel worker threads.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
+    /// Run on this file, mapped Shared, instead of anonymous memory. A missing file is created
+    /// with the initial grid (--size-mib); an existing one must be --size-mib long, and its
+    /// content is the starting grid. The result is synced to the file and verified there.
+    #[arg(long)]
+    pub file: Option<PathBuf>,
 }
 
 #[inline]
@@ -117,6 +127,49 @@ fn device_pass_reference(grid: &mut [u8], iter: u32) {
     }
 }
 
+/// The file's starting grid: read back if it exists (it must be `len` bytes), else created
+/// with the initial grid and made durable, so the timed part does not race the first
+/// writeback. Returns the content and whether the file was created.
+fn prepare_file(path: &Path, len: usize) -> Result<(Vec<u8>, bool)> {
+    match std::fs::read(path) {
+        Ok(v) if v.len() == len => Ok((v, false)),
+        Ok(v) => bail!(
+            "{} is {} bytes, --size-mib asks for {len}: remove it or pass its size",
+            path.display(),
+            v.len()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut v = vec![0u8; len];
+            init_grid(&mut v);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .with_context(|| format!("create {}", path.display()))?;
+            std::io::Write::write_all(&mut f, &v)
+                .with_context(|| format!("write {}", path.display()))?;
+            f.sync_data()
+                .with_context(|| format!("fdatasync {}", path.display()))?;
+            Ok((v, true))
+        }
+        Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+    }
+}
+
+/// First differing row and byte of two grids.
+fn first_mismatch(got: &[u8], want: &[u8]) -> Option<(usize, usize)> {
+    let r = got
+        .chunks(PAGE_SIZE)
+        .zip(want.chunks(PAGE_SIZE))
+        .position(|(a, b)| a != b)?;
+    let off = got[r * PAGE_SIZE..]
+        .iter()
+        .zip(&want[r * PAGE_SIZE..])
+        .position(|(a, b)| a != b)
+        .unwrap_or(0);
+    Some((r, r * PAGE_SIZE + off))
+}
+
 pub fn run(a: &DemoArgs) -> Result<()> {
     if a.size_mib == 0 || a.device_mib == 0 || a.iters == 0 {
         bail!("--size-mib, --device-mib and --iters must be positive");
@@ -150,12 +203,43 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         println!("note: the grid fits in device memory, so nothing will be evicted");
     }
 
-    // Managed grid, filled by the CPU (first touch).
-    let mut grid = hm.alloc(len).context("allocate managed memory")?;
-    init_grid(&mut grid);
-    let base = grid.addr();
-
+    // The grid: managed anonymous memory filled by the CPU (first touch), or a file mapped
+    // Shared whose pages come from the file on first touch (by the device, mostly).
+    let mut anon = None;
+    let mut mapped = None;
+    let mut initial = None;
+    match &a.file {
+        None => {
+            let mut g = hm.alloc(len).context("allocate managed memory")?;
+            init_grid(&mut g);
+            anon = Some(g);
+        }
+        Some(path) => {
+            let (init, created) = prepare_file(path, len)?;
+            println!(
+                "file: {} ({}), mapped Shared",
+                path.display(),
+                if created {
+                    "created with the initial grid"
+                } else {
+                    "existing: its content is the starting grid"
+                }
+            );
+            initial = Some(init);
+            mapped = Some(
+                hm.map_file(path, 0, len, FileMode::Shared)
+                    .with_context(|| format!("map {}", path.display()))?,
+            );
+        }
+    }
     let s0 = hm.stats();
+    let grid: &mut [u8] = match (&mut anon, &mut mapped) {
+        (Some(g), _) => g,
+        (None, Some(m)) => m.as_mut_slice().context("a Shared mapping is writable")?,
+        (None, None) => unreachable!("one of the two was set"),
+    };
+    let base = grid.as_ptr() as usize;
+
     dev.reset_counters();
     let mut t_dev = Duration::ZERO;
     let mut t_cpu = Duration::ZERO;
@@ -172,17 +256,33 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         .with_context(|| format!("device kernel, iteration {it}"))?;
         t_dev += t.elapsed();
         let t = Instant::now();
-        sums.push(cpu_pass(&mut grid, it));
+        sums.push(cpu_pass(grid, it));
         t_cpu += t.elapsed();
     }
     let elapsed = t0.elapsed();
     let st = hm.stats();
     let dc = dev.counters();
+    // A file's result goes back to it, durably (flush + fdatasync).
+    let t_sync = match &mapped {
+        Some(m) => {
+            let t = Instant::now();
+            m.sync().context("sync the file mapping")?;
+            Some(t.elapsed())
+        }
+        None => None,
+    };
+    let st_end = hm.stats();
 
     // The same computation on the CPU alone.
     let t = Instant::now();
-    let mut reference = vec![0u8; len];
-    init_grid(&mut reference);
+    let mut reference = match initial {
+        Some(v) => v,
+        None => {
+            let mut v = vec![0u8; len];
+            init_grid(&mut v);
+            v
+        }
+    };
     let mut ref_sums = Vec::with_capacity(a.iters as usize);
     for it in 0..a.iters {
         device_pass_reference(&mut reference, it);
@@ -190,12 +290,98 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     }
     let t_ref = t.elapsed();
 
+    report(
+        a,
+        &ReportIn {
+            len,
+            rows,
+            dev: &dev,
+            dc,
+            s0,
+            st,
+            st_end,
+            elapsed,
+            t_dev,
+            t_cpu,
+            t_sync,
+            t_ref,
+        },
+    );
+
+    let errors = st_end.errors - s0.errors;
+    let (what, mismatch) = match (&anon, &mapped, &a.file) {
+        (Some(g), _, _) => ("the grid", first_mismatch(g, &reference)),
+        (None, Some(m), Some(path)) => {
+            // What the file holds, read through the kernel's page cache, not the mapping.
+            let on_disk =
+                std::fs::read(path).with_context(|| format!("read back {}", path.display()))?;
+            if on_disk.len() != len {
+                bail!(
+                    "verified: FAILED (the file is {} bytes, not {len})",
+                    on_disk.len()
+                );
+            }
+            match first_mismatch(&on_disk, &reference) {
+                Some(m) => ("the file", Some(m)),
+                // The CPU view must agree with the file too.
+                None => ("the mapping", first_mismatch(m.as_slice(), &reference)),
+            }
+        }
+        _ => unreachable!("one of the two was set"),
+    };
+    let checksum = sums.last().copied().unwrap_or(0);
+    match mismatch {
+        None if sums == ref_sums && errors == 0 => {
+            match &a.file {
+                None => println!(
+                    "verified: OK ({} bytes identical to the CPU-only reference, final checksum {:#018x})",
+                    len, checksum
+                ),
+                Some(path) => println!(
+                    "verified: OK (file {} read back: {} bytes identical to the CPU-only reference, final checksum {:#018x})",
+                    path.display(),
+                    len,
+                    checksum
+                ),
+            }
+            Ok(())
+        }
+        None if errors != 0 => bail!("verified: FAILED ({errors} runtime errors)"),
+        None => bail!("verified: FAILED (per-iteration checksums differ)"),
+        Some((r, byte)) => bail!("verified: MISMATCH at row {r}, byte {byte} of {what}"),
+    }
+}
+
+/// What the summary shows.
+struct ReportIn<'a> {
+    len: usize,
+    rows: usize,
+    dev: &'a hetmem::Device,
+    dc: hetmem::DeviceCounters,
+    s0: StatsSnapshot,
+    /// After the iterations.
+    st: StatsSnapshot,
+    /// After the sync (file mode), else the same as `st`.
+    st_end: StatsSnapshot,
+    elapsed: Duration,
+    t_dev: Duration,
+    t_cpu: Duration,
+    t_sync: Option<Duration>,
+    t_ref: Duration,
+}
+
+fn report(a: &DemoArgs, r: &ReportIn<'_>) {
+    let (len, rows, dev, dc, s0, st) = (r.len, r.rows, r.dev, r.dc, r.s0, r.st);
     let touched = 2.0 * len as f64 * f64::from(a.iters);
     let copied = st.bytes_copied - s0.bytes_copied;
-    let secs = elapsed.as_secs_f64();
+    let secs = r.elapsed.as_secs_f64();
     let line = |k: &str, v: String| println!("  {k:<22} {v}");
     line(
-        "managed memory",
+        if a.file.is_some() {
+            "managed memory (file)"
+        } else {
+            "managed memory"
+        },
         format!("{} ({} pages)", fmt_bytes(len as u64), rows),
     );
     line(
@@ -214,11 +400,20 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         format!(
             "{:.3} s (device kernels {:.3} s, CPU passes {:.3} s); CPU-only reference {:.3} s",
             secs,
-            t_dev.as_secs_f64(),
-            t_cpu.as_secs_f64(),
-            t_ref.as_secs_f64()
+            r.t_dev.as_secs_f64(),
+            r.t_cpu.as_secs_f64(),
+            r.t_ref.as_secs_f64()
         ),
     );
+    if let Some(t) = r.t_sync {
+        line(
+            "sync",
+            format!(
+                "{:.3} s (flush + fdatasync, after the iterations)",
+                t.as_secs_f64()
+            ),
+        );
+    }
     line(
         "pages to device",
         fmt_count(st.pages_to_device - s0.pages_to_device),
@@ -250,6 +445,22 @@ pub fn run(a: &DemoArgs) -> Result<()> {
             fmt_count(dc.evicted)
         ),
     );
+    if a.file.is_some() {
+        let end = r.st_end;
+        line(
+            "pages from file",
+            fmt_count(end.pages_from_file - s0.pages_from_file),
+        );
+        line(
+            "pages written back",
+            format!(
+                "{} ({} during the iterations, {} by the sync)",
+                fmt_count(end.pages_written_back - s0.pages_written_back),
+                fmt_count(st.pages_written_back - s0.pages_written_back),
+                fmt_count(end.pages_written_back - st.pages_written_back)
+            ),
+        );
+    }
     line(
         "bytes copied",
         format!("{} ({})", fmt_count(copied), fmt_bytes(copied)),
@@ -264,34 +475,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
             copied as f64 / secs / 1e9
         ),
     );
-    if st.errors != s0.errors {
-        line("runtime errors", fmt_count(st.errors - s0.errors));
-    }
-
-    let mismatch = grid
-        .chunks(PAGE_SIZE)
-        .zip(reference.chunks(PAGE_SIZE))
-        .position(|(a, b)| a != b);
-    match mismatch {
-        None if sums == ref_sums && st.errors == s0.errors => {
-            println!("verified: OK ({} bytes identical to the CPU-only reference, final checksum {:#018x})", len, sums.last().copied().unwrap_or(0));
-            Ok(())
-        }
-        None if st.errors != s0.errors => bail!(
-            "verified: FAILED ({} runtime errors)",
-            st.errors - s0.errors
-        ),
-        None => bail!("verified: FAILED (per-iteration checksums differ)"),
-        Some(r) => {
-            let off = grid[r * PAGE_SIZE..]
-                .iter()
-                .zip(&reference[r * PAGE_SIZE..])
-                .position(|(a, b)| a != b)
-                .unwrap_or(0);
-            bail!(
-                "verified: MISMATCH at row {r}, byte {} of the grid",
-                r * PAGE_SIZE + off
-            )
-        }
+    if r.st_end.errors != s0.errors {
+        line("runtime errors", fmt_count(r.st_end.errors - s0.errors));
     }
 }

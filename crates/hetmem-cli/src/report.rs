@@ -72,6 +72,8 @@ pub struct Counters {
     pub zero_fills: u64,
     pub bytes_copied: u64,
     pub pages_prefetched: u64,
+    pub pages_from_file: u64,
+    pub pages_written_back: u64,
 }
 
 impl Counters {
@@ -85,19 +87,31 @@ impl Counters {
             zero_fills: b.zero_fills - a.zero_fills,
             bytes_copied: b.bytes_copied - a.bytes_copied,
             pages_prefetched: b.pages_prefetched - a.pages_prefetched,
+            pages_from_file: b.pages_from_file - a.pages_from_file,
+            pages_written_back: b.pages_written_back - a.pages_written_back,
         }
     }
 
     fn show(&self) -> String {
+        let file = if self.pages_from_file + self.pages_written_back > 0 {
+            format!(
+                ", {} pages from file, {} written back",
+                fmt_count(self.pages_from_file),
+                fmt_count(self.pages_written_back)
+            )
+        } else {
+            String::new()
+        };
         format!(
-            "{} CPU faults, {} device faults, {} pages to device, {} to system, {} read ahead, {} zero-filled, {} copied",
+            "{} CPU faults, {} device faults, {} pages to device, {} to system, {} read ahead, {} zero-filled, {} copied{}",
             fmt_count(self.cpu_faults),
             fmt_count(self.device_faults),
             fmt_count(self.pages_to_device),
             fmt_count(self.pages_to_system),
             fmt_count(self.pages_prefetched),
             fmt_count(self.zero_fills),
-            fmt_bytes(self.bytes_copied)
+            fmt_bytes(self.bytes_copied),
+            file
         )
     }
 }

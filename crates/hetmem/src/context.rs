@@ -1224,11 +1224,9 @@ impl Inner {
             let _g = self.events.lock().unwrap_or_else(|e| e.into_inner());
             let mut space = self.space.write().unwrap_or_else(|e| e.into_inner());
             space.retain(|_, m| !Arc::ptr_eq(&m.region, region));
-            region
-                .views
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone()
+            // Emptied before unregistering, so a drive still running on the region (a
+            // read-ahead) stops touching the views first.
+            std::mem::take(&mut *region.views.write().unwrap_or_else(|e| e.into_inner()))
         };
         for v in &views {
             let _ = self.uffd.unregister(v.va, v.len);
