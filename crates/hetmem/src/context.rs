@@ -976,7 +976,7 @@ impl Inner {
             if only_private {
                 let w = self.readback_window;
                 let start = page / w * w;
-                let n = w.min(p.region.block_pages(p.bi) - start);
+                let n = w.min(self.pages_before_eof(&p.region, p.bi).saturating_sub(start));
                 if let Some(run) = PageRun::new(start, n, PAGES_PER_BLOCK) {
                     let _ = self.request(
                         &p.region,
@@ -1029,6 +1029,8 @@ impl Inner {
                 }
                 // A copy back failed; the data stayed where it was. The faulting thread must
                 // not see anything else, so it waits while we retry, backing off to 10 ms.
+                // A window that reaches past a new end of file: the page alone decides.
+                Err(RequestError::BeyondEof) if fault_run != p.run => fault_run = p.run,
                 Err(RequestError::Op(_)) if failures < 32 => {
                     self.stats.failed_transfers.add(1);
                     failures += 1;
@@ -1044,7 +1046,7 @@ impl Inner {
             // (a file that cannot be read, a dead device) is a memory error: SIGBUS too, as
             // the kernel gives for an unreadable page, rather than a thread stuck for ever.
             Err(RequestError::BeyondEof | RequestError::Op(_)) => {
-                let _ = self.fill(addr, PAGE_SIZE, |s, l| self.uffd.poison(s, l));
+                self.poison(addr, PAGE_SIZE);
             }
             Err(e) => {
                 // The protocol refused (the page was unmapped under us): stop managing the
@@ -1079,7 +1081,7 @@ impl Inner {
         }
         let w = self.readback_window;
         let start = page / w * w;
-        let n = w.min(p.region.block_pages(p.bi) - start);
+        let n = w.min(self.pages_before_eof(&p.region, p.bi).saturating_sub(start));
         let Some(window) = PageRun::new(start, n, PAGES_PER_BLOCK) else {
             return p.run;
         };
@@ -1147,7 +1149,10 @@ impl Inner {
     /// Read-ahead of one block: migrate what lives only in private device memory home and map
     /// it for the CPU, all but the first page, whose fault continues the stream.
     fn prefetch(&self, region: &Region, bi: usize) {
-        let pages = region.block_pages(bi);
+        let pages = self.pages_before_eof(region, bi);
+        if pages == 0 {
+            return;
+        }
         let away = {
             let block = self.lock_block(&region.blocks[bi]);
             let st = block.state();

@@ -394,6 +394,16 @@ impl Inner {
         r.is_ok() && existing.is_empty()
     }
 
+    /// Poisons a CPU range (UFFDIO_POISON): an access raises SIGBUS. A page that was mapped
+    /// read-only leaves a write-protect marker behind when unmapped, and POISON refuses any
+    /// non-empty entry, so the protection is cleared first.
+    pub(crate) fn poison(&self, va: usize, len: usize) {
+        self.write_protect(va, len, false);
+        if let Err(e) = self.fill(va, len, |s, l| self.uffd.poison(s, l)) {
+            self.note_error("UFFDIO_POISON", &e);
+        }
+    }
+
     /// Re-installs the CPU mapping the protocol says a page has (after a raw MADV_DONTNEED, or
     /// when another thread's fault mapped it first). The page is in the page cache, or a hole
     /// that reads zero, which is then its data.

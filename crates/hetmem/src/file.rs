@@ -88,6 +88,19 @@ impl Hetmem {
 }
 
 impl Inner {
+    /// Pages of block `bi` before the end of the file (all of them for anonymous memory).
+    pub(crate) fn pages_before_eof(&self, region: &Region, bi: usize) -> usize {
+        let pages = region.block_pages(bi);
+        match &region.file {
+            Some(f) => f
+                .eof_page
+                .load(Ordering::Acquire)
+                .saturating_sub(bi * PAGES_PER_BLOCK)
+                .min(pages),
+            None => pages,
+        }
+    }
+
     /// Compares a file mapping with the file's current size: pages past a new end of file get
     /// `Invalidate { Truncate }` (their data is dropped, dirty or not) and are poisoned for the
     /// CPU, so an access raises SIGBUS as with mmap. Runs at every fault and flush of a file
@@ -119,7 +132,7 @@ impl Inner {
         let mut ranges = Vec::new();
         region.cpu_ranges(eof * PAGE_SIZE, (old - eof) * PAGE_SIZE, &mut ranges);
         for (va, len) in ranges {
-            let _ = self.fill(va, len, |s, l| self.uffd.poison(s, l));
+            self.poison(va, len);
         }
     }
 

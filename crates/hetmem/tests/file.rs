@@ -1,0 +1,1177 @@
+//! File mappings (`Hetmem::map_file`) against real files in a fresh temporary directory: the
+//! tests `docs/file-contract.md` cites.
+//!
+//! Every test runs under a watchdog (`HETMEM_TEST_TIMEOUT_S`, default 30 s), so a hang fails
+//! the test instead of the whole run. Other processes (forked children, `truncate(1)`) stand for
+//! "another process": a forked child never uses the parent's `Hetmem` (the child of
+//! `crash_during_flush_leaves_old_or_new_pages` builds a fresh one of its own). Nothing sleeps
+//! to synchronize: children report through pipes and exit codes.
+//!
+//! File contents are stamped per page: word 0 is a tag (0 for the file's original contents, a
+//! generation for later writes), word 1 the page index, and the rest a mix of both with the word
+//! index. A page is therefore recognisable as a whole: right tag, right place, not torn.
+
+#![allow(unsafe_code, clippy::undocumented_unsafe_blocks)]
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use hetmem::{DeviceKind, Error, FileMode, Hetmem, Location, PAGE_SIZE};
+use hetmem_proto::OpError;
+use libc::c_int;
+
+const MIB: usize = 1 << 20;
+/// How long one test may run before the watchdog calls it hung (`HETMEM_TEST_TIMEOUT_S`).
+const DEFAULT_TIMEOUT_S: u64 = 30;
+/// How long an access that should end at once (a read, or SIGBUS) may take.
+const QUICK: Duration = Duration::from_secs(2);
+/// Exit code of a forked child whose code panicked.
+const CHILD_PANICKED: c_int = 99;
+
+// ---------------------------------------------------------------------------------------------
+// Fixture: watchdog, temporary directory, context
+// ---------------------------------------------------------------------------------------------
+
+fn test_timeout() -> Duration {
+    let s = std::env::var("HETMEM_TEST_TIMEOUT_S")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(DEFAULT_TIMEOUT_S);
+    Duration::from_secs(s)
+}
+
+/// Runs a scenario on its own thread and fails the test if it does not finish in time.
+fn watchdog(name: &'static str, f: fn() -> Result<()>) -> Result<()> {
+    let (tx, rx) = mpsc::channel::<()>();
+    let handle = thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            let r = f();
+            let _ = tx.send(());
+            r
+        })?;
+    let limit = test_timeout();
+    match rx.recv_timeout(limit) {
+        Ok(()) | Err(RecvTimeoutError::Disconnected) => match handle.join() {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        },
+        Err(RecvTimeoutError::Timeout) => {
+            panic!("{name}: still running after {limit:?}: hung (set HETMEM_TEST_TIMEOUT_S)")
+        }
+    }
+}
+
+macro_rules! tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() -> Result<()> {
+                watchdog(stringify!($name), scenarios::$name)
+            }
+        )*
+    };
+}
+
+tests!(
+    file_read,
+    file_write_device_resident,
+    cpu_write_reaches_file_after_flush,
+    unflushed_writes_are_invisible,
+    private_mode_never_writes_back,
+    read_only_mode_refuses_writes,
+    drop_writes_back,
+    eio_keeps_data_dirty_and_retry_succeeds,
+    enospc_on_small_tmpfs,
+    truncate_by_other_process,
+    file_larger_than_device,
+    crash_during_flush_leaves_old_or_new_pages,
+);
+
+/// A fresh directory under `std::env::temp_dir()`, removed with its contents on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Result<Self> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("hetmem-file-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).with_context(|| format!("create {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn context(kind: DeviceKind, capacity: usize) -> Result<Hetmem> {
+    Ok(Hetmem::builder().sim_device(kind, capacity).build()?)
+}
+
+fn last_os_error() -> std::io::Error {
+    std::io::Error::last_os_error()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Page contents
+// ---------------------------------------------------------------------------------------------
+
+/// Word `j` of page `page` with tag `tag`.
+fn word_of(tag: u32, page: usize, j: usize) -> u32 {
+    match j {
+        0 => tag,
+        1 => page as u32,
+        _ => (tag.wrapping_mul(0x9e37_79b1) ^ (page as u32).wrapping_mul(0x85eb_ca77))
+            .wrapping_add((j as u32).wrapping_mul(0xc2b2_ae3d))
+            .rotate_left(j as u32 % 31),
+    }
+}
+
+/// Writes page `page`'s contents with `tag` into `out` (one page). Allocates nothing.
+fn stamp_page(out: &mut [u8], tag: u32, page: usize) {
+    for (j, w) in out.chunks_exact_mut(4).enumerate() {
+        w.copy_from_slice(&word_of(tag, page, j).to_ne_bytes());
+    }
+}
+
+/// Whether `page_bytes` is exactly page `page` with `tag`. Allocates nothing.
+fn page_is(page_bytes: &[u8], tag: u32, page: usize) -> bool {
+    page_bytes
+        .chunks_exact(4)
+        .enumerate()
+        .all(|(j, w)| w == word_of(tag, page, j).to_ne_bytes())
+}
+
+/// `len` bytes of pages stamped with `tag`, the first being page `first_page` of the file.
+fn content(tag: u32, first_page: usize, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    for (i, p) in v.chunks_mut(PAGE_SIZE).enumerate() {
+        let mut page = [0u8; PAGE_SIZE];
+        stamp_page(&mut page, tag, first_page + i);
+        p.copy_from_slice(&page[..p.len()]);
+    }
+    v
+}
+
+/// Creates `path` with `data`.
+fn create_file(path: &Path, data: &[u8]) -> Result<()> {
+    let mut f = File::create(path).with_context(|| format!("create {}", path.display()))?;
+    f.write_all(data)?;
+    Ok(())
+}
+
+/// The whole file, read with `pread` on a descriptor of its own (not hetmem's).
+fn pread_file(path: &Path) -> Result<Vec<u8>> {
+    let f = File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let len = f.metadata()?.len() as usize;
+    let mut v = vec![0u8; len];
+    f.read_exact_at(&mut v, 0)?;
+    Ok(v)
+}
+
+/// Asserts `got == want`, naming the first differing page and its tag.
+#[track_caller]
+fn assert_same(what: &str, got: &[u8], want: &[u8]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        let page = i / PAGE_SIZE;
+        let p = page * PAGE_SIZE;
+        let tag = |b: &[u8]| u32::from_ne_bytes([b[p], b[p + 1], b[p + 2], b[p + 3]]);
+        panic!(
+            "{what}: byte {i} (page {page}) is {:#04x}, expected {:#04x}; the page has tag {}, \
+             expected tag {}",
+            got[i],
+            want[i],
+            tag(got),
+            tag(want)
+        );
+    }
+}
+
+/// `want` with pages `pages` replaced by `tag`'s.
+fn with_pages(want: &[u8], tag: u32, pages: &[usize]) -> Vec<u8> {
+    let mut v = want.to_vec();
+    for &p in pages {
+        stamp_page(&mut v[p * PAGE_SIZE..(p + 1) * PAGE_SIZE], tag, p);
+    }
+    v
+}
+
+/// `ASSERT_EQ(ret, -E...)`: the result is the given error variant, with its errno.
+macro_rules! assert_err {
+    ($res:expr, $pat:pat, $errno:expr) => {
+        match $res {
+            Err(e @ $pat) => {
+                assert_eq!(e.errno(), $errno, "{}: errno of {:?}", stringify!($res), e)
+            }
+            Err(e) => panic!(
+                "{}: expected {}, got error {:?}",
+                stringify!($res),
+                stringify!($pat),
+                e
+            ),
+            Ok(_) => panic!(
+                "{}: expected {}, got Ok",
+                stringify!($res),
+                stringify!($pat)
+            ),
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------------------------
+
+/// A pipe; both ends close on drop.
+fn pipe() -> (File, File) {
+    let mut fds = [0 as c_int; 2];
+    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(r, 0, "pipe2: {}", last_os_error());
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    (File::from(rd), File::from(wr))
+}
+
+/// `fork()`. The child runs `child` and `_exit`s with its result (a panic is
+/// `CHILD_PANICKED`); the parent gets the pid.
+fn fork_child(child: impl FnOnce() -> c_int) -> libc::pid_t {
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let code =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)).unwrap_or(CHILD_PANICKED);
+        // Ends the child at once, without destructors of the parent's state.
+        unsafe { libc::_exit(code) }
+    }
+    assert!(pid > 0, "fork: {}", last_os_error());
+    pid
+}
+
+/// `waitpid` with a deadline: the child's raw status, or `None` if it was still running at
+/// `limit` (it is then killed and reaped).
+fn wait_child_within(pid: libc::pid_t, limit: Duration) -> Option<c_int> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut status: c_int = 0;
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        let _ = tx.send((r, status, last_os_error()));
+    });
+    let (r, status, err) = match rx.recv_timeout(limit) {
+        Ok(v) => v,
+        Err(_) => {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = rx.recv_timeout(limit);
+            return None;
+        }
+    };
+    assert_eq!(r, pid, "waitpid({pid}): {err}");
+    Some(status)
+}
+
+/// `waitpid` with the test's deadline: a child that hangs is killed and the test fails.
+#[track_caller]
+fn wait_child(pid: libc::pid_t) -> c_int {
+    let limit = test_timeout() / 2;
+    match wait_child_within(pid, limit) {
+        Some(status) => status,
+        None => panic!("child {pid} still running after {limit:?}: hung"),
+    }
+}
+
+fn describe_status(status: c_int) -> String {
+    if libc::WIFEXITED(status) {
+        format!("exit code {}", libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        format!("killed by signal {}", libc::WTERMSIG(status))
+    } else {
+        format!("status {status:#x}")
+    }
+}
+
+/// The exit code of a child that must exit normally.
+#[track_caller]
+fn exit_code(status: c_int) -> c_int {
+    assert!(
+        libc::WIFEXITED(status),
+        "child did not exit normally: {}",
+        describe_status(status)
+    );
+    libc::WEXITSTATUS(status)
+}
+
+/// What a reader process found: its exit codes.
+const READ_WANTED: c_int = 0;
+const READ_ZEROS: c_int = 1;
+const READ_OTHER: c_int = 2;
+
+/// Compares the memory at `addr` with `want`, touching nothing else (no allocation, no
+/// thread-local state): `READ_WANTED`, `READ_ZEROS` or `READ_OTHER`.
+fn compare_at(addr: usize, want: &[u8]) -> c_int {
+    let got = unsafe { std::slice::from_raw_parts(addr as *const u8, want.len()) };
+    if got == want {
+        READ_WANTED
+    } else if got.iter().all(|&b| b == 0) {
+        READ_ZEROS
+    } else {
+        READ_OTHER
+    }
+}
+
+/// A read for `clone_vm_read`'s reader.
+#[repr(C)]
+struct ReadJob {
+    addr: usize,
+    want: *const u8,
+    len: usize,
+}
+
+/// Reads `want.len()` bytes at `addr` with the CPU in a process that shares our address space
+/// (`clone(CLONE_VM)`: not a thread of ours, so a fatal signal kills only it) and returns its
+/// wait status (`compare_at`'s codes, or the signal that killed it); `None` if the read was
+/// still blocked after `QUICK` (the reader is then killed).
+fn clone_vm_read(addr: usize, want: &[u8]) -> Option<c_int> {
+    extern "C" fn reader(arg: *mut libc::c_void) -> c_int {
+        // Runs on its own stack in our address space.
+        let job = unsafe { &*(arg as *const ReadJob) };
+        compare_at(job.addr, unsafe {
+            std::slice::from_raw_parts(job.want, job.len)
+        })
+    }
+    let job = ReadJob {
+        addr,
+        want: want.as_ptr(),
+        len: want.len(),
+    };
+    let mut stack = vec![0u128; (256 << 10) / 16];
+    let top = stack.as_mut_ptr_range().end.cast::<libc::c_void>();
+    let pid = unsafe {
+        libc::clone(
+            reader,
+            top,
+            libc::CLONE_VM | libc::SIGCHLD,
+            (&job as *const ReadJob).cast_mut().cast(),
+        )
+    };
+    assert!(pid > 0, "clone: {}", last_os_error());
+    let status = wait_child_within(pid, QUICK);
+    drop(stack);
+    status
+}
+
+/// What a reader's wait status means.
+fn read_outcome(status: Option<c_int>) -> String {
+    match status {
+        None => format!("was still blocked in the read after {QUICK:?} (killed)"),
+        Some(s) if libc::WIFEXITED(s) => match libc::WEXITSTATUS(s) {
+            READ_WANTED => "read the expected data".to_string(),
+            READ_ZEROS => "read zeros".to_string(),
+            READ_OTHER => "read other data".to_string(),
+            c => format!("exited with {c}"),
+        },
+        Some(s) => describe_status(s),
+    }
+}
+
+fn is_sigbus(status: Option<c_int>) -> bool {
+    status.is_some_and(|s| libc::WIFSIGNALED(s) && libc::WTERMSIG(s) == libc::SIGBUS)
+}
+
+fn read_wanted(status: Option<c_int>) -> bool {
+    status.is_some_and(|s| libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == READ_WANTED)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The scenarios
+// ---------------------------------------------------------------------------------------------
+
+mod scenarios {
+    use super::*;
+
+    /// CPU and device reads return the file's contents; a device read loads the file straight
+    /// into device memory, and each page is read from the file once.
+    pub fn file_read() -> Result<()> {
+        let dir = TempDir::new("file_read")?;
+        let path = dir.path("data");
+        let len = 3 * MIB + 3 * PAGE_SIZE;
+        let npages = len / PAGE_SIZE;
+        let want = content(0, 0, len);
+        create_file(&path, &want)?;
+
+        let hm = context(DeviceKind::Private, 16 * MIB)?;
+        let dev = hm.device(0).expect("one device");
+        let m = hm.map_file(&path, 0, len, FileMode::Shared)?;
+        assert_eq!((m.len(), m.mode()), (len, FileMode::Shared));
+        assert_eq!(
+            hm.stats().pages_from_file,
+            0,
+            "nothing is read before a touch"
+        );
+
+        // Device first: the file lands in device memory, the CPU maps nothing.
+        let got = dev.read(m.addr(), len)?;
+        assert_same("device read", &got, &want);
+        let s = hm.stats();
+        assert_eq!(
+            s.pages_from_file, npages as u64,
+            "pages read from the file: {s:?}"
+        );
+        let snap = dev.snapshot(m.addr(), len)?;
+        for (i, st) in snap.iter().enumerate() {
+            assert!(
+                st.location == Location::PrivateLocal && !st.error,
+                "page {i} after the device read: {st:?}, expected PrivateLocal"
+            );
+        }
+
+        // The CPU reads what the device holds: no second read of the file.
+        assert_same("CPU read after the device read", m.as_slice(), &want);
+        let s = hm.stats();
+        assert_eq!(
+            s.pages_from_file, npages as u64,
+            "the CPU read re-read the file: {s:?}"
+        );
+
+        // CPU first, in a second mapping at an offset: each page again read once.
+        let off = 5 * PAGE_SIZE;
+        let len2 = 2 * MIB;
+        let m2 = hm.map_file(&path, off as u64, len2, FileMode::ReadOnly)?;
+        assert_same(
+            "CPU read of a mapping at an offset",
+            m2.as_slice(),
+            &want[off..off + len2],
+        );
+        let got = dev.read(m2.addr(), len2)?;
+        assert_same(
+            "device read of a mapping at an offset",
+            &got,
+            &want[off..off + len2],
+        );
+        let s = hm.stats();
+        assert_eq!(
+            s.pages_from_file,
+            (npages + len2 / PAGE_SIZE) as u64,
+            "pages read from the file after the second mapping: {s:?}"
+        );
+        drop(m2);
+        drop(m);
+        assert_same("file after the mappings", &pread_file(&path)?, &want);
+        Ok(())
+    }
+
+    /// The kernel hmm-tests' `file_write`, with the pages migrated to the device first: device
+    /// writes reach the file after `flush`, written back from device memory.
+    pub fn file_write_device_resident() -> Result<()> {
+        for kind in [DeviceKind::Private, DeviceKind::Coherent] {
+            let what = format!("{kind:?}");
+            let dir = TempDir::new("file_write_device_resident")?;
+            let path = dir.path("data");
+            let len = 4 * MIB; // HMM_BUFFER_SIZE
+            let npages = len / PAGE_SIZE;
+            let old = content(0, 0, len);
+            create_file(&path, &old)?;
+
+            let hm = context(kind, 16 * MIB)?;
+            let dev = hm.device(0).expect("one device");
+            let m = hm.map_file(&path, 0, len, FileMode::Shared)?;
+            dev.migrate_to_device(m.addr(), len)?;
+            let local = match kind {
+                DeviceKind::Private => Location::PrivateLocal,
+                DeviceKind::Coherent => Location::CoherentLocal,
+            };
+            let resident = |when: &str| -> Result<()> {
+                for (i, st) in dev.snapshot(m.addr(), len)?.iter().enumerate() {
+                    assert!(
+                        st.location == local && !st.error,
+                        "{what}: page {i} {when}: {st:?}, expected {local:?}"
+                    );
+                }
+                Ok(())
+            };
+            resident("after migrate_to_device")?;
+            assert_eq!(hm.stats().pages_from_file, npages as u64, "{what}");
+
+            let new = content(1, 0, len);
+            dev.write(m.addr(), &new)?;
+            resident("after the device write")?;
+            assert_same(
+                &format!("{what}: file before flush"),
+                &pread_file(&path)?,
+                &old,
+            );
+
+            let before = hm.stats().pages_written_back;
+            m.flush()?;
+            let s = hm.stats();
+            assert_eq!(
+                s.pages_written_back - before,
+                npages as u64,
+                "{what}: pages written back: {s:?}"
+            );
+            resident("after flush (written back from device memory)")?;
+            assert_same(
+                &format!("{what}: file after flush"),
+                &pread_file(&path)?,
+                &new,
+            );
+            assert_same(&format!("{what}: CPU read"), m.as_slice(), &new);
+        }
+        Ok(())
+    }
+
+    /// A CPU write reaches `pread` after `flush`; dirty tracking is per page, and a page written
+    /// again after a writeback is dirty again.
+    pub fn cpu_write_reaches_file_after_flush() -> Result<()> {
+        let dir = TempDir::new("cpu_write_reaches_file_after_flush")?;
+        let path = dir.path("data");
+        let len = 2 * MIB + 8 * PAGE_SIZE;
+        let npages = len / PAGE_SIZE;
+        let old = content(0, 0, len);
+        create_file(&path, &old)?;
+
+        let hm = context(DeviceKind::Private, 16 * MIB)?;
+        let mut m = hm.map_file(&path, 0, len, FileMode::Shared)?;
+        let dirty = [0, 7, 511, 512, npages - 1];
+        {
+            let s = m.as_mut_slice().expect("a Shared mapping is writable");
+            for &p in &dirty {
+                stamp_page(&mut s[p * PAGE_SIZE..(p + 1) * PAGE_SIZE], 1, p);
+            }
+        }
+        let want = with_pages(&old, 1, &dirty);
+        assert_same("CPU read of its own writes", m.as_slice(), &want);
+        assert_same("file before flush", &pread_file(&path)?, &old);
+
+        m.flush()?;
+        assert_same("file after flush", &pread_file(&path)?, &want);
+        let s = hm.stats();
+        assert_eq!(
+            s.pages_written_back,
+            dirty.len() as u64,
+            "only the written pages are dirty: {s:?}"
+        );
+        m.flush()?;
+        assert_eq!(
+            hm.stats().pages_written_back,
+            dirty.len() as u64,
+            "a second flush has nothing to write"
+        );
+
+        // Written again after its writeback: dirty again.
+        {
+            let s = m.as_mut_slice().expect("writable");
+            stamp_page(&mut s[7 * PAGE_SIZE..8 * PAGE_SIZE], 2, 7);
+        }
+        let want = with_pages(&want, 2, &[7]);
+        m.flush()?;
+        assert_same(
+            "file after the second write and flush",
+            &pread_file(&path)?,
+            &want,
+        );
+        assert_eq!(hm.stats().pages_written_back, dirty.len() as u64 + 1);
+        drop(m);
+        assert_same("file after drop", &pread_file(&path)?, &want);
+        Ok(())
+    }
+
+    /// Before a writeback another process reads the old data from the file; after `flush` it
+    /// reads ours.
+    pub fn unflushed_writes_are_invisible() -> Result<()> {
+        const OLD: c_int = 0;
+        const NEW: c_int = 1;
+        const CODES: [&str; 4] = ["old data", "new data", "other data", "read error"];
+        let dir = TempDir::new("unflushed_writes_are_invisible")?;
+        let path = dir.path("data");
+        let len = 16 * PAGE_SIZE;
+        let old = content(0, 0, len);
+        create_file(&path, &old)?;
+
+        let hm = context(DeviceKind::Private, 16 * MIB)?;
+        let dev = hm.device(0).expect("one device");
+        let mut m = hm.map_file(&path, 0, len, FileMode::Shared)?;
+        let new = content(1, 0, len);
+        m.as_mut_slice().expect("writable")[..len / 2].copy_from_slice(&new[..len / 2]);
+        dev.write(m.addr() + len / 2, &new[len / 2..])?;
+
+        // Another process: pread on its own descriptor, no hetmem; it only compares.
+        let reader = File::open(&path)?;
+        let mut buf = vec![0u8; len];
+        let mut other_reads = |what: &str| -> c_int {
+            let pid = fork_child(|| {
+                if reader.read_exact_at(&mut buf, 0).is_err() {
+                    return 3;
+                }
+                if buf == old {
+                    OLD
+                } else if buf == new {
+                    NEW
+                } else {
+                    2
+                }
+            });
+            let code = exit_code(wait_child(pid));
+            eprintln!("{what}: the other process read {}", CODES[code as usize]);
+            code
+        };
+
+        assert_eq!(
+            other_reads("before flush"),
+            OLD,
+            "another process sees our unflushed data"
+        );
+        assert_same("our own pread before flush", &pread_file(&path)?, &old);
+        assert_same("the mapping before flush", m.as_slice(), &new);
+        m.flush()?;
+        assert_eq!(
+            other_reads("after flush"),
+            NEW,
+            "another process does not see our flushed data"
+        );
+        Ok(())
+    }
+
+    /// `Private` writes (CPU and device) are seen through the mapping and never reach the file,
+    /// through flush, sync and drop.
+    pub fn private_mode_never_writes_back() -> Result<()> {
+        let dir = TempDir::new("private_mode_never_writes_back")?;
+        let path = dir.path("data");
+        let len = 2 * MIB + 4 * PAGE_SIZE;
+        let old = content(0, 0, len);
+        create_file(&path, &old)?;
+
+        let hm = context(DeviceKind::Private, 16 * MIB)?;
+        let dev = hm.device(0).expect("one device");
+        let mut m = hm.map_file(&path, 0, len, FileMode::Private)?;
+        let cpu_pages: Vec<usize> = (0..4).chain(300..304).collect();
+        let dev_pages: Vec<usize> = (4..8).chain(512..516).collect();
+        {
+            let s = m.as_mut_slice().expect("a Private mapping is writable");
+            for &p in &cpu_pages {
+                stamp_page(&mut s[p * PAGE_SIZE..(p + 1) * PAGE_SIZE], 1, p);
+            }
+        }
+        for &p in &dev_pages {
+            let mut page = vec![0u8; PAGE_SIZE];
+            stamp_page(&mut page, 2, p);
+            dev.write(m.addr() + p * PAGE_SIZE, &page)?;
+        }
+        let want = with_pages(&with_pages(&old, 1, &cpu_pages), 2, &dev_pages);
+        assert_same(
+            "device read of the Private mapping",
+            &dev.read(m.addr(), len)?,
+            &want,
+        );
+        assert_same("CPU read of the Private mapping", m.as_slice(), &want);
+
+        m.flush()?;
+        m.sync()?;
+        assert_same("file after flush and sync", &pread_file(&path)?, &old);
+        assert_same("the mapping after flush", m.as_slice(), &want);
+        drop(m);
+        assert_same("file after drop", &pread_file(&path)?, &old);
+        let s = hm.stats();
+        assert_eq!(
+            s.pages_written_back, 0,
+            "Private pages were written back: {s:?}"
+        );
+        Ok(())
+    }
+
+    /// A `ReadOnly` mapping: device writes fail with EPERM, there is no writable slice, reads
+    /// work, and the file never changes.
+    pub fn read_only_mode_refuses_writes() -> Result<()> {
+        let dir = TempDir::new("read_only_mode_refuses_writes")?;
+        let path = dir.path("data");
+        let len = 32 * PAGE_SIZE;
+        let old = content(0, 0, len);
+        create_file(&path, &old)?;
+
+        let hm = context(DeviceKind::Private, 16 * MIB)?;
+        let dev = hm.device(0).expect("one device");
+        let mut m = hm.map_file(&path, 0, len, FileMode::ReadOnly)?;
+        assert_eq!(m.mode(), FileMode::ReadOnly);
+        assert!(
+            m.as_mut_slice().is_none(),
+            "a ReadOnly mapping gave a writable slice"
+        );
+
+        let new = content(1, 0, len);
+        assert_err!(dev.write(m.addr(), &new), Error::Perm, libc::EPERM);
+        // Also once the device has the pages mapped for reading.
+        assert_same("device read", &dev.read(m.addr(), len)?, &old);
+        assert_err!(
+            dev.write(m.addr() + PAGE_SIZE, &new[..PAGE_SIZE]),
+            Error::Perm,
+            libc::EPERM
+        );
+        assert_err!(
+            dev.kernel_write(m.addr(), len, |_, b| b.fill(0xee)),
+            Error::Perm,
+            libc::EPERM
+        );
+        assert_same(
+            "device read after the refused writes",
+            &dev.read(m.addr(), len)?,
+            &old,
+        );
+        assert_same("CPU read", m.as_slice(), &old);
+        m.flush()?;
+        drop(m);
+        assert_same("file", &pread_file(&path)?, &old);
+        assert_eq!(hm.stats().pages_written_back, 0);
+        Ok(())
+    }
+
+    /// Dropping a mapping without `flush` writes its dirty pages back.
+    pub fn drop_writes_back() -> Result<()> {
+        let dir = TempDir::new("drop_writes_back")?;
+        let path = dir.path("data");
+        let len = 2 * MIB + 16 * PAGE_SIZE;
+        let old = content(0, 0, len);
+        create_file(&path, &old)?;
+
+        let hm = context(DeviceKind::Private, 16 * MIB)?;
+        let dev = hm.device(0).expect("one device");
+        let m = hm.map_file(&path, 0, len, FileMode::Shared)?;
+        let new = content(1, 0, len);
+        dev.write(m.addr(), &new)?;
+        assert_same("file before drop", &pread_file(&path)?, &old);
+        drop(m);
+        assert_same("file after drop", &pread_file(&path)?, &new);
+        let s = hm.stats();
+        assert_eq!(
+            s.pages_written_back,
+            (len / PAGE_SIZE) as u64,
+            "pages written back at drop: {s:?}"
+        );
+        Ok(())
+    }
+
+    /// An injected writeback failure is reported by `flush` (EIO, then ENOSPC); the data stays
+    /// in the mapping, dirty, and the next `flush` writes it.
+    pub fn eio_keeps_data_dirty_and_retry_succeeds() -> Result<()> {
+        let dir = TempDir::new("eio_keeps_data_dirty_and_retry_succeeds")?;
+        let path = dir.path("data");
+        let len = 8 * PAGE_SIZE;
+        let npages = len / PAGE_SIZE;
+        let old = content(0, 0, len);
+        create_file(&path, &old)?;
+
+        let hm = context(DeviceKind::Private, 16 * MIB)?;
+        let dev = hm.device(0).expect("one device");
+        let m = hm.map_file(&path, 0, len, FileMode::Shared)?;
+
+        for (tag, errno, op) in [
+            (1, libc::EIO, OpError::Io),
+            (2, libc::ENOSPC, OpError::NoSpace),
+        ] {
+            let what = format!("errno {errno}");
+            let new = content(tag, 0, len);
+            dev.write(m.addr(), &new)?;
+            m.inject_writeback_failures(1, errno);
+            let e = match m.flush() {
+                Ok(()) => panic!("{what}: flush succeeded despite the injected failure"),
+                Err(e) => e,
+            };
+            match &e {
+                Error::Io(got) => assert_eq!(*got, op, "{what}: {e}"),
+                other => panic!("{what}: expected Error::Io({op:?}), got {other:?}"),
+            }
+            assert_eq!(e.errno(), errno, "{what}: errno of {e:?}");
+            let name = if errno == libc::EIO { "EIO" } else { "ENOSPC" };
+            assert!(e.to_string().contains(name), "{what}: message {e}");
+
+            // Nothing lost: the mapping still has the data, on the device and for the CPU.
+            assert_same(
+                &format!("{what}: device read"),
+                &dev.read(m.addr(), len)?,
+                &new,
+            );
+            assert_same(&format!("{what}: CPU read"), m.as_slice(), &new);
+
+            let before = hm.stats().pages_written_back;
+            m.flush()
+                .with_context(|| format!("{what}: the retry failed"))?;
+            let after = hm.stats().pages_written_back;
+            assert!(
+                after > before && after - before <= npages as u64,
+                "{what}: the retry wrote {} pages back",
+                after - before
+            );
+            assert_same(
+                &format!("{what}: file after the retry"),
+                &pread_file(&path)?,
+                &new,
+            );
+            m.flush()
+                .with_context(|| format!("{what}: the error was reported twice"))?;
+        }
+        Ok(())
+    }
+
+    /// A real full file system: a 1 MiB tmpfs holding a sparse 2 MiB file. The flush fails
+    /// with ENOSPC and keeps the data; after the tmpfs grows, a flush writes everything.
+    pub fn enospc_on_small_tmpfs() -> Result<()> {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED: enospc_on_small_tmpfs needs root to mount a tmpfs");
+            return Ok(());
+        }
+        let dir = TempDir::new("enospc_on_small_tmpfs")?;
+        let Some(mnt) = Tmpfs::mount(&dir.0, "size=1m")? else {
+            return Ok(());
+        };
+        let path = mnt.0.join("data");
+        let len = 2 * MIB;
+        {
+            let f = File::create(&path)?;
+            f.set_len(len as u64)?; // sparse: takes no space yet
+        }
+        let hm = context(DeviceKind::Private, 16 * MIB)?;
+        let dev = hm.device(0).expect("one device");
+        let m = hm.map_file(&path, 0, len, FileMode::Shared)?;
+        let new = content(1, 0, len);
+        dev.write(m.addr(), &new)?;
+
+        match m.flush() {
+            Err(e @ Error::Io(OpError::NoSpace)) => {
+                assert_eq!(e.errno(), libc::ENOSPC, "errno of {e:?}");
+                eprintln!("flush on the full tmpfs: {e}");
+            }
+            Err(e) => panic!("flush on a full tmpfs: expected Io(NoSpace), got {e:?}"),
+            Ok(()) => panic!("flush of 2 MiB into a 1 MiB tmpfs succeeded"),
+        }
+        assert_same("device read after ENOSPC", &dev.read(m.addr(), len)?, &new);
+        assert_same("CPU read after ENOSPC", m.as_slice(), &new);
+        let on_disk = pread_file(&path)?;
+        assert_eq!(on_disk.len(), len, "the file's size changed");
+        assert!(on_disk != new, "the whole file was written despite ENOSPC");
+        drop(on_disk);
+
+        mnt.remount("size=8m")?;
+        m.flush().context("flush after the tmpfs grew")?;
+        assert_same("file after the retry", &pread_file(&path)?, &new);
+        drop(m);
+        drop(hm);
+        drop(mnt);
+        Ok(())
+    }
+
+    /// Another process truncates the file to 2 pages: a device access beyond the new end fails
+    /// with EFAULT, a CPU access raises SIGBUS, and the pages within it stay readable.
+    ///
+    /// The CPU reads run in other processes, so that SIGBUS (or a read that never returns)
+    /// ends only them: `clone(CLONE_VM)` readers use this very address space, and a forked
+    /// child its snapshot of it, where the truncated pages read zeros. Every check runs; the problems are reported together.
+    pub fn truncate_by_other_process() -> Result<()> {
+        let dir = TempDir::new("truncate_by_other_process")?;
+        let path = dir.path("data");
+        let len = 8 * PAGE_SIZE;
+        let keep = 2 * PAGE_SIZE;
+        let old = content(0, 0, len);
+        create_file(&path, &old)?;
+
+        let hm = context(DeviceKind::Private, 16 * MIB)?;
+        let dev = hm.device(0).expect("one device");
+        let m = hm.map_file(&path, 0, len, FileMode::Shared)?;
+        // Touch every page, with the CPU and then the device (which moves them to its memory).
+        assert_same("CPU read before truncate", m.as_slice(), &old);
+        assert_same(
+            "device read before truncate",
+            &dev.read(m.addr(), len)?,
+            &old,
+        );
+
+        let out = std::process::Command::new("truncate")
+            .arg("-s")
+            .arg(keep.to_string())
+            .arg(&path)
+            .output()
+            .context("run truncate(1)")?;
+        ensure!(out.status.success(), "truncate(1): {out:?}");
+        assert_eq!(std::fs::metadata(&path)?.len(), keep as u64);
+
+        let page5 = m.addr() + 5 * PAGE_SIZE;
+        let old5 = &old[5 * PAGE_SIZE..6 * PAGE_SIZE];
+        assert_err!(dev.read(page5, PAGE_SIZE), Error::Fault(_), libc::EFAULT);
+
+        let mut problems = Vec::new();
+        let status = clone_vm_read(page5, old5);
+        if !is_sigbus(status) {
+            problems.push(format!(
+                "a CPU read of page 5 in this address space (clone(CLONE_VM) reader) {}; \
+                 expected SIGBUS",
+                read_outcome(status)
+            ));
+        }
+        // A fork child gets a private snapshot of managed memory (docs/file-contract.md §2.11):
+        // past the end of the file it holds zeros, as private anonymous memory would.
+        let zeros = vec![0u8; PAGE_SIZE];
+        let pid = fork_child(|| compare_at(page5, &zeros));
+        let status = wait_child_within(pid, QUICK);
+        if !read_wanted(status) {
+            problems.push(format!(
+                "a CPU read of page 5 in a forked child {}; expected zeros (its snapshot)",
+                read_outcome(status)
+            ));
+        }
+        let status = clone_vm_read(m.addr(), &old[..keep]);
+        let cpu_ok = read_wanted(status);
+        if !cpu_ok {
+            problems.push(format!(
+                "a CPU read of pages 0-1 (within the new end of file; clone(CLONE_VM) reader) \
+                 {}; expected the old data",
+                read_outcome(status)
+            ));
+        }
+        match dev.read(m.addr(), keep) {
+            Ok(got) if got == old[..keep] => {}
+            Ok(_) => problems.push("a device read of pages 0-1 returned other data".into()),
+            Err(e) => problems.push(format!("a device read of pages 0-1 failed: {e:?}")),
+        }
+        if cpu_ok {
+            // Safe in this process now.
+            assert_same("CPU read of pages 0-1", &m.as_slice()[..keep], &old[..keep]);
+        }
+        if let Err(e) = m.flush() {
+            problems.push(format!("flush after the truncate failed: {e:?}"));
+        }
+        drop(m);
+        let size = std::fs::metadata(&path)?.len();
+        if size != keep as u64 {
+            problems.push(format!("flush or drop changed the file's size to {size}"));
+        } else if pread_file(&path)? != old[..keep] {
+            problems.push("the file's first two pages changed".into());
+        }
+        assert!(
+            problems.is_empty(),
+            "after another process truncated the file to 2 pages:\n  {}",
+            problems.join("\n  ")
+        );
+        Ok(())
+    }
+
+    /// A file three times the device's memory, transformed in place by a device kernel: blocks
+    /// are evicted (dirty, to system memory) and every page reaches the file at `flush`.
+    pub fn file_larger_than_device() -> Result<()> {
+        const ADD: u8 = 0x5b;
+        let dir = TempDir::new("file_larger_than_device")?;
+        let path = dir.path("data");
+        let dev_mem = 4 * MIB;
+        let len = 3 * dev_mem;
+        let old = content(0, 0, len);
+        create_file(&path, &old)?;
+
+        let hm = context(DeviceKind::Private, dev_mem)?;
+        let dev = hm.device(0).expect("one device");
+        let m = hm.map_file(&path, 0, len, FileMode::Shared)?;
+        // Not an involution: a run transformed twice (or not at all) shows.
+        dev.kernel_write(m.addr(), len, |_, bytes| {
+            for b in bytes {
+                *b = b.wrapping_add(ADD);
+            }
+        })?;
+        let s = hm.stats();
+        assert!(
+            s.pages_evicted > 0,
+            "no eviction with a file 3x the device: {s:?}"
+        );
+        assert!(dev.used_pages() <= dev.capacity_pages());
+
+        m.flush()?;
+        let want: Vec<u8> = old.iter().map(|b| b.wrapping_add(ADD)).collect();
+        assert_same(
+            "file after the device transform",
+            &pread_file(&path)?,
+            &want,
+        );
+        assert_same("CPU read", m.as_slice(), &want);
+        Ok(())
+    }
+
+    /// A process killed (SIGKILL) while it flushes leaves every 4 KiB page of the file whole:
+    /// the old contents or one generation of the new, never a mix.
+    pub fn crash_during_flush_leaves_old_or_new_pages() -> Result<()> {
+        /// The child's exit codes, before the kill.
+        const CODES: &str = "10: build, 11: map_file, 12: kernel_write, 13: signal, \
+                             14: ran out of generations, 15: orphaned";
+        let dir = TempDir::new("crash_during_flush_leaves_old_or_new_pages")?;
+        let path = dir.path("data");
+        let len = 16 * MIB;
+        let npages = len / PAGE_SIZE;
+        create_file(&path, &content(0, 0, len))?;
+
+        let (mut rd, wr) = pipe();
+        let (rd_fd, wr_fd) = (rd.as_raw_fd(), wr.as_raw_fd());
+        let child_path = path.clone();
+        let parent = unsafe { libc::getpid() };
+        let pid = fork_child(move || {
+            unsafe { libc::close(rd_fd) };
+            // A fresh context of the child's own.
+            let Ok(hm) = Hetmem::builder()
+                .sim_device(DeviceKind::Private, 32 * MIB)
+                .build()
+            else {
+                return 10;
+            };
+            let dev = hm.device(0).expect("one device");
+            let Ok(m) = hm.map_file(&child_path, 0, len, FileMode::Shared) else {
+                return 11;
+            };
+            let base = m.addr();
+            for tag in 1..10_000u32 {
+                let r = dev.kernel_write(base, len, |va, bytes| {
+                    for (i, p) in bytes.chunks_exact_mut(PAGE_SIZE).enumerate() {
+                        stamp_page(p, tag, (va - base) / PAGE_SIZE + i);
+                    }
+                });
+                if r.is_err() {
+                    return 12;
+                }
+                if tag == 1 && unsafe { libc::write(wr_fd, [1u8].as_ptr().cast(), 1) } != 1 {
+                    return 13;
+                }
+                let _ = m.flush();
+                if unsafe { libc::getppid() } != parent {
+                    return 15;
+                }
+            }
+            14
+        });
+        drop(wr);
+
+        // Kill the child while it flushes: once it says it starts, watch a page picked at
+        // random until the first flush has written it, then kill at once.
+        let mut b = [0u8; 1];
+        let signalled = matches!(rd.read(&mut b), Ok(1));
+        let probe = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() as usize % npages)
+            .unwrap_or(0);
+        let mut seen_new = false;
+        if signalled {
+            let f = File::open(&path)?;
+            let mut word = [0u8; 4];
+            let deadline = std::time::Instant::now() + test_timeout() / 4;
+            while std::time::Instant::now() < deadline {
+                f.read_exact_at(&mut word, (probe * PAGE_SIZE) as u64)?;
+                if u32::from_ne_bytes(word) != 0 {
+                    seen_new = true;
+                    break;
+                }
+            }
+        }
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let status = wait_child(pid);
+        if !signalled {
+            bail!(
+                "the child failed before flushing: {} ({CODES})",
+                describe_status(status)
+            );
+        }
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL,
+            "the child was not killed: {} ({CODES})",
+            describe_status(status)
+        );
+
+        let file = pread_file(&path)?;
+        assert_eq!(file.len(), len, "the file's size changed");
+        let mut per_tag = std::collections::BTreeMap::<u32, usize>::new();
+        for (p, page) in file.chunks_exact(PAGE_SIZE).enumerate() {
+            let tag = u32::from_ne_bytes([page[0], page[1], page[2], page[3]]);
+            assert!(
+                page_is(page, tag, p),
+                "page {p} is torn or misplaced: it starts with tag {tag} but is not that \
+                 generation's page {p}"
+            );
+            *per_tag.entry(tag).or_default() += 1;
+        }
+        eprintln!(
+            "killed after page {probe} was {}; pages per generation (0 = old, {npages} pages): \
+             {per_tag:?}",
+            if seen_new { "written" } else { "still old" }
+        );
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// tmpfs
+// ---------------------------------------------------------------------------------------------
+
+/// A tmpfs mounted at a directory; unmounted on drop (also when the test fails).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs with `opts` at `dir`, or prints SKIPPED and returns None if the mount is
+    /// refused.
+    fn mount(dir: &Path, opts: &str) -> Result<Option<Self>> {
+        let target = cstr(dir)?;
+        let opts_c = std::ffi::CString::new(opts)?;
+        let r = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                opts_c.as_ptr().cast(),
+            )
+        };
+        if r != 0 {
+            eprintln!(
+                "SKIPPED: mount -t tmpfs -o {opts} {}: {}",
+                dir.display(),
+                last_os_error()
+            );
+            return Ok(None);
+        }
+        Ok(Some(Self(dir.to_path_buf())))
+    }
+
+    fn remount(&self, opts: &str) -> Result<()> {
+        let target = cstr(&self.0)?;
+        let opts_c = std::ffi::CString::new(opts)?;
+        let r = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_REMOUNT,
+                opts_c.as_ptr().cast(),
+            )
+        };
+        ensure!(r == 0, "remount {opts}: {}", last_os_error());
+        Ok(())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        if let Ok(target) = cstr(&self.0) {
+            if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
+                eprintln!("umount {}: {}", self.0.display(), last_os_error());
+            }
+        }
+    }
+}
+
+fn cstr(p: &Path) -> Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    Ok(std::ffi::CString::new(p.as_os_str().as_bytes())?)
+}
