@@ -34,6 +34,8 @@ pub(crate) struct Outcome {
     pub wake: Vec<(usize, usize)>,
     /// Pages the CPU got a mapping for.
     pub cpu_mapped: Mask,
+    /// This batch of actions maps the CPU once only, so a map may wake its waiters itself.
+    lone_map: bool,
 }
 
 impl Outcome {
@@ -81,6 +83,11 @@ impl Inner {
         self.handle(block, event, &mut actions)?;
         loop {
             let mut transfers = Vec::new();
+            out.lone_map = actions
+                .iter()
+                .filter(|a| matches!(a, Action::CpuMap { .. }))
+                .count()
+                == 1;
             for action in actions.drain(..) {
                 match action {
                     Action::Transfer { op, src, dst, run } => transfers.push(Transfer {
@@ -241,7 +248,7 @@ impl Inner {
                         }
                     } else {
                         for &(va, len) in &ranges {
-                            if !self.zero_map(va, len) {
+                            if !self.zero_map(va, len, out.lone_map) {
                                 out.wake.push((va, len));
                             }
                         }
@@ -375,12 +382,16 @@ impl Inner {
     /// Fresh zero pages need nothing more, so the ioctl wakes their waiters itself (one
     /// ioctl per fault, as a plain userfaultfd handler). Returns false if some page took the
     /// CONTINUE path, whose waiters the caller must wake.
-    fn zero_map(&self, va: usize, len: usize) -> bool {
+    fn zero_map(&self, va: usize, len: usize, lone: bool) -> bool {
+        // A lone one-page map (a fault without fault-around): the ioctl wakes the faulting
+        // thread itself, saving a UFFDIO_WAKE on the latency path. Otherwise wake once at the
+        // end, or the woken thread would run ahead into pages not mapped yet and fault again.
+        let wake = lone && len == PAGE_SIZE;
         let mut existing = Vec::new();
         let r = self.fill_each(
             va,
             len,
-            &mut |s, l| self.uffd.zeropage(s, l, true),
+            &mut |s, l| self.uffd.zeropage(s, l, wake),
             &mut |page| existing.push(page),
         );
         if let Err(e) = &r {
@@ -391,7 +402,7 @@ impl Inner {
                 self.uffd.continue_(s, l, false, false)
             });
         }
-        r.is_ok() && existing.is_empty()
+        wake && r.is_ok() && existing.is_empty()
     }
 
     /// Poisons a CPU range (UFFDIO_POISON): an access raises SIGBUS. A page that was mapped
@@ -412,7 +423,7 @@ impl Inner {
             self.uffd.continue_(s, l, false, false)
         });
         if matches!(&r, Err(e) if e.raw_os_error() == Some(libc::EFAULT)) {
-            self.zero_map(va, PAGE_SIZE);
+            self.zero_map(va, PAGE_SIZE, false);
         }
         self.write_protect(va, PAGE_SIZE, wp);
     }
