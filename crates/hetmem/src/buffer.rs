@@ -9,6 +9,35 @@ use crate::context::Shared;
 use crate::region::Region;
 use crate::sys::mem::{self, Mapping};
 
+/// A CPU view of managed memory, owned by a handle that keeps it mapped: the one place that
+/// turns a view into slices.
+#[derive(Debug)]
+pub(crate) struct CpuView {
+    addr: usize,
+    len: usize,
+}
+
+impl CpuView {
+    /// Crate-internal contract (what `slice` relies on): `[addr, addr + len)` is a view of
+    /// managed memory that stays mapped for as long as the value lives, and only its owner
+    /// hands out references into it. Callers create it for a view they just registered.
+    pub fn new(addr: usize, len: usize) -> Self {
+        Self { addr, len }
+    }
+
+    pub fn slice(&self) -> &[u8] {
+        // SAFETY: mapped for as long as `self` lives (the constructor's contract); a page that is
+        // not present faults to the service threads, which fill it. Devices write a page only
+        // while the protocol has taken the CPU's mapping away, never under a live CPU access.
+        unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) }
+    }
+
+    pub fn slice_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `slice`; `&mut self` makes this the only CPU reference.
+        unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u8, self.len) }
+    }
+}
+
 /// Managed memory from [`crate::Hetmem::alloc`]. The CPU uses it as a plain slice; devices reach
 /// it by address. Dropping it frees everything, device frames included.
 #[derive(Debug)]

@@ -4,7 +4,7 @@
 #![allow(unsafe_code)]
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -145,13 +145,7 @@ impl HetmemBuilder {
             .iter()
             .map(|(d, _)| (d.capacity / PAGE_SIZE).min(u32::MAX as usize) as u32)
             .collect();
-        // SAFETY: eventfd takes a count and flags and returns a new fd or -1.
-        let kick = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if kick < 0 {
-            return Err(Error::os("eventfd")(std::io::Error::last_os_error()));
-        }
-        // SAFETY: a fresh fd that nobody else owns.
-        let kick = unsafe { OwnedFd::from_raw_fd(kick) };
+        let kick = mem::EventFd::new().map_err(Error::os("eventfd"))?;
         let inner = Arc::new(Inner {
             budget: AtomicBudget::new(&capacity),
             devices: self
@@ -289,7 +283,7 @@ pub(crate) struct Inner {
     events: Mutex<()>,
     backlog: Mutex<Vec<Work>>,
     /// Wakes service threads: backlog work or shutdown.
-    kick: OwnedFd,
+    kick: mem::EventFd,
     shutdown: AtomicBool,
     next_req: AtomicU64,
     next_region: AtomicU64,
@@ -362,9 +356,7 @@ impl Inner {
     }
 
     fn kick(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from our stack to our own eventfd.
-        unsafe { libc::write(self.kick.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        self.kick.signal();
     }
 
     pub(crate) fn tick(&self) -> u64 {
@@ -679,11 +671,7 @@ impl Inner {
                             return;
                         }
                         if kicked {
-                            let mut buf = 0u64;
-                            // SAFETY: reads 8 bytes into our stack from our own eventfd.
-                            unsafe {
-                                libc::read(self.kick.as_raw_fd(), (&mut buf as *mut u64).cast(), 8)
-                            };
+                            self.kick.drain();
                         }
                     }
                     Err(e) => {

@@ -6,14 +6,13 @@
 //! straight from device memory). `flush` is msync(MS_SYNC), `sync` adds fdatasync, and dropping
 //! the mapping writes dirty pages back first.
 
-#![allow(unsafe_code)]
-
 use std::path::Path;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use hetmem_proto::{Invalidation, OpError, PageRun, RequestKind, PAGES_PER_BLOCK, PAGE_SIZE};
 
+use crate::buffer::CpuView;
 use crate::context::{Hetmem, Inner, Shared};
 use crate::error::{Error, Result};
 use crate::region::{FileBacking, FileMode, Region};
@@ -23,6 +22,7 @@ use crate::region::{FileBacking, FileMode, Region};
 pub struct FileMapping {
     shared: Arc<Shared>,
     region: Arc<Region>,
+    view: CpuView,
     addr: usize,
     len: usize,
     mode: FileMode,
@@ -75,6 +75,9 @@ impl Hetmem {
         let mapping = FileMapping {
             shared: self.0.clone(),
             region,
+            // The view stays mapped until the mapping's drop frees the region, and only the
+            // mapping hands out references into it.
+            view: CpuView::new(va, len),
             addr: va,
             len,
             mode,
@@ -176,10 +179,7 @@ impl FileMapping {
 
     /// The memory, read-only.
     pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: the CPU view is mapped for as long as `self` lives; pages fault in from the
-        // file through the service threads. Devices write a page only while the protocol has
-        // taken the CPU's mapping away.
-        unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) }
+        self.view.slice()
     }
 
     /// The memory, writable. `None` for a read-only mapping.
@@ -187,9 +187,7 @@ impl FileMapping {
         if self.mode == FileMode::ReadOnly {
             return None;
         }
-        // SAFETY: as for `as_slice`; `&mut self` makes this the only CPU reference, and the
-        // view is writable in this mode.
-        Some(unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u8, self.len) })
+        Some(self.view.slice_mut())
     }
 
     /// Writes every dirty page back to the file and waits, like msync(MS_SYNC). A writeback

@@ -254,6 +254,42 @@ unsafe fn stream_copy(dst: *mut u8, src: *const u8, len: usize) {
     unsafe { _mm_sfence() };
 }
 
+/// A non-blocking eventfd: wakes threads that wait on it.
+#[derive(Debug)]
+pub struct EventFd(OwnedFd);
+
+impl EventFd {
+    /// A fresh eventfd with count 0.
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: eventfd takes a count and flags and returns a new fd or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(errno());
+        }
+        // SAFETY: a fresh fd that nobody else owns.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Makes it readable.
+    pub fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from our stack to our own eventfd.
+        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Resets it (another thread may have done so already).
+    pub fn drain(&self) {
+        let mut buf = 0u64;
+        // SAFETY: reads 8 bytes into our stack from our own eventfd.
+        unsafe { libc::read(self.0.as_raw_fd(), (&mut buf as *mut u64).cast(), 8) };
+    }
+
+    /// The descriptor, for epoll.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.0)
+    }
+}
+
 /// A mapping found in /proc/self/maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MapsEntry {
