@@ -610,7 +610,17 @@ impl Inner {
                 // SAFETY: dst is `bytes` of a bound frame run (backing view or chunk) that the
                 // protocol marked busy, so nobody else touches it.
                 let buf = unsafe { std::slice::from_raw_parts_mut(dst, bytes) };
-                read_file(&f.file, buf, file_page * PAGE_SIZE as u64)?;
+                let at = file_page * PAGE_SIZE as u64;
+                match (&f.direct, dst_dev) {
+                    // Device-bound: O_DIRECT, so the page cache does not keep a second copy;
+                    // the buffered descriptor takes over if the direct read is refused.
+                    (Some(direct), Some(_)) => {
+                        if read_file(direct, buf, at, true).is_err() {
+                            read_file(&f.file, buf, at, false)?;
+                        }
+                    }
+                    _ => read_file(&f.file, buf, at, false)?,
+                }
                 self.stats.pages_from_file.add(t.run.len() as u64);
                 if let Mem::Device(d) = t.dst {
                     self.stats.pages_to_device.add(t.run.len() as u64);
@@ -774,14 +784,25 @@ fn errno_to_op(errno: i32) -> OpError {
     }
 }
 
-/// Reads `buf.len()` bytes at `offset`; bytes past the end of the file read zero.
-fn read_file(file: &std::fs::File, buf: &mut [u8], offset: u64) -> Result<(), OpError> {
+/// Reads `buf.len()` bytes at `offset`; bytes past the end of the file read zero. With
+/// `direct` (an O_DIRECT descriptor), a short read means the end of the file: the next read
+/// would be unaligned, which O_DIRECT refuses.
+fn read_file(
+    file: &std::fs::File,
+    buf: &mut [u8],
+    offset: u64,
+    direct: bool,
+) -> Result<(), OpError> {
     use std::os::unix::fs::FileExt;
     let mut done = 0;
     while done < buf.len() {
         match file.read_at(&mut buf[done..], offset + done as u64) {
             Ok(0) => {
                 buf[done..].fill(0);
+                break;
+            }
+            Ok(n) if direct && done + n < buf.len() => {
+                buf[done + n..].fill(0);
                 break;
             }
             Ok(n) => done += n,

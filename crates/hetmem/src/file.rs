@@ -28,11 +28,35 @@ pub struct FileMapping {
     mode: FileMode,
 }
 
+/// How to map a file ([`Hetmem::map_file_with`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileOptions {
+    /// Read-only, shared (written back) or private (copy-on-write).
+    pub mode: FileMode,
+    /// Read device-bound pages with O_DIRECT, so data that goes to device memory is not also
+    /// cached in the page cache. Ignored where the file system has no O_DIRECT (tmpfs); see
+    /// [`FileMapping::is_direct`]. Writebacks stay buffered.
+    pub direct: bool,
+}
+
+impl FileOptions {
+    /// Buffered I/O in `mode`.
+    pub fn new(mode: FileMode) -> Self {
+        Self {
+            mode,
+            direct: false,
+        }
+    }
+
+    /// With or without O_DIRECT reads for device memory.
+    pub fn direct(mut self, direct: bool) -> Self {
+        self.direct = direct;
+        self
+    }
+}
+
 impl Hetmem {
-    /// Maps `len` bytes of the file at `path`, from byte `offset` (both page-aligned), as
-    /// managed memory. Pages are read from the file on first touch by the CPU or a device.
-    /// Pages past the file's end are like an mmap's: a CPU access raises SIGBUS, a device
-    /// access fails with `Fault`.
+    /// `map_file_with` with buffered I/O.
     pub fn map_file(
         &self,
         path: impl AsRef<Path>,
@@ -40,6 +64,21 @@ impl Hetmem {
         len: usize,
         mode: FileMode,
     ) -> Result<FileMapping> {
+        self.map_file_with(path, offset, len, FileOptions::new(mode))
+    }
+
+    /// Maps `len` bytes of the file at `path`, from byte `offset` (both page-aligned), as
+    /// managed memory. Pages are read from the file on first touch by the CPU or a device.
+    /// Pages past the file's end are like an mmap's: a CPU access raises SIGBUS, a device
+    /// access fails with `Fault`.
+    pub fn map_file_with(
+        &self,
+        path: impl AsRef<Path>,
+        offset: u64,
+        len: usize,
+        options: FileOptions,
+    ) -> Result<FileMapping> {
+        let mode = options.mode;
         if len == 0 || len % PAGE_SIZE != 0 || offset % PAGE_SIZE as u64 != 0 {
             return Err(Error::Invalid(
                 "offset and length must be page-aligned, length non-zero",
@@ -57,10 +96,21 @@ impl Hetmem {
         if !meta.is_file() {
             return Err(Error::Invalid("only regular files can be mapped"));
         }
+        let direct = if options.direct {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(path.as_ref())
+                .ok()
+        } else {
+            None
+        };
         let inner = &self.0.inner;
         let pages = len / PAGE_SIZE;
         let backing = FileBacking {
             file,
+            direct,
             first_page: offset / PAGE_SIZE as u64,
             mode,
             eof_page: AtomicUsize::new(pages),
@@ -175,6 +225,14 @@ impl FileMapping {
     /// The mapping's mode.
     pub fn mode(&self) -> FileMode {
         self.mode
+    }
+
+    /// Whether device-bound reads use O_DIRECT (asked for, and supported by the file system).
+    pub fn is_direct(&self) -> bool {
+        self.region
+            .file
+            .as_ref()
+            .is_some_and(|f| f.direct.is_some())
     }
 
     /// The memory, read-only.

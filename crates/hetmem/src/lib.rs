@@ -31,7 +31,7 @@ pub use device::{
     PageState, SimBackend,
 };
 pub use error::{Error, Result};
-pub use file::FileMapping;
+pub use file::{FileMapping, FileOptions};
 pub use hetmem_proto::{Advice, DeviceId, DeviceKind, MapMode, PAGE_SIZE};
 pub use region::FileMode;
 pub use stats::StatsSnapshot;

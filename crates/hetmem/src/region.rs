@@ -93,6 +93,10 @@ pub enum FileMode {
 #[derive(Debug)]
 pub(crate) struct FileBacking {
     pub file: std::fs::File,
+    /// The file opened with O_DIRECT, for reads that go straight to device memory without
+    /// passing through (and filling) the page cache. `None` when not asked for or not
+    /// supported by the file system (tmpfs).
+    pub direct: Option<std::fs::File>,
     /// File offset of the region's first byte, in pages.
     pub first_page: u64,
     pub mode: FileMode,

@@ -24,7 +24,7 @@ use std::thread;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use hetmem::{DeviceKind, Error, FileMode, Hetmem, Location, PAGE_SIZE};
+use hetmem::{DeviceKind, Error, FileMode, FileOptions, Hetmem, Location, PAGE_SIZE};
 use hetmem_proto::OpError;
 use libc::c_int;
 
@@ -94,6 +94,7 @@ tests!(
     truncate_by_other_process,
     file_larger_than_device,
     crash_during_flush_leaves_old_or_new_pages,
+    direct_reads_skip_the_page_cache,
 );
 
 /// A fresh directory under `std::env::temp_dir()`, removed with its contents on drop.
@@ -1006,6 +1007,8 @@ mod scenarios {
 
     /// A process killed (SIGKILL) while it flushes leaves every 4 KiB page of the file whole:
     /// the old contents or one generation of the new, never a mix.
+    pub use super::direct::direct_reads_skip_the_page_cache;
+
     pub fn crash_during_flush_leaves_old_or_new_pages() -> Result<()> {
         /// The child's exit codes, before the kill.
         const CODES: &str = "10: build, 11: map_file, 12: kernel_write, 13: signal, \
@@ -1106,6 +1109,86 @@ mod scenarios {
             "killed after page {probe} was {}; pages per generation (0 = old, {npages} pages): \
              {per_tag:?}",
             if seen_new { "written" } else { "still old" }
+        );
+        Ok(())
+    }
+}
+
+/// Pages of the file at `path` resident in the page cache (mincore on a fresh mapping).
+fn cached_pages(path: &Path, len: usize) -> Result<usize> {
+    let f = File::open(path)?;
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    ensure!(p != libc::MAP_FAILED, "mmap: {}", last_os_error());
+    let mut vec = vec![0u8; len / PAGE_SIZE];
+    let r = unsafe { libc::mincore(p, len, vec.as_mut_ptr()) };
+    unsafe { libc::munmap(p, len) };
+    ensure!(r == 0, "mincore: {}", last_os_error());
+    Ok(vec.iter().filter(|&&b| b & 1 != 0).count())
+}
+
+/// Evicts the file's pages from the page cache.
+fn drop_cache(path: &Path) -> Result<()> {
+    let f = File::open(path)?;
+    f.sync_all()?;
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    ensure!(r == 0, "posix_fadvise: {r}");
+    Ok(())
+}
+
+mod direct {
+    use super::*;
+
+    /// With `FileOptions::direct`, device-bound reads use O_DIRECT: the data reaches device
+    /// memory and the page cache stays empty. Buffered reads (the control) fill it.
+    pub fn direct_reads_skip_the_page_cache() -> Result<()> {
+        let dir = TempDir::new("direct_reads_skip_the_page_cache")?;
+        let path = dir.path("data");
+        let len = 4 * MIB + 3 * PAGE_SIZE;
+        let data = content(7, 0, len);
+        create_file(&path, &data)?;
+        let hm = context(DeviceKind::Private, 16 * MIB)?;
+        let dev = hm.device(0).expect("one device");
+
+        drop_cache(&path)?;
+        let m = hm.map_file_with(
+            &path,
+            0,
+            len,
+            FileOptions::new(FileMode::ReadOnly).direct(true),
+        )?;
+        if !m.is_direct() {
+            eprintln!(
+                "SKIPPED: the file system under {} has no O_DIRECT",
+                path.display()
+            );
+            return Ok(());
+        }
+        assert_same(
+            "device read through O_DIRECT",
+            &dev.read(m.addr(), len)?,
+            &data,
+        );
+        let cached = cached_pages(&path, len)?;
+        drop(m);
+        // The last, partial page may be read through the page cache (O_DIRECT stops at EOF).
+        assert!(cached <= 1, "{cached} pages cached after O_DIRECT reads");
+
+        drop_cache(&path)?;
+        let m = hm.map_file(&path, 0, len, FileMode::ReadOnly)?;
+        assert_same("device read, buffered", &dev.read(m.addr(), len)?, &data);
+        let cached = cached_pages(&path, len)?;
+        assert!(
+            cached >= len / PAGE_SIZE - 1,
+            "only {cached} pages cached after buffered reads"
         );
         Ok(())
     }
