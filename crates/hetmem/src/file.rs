@@ -16,6 +16,8 @@ use crate::buffer::CpuView;
 use crate::context::{Hetmem, Inner, Shared};
 use crate::error::{Error, Result};
 use crate::region::{FileBacking, FileMode, Region};
+use crate::sys::lease;
+use std::os::fd::AsFd;
 
 /// A file mapped as managed memory ([`Hetmem::map_file`]).
 #[derive(Debug)]
@@ -37,15 +39,30 @@ pub struct FileOptions {
     /// cached in the page cache. Ignored where the file system has no O_DIRECT (tmpfs); see
     /// [`FileMapping::is_direct`]. Writebacks stay buffered.
     pub direct: bool,
+    /// Keep coherent with other processes through a file lease: before another process opens
+    /// the file (or truncates it), hetmem writes its dirty pages back and drops its cached
+    /// copies, then lets that process proceed. Shared mappings take a write lease (possible
+    /// only while no other process has the file open), read-only ones a read lease (possible
+    /// while nobody writes it); private mappings take none. Where no lease can be had, hetmem
+    /// retries at each fault and flush and caches without coherence meanwhile
+    /// (`docs/file-contract.md` §6); [`FileMapping::is_leased`] says which.
+    pub lease: bool,
 }
 
 impl FileOptions {
-    /// Buffered I/O in `mode`.
+    /// Buffered I/O in `mode`, no lease.
     pub fn new(mode: FileMode) -> Self {
         Self {
             mode,
             direct: false,
+            lease: false,
         }
+    }
+
+    /// With or without a file lease.
+    pub fn lease(mut self, lease: bool) -> Self {
+        self.lease = lease;
+        self
     }
 
     /// With or without O_DIRECT reads for device memory.
@@ -116,6 +133,8 @@ impl Hetmem {
             eof_page: AtomicUsize::new(pages),
             fail_writeback: AtomicU32::new(0),
             fail_errno: AtomicI32::new(libc::EIO),
+            lease_wanted: options.lease && mode != FileMode::Private,
+            leased: std::sync::atomic::AtomicBool::new(false),
         };
         let (region, cpu) = inner.new_region(len, Some(backing))?;
         let va = cpu.addr();
@@ -134,6 +153,11 @@ impl Hetmem {
         };
         if mode == FileMode::ReadOnly {
             self.protect(va, len, true, false)?;
+        }
+        if let Some(f) = &mapping.region.file {
+            if f.lease_wanted {
+                leases::register(inner, &mapping.region);
+            }
         }
         inner.check_eof(&mapping.region);
         Ok(mapping)
@@ -162,6 +186,12 @@ impl Inner {
         let Some(f) = &region.file else {
             return;
         };
+        if f.lease_wanted && !f.leased.load(Ordering::Acquire) {
+            let write = f.mode == FileMode::Shared;
+            if let Ok(true) = lease::take(f.file.as_fd(), write) {
+                f.leased.store(true, Ordering::Release);
+            }
+        }
         let Ok(meta) = f.file.metadata() else {
             return;
         };
@@ -227,6 +257,14 @@ impl FileMapping {
         self.mode
     }
 
+    /// Whether a file lease keeps this mapping coherent with other processes right now.
+    pub fn is_leased(&self) -> bool {
+        self.region
+            .file
+            .as_ref()
+            .is_some_and(|f| f.leased.load(Ordering::Acquire))
+    }
+
     /// Whether device-bound reads use O_DIRECT (asked for, and supported by the file system).
     pub fn is_direct(&self) -> bool {
         self.region
@@ -279,8 +317,99 @@ impl FileMapping {
 
 impl Drop for FileMapping {
     fn drop(&mut self) {
+        leases::unregister(&self.region);
         // Unmapping writes dirty pages back first (the protocol's Invalidate { Unmap }); an
         // error there has no caller to go to, so flush first when it matters.
         self.shared.inner.free_region(&self.region);
+    }
+}
+
+/// The lease-break thread and the registry it serves.
+mod leases {
+    use std::os::fd::{AsFd, AsRawFd, RawFd};
+    use std::sync::atomic::Ordering;
+    use std::sync::{Arc, Mutex, Once, Weak};
+
+    use hetmem_proto::{Invalidation, PageRun, PAGES_PER_BLOCK};
+
+    use crate::context::Inner;
+    use crate::region::{FileMode, Region};
+    use crate::sys::lease;
+
+    type Entry = (RawFd, Weak<Inner>, Weak<Region>);
+
+    static REGISTRY: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
+    static THREAD: Once = Once::new();
+
+    /// Serves lease breaks for `region` from now on, and takes the lease if it can.
+    pub fn register(inner: &Arc<Inner>, region: &Arc<Region>) {
+        let Ok(read_end) = lease::install() else {
+            return; // The signal belongs to the application: no leases.
+        };
+        THREAD.call_once(|| {
+            let _ = std::thread::Builder::new()
+                .name("hetmem-lease".into())
+                .spawn(move || serve(read_end));
+        });
+        let f = region.file.as_ref().expect("a file mapping");
+        REGISTRY.lock().unwrap_or_else(|e| e.into_inner()).push((
+            f.file.as_raw_fd(),
+            Arc::downgrade(inner),
+            Arc::downgrade(region),
+        ));
+    }
+
+    /// Stops serving `region` and gives its lease up.
+    pub fn unregister(region: &Arc<Region>) {
+        let Some(f) = &region.file else {
+            return;
+        };
+        if !f.lease_wanted {
+            return;
+        }
+        REGISTRY
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(_, _, r)| r.upgrade().is_some_and(|r| !Arc::ptr_eq(&r, region)));
+        if f.leased.swap(false, Ordering::AcqRel) {
+            lease::release(f.file.as_fd());
+        }
+    }
+
+    fn serve(read_end: RawFd) {
+        while let Ok(fd) = lease::next_break(read_end) {
+            let found = REGISTRY
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .find(|(f, _, _)| *f == fd)
+                .and_then(|(_, i, r)| Some((i.upgrade()?, r.upgrade()?)));
+            if let Some((inner, region)) = found {
+                broken(&inner, &region);
+            }
+        }
+    }
+
+    /// Another process wants the file: write our dirty pages back, drop every cached copy so
+    /// later accesses read the file again, then let it proceed.
+    fn broken(inner: &Inner, region: &Region) {
+        let Some(f) = &region.file else {
+            return;
+        };
+        if !inner.is_owner() {
+            return;
+        }
+        if f.mode == FileMode::Shared {
+            let _ = inner.flush_region(region);
+        }
+        for bi in 0..region.blocks.len() {
+            if let Some(all) = PageRun::new(0, region.block_pages(bi), PAGES_PER_BLOCK) {
+                // Discard writes dirty data back first; a page whose writeback fails stays.
+                let _ = inner.invalidate(region, bi, all, Invalidation::Discard);
+            }
+        }
+        inner.stats.lease_breaks.add(1);
+        f.leased.store(false, Ordering::Release);
+        lease::release(f.file.as_fd());
     }
 }

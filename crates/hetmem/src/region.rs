@@ -105,6 +105,10 @@ pub(crate) struct FileBacking {
     /// Test hook: fail this many upcoming writebacks with this errno.
     pub fail_writeback: AtomicU32,
     pub fail_errno: std::sync::atomic::AtomicI32,
+    /// Coherence with other processes through a file lease (`FileOptions::lease`).
+    pub lease_wanted: bool,
+    /// The lease is held now.
+    pub leased: AtomicBool,
 }
 
 /// A managed region.

@@ -32,6 +32,7 @@ pub(crate) struct Stats {
     pub pages_prefetched: Counter,
     pub pages_from_file: Counter,
     pub pages_written_back: Counter,
+    pub lease_breaks: Counter,
 }
 
 /// What the runtime did since the context was built.
@@ -61,6 +62,8 @@ pub struct StatsSnapshot {
     pub pages_from_file: u64,
     /// Pages written back to files.
     pub pages_written_back: u64,
+    /// File leases broken by other processes (flushed and dropped for them).
+    pub lease_breaks: u64,
 }
 
 impl Stats {
@@ -78,6 +81,7 @@ impl Stats {
             pages_prefetched: self.pages_prefetched.get(),
             pages_from_file: self.pages_from_file.get(),
             pages_written_back: self.pages_written_back.get(),
+            lease_breaks: self.lease_breaks.get(),
         }
     }
 }

@@ -95,6 +95,7 @@ tests!(
     file_larger_than_device,
     crash_during_flush_leaves_old_or_new_pages,
     direct_reads_skip_the_page_cache,
+    lease_break_flushes_for_other_openers,
 );
 
 /// A fresh directory under `std::env::temp_dir()`, removed with its contents on drop.
@@ -1008,6 +1009,7 @@ mod scenarios {
     /// A process killed (SIGKILL) while it flushes leaves every 4 KiB page of the file whole:
     /// the old contents or one generation of the new, never a mix.
     pub use super::direct::direct_reads_skip_the_page_cache;
+    pub use super::direct::lease_break_flushes_for_other_openers;
 
     pub fn crash_during_flush_leaves_old_or_new_pages() -> Result<()> {
         /// The child's exit codes, before the kill.
@@ -1189,6 +1191,75 @@ mod direct {
         assert!(
             cached >= len / PAGE_SIZE - 1,
             "only {cached} pages cached after buffered reads"
+        );
+        Ok(())
+    }
+
+    /// With a lease, another process that opens the file sees our unflushed device writes:
+    /// the lease break writes them back before its open returns. Its own writes then reach
+    /// us, because the break also dropped our cached copies.
+    pub fn lease_break_flushes_for_other_openers() -> Result<()> {
+        let dir = TempDir::new("lease_break_flushes_for_other_openers")?;
+        let path = dir.path("data");
+        let len = 3 * MIB;
+        let old = content(0, 0, len);
+        create_file(&path, &old)?;
+        let hm = context(DeviceKind::Private, 16 * MIB)?;
+        let dev = hm.device(0).expect("one device");
+        let m = hm.map_file_with(
+            &path,
+            0,
+            len,
+            FileOptions::new(FileMode::Shared).lease(true),
+        )?;
+        if !m.is_leased() {
+            eprintln!(
+                "SKIPPED: no write lease on {} (signal in use, or file open elsewhere)",
+                path.display()
+            );
+            return Ok(());
+        }
+        let new = content(1, 0, len);
+        dev.write(m.addr(), &new)?; // dirty, on the device, not flushed
+
+        // Another process opens the file by path and reads it: it must see the new data.
+        let (mut rx, tx) = pipe();
+        let p = path.clone();
+        let pid = fork_child(|| {
+            let Ok(mut f) = File::open(&p) else { return 2 };
+            let mut got = Vec::new();
+            if f.read_to_end(&mut got).is_err() {
+                return 3;
+            }
+            let _ = (&tx).write_all(&[u8::from(got == content(1, 0, got.len()))]);
+            0
+        });
+        drop(tx);
+        let mut verdict = [0u8; 1];
+        rx.read_exact(&mut verdict)
+            .context("the reader process reported nothing")?;
+        assert_eq!(wait_child(pid), 0, "reader process");
+        assert_eq!(
+            verdict[0], 1,
+            "the other process did not see our unflushed writes"
+        );
+        assert!(hm.stats().lease_breaks >= 1, "no lease break was served");
+
+        // Another process writes page 0; we read it afterwards through the device.
+        let theirs = content(2, 0, PAGE_SIZE);
+        {
+            let f = std::fs::OpenOptions::new().write(true).open(&path)?;
+            f.write_all_at(&theirs, 0)?;
+        }
+        assert_same(
+            "device read of page 0 after another writer",
+            &dev.read(m.addr(), PAGE_SIZE)?,
+            &theirs,
+        );
+        assert_same(
+            "CPU read of page 1 (ours, flushed at the break)",
+            &m.as_slice()[PAGE_SIZE..2 * PAGE_SIZE],
+            &new[PAGE_SIZE..2 * PAGE_SIZE],
         );
         Ok(())
     }

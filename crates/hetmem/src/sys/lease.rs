@@ -1,0 +1,121 @@
+//! File leases (F_SETLEASE): the kernel tells us, by signal, before another process opens a
+//! file we cache (or truncates it), and holds that process until we release the lease.
+//!
+//! The signal (a real-time one, set with F_SETSIG so it carries the descriptor) is caught by a
+//! handler that only writes the descriptor number to a pipe; a thread reads the pipe and does
+//! the work. The handler is installed only if the signal is unused (default disposition), so
+//! hetmem never takes a signal from the application.
+
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Once;
+
+/// `F_SETSIG` (Linux); the libc crate defines it only on some targets.
+const F_SETSIG: libc::c_int = 10;
+
+static WRITE_END: AtomicI32 = AtomicI32::new(-1);
+static READ_END: AtomicI32 = AtomicI32::new(-1);
+static INSTALL: Once = Once::new();
+
+/// The signal lease breaks arrive with.
+pub fn signal() -> libc::c_int {
+    libc::SIGRTMIN() + 7
+}
+
+extern "C" fn on_break(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: for a signal set with F_SETSIG the kernel fills the SIGPOLL member of siginfo_t,
+    // whose `si_fd` follows the 8-byte `si_band` at offset 16 (64-bit Linux). Reading an i32
+    // there is within the 128-byte siginfo_t.
+    let fd = unsafe { info.cast::<u8>().add(24).cast::<i32>().read_unaligned() };
+    let w = WRITE_END.load(Ordering::Relaxed);
+    if w >= 0 {
+        // SAFETY: write(2) is async-signal-safe; 4 bytes from our stack to our pipe.
+        unsafe { libc::write(w, (&fd as *const i32).cast(), 4) };
+    }
+}
+
+/// Installs the handler and its pipe once. Returns the pipe's read end, or an error if the
+/// signal is already in use by the application.
+pub fn install() -> io::Result<RawFd> {
+    INSTALL.call_once(|| {
+        let sig = signal();
+        // SAFETY: sigaction is plain integers and pointers; all-zero is a valid value.
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: reads the current disposition into `old` on our stack.
+        let r = unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) };
+        if r != 0 || old.sa_sigaction != libc::SIG_DFL {
+            return;
+        }
+        let mut fds = [-1; 2];
+        // SAFETY: pipe2 writes two descriptors into our array.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return;
+        }
+        WRITE_END.store(fds[1], Ordering::Relaxed);
+        READ_END.store(fds[0], Ordering::Relaxed);
+        // SAFETY: a zeroed sigaction on our stack, filled with a handler that only calls
+        // write(2) on a descriptor published before the handler is installed.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_break as *const () as usize;
+            sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    });
+    match READ_END.load(Ordering::Relaxed) {
+        fd if fd >= 0 => Ok(fd),
+        _ => Err(io::Error::from_raw_os_error(libc::EBUSY)),
+    }
+}
+
+/// Takes a lease on `fd`: a write lease (no other process may have the file open) or a read
+/// lease (no writer may). `Ok(false)` when the file is in use in a way that forbids it.
+pub fn take(fd: BorrowedFd<'_>, write: bool) -> io::Result<bool> {
+    let kind = if write { libc::F_WRLCK } else { libc::F_RDLCK };
+    // SAFETY: fcntl on our own descriptor with integer arguments.
+    unsafe {
+        if libc::fcntl(fd.as_raw_fd(), F_SETSIG, signal()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, kind as libc::c_int) != 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EAGAIN | libc::EBUSY) => Ok(false),
+                _ => Err(e),
+            };
+        }
+    }
+    Ok(true)
+}
+
+/// Gives the lease up: the process waiting on it proceeds.
+pub fn release(fd: BorrowedFd<'_>) {
+    // SAFETY: fcntl on our own descriptor with integer arguments.
+    unsafe {
+        libc::fcntl(
+            fd.as_raw_fd(),
+            libc::F_SETLEASE,
+            libc::F_UNLCK as libc::c_int,
+        )
+    };
+}
+
+/// Blocks until a lease breaks; returns the descriptor it was on.
+pub fn next_break(read_end: RawFd) -> io::Result<RawFd> {
+    let mut fd: i32 = -1;
+    loop {
+        // SAFETY: reads 4 bytes into our stack from our own pipe.
+        let n = unsafe { libc::read(read_end, (&mut fd as *mut i32).cast(), 4) };
+        if n == 4 {
+            return Ok(fd);
+        }
+        if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        return Err(io::Error::last_os_error());
+    }
+}
