@@ -39,6 +39,13 @@ pub struct Moves {
     pub advise: bool,
     /// Atomic device faults.
     pub atomics: bool,
+    /// Another process writes a file page (a version of its own), after a lease break: only
+    /// when hetmem holds no copy of the page and nothing is in flight for it.
+    pub external_writes: bool,
+    /// Test-only: another process writes a file page whatever hetmem caches (no lease). The
+    /// checker must find the stale copy this leaves.
+    #[doc(hidden)]
+    pub external_writes_unguarded: bool,
 }
 
 /// A small world to explore.
@@ -77,6 +84,8 @@ pub enum Move {
     Complete(OpId, Result<(), OpError>),
     /// A processor writes a new version through its mapping.
     Write(Proc, usize),
+    /// Another process writes a new version to the file under a page.
+    ExternalWrite(usize),
 }
 
 /// What the explorer found.
@@ -245,6 +254,19 @@ fn moves(cfg: &Config, s: &State) -> Vec<Move> {
             v.push(Move::Complete(op, Err(OpError::Io)));
         }
     }
+    if s.writes_left > 0 && (cfg.moves.external_writes || cfg.moves.external_writes_unguarded) {
+        for p in 0..cfg.pages {
+            let view = w.blocks[0].page(p);
+            let quiet = view.valid == 0 && !view.dirty && !view.busy && !view.writeback;
+            if view.file
+                && view.managed
+                && !view.beyond_eof
+                && (quiet || cfg.moves.external_writes_unguarded)
+            {
+                v.push(Move::ExternalWrite(p));
+            }
+        }
+    }
     if s.writes_left > 0 {
         for proc in procs(topo) {
             for (_, p) in w.writable(proc) {
@@ -274,6 +296,10 @@ fn apply(cfg: &Config, s: &mut State, mv: Move) -> Result<(), Violation> {
         Move::Write(proc, p) => {
             s.writes_left -= 1;
             s.world.write(0, proc, p).map(drop)
+        }
+        Move::ExternalWrite(p) => {
+            s.writes_left -= 1;
+            s.world.external_write(topo, 0, p).map(drop)
         }
     }
 }

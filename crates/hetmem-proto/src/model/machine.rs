@@ -100,6 +100,14 @@ impl Machine {
         }
     }
 
+    /// Another process writes `value` to the file's page `page`: the new truth. hetmem must
+    /// hold no copy then (a lease break made it write back and drop them); a cached copy left
+    /// behind would be stale, which `check_block` reports.
+    pub fn external_write(&mut self, page: usize, value: u32) {
+        self.file[page] = value;
+        self.latest[page] = value;
+    }
+
     /// Executes one action and checks the invariants that must hold between any two actions.
     pub fn apply(&mut self, topo: &Topology, action: &Action) -> Result<(), Violation> {
         let n = self.pages;

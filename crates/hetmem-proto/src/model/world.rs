@@ -184,6 +184,26 @@ impl<const W: usize> World<W> {
         Ok(v)
     }
 
+    /// Another process writes a new version to the file under `page` of `block`, then the
+    /// machine is checked against the engine: no cached copy may be left stale.
+    pub fn external_write(
+        &mut self,
+        topo: &Topology,
+        block: usize,
+        page: usize,
+    ) -> Result<u32, Violation> {
+        let v = self.next_version;
+        if let Some(log) = &mut self.log {
+            log.push(format!(
+                "b{block}: another process writes {v} to the file under page {page}"
+            ));
+        }
+        self.machines[block].external_write(page, v);
+        self.next_version += 1;
+        self.machines[block].check_block(topo, &self.blocks[block])?;
+        Ok(v)
+    }
+
     /// Feeds one event to a block, executes its actions one by one on the machine (checking
     /// between each), then checks the block, the machine and the capacity.
     pub fn event(
