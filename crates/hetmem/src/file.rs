@@ -328,7 +328,7 @@ impl Drop for FileMapping {
 mod leases {
     use std::os::fd::{AsFd, AsRawFd, RawFd};
     use std::sync::atomic::Ordering;
-    use std::sync::{Arc, Mutex, Once, Weak};
+    use std::sync::{Arc, Mutex, Weak};
 
     use hetmem_proto::{Invalidation, PageRun, PAGES_PER_BLOCK};
 
@@ -339,18 +339,20 @@ mod leases {
     type Entry = (RawFd, Weak<Inner>, Weak<Region>);
 
     static REGISTRY: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
-    static THREAD: Once = Once::new();
 
     /// Serves lease breaks for `region` from now on, and takes the lease if it can.
     pub fn register(inner: &Arc<Inner>, region: &Arc<Region>) {
-        let Ok(read_end) = lease::install() else {
+        let Ok((read_end, fresh)) = lease::install() else {
             return; // The signal belongs to the application: no leases.
         };
-        THREAD.call_once(|| {
+        if fresh {
+            // First use in this process (or in a fork child, which has no thread of ours and
+            // must not serve its parent's mappings).
+            REGISTRY.lock().unwrap_or_else(|e| e.into_inner()).clear();
             let _ = std::thread::Builder::new()
                 .name("hetmem-lease".into())
                 .spawn(move || serve(read_end));
-        });
+        }
         let f = region.file.as_ref().expect("a file mapping");
         REGISTRY.lock().unwrap_or_else(|e| e.into_inner()).push((
             f.file.as_raw_fd(),

@@ -1261,6 +1261,54 @@ mod direct {
             &m.as_slice()[PAGE_SIZE..2 * PAGE_SIZE],
             &new[PAGE_SIZE..2 * PAGE_SIZE],
         );
+
+        // A fork child with a context and a lease of its own: its lease thread, not ours (or
+        // none: the open below would then wait 45 s), serves the break.
+        let path2 = dir.path("child-data");
+        create_file(&path2, &old[..MIB])?;
+        let (mut ready_rx, ready_tx) = pipe();
+        let (done_rx, mut done_tx) = pipe();
+        let p2 = path2.clone();
+        let pid = fork_child(|| {
+            let Ok(hm) = context(DeviceKind::Private, 16 * MIB) else {
+                return 2;
+            };
+            let opts = FileOptions::new(FileMode::Shared).lease(true);
+            let Ok(m) = hm.map_file_with(&p2, 0, MIB, opts) else {
+                return 3;
+            };
+            let dev = hm.device(0).expect("one device");
+            if !m.is_leased() {
+                let _ = (&ready_tx).write_all(&[2]);
+                return 4;
+            }
+            if let Err(e) = dev.write(m.addr(), &content(3, 0, MIB)) {
+                eprintln!("child: device write failed: {e}");
+                let _ = (&ready_tx).write_all(&[3]);
+                return 5;
+            }
+            let _ = (&ready_tx).write_all(&[1]);
+            let mut b = [0u8; 1];
+            let _ = (&done_rx).read(&mut b);
+            0
+        });
+        drop(ready_tx);
+        let mut ready = [0u8; 1];
+        ready_rx
+            .read_exact(&mut ready)
+            .context("the child reported nothing")?;
+        ensure!(
+            ready[0] == 1,
+            "the child could not map with a lease ({})",
+            ready[0]
+        );
+        assert_same(
+            "a fork child's unflushed device writes, seen by our open through its lease",
+            &pread_file(&path2)?,
+            &content(3, 0, MIB),
+        );
+        done_tx.write_all(&[0])?;
+        assert_eq!(wait_child(pid), 0, "lease child");
         Ok(())
     }
 }

@@ -10,15 +10,18 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
-use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::Once;
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::sync::Mutex;
 
 /// `F_SETSIG` (Linux); the libc crate defines it only on some targets.
 const F_SETSIG: libc::c_int = 10;
 
 static WRITE_END: AtomicI32 = AtomicI32::new(-1);
 static READ_END: AtomicI32 = AtomicI32::new(-1);
-static INSTALL: Once = Once::new();
+/// The process the pipe belongs to: a fork child inherits the handler and the pipe, but must
+/// not share the pipe with its parent, so it makes its own.
+static OWNER: AtomicU32 = AtomicU32::new(0);
+static INSTALL: Mutex<()> = Mutex::new(());
 
 /// The signal lease breaks arrive with.
 pub fn signal() -> libc::c_int {
@@ -37,39 +40,52 @@ extern "C" fn on_break(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut
     }
 }
 
-/// Installs the handler and its pipe once. Returns the pipe's read end, or an error if the
-/// signal is already in use by the application.
-pub fn install() -> io::Result<RawFd> {
-    INSTALL.call_once(|| {
-        let sig = signal();
-        // SAFETY: sigaction is plain integers and pointers; all-zero is a valid value.
-        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
-        // SAFETY: reads the current disposition into `old` on our stack.
-        let r = unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) };
-        if r != 0 || old.sa_sigaction != libc::SIG_DFL {
-            return;
+/// Installs the handler and this process's pipe (again after a fork). Returns the pipe's read
+/// end, and whether it is new (its reader thread must be started), or an error if the signal
+/// is in use by the application.
+pub fn install() -> io::Result<(RawFd, bool)> {
+    let _g = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    let pid = std::process::id();
+    if OWNER.load(Ordering::Acquire) == pid {
+        return Ok((READ_END.load(Ordering::Acquire), false));
+    }
+    let sig = signal();
+    // SAFETY: sigaction is plain integers and pointers; all-zero is a valid value.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: reads the current disposition into `old` on our stack.
+    let r = unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) };
+    let ours = on_break as *const () as usize;
+    if r != 0 || (old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != ours) {
+        return Err(io::Error::from_raw_os_error(libc::EBUSY));
+    }
+    let mut fds = [-1; 2];
+    // SAFETY: pipe2 writes two descriptors into our array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let (old_r, old_w) = (
+        READ_END.swap(fds[0], Ordering::AcqRel),
+        WRITE_END.swap(fds[1], Ordering::AcqRel),
+    );
+    for fd in [old_r, old_w] {
+        if fd >= 0 {
+            // SAFETY: the parent's pipe, inherited by fork; nothing in this process uses it.
+            unsafe { libc::close(fd) };
         }
-        let mut fds = [-1; 2];
-        // SAFETY: pipe2 writes two descriptors into our array.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return;
-        }
-        WRITE_END.store(fds[1], Ordering::Relaxed);
-        READ_END.store(fds[0], Ordering::Relaxed);
+    }
+    if old.sa_sigaction == libc::SIG_DFL {
         // SAFETY: a zeroed sigaction on our stack, filled with a handler that only calls
         // write(2) on a descriptor published before the handler is installed.
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_break as *const () as usize;
+            sa.sa_sigaction = ours;
             sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
             libc::sigemptyset(&mut sa.sa_mask);
             libc::sigaction(sig, &sa, std::ptr::null_mut());
         }
-    });
-    match READ_END.load(Ordering::Relaxed) {
-        fd if fd >= 0 => Ok(fd),
-        _ => Err(io::Error::from_raw_os_error(libc::EBUSY)),
     }
+    OWNER.store(pid, Ordering::Release);
+    Ok((fds[0], true))
 }
 
 /// Takes a lease on `fd`: a write lease (no other process may have the file open) or a read

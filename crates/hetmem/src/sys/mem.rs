@@ -366,10 +366,20 @@ pub fn vma_at(addr: usize) -> io::Result<Option<(usize, usize, bool, bool)>> {
         | (0x66 << 8)
         | 17;
     thread_local! {
-        static MAPS: Option<std::fs::File> = std::fs::File::open("/proc/self/maps").ok();
+        // With the pid it was opened in: "self" is resolved at open time, so a fork child must
+        // not query its parent's address space through an inherited descriptor.
+        static MAPS: std::cell::RefCell<Option<(u32, std::fs::File)>> =
+            const { std::cell::RefCell::new(None) };
     }
-    let fast = MAPS.with(|f| {
-        let f = f.as_ref()?;
+    let pid = std::process::id();
+    let fast = MAPS.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(p, _)| *p != pid) {
+            *slot = std::fs::File::open("/proc/self/maps")
+                .ok()
+                .map(|f| (pid, f));
+        }
+        let f = &slot.as_ref()?.1;
         let mut q = ProcmapQuery {
             size: std::mem::size_of::<ProcmapQuery>() as u64,
             query_addr: addr as u64,
