@@ -435,53 +435,74 @@ impl Inner {
             .push(region);
     }
 
-    /// Removes `[start, end)` from the address map; returns the file ranges that lost their
-    /// view.
-    fn unmap_views(&self, start: usize, end: usize) -> Vec<(Arc<Region>, usize, usize)> {
-        let mut space = self.space.write().unwrap_or_else(|e| e.into_inner());
+    /// Takes `[start, end)` out of the address map: entries that straddle it keep their parts
+    /// outside it. Returns the parts inside, each with its start address.
+    fn cut_views(
+        space: &mut BTreeMap<usize, MapEntry>,
+        start: usize,
+        end: usize,
+    ) -> Vec<(usize, MapEntry)> {
         let hit: Vec<usize> = space
             .range(..end)
             .filter(|(_, e)| e.end > start)
             .map(|(&va, _)| va)
             .collect();
-        let mut gone = Vec::new();
+        let mut cut = Vec::new();
         for va in hit {
             let e = space.remove(&va).expect("just found");
             let s = start.max(va);
             let t = end.min(e.end);
             if va < s {
-                space.insert(
-                    va,
-                    MapEntry {
-                        end: s,
-                        region: e.region.clone(),
-                        off: e.off,
-                    },
-                );
+                let before = MapEntry {
+                    end: s,
+                    region: e.region.clone(),
+                    off: e.off,
+                };
+                space.insert(va, before);
             }
             if t < e.end {
-                space.insert(
-                    t,
-                    MapEntry {
-                        end: e.end,
-                        region: e.region.clone(),
-                        off: e.off + (t - va),
-                    },
-                );
+                let after = MapEntry {
+                    end: e.end,
+                    region: e.region.clone(),
+                    off: e.off + (t - va),
+                };
+                space.insert(t, after);
             }
-            gone.push((e.region.clone(), e.off + (s - va), t - s));
-            e.region.set_views(
-                space
-                    .iter()
-                    .filter(|(_, m)| Arc::ptr_eq(&m.region, &e.region))
-                    .map(|(&va, m)| View {
-                        va,
-                        off: m.off,
-                        len: m.end - va,
-                    }),
-            );
+            let inside = MapEntry {
+                end: t,
+                off: e.off + (s - va),
+                region: e.region,
+            };
+            cut.push((s, inside));
         }
-        gone
+        cut
+    }
+
+    /// Rebuilds `region`'s view list from the address map.
+    fn sync_views(space: &BTreeMap<usize, MapEntry>, region: &Arc<Region>) {
+        region.set_views(
+            space
+                .iter()
+                .filter(|(_, m)| Arc::ptr_eq(&m.region, region))
+                .map(|(&va, m)| View {
+                    va,
+                    off: m.off,
+                    len: m.end - va,
+                }),
+        );
+    }
+
+    /// Removes `[start, end)` from the address map; returns the file ranges that lost their
+    /// view.
+    fn unmap_views(&self, start: usize, end: usize) -> Vec<(Arc<Region>, usize, usize)> {
+        let mut space = self.space.write().unwrap_or_else(|e| e.into_inner());
+        let cut = Self::cut_views(&mut space, start, end);
+        for (_, m) in &cut {
+            Self::sync_views(&space, &m.region);
+        }
+        cut.into_iter()
+            .map(|(va, m)| (m.region, m.off, m.end - va))
+            .collect()
     }
 
     /// `mremap(MREMAP_DONTUNMAP)` leaves the old range mapped. For private anonymous memory it
@@ -520,61 +541,14 @@ impl Inner {
     /// `mremap` moved `[from, from + len)` to `to`. Returns the regions that moved.
     fn remap_views(&self, from: usize, to: usize, len: usize) -> Vec<Arc<Region>> {
         let mut space = self.space.write().unwrap_or_else(|e| e.into_inner());
-        let end = from + len;
-        let hit: Vec<usize> = space
-            .range(..end)
-            .filter(|(_, e)| e.end > from)
-            .map(|(&va, _)| va)
-            .collect();
-        let mut moved = Vec::new();
-        for va in hit {
-            let e = space.remove(&va).expect("just found");
-            let s = from.max(va);
-            let t = end.min(e.end);
-            if va < s {
-                space.insert(
-                    va,
-                    MapEntry {
-                        end: s,
-                        region: e.region.clone(),
-                        off: e.off,
-                    },
-                );
-            }
-            if t < e.end {
-                space.insert(
-                    t,
-                    MapEntry {
-                        end: e.end,
-                        region: e.region.clone(),
-                        off: e.off + (t - va),
-                    },
-                );
-            }
-            moved.push((
-                to + (s - from),
-                MapEntry {
-                    end: to + (t - from),
-                    region: e.region.clone(),
-                    off: e.off + (s - va),
-                },
-            ));
-        }
+        let cut = Self::cut_views(&mut space, from, from + len);
         let mut regions = Vec::new();
-        for (va, m) in moved {
+        for (va, mut m) in cut {
             let region = m.region.clone();
-            space.insert(va, m);
-            regions.push(region.clone());
-            region.set_views(
-                space
-                    .iter()
-                    .filter(|(_, m)| Arc::ptr_eq(&m.region, &region))
-                    .map(|(&va, m)| View {
-                        va,
-                        off: m.off,
-                        len: m.end - va,
-                    }),
-            );
+            m.end = to + (m.end - from);
+            space.insert(to + (va - from), m);
+            Self::sync_views(&space, &region);
+            regions.push(region);
         }
         regions
     }
@@ -714,30 +688,19 @@ impl Inner {
     }
 
     /// Runs one request to completion on one block; `after` runs under the block lock.
-    pub(crate) fn request_with(
+    /// Locks block `bi`, drives `event` through it, mirrors its frame counts for eviction,
+    /// runs `after` under the lock, then wakes the CPU ranges the drive mapped.
+    pub(crate) fn drive_event(
         &self,
         region: &Region,
         bi: usize,
-        run: PageRun,
-        kind: RequestKind,
+        event: Event,
         mut after: impl FnMut(&hetmem_proto::Block2M, &Outcome),
-    ) -> std::result::Result<(), RequestError> {
+    ) -> std::result::Result<Outcome, hetmem_proto::EventError> {
         let slot = &region.blocks[bi];
-        let id = self.next_req();
         let outcome = {
             let mut block = self.lock_block(slot);
-            let outcome = self
-                .drive(
-                    region,
-                    bi,
-                    &mut block,
-                    Event::Request {
-                        id,
-                        pages: run,
-                        kind,
-                    },
-                )
-                .map_err(|_| RequestError::NoMapping)?;
+            let outcome = self.drive(region, bi, &mut block, event)?;
             for d in self.topology.devices() {
                 slot.held[d.index()].store(block.frames_held(d), Ordering::Relaxed);
             }
@@ -747,7 +710,25 @@ impl Inner {
         for &(va, len) in &outcome.wake {
             let _ = self.uffd.wake(va, len);
         }
-        outcome
+        Ok(outcome)
+    }
+
+    pub(crate) fn request_with(
+        &self,
+        region: &Region,
+        bi: usize,
+        run: PageRun,
+        kind: RequestKind,
+        after: impl FnMut(&hetmem_proto::Block2M, &Outcome),
+    ) -> std::result::Result<(), RequestError> {
+        let id = self.next_req();
+        let event = Event::Request {
+            id,
+            pages: run,
+            kind,
+        };
+        self.drive_event(region, bi, event, after)
+            .map_err(|_| RequestError::NoMapping)?
             .result_of(id)
             .unwrap_or(Err(RequestError::Op(hetmem_proto::OpError::Device)))
     }
@@ -857,34 +838,20 @@ impl Inner {
         run: PageRun,
         kind: Invalidation,
     ) -> Result<()> {
-        let slot = &region.blocks[bi];
         let id = self.next_req();
-        let outcome = {
-            let mut block = self.lock_block(slot);
-            let o = self
-                .drive(
-                    region,
-                    bi,
-                    &mut block,
-                    Event::Invalidate {
-                        id,
-                        pages: run,
-                        kind,
-                    },
-                )
-                .map_err(|_| Error::Invalid("page run outside its block"))?;
-            for d in self.topology.devices() {
-                slot.held[d.index()].store(block.frames_held(d), Ordering::Relaxed);
-            }
-            if matches!(kind, Invalidation::Discard | Invalidation::Unmap) {
-                // The data is gone for good: give its memory back.
-                self.release_pages(region, bi, &block, run);
-            }
-            o
+        let event = Event::Invalidate {
+            id,
+            pages: run,
+            kind,
         };
-        for &(va, len) in &outcome.wake {
-            let _ = self.uffd.wake(va, len);
-        }
+        let outcome = self
+            .drive_event(region, bi, event, |block, _| {
+                if matches!(kind, Invalidation::Discard | Invalidation::Unmap) {
+                    // The data is gone for good: give its memory back.
+                    self.release_pages(region, bi, block, run);
+                }
+            })
+            .map_err(|_| Error::Invalid("page run outside its block"))?;
         match outcome.result_of(id) {
             Some(r) => r.map_err(Error::from),
             None => Ok(()),
@@ -1470,17 +1437,12 @@ impl Hetmem {
     pub fn advise(&self, addr: usize, len: usize, advice: hetmem_proto::Advice) -> Result<()> {
         let inner = self.inner();
         for p in inner.pieces(addr, len)? {
-            let mut block = inner.lock_block(&p.region.blocks[p.bi]);
+            let event = Event::Advise {
+                pages: p.run,
+                advice,
+            };
             inner
-                .drive(
-                    &p.region,
-                    p.bi,
-                    &mut block,
-                    Event::Advise {
-                        pages: p.run,
-                        advice,
-                    },
-                )
+                .drive_event(&p.region, p.bi, event, |_, _| {})
                 .map_err(|_| Error::Invalid("page run outside its block"))?;
         }
         Ok(())
