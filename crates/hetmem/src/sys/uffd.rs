@@ -257,10 +257,9 @@ impl Uffd {
         // SAFETY: UFFDIO_REGISTER reads and writes one uffdio_register on our stack; the caller
         // upholds the contract about the range.
         let r = unsafe {
-            libc::ioctl(
-                self.fd.as_raw_fd(),
-                linux_raw_sys::ioctl::UFFDIO_REGISTER as _,
-                &mut arg as *mut uapi::uffdio_register,
+            self.ioctl(
+                linux_raw_sys::ioctl::UFFDIO_REGISTER as libc::c_ulong,
+                &mut arg,
             )
         };
         if r < 0 {
@@ -271,42 +270,34 @@ impl Uffd {
 
     /// Unregisters the range, waking every thread waiting on it.
     pub fn unregister(&self, start: usize, len: usize) -> io::Result<()> {
+        self.range_ioctl(linux_raw_sys::ioctl::UFFDIO_UNREGISTER, start, len)
+    }
+
+    /// Wakes threads waiting on faults in the range.
+    pub fn wake(&self, start: usize, len: usize) -> io::Result<()> {
+        self.range_ioctl(linux_raw_sys::ioctl::UFFDIO_WAKE, start, len)
+    }
+
+    /// An ioctl whose argument is a bare `uffdio_range` (UNREGISTER, WAKE).
+    fn range_ioctl(&self, request: u32, start: usize, len: usize) -> io::Result<()> {
         let mut arg = uapi::uffdio_range {
             start: start as u64,
             len: len as u64,
         };
-        // SAFETY: UFFDIO_UNREGISTER reads one uffdio_range on our stack.
-        let r = unsafe {
-            libc::ioctl(
-                self.fd.as_raw_fd(),
-                linux_raw_sys::ioctl::UFFDIO_UNREGISTER as _,
-                &mut arg as *mut uapi::uffdio_range,
-            )
-        };
-        if r < 0 {
+        // SAFETY: UFFDIO_UNREGISTER and UFFDIO_WAKE take a uffdio_range; it only names
+        // addresses, no memory is read or written through it.
+        if unsafe { self.ioctl(request as libc::c_ulong, &mut arg) } < 0 {
             return Err(errno());
         }
         Ok(())
     }
 
-    /// Wakes threads waiting on faults in the range.
-    pub fn wake(&self, start: usize, len: usize) -> io::Result<()> {
-        let mut arg = uapi::uffdio_range {
-            start: start as u64,
-            len: len as u64,
-        };
-        // SAFETY: UFFDIO_WAKE reads one uffdio_range on our stack.
-        let r = unsafe {
-            libc::ioctl(
-                self.fd.as_raw_fd(),
-                linux_raw_sys::ioctl::UFFDIO_WAKE as _,
-                &mut arg as *mut uapi::uffdio_range,
-            )
-        };
-        if r < 0 {
-            return Err(errno());
-        }
-        Ok(())
+    /// # Safety
+    /// `request` must be a userfaultfd ioctl whose argument is a `T`.
+    unsafe fn ioctl<T>(&self, request: libc::c_ulong, arg: &mut T) -> libc::c_int {
+        // SAFETY: the caller pairs the request with its argument type; `arg` is a live,
+        // exclusive reference for the duration of the call.
+        unsafe { libc::ioctl(self.fd.as_raw_fd(), request as _, arg as *mut T) }
     }
 
     fn fill_outcome(r: libc::c_int, done: i64) -> io::Result<Fill> {
@@ -343,10 +334,9 @@ impl Uffd {
         // SAFETY: UFFDIO_CONTINUE reads and writes one uffdio_continue on our stack. It only
         // installs page-table entries for pages that already exist; it writes no memory.
         let r = unsafe {
-            libc::ioctl(
-                self.fd.as_raw_fd(),
-                linux_raw_sys::ioctl::UFFDIO_CONTINUE as _,
-                &mut arg as *mut uapi::uffdio_continue,
+            self.ioctl(
+                linux_raw_sys::ioctl::UFFDIO_CONTINUE as libc::c_ulong,
+                &mut arg,
             )
         };
         Self::fill_outcome(r, arg.mapped)
@@ -370,10 +360,9 @@ impl Uffd {
         // SAFETY: UFFDIO_ZEROPAGE reads and writes one uffdio_zeropage on our stack. It fills
         // only pages that are not present, so no live data is overwritten.
         let r = unsafe {
-            libc::ioctl(
-                self.fd.as_raw_fd(),
-                linux_raw_sys::ioctl::UFFDIO_ZEROPAGE as _,
-                &mut arg as *mut uapi::uffdio_zeropage,
+            self.ioctl(
+                linux_raw_sys::ioctl::UFFDIO_ZEROPAGE as libc::c_ulong,
+                &mut arg,
             )
         };
         Self::fill_outcome(r, arg.zeropage)
@@ -397,13 +386,7 @@ impl Uffd {
             | uapi::_UFFDIO_POISON as libc::c_ulong;
         // SAFETY: UFFDIO_POISON reads and writes one uffdio_poison on our stack; it installs
         // markers on missing pages only.
-        let r = unsafe {
-            libc::ioctl(
-                self.fd.as_raw_fd(),
-                UFFDIO_POISON as _,
-                &mut arg as *mut uapi::uffdio_poison,
-            )
-        };
+        let r = unsafe { self.ioctl(UFFDIO_POISON as libc::c_ulong, &mut arg) };
         Self::fill_outcome(r, arg.updated)
     }
 
@@ -434,10 +417,9 @@ impl Uffd {
         // SAFETY: UFFDIO_WRITEPROTECT reads one uffdio_writeprotect on our stack; it changes
         // page-table permissions only.
         let r = unsafe {
-            libc::ioctl(
-                self.fd.as_raw_fd(),
-                linux_raw_sys::ioctl::UFFDIO_WRITEPROTECT as _,
-                &mut arg as *mut uapi::uffdio_writeprotect,
+            self.ioctl(
+                linux_raw_sys::ioctl::UFFDIO_WRITEPROTECT as libc::c_ulong,
+                &mut arg,
             )
         };
         if r == 0 {
