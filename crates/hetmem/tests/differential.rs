@@ -9,8 +9,10 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+mod common;
 
 use hetmem::{
     Device, DeviceKind, Error, Hetmem, Location, ManagedBuf, SimConfig, Target, PAGE_SIZE,
@@ -79,26 +81,15 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 }
 
 /// Aborts the process if a test hangs.
-struct Watchdog(Option<mpsc::Sender<()>>);
+/// Held for the test's length; dropping it disarms the timer.
+struct Watchdog(#[allow(dead_code)] common::AbortWatchdog);
 
 impl Watchdog {
     fn start(name: String) -> Self {
-        let (tx, rx) = mpsc::channel::<()>();
-        std::thread::spawn(move || {
-            if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(TIMEOUT) {
-                eprintln!("differential::{name}: still running after {TIMEOUT:?}: hung; aborting");
-                std::process::abort();
-            }
-        });
-        Watchdog(Some(tx))
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        if let Some(tx) = self.0.take() {
-            let _ = tx.send(());
-        }
+        Watchdog(common::AbortWatchdog::start(
+            format!("differential::{name}"),
+            TIMEOUT,
+        ))
     }
 }
 

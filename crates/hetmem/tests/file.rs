@@ -19,9 +19,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
+
+mod common;
 
 use anyhow::{bail, ensure, Context, Result};
 use hetmem::{DeviceKind, Error, FileMode, FileOptions, Hetmem, Location, PAGE_SIZE};
@@ -40,42 +42,12 @@ const CHILD_PANICKED: c_int = 99;
 // Fixture: watchdog, temporary directory, context
 // ---------------------------------------------------------------------------------------------
 
-fn test_timeout() -> Duration {
-    let s = std::env::var("HETMEM_TEST_TIMEOUT_S")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(DEFAULT_TIMEOUT_S);
-    Duration::from_secs(s)
-}
-
-/// Runs a scenario on its own thread and fails the test if it does not finish in time.
-fn watchdog(name: &'static str, f: fn() -> Result<()>) -> Result<()> {
-    let (tx, rx) = mpsc::channel::<()>();
-    let handle = thread::Builder::new()
-        .name(name.to_string())
-        .spawn(move || {
-            let r = f();
-            let _ = tx.send(());
-            r
-        })?;
-    let limit = test_timeout();
-    match rx.recv_timeout(limit) {
-        Ok(()) | Err(RecvTimeoutError::Disconnected) => match handle.join() {
-            Ok(r) => r,
-            Err(panic) => std::panic::resume_unwind(panic),
-        },
-        Err(RecvTimeoutError::Timeout) => {
-            panic!("{name}: still running after {limit:?}: hung (set HETMEM_TEST_TIMEOUT_S)")
-        }
-    }
-}
-
 macro_rules! tests {
     ($($name:ident),* $(,)?) => {
         $(
             #[test]
             fn $name() -> Result<()> {
-                watchdog(stringify!($name), scenarios::$name)
+                common::watchdog(stringify!($name), DEFAULT_TIMEOUT_S, scenarios::$name)
             }
         )*
     };
@@ -289,7 +261,7 @@ fn wait_child_within(pid: libc::pid_t, limit: Duration) -> Option<c_int> {
 /// `waitpid` with the test's deadline: a child that hangs is killed and the test fails.
 #[track_caller]
 fn wait_child(pid: libc::pid_t) -> c_int {
-    let limit = test_timeout() / 2;
+    let limit = common::test_timeout(DEFAULT_TIMEOUT_S) / 2;
     match wait_child_within(pid, limit) {
         Some(status) => status,
         None => panic!("child {pid} still running after {limit:?}: hung"),
@@ -1072,7 +1044,7 @@ mod scenarios {
         if signalled {
             let f = File::open(&path)?;
             let mut word = [0u8; 4];
-            let deadline = std::time::Instant::now() + test_timeout() / 4;
+            let deadline = std::time::Instant::now() + common::test_timeout(DEFAULT_TIMEOUT_S) / 4;
             while std::time::Instant::now() < deadline {
                 f.read_exact_at(&mut word, (probe * PAGE_SIZE) as u64)?;
                 if u32::from_ne_bytes(word) != 0 {

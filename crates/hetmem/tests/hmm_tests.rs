@@ -85,10 +85,11 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::mpsc;
 use std::sync::{Arc, Barrier};
 use std::thread;
-use std::time::Duration;
+
+mod common;
 
 use anyhow::Result;
 use hetmem::{CpuProt, Device, DeviceKind, Error, Hetmem, Location, PageState, Target, PAGE_SIZE};
@@ -173,39 +174,6 @@ fn device(hm: &Hetmem, i: usize) -> Device {
         .unwrap_or_else(|| panic!("device {i} missing from the context"))
 }
 
-fn test_timeout() -> Duration {
-    let s = std::env::var("HETMEM_TEST_TIMEOUT_S")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(DEFAULT_TIMEOUT_S);
-    Duration::from_secs(s)
-}
-
-/// Runs a scenario on its own thread and fails the test if it does not finish in time.
-fn watchdog<F>(name: &'static str, f: F) -> Result<()>
-where
-    F: FnOnce() -> Result<()> + Send + 'static,
-{
-    let (tx, rx) = mpsc::channel::<()>();
-    let handle = thread::Builder::new()
-        .name(name.to_string())
-        .spawn(move || {
-            let r = f();
-            let _ = tx.send(());
-            r
-        })?;
-    let limit = test_timeout();
-    match rx.recv_timeout(limit) {
-        Ok(()) | Err(RecvTimeoutError::Disconnected) => match handle.join() {
-            Ok(r) => r,
-            Err(panic) => std::panic::resume_unwind(panic),
-        },
-        Err(RecvTimeoutError::Timeout) => {
-            panic!("{name}: still running after {limit:?}: hung (set HETMEM_TEST_TIMEOUT_S)")
-        }
-    }
-}
-
 /// Instantiates `#[test]`s for the listed scenario functions of the invoking module, in a `private`
 /// and a `coherent` module, like the selftest's `FIXTURE_VARIANT_ADD`s.
 macro_rules! variants {
@@ -214,7 +182,7 @@ macro_rules! variants {
             $(
                 #[test]
                 fn $name() -> anyhow::Result<()> {
-                    crate::watchdog(concat!("private::", stringify!($name)), || {
+                    crate::common::watchdog(concat!("private::", stringify!($name)), crate::DEFAULT_TIMEOUT_S, || {
                         super::$name(crate::Variant::Private)
                     })
                 }
@@ -224,7 +192,7 @@ macro_rules! variants {
             $(
                 #[test]
                 fn $name() -> anyhow::Result<()> {
-                    crate::watchdog(concat!("coherent::", stringify!($name)), || {
+                    crate::common::watchdog(concat!("coherent::", stringify!($name)), crate::DEFAULT_TIMEOUT_S, || {
                         super::$name(crate::Variant::Coherent)
                     })
                 }
@@ -533,7 +501,7 @@ fn wait_child_ok(pid: libc::pid_t, codes: &str) {
         let r = unsafe { libc::waitpid(pid, &mut status, 0) };
         let _ = tx.send((r, status));
     });
-    let limit = test_timeout() / 2;
+    let limit = common::test_timeout(DEFAULT_TIMEOUT_S) / 2;
     match rx.recv_timeout(limit) {
         Ok((r, status)) => {
             assert_eq!(r, pid, "waitpid({pid}): {}", last_os_error());

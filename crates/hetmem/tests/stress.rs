@@ -13,8 +13,10 @@
 //! watchdog that aborts a hung run (default 120 s).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+mod common;
 
 use hetmem::{Device, DeviceKind, Hetmem, ManagedBuf, Target, PAGE_SIZE};
 
@@ -442,27 +444,16 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 /// Aborts the whole process if the guarded scope runs past the limit: a hang in fault service
 /// would otherwise block `cargo test` forever.
-struct Watchdog(Option<mpsc::Sender<()>>);
+/// Held for the test's length; dropping it disarms the timer.
+struct Watchdog(#[allow(dead_code)] common::AbortWatchdog);
 
 impl Watchdog {
     fn start(name: &'static str) -> Self {
         let limit = Duration::from_secs(env_or("HETMEM_STRESS_TIMEOUT_S", DEFAULT_TIMEOUT_S));
-        let (tx, rx) = mpsc::channel::<()>();
-        std::thread::spawn(move || {
-            if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
-                eprintln!("stress::{name}: still running after {limit:?}: hung; aborting");
-                std::process::abort();
-            }
-        });
-        Watchdog(Some(tx))
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        if let Some(tx) = self.0.take() {
-            let _ = tx.send(());
-        }
+        Watchdog(common::AbortWatchdog::start(
+            format!("stress::{name}"),
+            limit,
+        ))
     }
 }
 
