@@ -611,16 +611,7 @@ impl Inner {
                 // protocol marked busy, so nobody else touches it.
                 let buf = unsafe { std::slice::from_raw_parts_mut(dst, bytes) };
                 let at = file_page * PAGE_SIZE as u64;
-                match (&f.direct, dst_dev) {
-                    // Device-bound: O_DIRECT, so the page cache does not keep a second copy;
-                    // the buffered descriptor takes over if the direct read is refused.
-                    (Some(direct), Some(_)) => {
-                        if read_file(direct, buf, at, true).is_err() {
-                            read_file(&f.file, buf, at, false)?;
-                        }
-                    }
-                    _ => read_file(&f.file, buf, at, false)?,
-                }
+                f.read_at(buf, at)?;
                 self.stats.pages_from_file.add(t.run.len() as u64);
                 if let Mem::Device(d) = t.dst {
                     self.stats.pages_to_device.add(t.run.len() as u64);
@@ -634,8 +625,8 @@ impl Inner {
         Ok(())
     }
 
-    /// Writes `src`'s copy of the run to the file (pwrite through the page cache), from system
-    /// memory or straight from device memory. Private mappings never reach the file.
+    /// Writes `src`'s copy of the run to the file (`FileBacking::write_at`), from system memory
+    /// or straight from device memory. Private mappings never reach the file.
     fn write_back(
         &self,
         region: &Region,
@@ -648,18 +639,6 @@ impl Inner {
         };
         if f.mode != crate::region::FileMode::Shared {
             return Ok(());
-        }
-        if f.fail_writeback
-            .fetch_update(
-                std::sync::atomic::Ordering::AcqRel,
-                std::sync::atomic::Ordering::Acquire,
-                |n| n.checked_sub(1),
-            )
-            .is_ok()
-        {
-            return Err(errno_to_op(
-                f.fail_errno.load(std::sync::atomic::Ordering::Acquire),
-            ));
         }
         let bytes = t.run.len() * PAGE_SIZE;
         let slot = &region.blocks[bi];
@@ -686,7 +665,7 @@ impl Inner {
         // SAFETY: src holds the latest data of the run; the protocol keeps it stable during
         // writeback (mappings read-only, writers wait), and it stays mapped (guard or backing).
         let data = unsafe { std::slice::from_raw_parts(src as *const u8, bytes) };
-        write_file(&f.file, data, offset)?;
+        f.write_at(data, offset)?;
         self.stats.pages_written_back.add(t.run.len() as u64);
         Ok(())
     }
@@ -775,55 +754,4 @@ impl Inner {
         }
         Ok(())
     }
-}
-
-fn errno_to_op(errno: i32) -> OpError {
-    match errno {
-        libc::ENOSPC | libc::EDQUOT => OpError::NoSpace,
-        _ => OpError::Io,
-    }
-}
-
-/// Reads `buf.len()` bytes at `offset`; bytes past the end of the file read zero. With
-/// `direct` (an O_DIRECT descriptor), a short read means the end of the file: the next read
-/// would be unaligned, which O_DIRECT refuses.
-fn read_file(
-    file: &std::fs::File,
-    buf: &mut [u8],
-    offset: u64,
-    direct: bool,
-) -> Result<(), OpError> {
-    use std::os::unix::fs::FileExt;
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => {
-                buf[done..].fill(0);
-                break;
-            }
-            Ok(n) if direct && done + n < buf.len() => {
-                buf[done + n..].fill(0);
-                break;
-            }
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(errno_to_op(e.raw_os_error().unwrap_or(libc::EIO))),
-        }
-    }
-    Ok(())
-}
-
-/// Writes all of `data` at `offset`.
-fn write_file(file: &std::fs::File, data: &[u8], offset: u64) -> Result<(), OpError> {
-    use std::os::unix::fs::FileExt;
-    let mut done = 0;
-    while done < data.len() {
-        match file.write_at(&data[done..], offset + done as u64) {
-            Ok(0) => return Err(OpError::NoSpace),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(errno_to_op(e.raw_os_error().unwrap_or(libc::EIO))),
-        }
-    }
-    Ok(())
 }

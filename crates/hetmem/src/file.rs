@@ -7,7 +7,7 @@
 //! the mapping writes dirty pages back first.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use hetmem_proto::{Invalidation, OpError, PageRun, RequestKind, PAGES_PER_BLOCK, PAGE_SIZE};
@@ -35,9 +35,10 @@ pub struct FileMapping {
 pub struct FileOptions {
     /// Read-only, shared (written back) or private (copy-on-write).
     pub mode: FileMode,
-    /// Read device-bound pages with O_DIRECT, so data that goes to device memory is not also
-    /// cached in the page cache. Ignored where the file system has no O_DIRECT (tmpfs); see
-    /// [`FileMapping::is_direct`]. Writebacks stay buffered.
+    /// File I/O with O_DIRECT: fills and writebacks bypass the page cache, so data hetmem
+    /// caches (in device memory above all) is not cached twice. The partial page at the end
+    /// of the file is written through the page cache. Ignored where the file system has no
+    /// O_DIRECT; see [`FileMapping::is_direct`].
     pub direct: bool,
     /// Keep coherent with other processes through a file lease: before another process opens
     /// the file (or truncates it), hetmem writes its dirty pages back and drops its cached
@@ -50,12 +51,12 @@ pub struct FileOptions {
 }
 
 impl FileOptions {
-    /// Buffered I/O in `mode`, no lease.
+    /// `mode`, with buffered I/O and a lease (the defaults of [`Hetmem::map_file`]).
     pub fn new(mode: FileMode) -> Self {
         Self {
             mode,
             direct: false,
-            lease: false,
+            lease: true,
         }
     }
 
@@ -65,7 +66,7 @@ impl FileOptions {
         self
     }
 
-    /// With or without O_DIRECT reads for device memory.
+    /// With or without O_DIRECT file I/O.
     pub fn direct(mut self, direct: bool) -> Self {
         self.direct = direct;
         self
@@ -73,7 +74,8 @@ impl FileOptions {
 }
 
 impl Hetmem {
-    /// `map_file_with` with buffered I/O.
+    /// `map_file_with` with the default options: buffered I/O, and a lease that keeps the
+    /// mapping coherent with other processes where one can be had ([`FileOptions::new`]).
     pub fn map_file(
         &self,
         path: impl AsRef<Path>,
@@ -101,40 +103,45 @@ impl Hetmem {
                 "offset and length must be page-aligned, length non-zero",
             ));
         }
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(mode == FileMode::Shared)
-            .open(path.as_ref())
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::ENOENT) => Error::NoEnt("no such file"),
-                _ => Error::os("open file")(e),
-            })?;
+        let open = |flags: libc::c_int| {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(mode == FileMode::Shared)
+                .custom_flags(flags)
+                .open(path.as_ref())
+        };
+        // One descriptor for all I/O, O_DIRECT included: a second one would rule the write
+        // lease out. A file system without O_DIRECT refuses the open with EINVAL.
+        let mut direct = options.direct;
+        let file = match open(if direct { libc::O_DIRECT } else { 0 }) {
+            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                direct = false;
+                open(0)
+            }
+            r => r,
+        }
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOENT) => Error::NoEnt("no such file"),
+            _ => Error::os("open file")(e),
+        })?;
         let meta = file.metadata().map_err(Error::os("stat file"))?;
         if !meta.is_file() {
             return Err(Error::Invalid("only regular files can be mapped"));
         }
-        let direct = if options.direct {
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(path.as_ref())
-                .ok()
-        } else {
-            None
-        };
         let inner = &self.0.inner;
         let pages = len / PAGE_SIZE;
         let backing = FileBacking {
             file,
-            direct,
+            direct: AtomicBool::new(direct),
+            io_mode: std::sync::RwLock::new(()),
             first_page: offset / PAGE_SIZE as u64,
             mode,
             eof_page: AtomicUsize::new(pages),
             fail_writeback: AtomicU32::new(0),
             fail_errno: AtomicI32::new(libc::EIO),
             lease_wanted: options.lease && mode != FileMode::Private,
-            leased: std::sync::atomic::AtomicBool::new(false),
+            leased: AtomicBool::new(false),
         };
         let (region, cpu) = inner.new_region(len, Some(backing))?;
         let va = cpu.addr();
@@ -236,6 +243,134 @@ impl Inner {
     }
 }
 
+/// File I/O of a mapping: through the page cache, or around it (O_DIRECT).
+impl FileBacking {
+    /// Reads `buf.len()` bytes at `offset` (both page-aligned, as is `buf`); bytes past the
+    /// end of the file read zero.
+    pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), OpError> {
+        if self.direct.load(Ordering::Acquire) {
+            let shared = self.io_mode.read().unwrap_or_else(|e| e.into_inner());
+            if self.direct.load(Ordering::Acquire) {
+                match read_all(&self.file, buf, offset, true) {
+                    Err(libc::EINVAL) => {
+                        drop(shared);
+                        self.stop_direct();
+                    }
+                    r => return r.map_err(errno_to_op),
+                }
+            }
+        }
+        read_all(&self.file, buf, offset, false).map_err(errno_to_op)
+    }
+
+    /// Writes all of `data` at `offset` (page-aligned, as is `data`; its length may end
+    /// inside a page, at the end of the file). Fails with the injected error first, if any.
+    pub(crate) fn write_at(&self, data: &[u8], offset: u64) -> Result<(), OpError> {
+        if self
+            .fail_writeback
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(errno_to_op(self.fail_errno.load(Ordering::Acquire)));
+        }
+        if self.direct.load(Ordering::Acquire) {
+            let whole = data.len() / PAGE_SIZE * PAGE_SIZE;
+            let shared = self.io_mode.read().unwrap_or_else(|e| e.into_inner());
+            if self.direct.load(Ordering::Acquire) {
+                match write_all(&self.file, &data[..whole], offset) {
+                    Ok(()) if whole == data.len() => return Ok(()),
+                    Ok(()) => {
+                        // O_DIRECT takes whole blocks only: the partial page at EOF goes
+                        // through the page cache, with O_DIRECT off meanwhile.
+                        drop(shared);
+                        let _only = self.io_mode.write().unwrap_or_else(|e| e.into_inner());
+                        let off = self.set_direct(false);
+                        let r = write_all(&self.file, &data[whole..], offset + whole as u64);
+                        if off && !self.set_direct(true) {
+                            self.direct.store(false, Ordering::Release);
+                        }
+                        return r.map_err(errno_to_op);
+                    }
+                    Err(libc::EINVAL) => {
+                        drop(shared);
+                        self.stop_direct();
+                    }
+                    Err(e) => return Err(errno_to_op(e)),
+                }
+            }
+        }
+        write_all(&self.file, data, offset).map_err(errno_to_op)
+    }
+
+    /// The file system refused a direct I/O: buffered I/O from now on.
+    fn stop_direct(&self) {
+        let _only = self.io_mode.write().unwrap_or_else(|e| e.into_inner());
+        if self.direct.swap(false, Ordering::AcqRel) {
+            self.set_direct(false);
+        }
+    }
+
+    /// Sets or clears O_DIRECT on the descriptor; whether that worked.
+    fn set_direct(&self, on: bool) -> bool {
+        use rustix::fs::OFlags;
+        let Ok(flags) = rustix::fs::fcntl_getfl(&self.file) else {
+            return false;
+        };
+        let flags = if on {
+            flags | OFlags::DIRECT
+        } else {
+            flags - OFlags::DIRECT
+        };
+        rustix::fs::fcntl_setfl(&self.file, flags).is_ok()
+    }
+}
+
+fn errno_to_op(errno: i32) -> OpError {
+    match errno {
+        libc::ENOSPC | libc::EDQUOT => OpError::NoSpace,
+        _ => OpError::Io,
+    }
+}
+
+/// Reads `buf.len()` bytes at `offset`; bytes past the end of the file read zero. With
+/// `direct` (O_DIRECT on), a short read means the end of the file: the next read would be
+/// unaligned, which O_DIRECT refuses. Errors are errnos.
+fn read_all(file: &std::fs::File, buf: &mut [u8], offset: u64, direct: bool) -> Result<(), i32> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                break;
+            }
+            Ok(n) if direct && done + n < buf.len() => {
+                buf[done + n..].fill(0);
+                break;
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.raw_os_error().unwrap_or(libc::EIO)),
+        }
+    }
+    Ok(())
+}
+
+/// Writes all of `data` at `offset`. Errors are errnos.
+fn write_all(file: &std::fs::File, data: &[u8], offset: u64) -> Result<(), i32> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < data.len() {
+        match file.write_at(&data[done..], offset + done as u64) {
+            Ok(0) => return Err(libc::ENOSPC),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.raw_os_error().unwrap_or(libc::EIO)),
+        }
+    }
+    Ok(())
+}
+
 impl FileMapping {
     /// Start address.
     pub fn addr(&self) -> usize {
@@ -265,12 +400,13 @@ impl FileMapping {
             .is_some_and(|f| f.leased.load(Ordering::Acquire))
     }
 
-    /// Whether device-bound reads use O_DIRECT (asked for, and supported by the file system).
+    /// Whether file I/O bypasses the page cache (O_DIRECT asked for, and supported by the
+    /// file system).
     pub fn is_direct(&self) -> bool {
         self.region
             .file
             .as_ref()
-            .is_some_and(|f| f.direct.is_some())
+            .is_some_and(|f| f.direct.load(Ordering::Acquire))
     }
 
     /// The memory, read-only.

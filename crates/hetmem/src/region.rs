@@ -92,11 +92,14 @@ pub enum FileMode {
 /// The file behind a file-backed region.
 #[derive(Debug)]
 pub(crate) struct FileBacking {
+    /// The one descriptor hetmem holds on the file (one, so that a write lease can be had).
+    /// With `FileOptions::direct` it carries O_DIRECT (`crate::file` does the I/O).
     pub file: std::fs::File,
-    /// The file opened with O_DIRECT, for reads that go straight to device memory without
-    /// passing through (and filling) the page cache. `None` when not asked for or not
-    /// supported by the file system (tmpfs).
-    pub direct: Option<std::fs::File>,
+    /// O_DIRECT is set on `file`; cleared for good if the file system refuses a direct I/O.
+    pub direct: AtomicBool,
+    /// Direct I/O holds it shared; an I/O that must be buffered (the partial page at EOF)
+    /// holds it exclusive while it clears O_DIRECT on the shared descriptor.
+    pub io_mode: RwLock<()>,
     /// File offset of the region's first byte, in pages.
     pub first_page: u64,
     pub mode: FileMode,

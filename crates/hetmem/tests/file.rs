@@ -42,11 +42,17 @@ const CHILD_PANICKED: c_int = 99;
 // Fixture: watchdog, temporary directory, context
 // ---------------------------------------------------------------------------------------------
 
+/// The scenarios run one at a time. A forked child inherits every descriptor open at the fork;
+/// one of another test's file keeps that file open while the child lives, and denies that
+/// test its lease (a write lease needs the file open nowhere else).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 macro_rules! tests {
     ($($name:ident),* $(,)?) => {
         $(
             #[test]
             fn $name() -> Result<()> {
+                let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
                 common::watchdog(stringify!($name), DEFAULT_TIMEOUT_S, scenarios::$name)
             }
         )*
@@ -57,7 +63,7 @@ tests!(
     file_read,
     file_write_device_resident,
     cpu_write_reaches_file_after_flush,
-    unflushed_writes_are_invisible,
+    visibility_to_other_processes,
     private_mode_never_writes_back,
     read_only_mode_refuses_writes,
     drop_writes_back,
@@ -66,8 +72,10 @@ tests!(
     truncate_by_other_process,
     file_larger_than_device,
     crash_during_flush_leaves_old_or_new_pages,
-    direct_reads_skip_the_page_cache,
+    direct_io_skips_the_page_cache,
     lease_break_flushes_for_other_openers,
+    lease_break_with_failing_writeback,
+    regular_files_on_ext4_xfs_and_tmpfs,
 );
 
 /// A fresh directory under `std::env::temp_dir()`, removed with its contents on drop.
@@ -93,6 +101,12 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Options without a lease, for tests that look at the file through another descriptor before
+/// a flush: with the default lease, that open would flush first (the lease break).
+fn unleased(mode: FileMode) -> FileOptions {
+    FileOptions::new(mode).lease(false)
 }
 
 fn context(kind: DeviceKind, capacity: usize) -> Result<Hetmem> {
@@ -449,7 +463,8 @@ mod scenarios {
     }
 
     /// The kernel hmm-tests' `file_write`, with the pages migrated to the device first: device
-    /// writes reach the file after `flush`, written back from device memory.
+    /// writes reach the file after `flush`, written back from device memory. No lease, so
+    /// that reading the file before the flush does not flush.
     pub fn file_write_device_resident() -> Result<()> {
         for kind in [DeviceKind::Private, DeviceKind::Coherent] {
             let what = format!("{kind:?}");
@@ -462,7 +477,7 @@ mod scenarios {
 
             let hm = context(kind, 16 * MIB)?;
             let dev = hm.device(0).expect("one device");
-            let m = hm.map_file(&path, 0, len, FileMode::Shared)?;
+            let m = hm.map_file_with(&path, 0, len, unleased(FileMode::Shared))?;
             dev.migrate_to_device(m.addr(), len)?;
             let local = match kind {
                 DeviceKind::Private => Location::PrivateLocal,
@@ -509,7 +524,7 @@ mod scenarios {
     }
 
     /// A CPU write reaches `pread` after `flush`; dirty tracking is per page, and a page written
-    /// again after a writeback is dirty again.
+    /// again after a writeback is dirty again. No lease (see `unleased`).
     pub fn cpu_write_reaches_file_after_flush() -> Result<()> {
         let dir = TempDir::new("cpu_write_reaches_file_after_flush")?;
         let path = dir.path("data");
@@ -519,7 +534,7 @@ mod scenarios {
         create_file(&path, &old)?;
 
         let hm = context(DeviceKind::Private, 16 * MIB)?;
-        let mut m = hm.map_file(&path, 0, len, FileMode::Shared)?;
+        let mut m = hm.map_file_with(&path, 0, len, unleased(FileMode::Shared))?;
         let dirty = [0, 7, 511, 512, npages - 1];
         {
             let s = m.as_mut_slice().expect("a Shared mapping is writable");
@@ -564,31 +579,44 @@ mod scenarios {
         Ok(())
     }
 
-    /// Before a writeback another process reads the old data from the file; after `flush` it
-    /// reads ours.
-    pub fn unflushed_writes_are_invisible() -> Result<()> {
+    /// When another process sees our writes. Without a lease: only after a writeback (here
+    /// `flush`); before it, the old data. With the default lease: at its open of the file,
+    /// whose lease break writes our dirty pages back first.
+    pub fn visibility_to_other_processes() -> Result<()> {
         const OLD: c_int = 0;
         const NEW: c_int = 1;
-        const CODES: [&str; 4] = ["old data", "new data", "other data", "read error"];
-        let dir = TempDir::new("unflushed_writes_are_invisible")?;
+        const CODES: [&str; 5] = [
+            "old data",
+            "new data",
+            "other data",
+            "read error",
+            "no open",
+        ];
+        let dir = TempDir::new("visibility_to_other_processes")?;
         let path = dir.path("data");
         let len = 16 * PAGE_SIZE;
         let old = content(0, 0, len);
-        create_file(&path, &old)?;
-
+        let new = content(1, 0, len);
         let hm = context(DeviceKind::Private, 16 * MIB)?;
         let dev = hm.device(0).expect("one device");
-        let mut m = hm.map_file(&path, 0, len, FileMode::Shared)?;
-        let new = content(1, 0, len);
-        m.as_mut_slice().expect("writable")[..len / 2].copy_from_slice(&new[..len / 2]);
-        dev.write(m.addr() + len / 2, &new[len / 2..])?;
 
-        // Another process: pread on its own descriptor, no hetmem; it only compares.
-        let reader = File::open(&path)?;
-        let mut buf = vec![0u8; len];
-        let mut other_reads = |what: &str| -> c_int {
+        // Another process: opens the file by path (unless given a descriptor) and preads it,
+        // no hetmem; it only compares.
+        let other_reads = |what: &str, opened: Option<&File>| -> c_int {
+            let mut buf = vec![0u8; len];
             let pid = fork_child(|| {
-                if reader.read_exact_at(&mut buf, 0).is_err() {
+                let own;
+                let f = match opened {
+                    Some(f) => f,
+                    None => match File::open(&path) {
+                        Ok(f) => {
+                            own = f;
+                            &own
+                        }
+                        Err(_) => return 4,
+                    },
+                };
+                if f.read_exact_at(&mut buf, 0).is_err() {
                     return 3;
                 }
                 if buf == old {
@@ -604,19 +632,48 @@ mod scenarios {
             code
         };
 
+        // Half written by the CPU, half by the device; nothing flushed.
+        let write_new = |m: &mut hetmem::FileMapping| -> Result<()> {
+            m.as_mut_slice().expect("writable")[..len / 2].copy_from_slice(&new[..len / 2]);
+            dev.write(m.addr() + len / 2, &new[len / 2..])?;
+            Ok(())
+        };
+
+        create_file(&path, &old)?;
+        let mut m = hm.map_file_with(&path, 0, len, unleased(FileMode::Shared))?;
+        write_new(&mut m)?;
+        let reader = File::open(&path)?;
         assert_eq!(
-            other_reads("before flush"),
+            other_reads("no lease, before flush", Some(&reader)),
             OLD,
-            "another process sees our unflushed data"
+            "without a lease, another process sees our unflushed data"
         );
         assert_same("our own pread before flush", &pread_file(&path)?, &old);
         assert_same("the mapping before flush", m.as_slice(), &new);
         m.flush()?;
         assert_eq!(
-            other_reads("after flush"),
+            other_reads("no lease, after flush", Some(&reader)),
             NEW,
             "another process does not see our flushed data"
         );
+        drop((m, reader));
+
+        create_file(&path, &old)?;
+        let mut m = hm.map_file(&path, 0, len, FileMode::Shared)?;
+        write_new(&mut m)?;
+        ensure!(
+            m.is_leased(),
+            "a Shared mapping of a file nobody else has open got no lease"
+        );
+        let breaks = hm.stats().lease_breaks;
+        assert_eq!(
+            other_reads("with the default lease, no flush", None),
+            NEW,
+            "with a lease, another process's open does not see our unflushed data"
+        );
+        assert_eq!(hm.stats().lease_breaks, breaks + 1, "lease breaks served");
+        assert!(!m.is_leased(), "the lease is still held after its break");
+        assert_same("the mapping after the break", m.as_slice(), &new);
         Ok(())
     }
 
@@ -712,7 +769,7 @@ mod scenarios {
         Ok(())
     }
 
-    /// Dropping a mapping without `flush` writes its dirty pages back.
+    /// Dropping a mapping without `flush` writes its dirty pages back. No lease (see `unleased`).
     pub fn drop_writes_back() -> Result<()> {
         let dir = TempDir::new("drop_writes_back")?;
         let path = dir.path("data");
@@ -722,7 +779,7 @@ mod scenarios {
 
         let hm = context(DeviceKind::Private, 16 * MIB)?;
         let dev = hm.device(0).expect("one device");
-        let m = hm.map_file(&path, 0, len, FileMode::Shared)?;
+        let m = hm.map_file_with(&path, 0, len, unleased(FileMode::Shared))?;
         let new = content(1, 0, len);
         dev.write(m.addr(), &new)?;
         assert_same("file before drop", &pread_file(&path)?, &old);
@@ -800,14 +857,16 @@ mod scenarios {
     }
 
     /// A real full file system: a 1 MiB tmpfs holding a sparse 2 MiB file. The flush fails
-    /// with ENOSPC and keeps the data; after the tmpfs grows, a flush writes everything.
+    /// with ENOSPC and keeps the data; after the tmpfs grows, a flush writes everything. No
+    /// lease: the test reads the file between the flushes (a break's failed writeback is
+    /// `lease_break_with_failing_writeback`).
     pub fn enospc_on_small_tmpfs() -> Result<()> {
         if unsafe { libc::geteuid() } != 0 {
             eprintln!("SKIPPED: enospc_on_small_tmpfs needs root to mount a tmpfs");
             return Ok(());
         }
         let dir = TempDir::new("enospc_on_small_tmpfs")?;
-        let Some(mnt) = Tmpfs::mount(&dir.0, "size=1m")? else {
+        let Some(mnt) = Mount::tmpfs(&dir.0, "size=1m")? else {
             return Ok(());
         };
         let path = mnt.0.join("data");
@@ -818,7 +877,7 @@ mod scenarios {
         }
         let hm = context(DeviceKind::Private, 16 * MIB)?;
         let dev = hm.device(0).expect("one device");
-        let m = hm.map_file(&path, 0, len, FileMode::Shared)?;
+        let m = hm.map_file_with(&path, 0, len, unleased(FileMode::Shared))?;
         let new = content(1, 0, len);
         dev.write(m.addr(), &new)?;
 
@@ -852,7 +911,20 @@ mod scenarios {
     /// The CPU reads run in other processes, so that SIGBUS (or a read that never returns)
     /// ends only them: `clone(CLONE_VM)` readers use this very address space, and a forked
     /// child its snapshot of it, where the truncated pages read zeros. Every check runs; the problems are reported together.
+    ///
+    /// Both with the default lease (the truncate waits for its break: our copies are dropped
+    /// before it proceeds) and without one (hetmem sees the new size at its next fault).
     pub fn truncate_by_other_process() -> Result<()> {
+        for (what, opts) in [
+            ("default lease", FileOptions::new(FileMode::Shared)),
+            ("no lease", unleased(FileMode::Shared)),
+        ] {
+            truncate_by_other_process_with(opts).with_context(|| what)?;
+        }
+        Ok(())
+    }
+
+    fn truncate_by_other_process_with(opts: FileOptions) -> Result<()> {
         let dir = TempDir::new("truncate_by_other_process")?;
         let path = dir.path("data");
         let len = 8 * PAGE_SIZE;
@@ -862,7 +934,8 @@ mod scenarios {
 
         let hm = context(DeviceKind::Private, 16 * MIB)?;
         let dev = hm.device(0).expect("one device");
-        let m = hm.map_file(&path, 0, len, FileMode::Shared)?;
+        let m = hm.map_file_with(&path, 0, len, opts)?;
+        assert_eq!(m.is_leased(), opts.lease, "lease held");
         // Touch every page, with the CPU and then the device (which moves them to its memory).
         assert_same("CPU read before truncate", m.as_slice(), &old);
         assert_same(
@@ -871,13 +944,20 @@ mod scenarios {
             &old,
         );
 
-        let out = std::process::Command::new("truncate")
-            .arg("-s")
-            .arg(keep.to_string())
-            .arg(&path)
-            .output()
-            .context("run truncate(1)")?;
-        ensure!(out.status.success(), "truncate(1): {out:?}");
+        // truncate(2) in another process; it waits for a lease break (truncate(1) would not:
+        // it opens with O_NONBLOCK, and such an open fails with EAGAIN while the break runs).
+        let cpath = cstr(&path)?;
+        let pid = fork_child(|| {
+            if unsafe { libc::truncate(cpath.as_ptr(), keep as libc::off_t) } == 0 {
+                0
+            } else {
+                1
+            }
+        });
+        assert_eq!(wait_child(pid), 0, "truncate(2) in another process");
+        if opts.lease {
+            assert!(hm.stats().lease_breaks >= 1, "the truncate broke no lease");
+        }
         assert_eq!(std::fs::metadata(&path)?.len(), keep as u64);
 
         let page5 = m.addr() + 5 * PAGE_SIZE;
@@ -934,7 +1014,12 @@ mod scenarios {
         }
         assert!(
             problems.is_empty(),
-            "after another process truncated the file to 2 pages:\n  {}",
+            "after another process truncated the file to 2 pages ({}):\n  {}",
+            if opts.lease {
+                "default lease"
+            } else {
+                "no lease"
+            },
             problems.join("\n  ")
         );
         Ok(())
@@ -980,8 +1065,10 @@ mod scenarios {
 
     /// A process killed (SIGKILL) while it flushes leaves every 4 KiB page of the file whole:
     /// the old contents or one generation of the new, never a mix.
-    pub use super::direct::direct_reads_skip_the_page_cache;
+    pub use super::direct::direct_io_skips_the_page_cache;
     pub use super::direct::lease_break_flushes_for_other_openers;
+    pub use super::direct::lease_break_with_failing_writeback;
+    pub use super::filesystems::regular_files_on_ext4_xfs_and_tmpfs;
 
     pub fn crash_during_flush_leaves_old_or_new_pages() -> Result<()> {
         /// The child's exit codes, before the kill.
@@ -1121,10 +1208,11 @@ fn drop_cache(path: &Path) -> Result<()> {
 mod direct {
     use super::*;
 
-    /// With `FileOptions::direct`, device-bound reads use O_DIRECT: the data reaches device
-    /// memory and the page cache stays empty. Buffered reads (the control) fill it.
-    pub fn direct_reads_skip_the_page_cache() -> Result<()> {
-        let dir = TempDir::new("direct_reads_skip_the_page_cache")?;
+    /// With `FileOptions::direct`, file I/O uses O_DIRECT: reads reach device memory and
+    /// writebacks reach the file while the page cache stays empty. Buffered reads (the
+    /// control) fill it.
+    pub fn direct_io_skips_the_page_cache() -> Result<()> {
+        let dir = TempDir::new("direct_io_skips_the_page_cache")?;
         let path = dir.path("data");
         let len = 4 * MIB + 3 * PAGE_SIZE;
         let data = content(7, 0, len);
@@ -1164,10 +1252,38 @@ mod direct {
             cached >= len / PAGE_SIZE - 1,
             "only {cached} pages cached after buffered reads"
         );
+        drop(m);
+
+        // Writebacks too, and the file ends inside its last page, which goes through the page
+        // cache. One descriptor does all the I/O, so the write lease is still possible.
+        let size = len - 100;
+        create_file(&path, &data[..size])?;
+        drop_cache(&path)?;
+        let opts = FileOptions::new(FileMode::Shared).direct(true);
+        let m = hm.map_file_with(&path, 0, len, opts)?;
+        assert!(
+            m.is_direct(),
+            "O_DIRECT worked for reads, not for a Shared mapping"
+        );
+        assert!(m.is_leased(), "a direct Shared mapping got no write lease");
+        let new = content(8, 0, len);
+        dev.write(m.addr(), &new)?;
+        m.flush()?;
+        let cached = cached_pages(&path, len)?;
+        assert!(
+            cached <= 1,
+            "{cached} pages cached after O_DIRECT writebacks"
+        );
+        assert_same(
+            "file after a direct flush",
+            &pread_file(&path)?,
+            &new[..size],
+        );
+        assert_same("CPU read", &m.as_slice()[..size], &new[..size]);
         Ok(())
     }
 
-    /// With a lease, another process that opens the file sees our unflushed device writes:
+    /// With a lease (the default), another process that opens the file sees our unflushed device writes:
     /// the lease break writes them back before its open returns. Its own writes then reach
     /// us, because the break also dropped our cached copies.
     pub fn lease_break_flushes_for_other_openers() -> Result<()> {
@@ -1178,19 +1294,12 @@ mod direct {
         create_file(&path, &old)?;
         let hm = context(DeviceKind::Private, 16 * MIB)?;
         let dev = hm.device(0).expect("one device");
-        let m = hm.map_file_with(
-            &path,
-            0,
-            len,
-            FileOptions::new(FileMode::Shared).lease(true),
-        )?;
-        if !m.is_leased() {
-            eprintln!(
-                "SKIPPED: no write lease on {} (signal in use, or file open elsewhere)",
-                path.display()
-            );
-            return Ok(());
-        }
+        let m = hm.map_file(&path, 0, len, FileMode::Shared)?;
+        ensure!(
+            m.is_leased(),
+            "no write lease on {}, which nobody else has open",
+            path.display()
+        );
         let new = content(1, 0, len);
         dev.write(m.addr(), &new)?; // dirty, on the device, not flushed
 
@@ -1245,8 +1354,7 @@ mod direct {
             let Ok(hm) = context(DeviceKind::Private, 16 * MIB) else {
                 return 2;
             };
-            let opts = FileOptions::new(FileMode::Shared).lease(true);
-            let Ok(m) = hm.map_file_with(&p2, 0, MIB, opts) else {
+            let Ok(m) = hm.map_file(&p2, 0, MIB, FileMode::Shared) else {
                 return 3;
             };
             let dev = hm.device(0).expect("one device");
@@ -1283,19 +1391,176 @@ mod direct {
         assert_eq!(wait_child(pid), 0, "lease child");
         Ok(())
     }
+    /// A lease break whose writebacks fail (injected EIO): the opener proceeds and sees the
+    /// old data, our data stays dirty, the next `flush` reports the error once, and a retry
+    /// writes the data.
+    pub fn lease_break_with_failing_writeback() -> Result<()> {
+        let dir = TempDir::new("lease_break_with_failing_writeback")?;
+        let path = dir.path("data");
+        let len = 8 * PAGE_SIZE;
+        let old = content(0, 0, len);
+        let new = content(1, 0, len);
+        create_file(&path, &old)?;
+        let hm = context(DeviceKind::Private, 16 * MIB)?;
+        let dev = hm.device(0).expect("one device");
+        let m = hm.map_file(&path, 0, len, FileMode::Shared)?;
+        ensure!(m.is_leased(), "no lease on a file nobody else has open");
+        dev.write(m.addr(), &new)?;
+        // Every writeback fails until cleared: the break's flush, and its drop's retry.
+        m.inject_writeback_failures(u32::MAX, libc::EIO);
+
+        let p = path.clone();
+        let pid = fork_child(|| match std::fs::read(&p) {
+            Ok(got) if got == content(0, 0, got.len()) => 0,
+            Ok(got) if got == content(1, 0, got.len()) => 1,
+            Ok(_) => 2,
+            Err(_) => 3,
+        });
+        assert_eq!(
+            exit_code(wait_child(pid)),
+            0,
+            "the opener should see the old data (0), not new (1), mixed (2) or none (3)"
+        );
+        assert_eq!(hm.stats().lease_breaks, 1, "lease breaks served");
+        assert_same(
+            "device read after the break",
+            &dev.read(m.addr(), len)?,
+            &new,
+        );
+        m.inject_writeback_failures(0, libc::EIO);
+        match m.flush() {
+            Err(e @ Error::Io(OpError::Io)) => eprintln!("the break's error, reported: {e}"),
+            other => panic!("the flush after the break: expected Io(Io), got {other:?}"),
+        }
+        m.flush().context("the error was reported twice")?;
+        assert_same("CPU read", m.as_slice(), &new);
+        drop(m);
+        assert_same("file after the retry", &pread_file(&path)?, &new);
+        Ok(())
+    }
+}
+
+/// The same round trip on each file system hetmem promises: ext4 and xfs (loop images), and
+/// tmpfs.
+mod filesystems {
+    use super::*;
+
+    pub fn regular_files_on_ext4_xfs_and_tmpfs() -> Result<()> {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED: regular_files_on_ext4_xfs_and_tmpfs needs root to mount");
+            return Ok(());
+        }
+        let dir = TempDir::new("regular_files_on_ext4_xfs_and_tmpfs")?;
+        let mut tested = Vec::new();
+        for fs in ["ext4", "xfs", "tmpfs"] {
+            let target = dir.path(fs);
+            std::fs::create_dir(&target)?;
+            let mount = match fs {
+                "tmpfs" => Mount::tmpfs(&target, "size=64m")?,
+                // 300 MiB: the smallest xfs that mkfs.xfs makes.
+                _ => Mount::image(&dir.path(&format!("{fs}.img")), &target, fs, 300)?,
+            };
+            let Some(mount) = mount else { continue };
+            round_trip(&target.join("data"), fs).with_context(|| format!("on {fs}"))?;
+            drop(mount);
+            tested.push(fs);
+        }
+        eprintln!("file systems tested: {tested:?}");
+        Ok(())
+    }
+
+    /// A file (its last page partial) 2x the device's memory, buffered and then O_DIRECT: the
+    /// device transforms it (eviction), the CPU writes a page, another process's open sees
+    /// both through the lease break, a flush writes nothing more, another process's truncate
+    /// is seen by the device, and `sync` succeeds.
+    fn round_trip(path: &Path, fs: &str) -> Result<()> {
+        let dev_mem = 2 * MIB;
+        let len = 2 * dev_mem;
+        let size = len - 100;
+        let hm = context(DeviceKind::Private, dev_mem)?;
+        let dev = hm.device(0).expect("one device");
+        for direct in [false, true] {
+            let what = if direct { "O_DIRECT" } else { "buffered" };
+            let old = content(0, 0, len);
+            create_file(path, &old[..size])?;
+            let opts = FileOptions::new(FileMode::Shared).direct(direct);
+            let mut m = hm.map_file_with(path, 0, len, opts)?;
+            ensure!(m.is_leased(), "{what}: no lease");
+            if direct && !m.is_direct() {
+                ensure!(
+                    fs == "tmpfs",
+                    "{what}: {fs} has O_DIRECT, the mapping does not use it"
+                );
+                eprintln!("{fs}: no O_DIRECT here, buffered I/O instead");
+            }
+            let evicted = hm.stats().pages_evicted;
+            dev.kernel_write(m.addr(), len, |_, b| b.iter_mut().for_each(|x| *x ^= 0x3c))?;
+            ensure!(hm.stats().pages_evicted > evicted, "{what}: no eviction");
+            let mut want: Vec<u8> = old.iter().map(|x| x ^ 0x3c).collect();
+            stamp_page(&mut want[3 * PAGE_SIZE..4 * PAGE_SIZE], 9, 3);
+            stamp_page(
+                &mut m.as_mut_slice().expect("writable")[3 * PAGE_SIZE..4 * PAGE_SIZE],
+                9,
+                3,
+            );
+
+            let p = path.to_path_buf();
+            let expect = want[..size].to_vec();
+            let pid = fork_child(|| match std::fs::read(&p) {
+                Ok(got) if got == expect => 0,
+                Ok(_) => 1,
+                Err(_) => 2,
+            });
+            assert_eq!(
+                exit_code(wait_child(pid)),
+                0,
+                "{what}: another process's open did not see our data (1: other data, 2: error)"
+            );
+            let written = hm.stats().pages_written_back;
+            m.flush()?;
+            assert_eq!(
+                hm.stats().pages_written_back,
+                written,
+                "{what}: the break left dirty pages"
+            );
+            assert_same(&format!("{what}: file"), &pread_file(path)?, &want[..size]);
+
+            let cpath = cstr(path)?;
+            let pid = fork_child(|| unsafe { libc::truncate(cpath.as_ptr(), PAGE_SIZE as _) });
+            assert_eq!(exit_code(wait_child(pid)), 0, "{what}: truncate(2)");
+            assert_err!(
+                dev.read(m.addr() + PAGE_SIZE, PAGE_SIZE),
+                Error::Fault(_),
+                libc::EFAULT
+            );
+            assert_same(
+                &format!("{what}: device read of page 0 after the truncate"),
+                &dev.read(m.addr(), PAGE_SIZE)?,
+                &want[..PAGE_SIZE],
+            );
+            m.sync()?;
+            drop(m);
+            assert_same(
+                &format!("{what}: file after the truncate"),
+                &pread_file(path)?,
+                &want[..PAGE_SIZE],
+            );
+        }
+        Ok(())
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // tmpfs
 // ---------------------------------------------------------------------------------------------
 
-/// A tmpfs mounted at a directory; unmounted on drop (also when the test fails).
-struct Tmpfs(PathBuf);
+/// A file system mounted at a directory; unmounted on drop (also when the test fails).
+struct Mount(PathBuf);
 
-impl Tmpfs {
+impl Mount {
     /// Mounts a tmpfs with `opts` at `dir`, or prints SKIPPED and returns None if the mount is
     /// refused.
-    fn mount(dir: &Path, opts: &str) -> Result<Option<Self>> {
+    fn tmpfs(dir: &Path, opts: &str) -> Result<Option<Self>> {
         let target = cstr(dir)?;
         let opts_c = std::ffi::CString::new(opts)?;
         let r = unsafe {
@@ -1312,6 +1577,41 @@ impl Tmpfs {
                 "SKIPPED: mount -t tmpfs -o {opts} {}: {}",
                 dir.display(),
                 last_os_error()
+            );
+            return Ok(None);
+        }
+        Ok(Some(Self(dir.to_path_buf())))
+    }
+
+    /// Makes a `fs` file system (ext4, xfs) in a sparse image of `mib` MiB and mounts it at
+    /// `dir` through a loop device. Prints SKIPPED and returns None where that cannot be done
+    /// here (no mkfs for it, no loop devices).
+    fn image(image: &Path, dir: &Path, fs: &str, mib: u64) -> Result<Option<Self>> {
+        File::create(image)?.set_len(mib << 20)?;
+        let mkfs = format!("mkfs.{fs}");
+        let force = if fs == "xfs" { "-f" } else { "-F" };
+        match std::process::Command::new(&mkfs)
+            .args(["-q", force])
+            .arg(image)
+            .output()
+        {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => bail!("{mkfs}: {out:?}"),
+            Err(e) => {
+                eprintln!("SKIPPED: {fs}: cannot run {mkfs} ({e}); .ci/run installs it");
+                return Ok(None);
+            }
+        }
+        let out = std::process::Command::new("mount")
+            .args(["-t", fs, "-o", "loop"])
+            .arg(image)
+            .arg(dir)
+            .output()
+            .context("run mount(8)")?;
+        if !out.status.success() {
+            eprintln!(
+                "SKIPPED: {fs}: mount -o loop: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
             );
             return Ok(None);
         }
@@ -1335,10 +1635,13 @@ impl Tmpfs {
     }
 }
 
-impl Drop for Tmpfs {
+impl Drop for Mount {
     fn drop(&mut self) {
         if let Ok(target) = cstr(&self.0) {
-            if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
+            // A plain unmount frees a loop device at once; detach only if something is busy.
+            if unsafe { libc::umount2(target.as_ptr(), 0) } != 0
+                && unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0
+            {
                 eprintln!("umount {}: {}", self.0.display(), last_os_error());
             }
         }
