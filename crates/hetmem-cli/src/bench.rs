@@ -10,13 +10,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context as _, Result};
-use hetmem::{DeviceKind, FileMode, Hetmem, ManagedBuf, Target as Dest, PAGE_SIZE};
+use hetmem::{DeviceKind, FileMode, FileOptions, Hetmem, ManagedBuf, Target as Dest, PAGE_SIZE};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::baseline::{self, AnonMap};
 use crate::report::{self, median, percentile, BenchReport, Counters, Row, Target};
 
-const ALL: [char; 8] = ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h'];
+const ALL: [char; 9] = ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i'];
 
 /// Chunk of the file baselines and of file creation.
 const CHUNK: usize = 2 << 20;
@@ -35,7 +35,7 @@ pub struct BenchArgs {
     /// Only these measurements, e.g. `--only a,e` (a: first touch, b: CPU read-back from the
     /// device, c: device-fault migration, d: explicit migration, e: fault latency, f: metadata,
     /// g: device scan of a file in the page cache, h: device update + flush of a file larger
-    /// than device memory).
+    /// than device memory, i: h with `FileOptions::evict_to_file`).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Pages touched per run by the fault-latency measurement (e).
@@ -262,7 +262,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             let s = s.trim().to_ascii_lowercase();
             match s.chars().next() {
                 Some(c) if s.len() == 1 && ALL.contains(&c) => v.push(c),
-                _ => bail!("--only takes letters a-h, got {s:?}"),
+                _ => bail!("--only takes letters a-i, got {s:?}"),
             }
         }
         v
@@ -585,7 +585,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             Vec::new(),
         ));
     }
-    let tmp = if has('g') || has('h') {
+    let tmp = if has('g') || has('h') || has('i') {
         Some(TempDir::new()?)
     } else {
         None
@@ -646,8 +646,13 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         ));
     }
 
-    if has('h') {
-        pb.set_message("h: device update + flush of a file 4x device memory");
+    for (id, evict_to_file) in [('h', false), ('i', true)] {
+        if !has(id) {
+            continue;
+        }
+        pb.set_message(format!(
+            "{id}: device update + flush of a file 4x device memory"
+        ));
         let dlen = a.update_device_mib << 20;
         let flen = 4 * dlen;
         let hm2 = Hetmem::builder()
@@ -666,7 +671,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             || {
                 let s0 = hm2.stats();
                 let t = Instant::now();
-                let m = hm2.map_file(&path, 0, flen, FileMode::Shared)?;
+                let opts = FileOptions::new(FileMode::Shared).evict_to_file(evict_to_file);
+                let m = hm2.map_file_with(&path, 0, flen, opts)?;
                 dev2.kernel_write(m.addr(), flen, |_, s| inc_u64(s))?;
                 m.flush()?;
                 let secs = t.elapsed().as_secs_f64();
@@ -719,10 +725,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         rows.push(with(
             last.take(),
             row(
-                "h",
+                &id.to_string(),
                 &format!(
-                    "device update of a {} MiB file, 4x device memory (map Shared + kernel_write +1/u64 + flush)",
-                    flen >> 20
+                    "device update of a {} MiB file, 4x device memory (map Shared{} + kernel_write +1/u64 + flush)",
+                    flen >> 20,
+                    if evict_to_file { ", evict_to_file" } else { "" }
                 ),
                 "GB/s",
                 "per 2 MiB: pread, +1/u64, pwrite (no fdatasync: flush is msync-like)",

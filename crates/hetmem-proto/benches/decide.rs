@@ -180,6 +180,7 @@ fn main() {
             let kind = RequestKind::Evict {
                 dev: dev0(),
                 pages: PAGES_PER_BLOCK as u32,
+                write_back: false,
             };
             b.request(&mut blk, whole(), kind);
             black_box(blk);

@@ -71,7 +71,8 @@ impl<const W: usize> Layout<W> {
 enum Work {
     Fault(Proc, Access),
     Migrate(Mem),
-    Evict(DeviceId),
+    /// The device, and whether dirty file pages are written back rather than copied.
+    Evict(DeviceId, bool),
     Flush,
     Release(DeviceId),
     /// The data half of an unmap, discard or truncate.
@@ -243,10 +244,14 @@ impl<const W: usize> Block<W> {
                 Work::Fault(proc, access)
             }
             RequestKind::Migrate { dst } if known_mem(dst) => Work::Migrate(dst),
-            RequestKind::Evict { dev, pages: n } if known(dev) => {
+            RequestKind::Evict {
+                dev,
+                pages: n,
+                write_back,
+            } if known(dev) => {
                 let s = &self.state;
                 pages = (s.frames[dev.index()] & (pages - s.busy - s.writeback)).first_n(n);
-                Work::Evict(dev)
+                Work::Evict(dev, write_back)
             }
             RequestKind::Release { dev } if known(dev) => Work::Release(dev),
             RequestKind::Flush => Work::Flush,
@@ -349,7 +354,10 @@ impl<const W: usize> Block<W> {
         let owner = inflight.owner;
         if let Some(r) = self.requests.iter_mut().find(|r| Some(r.id) == owner) {
             r.written |= written;
-            if let Some(e) = error {
+            // An eviction's failed writeback is not its failure: it copies the page instead,
+            // and the error waits in `wb_error` for the next flush.
+            let evicting = matches!(r.work, Work::Evict(..)) && inflight.kind == OpKind::WriteBack;
+            if let Some(e) = error.filter(|_| !evicting) {
                 r.error.get_or_insert(RequestError::Op(e));
             }
         }
@@ -408,11 +416,12 @@ impl<const W: usize> Block<W> {
                 let moved = (req.pages - s.valid_elsewhere(dst)) | s.read_mostly;
                 done_if(req.pages.is_subset(&(s.valid[dst.index()] & moved)))
             }
-            Work::Evict(dev) => {
+            Work::Evict(dev, write_back) => {
                 if let Some(e) = req.error {
                     return Some(Err(e));
                 }
-                if let Err(e) = self.evict(env, req.id, dev, free, out) {
+                let write_back = write_back.then_some(req.written);
+                if let Err(e) = self.evict(env, req.id, dev, free, write_back, out) {
                     return Some(Err(e));
                 }
                 done_if(!req.pages.intersects(&self.state.frames[dev.index()]))
@@ -422,7 +431,7 @@ impl<const W: usize> Block<W> {
                     return Some(Err(e));
                 }
                 self.unmap(Proc::Device(dev), req.pages - claimed, out);
-                if let Err(e) = self.evict(env, req.id, dev, free, out) {
+                if let Err(e) = self.evict(env, req.id, dev, free, None, out) {
                     return Some(Err(e));
                 }
                 let s = &self.state;
@@ -653,20 +662,35 @@ impl<const W: usize> Block<W> {
         self.map(proc, target, rw, mode, out);
     }
 
-    /// Frees `dev`'s copies of `pages`, copying sole copies to system memory first.
+    /// Frees `dev`'s copies of `pages`, copying sole copies to system memory first. A clean
+    /// file page needs no copy: the file holds the same data, and the next access reads it
+    /// again (so a scan of a file larger than device memory never copies back). With
+    /// `write_back` (the pages this request has already tried to write), a dirty file page is
+    /// written back from the device instead, and dropped at a later step once clean; one whose
+    /// writeback failed is copied.
     fn evict(
         &mut self,
         env: &mut Env<'_>,
         owner: ReqId,
         dev: DeviceId,
         pages: PageMask<W>,
+        write_back: Option<PageMask<W>>,
         out: &mut Vec<Action>,
     ) -> Result<(), RequestError> {
         let mem = Mem::Device(dev);
         let s = &self.state;
-        let on_dev = pages & s.valid[mem.index()];
+        let mut on_dev = pages & s.valid[mem.index()];
         let mut sole = on_dev - s.valid_elsewhere(mem);
-        if env.topology.mutated(Mutation::DropDirtyOnEvict) {
+        let drop_dirty = env.topology.mutated(Mutation::DropDirtyOnEvict);
+        if let Some(tried) = write_back.filter(|_| !drop_dirty) {
+            let todo = sole & ((s.file & s.dirty) - s.eof - tried);
+            self.write_back(env, owner, todo, out);
+            on_dev -= todo;
+            sole -= todo;
+        }
+        let s = &self.state;
+        sole -= s.file - s.dirty - s.writeback;
+        if drop_dirty {
             sole -= s.dirty;
         }
         self.drop_copies(env, mem, on_dev - sole, out);

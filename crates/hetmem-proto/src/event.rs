@@ -32,12 +32,17 @@ pub enum RequestKind {
         /// Destination memory.
         dst: Mem,
     },
-    /// Free up to `pages` frames of `dev`, copying sole copies to system memory first.
+    /// Free up to `pages` frames of `dev`, copying sole copies to system memory first (clean
+    /// file pages need no copy: they are dropped).
     Evict {
         /// The full device.
         dev: DeviceId,
         /// Frames wanted.
         pages: u32,
+        /// Write dirty file pages back from device memory, then drop them, instead of copying
+        /// them to system memory: for file mappings whose writes reach the file. A page whose
+        /// writeback fails is copied after all; the error waits for the next `Flush`.
+        write_back: bool,
     },
     /// Write back dirty file pages (msync(MS_SYNC)); reports the block's remembered error once.
     Flush,

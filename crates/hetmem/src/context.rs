@@ -789,11 +789,12 @@ impl Inner {
             }
         }
         victims.sort_by_key(|v| v.0);
-        let kind = RequestKind::Evict {
-            dev,
-            pages: PAGES_PER_BLOCK as u32,
-        };
         let evict_runs = |r: &Region, bi: usize, runs: &[Option<PageRun>]| -> u64 {
+            let kind = RequestKind::Evict {
+                dev,
+                pages: PAGES_PER_BLOCK as u32,
+                write_back: r.file.as_ref().is_some_and(|f| f.evict_to_file),
+            };
             let mut freed = 0u64;
             for run in runs.iter().flatten() {
                 let before = r.blocks[bi].held[dev.index()].load(Ordering::Relaxed);

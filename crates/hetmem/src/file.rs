@@ -48,6 +48,12 @@ pub struct FileOptions {
     /// retries at each fault and flush and caches without coherence meanwhile
     /// (`docs/file-contract.md` §6); [`FileMapping::is_leased`] says which.
     pub lease: bool,
+    /// Evict dirty pages from device memory by writing them back to the file (and dropping
+    /// them), instead of copying them to system memory. For streaming updates of a file
+    /// larger than device memory that the CPU does not touch afterwards: it saves a copy and
+    /// system memory, but a page evicted twice is written twice, and a later CPU write to it
+    /// takes a write-protect fault again. Shared mappings only.
+    pub evict_to_file: bool,
 }
 
 impl FileOptions {
@@ -57,7 +63,14 @@ impl FileOptions {
             mode,
             direct: false,
             lease: true,
+            evict_to_file: false,
         }
+    }
+
+    /// With or without writeback as the way dirty pages leave device memory.
+    pub fn evict_to_file(mut self, on: bool) -> Self {
+        self.evict_to_file = on;
+        self
     }
 
     /// With or without a file lease.
@@ -141,6 +154,7 @@ impl Hetmem {
             fail_writeback: AtomicU32::new(0),
             fail_errno: AtomicI32::new(libc::EIO),
             lease_wanted: options.lease && mode != FileMode::Private,
+            evict_to_file: options.evict_to_file && mode == FileMode::Shared,
             leased: AtomicBool::new(false),
         };
         let (region, cpu) = inner.new_region(len, Some(backing))?;
@@ -226,9 +240,18 @@ impl Inner {
         }
     }
 
-    /// Writes back every dirty page of a file mapping; the first error, once.
+    /// Writes back every dirty page of a file mapping; the first error, once. Private (and
+    /// read-only) mappings issue no Flush: it would mark their written pages clean, and the
+    /// protocol drops clean file pages on eviction, to be read from the file again.
     pub(crate) fn flush_region(&self, region: &Region) -> Result<()> {
         self.check_eof(region);
+        if region
+            .file
+            .as_ref()
+            .is_some_and(|f| f.mode != FileMode::Shared)
+        {
+            return Ok(());
+        }
         let mut first = Ok(());
         for bi in 0..region.blocks.len() {
             let Some(all) = PageRun::new(0, region.block_pages(bi), PAGES_PER_BLOCK) else {

@@ -112,6 +112,8 @@ pub(crate) struct FileBacking {
     pub lease_wanted: bool,
     /// The lease is held now.
     pub leased: AtomicBool,
+    /// Dirty pages leave device memory by writeback (`FileOptions::evict_to_file`).
+    pub evict_to_file: bool,
 }
 
 /// A managed region.

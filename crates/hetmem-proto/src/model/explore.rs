@@ -217,7 +217,14 @@ fn moves(cfg: &Config, s: &State) -> Vec<Move> {
         }
         for d in topo.devices() {
             if cfg.moves.evict {
-                v.push(Move::Request(all, RequestKind::Evict { dev: d, pages: 1 }));
+                // Written back, as the runtime evicts shared file mappings (anonymous pages
+                // and clean file pages take the same path either way).
+                let kind = RequestKind::Evict {
+                    dev: d,
+                    pages: 1,
+                    write_back: true,
+                };
+                v.push(Move::Request(all, kind));
             }
             if cfg.moves.release {
                 v.push(Move::Request(all, RequestKind::Release { dev: d }));

@@ -242,7 +242,13 @@ impl Driver {
             83..=86 => {
                 let dev = self.device();
                 let pages = 1 + self.rng.below(8) as u32;
-                self.request(b, self.all(), RequestKind::Evict { dev, pages })
+                let write_back = self.rng.below(2) == 0;
+                let kind = RequestKind::Evict {
+                    dev,
+                    pages,
+                    write_back,
+                };
+                self.request(b, self.all(), kind)
             }
             87..=89 => self.request(b, self.all(), RequestKind::Flush),
             90 => {
@@ -415,7 +421,12 @@ impl Driver {
                     }
                     Err(RequestError::DeviceFull(dev)) => {
                         let victim = self.rng.below(self.cfg.blocks);
-                        self.request(victim, self.all(), RequestKind::Evict { dev, pages: 4 })?;
+                        let kind = RequestKind::Evict {
+                            dev,
+                            pages: 4,
+                            write_back: self.rng.below(2) == 0,
+                        };
+                        self.request(victim, self.all(), kind)?;
                     }
                     Err(_) => {}
                 }
