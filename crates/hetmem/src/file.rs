@@ -7,8 +7,8 @@
 //! the mapping writes dirty pages back first.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use hetmem_proto::{Invalidation, OpError, PageRun, RequestKind, PAGES_PER_BLOCK, PAGE_SIZE};
 
@@ -142,6 +142,7 @@ impl Hetmem {
         if !meta.is_file() {
             return Err(Error::Invalid("only regular files can be mapped"));
         }
+        let errseq = ErrSeq::of_file(&meta);
         let inner = &self.0.inner;
         let pages = len / PAGE_SIZE;
         let backing = FileBacking {
@@ -155,6 +156,8 @@ impl Hetmem {
             fail_errno: AtomicI32::new(libc::EIO),
             lease_wanted: options.lease && mode != FileMode::Private,
             evict_to_file: options.evict_to_file && mode == FileMode::Shared,
+            wb_seen: AtomicU64::new(errseq.sample()),
+            errseq,
             leased: AtomicBool::new(false),
         };
         let (region, cpu) = inner.new_region(len, Some(backing))?;
@@ -266,6 +269,56 @@ impl Inner {
     }
 }
 
+/// Writeback errors of one file in this process, in the manner of the kernel's `errseq_t`: a
+/// sequence that moves at every error, and the last error. Each mapping remembers the value it
+/// last reported (`FileBacking::wb_seen`), so each reports a new error once.
+#[derive(Debug, Default)]
+pub(crate) struct ErrSeq {
+    seq: AtomicU64,
+    /// ENOSPC for `NoSpace`, else EIO.
+    errno: AtomicI32,
+}
+
+impl ErrSeq {
+    /// The one for the file `meta` describes, shared with its other mappings in this process.
+    fn of_file(meta: &std::fs::Metadata) -> Arc<Self> {
+        use std::os::unix::fs::MetadataExt;
+        type Files = Vec<((u64, u64), Weak<ErrSeq>)>;
+        static FILES: Mutex<Files> = Mutex::new(Vec::new());
+        let key = (meta.dev(), meta.ino());
+        let mut files = FILES.lock().unwrap_or_else(|e| e.into_inner());
+        files.retain(|(_, w)| w.strong_count() > 0);
+        if let Some(e) = files
+            .iter()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, w)| w.upgrade())
+        {
+            return e;
+        }
+        let e = Arc::new(Self::default());
+        files.push((key, Arc::downgrade(&e)));
+        e
+    }
+
+    fn record(&self, e: OpError) {
+        let errno = if e == OpError::NoSpace {
+            libc::ENOSPC
+        } else {
+            libc::EIO
+        };
+        self.errno.store(errno, Ordering::Release);
+        self.seq.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn sample(&self) -> u64 {
+        self.seq.load(Ordering::Acquire)
+    }
+
+    fn last(&self) -> OpError {
+        errno_to_op(self.errno.load(Ordering::Acquire))
+    }
+}
+
 /// File I/O of a mapping: through the page cache, or around it (O_DIRECT).
 impl FileBacking {
     /// Reads `buf.len()` bytes at `offset` (both page-aligned, as is `buf`); bytes past the
@@ -288,7 +341,16 @@ impl FileBacking {
 
     /// Writes all of `data` at `offset` (page-aligned, as is `data`; its length may end
     /// inside a page, at the end of the file). Fails with the injected error first, if any.
+    /// A failure is also recorded in the file's `errseq`.
     pub(crate) fn write_at(&self, data: &[u8], offset: u64) -> Result<(), OpError> {
+        let r = self.write_at_once(data, offset);
+        if let Err(e) = r {
+            self.errseq.record(e);
+        }
+        r
+    }
+
+    fn write_at_once(&self, data: &[u8], offset: u64) -> Result<(), OpError> {
         if self
             .fail_writeback
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
@@ -447,9 +509,19 @@ impl FileMapping {
 
     /// Writes every dirty page back to the file and waits, like msync(MS_SYNC). A writeback
     /// error (EIO, ENOSPC) is reported once; the pages stay dirty and a later flush retries.
-    /// Private and read-only mappings have nothing to write.
+    /// Like the kernel's errseq_t, each mapping also reports, once, an error that any
+    /// writeback of the file in this process met since this mapping last reported one (or was
+    /// made): one of another mapping of the file, or one no flush waited for (drop, eviction,
+    /// lease break). Private and read-only mappings have nothing to write.
     pub fn flush(&self) -> Result<()> {
-        self.shared.inner.flush_region(&self.region)
+        let own = self.shared.inner.flush_region(&self.region);
+        let f = self.region.file.as_ref().expect("a file mapping");
+        let now = f.errseq.sample();
+        let seen = f.wb_seen.swap(now, Ordering::AcqRel);
+        match own {
+            Ok(()) if seen != now => Err(Error::Io(f.errseq.last())),
+            r => r,
+        }
     }
 
     /// `flush`, then fdatasync: the data is durable when this returns.

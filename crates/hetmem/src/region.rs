@@ -114,6 +114,10 @@ pub(crate) struct FileBacking {
     pub leased: AtomicBool,
     /// Dirty pages leave device memory by writeback (`FileOptions::evict_to_file`).
     pub evict_to_file: bool,
+    /// Writeback errors of the file, shared by its mappings in this process.
+    pub errseq: std::sync::Arc<crate::file::ErrSeq>,
+    /// The `errseq` value this mapping's `flush` last reported (or saw at map time).
+    pub wb_seen: AtomicU64,
 }
 
 /// A managed region.

@@ -68,6 +68,7 @@ tests!(
     read_only_mode_refuses_writes,
     drop_writes_back,
     eio_keeps_data_dirty_and_retry_succeeds,
+    writeback_errors_reach_every_mapping_of_the_file,
     enospc_on_small_tmpfs,
     truncate_by_other_process,
     file_larger_than_device,
@@ -854,6 +855,44 @@ mod scenarios {
             m.flush()
                 .with_context(|| format!("{what}: the error was reported twice"))?;
         }
+        Ok(())
+    }
+
+    /// Writeback errors are reported like the kernel's errseq_t: once to each mapping of the
+    /// file (here two, without leases, which would break each other), also to the one that
+    /// did not write the failed page; not to a mapping made after the error; and a retry then
+    /// succeeds.
+    pub fn writeback_errors_reach_every_mapping_of_the_file() -> Result<()> {
+        let dir = TempDir::new("writeback_errors_reach_every_mapping_of_the_file")?;
+        let path = dir.path("data");
+        let len = 16 * PAGE_SIZE;
+        let half = len / 2;
+        let old = content(0, 0, len);
+        create_file(&path, &old)?;
+        let hm = context(DeviceKind::Private, 16 * MIB)?;
+        let dev = hm.device(0).expect("one device");
+        let a = hm.map_file_with(&path, 0, half, unleased(FileMode::Shared))?;
+        let b = hm.map_file_with(&path, half as u64, half, unleased(FileMode::Shared))?;
+        let new = content(1, 0, len);
+        dev.write(a.addr(), &new[..half])?;
+        dev.write(b.addr(), &new[half..])?;
+
+        a.inject_writeback_failures(1, libc::EIO);
+        let e = a.flush().expect_err("a's flush met an injected EIO");
+        assert!(matches!(e, Error::Io(OpError::Io)), "a's flush: {e:?}");
+        // b's own pages are written; the file's error since b was made is reported once.
+        match b.flush() {
+            Err(Error::Io(OpError::Io)) => {}
+            other => panic!("b's first flush after a's error: expected Io(Io), got {other:?}"),
+        }
+        b.flush().context("b: the error was reported twice")?;
+        let c = hm.map_file_with(&path, 0, PAGE_SIZE, unleased(FileMode::Shared))?;
+        c.flush()
+            .context("c, made after the error, was told of it")?;
+        a.flush().context("a's retry")?;
+        b.flush().context("b after a's retry")?;
+        drop((a, b, c));
+        assert_same("file", &pread_file(&path)?, &new);
         Ok(())
     }
 
