@@ -70,6 +70,7 @@ tests!(
     eio_keeps_data_dirty_and_retry_succeeds,
     writeback_errors_reach_every_mapping_of_the_file,
     enospc_on_small_tmpfs,
+    sync_reports_a_failing_disk,
     truncate_by_other_process,
     file_larger_than_device,
     clean_file_pages_are_dropped_on_eviction,
@@ -942,6 +943,54 @@ mod scenarios {
         drop(m);
         drop(hm);
         drop(mnt);
+        Ok(())
+    }
+
+    /// A disk that fails under the page cache: an ext4 image on a 6 MiB tmpfs, so the loop
+    /// device's writes fail once the tmpfs is full. `flush` hands 16 MiB to the page cache and
+    /// succeeds; `sync`'s fdatasync then meets the disk's error and reports it (ENOSPC or
+    /// EIO, as the block layer passes it up). The mapping keeps the data.
+    pub fn sync_reports_a_failing_disk() -> Result<()> {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED: sync_reports_a_failing_disk needs root to mount");
+            return Ok(());
+        }
+        let dir = TempDir::new("sync_reports_a_failing_disk")?;
+        let small = dir.path("small");
+        let disk = dir.path("disk");
+        std::fs::create_dir(&small)?;
+        std::fs::create_dir(&disk)?;
+        let Some(_tmpfs) = Mount::tmpfs(&small, "size=6m")? else {
+            return Ok(());
+        };
+        let Some(_ext4) = Mount::image(&small.join("img"), &disk, "ext4", 64)? else {
+            return Ok(());
+        };
+        let path = disk.join("data");
+        let len = 16 * MIB;
+        create_file(&path, &[])?;
+        File::options()
+            .write(true)
+            .open(&path)?
+            .set_len(len as u64)?;
+        let hm = context(DeviceKind::Private, 32 * MIB)?;
+        let dev = hm.device(0).expect("one device");
+        let m = hm.map_file(&path, 0, len, FileMode::Shared)?;
+        let new = content(1, 0, len);
+        dev.write(m.addr(), &new)?;
+        m.flush().context("flush into the page cache")?;
+        match m.sync() {
+            Err(e @ Error::Io(OpError::NoSpace | OpError::Io)) => {
+                eprintln!("sync on the failing disk: {e}");
+            }
+            other => panic!("sync on a disk that fails: expected Error::Io, got {other:?}"),
+        }
+        assert_same(
+            "device read after the failed sync",
+            &dev.read(m.addr(), len)?,
+            &new,
+        );
+        assert_same("CPU read after the failed sync", m.as_slice(), &new);
         Ok(())
     }
 
