@@ -154,7 +154,7 @@ impl Hetmem {
             eof_page: AtomicUsize::new(pages),
             fail_writeback: AtomicU32::new(0),
             fail_errno: AtomicI32::new(libc::EIO),
-            lease_wanted: options.lease && mode != FileMode::Private,
+            lease_wanted: AtomicBool::new(options.lease && mode != FileMode::Private),
             evict_to_file: options.evict_to_file && mode == FileMode::Shared,
             wb_seen: AtomicU64::new(errseq.sample()),
             errseq,
@@ -179,7 +179,7 @@ impl Hetmem {
             self.protect(va, len, true, false)?;
         }
         if let Some(f) = &mapping.region.file {
-            if f.lease_wanted {
+            if f.lease_wanted.load(Ordering::Acquire) {
                 leases::register(inner, &mapping.region);
             }
         }
@@ -210,10 +210,17 @@ impl Inner {
         let Some(f) = &region.file else {
             return;
         };
-        if f.lease_wanted && !f.leased.load(Ordering::Acquire) {
-            let write = f.mode == FileMode::Shared;
-            if let Ok(true) = lease::take(f.file.as_fd(), write) {
-                f.leased.store(true, Ordering::Release);
+        if f.lease_wanted.load(Ordering::Acquire) {
+            // A lease the kernel took back (a break unanswered for lease-break-time) is taken
+            // again like one never had.
+            if f.leased.load(Ordering::Acquire) && !lease::held(f.file.as_fd()) {
+                f.leased.store(false, Ordering::Release);
+            }
+            if !f.leased.load(Ordering::Acquire) {
+                let write = f.mode == FileMode::Shared;
+                if let Ok(true) = lease::take(f.file.as_fd(), write) {
+                    f.leased.store(true, Ordering::Release);
+                }
             }
         }
         let Ok(meta) = f.file.metadata() else {
@@ -573,8 +580,11 @@ mod leases {
 
     /// Serves lease breaks for `region` from now on, and takes the lease if it can.
     pub fn register(inner: &Arc<Inner>, region: &Arc<Region>) {
+        let f = region.file.as_ref().expect("a file mapping");
         let Ok((read_end, fresh)) = lease::install() else {
-            return; // The signal belongs to the application: no leases.
+            // The signal belongs to the application: no leases, as nobody would serve them.
+            f.lease_wanted.store(false, Ordering::Release);
+            return;
         };
         if fresh {
             // First use in this process (or in a fork child, which has no thread of ours and
@@ -584,7 +594,6 @@ mod leases {
                 .name("hetmem-lease".into())
                 .spawn(move || serve(read_end));
         }
-        let f = region.file.as_ref().expect("a file mapping");
         REGISTRY.lock().unwrap_or_else(|e| e.into_inner()).push((
             f.file.as_raw_fd(),
             Arc::downgrade(inner),
@@ -597,7 +606,7 @@ mod leases {
         let Some(f) = &region.file else {
             return;
         };
-        if !f.lease_wanted {
+        if !f.lease_wanted.load(Ordering::Acquire) {
             return;
         }
         REGISTRY

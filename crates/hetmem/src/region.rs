@@ -109,7 +109,7 @@ pub(crate) struct FileBacking {
     pub fail_writeback: AtomicU32,
     pub fail_errno: std::sync::atomic::AtomicI32,
     /// Coherence with other processes through a file lease (`FileOptions::lease`).
-    pub lease_wanted: bool,
+    pub lease_wanted: AtomicBool,
     /// The lease is held now.
     pub leased: AtomicBool,
     /// Dirty pages leave device memory by writeback (`FileOptions::evict_to_file`).

@@ -78,6 +78,7 @@ tests!(
     direct_io_skips_the_page_cache,
     lease_break_flushes_for_other_openers,
     lease_break_with_failing_writeback,
+    lease_taken_on_a_passing_thread_is_served,
     regular_files_on_ext4_xfs_and_tmpfs,
 );
 
@@ -1258,6 +1259,7 @@ mod scenarios {
     pub use super::direct::direct_io_skips_the_page_cache;
     pub use super::direct::lease_break_flushes_for_other_openers;
     pub use super::direct::lease_break_with_failing_writeback;
+    pub use super::direct::lease_taken_on_a_passing_thread_is_served;
     pub use super::filesystems::regular_files_on_ext4_xfs_and_tmpfs;
 
     pub fn crash_during_flush_leaves_old_or_new_pages() -> Result<()> {
@@ -1581,6 +1583,47 @@ mod direct {
         assert_eq!(wait_child(pid), 0, "lease child");
         Ok(())
     }
+    /// A lease taken again by a device kernel's worker thread, which is gone by the time
+    /// another process opens the file, is still served: the process owns the lease, not the
+    /// thread (with the thread as owner, the kernel finds nobody to signal, and the open waits
+    /// out lease-break-time, 45 s, which the watchdog reports).
+    pub fn lease_taken_on_a_passing_thread_is_served() -> Result<()> {
+        let dir = TempDir::new("lease_taken_on_a_passing_thread_is_served")?;
+        let path = dir.path("data");
+        let len = 2 * MIB;
+        create_file(&path, &content(0, 0, len))?;
+        let hm = context(DeviceKind::Private, 16 * MIB)?;
+        let dev = hm.device(0).expect("one device");
+        let m = hm.map_file(&path, 0, len, FileMode::Shared)?;
+        ensure!(m.is_leased(), "no lease on a file nobody else has open");
+        // Our own open breaks the lease; the device kernel's faults take it again.
+        assert_same("file", &pread_file(&path)?, &content(0, 0, len));
+        ensure!(!m.is_leased(), "the lease survived our own open");
+        let new = content(1, 0, len);
+        dev.kernel_write(m.addr(), len, |at, b| {
+            let off = at - m.addr();
+            b.copy_from_slice(&new[off..off + b.len()]);
+        })?;
+        ensure!(
+            m.is_leased(),
+            "the device kernel's faults did not take the lease again"
+        );
+        let breaks = hm.stats().lease_breaks;
+        let p = path.clone();
+        let pid = fork_child(|| match std::fs::read(&p) {
+            Ok(got) if got == content(1, 0, got.len()) => 0,
+            Ok(_) => 1,
+            Err(_) => 2,
+        });
+        assert_eq!(
+            exit_code(wait_child(pid)),
+            0,
+            "the other process did not see our unflushed device writes"
+        );
+        assert_eq!(hm.stats().lease_breaks, breaks + 1, "lease breaks served");
+        Ok(())
+    }
+
     /// A lease break whose writebacks fail (injected EIO): the opener proceeds and sees the
     /// old data, our data stays dirty, the next `flush` reports the error once, and a retry
     /// writes the data.

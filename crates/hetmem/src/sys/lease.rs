@@ -104,8 +104,20 @@ pub fn take(fd: BorrowedFd<'_>, write: bool) -> io::Result<bool> {
                 _ => Err(e),
             };
         }
+        // F_SETLEASE made the calling *thread* the owner that breaks are signalled to; once
+        // that thread exits (a device worker, say), the kernel finds nobody to signal and the
+        // opener waits out lease-break-time. The process owns it instead.
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETOWN, libc::getpid());
     }
     Ok(true)
+}
+
+/// Whether a lease is still held on `fd`: the kernel takes it back when a break is not
+/// answered within lease-break-time.
+pub fn held(fd: BorrowedFd<'_>) -> bool {
+    // SAFETY: fcntl on our own descriptor with integer arguments.
+    let kind = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETLEASE) };
+    kind == libc::F_RDLCK || kind == libc::F_WRLCK
 }
 
 /// Gives the lease up: the process waiting on it proceeds.
