@@ -153,6 +153,7 @@ impl Hetmem {
             mode,
             eof_page: AtomicUsize::new(pages),
             fail_writeback: AtomicU32::new(0),
+            fail_read: AtomicU32::new(0),
             fail_errno: AtomicI32::new(libc::EIO),
             lease_wanted: AtomicBool::new(options.lease && mode != FileMode::Private),
             evict_to_file: options.evict_to_file && mode == FileMode::Shared,
@@ -331,6 +332,13 @@ impl FileBacking {
     /// Reads `buf.len()` bytes at `offset` (both page-aligned, as is `buf`); bytes past the
     /// end of the file read zero.
     pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), OpError> {
+        if self
+            .fail_read
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(errno_to_op(self.fail_errno.load(Ordering::Acquire)));
+        }
         if self.direct.load(Ordering::Acquire) {
             let shared = self.io_mode.read().unwrap_or_else(|e| e.into_inner());
             if self.direct.load(Ordering::Acquire) {
@@ -521,6 +529,9 @@ impl FileMapping {
     /// made): one of another mapping of the file, or one no flush waited for (drop, eviction,
     /// lease break). Private and read-only mappings have nothing to write.
     pub fn flush(&self) -> Result<()> {
+        if !self.shared.inner.is_owner() {
+            return Err(Error::Invalid("the context belongs to the parent process"));
+        }
         let own = self.shared.inner.flush_region(&self.region);
         let f = self.region.file.as_ref().expect("a file mapping");
         let now = f.errseq.sample();
@@ -544,6 +555,13 @@ impl FileMapping {
         Ok(())
     }
 
+    /// Test hook: the next `n` reads of the file fail with `errno`, as a failing disk would.
+    pub fn inject_read_failures(&self, n: u32, errno: i32) {
+        let f = self.region.file.as_ref().expect("a file mapping");
+        f.fail_errno.store(errno, Ordering::Release);
+        f.fail_read.store(n, Ordering::Release);
+    }
+
     /// Test hook: the next `n` writebacks fail with `errno` (EIO or ENOSPC), as a failing disk
     /// would.
     pub fn inject_writeback_failures(&self, n: u32, errno: i32) {
@@ -555,7 +573,10 @@ impl FileMapping {
 
 impl Drop for FileMapping {
     fn drop(&mut self) {
-        leases::unregister(&self.region);
+        if self.shared.inner.is_owner() {
+            // Not in a fork child: the lease is on the description it shares with the parent.
+            leases::unregister(&self.region);
+        }
         // Unmapping writes dirty pages back first (the protocol's Invalidate { Unmap }); an
         // error there has no caller to go to, so flush first when it matters.
         self.shared.inner.free_region(&self.region);

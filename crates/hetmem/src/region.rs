@@ -105,8 +105,9 @@ pub(crate) struct FileBacking {
     pub mode: FileMode,
     /// Pages of the region at or beyond this one are past the file's end (already truncated).
     pub eof_page: AtomicUsize,
-    /// Test hook: fail this many upcoming writebacks with this errno.
+    /// Test hook: fail this many upcoming writebacks, or reads, with `fail_errno`.
     pub fail_writeback: AtomicU32,
+    pub fail_read: AtomicU32,
     pub fail_errno: std::sync::atomic::AtomicI32,
     /// Coherence with other processes through a file lease (`FileOptions::lease`).
     pub lease_wanted: AtomicBool,

@@ -69,6 +69,8 @@ tests!(
     drop_writes_back,
     eio_keeps_data_dirty_and_retry_succeeds,
     writeback_errors_reach_every_mapping_of_the_file,
+    read_errors_on_first_touch,
+    fork_child_gets_a_snapshot_of_a_file_mapping,
     enospc_on_small_tmpfs,
     sync_reports_a_failing_disk,
     truncate_by_other_process,
@@ -895,6 +897,122 @@ mod scenarios {
         b.flush().context("b after a's retry")?;
         drop((a, b, c));
         assert_same("file", &pread_file(&path)?, &new);
+        Ok(())
+    }
+
+    /// Reads of the file that fail on first touch (injected EIO). A device access fails with
+    /// `Error::Io` at once, and the next one reads the file. A CPU access is retried (it cannot
+    /// be failed): a passing failure is not seen, a lasting one raises SIGBUS, as the kernel
+    /// does for an unreadable page; the file's data is still there for the device afterwards.
+    pub fn read_errors_on_first_touch() -> Result<()> {
+        let dir = TempDir::new("read_errors_on_first_touch")?;
+        let path = dir.path("data");
+        let len = 8 * PAGE_SIZE;
+        let old = content(0, 0, len);
+        create_file(&path, &old)?;
+        let hm = context(DeviceKind::Private, 16 * MIB)?;
+        let dev = hm.device(0).expect("one device");
+
+        let m = hm.map_file(&path, 0, len, FileMode::Shared)?;
+        m.inject_read_failures(1, libc::EIO);
+        assert_err!(dev.read(m.addr(), len), Error::Io(OpError::Io), libc::EIO);
+        assert_same(
+            "device read after the failure",
+            &dev.read(m.addr(), len)?,
+            &old,
+        );
+        drop(m);
+
+        let m = hm.map_file(&path, 0, len, FileMode::Shared)?;
+        let failed = hm.stats().failed_transfers;
+        m.inject_read_failures(1, libc::EIO);
+        assert_same("CPU read through a passing failure", m.as_slice(), &old);
+        assert!(
+            hm.stats().failed_transfers > failed,
+            "the injected failure was not met"
+        );
+        drop(m);
+
+        let m = hm.map_file(&path, 0, len, FileMode::Shared)?;
+        m.inject_read_failures(u32::MAX, libc::EIO);
+        let status = clone_vm_read(m.addr(), &old[..PAGE_SIZE]);
+        assert!(
+            is_sigbus(status),
+            "a CPU read of a page that cannot be read {}; expected SIGBUS",
+            read_outcome(status)
+        );
+        m.inject_read_failures(0, libc::EIO);
+        assert_same(
+            "device read once the file reads again",
+            &dev.read(m.addr(), len)?,
+            &old,
+        );
+        Ok(())
+    }
+
+    /// A forked child gets a private snapshot of a file mapping, unflushed CPU and device
+    /// writes included; its own writes, and its flush (its context is dead: `Invalid`), never
+    /// reach the file, and dropping its copy leaves the parent's lease alone; the parent's
+    /// flush writes the parent's data.
+    pub fn fork_child_gets_a_snapshot_of_a_file_mapping() -> Result<()> {
+        let dir = TempDir::new("fork_child_gets_a_snapshot_of_a_file_mapping")?;
+        let path = dir.path("data");
+        let len = 4 * PAGE_SIZE;
+        let old = content(0, 0, len);
+        create_file(&path, &old)?;
+        let hm = context(DeviceKind::Private, 16 * MIB)?;
+        let dev = hm.device(0).expect("one device");
+        let mut m = hm.map_file(&path, 0, len, FileMode::Shared)?;
+        stamp_page(&mut m.as_mut_slice().expect("Shared")[..PAGE_SIZE], 1, 0);
+        let mut page1 = vec![0u8; PAGE_SIZE];
+        stamp_page(&mut page1, 1, 1);
+        dev.write(m.addr() + PAGE_SIZE, &page1)?;
+        let ours = with_pages(&old, 1, &[0, 1]);
+
+        let (addr, want) = (m.addr(), ours.clone());
+        let pid = fork_child(|| {
+            let snap = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) };
+            if snap != want.as_slice() {
+                return 1;
+            }
+            stamp_page(&mut snap[2 * PAGE_SIZE..3 * PAGE_SIZE], 2, 2);
+            let code = match m.flush() {
+                Err(Error::Invalid(_)) => 0,
+                Ok(()) => 2,
+                Err(_) => 3,
+            };
+            // The child drops its copy of the mapping (a bitwise copy of ours, in its own
+            // memory): that must not give up the lease it shares with us.
+            drop(unsafe { std::ptr::read(&m) });
+            code
+        });
+        assert_eq!(
+            exit_code(wait_child(pid)),
+            0,
+            "child: 1: its snapshot lacks our unflushed writes, 2/3: its flush did not fail \
+             with Invalid"
+        );
+        // Still leased: another process's open gets our unflushed writes.
+        let p = path.clone();
+        let expect = ours.clone();
+        let pid = fork_child(|| match std::fs::read(&p) {
+            Ok(got) if got == expect => 0,
+            _ => 1,
+        });
+        assert_eq!(
+            exit_code(wait_child(pid)),
+            0,
+            "after the child dropped its copy, another opener did not get our writes: the lease \
+             was lost"
+        );
+        assert_same("parent's mapping after the child", m.as_slice(), &ours);
+        m.flush()?;
+        drop(m);
+        assert_same(
+            "file: the parent's writes, not the child's",
+            &pread_file(&path)?,
+            &ours,
+        );
         Ok(())
     }
 
