@@ -1148,6 +1148,9 @@ impl Inner {
         len: usize,
         file: Option<crate::region::FileBacking>,
     ) -> Result<(Arc<Region>, Mapping)> {
+        if !self.is_owner() {
+            return Err(Error::Invalid("the context belongs to the parent process"));
+        }
         let id = self.next_region.fetch_add(1, Ordering::Relaxed);
         let memfd = mem::memfd(&format!("hetmem-{id}"), len).map_err(Error::os("memfd_create"))?;
         let backing =

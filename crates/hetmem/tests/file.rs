@@ -976,11 +976,17 @@ mod scenarios {
                 return 1;
             }
             stamp_page(&mut snap[2 * PAGE_SIZE..3 * PAGE_SIZE], 2, 2);
-            let code = match m.flush() {
+            let mut code = match m.flush() {
                 Err(Error::Invalid(_)) => 0,
                 Ok(()) => 2,
                 Err(_) => 3,
             };
+            if !matches!(
+                hm.map_file(&path, 0, len, FileMode::Shared),
+                Err(Error::Invalid(_))
+            ) {
+                code = 4;
+            }
             // The child drops its copy of the mapping (a bitwise copy of ours, in its own
             // memory): that must not give up the lease it shares with us.
             drop(unsafe { std::ptr::read(&m) });
@@ -990,7 +996,7 @@ mod scenarios {
             exit_code(wait_child(pid)),
             0,
             "child: 1: its snapshot lacks our unflushed writes, 2/3: its flush did not fail \
-             with Invalid"
+             with Invalid, 4: nor did a map_file"
         );
         // Still leased: another process's open gets our unflushed writes.
         let p = path.clone();
