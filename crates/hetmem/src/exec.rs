@@ -626,7 +626,8 @@ impl Inner {
     }
 
     /// Writes `src`'s copy of the run to the file (`FileBacking::write_at`), from system memory
-    /// or straight from device memory. Private mappings never reach the file.
+    /// or straight from device memory. Private mappings never reach the file. Every failure is
+    /// recorded in the file's errseq, whoever asked for the writeback (`FileMapping::flush`).
     fn write_back(
         &self,
         region: &Region,
@@ -640,6 +641,21 @@ impl Inner {
         if f.mode != crate::region::FileMode::Shared {
             return Ok(());
         }
+        let r = self.write_back_run(region, bi, t, file_page, f);
+        if let Err(e) = r {
+            f.errseq.record(e);
+        }
+        r
+    }
+
+    fn write_back_run(
+        &self,
+        region: &Region,
+        bi: usize,
+        t: &Transfer,
+        file_page: u64,
+        f: &crate::region::FileBacking,
+    ) -> Result<(), OpError> {
         let bytes = t.run.len() * PAGE_SIZE;
         let slot = &region.blocks[bi];
         let guard;

@@ -111,6 +111,10 @@ impl Hetmem {
         options: FileOptions,
     ) -> Result<FileMapping> {
         let mode = options.mode;
+        if !self.0.inner.is_owner() {
+            // Before the open: a fork child's open of the file would break the parent's lease.
+            return Err(Error::Invalid("the context belongs to the parent process"));
+        }
         if len == 0 || len % PAGE_SIZE != 0 || offset % PAGE_SIZE as u64 != 0 {
             return Err(Error::Invalid(
                 "offset and length must be page-aligned, length non-zero",
@@ -141,6 +145,11 @@ impl Hetmem {
         let meta = file.metadata().map_err(Error::os("stat file"))?;
         if !meta.is_file() {
             return Err(Error::Invalid("only regular files can be mapped"));
+        }
+        if direct && on_tmpfs(&file) {
+            // tmpfs takes O_DIRECT (Linux 6.6) but its page cache is its storage: there is
+            // nothing to bypass, and the pages would be cached all the same.
+            direct = !set_o_direct(&file, false);
         }
         let errseq = ErrSeq::of_file(&meta);
         let inner = &self.0.inner;
@@ -214,11 +223,11 @@ impl Inner {
         if f.lease_wanted.load(Ordering::Acquire) {
             // A lease the kernel took back (a break unanswered for lease-break-time) is taken
             // again like one never had.
-            if f.leased.load(Ordering::Acquire) && !lease::held(f.file.as_fd()) {
+            let write = f.mode == FileMode::Shared;
+            if f.leased.load(Ordering::Acquire) && !lease::held(f.file.as_fd(), write) {
                 f.leased.store(false, Ordering::Release);
             }
             if !f.leased.load(Ordering::Acquire) {
-                let write = f.mode == FileMode::Shared;
                 if let Ok(true) = lease::take(f.file.as_fd(), write) {
                     f.leased.store(true, Ordering::Release);
                 }
@@ -308,7 +317,8 @@ impl ErrSeq {
         e
     }
 
-    fn record(&self, e: OpError) {
+    /// Every failed writeback of the file comes here (`Executor::write_back`).
+    pub(crate) fn record(&self, e: OpError) {
         let errno = if e == OpError::NoSpace {
             libc::ENOSPC
         } else {
@@ -356,16 +366,7 @@ impl FileBacking {
 
     /// Writes all of `data` at `offset` (page-aligned, as is `data`; its length may end
     /// inside a page, at the end of the file). Fails with the injected error first, if any.
-    /// A failure is also recorded in the file's `errseq`.
     pub(crate) fn write_at(&self, data: &[u8], offset: u64) -> Result<(), OpError> {
-        let r = self.write_at_once(data, offset);
-        if let Err(e) = r {
-            self.errseq.record(e);
-        }
-        r
-    }
-
-    fn write_at_once(&self, data: &[u8], offset: u64) -> Result<(), OpError> {
         if self
             .fail_writeback
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
@@ -386,8 +387,10 @@ impl FileBacking {
                         let _only = self.io_mode.write().unwrap_or_else(|e| e.into_inner());
                         let off = self.set_direct(false);
                         let r = write_all(&self.file, &data[whole..], offset + whole as u64);
-                        if off && !self.set_direct(true) {
+                        if !off || !self.set_direct(true) {
+                            // fcntl refused: whatever O_DIRECT now is, buffered from now on.
                             self.direct.store(false, Ordering::Release);
+                            self.set_direct(false);
                         }
                         return r.map_err(errno_to_op);
                     }
@@ -412,17 +415,28 @@ impl FileBacking {
 
     /// Sets or clears O_DIRECT on the descriptor; whether that worked.
     fn set_direct(&self, on: bool) -> bool {
-        use rustix::fs::OFlags;
-        let Ok(flags) = rustix::fs::fcntl_getfl(&self.file) else {
-            return false;
-        };
-        let flags = if on {
-            flags | OFlags::DIRECT
-        } else {
-            flags - OFlags::DIRECT
-        };
-        rustix::fs::fcntl_setfl(&self.file, flags).is_ok()
+        set_o_direct(&self.file, on)
     }
+}
+
+/// Sets or clears O_DIRECT on `file`'s descriptor; whether that worked.
+fn set_o_direct(file: &std::fs::File, on: bool) -> bool {
+    use rustix::fs::OFlags;
+    let Ok(flags) = rustix::fs::fcntl_getfl(file) else {
+        return false;
+    };
+    let flags = if on {
+        flags | OFlags::DIRECT
+    } else {
+        flags - OFlags::DIRECT
+    };
+    rustix::fs::fcntl_setfl(file, flags).is_ok()
+}
+
+/// Whether `file` lives on tmpfs (or shmem), whose page cache is the file's only copy.
+fn on_tmpfs(file: &std::fs::File) -> bool {
+    const TMPFS_MAGIC: u64 = 0x0102_1994;
+    rustix::fs::fstatfs(file).is_ok_and(|s| s.f_type as u64 == TMPFS_MAGIC)
 }
 
 fn errno_to_op(errno: i32) -> OpError {
@@ -524,20 +538,27 @@ impl FileMapping {
 
     /// Writes every dirty page back to the file and waits, like msync(MS_SYNC). A writeback
     /// error (EIO, ENOSPC) is reported once; the pages stay dirty and a later flush retries.
-    /// Like the kernel's errseq_t, each mapping also reports, once, an error that any
-    /// writeback of the file in this process met since this mapping last reported one (or was
-    /// made): one of another mapping of the file, or one no flush waited for (drop, eviction,
-    /// lease break). Private and read-only mappings have nothing to write.
+    /// Like the kernel's errseq_t, each mapping reports, once, an error that any writeback of
+    /// the file in this process met since this mapping last reported one (or was made): its
+    /// own, one of another mapping of the file, or one no flush waited for (drop, eviction,
+    /// lease break). Read-only mappings have nothing to write but report those errors, as
+    /// fsync does on a read-only descriptor; private mappings, like msync, report nothing.
     pub fn flush(&self) -> Result<()> {
         if !self.shared.inner.is_owner() {
             return Err(Error::Invalid("the context belongs to the parent process"));
         }
         let own = self.shared.inner.flush_region(&self.region);
         let f = self.region.file.as_ref().expect("a file mapping");
+        if self.mode == FileMode::Private {
+            return own;
+        }
+        // Writeback errors are reported through the errseq alone: every one is recorded
+        // there, and the protocol's own report of it may come a flush later than the errseq's.
         let now = f.errseq.sample();
         let seen = f.wb_seen.swap(now, Ordering::AcqRel);
         match own {
-            Ok(()) if seen != now => Err(Error::Io(f.errseq.last())),
+            Ok(()) | Err(Error::Io(_)) if seen != now => Err(Error::Io(f.errseq.last())),
+            Ok(()) | Err(Error::Io(_)) => Ok(()),
             r => r,
         }
     }
@@ -573,13 +594,14 @@ impl FileMapping {
 
 impl Drop for FileMapping {
     fn drop(&mut self) {
+        // Unmapping writes dirty pages back first (the protocol's Invalidate { Unmap }); an
+        // error there has no caller to go to, so flush first when it matters. The lease goes
+        // after: an opener waiting on it must find the data in the file.
+        self.shared.inner.free_region(&self.region);
         if self.shared.inner.is_owner() {
             // Not in a fork child: the lease is on the description it shares with the parent.
             leases::unregister(&self.region);
         }
-        // Unmapping writes dirty pages back first (the protocol's Invalidate { Unmap }); an
-        // error there has no caller to go to, so flush first when it matters.
-        self.shared.inner.free_region(&self.region);
     }
 }
 
@@ -640,6 +662,7 @@ mod leases {
     }
 
     fn serve(read_end: RawFd) {
+        lease::unblock_here();
         while let Ok(fd) = lease::next_break(read_end) {
             let found = REGISTRY
                 .lock()

@@ -107,17 +107,36 @@ pub fn take(fd: BorrowedFd<'_>, write: bool) -> io::Result<bool> {
         // F_SETLEASE made the calling *thread* the owner that breaks are signalled to; once
         // that thread exits (a device worker, say), the kernel finds nobody to signal and the
         // opener waits out lease-break-time. The process owns it instead.
-        libc::fcntl(fd.as_raw_fd(), libc::F_SETOWN, libc::getpid());
+        if libc::fcntl(fd.as_raw_fd(), libc::F_SETOWN, libc::getpid()) != 0 {
+            let e = io::Error::last_os_error();
+            release(fd);
+            return Err(e);
+        }
     }
     Ok(true)
 }
 
-/// Whether a lease is still held on `fd`: the kernel takes it back when a break is not
-/// answered within lease-break-time.
-pub fn held(fd: BorrowedFd<'_>) -> bool {
+/// Lets the lease signal reach the calling thread (the one that serves breaks), even where
+/// the application blocks it in the threads it made: a signal blocked everywhere would stay
+/// pending and leave every opener waiting out lease-break-time.
+pub fn unblock_here() {
+    // SAFETY: a sigset on our stack, initialised by sigemptyset before use; pthread_sigmask
+    // changes only this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, signal());
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Whether a lease of the kind `take(fd, write)` took is still held on `fd`: the kernel takes
+/// a read lease back, and turns a write lease into a read one, when a break is not answered
+/// within lease-break-time.
+pub fn held(fd: BorrowedFd<'_>, write: bool) -> bool {
     // SAFETY: fcntl on our own descriptor with integer arguments.
     let kind = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETLEASE) };
-    kind == libc::F_RDLCK || kind == libc::F_WRLCK
+    kind == libc::F_WRLCK || (!write && kind == libc::F_RDLCK)
 }
 
 /// Gives the lease up: the process waiting on it proceeds.
