@@ -81,6 +81,7 @@ tests!(
     lease_break_flushes_for_other_openers,
     lease_break_with_failing_writeback,
     lease_taken_on_a_passing_thread_is_served,
+    drop_writes_back_before_giving_up_the_lease,
     regular_files_on_ext4_xfs_and_tmpfs,
 );
 
@@ -1415,6 +1416,7 @@ mod scenarios {
     pub use super::direct::lease_break_flushes_for_other_openers;
     pub use super::direct::lease_break_with_failing_writeback;
     pub use super::direct::lease_taken_on_a_passing_thread_is_served;
+    pub use super::direct::drop_writes_back_before_giving_up_the_lease;
     pub use super::filesystems::regular_files_on_ext4_xfs_and_tmpfs;
 
     pub fn crash_during_flush_leaves_old_or_new_pages() -> Result<()> {
@@ -1550,6 +1552,30 @@ fn drop_cache(path: &Path) -> Result<()> {
     let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     ensure!(r == 0, "posix_fadvise: {r}");
     Ok(())
+}
+
+/// Waits until the kernel shows a lease on `path` breaking (`/proc/locks`): another process is
+/// then held in its open until hetmem lets the lease go.
+fn wait_lease_breaking(path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = format!(":{}", std::fs::metadata(path)?.ino());
+    let deadline = std::time::Instant::now() + QUICK;
+    loop {
+        let locks = std::fs::read_to_string("/proc/locks")?;
+        if locks.lines().any(|l| {
+            l.contains(" LEASE ")
+                && l.contains("BREAKING")
+                && l.split_whitespace().any(|w| w.ends_with(&ino))
+        }) {
+            return Ok(());
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no lease on {} is breaking:\n{locks}",
+            path.display()
+        );
+        thread::yield_now();
+    }
 }
 
 mod direct {
@@ -1777,6 +1803,90 @@ mod direct {
             "the other process did not see our unflushed device writes"
         );
         assert_eq!(hm.stats().lease_breaks, breaks + 1, "lease breaks served");
+        Ok(())
+    }
+
+    /// Dropping a mapping while another process waits on its lease: the dirty pages reach the
+    /// file before the lease goes, so the opener reads them. To have the opener wait on the
+    /// drop (not on the lease thread), the lease thread is first kept busy with a break of
+    /// another file, whose flush waits for a device kernel that the test holds.
+    pub fn drop_writes_back_before_giving_up_the_lease() -> Result<()> {
+        let dir = TempDir::new("drop_writes_back_before_giving_up_the_lease")?;
+        let (path_a, path_b) = (dir.path("a"), dir.path("b"));
+        let len = 8 * MIB;
+        let old = content(0, 0, len);
+        create_file(&path_a, &old)?;
+        create_file(&path_b, &old[..PAGE_SIZE])?;
+        // Two contexts: the held kernel must not hold up the drop's device invalidations.
+        let hm_a = context(DeviceKind::Private, 16 * MIB)?;
+        let hm_b = context(DeviceKind::Private, 16 * MIB)?;
+        let (dev_a, dev_b) = (hm_a.device(0).expect("a device"), hm_b.device(0).expect("b"));
+        let a = hm_a.map_file(&path_a, 0, len, FileMode::Shared)?;
+        let b = hm_b.map_file(&path_b, 0, PAGE_SIZE, FileMode::Shared)?;
+        ensure!(a.is_leased() && b.is_leased(), "no leases to begin with");
+        let new = content(1, 0, len);
+        dev_a.write(a.addr(), &new)?; // dirty, on the device, not flushed
+
+        // The openers are forked first: a fork waits for running device kernels (runtime.md
+        // §6). Each opens its file once told to, through a pipe.
+        let opener = |path: &Path, check: fn(&[u8]) -> c_int| {
+            let (mut rx, tx) = pipe();
+            let p = path.to_path_buf();
+            let pid = fork_child(move || {
+                let mut go = [0u8];
+                if rx.read_exact(&mut go).is_err() {
+                    return 4;
+                }
+                std::fs::read(&p).map_or(3, |got| check(&got))
+            });
+            (pid, tx)
+        };
+        let (child_b, mut open_b) = opener(&path_b, |_| 0);
+        let (child_a, mut open_a) = opener(&path_a, |got| {
+            if got == content(1, 0, got.len()) {
+                0
+            } else if got == content(0, 0, got.len()) {
+                1
+            } else {
+                2
+            }
+        });
+
+        let (started_tx, started_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let go_rx = std::sync::Mutex::new(go_rx);
+        let b_addr = b.addr();
+        thread::scope(|s| -> Result<()> {
+            let kernel = s.spawn(|| {
+                dev_b.kernel_write(b_addr, PAGE_SIZE, |_, page| {
+                    let _ = started_tx.send(());
+                    let _ = go_rx.lock().map(|rx| rx.recv());
+                    page[0] ^= 1;
+                })
+            });
+            started_rx
+                .recv_timeout(QUICK)
+                .context("the device kernel did not start")?;
+            // The lease thread takes b's break and waits in its flush for the kernel; a's
+            // break queues behind it.
+            open_b.write_all(b"b")?;
+            wait_lease_breaking(&path_b)?;
+            open_a.write_all(b"a")?;
+            wait_lease_breaking(&path_a)?;
+            drop(a);
+            let code_a = exit_code(wait_child(child_a));
+            go_tx.send(()).context("release the kernel")?;
+            kernel.join().expect("kernel thread")?;
+            assert_eq!(exit_code(wait_child(child_b)), 0, "b's opener");
+            assert_eq!(
+                code_a, 0,
+                "the opener waiting on the dropped mapping's lease read old data (1) or a mix \
+                 (2), or could not read (3, 4)"
+            );
+            Ok(())
+        })?;
+        assert_same("file a", &pread_file(&path_a)?, &new);
+        drop(b);
         Ok(())
     }
 
