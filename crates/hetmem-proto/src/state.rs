@@ -238,6 +238,19 @@ impl<const W: usize> BlockState<W> {
         loc.map_or(0, |m| m.index() + 1)
     }
 
+    /// Whether any of `pages` has a protection other than (`read`, `write`). Plane
+    /// arithmetic: this runs before every device access and migration, over whole runs.
+    pub fn protection_differs(&self, pages: PageMask<W>, read: bool, write: bool) -> bool {
+        let differs = |plane: PageMask<W>, on: bool| {
+            if on {
+                !(pages - plane).is_empty()
+            } else {
+                pages.intersects(&plane)
+            }
+        };
+        differs(self.prot_read, read) || differs(self.prot_write, write)
+    }
+
     /// Decodes one page.
     pub fn page(&self, i: usize) -> PageView {
         let mut v = PageView {
@@ -382,5 +395,53 @@ impl<const W: usize> BlockState<W> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{PageRun, BLOCK_WORDS, PAGES_PER_BLOCK};
+
+    /// `protection_differs` (planes) against the per-page decode it replaced in the runtime,
+    /// over random protections and runs.
+    #[test]
+    fn protection_differs_matches_the_per_page_decode() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let all = PageMask::<BLOCK_WORDS>::from_run(
+            PageRun::new(0, PAGES_PER_BLOCK, PAGES_PER_BLOCK).expect("whole block"),
+        );
+        let (mut differs, mut same) = (0, 0);
+        for _ in 0..2000 {
+            let mut st = BlockState::new(all, PageMask::EMPTY);
+            // Mostly uniform protections, so that both answers occur.
+            let (r, w) = (next() % 2 == 0, next() % 2 == 0);
+            st.prot_read = if r { all } else { PageMask::EMPTY };
+            st.prot_write = if w { all } else { PageMask::EMPTY };
+            if next() % 2 == 0 {
+                let p = (next() % PAGES_PER_BLOCK as u64) as usize;
+                st.prot_read.set(p, next() % 2 == 0);
+                st.prot_write.set(p, next() % 2 == 0);
+            }
+            let start = (next() % PAGES_PER_BLOCK as u64) as usize;
+            let len = 1 + (next() % (PAGES_PER_BLOCK - start) as u64) as usize;
+            let run = PageRun::new(start, len, PAGES_PER_BLOCK).expect("inside the block");
+            let (read, write) = (next() % 2 == 0, next() % 2 == 0);
+            let want = run.pages().any(|i| st.page(i).prot != (read, write));
+            let got = st.protection_differs(PageMask::from_run(run), read, write);
+            assert_eq!(got, want, "run {run:?}, asked ({read}, {write})");
+            if want {
+                differs += 1;
+            } else {
+                same += 1;
+            }
+        }
+        assert!(differs > 100 && same > 100, "{differs} differ, {same} same");
     }
 }

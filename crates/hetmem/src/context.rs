@@ -881,7 +881,9 @@ impl Inner {
             let run = PageRun::new(start_page, n, PAGES_PER_BLOCK).expect("inside the piece");
             let stale = {
                 let block = self.lock_block(&p.region.blocks[p.bi]);
-                run.pages().any(|i| block.page(i).prot != (read, write))
+                block
+                    .state()
+                    .protection_differs(hetmem_proto::PageMask::from_run(run), read, write)
             };
             if stale {
                 self.invalidate(&p.region, p.bi, run, Invalidation::Protect { read, write })?;
