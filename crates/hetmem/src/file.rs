@@ -670,9 +670,17 @@ mod leases {
                 .iter()
                 .find(|(f, _, _)| *f == fd)
                 .and_then(|(_, i, r)| Some((i.upgrade()?, r.upgrade()?)));
-            if let Some((inner, region)) = found {
-                broken(&inner, &region);
+            let Some((inner, region)) = found else {
+                continue;
+            };
+            let f = region.file.as_ref().expect("a file mapping");
+            // A lease that is breaking shows its target kind, not its own. One that shows its
+            // own is not breaking: the break was for a mapping dropped since, whose descriptor
+            // number this one reuses.
+            if lease::held(f.file.as_fd(), f.mode == FileMode::Shared) {
+                continue;
             }
+            broken(&inner, &region);
         }
     }
 

@@ -130,8 +130,9 @@ pub fn unblock_here() {
     }
 }
 
-/// Whether a lease of the kind `take(fd, write)` took is still held on `fd`: the kernel takes
-/// a read lease back, and turns a write lease into a read one, when a break is not answered
+/// Whether a lease of the kind `take(fd, write)` took is held on `fd` and not breaking: while
+/// a break is pending, F_GETLEASE shows the kind the lease is breaking to; the kernel takes a
+/// read lease back, and turns a write lease into a read one, when a break is not answered
 /// within lease-break-time.
 pub fn held(fd: BorrowedFd<'_>, write: bool) -> bool {
     // SAFETY: fcntl on our own descriptor with integer arguments.
