@@ -296,12 +296,43 @@ pub(crate) struct ErrSeq {
     errno: AtomicI32,
 }
 
+/// Every file's `ErrSeq`, by device and inode.
+type Files = Vec<((u64, u64), Weak<ErrSeq>)>;
+static FILES: Mutex<Files> = Mutex::new(Vec::new());
+
+/// The file module's process-wide locks, held by the forking thread from fork's prepare
+/// handler to its parent and child handlers (`fork.rs`): a child must not inherit one locked
+/// by a thread it does not have, or its first `map_file` would wait for ever.
+struct ForkHeld {
+    _files: std::sync::MutexGuard<'static, Files>,
+    _registry: std::sync::MutexGuard<'static, Vec<leases::Entry>>,
+    _install: std::sync::MutexGuard<'static, ()>,
+}
+
+thread_local! {
+    static FORK_HELD: std::cell::RefCell<Option<ForkHeld>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Fork's prepare handler: takes the locks (after the contexts' gates; nothing holds one of
+/// these while it waits for a gate).
+pub(crate) fn fork_prepare() {
+    let held = ForkHeld {
+        _install: lease::hold_install(),
+        _registry: leases::REGISTRY.lock().unwrap_or_else(|e| e.into_inner()),
+        _files: FILES.lock().unwrap_or_else(|e| e.into_inner()),
+    };
+    FORK_HELD.with(|h| *h.borrow_mut() = Some(held));
+}
+
+/// Fork's parent and child handlers: lets the locks go.
+pub(crate) fn fork_done() {
+    FORK_HELD.with(|h| h.borrow_mut().take());
+}
+
 impl ErrSeq {
     /// The one for the file `meta` describes, shared with its other mappings in this process.
     fn of_file(meta: &std::fs::Metadata) -> Arc<Self> {
         use std::os::unix::fs::MetadataExt;
-        type Files = Vec<((u64, u64), Weak<ErrSeq>)>;
-        static FILES: Mutex<Files> = Mutex::new(Vec::new());
         let key = (meta.dev(), meta.ino());
         let mut files = FILES.lock().unwrap_or_else(|e| e.into_inner());
         files.retain(|(_, w)| w.strong_count() > 0);
@@ -617,9 +648,9 @@ mod leases {
     use crate::region::{FileMode, Region};
     use crate::sys::lease;
 
-    type Entry = (RawFd, Weak<Inner>, Weak<Region>);
+    pub(super) type Entry = (RawFd, Weak<Inner>, Weak<Region>);
 
-    static REGISTRY: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
+    pub(super) static REGISTRY: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
 
     /// Serves lease breaks for `region` from now on, and takes the lease if it can.
     pub fn register(inner: &Arc<Inner>, region: &Arc<Region>) {

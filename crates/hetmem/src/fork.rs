@@ -149,9 +149,11 @@ extern "C" fn prepare() {
         PIPE_WRITE.store(fds[1], Ordering::Relaxed);
     }
     *FROZEN.lock().unwrap_or_else(|e| e.into_inner()) = frozen;
+    crate::file::fork_prepare();
 }
 
 extern "C" fn parent() {
+    crate::file::fork_done();
     let (r, w) = (
         PIPE_READ.swap(-1, Ordering::Relaxed),
         PIPE_WRITE.swap(-1, Ordering::Relaxed),
@@ -211,6 +213,7 @@ fn restore_write(inner: &Inner) {
 }
 
 extern "C" fn child() {
+    crate::file::fork_done();
     let frozen = std::mem::take(&mut *FROZEN.lock().unwrap_or_else(|e| e.into_inner()));
     for (inner, regions) in &frozen {
         inner.orphan();

@@ -71,6 +71,7 @@ tests!(
     writeback_errors_reach_every_mapping_of_the_file,
     read_errors_on_first_touch,
     fork_child_gets_a_snapshot_of_a_file_mapping,
+    fork_while_another_thread_maps_files,
     enospc_on_small_tmpfs,
     sync_reports_a_failing_disk,
     truncate_by_other_process,
@@ -1052,6 +1053,58 @@ mod scenarios {
             &ours,
         );
         Ok(())
+    }
+
+    /// Forks while another thread maps and drops files (taking the module's locks: the lease
+    /// registry, the files' error sequences): each child builds a context of its own and maps
+    /// a file, which would wait for ever had it inherited one of those locks held by the
+    /// parent's other thread. The fork handlers hold them across the fork instead, and the
+    /// child's handler lets them go (without it every child hangs). The race itself is a
+    /// window of about a microsecond, which 300 forks seldom hit.
+    pub fn fork_while_another_thread_maps_files() -> Result<()> {
+        let dir = TempDir::new("fork_while_another_thread_maps_files")?;
+        let (busy, mine) = (dir.path("busy"), dir.path("mine"));
+        create_file(&busy, &content(0, 0, PAGE_SIZE))?;
+        create_file(&mine, &content(0, 0, PAGE_SIZE))?;
+        let hm = context(DeviceKind::Private, 16 * MIB)?;
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let forks = 300;
+        thread::scope(|s| -> Result<()> {
+            let mapper = s.spawn(|| -> Result<usize> {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    drop(hm.map_file(&busy, 0, PAGE_SIZE, FileMode::Shared)?);
+                    n += 1;
+                }
+                Ok(n)
+            });
+            let mut hung = None;
+            for i in 0..forks {
+                let pid = fork_child(|| {
+                    let Ok(hm) = context(DeviceKind::Private, 4 * MIB) else {
+                        return 1;
+                    };
+                    match hm.map_file(&mine, 0, PAGE_SIZE, FileMode::ReadOnly) {
+                        Ok(m) if m.as_slice()[..8] == content(0, 0, PAGE_SIZE)[..8] => 0,
+                        _ => 2,
+                    }
+                });
+                match wait_child_within(pid, QUICK) {
+                    Some(status) => assert_eq!(exit_code(status), 0, "child's map_file"),
+                    None => {
+                        hung = Some(i);
+                        break;
+                    }
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            let maps = mapper.join().expect("mapper thread")?;
+            ensure!(maps > 0, "the other thread never mapped a file");
+            if let Some(i) = hung {
+                bail!("child {i} of {forks} hung in map_file ({maps} maps meanwhile)");
+            }
+            Ok(())
+        })
     }
 
     /// A real full file system: a 1 MiB tmpfs holding a sparse 2 MiB file. The flush fails

@@ -88,6 +88,11 @@ pub fn install() -> io::Result<(RawFd, bool)> {
     Ok((fds[0], true))
 }
 
+/// Holds off `install` (for fork: see `file::fork_prepare`).
+pub fn hold_install() -> std::sync::MutexGuard<'static, ()> {
+    INSTALL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Takes a lease on `fd`: a write lease (no other process may have the file open) or a read
 /// lease (no writer may). `Ok(false)` when the file is in use in a way that forbids it.
 pub fn take(fd: BorrowedFd<'_>, write: bool) -> io::Result<bool> {
