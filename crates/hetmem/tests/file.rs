@@ -46,6 +46,9 @@ const CHILD_PANICKED: c_int = 99;
 /// one of another test's file keeps that file open while the child lives, and denies that
 /// test its lease (a write lease needs the file open nowhere else).
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// A scenario hung: its thread still runs, with its files, leases and children, so the ones
+/// after it would not run alone. They fail at once instead.
+static HUNG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 macro_rules! tests {
     ($($name:ident),* $(,)?) => {
@@ -53,7 +56,22 @@ macro_rules! tests {
             #[test]
             fn $name() -> Result<()> {
                 let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-                common::watchdog(stringify!($name), DEFAULT_TIMEOUT_S, scenarios::$name)
+                ensure!(
+                    !HUNG.load(Ordering::Acquire),
+                    "not run: an earlier scenario hung and is still running"
+                );
+                let run = std::panic::catch_unwind(|| {
+                    common::watchdog(stringify!($name), DEFAULT_TIMEOUT_S, scenarios::$name)
+                });
+                run.unwrap_or_else(|panic| {
+                    let text = panic
+                        .downcast_ref::<String>()
+                        .map_or("", String::as_str);
+                    if text.contains(common::HUNG_MARK) {
+                        HUNG.store(true, Ordering::Release);
+                    }
+                    std::panic::resume_unwind(panic)
+                })
             }
         )*
     };

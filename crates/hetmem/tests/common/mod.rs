@@ -16,6 +16,9 @@ pub fn test_timeout(default_s: u64) -> Duration {
     Duration::from_secs(s)
 }
 
+/// What `watchdog`'s panic says when a scenario hangs.
+pub const HUNG_MARK: &str = "still running after";
+
 /// Runs a scenario on its own thread and fails the test if it does not finish within
 /// `test_timeout(default_s)`.
 pub fn watchdog<F>(name: &'static str, default_s: u64, f: F) -> anyhow::Result<()>
@@ -37,7 +40,7 @@ where
             Err(panic) => std::panic::resume_unwind(panic),
         },
         Err(RecvTimeoutError::Timeout) => {
-            panic!("{name}: still running after {limit:?}: hung (set HETMEM_TEST_TIMEOUT_S)")
+            panic!("{name}: {HUNG_MARK} {limit:?}: hung (set HETMEM_TEST_TIMEOUT_S)")
         }
     }
 }
