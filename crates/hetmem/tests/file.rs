@@ -101,6 +101,7 @@ tests!(
     lease_break_with_failing_writeback,
     lease_taken_on_a_passing_thread_is_served,
     lease_breaks_racing_a_drop,
+    write_lease_turned_read_counts_as_lost,
     regular_files_on_ext4_xfs_and_tmpfs,
 );
 
@@ -1488,6 +1489,7 @@ mod scenarios {
     pub use super::direct::lease_break_with_failing_writeback;
     pub use super::direct::lease_breaks_racing_a_drop;
     pub use super::direct::lease_taken_on_a_passing_thread_is_served;
+    pub use super::direct::write_lease_turned_read_counts_as_lost;
     pub use super::filesystems::regular_files_on_ext4_xfs_and_tmpfs;
 
     pub fn crash_during_flush_leaves_old_or_new_pages() -> Result<()> {
@@ -1623,6 +1625,43 @@ fn drop_cache(path: &Path) -> Result<()> {
     let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     ensure!(r == 0, "posix_fadvise: {r}");
     Ok(())
+}
+
+/// Runs `body` while the lease thread is held up: `open_b` tells a child (forked before, as a
+/// fork waits for running device kernels) to open `path_b`, which `b` maps with a lease on
+/// `dev`; the break's flush waits for a device kernel over `b` that runs until `body` returns.
+/// Breaks of other files queue behind it meanwhile.
+fn with_lease_thread_held<T>(
+    dev: &hetmem::Device,
+    b: &hetmem::FileMapping,
+    path_b: &Path,
+    open_b: &mut File,
+    body: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let (started_tx, started_rx) = mpsc::channel();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let go_rx = std::sync::Mutex::new(go_rx);
+    let addr = b.addr();
+    thread::scope(|s| {
+        let kernel = s.spawn(|| {
+            dev.kernel_write(addr, PAGE_SIZE, |_, page| {
+                let _ = started_tx.send(());
+                let _ = go_rx.lock().map(|rx| rx.recv());
+                page[0] ^= 1;
+            })
+        });
+        let r = (|| {
+            started_rx
+                .recv_timeout(QUICK)
+                .context("the device kernel did not start")?;
+            open_b.write_all(b"b")?;
+            wait_lease_breaking(path_b)?;
+            body()
+        })();
+        let _ = go_tx.send(());
+        kernel.join().expect("kernel thread")?;
+        r
+    })
 }
 
 /// The lowest descriptor of this process open on `path`.
@@ -1950,25 +1989,8 @@ mod direct {
             }
         });
 
-        let (started_tx, started_rx) = mpsc::channel();
-        let (go_tx, go_rx) = mpsc::channel::<()>();
-        let go_rx = std::sync::Mutex::new(go_rx);
-        let b_addr = b.addr();
-        let c = thread::scope(|s| -> Result<_> {
-            let kernel = s.spawn(|| {
-                dev_b.kernel_write(b_addr, PAGE_SIZE, |_, page| {
-                    let _ = started_tx.send(());
-                    let _ = go_rx.lock().map(|rx| rx.recv());
-                    page[0] ^= 1;
-                })
-            });
-            started_rx
-                .recv_timeout(QUICK)
-                .context("the device kernel did not start")?;
-            // The lease thread takes b's break and waits in its flush for the kernel; a's
-            // break queues behind it.
-            open_b.write_all(b"b")?;
-            wait_lease_breaking(&path_b)?;
+        let (c, reused, code_a) = with_lease_thread_held(&dev_b, &b, &path_b, &mut open_b, || {
+            // a's break queues behind b's.
             open_a.write_all(b"a")?;
             wait_lease_breaking(&path_a)?;
             let fd_a = fd_of(&path_a)?;
@@ -1979,19 +2001,16 @@ mod direct {
             let reused = fd_of(&path_c)? == fd_a;
             open_d.write_all(b"d")?;
             wait_lease_breaking(&path_d)?;
-            go_tx.send(()).context("release the kernel")?;
-            kernel.join().expect("kernel thread")?;
-            assert_eq!(exit_code(wait_child(child_b)), 0, "b's opener");
-            assert_eq!(exit_code(wait_child(child_d)), 0, "d's opener");
-            assert_eq!(
-                code_a, 0,
-                "the opener waiting on the dropped mapping's lease read old data (1) or a mix \
-                 (2), or could not read (3, 4)"
-            );
-            Ok((c, reused))
+            Ok((c, reused, code_a))
         })?;
+        assert_eq!(exit_code(wait_child(child_b)), 0, "b's opener");
+        assert_eq!(exit_code(wait_child(child_d)), 0, "d's opener");
+        assert_eq!(
+            code_a, 0,
+            "the opener waiting on the dropped mapping's lease read old data (1) or a mix (2), \
+             or could not read (3, 4)"
+        );
         assert_same("file a", &pread_file(&path_a)?, &new);
-        let (c, reused) = c;
         if reused {
             // The lease thread is past a's stale break (d's came after it, FIFO).
             assert!(
@@ -2003,6 +2022,86 @@ mod direct {
             eprintln!("SKIPPED part (2): c did not get a's descriptor number");
         }
         drop((b, c, d));
+        Ok(())
+    }
+
+    /// A write lease whose break goes unanswered for lease-break-time is turned into a read
+    /// lease by the kernel, and the reader's open proceeds: the Shared mapping must count its
+    /// lease as lost at its next flush (a read lease keeps no writer out). As root, with
+    /// lease-break-time set to 1 s for the test; the lease thread is held up as in
+    /// `lease_breaks_racing_a_drop`.
+    pub fn write_lease_turned_read_counts_as_lost() -> Result<()> {
+        const KNOB: &str = "/proc/sys/fs/lease-break-time";
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED: write_lease_turned_read_counts_as_lost needs root for {KNOB}");
+            return Ok(());
+        }
+        let dir = TempDir::new("write_lease_turned_read_counts_as_lost")?;
+        let (path_a, path_b) = (dir.path("a"), dir.path("b"));
+        let len = 4 * PAGE_SIZE;
+        create_file(&path_a, &content(0, 0, len))?;
+        create_file(&path_b, &content(0, 0, PAGE_SIZE))?;
+        let hm_a = context(DeviceKind::Private, 16 * MIB)?;
+        let hm_b = context(DeviceKind::Private, 16 * MIB)?;
+        let dev_b = hm_b.device(0).expect("b's device");
+        let a = hm_a.map_file(&path_a, 0, len, FileMode::Shared)?;
+        let b = hm_b.map_file(&path_b, 0, PAGE_SIZE, FileMode::Shared)?;
+        ensure!(a.is_leased() && b.is_leased(), "no leases to begin with");
+
+        // Openers, forked before the kernel runs. a's reader keeps the file open until told.
+        let (mut go_b_rx, mut go_b) = pipe();
+        let pb = path_b.clone();
+        let child_b = fork_child(move || {
+            let mut go = [0u8];
+            if go_b_rx.read_exact(&mut go).is_err() {
+                return 4;
+            }
+            File::open(&pb).map_or(3, |_| 0)
+        });
+        let (mut go_a_rx, mut go_a) = pipe();
+        let (mut opened_rx, opened_tx) = pipe();
+        let (mut done_a_rx, mut done_a) = pipe();
+        let pa = path_a.clone();
+        let child_a = fork_child(move || {
+            let mut go = [0u8];
+            if go_a_rx.read_exact(&mut go).is_err() {
+                return 4;
+            }
+            let Ok(_f) = File::open(&pa) else { return 3 };
+            let _ = (&opened_tx).write_all(b"o");
+            let _ = done_a_rx.read_exact(&mut go);
+            0
+        });
+
+        // Put back on every way out, panics included.
+        struct Restore(String);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                let _ = std::fs::write(KNOB, self.0.trim());
+            }
+        }
+        let restore = Restore(std::fs::read_to_string(KNOB)?);
+        std::fs::write(KNOB, "1")?;
+        let r = with_lease_thread_held(&dev_b, &b, &path_b, &mut go_b, || {
+            go_a.write_all(b"a")?;
+            // The kernel gives up on our answer after 1 s and lets the reader in.
+            let mut o = [0u8];
+            opened_rx
+                .read_exact(&mut o)
+                .context("a's reader never got the file open")?;
+            a.flush()?;
+            ensure!(
+                !a.is_leased(),
+                "the write lease, turned into a read lease, still counts as held"
+            );
+            Ok(())
+        });
+        drop(restore);
+        done_a.write_all(b"d")?;
+        assert_eq!(exit_code(wait_child(child_a)), 0, "a's reader");
+        assert_eq!(exit_code(wait_child(child_b)), 0, "b's opener");
+        r?;
+        drop((a, b));
         Ok(())
     }
 
