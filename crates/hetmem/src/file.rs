@@ -348,7 +348,7 @@ impl ErrSeq {
         e
     }
 
-    /// Every failed writeback of the file comes here (`Executor::write_back`).
+    /// Every failed writeback of the file comes here (`Inner::write_back` in `exec.rs`).
     pub(crate) fn record(&self, e: OpError) {
         let errno = if e == OpError::NoSpace {
             libc::ENOSPC
