@@ -221,13 +221,15 @@ impl Inner {
             return;
         };
         if f.lease_wanted.load(Ordering::Acquire) {
-            // A lease the kernel took back (a break unanswered for lease-break-time) is taken
-            // again like one never had.
+            // A lease breaking, or taken back by the kernel (a break unanswered for
+            // lease-break-time), counts as lost at once, and is not taken again in the same
+            // check: its break is queued for the lease thread, whose flush and drop should come
+            // first. (A lease thread held up for longer than a check's interval still lets a
+            // later check take it back before the drop; the drop follows, as without a lease.)
             let write = f.mode == FileMode::Shared;
             if f.leased.load(Ordering::Acquire) && !lease::held(f.file.as_fd(), write) {
                 f.leased.store(false, Ordering::Release);
-            }
-            if !f.leased.load(Ordering::Acquire) {
+            } else if !f.leased.load(Ordering::Acquire) {
                 if let Ok(true) = lease::take(f.file.as_fd(), write) {
                     f.leased.store(true, Ordering::Release);
                 }
@@ -306,6 +308,7 @@ static FILES: Mutex<Files> = Mutex::new(Vec::new());
 struct ForkHeld {
     _files: std::sync::MutexGuard<'static, Files>,
     _registry: std::sync::MutexGuard<'static, Vec<leases::Entry>>,
+    _retiring: std::sync::MutexGuard<'static, Vec<(std::os::fd::RawFd, Arc<Region>)>>,
     _install: std::sync::MutexGuard<'static, ()>,
 }
 
@@ -319,6 +322,7 @@ pub(crate) fn fork_prepare() {
     let held = ForkHeld {
         _install: lease::hold_install(),
         _registry: leases::REGISTRY.lock().unwrap_or_else(|e| e.into_inner()),
+        _retiring: leases::RETIRING.lock().unwrap_or_else(|e| e.into_inner()),
         _files: FILES.lock().unwrap_or_else(|e| e.into_inner()),
     };
     FORK_HELD.with(|h| *h.borrow_mut() = Some(held));
@@ -652,6 +656,11 @@ mod leases {
 
     pub(super) static REGISTRY: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
 
+    /// Dropped mappings whose descriptor stays open until the lease thread has read every
+    /// break signalled for it (`lease::Event::Retired`): closed at once, the number could go
+    /// to a new mapping, and a break still queued for the old one would hit the new one.
+    pub(super) static RETIRING: Mutex<Vec<(RawFd, Arc<Region>)>> = Mutex::new(Vec::new());
+
     /// Serves lease breaks for `region` from now on, and takes the lease if it can.
     pub fn register(inner: &Arc<Inner>, region: &Arc<Region>) {
         let f = region.file.as_ref().expect("a file mapping");
@@ -664,6 +673,10 @@ mod leases {
             // First use in this process (or in a fork child, which has no thread of ours and
             // must not serve its parent's mappings).
             REGISTRY.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            // The parent's, copied by fork: theirs to drop, not ours.
+            std::mem::forget(std::mem::take(
+                &mut *RETIRING.lock().unwrap_or_else(|e| e.into_inner()),
+            ));
             let _ = std::thread::Builder::new()
                 .name("hetmem-lease".into())
                 .spawn(move || serve(read_end));
@@ -690,28 +703,38 @@ mod leases {
         if f.leased.swap(false, Ordering::AcqRel) {
             lease::release(f.file.as_fd());
         }
+        let fd = f.file.as_raw_fd();
+        let mut retiring = RETIRING.lock().unwrap_or_else(|e| e.into_inner());
+        if lease::post_retired(fd) {
+            retiring.push((fd, region.clone()));
+        }
     }
 
     fn serve(read_end: RawFd) {
         lease::unblock_here();
-        while let Ok(fd) = lease::next_break(read_end) {
+        while let Ok(event) = lease::next_event(read_end) {
+            let fd = match event {
+                lease::Event::Break(fd) => fd,
+                lease::Event::Retired(fd) => {
+                    // Every break for it is served: the descriptor may close now.
+                    let gone = {
+                        let mut retiring = RETIRING.lock().unwrap_or_else(|e| e.into_inner());
+                        let at = retiring.iter().position(|(f, _)| *f == fd);
+                        at.map(|i| retiring.swap_remove(i))
+                    };
+                    drop(gone);
+                    continue;
+                }
+            };
             let found = REGISTRY
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .iter()
                 .find(|(f, _, _)| *f == fd)
                 .and_then(|(_, i, r)| Some((i.upgrade()?, r.upgrade()?)));
-            let Some((inner, region)) = found else {
-                continue;
-            };
-            let f = region.file.as_ref().expect("a file mapping");
-            // A lease that is breaking shows its target kind, not its own. One that shows its
-            // own is not breaking: the break was for a mapping dropped since, whose descriptor
-            // number this one reuses.
-            if lease::held(f.file.as_fd(), f.mode == FileMode::Shared) {
-                continue;
+            if let Some((inner, region)) = found {
+                broken(&inner, &region);
             }
-            broken(&inner, &region);
         }
     }
 

@@ -149,11 +149,28 @@ extern "C" fn prepare() {
         PIPE_WRITE.store(fds[1], Ordering::Relaxed);
     }
     *FROZEN.lock().unwrap_or_else(|e| e.into_inner()) = frozen;
+    // Held across the fork, as the file module's locks are: a context made meanwhile by
+    // another thread (`track`) must not leave the child a locked list. Taken again here, not
+    // kept from above: a thread inside a gate may be making a context.
+    let contexts = CONTEXTS.lock().unwrap_or_else(|e| e.into_inner());
+    CONTEXTS_HELD.with(|h| *h.borrow_mut() = Some(contexts));
     crate::file::fork_prepare();
 }
 
-extern "C" fn parent() {
+thread_local! {
+    /// `CONTEXTS`, locked by the forking thread from prepare to parent/child.
+    static CONTEXTS_HELD: std::cell::RefCell<Option<std::sync::MutexGuard<'static, Vec<Weak<Inner>>>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Lets go of the locks prepare held across the fork.
+fn release_held() {
     crate::file::fork_done();
+    CONTEXTS_HELD.with(|h| h.borrow_mut().take());
+}
+
+extern "C" fn parent() {
+    release_held();
     let (r, w) = (
         PIPE_READ.swap(-1, Ordering::Relaxed),
         PIPE_WRITE.swap(-1, Ordering::Relaxed),
@@ -213,7 +230,7 @@ fn restore_write(inner: &Inner) {
 }
 
 extern "C" fn child() {
-    crate::file::fork_done();
+    release_held();
     let frozen = std::mem::take(&mut *FROZEN.lock().unwrap_or_else(|e| e.into_inner()));
     for (inner, regions) in &frozen {
         inner.orphan();

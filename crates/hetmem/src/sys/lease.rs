@@ -157,14 +157,41 @@ pub fn release(fd: BorrowedFd<'_>) {
     };
 }
 
-/// Blocks until a lease breaks; returns the descriptor it was on.
-pub fn next_break(read_end: RawFd) -> io::Result<RawFd> {
-    let mut fd: i32 = -1;
+/// What the lease pipe carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A lease broke on this descriptor.
+    Break(RawFd),
+    /// `post_retired(fd)`: every break signalled for `fd` before it has been read.
+    Retired(RawFd),
+}
+
+/// Queues `Event::Retired(fd)` behind every break already signalled for `fd` (the pipe is
+/// FIFO). Whether it was queued: not without this process's pipe.
+pub fn post_retired(fd: RawFd) -> bool {
+    let w = WRITE_END.load(Ordering::Acquire);
+    if w < 0 || OWNER.load(Ordering::Acquire) != std::process::id() {
+        return false;
+    }
+    // Retired descriptors travel as -(fd + 1), breaks as fd (never negative).
+    let v: i32 = -(fd + 1);
+    // SAFETY: writes 4 bytes from our stack to our own pipe (as the signal handler does;
+    // writes of 4 bytes to a pipe are atomic).
+    unsafe { libc::write(w, (&v as *const i32).cast(), 4) == 4 }
+}
+
+/// Blocks until the next event on the lease pipe.
+pub fn next_event(read_end: RawFd) -> io::Result<Event> {
+    let mut v: i32 = -1;
     loop {
         // SAFETY: reads 4 bytes into our stack from our own pipe.
-        let n = unsafe { libc::read(read_end, (&mut fd as *mut i32).cast(), 4) };
+        let n = unsafe { libc::read(read_end, (&mut v as *mut i32).cast(), 4) };
         if n == 4 {
-            return Ok(fd);
+            return Ok(if v >= 0 {
+                Event::Break(v)
+            } else {
+                Event::Retired(-v - 1)
+            });
         }
         if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
             continue;

@@ -16,8 +16,10 @@ pub fn test_timeout(default_s: u64) -> Duration {
     Duration::from_secs(s)
 }
 
-/// What `watchdog`'s panic says when a scenario hangs.
-pub const HUNG_MARK: &str = "still running after";
+/// `watchdog`'s panic payload when the scenario's thread hangs (and still runs): a type of its
+/// own, so that no other panic (a hung child process, say) can pass for it.
+#[derive(Debug)]
+pub struct Hung(pub String);
 
 /// Runs a scenario on its own thread and fails the test if it does not finish within
 /// `test_timeout(default_s)`.
@@ -40,7 +42,11 @@ where
             Err(panic) => std::panic::resume_unwind(panic),
         },
         Err(RecvTimeoutError::Timeout) => {
-            panic!("{name}: {HUNG_MARK} {limit:?}: hung (set HETMEM_TEST_TIMEOUT_S)")
+            let msg =
+                format!("{name}: still running after {limit:?}: hung (set HETMEM_TEST_TIMEOUT_S)");
+            // The default hook prints no message for a payload that is not a string.
+            eprintln!("{msg}");
+            std::panic::panic_any(Hung(msg))
         }
     }
 }
