@@ -5,6 +5,7 @@ use crate::action::MapMode;
 use crate::bitmap::PageMask;
 use crate::config::{DeviceKind, Topology};
 use crate::error::InvariantViolation;
+use crate::event::Access;
 use crate::ids::{DeviceId, Mem, Proc, MAX_DEVICES, MAX_MEMS, MAX_PROCS};
 
 /// The facts about every page of one block.
@@ -194,6 +195,18 @@ impl<const W: usize> BlockState<W> {
     /// Pages the CPU maps on device `dev`'s memory (coherent devices only).
     pub fn cpu_mapped_on(&self, dev: DeviceId) -> PageMask<W> {
         self.cpu_on[dev.index()]
+    }
+
+    /// Pages an `access` may touch as far as the mapping goes: managed, readable (writable for a
+    /// write or atomic), before the end of the file. What the engine's `access_error` checks,
+    /// for callers that size windows of placement around a fault.
+    pub fn accessible(&self, access: Access) -> PageMask<W> {
+        let ok = self.vma & self.prot_read;
+        let ok = match access {
+            Access::Read => ok,
+            Access::Write | Access::Atomic => ok & self.prot_write,
+        };
+        ok - self.eof
     }
 
     /// Pages with a valid copy anywhere.

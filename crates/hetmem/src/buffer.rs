@@ -6,6 +6,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use crate::context::Shared;
+use crate::error::{Error, Result};
 use crate::region::Region;
 use crate::sys::mem::{self, Mapping};
 
@@ -111,13 +112,16 @@ impl Drop for ManagedBuf {
 }
 
 /// Existing private anonymous memory adopted by [`crate::Hetmem::register`]. Dropping it gives the
-/// range back as private anonymous memory holding the latest data.
+/// range back as private anonymous memory holding the latest data; [`Registration::unregister`]
+/// does the same and reports a failure.
 #[derive(Debug)]
 pub struct Registration {
     shared: Arc<Shared>,
     region: Arc<Region>,
     addr: usize,
     len: usize,
+    /// Given back by `unregister`: nothing left for `Drop` to do.
+    released: bool,
 }
 
 impl Registration {
@@ -127,6 +131,7 @@ impl Registration {
             region,
             addr,
             len,
+            released: false,
         }
     }
 
@@ -144,25 +149,59 @@ impl Registration {
     pub fn is_empty(&self) -> bool {
         false
     }
-}
 
-impl Drop for Registration {
-    fn drop(&mut self) {
-        let inner = &self.shared.inner;
-        if !inner.is_owner() {
-            // A fork child: the range is already its private copy.
-            return;
+    /// Gives the range back as private anonymous memory holding the latest data, as dropping
+    /// does, and says whether that worked.
+    ///
+    /// # Errors
+    /// `Io` when a device cannot copy its data home (after retries, backing off to 10 ms): the
+    /// registration comes back unchanged with the error, the data where it was, and the range
+    /// still managed, so the call can be repeated once the device works. `Invalid` in a fork
+    /// child, whose range is its private copy already.
+    pub fn unregister(mut self) -> std::result::Result<(), (Registration, Error)> {
+        if !self.shared.inner.is_owner() {
+            return Err((
+                self,
+                Error::Invalid("the context belongs to the parent process"),
+            ));
         }
-        // Bring every page home, then copy the data out before the views go.
-        inner.migrate_home(&self.region);
+        match self.release() {
+            Ok(()) => {
+                self.released = true;
+                Ok(())
+            }
+            Err(e) => Err((self, e)),
+        }
+    }
+
+    /// Brings every page home, then replaces each view with a private copy of its data. Until
+    /// the first step has succeeded nothing changes, so a failure leaves the range managed with
+    /// its data.
+    fn release(&self) -> Result<()> {
+        let inner = &self.shared.inner;
+        inner.bring_home(&self.region)?;
         let views = inner.retire_region(&self.region);
-        self.region.set_views(std::iter::empty());
-        for v in views {
-            let Ok(fresh) = Mapping::anonymous(v.len) else {
-                continue;
+        // Wait out drives that looked the region up before it was retired: from here on no
+        // drive maps a page of these views.
+        for slot in self.region.blocks.iter() {
+            drop(inner.lock_block(slot));
+        }
+        for v in &views {
+            // Writers now fault and wait (their faults are stale: they are woken and fault
+            // again) until the private copy is in place, so no write lands in the memfd after
+            // the copy was taken.
+            let _ = inner.uffd.write_protect(v.va, v.len, true, false);
+            let fresh = match Mapping::anonymous(v.len) {
+                Ok(fresh) => fresh,
+                Err(e) => {
+                    // The memfd holds the latest data: leave it mapped there, unmanaged.
+                    inner.note_error("copy a registered range out", &e);
+                    let _ = inner.uffd.unregister(v.va, v.len);
+                    continue;
+                }
             };
-            // SAFETY: the backing view holds the region's latest data (everything was migrated
-            // to system memory above) and `fresh` is ours.
+            // SAFETY: the backing view holds the region's latest data (every page was brought
+            // home above, and writers wait) and `fresh` is ours.
             unsafe {
                 mem::copy(
                     fresh.as_ptr(),
@@ -172,6 +211,8 @@ impl Drop for Registration {
             };
             // SAFETY: moves our fresh private mapping over the view, which the caller handed to
             // us at registration; the contents are identical, so references into it stay valid.
+            // The view is still registered: the kernel sends an UNMAP event for it and waits
+            // until a service thread reads it.
             let r = unsafe {
                 libc::mremap(
                     fresh.as_ptr().cast(),
@@ -181,10 +222,35 @@ impl Drop for Registration {
                     v.va as *mut libc::c_void,
                 )
             };
-            if r != libc::MAP_FAILED {
+            if r == libc::MAP_FAILED {
+                inner.note_error(
+                    "move a registered range out",
+                    &std::io::Error::last_os_error(),
+                );
+                let _ = inner.uffd.unregister(v.va, v.len);
+            } else {
                 fresh.leak();
             }
+            // Writers that waited retry on the private copy.
+            let _ = inner.uffd.wake(v.va, v.len);
         }
         inner.drop_all_copies(&self.region);
+        Ok(())
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if self.released || !self.shared.inner.is_owner() {
+            // Given back already, or a fork child, whose range is its private copy already.
+            return;
+        }
+        if let Err(e) = self.release() {
+            // No caller to tell: count it, and keep the range managed with its data (on the
+            // device), where the context can still reach it.
+            self.shared
+                .inner
+                .note_error("unregister", &std::io::Error::other(e.to_string()));
+        }
     }
 }

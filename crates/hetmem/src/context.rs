@@ -146,7 +146,8 @@ impl HetmemBuilder {
             .map(|(d, _)| (d.capacity / PAGE_SIZE).min(u32::MAX as usize) as u32)
             .collect();
         let kick = mem::EventFd::new().map_err(Error::os("eventfd"))?;
-        let inner = Arc::new(Inner {
+        let inner = Arc::new_cyclic(|me| Inner {
+            me: me.clone(),
             budget: AtomicBudget::new(&capacity),
             devices: self
                 .devices
@@ -164,6 +165,8 @@ impl HetmemBuilder {
             uffd,
             continue_wp: AtomicBool::new(true),
             space: RwLock::new(BTreeMap::new()),
+            displaced: Mutex::new(Vec::new()),
+            detach: Arc::new(Mutex::new(())),
             regions: Mutex::new(Vec::new()),
             events: Mutex::new(()),
             backlog: Mutex::new(Vec::new()),
@@ -177,6 +180,8 @@ impl HetmemBuilder {
             stats: Stats::default(),
             gate: ForkGate::default(),
             orphaned: AtomicBool::new(false),
+            retry_poison: Mutex::new(Vec::new()),
+            retry_pending: AtomicBool::new(false),
         });
         crate::fork::track(&inner);
         let threads = (0..self.service_threads)
@@ -269,6 +274,8 @@ pub(crate) struct MapEntry {
 /// Everything the service threads share.
 #[derive(Debug)]
 pub(crate) struct Inner {
+    /// Itself, for threads that must not keep it alive (the DONTUNMAP detach).
+    me: std::sync::Weak<Inner>,
     pub topology: Topology,
     pub budget: AtomicBudget,
     pub devices: Vec<DeviceState>,
@@ -277,6 +284,13 @@ pub(crate) struct Inner {
     pub continue_wp: AtomicBool,
     /// Views by start address.
     pub space: RwLock<BTreeMap<usize, MapEntry>>,
+    /// Stale views whose addresses a newer view took before their UNMAP or REMAP event was
+    /// read (`add_region`). Lookups never see them; their event still finds them. Locked after
+    /// `space`.
+    displaced: Mutex<Vec<(usize, MapEntry)>>,
+    /// Held by a DONTUNMAP detach from its look at the old range to its replacement, and by
+    /// `add_region`, so a new view never lands where the detach looked.
+    detach: Arc<Mutex<()>>,
     pub regions: Mutex<Vec<Arc<Region>>>,
     /// Held while reading events and applying them to the address map, so a `munmap` that
     /// returned has its view removed before anyone looks at views again.
@@ -296,7 +310,27 @@ pub(crate) struct Inner {
     pub gate: ForkGate,
     /// This is a fork child's copy of the context: nothing may touch the parent's userfaultfd.
     orphaned: AtomicBool,
+    /// CPU pages poisoned because a copy into them kept failing (`poison_for_retry`).
+    retry_poison: Mutex<Vec<PoisonedPage>>,
+    /// `retry_poison` is not empty: checked without the lock on every drive.
+    retry_pending: AtomicBool,
 }
+
+/// A page that raises SIGBUS because its data could not be brought to the CPU. The marker goes
+/// (so the next access faults and the copy is tried again) at `due`, or at once when a request
+/// other than a CPU fault covers the page (a device access, a migration, a flush).
+#[derive(Debug)]
+struct PoisonedPage {
+    region: std::sync::Weak<Region>,
+    bi: usize,
+    page: usize,
+    due: std::time::Instant,
+}
+
+/// How long a page whose copy kept failing raises SIGBUS before its next access tries again. The
+/// kernel retries an unreadable page at every access; this is the nearest user space gets, since
+/// a SIGBUS marker takes no fault.
+const POISON_RETRY_AFTER: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// A block's engine, locked, inside the fork gate.
 pub(crate) struct Locked<'a> {
@@ -407,32 +441,60 @@ impl Inner {
         Ok(out)
     }
 
+    /// Enters a new region's view into the address map. The kernel just gave us its addresses,
+    /// so an entry still there is stale: its UNMAP or REMAP event has not been read yet (the
+    /// kernel sends it after the address is free). It moves to the displaced list, where that
+    /// event finds it.
     pub(crate) fn add_region(&self, region: Arc<Region>, va: usize) {
-        let view = View {
-            va,
+        let entry = MapEntry {
+            end: va + region.len,
+            region: region.clone(),
             off: 0,
-            len: region.len,
         };
-        region
-            .views
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(view);
-        self.space
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                va,
-                MapEntry {
-                    end: va + region.len,
-                    region: region.clone(),
-                    off: 0,
-                },
-            );
+        {
+            // Not while a DONTUNMAP detach is between its look at the old range and its
+            // replacement: the view could be where it looked.
+            let _detach = self.detach.lock().unwrap_or_else(|e| e.into_inner());
+            let mut space = self.space.write().unwrap_or_else(|e| e.into_inner());
+            self.insert_view(&mut space, va, entry);
+            Self::sync_views(&space, &region);
+        }
         self.regions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(region);
+    }
+
+    /// Inserts `entry` at `va`, moving whatever overlaps it to the displaced list.
+    fn insert_view(&self, space: &mut BTreeMap<usize, MapEntry>, va: usize, entry: MapEntry) {
+        let stale = Self::cut_views(space, va, entry.end);
+        for (_, m) in &stale {
+            Self::sync_views(space, &m.region);
+        }
+        if !stale.is_empty() {
+            self.displaced
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(stale);
+        }
+        space.insert(va, entry);
+    }
+
+    /// Takes the parts of displaced entries inside `[start, end)` out of the displaced list.
+    fn cut_displaced(&self, start: usize, end: usize) -> Vec<(usize, MapEntry)> {
+        let mut list = self.displaced.lock().unwrap_or_else(|e| e.into_inner());
+        if list.is_empty() {
+            return Vec::new();
+        }
+        let mut map: BTreeMap<usize, MapEntry> = std::mem::take(&mut *list).into_iter().collect();
+        let cut = Self::cut_views(&mut map, start, end);
+        *list = map.into_iter().collect();
+        cut
+    }
+
+    /// Whether the kernel shows `entry`'s region at `va` now, at the file offset the entry says.
+    fn shown_at(va: usize, entry: &MapEntry, off: usize) -> bool {
+        matches!(mem::vma_info(va), Ok(Some(v)) if v.shows(entry.region.inode, va, off))
     }
 
     /// Takes `[start, end)` out of the address map: entries that straddle it keep their parts
@@ -492,63 +554,114 @@ impl Inner {
         );
     }
 
-    /// Removes `[start, end)` from the address map; returns the file ranges that lost their
-    /// view.
+    /// Applies an UNMAP event: removes `[start, end)` from the address map; returns the file
+    /// ranges that lost their view. The event may be read late: a view that the kernel shows
+    /// there now was entered after the unmap (`add_region` reused the addresses) and stays.
     fn unmap_views(&self, start: usize, end: usize) -> Vec<(Arc<Region>, usize, usize)> {
         let mut space = self.space.write().unwrap_or_else(|e| e.into_inner());
-        let cut = Self::cut_views(&mut space, start, end);
-        for (_, m) in &cut {
+        let mut cut = Self::cut_views(&mut space, start, end);
+        let mut gone = Vec::new();
+        for (va, m) in cut.drain(..) {
+            if Self::shown_at(va, &m, m.off) {
+                space.insert(va, m);
+            } else {
+                gone.push((va, m));
+            }
+        }
+        gone.extend(self.cut_displaced(start, end));
+        for (_, m) in &gone {
             Self::sync_views(&space, &m.region);
         }
-        cut.into_iter()
+        gone.into_iter()
             .map(|(va, m)| (m.region, m.off, m.end - va))
             .collect()
     }
 
     /// `mremap(MREMAP_DONTUNMAP)` leaves the old range mapped. For private anonymous memory it
-    /// then reads zero; our old range would still show the memfd, so replace it with fresh
+    /// then reads zero; our old range would still show the memfd, so it is replaced with fresh
     /// anonymous memory. Only ranges that still map one of the moved regions' memfds are
     /// touched, so a mapping someone else placed there in the meantime is left alone.
+    ///
+    /// The mremap returned as soon as its REMAP event was read, so the application may touch
+    /// the old range at once. The range stays registered until the replacement unmaps it: its
+    /// accesses fault to us and wait (`stale_fault` wakes them to fault again), so none is
+    /// served from the memfd. Unregistering first would open a window in which the kernel maps
+    /// the moved data there. Replacing a registered range sends an UNMAP event and waits until
+    /// a reader takes it, which the thread reading this REMAP (holding the events lock) cannot
+    /// be, so a thread of its own does it.
     fn after_dontunmap(&self, from: usize, len: usize, moved: &[Arc<Region>]) {
-        let Ok(maps) = mem::maps_in(from, from + len) else {
+        let inodes: Vec<u64> = moved.iter().map(|r| r.inode).filter(|&i| i != 0).collect();
+        if inodes.is_empty() {
             return;
-        };
-        for m in maps {
-            if !moved.iter().any(|r| r.inode == m.inode && m.inode != 0) {
-                continue;
-            }
-            let s = m.start.max(from);
-            let e = m.end.min(from + len);
-            let _ = self.uffd.unregister(s, e - s);
-            // SAFETY: the range is the stale old half of a DONTUNMAP move of our own memfd;
-            // its data now lives at the new address, so replacing it loses nothing.
-            let p = unsafe {
-                libc::mmap(
-                    s as *mut libc::c_void,
-                    e - s,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-                    -1,
-                    0,
-                )
+        }
+        let ours = |maps: &[mem::MapsEntry]| maps.iter().any(|m| inodes.contains(&m.inode));
+        // A plain move leaves nothing behind: no thread for it.
+        if !mem::maps_in(from, from + len).is_ok_and(|maps| ours(&maps)) {
+            return;
+        }
+        let me = self.me.clone();
+        let lock = self.detach.clone();
+        let detach = move || {
+            // Looked up again right before the replacement, under the detach lock, so no view
+            // of ours lands there in between (an application's own mmap could, if it unmapped
+            // the old range meanwhile: `docs/runtime.md` §8). The context itself is not kept
+            // alive: the replacement waits for a service thread to read its UNMAP event.
+            let _detach = lock.lock().unwrap_or_else(|e| e.into_inner());
+            let Ok(maps) = mem::maps_in(from, from + len) else {
+                return;
             };
-            if p == libc::MAP_FAILED {
-                self.note_error("replace DONTUNMAP range", &std::io::Error::last_os_error());
+            for m in maps.iter().filter(|m| inodes.contains(&m.inode)) {
+                let s = m.start.max(from);
+                let e = m.end.min(from + len);
+                // SAFETY: the range is the stale old half of a DONTUNMAP move of our own memfd;
+                // its data now lives at the new address, so replacing it loses nothing.
+                if let Err(err) = unsafe { mem::replace_with_anonymous(s, e - s) } {
+                    if let Some(inner) = me.upgrade() {
+                        inner.note_error("replace a DONTUNMAP range", &err);
+                    }
+                }
             }
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("hetmem-detach".into())
+            .spawn(detach)
+        {
+            self.note_error("spawn the DONTUNMAP detach", &e);
         }
     }
 
-    /// `mremap` moved `[from, from + len)` to `to`. Returns the regions that moved.
+    /// Applies a REMAP event: `mremap` moved `[from, from + len)` to `to`. Returns the regions
+    /// that moved. The event may be read late: a view the kernel shows at the old address but
+    /// not at the new one was entered after the move (`add_region` reused the addresses) and
+    /// stays; the moved one may be on the displaced list.
     fn remap_views(&self, from: usize, to: usize, len: usize) -> Vec<Arc<Region>> {
         let mut space = self.space.write().unwrap_or_else(|e| e.into_inner());
-        let cut = Self::cut_views(&mut space, from, from + len);
-        let mut regions = Vec::new();
+        let mut cut = Self::cut_views(&mut space, from, from + len);
+        let mut kept = Vec::new();
+        cut.retain(|(va, m)| {
+            let young =
+                Self::shown_at(*va, m, m.off) && !Self::shown_at(to + (va - from), m, m.off);
+            if young {
+                kept.push((*va, m.clone()));
+            }
+            !young
+        });
+        for (va, m) in kept {
+            space.insert(va, m);
+        }
+        cut.extend(self.cut_displaced(from, from + len));
+        let mut regions: Vec<Arc<Region>> = Vec::new();
         for (va, mut m) in cut {
             let region = m.region.clone();
-            m.end = to + (m.end - from);
-            space.insert(to + (va - from), m);
-            Self::sync_views(&space, &region);
-            regions.push(region);
+            let dest = to + (va - from);
+            m.end = dest + (m.end - va);
+            self.insert_view(&mut space, dest, m);
+            if !regions.iter().any(|r| Arc::ptr_eq(r, &region)) {
+                regions.push(region);
+            }
+        }
+        for r in &regions {
+            Self::sync_views(&space, r);
         }
         regions
     }
@@ -638,8 +751,11 @@ impl Inner {
                 }
             }
             work.extend(prefetch);
+            if self.retry_pending.load(Ordering::Acquire) {
+                self.unpoison(|p| p.due <= std::time::Instant::now());
+            }
             if work.is_empty() {
-                match waiter.wait() {
+                match waiter.wait(self.next_unpoison()) {
                     Ok(kicked) => {
                         if self.shutdown.load(Ordering::SeqCst) {
                             return;
@@ -700,6 +816,9 @@ impl Inner {
         let slot = &region.blocks[bi];
         let outcome = {
             let mut block = self.lock_block(slot);
+            if self.retry_pending.load(Ordering::Acquire) {
+                self.unpoison_for(region, bi, &block, &event);
+            }
             let outcome = self.drive(region, bi, &mut block, event)?;
             for d in self.topology.devices() {
                 slot.held[d.index()].store(block.frames_held(d), Ordering::Relaxed);
@@ -711,6 +830,49 @@ impl Inner {
             let _ = self.uffd.wake(va, len);
         }
         Ok(outcome)
+    }
+
+    /// Clears the markers of poisoned pages of block `bi` that `event` covers, unless it is a
+    /// CPU fault: a device access, a migration or a flush of the page means its data may be
+    /// reachable again, so the CPU's next access must fault and find out. (A CPU fault is not
+    /// enough: a neighbour's fault must not take the SIGBUS away before the faulting thread
+    /// got it.)
+    fn unpoison_for(
+        &self,
+        region: &Region,
+        bi: usize,
+        block: &hetmem_proto::Block2M,
+        event: &Event,
+    ) {
+        let pages = match *event {
+            Event::Request {
+                kind: RequestKind::Fault {
+                    proc: Proc::Cpu, ..
+                },
+                ..
+            } => return,
+            Event::Request { pages, .. } | Event::Invalidate { pages, .. } => pages,
+            Event::Advise { .. } | Event::Complete { .. } => return,
+        };
+        let hit: Vec<usize> = {
+            let mut list = self.retry_poison.lock().unwrap_or_else(|e| e.into_inner());
+            let mut hit = Vec::new();
+            list.retain(|p| {
+                let mine = std::ptr::eq(p.region.as_ptr(), region)
+                    && p.bi == bi
+                    && pages.pages().contains(&p.page);
+                if mine {
+                    hit.push(p.page);
+                }
+                !mine
+            });
+            self.retry_pending
+                .store(!list.is_empty(), Ordering::Release);
+            hit
+        };
+        for page in hit {
+            self.clear_poison(region, bi, block, page);
+        }
     }
 
     pub(crate) fn request_with(
@@ -895,65 +1057,26 @@ impl Inner {
 
     // ---------------------------------------------------------------- CPU faults
 
+    /// Serves one CPU fault message. Placement first (read-back window, read-ahead, map-around),
+    /// then the fault itself, which only the faulting page decides: a window that cannot be
+    /// served shrinks to that page. A fault that cannot be served never unregisters the page and
+    /// never lets the kernel map a copy behind the protocol's back (`docs/runtime.md` §7): it is
+    /// retried with every page of its run re-checked, or the thread gets SIGBUS, or, when the
+    /// message is stale (the range went away or changed protection meanwhile), the thread is
+    /// woken to retry against the mappings as they are now.
     fn cpu_fault(&self, addr: usize, write: bool) {
         self.stats.cpu_faults.add(1);
         let Ok(pieces) = self.pieces(addr, PAGE_SIZE) else {
-            // Not (or no longer) managed: let the kernel serve it as plain memory.
-            let _ = self.uffd.unregister(addr, PAGE_SIZE);
-            let _ = self.uffd.wake(addr, PAGE_SIZE);
-            return;
+            return self.stale_fault(addr);
         };
         let p = &pieces[0];
         let page = p.run.start();
         let access = if write { Access::Write } else { Access::Read };
         self.check_eof(&p.region);
-        let mut fault_run = p.run;
-        // Read-back policy: data that lives only in private device memory comes back a window
-        // at a time, not 4 KiB per fault. This is placement, decided here and carried out by
-        // the protocol as an ordinary migration.
-        let slot = &p.region.blocks[p.bi];
-        let on_private = self.topology.devices().any(|d| {
-            !self.topology.is_coherent(d) && slot.held[d.index()].load(Ordering::Relaxed) > 0
-        });
-        if self.readback_window > 1 && (on_private || slot.prefetched.load(Ordering::Relaxed)) {
-            let only_private = {
-                let block = self.lock_block(&p.region.blocks[p.bi]);
-                let v = block.page(page);
-                !v.is_valid_in(Mem::System)
-                    && self
-                        .topology
-                        .devices()
-                        .any(|d| !self.topology.is_coherent(d) && v.is_valid_in(Mem::Device(d)))
-            };
-            let marker = p.region.blocks[p.bi]
-                .prefetched
-                .swap(false, Ordering::AcqRel);
-            if (only_private || marker) && self.readahead > 0 {
-                self.read_ahead(&p.region, p.bi, marker);
-            }
-            if only_private {
-                let w = self.readback_window;
-                let start = page / w * w;
-                let n = w.min(self.pages_before_eof(&p.region, p.bi).saturating_sub(start));
-                if let Some(run) = PageRun::new(start, n, PAGES_PER_BLOCK) {
-                    let _ = self.request(
-                        &p.region,
-                        p.bi,
-                        run,
-                        RequestKind::Migrate { dst: Mem::System },
-                    );
-                    // Map the whole window too, or every page would still fault once.
-                    fault_run = run;
-                }
-            }
-        }
-        if fault_run == p.run && self.readback_window > 1 {
-            fault_run = self.map_around(p, access);
-        }
-        let va = addr;
-        let mut retried = false;
-        let mut failures = 0u32;
+        let mut fault_run = self.place_cpu_fault(p, access);
         let mut woken = false;
+        let mut rechecked = false;
+        let mut failures = 0u32;
         let r = loop {
             let r = self.request_with(
                 &p.region,
@@ -967,28 +1090,40 @@ impl Inner {
                     // Pages this drive mapped were woken, by their ioctl or by the drive's
                     // wake list.
                     woken = outcome.cpu_mapped.contains(page)
-                        || outcome.wake.iter().any(|&(v, l)| (v..v + l).contains(&va));
+                        || outcome
+                            .wake
+                            .iter()
+                            .any(|&(v, l)| (v..v + l).contains(&addr));
                     if outcome.cpu_mapped.contains(page) {
                         return;
                     }
                     // The engine already considers the page mapped (a user MADV_DONTNEED zapped
                     // it, or another thread's fault mapped it first): re-install what it says.
                     if let Some((mode, _)) = block.page(page).mapping_of(Proc::Cpu) {
-                        self.remap_cpu_page(va, mode == hetmem_proto::MapMode::Read);
+                        self.remap_cpu_page(addr, mode == hetmem_proto::MapMode::Read);
                     }
                 },
             );
             match r {
-                // The kernel let the access through, so the mapping allows it: the protocol
-                // has a stale protection (a raw mprotect). Update it and retry once.
-                Err(RequestError::NoAccess | RequestError::ReadOnly) if !retried => {
-                    retried = true;
-                    let _ = self.sync_prot(p);
+                // The kernel let the access through, so its mapping allowed it then: the protocol
+                // may hold a stale protection (a raw mprotect). Re-check every page of the run,
+                // not only the faulting one, and retry.
+                Err(RequestError::NoAccess | RequestError::ReadOnly) if !rechecked => {
+                    rechecked = true;
+                    for piece in self.run_pieces(&p.region, p.bi, fault_run) {
+                        let _ = self.sync_prot(&piece);
+                    }
                 }
+                // A window that reaches pages the access may not touch (unmapped, protected,
+                // past a new end of file): the faulting page alone decides.
+                Err(
+                    RequestError::NoAccess
+                    | RequestError::ReadOnly
+                    | RequestError::NoMapping
+                    | RequestError::BeyondEof,
+                ) if fault_run != p.run => fault_run = p.run,
                 // A copy back failed; the data stayed where it was. The faulting thread must
                 // not see anything else, so it waits while we retry, backing off to 10 ms.
-                // A window that reaches past a new end of file: the page alone decides.
-                Err(RequestError::BeyondEof) if fault_run != p.run => fault_run = p.run,
                 Err(RequestError::Op(_)) if failures < 32 => {
                     self.stats.failed_transfers.add(1);
                     failures += 1;
@@ -1000,23 +1135,232 @@ impl Inner {
         };
         match r {
             Ok(()) => {}
-            // Past the end of the file: SIGBUS, as with mmap. A copy that keeps failing
-            // (a file that cannot be read, a dead device) is a memory error: SIGBUS too, as
-            // the kernel gives for an unreadable page, rather than a thread stuck for ever.
-            Err(RequestError::BeyondEof | RequestError::Op(_)) => {
-                self.poison(addr, PAGE_SIZE);
+            // Past the end of the file: SIGBUS, as with mmap.
+            Err(RequestError::BeyondEof) => {
+                self.poison_page(p, false);
             }
+            // A copy that keeps failing (a file that cannot be read, a dead device) is a memory
+            // error: SIGBUS, as the kernel gives for an unreadable page, rather than a thread
+            // stuck for ever. The data stays where it was; the next access retries.
+            Err(RequestError::Op(_)) => {
+                self.poison_page(p, true);
+            }
+            // The mapping changed since the thread faulted: unmapped (the page is no longer
+            // managed memory) or protected (a raw mprotect, re-checked above). Woken, the
+            // thread retries against the mapping as it is now: the kernel then gives it
+            // SIGSEGV or EFAULT, as for any access to such memory.
+            Err(RequestError::NoAccess | RequestError::ReadOnly) => {}
+            Err(RequestError::NoMapping) if !self.still_shows(p) => {}
             Err(e) => {
-                // The protocol refused (the page was unmapped under us): stop managing the
-                // page so the faulting thread is not stuck; the kernel then serves it.
+                // The address map still shows the page, the protocol says otherwise, or the
+                // request makes no sense for a CPU: a bug. SIGBUS rather than a stale page or a
+                // hang.
                 self.note_error("cpu fault", &std::io::Error::other(e.to_string()));
-                let _ = self.uffd.unregister(addr, PAGE_SIZE);
+                self.poison_page(p, false);
             }
         }
         if !woken {
-            // EEXIST and repairs wake nobody by themselves.
+            // EEXIST, repairs and refusals wake nobody by themselves.
             let _ = self.uffd.wake(addr, PAGE_SIZE);
         }
+    }
+
+    /// A fault on an address that is not (or no longer) managed memory: its message arrived
+    /// after the range was unmapped or moved (the thread may be awake already), or the address is
+    /// in the old range of an `mremap(MREMAP_DONTUNMAP)` that a detach is replacing. Never
+    /// unregister: the kernel would then map whatever the memfd holds there. Waking the thread
+    /// makes it retry against the mappings as they are now (fresh memory, SIGSEGV, or another
+    /// fault if the detach has not finished).
+    fn stale_fault(&self, addr: usize) {
+        let _ = self.uffd.wake(addr, PAGE_SIZE);
+    }
+
+    /// Whether the address map still shows piece `p`'s page at its address: the same region and
+    /// page, not a newer region that took the addresses after the piece's went away.
+    fn still_shows(&self, p: &Piece) -> bool {
+        self.pieces(p.va, PAGE_SIZE).is_ok_and(|now| {
+            Arc::ptr_eq(&now[0].region, &p.region) && now[0].bi == p.bi && now[0].run == p.run
+        })
+    }
+
+    /// SIGBUS for the CPU on piece `p`'s page (UFFDIO_POISON). Under the block's lock and only
+    /// while the region still shows the page at that address: a region being dropped unmaps its
+    /// views only after it has taken each block's lock, so the addresses cannot pass to a newer
+    /// region meanwhile. With `retry`, the data could not be copied there, which may pass: the
+    /// marker goes after `POISON_RETRY_AFTER`, or when another request covers the page, and the
+    /// next access tries again. Returns whether the page was poisoned.
+    fn poison_page(&self, p: &Piece, retry: bool) -> bool {
+        let page = p.run.start();
+        let _block = self.lock_block(&p.region.blocks[p.bi]);
+        let mut ranges = Vec::new();
+        p.region.cpu_ranges(
+            p.bi * BLOCK_BYTES + page * PAGE_SIZE,
+            PAGE_SIZE,
+            &mut ranges,
+        );
+        if !ranges.contains(&(p.va, PAGE_SIZE)) {
+            return false;
+        }
+        if retry {
+            self.retry_poison
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(PoisonedPage {
+                    region: Arc::downgrade(&p.region),
+                    bi: p.bi,
+                    page,
+                    due: std::time::Instant::now() + POISON_RETRY_AFTER,
+                });
+            self.retry_pending.store(true, Ordering::Release);
+            // A service thread asleep without a timeout must learn of the deadline.
+            self.kick();
+        }
+        self.poison(p.va, PAGE_SIZE);
+        true
+    }
+
+    /// Time until the next poisoned page is due for a retry.
+    fn next_unpoison(&self) -> Option<std::time::Duration> {
+        if !self.retry_pending.load(Ordering::Acquire) {
+            return None;
+        }
+        let list = self.retry_poison.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        list.iter()
+            .map(|p| p.due.saturating_duration_since(now))
+            .min()
+    }
+
+    /// Clears the SIGBUS markers of the poisoned pages `pick` selects, so their next access
+    /// faults again. A page the CPU maps by now (a drive mapped it over the marker) needs
+    /// nothing.
+    fn unpoison(&self, pick: impl Fn(&PoisonedPage) -> bool) {
+        let due: Vec<PoisonedPage> = {
+            let mut list = self.retry_poison.lock().unwrap_or_else(|e| e.into_inner());
+            let (due, keep) = std::mem::take(&mut *list)
+                .into_iter()
+                .partition(|p| pick(p));
+            *list = keep;
+            self.retry_pending
+                .store(!list.is_empty(), Ordering::Release);
+            due
+        };
+        for p in due {
+            let Some(region) = p.region.upgrade() else {
+                continue;
+            };
+            let block = self.lock_block(&region.blocks[p.bi]);
+            self.clear_poison(&region, p.bi, &block, p.page);
+        }
+    }
+
+    /// Clears the SIGBUS marker of page `page` of block `bi`, under the block's lock, unless
+    /// the CPU maps the page by now.
+    fn clear_poison(&self, region: &Region, bi: usize, block: &hetmem_proto::Block2M, page: usize) {
+        if block.state().mapped_by(Proc::Cpu).contains(page) {
+            return;
+        }
+        let mut ranges = Vec::new();
+        region.cpu_ranges(bi * BLOCK_BYTES + page * PAGE_SIZE, PAGE_SIZE, &mut ranges);
+        for (va, len) in ranges {
+            // SAFETY: the page is not mapped for the CPU (the protocol says so, and its lock is
+            // held): zapping it removes only the poison marker, and the memfd keeps its data.
+            if let Err(e) = unsafe { mem::madvise(va, len, libc::MADV_DONTNEED) } {
+                self.note_error("clear a poison marker", &e);
+            }
+        }
+    }
+
+    /// Placement for a CPU fault on piece `p` (one page): the read-back window, read-ahead and
+    /// map-around, each clipped to the pages the protocol lets the access touch. Returns the run
+    /// to fault: the faulting page's part of the window, or the page alone.
+    fn place_cpu_fault(&self, p: &Piece, access: Access) -> PageRun {
+        let page = p.run.start();
+        if self.readback_window <= 1 {
+            return p.run;
+        }
+        let w = self.readback_window;
+        let start = page / w * w;
+        let n = w.min(self.pages_before_eof(&p.region, p.bi).saturating_sub(start));
+        let Some(window) = PageRun::new(start, n, PAGES_PER_BLOCK) else {
+            return p.run;
+        };
+        // Read-back policy: data that lives only in private device memory comes back a window
+        // at a time, not 4 KiB per fault. This is placement, decided here and carried out by
+        // the protocol as an ordinary migration.
+        let slot = &p.region.blocks[p.bi];
+        let on_private = self.topology.devices().any(|d| {
+            !self.topology.is_coherent(d) && slot.held[d.index()].load(Ordering::Relaxed) > 0
+        });
+        if on_private || slot.prefetched.load(Ordering::Relaxed) {
+            let (only_private, runs) = {
+                let block = self.lock_block(slot);
+                let v = block.page(page);
+                let only_private = !v.is_valid_in(Mem::System)
+                    && self
+                        .topology
+                        .devices()
+                        .any(|d| !self.topology.is_coherent(d) && v.is_valid_in(Mem::Device(d)));
+                let ok = block.state().accessible(Access::Read);
+                let runs: Vec<PageRun> = (hetmem_proto::PageMask::from_run(window) & ok)
+                    .runs()
+                    .collect();
+                (only_private, runs)
+            };
+            let marker = slot.prefetched.swap(false, Ordering::AcqRel);
+            if (only_private || marker) && self.readahead > 0 {
+                self.read_ahead(&p.region, p.bi, marker);
+            }
+            if only_private {
+                let mut own = p.run;
+                for run in runs {
+                    let _ = self.request(
+                        &p.region,
+                        p.bi,
+                        run,
+                        RequestKind::Migrate { dst: Mem::System },
+                    );
+                    if run.pages().contains(&page) {
+                        // Map the page's part of the window too, or every page would still
+                        // fault once.
+                        own = run;
+                    } else {
+                        self.map_for_read(&p.region, p.bi, run);
+                    }
+                }
+                return own;
+            }
+        }
+        self.map_around(p, window, access)
+    }
+
+    /// A read fault on `run` on behalf of a neighbour's fault (placement): failures only mean
+    /// the neighbours stay unmapped, and fault on their own.
+    fn map_for_read(&self, region: &Region, bi: usize, run: PageRun) {
+        let read = RequestKind::Fault {
+            proc: Proc::Cpu,
+            access: Access::Read,
+        };
+        let _ = self.request_with(region, bi, run, read, |_, _| {});
+    }
+
+    /// The pieces (one per CPU view showing them) of block `bi`'s pages `run`.
+    fn run_pieces(&self, region: &Arc<Region>, bi: usize, run: PageRun) -> Vec<Piece> {
+        let mut ranges = Vec::new();
+        let first = bi * BLOCK_BYTES + run.start() * PAGE_SIZE;
+        region.cpu_ranges_at(first, run.len() * PAGE_SIZE, &mut ranges);
+        ranges
+            .into_iter()
+            .filter_map(|(va, off, len)| {
+                let start = (off - bi * BLOCK_BYTES) / PAGE_SIZE;
+                Some(Piece {
+                    region: region.clone(),
+                    bi,
+                    run: PageRun::new(start, len / PAGE_SIZE, PAGES_PER_BLOCK)?,
+                    va,
+                })
+            })
+            .collect()
     }
 
     /// Map-around for resident data: when the faulting page already has data the CPU can map
@@ -1025,7 +1369,7 @@ impl Inner {
     /// one fault per 4 KiB page. A read fault only downgrades device write mappings (a device
     /// that writes again faults once per block). Returns the run to fault for the faulting
     /// page itself.
-    fn map_around(&self, p: &Piece, access: Access) -> PageRun {
+    fn map_around(&self, p: &Piece, window: PageRun, access: Access) -> PageRun {
         let slot = &p.region.blocks[p.bi];
         let page = p.run.start();
         // First touches are fault-around's business; a hole has no data yet.
@@ -1037,12 +1381,6 @@ impl Inner {
         {
             return p.run;
         }
-        let w = self.readback_window;
-        let start = page / w * w;
-        let n = w.min(self.pages_before_eof(&p.region, p.bi).saturating_sub(start));
-        let Some(window) = PageRun::new(start, n, PAGES_PER_BLOCK) else {
-            return p.run;
-        };
         let runs: Vec<PageRun> = {
             let block = self.lock_block(slot);
             let st = block.state();
@@ -1052,8 +1390,10 @@ impl Inner {
                     reachable |= st.valid_in(Mem::Device(d));
                 }
             }
-            let m =
-                (hetmem_proto::PageMask::from_run(window) & reachable) - st.mapped_by(Proc::Cpu);
+            let m = (hetmem_proto::PageMask::from_run(window)
+                & reachable
+                & st.accessible(Access::Read))
+                - st.mapped_by(Proc::Cpu);
             m.runs().collect()
         };
         let mut own = p.run;
@@ -1062,11 +1402,7 @@ impl Inner {
                 own = run;
                 continue;
             }
-            let read = RequestKind::Fault {
-                proc: Proc::Cpu,
-                access: Access::Read,
-            };
-            let _ = self.request_with(&p.region, p.bi, run, read, |_, _| {});
+            self.map_for_read(&p.region, p.bi, run);
         }
         own
     }
@@ -1111,7 +1447,11 @@ impl Inner {
         if pages == 0 {
             return;
         }
-        let away = {
+        let Some(all) = PageRun::new(0, pages, PAGES_PER_BLOCK) else {
+            return;
+        };
+        // Only what lives in private device memory alone, and only pages the CPU may read.
+        let (away, runs) = {
             let block = self.lock_block(&region.blocks[bi]);
             let st = block.state();
             let mut on_private = hetmem_proto::PageMask::EMPTY;
@@ -1120,25 +1460,29 @@ impl Inner {
                     on_private |= st.valid_in(Mem::Device(d));
                 }
             }
-            !(on_private - st.valid_in(Mem::System)).is_empty()
+            let ok = hetmem_proto::PageMask::from_run(all) & st.accessible(Access::Read);
+            let runs: Vec<PageRun> = ok.runs().collect();
+            (!(on_private - st.valid_in(Mem::System)).is_empty(), runs)
         };
-        let Some(all) = PageRun::new(0, pages, PAGES_PER_BLOCK) else {
-            return;
-        };
-        if !away
-            || self
-                .request(region, bi, all, RequestKind::Migrate { dst: Mem::System })
-                .is_err()
-        {
+        if !away {
             return;
         }
-        self.stats.pages_prefetched.add(pages as u64);
-        if let Some(rest) = PageRun::new(1, pages - 1, PAGES_PER_BLOCK) {
-            let fault = RequestKind::Fault {
-                proc: Proc::Cpu,
-                access: Access::Read,
+        for &run in &runs {
+            let home = RequestKind::Migrate { dst: Mem::System };
+            if self.request(region, bi, run, home).is_err() {
+                return;
+            }
+            self.stats.pages_prefetched.add(run.len() as u64);
+        }
+        for run in runs {
+            // Page 0 stays unmapped: its fault continues the stream.
+            let rest = match run.start() {
+                0 => PageRun::new(1, run.len() - 1, PAGES_PER_BLOCK),
+                _ => Some(run),
             };
-            let _ = self.request_with(region, bi, rest, fault, |_, _| {});
+            if let Some(rest) = rest {
+                self.map_for_read(region, bi, rest);
+            }
         }
         region.blocks[bi].prefetched.store(true, Ordering::Release);
     }
@@ -1182,21 +1526,23 @@ impl Inner {
         .map_err(Error::os("register with userfaultfd"))
     }
 
-    /// Takes the region out of the address map and drops every copy and mapping of it. Its
-    /// views are left registered-free but still mapped; the caller decides what becomes of
-    /// them.
+    /// Takes the region out of the address map and the region list, and empties its view list.
+    /// The views stay mapped and registered: the caller detaches them (`detach_views`) when
+    /// their contents allow it, so no access ever reaches the memfd unmanaged while it holds a
+    /// stale copy.
     pub(crate) fn retire_region(&self, region: &Arc<Region>) -> Vec<View> {
         let views: Vec<View> = {
             let _g = self.events.lock().unwrap_or_else(|e| e.into_inner());
             let mut space = self.space.write().unwrap_or_else(|e| e.into_inner());
             space.retain(|_, m| !Arc::ptr_eq(&m.region, region));
-            // Emptied before unregistering, so a drive still running on the region (a
-            // read-ahead) stops touching the views first.
+            self.displaced
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|(_, m)| !Arc::ptr_eq(&m.region, region));
+            // Emptied here, so a drive still running on the region (a read-ahead) stops
+            // touching the views first.
             std::mem::take(&mut *region.views.write().unwrap_or_else(|e| e.into_inner()))
         };
-        for v in &views {
-            let _ = self.uffd.unregister(v.va, v.len);
-        }
         self.regions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -1204,12 +1550,59 @@ impl Inner {
         views
     }
 
-    /// Brings every page of the region to system memory.
-    pub(crate) fn migrate_home(&self, region: &Region) {
+    /// Makes retired views inaccessible, then unregisters them, in that order: an access racing
+    /// the teardown then fails (SIGSEGV, or EFAULT for the kernel's own accesses, as after a
+    /// munmap) instead of mapping whatever the memfd holds. Threads already waiting in a fault
+    /// on them are woken by the unregistration and fail the same way.
+    pub(crate) fn detach_views(&self, region: &Region, views: &[View]) {
+        for v in views {
+            // SAFETY: the view is retired: its buffer is going, so nobody may use it any more.
+            if let Err(e) = unsafe { mem::protect(v.va, v.len, libc::PROT_NONE) } {
+                // Part of the view is gone already (a munmap whose event is still unread):
+                // protect what is left of it, one mapping at a time.
+                if e.raw_os_error() != Some(libc::ENOMEM) {
+                    self.note_error("mprotect a retired view", &e);
+                }
+                let maps = mem::maps_in(v.va, v.va + v.len).unwrap_or_default();
+                for m in maps.iter().filter(|m| m.inode == region.inode) {
+                    let (s, t) = (m.start.max(v.va), m.end.min(v.va + v.len));
+                    // SAFETY: as above, for the part of the view still mapped.
+                    let _ = unsafe { mem::protect(s, t - s, libc::PROT_NONE) };
+                }
+            }
+            let _ = self.uffd.unregister(v.va, v.len);
+        }
+    }
+
+    /// Brings every page of the region to system memory: each device releases its copies (the
+    /// protection of the range does not matter, unlike for a migration). A copy that fails is
+    /// retried, backing off to 10 ms, before the error is returned; the data then stays on the
+    /// device.
+    pub(crate) fn bring_home(&self, region: &Region) -> Result<()> {
         for bi in 0..region.blocks.len() {
             let all = PageRun::new(0, region.block_pages(bi), PAGES_PER_BLOCK).expect("non-empty");
-            let _ = self.request(region, bi, all, RequestKind::Migrate { dst: Mem::System });
+            for d in self.topology.devices() {
+                if region.blocks[bi].held[d.index()].load(Ordering::Relaxed) == 0 {
+                    continue;
+                }
+                let mut failures = 0u32;
+                loop {
+                    match self.request(region, bi, all, RequestKind::Release { dev: d }) {
+                        Err(Error::Io(_)) if failures < 32 => {
+                            self.stats.failed_transfers.add(1);
+                            failures += 1;
+                            let pause = 1u64 << failures.min(13);
+                            std::thread::sleep(std::time::Duration::from_micros(pause.min(10_000)));
+                        }
+                        r => {
+                            r?;
+                            break;
+                        }
+                    }
+                }
+            }
         }
+        Ok(())
     }
 
     pub(crate) fn drop_all_copies(&self, region: &Region) {
@@ -1239,7 +1632,7 @@ impl Inner {
         let _gate = self.gate.enter();
         let views = self.retire_region(region);
         // Views first: nothing may reach the data while its copies go.
-        region.set_views(std::iter::empty());
+        self.detach_views(region, &views);
         self.drop_all_copies(region);
         for v in views {
             // SAFETY: the view belonged to this region, whose buffer is being dropped, so no

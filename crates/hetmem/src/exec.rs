@@ -222,28 +222,42 @@ impl Inner {
                     holes
                 };
                 let mut ranges = Vec::new();
+                let mut at = Vec::new();
                 for r in (fresh - holes).runs() {
-                    self.cpu_ranges(region, bi, r, &mut ranges);
-                    for &(va, len) in &ranges {
-                        self.map_cpu(va, len, wp);
+                    at.clear();
+                    region.cpu_ranges_at(
+                        bi * BLOCK_BYTES + r.start() * PAGE_SIZE,
+                        r.len() * PAGE_SIZE,
+                        &mut at,
+                    );
+                    for &(va, off, len) in &at {
+                        let backing = region.backing.as_ptr().wrapping_add(off) as usize;
+                        self.map_cpu(va, len, wp, backing);
                         out.wake.push((va, len));
                     }
                 }
                 for r in holes.runs() {
                     self.cpu_ranges(region, bi, r, &mut ranges);
+                    at.clear();
+                    region.cpu_ranges_at(
+                        bi * BLOCK_BYTES + r.start() * PAGE_SIZE,
+                        r.len() * PAGE_SIZE,
+                        &mut at,
+                    );
                     if wp {
                         // Read-only zero pages: populate, then CONTINUE with WP in one step, so
                         // no writer slips in before the protection.
-                        let at = region.backing_ptr(bi, r.start()) as usize;
+                        let hole = region.backing_ptr(bi, r.start()) as usize;
                         // SAFETY: the backing view is ours; populating a hole writes zeros
                         // that are the page's data anyway.
                         if let Err(e) = unsafe {
-                            mem::madvise(at, r.len() * PAGE_SIZE, libc::MADV_POPULATE_WRITE)
+                            mem::madvise(hole, r.len() * PAGE_SIZE, libc::MADV_POPULATE_WRITE)
                         } {
                             self.note_error("populate", &e);
                         }
-                        for &(va, len) in &ranges {
-                            self.map_cpu(va, len, true);
+                        for &(va, off, len) in &at {
+                            let backing = region.backing.as_ptr().wrapping_add(off) as usize;
+                            self.map_cpu(va, len, true, backing);
                             out.wake.push((va, len));
                         }
                     } else {
@@ -395,7 +409,7 @@ impl Inner {
             &mut |page| existing.push(page),
         );
         if let Err(e) = &r {
-            self.note_error("UFFDIO_ZEROPAGE", e);
+            self.report("UFFDIO_ZEROPAGE", e);
         }
         for &page in &existing {
             let _ = self.fill(page, PAGE_SIZE, |s, l| {
@@ -411,7 +425,7 @@ impl Inner {
     pub(crate) fn poison(&self, va: usize, len: usize) {
         self.write_protect(va, len, false);
         if let Err(e) = self.fill(va, len, |s, l| self.uffd.poison(s, l)) {
-            self.note_error("UFFDIO_POISON", &e);
+            self.report("UFFDIO_POISON", &e);
         }
     }
 
@@ -686,8 +700,9 @@ impl Inner {
         Ok(())
     }
 
-    /// Maps fresh pages of a CPU view (UFFDIO_CONTINUE), read-only if `wp`.
-    fn map_cpu(&self, va: usize, len: usize, wp: bool) {
+    /// Maps fresh pages of a CPU view (UFFDIO_CONTINUE), read-only if `wp`. `backing` is the
+    /// backing view's address of the same bytes.
+    fn map_cpu(&self, va: usize, len: usize, wp: bool, backing: usize) {
         let with_wp = wp && self.continue_wp.load(std::sync::atomic::Ordering::Relaxed);
         let r = self.fill(va, len, |s, l| self.uffd.continue_(s, l, with_wp, false));
         match r {
@@ -700,9 +715,38 @@ impl Inner {
                 // CONTINUE_MODE_WP is Linux 6.3; fall back to CONTINUE, then WRITEPROTECT.
                 self.continue_wp
                     .store(false, std::sync::atomic::Ordering::Relaxed);
-                self.map_cpu(va, len, wp);
+                self.map_cpu(va, len, wp, backing);
             }
-            Err(e) => self.note_error("UFFDIO_CONTINUE", &e),
+            Err(e) if e.raw_os_error() == Some(libc::EFAULT) => {
+                // Some page is not in the memfd: a hole, whose data is zeros (a coherent device
+                // mapped it without touching it, say). Allocate the holes, which then read
+                // zero as they did, and map again.
+                // SAFETY: the backing view is ours; populating writes zeros into holes only,
+                // which is their data anyway, and leaves present pages alone.
+                match unsafe { mem::madvise(backing, len, libc::MADV_POPULATE_WRITE) } {
+                    Ok(()) => {
+                        if let Err(e) =
+                            self.fill(va, len, |s, l| self.uffd.continue_(s, l, with_wp, false))
+                        {
+                            self.report("UFFDIO_CONTINUE", &e);
+                        }
+                        if wp && !with_wp {
+                            self.write_protect(va, len, wp);
+                        }
+                    }
+                    Err(e) => self.note_error("populate for UFFDIO_CONTINUE", &e),
+                }
+            }
+            Err(e) => self.report("UFFDIO_CONTINUE", &e),
+        }
+    }
+
+    /// Counts a failed ioctl on a CPU view, unless it failed only because the range is gone
+    /// (ENOENT: its view was unmapped or moved while the drive ran, so there is nothing left
+    /// to map or protect there and nothing was lost).
+    pub(crate) fn report(&self, what: &str, e: &io::Error) {
+        if e.raw_os_error() != Some(libc::ENOENT) {
+            self.note_error(what, e);
         }
     }
 
@@ -711,7 +755,7 @@ impl Inner {
             match self.uffd.write_protect(va, len, protect, false) {
                 Ok(Fill::Again { .. }) => self.drain_events(),
                 Ok(_) => return,
-                Err(e) => return self.note_error("UFFDIO_WRITEPROTECT", &e),
+                Err(e) => return self.report("UFFDIO_WRITEPROTECT", &e),
             }
         }
     }

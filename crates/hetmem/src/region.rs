@@ -211,4 +211,16 @@ impl Region {
             }
         }
     }
+
+    /// Like `cpu_ranges`, with each range's file offset: `(address, offset, length)`.
+    pub fn cpu_ranges_at(&self, off: usize, len: usize, out: &mut Vec<(usize, usize, usize)>) {
+        let views = self.views.read().unwrap_or_else(|e| e.into_inner());
+        for v in views.iter() {
+            let s = off.max(v.off);
+            let e = (off + len).min(v.off + v.len);
+            if s < e {
+                out.push((v.va + (s - v.off), s, e - s));
+            }
+        }
+    }
 }

@@ -200,6 +200,43 @@ pub unsafe fn madvise(addr: usize, len: usize, advice: libc::c_int) -> io::Resul
     Ok(())
 }
 
+/// Changes the protection of `[addr, addr + len)` (mprotect).
+///
+/// # Safety
+/// Nobody may rely on the old protection of the range: with `PROT_NONE` every access to it
+/// faults from then on.
+pub unsafe fn protect(addr: usize, len: usize, prot: libc::c_int) -> io::Result<()> {
+    // SAFETY: the caller's contract.
+    if unsafe { libc::mprotect(addr as *mut libc::c_void, len, prot) } < 0 {
+        return Err(errno());
+    }
+    Ok(())
+}
+
+/// Replaces `[addr, addr + len)` with fresh private anonymous memory, read-write (mmap
+/// `MAP_FIXED`). Unmapping a userfaultfd-registered range this way sends an UNMAP event and
+/// waits until a reader takes it.
+///
+/// # Safety
+/// The caller owns the range and gives its contents up; no reference into it may remain.
+pub unsafe fn replace_with_anonymous(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: the caller's contract; MAP_FIXED replaces exactly the range given.
+    let p = unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(errno());
+    }
+    Ok(())
+}
+
 /// Copies `len` bytes between raw ranges that do not overlap.
 ///
 /// # Safety
@@ -299,6 +336,8 @@ pub struct MapsEntry {
     pub end: usize,
     /// `rw-p` style permissions.
     pub perms: String,
+    /// File offset of `start`, in bytes.
+    pub offset: u64,
     /// Inode (0 for anonymous).
     pub inode: u64,
     /// Path or pseudo-name, empty for anonymous.
@@ -311,7 +350,7 @@ pub fn maps_in(start: usize, end: usize) -> io::Result<Vec<MapsEntry>> {
     let mut out = Vec::new();
     for line in text.lines() {
         let mut f = line.split_whitespace();
-        let (Some(range), Some(perms), Some(_off), Some(_dev), Some(inode)) =
+        let (Some(range), Some(perms), Some(off), Some(_dev), Some(inode)) =
             (f.next(), f.next(), f.next(), f.next(), f.next())
         else {
             continue;
@@ -330,6 +369,7 @@ pub fn maps_in(start: usize, end: usize) -> io::Result<Vec<MapsEntry>> {
             start: a,
             end: b,
             perms: perms.to_string(),
+            offset: u64::from_str_radix(off, 16).unwrap_or(0),
             inode: inode.parse().unwrap_or(0),
             path,
         });
@@ -337,10 +377,42 @@ pub fn maps_in(start: usize, end: usize) -> io::Result<Vec<MapsEntry>> {
     Ok(out)
 }
 
+/// The mapping that contains an address, as the kernel has it now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Vma {
+    /// Start address.
+    pub start: usize,
+    /// End address.
+    pub end: usize,
+    /// Readable.
+    pub read: bool,
+    /// Writable.
+    pub write: bool,
+    /// Inode of the file mapped (0 for anonymous memory).
+    pub inode: u64,
+    /// File offset of `start`, in bytes.
+    pub offset: u64,
+}
+
+impl Vma {
+    /// Whether the mapping shows file `inode` at `addr`, at byte `offset` of the file.
+    pub fn shows(&self, inode: u64, addr: usize, offset: usize) -> bool {
+        inode != 0
+            && self.inode == inode
+            && (self.start..self.end).contains(&addr)
+            && self.offset + (addr - self.start) as u64 == offset as u64
+    }
+}
+
 /// The protection of the mapping that contains `addr`: `(start, end, readable, writable)`, or
-/// `None` if nothing is mapped there. Uses PROCMAP_QUERY (Linux 6.11) and falls back to parsing
-/// /proc/self/maps.
+/// `None` if nothing is mapped there.
 pub fn vma_at(addr: usize) -> io::Result<Option<(usize, usize, bool, bool)>> {
+    Ok(vma_info(addr)?.map(|v| (v.start, v.end, v.read, v.write)))
+}
+
+/// The mapping that contains `addr`, or `None` if nothing is mapped there. Uses PROCMAP_QUERY
+/// (Linux 6.11) and falls back to parsing /proc/self/maps.
+pub fn vma_info(addr: usize) -> io::Result<Option<Vma>> {
     #[repr(C)]
     #[derive(Default)]
     struct ProcmapQuery {
@@ -389,12 +461,14 @@ pub fn vma_at(addr: usize) -> io::Result<Option<(usize, usize, bool, bool)>> {
         // build-id buffers are absent (sizes 0).
         let r = unsafe { libc::ioctl(f.as_raw_fd(), PROCMAP_QUERY, &mut q as *mut ProcmapQuery) };
         if r == 0 {
-            return Some(Ok(Some((
-                q.vma_start as usize,
-                q.vma_end as usize,
-                q.vma_flags & 1 != 0,
-                q.vma_flags & 2 != 0,
-            ))));
+            return Some(Ok(Some(Vma {
+                start: q.vma_start as usize,
+                end: q.vma_end as usize,
+                read: q.vma_flags & 1 != 0,
+                write: q.vma_flags & 2 != 0,
+                inode: q.inode,
+                offset: q.vma_offset,
+            })));
         }
         match errno().raw_os_error() {
             Some(libc::ENOENT) => Some(Ok(None)),
@@ -406,12 +480,14 @@ pub fn vma_at(addr: usize) -> io::Result<Option<(usize, usize, bool, bool)>> {
     }
     Ok(maps_in(addr, addr + 1)?.first().map(|e| {
         let b = e.perms.as_bytes();
-        (
-            e.start,
-            e.end,
-            b.first() == Some(&b'r'),
-            b.get(1) == Some(&b'w'),
-        )
+        Vma {
+            start: e.start,
+            end: e.end,
+            read: b.first() == Some(&b'r'),
+            write: b.get(1) == Some(&b'w'),
+            inode: e.inode,
+            offset: e.offset,
+        }
     }))
 }
 

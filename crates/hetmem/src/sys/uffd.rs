@@ -497,12 +497,17 @@ impl Waiter {
         Ok(Self { epoll })
     }
 
-    /// Waits until the userfaultfd or the eventfd is readable; returns whether the eventfd fired.
-    pub fn wait(&self) -> io::Result<bool> {
+    /// Waits until the userfaultfd or the eventfd is readable, or `timeout` passed; returns
+    /// whether the eventfd fired.
+    pub fn wait(&self, timeout: Option<std::time::Duration>) -> io::Result<bool> {
         let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 2];
+        // Rounded up, so a wait never ends before the deadline it was given.
+        let ms = timeout.map_or(-1, |t| {
+            t.as_micros().div_ceil(1000).min(libc::c_int::MAX as u128) as libc::c_int
+        });
         loop {
             // SAFETY: epoll_wait writes at most 2 events into our stack array.
-            let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), evs.as_mut_ptr(), 2, -1) };
+            let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), evs.as_mut_ptr(), 2, ms) };
             if n < 0 {
                 let e = errno();
                 if e.raw_os_error() == Some(libc::EINTR) {

@@ -1,7 +1,9 @@
-//! Hang detection shared by the integration tests: a test that never finishes must fail, not
-//! stall CI.
+//! Shared by the integration tests: hang detection (a test that never finishes must fail, not
+//! stall CI), and CPU reads in a process of their own, which a signal may kill.
 
 #![allow(dead_code)] // each test binary uses part of this
+// `read_in_clone` starts and reaps a process that shares our memory.
+#![allow(unsafe_code)]
 
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
@@ -74,4 +76,84 @@ impl Drop for AbortWatchdog {
             let _ = tx.send(());
         }
     }
+}
+
+/// What a CPU read in a process sharing our address space found (`read_in_clone`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reading {
+    /// The bytes wanted.
+    Wanted,
+    /// Other bytes.
+    Other,
+    /// A signal killed the reader (SIGBUS for a poisoned page).
+    Signal(i32),
+    /// Still blocked in the read at the deadline (it was killed).
+    Blocked,
+}
+
+/// Reads `want.len()` bytes at `addr` with the CPU in a process that shares our address space
+/// (`clone(CLONE_VM)`: not a thread of ours, so a fatal signal kills only it), within `limit`.
+pub fn read_in_clone(addr: usize, want: &[u8], limit: Duration) -> Reading {
+    #[repr(C)]
+    struct Job {
+        addr: usize,
+        want: *const u8,
+        len: usize,
+    }
+    extern "C" fn reader(arg: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: runs on its own stack in our address space, where `arg` is the caller's `Job`,
+        // alive until the reader is reaped; it allocates nothing and touches no thread-local
+        // state. The bytes read are managed memory the caller names.
+        unsafe {
+            let job = &*(arg as *const Job);
+            let got = std::slice::from_raw_parts(job.addr as *const u8, job.len);
+            let want = std::slice::from_raw_parts(job.want, job.len);
+            libc::c_int::from(got != want)
+        }
+    }
+    let job = Job {
+        addr,
+        want: want.as_ptr(),
+        len: want.len(),
+    };
+    let mut stack = vec![0u128; (256 << 10) / 16];
+    let top = stack.as_mut_ptr_range().end.cast::<libc::c_void>();
+    // SAFETY: the reader shares our memory and runs on `stack`, which outlives it (it is reaped
+    // or killed below before `stack` drops).
+    let pid = unsafe {
+        libc::clone(
+            reader,
+            top,
+            libc::CLONE_VM | libc::SIGCHLD,
+            (&job as *const Job).cast_mut().cast(),
+        )
+    };
+    assert!(pid > 0, "clone: {}", std::io::Error::last_os_error());
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut status: libc::c_int = 0;
+        // SAFETY: reaps our own child.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        let _ = tx.send((r, status));
+    });
+    let reading = match rx.recv_timeout(limit) {
+        Ok((r, status)) if r == pid => {
+            if libc::WIFSIGNALED(status) {
+                Reading::Signal(libc::WTERMSIG(status))
+            } else if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+                Reading::Wanted
+            } else {
+                Reading::Other
+            }
+        }
+        Ok((r, _)) => panic!("waitpid({pid}) returned {r}"),
+        Err(_) => {
+            // SAFETY: kills our own child, then waits for the reaper to see it go.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = rx.recv();
+            Reading::Blocked
+        }
+    };
+    drop(stack);
+    reading
 }

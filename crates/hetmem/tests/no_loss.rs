@@ -1,0 +1,532 @@
+//! No silent loss (`docs/runtime.md` §7): a fault that cannot be served never unregisters a
+//! page nor lets the kernel map a stale copy, every error on a path that drops data reaches the
+//! caller or is counted with the data kept, and `stats().errors` counts only real failures.
+//!
+//! One regression test per finding of the outside suite (issue 10, A1–A5 and D12). Each builds
+//! the situation where system memory holds an *older* copy of data that a device has since
+//! rewritten, so any path that lets the kernel map system memory behind the protocol's back
+//! shows the older bytes.
+
+// The tests call libc (munmap, mremap, mprotect, write) on managed memory directly.
+#![allow(unsafe_code)]
+
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+
+mod common;
+
+use anyhow::{ensure, Result};
+use hetmem::{DeviceKind, Hetmem, PAGE_SIZE};
+
+const MIB: usize = 1 << 20;
+const TIMEOUT_S: u64 = 120;
+
+/// A context with one simulated device of `kind` and 64 MiB.
+fn context(kind: DeviceKind) -> Result<Hetmem> {
+    Ok(Hetmem::builder().sim_device(kind, 64 * MIB).build()?)
+}
+
+fn os_error() -> std::io::Error {
+    std::io::Error::last_os_error()
+}
+
+fn munmap(addr: usize, len: usize) {
+    // SAFETY: the tests unmap only parts of their own managed buffers, which they no longer read
+    // through references (only through fresh slices of the parts still mapped).
+    let r = unsafe { libc::munmap(addr as *mut c_void, len) };
+    assert_eq!(r, 0, "munmap: {}", os_error());
+}
+
+fn mprotect(addr: usize, len: usize, prot: libc::c_int) {
+    // SAFETY: changes the protection of the test's own managed memory, which it accesses only
+    // where the protection allows.
+    let r = unsafe { libc::mprotect(addr as *mut c_void, len, prot) };
+    assert_eq!(r, 0, "mprotect: {}", os_error());
+}
+
+/// `len` bytes at `addr`, read through the CPU view.
+fn cpu_bytes<'a>(addr: usize, len: usize) -> &'a [u8] {
+    // SAFETY: the callers pass parts of managed buffers that are still mapped and readable, and
+    // hold no mutable reference into them.
+    unsafe { std::slice::from_raw_parts(addr as *const u8, len) }
+}
+
+/// The first byte of `mem` that is not `want`, as `(offset, found)`.
+fn first_not(mem: &[u8], want: u8) -> Option<(usize, u8)> {
+    mem.iter().position(|&b| b != want).map(|i| (i, mem[i]))
+}
+
+#[track_caller]
+fn assert_all(what: &str, mem: &[u8], want: u8) {
+    if let Some((off, got)) = first_not(mem, want) {
+        panic!(
+            "{what}: byte {off} (page {}) is {got:#x}, expected {want:#x}",
+            off / PAGE_SIZE
+        );
+    }
+}
+
+/// Device-newer-than-system: the CPU writes `old`, the range moves to the device, and the device
+/// rewrites it with `new`. System memory keeps the `old` copy (its pages stay allocated while the
+/// data is on the device), which is what a stale mapping would show.
+fn stale_in_system(hm: &Hetmem, addr: usize, len: usize, old: u8, new: u8) -> Result<()> {
+    // SAFETY: `addr..addr + len` is a managed buffer the caller owns and does not borrow now.
+    unsafe { std::ptr::write_bytes(addr as *mut u8, old, len) };
+    let dev = hm.device(0).expect("one device");
+    dev.migrate_to_device(addr, len)?;
+    dev.write(addr, &vec![new; len])?;
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------- A1
+
+/// A1: munmap of the first half of a block whose data is on a private device; the CPU then reads
+/// the second half. The read-back window covered the unmapped pages, the request failed, and the
+/// fault handler unregistered the page so the kernel mapped the stale system copy.
+#[test]
+fn partial_munmap_of_device_data_keeps_the_rest() -> Result<()> {
+    common::watchdog("partial_munmap", TIMEOUT_S, || {
+        for kind in [DeviceKind::Private, DeviceKind::Coherent] {
+            let hm = context(kind)?;
+            let dev = hm.device(0).expect("one device");
+            let buf = hm.alloc(2 * MIB)?;
+            let a = buf.addr();
+            stale_in_system(&hm, a, 2 * MIB, 0x11, 0x22)?;
+            let errors = hm.stats().errors;
+            munmap(a, MIB);
+            assert_all(
+                &format!("{kind:?}: second MiB"),
+                cpu_bytes(a + MIB, MIB),
+                0x22,
+            );
+            // The pages are still managed: a later device write reaches the CPU.
+            dev.write(a + MIB, &vec![0x33; MIB])?;
+            assert_all(
+                &format!("{kind:?}: second MiB after a device write"),
+                cpu_bytes(a + MIB, MIB),
+                0x33,
+            );
+            ensure!(
+                hm.stats().errors == errors,
+                "{kind:?}: errors {} -> {}",
+                errors,
+                hm.stats().errors
+            );
+            drop(buf);
+        }
+        Ok(())
+    })
+}
+
+/// A1, with mremap shrinking the range (its tail is unmapped) instead of munmap.
+#[test]
+fn mremap_shrink_of_device_data_keeps_the_rest() -> Result<()> {
+    common::watchdog("mremap_shrink", TIMEOUT_S, || {
+        let hm = context(DeviceKind::Private)?;
+        let buf = hm.alloc(2 * MIB)?;
+        let a = buf.addr();
+        stale_in_system(&hm, a, 2 * MIB, 0x11, 0x22)?;
+        // SAFETY: shrinks the test's own buffer in place; the tail is not used any more.
+        let p = unsafe { libc::mremap(a as *mut c_void, 2 * MIB, MIB, 0) };
+        assert_eq!(p as usize, a, "mremap: {}", os_error());
+        assert_all("first MiB after the shrink", cpu_bytes(a, MIB), 0x22);
+        ensure!(hm.stats().errors == 0, "errors: {}", hm.stats().errors);
+        Ok(())
+    })
+}
+
+/// A1, with the hole across a block boundary: the pages on both sides keep their data.
+#[test]
+fn hole_across_a_block_boundary_keeps_both_sides() -> Result<()> {
+    common::watchdog("hole_across_blocks", TIMEOUT_S, || {
+        let hm = context(DeviceKind::Private)?;
+        let dev = hm.device(0).expect("one device");
+        let buf = hm.alloc(4 * MIB)?;
+        let a = buf.addr();
+        stale_in_system(&hm, a, 4 * MIB, 0x11, 0x22)?;
+        munmap(a + 3 * MIB / 2, MIB);
+        assert_all("before the hole", cpu_bytes(a, 3 * MIB / 2), 0x22);
+        assert_all(
+            "after the hole",
+            cpu_bytes(a + 5 * MIB / 2, 3 * MIB / 2),
+            0x22,
+        );
+        dev.write(a + 5 * MIB / 2, &vec![0x44; 3 * MIB / 2])?;
+        assert_all(
+            "after the hole, after a device write",
+            cpu_bytes(a + 5 * MIB / 2, 3 * MIB / 2),
+            0x44,
+        );
+        ensure!(hm.stats().errors == 0, "errors: {}", hm.stats().errors);
+        Ok(())
+    })
+}
+
+// ------------------------------------------------------------------------------------------- A2
+
+/// A2: a raw mprotect round trip. The protocol learns of PROT_NONE at a device access, the
+/// protection comes back behind its back, and the CPU reads pages 8–15. A retry that re-checked
+/// only the faulting page while its run covered more dropped pages out of management: a later
+/// device write then never reached the CPU.
+#[test]
+fn mprotect_round_trip_keeps_pages_managed() -> Result<()> {
+    common::watchdog("mprotect_round_trip", TIMEOUT_S, || {
+        let hm = context(DeviceKind::Private)?;
+        let dev = hm.device(0).expect("one device");
+        let len = 16 * PAGE_SIZE;
+        let mut buf = hm.alloc(len)?;
+        buf.fill(0x11);
+        let a = buf.addr();
+        let half = a + 8 * PAGE_SIZE;
+        mprotect(half, 8 * PAGE_SIZE, libc::PROT_NONE);
+        let r = dev.read(a, len);
+        ensure!(
+            matches!(r, Err(hetmem::Error::Fault(_))),
+            "device read of PROT_NONE: {r:?}"
+        );
+        mprotect(half, 8 * PAGE_SIZE, libc::PROT_READ | libc::PROT_WRITE);
+        assert_all(
+            "pages 8-15 after the round trip",
+            cpu_bytes(half, 8 * PAGE_SIZE),
+            0x11,
+        );
+        dev.write(half, &vec![0x44; 8 * PAGE_SIZE])?;
+        assert_all(
+            "pages 8-15 after a device write",
+            cpu_bytes(half, 8 * PAGE_SIZE),
+            0x44,
+        );
+        assert_all("pages 0-7", &buf[..8 * PAGE_SIZE], 0x11);
+        ensure!(hm.stats().errors == 0, "errors: {}", hm.stats().errors);
+        Ok(())
+    })
+}
+
+// ------------------------------------------------------------------------------------------- A3
+
+fn anon(len: usize) -> usize {
+    // SAFETY: a fresh private anonymous mapping at an address the kernel picks.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED, "mmap: {}", os_error());
+    p as usize
+}
+
+/// A3: dropping a `Registration` after one failed copy-back. The copy home is retried, so the
+/// range ends up holding the device's data.
+#[test]
+fn registration_drop_retries_a_failed_copy_back() -> Result<()> {
+    common::watchdog("registration_drop_retry", TIMEOUT_S, || {
+        let hm = context(DeviceKind::Private)?;
+        let dev = hm.device(0).expect("one device");
+        let len = 2 * MIB;
+        let a = anon(len);
+        // SAFETY: our own fresh mapping, not shared with any thread.
+        unsafe { std::ptr::write_bytes(a as *mut u8, 0x11, len) };
+        // SAFETY: the range is ours and nobody touches it during the call.
+        let reg = unsafe { hm.register(a as *mut u8, len) }?;
+        dev.migrate_to_device(a, len)?;
+        dev.write(a, &vec![0x22; len])?;
+        dev.inject_transfer_failures(1);
+        drop(reg);
+        assert_all("the range after the drop", cpu_bytes(a, len), 0x22);
+        ensure!(hm.stats().errors == 0, "errors: {}", hm.stats().errors);
+        munmap(a, len);
+        Ok(())
+    })
+}
+
+/// A3: a copy-back that keeps failing. `unregister` reports it and hands the registration back
+/// with the data still on the device; once the device works again it succeeds. A plain drop with
+/// the device still failing counts the error and keeps the range managed, with its data.
+#[test]
+fn registration_unregister_reports_a_failing_copy_back() -> Result<()> {
+    common::watchdog("registration_unregister_error", TIMEOUT_S, || {
+        let hm = context(DeviceKind::Private)?;
+        let dev = hm.device(0).expect("one device");
+        let len = 2 * MIB;
+        let a = anon(len);
+        // SAFETY: our own fresh mapping, not shared with any thread.
+        unsafe { std::ptr::write_bytes(a as *mut u8, 0x11, len) };
+        // SAFETY: the range is ours and nobody touches it during the call.
+        let reg = unsafe { hm.register(a as *mut u8, len) }?;
+        dev.migrate_to_device(a, len)?;
+        dev.write(a, &vec![0x22; len])?;
+        dev.inject_transfer_failures(u32::MAX);
+        let (reg, e) = match reg.unregister() {
+            Ok(()) => anyhow::bail!("unregister succeeded although every copy fails"),
+            Err(back) => back,
+        };
+        ensure!(matches!(e, hetmem::Error::Io(_)), "error: {e:?}");
+        ensure!(
+            dev.read(a, len)? == vec![0x22; len],
+            "the device lost the data"
+        );
+        dev.inject_transfer_failures(0);
+        reg.unregister().map_err(|(_, e)| e)?;
+        assert_all("the range after unregister", cpu_bytes(a, len), 0x22);
+
+        // Drop with a dead device: the error is counted and the data stays reachable.
+        // SAFETY: as above.
+        let reg = unsafe { hm.register(a as *mut u8, len) }?;
+        dev.migrate_to_device(a, len)?;
+        dev.write(a, &vec![0x33; len])?;
+        dev.inject_transfer_failures(u32::MAX);
+        drop(reg);
+        ensure!(hm.stats().errors > 0, "a failed drop was not counted");
+        dev.inject_transfer_failures(0);
+        assert_all("the range after a failed drop", cpu_bytes(a, len), 0x33);
+        Ok(())
+    })
+}
+
+// ------------------------------------------------------------------------------------------- A4
+
+/// A4: `mremap(MREMAP_DONTUNMAP)` moves the data; the old range must read as fresh anonymous
+/// memory at once, so a write right after the call lands there, never in the moved data.
+#[test]
+fn dontunmap_detaches_the_old_range_before_any_access() -> Result<()> {
+    common::watchdog("dontunmap_detach", TIMEOUT_S, || {
+        let hm = context(DeviceKind::Private)?;
+        let len = 2 * MIB;
+        for round in 0..100 {
+            let mut buf = hm.alloc(len)?;
+            buf.fill(0x11);
+            let old = buf.addr();
+            let target = anon(len);
+            // SAFETY: moves the test's own buffer onto its own placeholder; from here on the
+            // buffer's old range is written only through raw pointers.
+            let new = unsafe {
+                libc::mremap(
+                    old as *mut c_void,
+                    len,
+                    len,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | libc::MREMAP_DONTUNMAP,
+                    target as *mut c_void,
+                )
+            };
+            assert_eq!(new as usize, target, "mremap: {}", os_error());
+            // SAFETY: the old range is still mapped (DONTUNMAP) and ours.
+            unsafe { (old as *mut u8).write_volatile(0x99) };
+            assert_all(
+                &format!("round {round}: the moved data"),
+                cpu_bytes(target, len),
+                0x11,
+            );
+            // SAFETY: as above.
+            let back = unsafe { (old as *const u8).read_volatile() };
+            ensure!(back == 0x99, "round {round}: the old range read {back:#x}");
+            assert_all(
+                &format!("round {round}: the rest of the old range"),
+                cpu_bytes(old + PAGE_SIZE, len - PAGE_SIZE),
+                0,
+            );
+            drop(buf);
+            munmap(old, len);
+        }
+        ensure!(hm.stats().errors == 0, "errors: {}", hm.stats().errors);
+        Ok(())
+    })
+}
+
+// ------------------------------------------------------------------------------------------- A5
+
+/// A5: `write(2)` from a buffer on one thread while another drops it. The kernel gives the data
+/// or EFAULT, never an older copy: here the device's 0x22 or a failed (or short) write, never
+/// the 0x11 system memory still holds.
+#[test]
+fn a_reader_racing_a_drop_never_sees_older_data() -> Result<()> {
+    common::watchdog("reader_vs_drop", TIMEOUT_S, || {
+        let hm = context(DeviceKind::Private)?;
+        let len = 8 * MIB;
+        let dir = std::env::temp_dir();
+        let path = dir.join(format!("hetmem-no-loss-{}", std::process::id()));
+        let mut stale_pages = 0usize;
+        for _ in 0..20 {
+            let buf = hm.alloc(len)?;
+            let a = buf.addr();
+            stale_in_system(&hm, a, len, 0x11, 0x22)?;
+            let file = std::fs::File::create(&path)?;
+            let start = Arc::new(Barrier::new(2));
+            let done = Arc::new(AtomicBool::new(false));
+            let writer = {
+                let (start, done) = (start.clone(), done.clone());
+                let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+                std::thread::spawn(move || {
+                    start.wait();
+                    // SAFETY: the kernel reads the range; if it goes away meanwhile the call
+                    // fails with EFAULT or comes back short.
+                    let n = unsafe { libc::write(fd, a as *const c_void, len) };
+                    done.store(true, Ordering::Release);
+                    n
+                })
+            };
+            start.wait();
+            // Let the writer get going, then drop under it.
+            while std::fs::metadata(&path)?.len() < (MIB as u64) && !done.load(Ordering::Acquire) {
+                std::thread::yield_now();
+            }
+            drop(buf);
+            let n = writer.join().expect("writer thread");
+            let data = std::fs::read(&path)?;
+            ensure!(
+                n < 0 || data.len() == n as usize,
+                "wrote {n}, file has {}",
+                data.len()
+            );
+            stale_pages += data
+                .chunks(PAGE_SIZE)
+                .filter(|page| page.contains(&0x11))
+                .count();
+        }
+        let _ = std::fs::remove_file(&path);
+        ensure!(
+            stale_pages == 0,
+            "{stale_pages} pages of older data were read"
+        );
+        ensure!(hm.stats().errors == 0, "errors: {}", hm.stats().errors);
+        Ok(())
+    })
+}
+
+// ------------------------------------------------------------------------------------------ E13
+
+/// E13: a CPU access to data that cannot be copied to system memory (a device that keeps
+/// failing) raises SIGBUS, as an unreadable page does, but not for ever: once the device works
+/// again, a request that covers the page clears the marker at once, and otherwise the next
+/// access after a short delay tries again.
+#[test]
+fn sigbus_for_a_failing_copy_back_is_retried() -> Result<()> {
+    common::watchdog("sigbus_retried", TIMEOUT_S, || {
+        let hm = context(DeviceKind::Private)?;
+        let dev = hm.device(0).expect("one device");
+        let buf = hm.alloc(2 * MIB)?;
+        let a = buf.addr();
+        stale_in_system(&hm, a, 2 * MIB, 0x11, 0x22)?;
+        let want = vec![0x22u8; PAGE_SIZE];
+        let limit = std::time::Duration::from_secs(20);
+        let sigbus = common::Reading::Signal(libc::SIGBUS);
+
+        // Cleared by a request that covers the page.
+        dev.inject_transfer_failures(u32::MAX);
+        let r = common::read_in_clone(a, &want, limit);
+        ensure!(
+            r == sigbus,
+            "a read of data the device cannot copy back: {r:?}"
+        );
+        dev.inject_transfer_failures(0);
+        dev.migrate_to_system(a, PAGE_SIZE)?;
+        let r = common::read_in_clone(a, &want, limit);
+        ensure!(
+            r == common::Reading::Wanted,
+            "after a migration of the page: {r:?}"
+        );
+
+        // Cleared after a while.
+        let b = a + MIB;
+        dev.inject_transfer_failures(u32::MAX);
+        let r = common::read_in_clone(b, &want, limit);
+        ensure!(
+            r == sigbus,
+            "a read of data the device cannot copy back: {r:?}"
+        );
+        dev.inject_transfer_failures(0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match common::read_in_clone(b, &want, limit) {
+                common::Reading::Wanted => break,
+                r if r == sigbus && std::time::Instant::now() < deadline => {}
+                r => anyhow::bail!("the device works again, but a read still gives {r:?}"),
+            }
+        }
+        assert_all("the whole buffer", &buf, 0x22);
+        ensure!(hm.stats().errors == 0, "errors: {}", hm.stats().errors);
+        Ok(())
+    })
+}
+
+// ------------------------------------------------------------------------------------------ D12
+
+/// D12: a coherent device mapping pages nobody touched marks them as possibly in the page cache;
+/// the CPU's first access then found no page to map. Nothing was lost, so nothing is counted.
+#[test]
+fn coherent_device_touch_then_cpu_counts_no_error() -> Result<()> {
+    common::watchdog("coherent_then_cpu", TIMEOUT_S, || {
+        let hm = context(DeviceKind::Coherent)?;
+        let dev = hm.device(0).expect("one device");
+        let buf = hm.alloc(2 * MIB)?;
+        // Mapped for device atomics, but never touched: no page was allocated.
+        dev.exclusive(buf.addr(), 2 * MIB)?;
+        assert_all("CPU read after a device mapping", &buf, 0);
+        ensure!(hm.stats().errors == 0, "errors: {}", hm.stats().errors);
+        Ok(())
+    })
+}
+
+/// D12: fault messages that arrive for a range being dropped (their thread may already have been
+/// woken, or the range is gone) are harmless: never an unregistered page, never a counted error.
+#[test]
+fn faults_racing_drops_count_no_error() -> Result<()> {
+    common::watchdog("faults_vs_drops", TIMEOUT_S, || {
+        let hm = context(DeviceKind::Private)?;
+        let dev = hm.device(0).expect("one device");
+        let len = 4 * MIB;
+        let pipe = {
+            let mut fds = [0; 2];
+            // SAFETY: pipe2 writes two descriptors into our array.
+            assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+            fds
+        };
+        for _ in 0..30 {
+            let mut buf = hm.alloc(len)?;
+            buf.fill(0x11);
+            dev.migrate_to_device(buf.addr(), len)?;
+            let a = buf.addr();
+            let start = Arc::new(Barrier::new(3));
+            let threads: Vec<_> = (0..2)
+                .map(|t| {
+                    let start = start.clone();
+                    let (rd, wr) = (pipe[0], pipe[1]);
+                    std::thread::spawn(move || {
+                        start.wait();
+                        // Touch every page through the kernel (EFAULT, never a crash, once the
+                        // range is gone): write a page into the pipe, read it back out.
+                        let mut sink = vec![0u8; PAGE_SIZE];
+                        for p in (t..len / PAGE_SIZE).step_by(2) {
+                            // SAFETY: the kernel reads the page or fails with EFAULT.
+                            let n = unsafe {
+                                libc::write(wr, (a + p * PAGE_SIZE) as *const c_void, PAGE_SIZE)
+                            };
+                            if n < 0 {
+                                break;
+                            }
+                            // SAFETY: reads into our own vector.
+                            unsafe { libc::read(rd, sink.as_mut_ptr().cast(), n as usize) };
+                        }
+                    })
+                })
+                .collect();
+            start.wait();
+            drop(buf);
+            for t in threads {
+                t.join().expect("toucher");
+            }
+        }
+        // SAFETY: our own pipe's descriptors.
+        unsafe {
+            libc::close(pipe[0]);
+            libc::close(pipe[1]);
+        }
+        ensure!(hm.stats().errors == 0, "errors: {}", hm.stats().errors);
+        Ok(())
+    })
+}
