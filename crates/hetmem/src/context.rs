@@ -365,12 +365,20 @@ impl Inner {
 
     // ---------------------------------------------------------------- address map
 
-    /// Splits `[addr, addr + len)` into pieces of one view and one block each. `Err(Fault)` if
-    /// some page is not managed memory.
-    pub(crate) fn pieces(&self, addr: usize, len: usize) -> Result<Vec<Piece>> {
+    /// `Invalid` in a fork child, whose copy of the context is dead: its service threads,
+    /// fork gate and userfaultfd belong to the parent (docs/runtime.md §6). Every public call
+    /// that is not a plain accessor checks this first, before it takes any lock.
+    pub(crate) fn check_owner(&self) -> Result<()> {
         if !self.is_owner() {
             return Err(Error::Invalid("the context belongs to the parent process"));
         }
+        Ok(())
+    }
+
+    /// Splits `[addr, addr + len)` into pieces of one view and one block each. `Err(Fault)` if
+    /// some page is not managed memory.
+    pub(crate) fn pieces(&self, addr: usize, len: usize) -> Result<Vec<Piece>> {
+        self.check_owner()?;
         if addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
             return Err(Error::Invalid("address and length must be page-aligned"));
         }
@@ -1150,9 +1158,7 @@ impl Inner {
         len: usize,
         file: Option<crate::region::FileBacking>,
     ) -> Result<(Arc<Region>, Mapping)> {
-        if !self.is_owner() {
-            return Err(Error::Invalid("the context belongs to the parent process"));
-        }
+        self.check_owner()?;
         let id = self.next_region.fetch_add(1, Ordering::Relaxed);
         let memfd = mem::memfd(&format!("hetmem-{id}"), len).map_err(Error::os("memfd_create"))?;
         let backing =
@@ -1286,12 +1292,13 @@ impl Hetmem {
     /// Allocates `len` bytes of managed memory (a multiple of the page size), zero-filled on
     /// first touch.
     pub fn alloc(&self, len: usize) -> Result<ManagedBuf> {
+        let inner = self.inner();
+        inner.check_owner()?;
         if len == 0 || len % PAGE_SIZE != 0 {
             return Err(Error::Invalid(
                 "length must be a non-zero multiple of the page size",
             ));
         }
-        let inner = self.inner();
         let (region, cpu) = inner.new_region(len, None)?;
         let va = cpu.addr();
         inner.register_view(va, len)?;
@@ -1309,13 +1316,17 @@ impl Hetmem {
     ///
     /// # Errors
     /// `Invalid` (EINVAL) for an unaligned or empty range, shared or file mappings, or memory
-    /// that is not read-write; `NoEnt` (ENOENT) when part of the range is not mapped.
+    /// that is not read-write, and in a fork child; `NoEnt` (ENOENT) when part of the range is
+    /// not mapped.
     ///
     /// # Safety
     /// No other thread may access the range during the call, and no mapping other than the
     /// one the caller owns may be in it.
     pub unsafe fn register(&self, ptr: *mut u8, len: usize) -> Result<Registration> {
         let addr = ptr as usize;
+        // Before anything else: in a fork child even the address map's lock may be held by a
+        // thread of the parent's that the child does not have.
+        self.inner().check_owner()?;
         if len == 0 || addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
             return Err(Error::Invalid("range must be page-aligned and non-empty"));
         }

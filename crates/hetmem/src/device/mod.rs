@@ -381,7 +381,11 @@ impl Device {
     }
 
     /// Per-page state, without faulting or moving anything.
+    ///
+    /// # Errors
+    /// `Invalid` (EINVAL) for an unaligned range, and in a fork child.
     pub fn snapshot(&self, addr: usize, len: usize) -> Result<Vec<PageState>> {
+        self.inner().check_owner()?;
         if addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
             return Err(Error::Invalid("address and length must be page-aligned"));
         }
@@ -453,8 +457,14 @@ impl Device {
 
     /// Every page on the device goes back to system memory with its data; every mapping of
     /// the device goes.
+    ///
+    /// # Errors
+    /// `Invalid` (EINVAL) in a fork child; `Io` when a copy home fails (the data stays on the
+    /// device).
     pub fn release(&self) -> Result<()> {
         let inner = self.inner();
+        // In a fork child the fork gate stays closed for good: taking a block would block.
+        inner.check_owner()?;
         let regions = inner
             .regions
             .lock()
