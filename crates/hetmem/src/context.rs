@@ -375,14 +375,25 @@ impl Inner {
         Ok(())
     }
 
-    /// Splits `[addr, addr + len)` into pieces of one view and one block each. `Err(Fault)` if
-    /// some page is not managed memory.
-    pub(crate) fn pieces(&self, addr: usize, len: usize) -> Result<Vec<Piece>> {
+    /// The checks every range argument gets before anything is allocated or locked
+    /// (docs/runtime.md §6, "Arguments"): the context is this process's, and the range is
+    /// non-empty, page-aligned and does not wrap. Returns the range's end.
+    pub(crate) fn check_range(&self, addr: usize, len: usize) -> Result<usize> {
         self.check_owner()?;
+        if len == 0 {
+            // As dmirror and munmap answer: an empty range is a mistake, not a no-op.
+            return Err(Error::Invalid("empty range"));
+        }
         if addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
             return Err(Error::Invalid("address and length must be page-aligned"));
         }
-        let end = addr.checked_add(len).ok_or(Error::Invalid("range wraps"))?;
+        addr.checked_add(len).ok_or(Error::Invalid("range wraps"))
+    }
+
+    /// Splits `[addr, addr + len)` into pieces of one view and one block each, after
+    /// [`Inner::check_range`]. `Err(Fault)` if some page is not managed memory.
+    pub(crate) fn pieces(&self, addr: usize, len: usize) -> Result<Vec<Piece>> {
+        let end = self.check_range(addr, len)?;
         // Wait for a reader that has taken an UNMAP/REMAP message but not yet applied it: the
         // munmap that sent it may already have returned.
         drop(self.events.lock().unwrap_or_else(|e| e.into_inner()));
@@ -1291,6 +1302,10 @@ impl Hetmem {
 
     /// Allocates `len` bytes of managed memory (a multiple of the page size), zero-filled on
     /// first touch.
+    ///
+    /// # Errors
+    /// `Invalid` (EINVAL) for a length that is zero or not a multiple of the page size, and in
+    /// a fork child; `Os` when the kernel refuses the memfd or its mappings.
     pub fn alloc(&self, len: usize) -> Result<ManagedBuf> {
         let inner = self.inner();
         inner.check_owner()?;
@@ -1315,9 +1330,9 @@ impl Hetmem {
     /// [`Registration`] moves the data back into a private anonymous mapping at that address.
     ///
     /// # Errors
-    /// `Invalid` (EINVAL) for an unaligned or empty range, shared or file mappings, or memory
-    /// that is not read-write, and in a fork child; `NoEnt` (ENOENT) when part of the range is
-    /// not mapped.
+    /// `Invalid` (EINVAL) for an empty, unaligned or wrapping range, shared or file mappings,
+    /// memory that is not read-write or already managed, and in a fork child; `NoEnt` (ENOENT)
+    /// when part of the range is not mapped.
     ///
     /// # Safety
     /// No other thread may access the range during the call, and no mapping other than the
@@ -1326,11 +1341,7 @@ impl Hetmem {
         let addr = ptr as usize;
         // Before anything else: in a fork child even the address map's lock may be held by a
         // thread of the parent's that the child does not have.
-        self.inner().check_owner()?;
-        if len == 0 || addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
-            return Err(Error::Invalid("range must be page-aligned and non-empty"));
-        }
-        let end = addr.checked_add(len).ok_or(Error::Invalid("range wraps"))?;
+        let end = self.inner().check_range(addr, len)?;
         let maps = mem::maps_in(addr, end).map_err(Error::os("read /proc/self/maps"))?;
         let mut at = addr;
         for m in &maps {
@@ -1390,6 +1401,12 @@ impl Hetmem {
     }
 
     /// Migrates a range (prefetch): `Target::System` or a device.
+    ///
+    /// # Errors
+    /// `Invalid` (EINVAL) for no such device, an empty, unaligned or wrapping range, and in a
+    /// fork child; `Fault` (EFAULT) when part of the range is not managed memory or is
+    /// `PROT_NONE`; `NoMem` (ENOMEM) when the device is full and nothing can be evicted; `Io`
+    /// when a copy fails (the data stays where it was).
     pub fn migrate(&self, addr: usize, len: usize, target: Target) -> Result<()> {
         let inner = self.inner();
         if let Target::Device(d) = target {
@@ -1416,6 +1433,10 @@ impl Hetmem {
 
     /// Drops the data of a range: it reads zero afterwards, as after MADV_DONTNEED on private
     /// anonymous memory. Device copies go too.
+    ///
+    /// # Errors
+    /// `Invalid` (EINVAL) for an empty, unaligned or wrapping range, and in a fork child;
+    /// `Fault` (EFAULT) when part of the range is not managed memory. Nothing is dropped then.
     pub fn discard(&self, addr: usize, len: usize) -> Result<()> {
         let inner = self.inner();
         for p in inner.pieces(addr, len)? {
@@ -1426,6 +1447,11 @@ impl Hetmem {
 
     /// mprotect through hetmem: changes the protection and invalidates device mappings beyond
     /// it at once, as an MMU notifier would.
+    ///
+    /// # Errors
+    /// `Invalid` (EINVAL) for an empty, unaligned or wrapping range, and in a fork child;
+    /// `Fault` (EFAULT) when part of the range is not managed memory (nothing is changed
+    /// then); `Os` when `mprotect` fails.
     pub fn protect(&self, addr: usize, len: usize, read: bool, write: bool) -> Result<()> {
         let inner = self.inner();
         let pieces = inner.pieces(addr, len)?;
@@ -1451,6 +1477,11 @@ impl Hetmem {
     }
 
     /// Advice for a range, as cudaMemAdvise.
+    ///
+    /// # Errors
+    /// `Invalid` (EINVAL) for an empty, unaligned or wrapping range, and in a fork child;
+    /// `Fault` (EFAULT) when part of the range is not managed memory (no advice is taken
+    /// then).
     pub fn advise(&self, addr: usize, len: usize, advice: hetmem_proto::Advice) -> Result<()> {
         let inner = self.inner();
         for p in inner.pieces(addr, len)? {

@@ -2,24 +2,32 @@
 //! before it allocates or locks anything, and answers bad input with a typed error. No panic,
 //! no abort, no hang. And in a fork child, every call on an inherited context returns
 //! `Invalid` at once.
+//!
+//! Calls that aborted the process before their fix run in a subprocess of this test binary
+//! (`isolated`), so that a regression fails its test instead of ending the run.
 
 #![allow(unsafe_code, clippy::undocumented_unsafe_blocks)]
 
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
 
 mod common;
 
-use anyhow::{bail, ensure, Result};
-use hetmem::{Advice, Device, DeviceKind, Error, Hetmem, Target, PAGE_SIZE};
+use anyhow::{bail, ensure, Context, Result};
+use hetmem::{Advice, Device, DeviceKind, Error, Hetmem, ManagedBuf, PageState, Target, PAGE_SIZE};
 use libc::c_int;
 
 /// How long one scenario may run before it counts as hung (`HETMEM_TEST_TIMEOUT_S`).
 const DEFAULT_TIMEOUT_S: u64 = 60;
 /// Capacity of each simulated device.
 const DEV_CAPACITY: usize = 16 << 20;
+/// The first byte of the highest page of the address space.
+const TOP_PAGE: usize = usize::MAX - (PAGE_SIZE - 1);
+/// Set in the environment of a subprocess that `isolated` starts: the test it is to run.
+const CHILD_ENV: &str = "HETMEM_ARGUMENTS_CHILD";
 
 /// A context with a private device (0) and a coherent one (1).
 fn context() -> Result<Hetmem> {
@@ -49,6 +57,364 @@ fn anon(len: usize) -> *mut u8 {
 fn unmap(p: *mut u8, len: usize) {
     // SAFETY: a mapping this test made with `anon` and no longer uses.
     unsafe { libc::munmap(p.cast(), len) };
+}
+
+/// RAM and swap, from /proc/meminfo: what hetmem bounds its metadata and results by.
+fn memory_bytes() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").expect("/proc/meminfo");
+    let kib = |key: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    (kib("MemTotal:") + kib("SwapTotal:")) * 1024
+}
+
+/// Runs `body` in a subprocess of this test binary that runs only the test `name`, and fails
+/// if the subprocess does not exit with success within the time limit (an abort, a signal, a
+/// panic, a hang). In the subprocess itself (`CHILD_ENV` names the test), runs `body`.
+fn isolated(name: &str, body: fn() -> Result<()>) -> Result<()> {
+    if std::env::var(CHILD_ENV).as_deref() == Ok(name) {
+        return body();
+    }
+    let child = Command::new(std::env::current_exe()?)
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("start the test binary again")?;
+    let pid = child.id() as libc::pid_t;
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let limit = common::test_timeout(DEFAULT_TIMEOUT_S);
+    let (out, hung) = match rx.recv_timeout(limit) {
+        Ok(out) => (out?, false),
+        Err(_) => {
+            // SAFETY: kills our own child, which has not been reaped (its waiter still waits).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            (rx.recv()??, true)
+        }
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        !hung,
+        "{name}: the subprocess still ran after {limit:?} (hung); its output:\n{text}"
+    );
+    ensure!(
+        out.status.success(),
+        "{name}: the subprocess ended with {} (an abort or a panic); its output:\n{text}",
+        out.status
+    );
+    // libtest exits with success when the filter matches nothing: make sure the body ran.
+    ensure!(
+        text.contains("1 passed"),
+        "{name}: the subprocess did not run the test; its output:\n{text}"
+    );
+    Ok(())
+}
+
+/// Asserts that `r` is the error whose errno is `errno`.
+#[track_caller]
+fn expect_errno<T: std::fmt::Debug>(what: &str, r: hetmem::Result<T>, errno: c_int) {
+    match r {
+        Err(e) if e.errno() == errno => {}
+        Err(e) => panic!("{what}: {e} (errno {}), expected errno {errno}", e.errno()),
+        Ok(v) => panic!("{what}: Ok({v:?}), expected errno {errno}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// C11, and the checks of C10 that need no huge allocation: every entry point that takes a range
+// ---------------------------------------------------------------------------------------------
+
+/// What the range calls run on.
+struct Fixture {
+    hm: Hetmem,
+    private: Device,
+    buf: ManagedBuf,
+}
+
+/// A call that takes a range, by name. `write` and `register` take their length from a slice
+/// or a mapping, so they only get the small cases.
+type RangeCall = (
+    &'static str,
+    fn(&Fixture, usize, usize) -> hetmem::Result<()>,
+);
+
+const RANGE_CALLS: &[RangeCall] = &[
+    ("Hetmem::migrate(System)", |f, a, l| {
+        f.hm.migrate(a, l, Target::System)
+    }),
+    ("Hetmem::migrate(Device)", |f, a, l| {
+        f.hm.migrate(a, l, Target::Device(f.private.id()))
+    }),
+    ("Hetmem::discard", |f, a, l| f.hm.discard(a, l)),
+    ("Hetmem::protect", |f, a, l| f.hm.protect(a, l, true, true)),
+    ("Hetmem::advise", |f, a, l| {
+        f.hm.advise(a, l, Advice::ReadMostly(true))
+    }),
+    ("Device::read", |f, a, l| f.private.read(a, l).map(drop)),
+    ("Device::exclusive", |f, a, l| f.private.exclusive(a, l)),
+    ("Device::check_exclusive", |f, a, l| {
+        f.private.check_exclusive(a, l).map(drop)
+    }),
+    ("Device::migrate_to_device", |f, a, l| {
+        f.private.migrate_to_device(a, l)
+    }),
+    ("Device::migrate_to_system", |f, a, l| {
+        f.private.migrate_to_system(a, l)
+    }),
+    ("Device::kernel_read", |f, a, l| {
+        f.private.kernel_read(a, l, |_, _| {})
+    }),
+    ("Device::kernel_write", |f, a, l| {
+        f.private.kernel_write(a, l, |_, _| {})
+    }),
+];
+
+/// C11: a zero-length range is `Invalid` (EINVAL) for every entry point, managed or not, as the
+/// kernel's dmirror and munmap answer. Before the fix, every one of these returned `Ok`.
+#[test]
+fn zero_length_ranges_are_invalid() -> Result<()> {
+    common::watchdog("zero_length_ranges_are_invalid", DEFAULT_TIMEOUT_S, || {
+        let hm = context()?;
+        let f = Fixture {
+            private: hm.device(0).expect("device 0"),
+            buf: hm.alloc(4 * PAGE_SIZE)?,
+            hm,
+        };
+        let plain = anon(PAGE_SIZE);
+        let places = [
+            ("managed", f.buf.addr()),
+            ("plain memory", plain as usize),
+            ("unmapped page 1", PAGE_SIZE),
+            ("unaligned", f.buf.addr() + 1),
+            ("top page", TOP_PAGE),
+        ];
+        for (place, addr) in places {
+            for (name, call) in RANGE_CALLS {
+                expect_errno(
+                    &format!("{name} at {place}, length 0"),
+                    call(&f, addr, 0),
+                    libc::EINVAL,
+                );
+            }
+            expect_errno(
+                &format!("Device::write at {place}, length 0"),
+                f.private.write(addr, &[]),
+                libc::EINVAL,
+            );
+            expect_errno(
+                &format!("Device::snapshot at {place}, length 0"),
+                f.private.snapshot(addr, 0),
+                libc::EINVAL,
+            );
+            expect_errno(
+                &format!("Hetmem::register at {place}, length 0"),
+                // SAFETY: a zero-length range is refused before it is touched.
+                unsafe { f.hm.register(addr as *mut u8, 0) },
+                libc::EINVAL,
+            );
+        }
+        expect_errno("Hetmem::alloc(0)", f.hm.alloc(0), libc::EINVAL);
+        // Nothing was changed or counted on the way.
+        ensure!(f.hm.stats().errors == 0, "errors: {:?}", f.hm.stats());
+        unmap(plain, PAGE_SIZE);
+        Ok(())
+    })
+}
+
+/// Unaligned, wrapping and unmanaged ranges: `Invalid` for the first two, `Fault` for memory
+/// that is not managed (snapshot reports such pages as error entries instead), on every entry
+/// point that takes a range.
+#[test]
+fn bad_ranges_get_typed_errors() -> Result<()> {
+    common::watchdog("bad_ranges_get_typed_errors", DEFAULT_TIMEOUT_S, || {
+        let hm = context()?;
+        let f = Fixture {
+            private: hm.device(0).expect("device 0"),
+            buf: hm.alloc(4 * PAGE_SIZE)?,
+            hm,
+        };
+        f.buf.as_atomic_u64()[0].store(0x1111, std::sync::atomic::Ordering::Relaxed);
+        let plain = anon(2 * PAGE_SIZE);
+        let (a, len) = (f.buf.addr(), f.buf.len());
+        let cases = [
+            ("unaligned address", a + 1, PAGE_SIZE, libc::EINVAL),
+            ("unaligned length", a, 100, libc::EINVAL),
+            ("length usize::MAX", a, usize::MAX, libc::EINVAL),
+            (
+                "top page, 2 pages (wraps)",
+                TOP_PAGE,
+                2 * PAGE_SIZE,
+                libc::EINVAL,
+            ),
+            (
+                "top page (its end wraps)",
+                TOP_PAGE,
+                PAGE_SIZE,
+                libc::EINVAL,
+            ),
+            (
+                "whole address space (wraps)",
+                a,
+                usize::MAX - (PAGE_SIZE - 1),
+                libc::EINVAL,
+            ),
+            ("plain memory", plain as usize, PAGE_SIZE, libc::EFAULT),
+            ("unmapped page 1", PAGE_SIZE, PAGE_SIZE, libc::EFAULT),
+            (
+                "one page past the end",
+                a + len - PAGE_SIZE,
+                2 * PAGE_SIZE,
+                libc::EFAULT,
+            ),
+        ];
+        for (case, addr, l, errno) in cases {
+            for (name, call) in RANGE_CALLS {
+                expect_errno(&format!("{name}: {case}"), call(&f, addr, l), errno);
+            }
+        }
+        // write's length is its slice's.
+        expect_errno(
+            "Device::write: unaligned",
+            f.private.write(a, &[1; 100]),
+            libc::EINVAL,
+        );
+        expect_errno(
+            "Device::write: top page, 2 pages (wraps)",
+            f.private.write(TOP_PAGE, &[1; 2 * PAGE_SIZE]),
+            libc::EINVAL,
+        );
+        expect_errno(
+            "Device::write: plain memory",
+            f.private.write(plain as usize, &[1; PAGE_SIZE]),
+            libc::EFAULT,
+        );
+        // snapshot: malformed ranges are Invalid; pages that are not managed are error entries.
+        expect_errno(
+            "snapshot: unaligned",
+            f.private.snapshot(a + 1, PAGE_SIZE),
+            libc::EINVAL,
+        );
+        expect_errno(
+            "snapshot: top page, 2 pages (wraps)",
+            f.private.snapshot(TOP_PAGE, 2 * PAGE_SIZE),
+            libc::EINVAL,
+        );
+        let snap = f.private.snapshot(a + len - PAGE_SIZE, 3 * PAGE_SIZE)?;
+        let errors: Vec<bool> = snap.iter().map(|s| s.error).collect();
+        ensure!(
+            errors == [false, true, true],
+            "snapshot across the end: {snap:?}"
+        );
+        // The top page's end, 2^64, is not an address: as for dmirror, its range wraps.
+        expect_errno(
+            "snapshot: top page (wraps)",
+            f.private.snapshot(TOP_PAGE, PAGE_SIZE),
+            libc::EINVAL,
+        );
+        let snap = f.private.snapshot(TOP_PAGE - PAGE_SIZE, PAGE_SIZE)?;
+        ensure!(
+            snap.len() == 1 && snap[0].error,
+            "snapshot below the top page: {snap:?}"
+        );
+        // register: the same malformed ranges.
+        for (case, addr, l) in [
+            ("unaligned", plain as usize + 1, PAGE_SIZE),
+            ("top page, 2 pages (wraps)", TOP_PAGE, 2 * PAGE_SIZE),
+            ("length usize::MAX", plain as usize, usize::MAX),
+        ] {
+            // SAFETY: malformed ranges are refused before they are touched.
+            let r = unsafe { f.hm.register(addr as *mut u8, l) };
+            expect_errno(&format!("register: {case}"), r, libc::EINVAL);
+        }
+        // None of that touched the data.
+        ensure!(
+            f.buf.as_atomic_u64()[0].load(std::sync::atomic::Ordering::Relaxed) == 0x1111,
+            "the buffer's data changed"
+        );
+        ensure!(f.hm.stats().errors == 0, "errors: {:?}", f.hm.stats());
+        unmap(plain, 2 * PAGE_SIZE);
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// C10: huge lengths, which panicked or aborted the process before their fix
+// ---------------------------------------------------------------------------------------------
+
+/// C10: `read(addr, usize::MAX)` panicked (capacity overflow) and `read(addr, 1 << 46)`
+/// aborted the process (allocation failure): the range is now checked before the result is
+/// allocated.
+#[test]
+fn huge_device_reads_are_refused() -> Result<()> {
+    isolated("huge_device_reads_are_refused", || {
+        let hm = context()?;
+        let buf = hm.alloc(4 * PAGE_SIZE)?;
+        for dev in hm.devices() {
+            let d = dev.id().index();
+            expect_errno(
+                &format!("dev{d}.read(addr, usize::MAX)"),
+                dev.read(buf.addr(), usize::MAX),
+                libc::EINVAL,
+            );
+            expect_errno(
+                &format!("dev{d}.read(addr, 1 << 46)"),
+                dev.read(buf.addr(), 1 << 46),
+                libc::EFAULT,
+            );
+            expect_errno(
+                &format!("dev{d}.kernel_read(addr, 1 << 46)"),
+                dev.kernel_read(buf.addr(), 1 << 46, |_, _| {}),
+                libc::EFAULT,
+            );
+        }
+        Ok(())
+    })
+}
+
+/// C10: `snapshot` of the top page with 2 pages panicked (add overflow), and `snapshot(addr,
+/// 1 << 47)` aborted the process allocating 2^35 entries. A result that cannot fit in the
+/// machine's memory is now `NoMem`, before anything is allocated.
+#[test]
+fn huge_snapshots_are_refused() -> Result<()> {
+    isolated("huge_snapshots_are_refused", || {
+        let hm = context()?;
+        let buf = hm.alloc(4 * PAGE_SIZE)?;
+        let dev = hm.device(0).expect("device 0");
+        expect_errno(
+            "snapshot(top page, 2 pages)",
+            dev.snapshot(TOP_PAGE, 2 * PAGE_SIZE),
+            libc::EINVAL,
+        );
+        // 1 << 47 on any machine with less than 2^35 entries' worth of memory; more elsewhere.
+        let entries_beyond_memory =
+            memory_bytes() / std::mem::size_of::<PageState>().max(1) as u64 + 1;
+        let len = (1usize << 47).max((entries_beyond_memory as usize).saturating_mul(PAGE_SIZE));
+        expect_errno(
+            &format!("snapshot(addr, {len:#x})"),
+            dev.snapshot(buf.addr(), len),
+            libc::ENOMEM,
+        );
+        // A large snapshot that fits comes back whole, with the unmanaged pages as errors.
+        let len = 1 << 30;
+        let snap = dev.snapshot(buf.addr(), len)?;
+        ensure!(snap.len() == len / PAGE_SIZE, "{} entries", snap.len());
+        let managed = snap.iter().filter(|s| !s.error).count();
+        ensure!(managed == 4, "{managed} pages without error, expected 4");
+        Ok(())
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

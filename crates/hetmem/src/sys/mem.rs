@@ -168,6 +168,62 @@ pub fn memfd(name: &str, len: usize) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Bytes of memory the machine has, RAM and swap together: the most that one allocation can
+/// ever be backed by. The kernel's heuristic overcommit refuses a single allocation beyond
+/// this; hetmem applies the bound whatever the overcommit mode, because under
+/// `vm.overcommit_memory=1` a reservation beyond it succeeds and the process is killed when it
+/// touches the memory. `u64::MAX` (no bound) if the kernel does not say.
+pub fn memory_bytes() -> u64 {
+    let mut info = std::mem::MaybeUninit::<libc::sysinfo>::zeroed();
+    // SAFETY: sysinfo fills the struct it is given, which is ours and zeroed.
+    if unsafe { libc::sysinfo(info.as_mut_ptr()) } < 0 {
+        return u64::MAX;
+    }
+    // SAFETY: filled by the successful call above (and zeroed before).
+    let info = unsafe { info.assume_init() };
+    // c_ulong is u64 on the 64-bit targets hetmem supports.
+    let units: u64 = info.totalram.saturating_add(info.totalswap);
+    units.saturating_mul(u64::from(info.mem_unit.max(1)))
+}
+
+/// Whether `bytes` can ever be had at once ([`memory_bytes`]).
+pub fn fits_in_memory(bytes: usize) -> bool {
+    bytes as u64 <= memory_bytes()
+}
+
+/// An empty vector with room for exactly `n` values, or `None` when they cannot fit in the
+/// machine's memory ([`fits_in_memory`]) or the allocator refuses.
+pub fn try_vec<T>(n: usize) -> Option<Vec<T>> {
+    let bytes = n.checked_mul(std::mem::size_of::<T>())?;
+    if !fits_in_memory(bytes) {
+        return None;
+    }
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).ok()?;
+    Some(v)
+}
+
+/// `len` zero bytes, like `vec![0u8; len]` (zeroed by the allocator, so a large one is fresh
+/// zero pages, not a memset), or `None` when they cannot fit in the machine's memory or the
+/// allocator refuses.
+pub fn try_zeroed(len: usize) -> Option<Vec<u8>> {
+    if len == 0 {
+        return Some(Vec::new());
+    }
+    if !fits_in_memory(len) {
+        return None;
+    }
+    let layout = std::alloc::Layout::array::<u8>(len).ok()?;
+    // SAFETY: the layout has a non-zero size (checked above).
+    let p = unsafe { std::alloc::alloc_zeroed(layout) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: `p` comes from the global allocator with the layout of `[u8; len]`, so capacity
+    // `len` matches it; all `len` bytes are initialised (zeroed).
+    Some(unsafe { Vec::from_raw_parts(p, len, len) })
+}
+
 /// Frees the file's pages in the range; they read zero afterwards (fallocate PUNCH_HOLE).
 pub fn punch_hole(fd: BorrowedFd<'_>, offset: usize, len: usize) -> io::Result<()> {
     // SAFETY: fallocate on our own fd; every mapping of the range sees zeros afterwards, which
