@@ -1170,13 +1170,22 @@ impl Inner {
         file: Option<crate::region::FileBacking>,
     ) -> Result<(Arc<Region>, Mapping)> {
         self.check_owner()?;
+        // The length and the metadata first: nothing of the region exists yet if they fail.
+        let slots = Region::reserve_blocks(len, self.devices.len())?;
         let id = self.next_region.fetch_add(1, Ordering::Relaxed);
         let memfd = mem::memfd(&format!("hetmem-{id}"), len).map_err(Error::os("memfd_create"))?;
         let backing =
             Mapping::shared(memfd.as_fd(), 0, len).map_err(Error::os("mmap backing view"))?;
         let cpu = Mapping::shared_aligned(memfd.as_fd(), len, BLOCK_BYTES)
             .map_err(Error::os("mmap cpu view"))?;
-        let region = Arc::new(Region::new(memfd, backing, len, self.devices.len(), file));
+        let region = Arc::new(Region::new(
+            memfd,
+            backing,
+            len,
+            slots,
+            self.devices.len(),
+            file,
+        ));
         Ok((region, cpu))
     }
 
@@ -1304,8 +1313,11 @@ impl Hetmem {
     /// first touch.
     ///
     /// # Errors
-    /// `Invalid` (EINVAL) for a length that is zero or not a multiple of the page size, and in
-    /// a fork child; `Os` when the kernel refuses the memfd or its mappings.
+    /// `Invalid` (EINVAL) for a length that is zero, not a multiple of the page size, or beyond
+    /// what a memfd can hold (2^63 bytes), and in a fork child; `NoMem` (ENOMEM) when the
+    /// region's metadata (about 5 KiB per 2 MiB) cannot fit in the machine's memory, RAM and
+    /// swap; `Os` when the kernel refuses the memfd or its mappings (ENOMEM when the address
+    /// space is too small for them).
     pub fn alloc(&self, len: usize) -> Result<ManagedBuf> {
         let inner = self.inner();
         inner.check_owner()?;
@@ -1332,7 +1344,9 @@ impl Hetmem {
     /// # Errors
     /// `Invalid` (EINVAL) for an empty, unaligned or wrapping range, shared or file mappings,
     /// memory that is not read-write or already managed, and in a fork child; `NoEnt` (ENOENT)
-    /// when part of the range is not mapped.
+    /// when part of the range is not mapped; `NoMem` (ENOMEM) when the range's copy or its
+    /// metadata cannot fit in the machine's memory, RAM and swap (the copy fills every page,
+    /// even those never touched).
     ///
     /// # Safety
     /// No other thread may access the range during the call, and no mapping other than the
@@ -1342,6 +1356,9 @@ impl Hetmem {
         // Before anything else: in a fork child even the address map's lock may be held by a
         // thread of the parent's that the child does not have.
         let end = self.inner().check_range(addr, len)?;
+        if !mem::fits_in_memory(len) {
+            return Err(Error::NoMem);
+        }
         let maps = mem::maps_in(addr, end).map_err(Error::os("read /proc/self/maps"))?;
         let mut at = addr;
         for m in &maps {

@@ -417,6 +417,72 @@ fn huge_snapshots_are_refused() -> Result<()> {
     })
 }
 
+/// The metadata a `len`-byte allocation needs, by the context's own estimate.
+fn metadata_estimate(hm: &Hetmem, len: usize) -> u64 {
+    (hm.metadata_bytes_per_page() * (len / PAGE_SIZE) as f64) as u64
+}
+
+/// C10: `alloc(32 TiB)` aborted the process building every block's metadata eagerly. The
+/// metadata is now computed before anything is allocated and refused (`NoMem`) when it cannot
+/// fit in the machine's memory; lengths no memfd can take are `Invalid`.
+#[test]
+fn huge_allocs_are_refused() -> Result<()> {
+    isolated("huge_allocs_are_refused", || {
+        let hm = context()?;
+        let len = 32usize << 40;
+        if metadata_estimate(&hm, len) <= memory_bytes() {
+            eprintln!("skipped the 32 TiB case: this machine has memory for its metadata");
+        } else {
+            expect_errno("alloc(32 TiB)", hm.alloc(len), libc::ENOMEM);
+        }
+        // Beyond what a memfd can hold (its size is an off_t).
+        for len in [usize::MAX - (PAGE_SIZE - 1), 1 << 63] {
+            expect_errno(&format!("alloc({len:#x})"), hm.alloc(len), libc::EINVAL);
+        }
+        // A memfd could, the machine's memory cannot hold the metadata.
+        expect_errno("alloc(1 << 62)", hm.alloc(1 << 62), libc::ENOMEM);
+        // The context still works.
+        let mut buf = hm.alloc(PAGE_SIZE)?;
+        buf[0] = 7;
+        ensure!(
+            hm.device(0)
+                .expect("device 0")
+                .read(buf.addr(), PAGE_SIZE)?[0]
+                == 7
+        );
+        Ok(())
+    })
+}
+
+/// C10, for `register`: adopting a 32 TiB reservation built every block's metadata eagerly
+/// (abort) and would then copy 32 TiB into the memfd. Both are now bounded by the machine's
+/// memory before anything is allocated: the metadata, and the copy, which fills every page of
+/// the memfd, touched or not.
+#[test]
+fn huge_registrations_are_refused() -> Result<()> {
+    isolated("huge_registrations_are_refused", || {
+        let hm = context()?;
+        // 32 TiB: neither the metadata nor the copy fits. Just beyond RAM and swap: the
+        // metadata would fit, the copy would not (it would end in the OOM killer).
+        let beyond_memory = (memory_bytes() as usize + (1 << 30)).next_multiple_of(2 << 20);
+        for len in [32usize << 40, beyond_memory] {
+            let p = anon(len);
+            // SAFETY: our own fresh mapping, which no one else uses.
+            let r = unsafe { hm.register(p, len) };
+            expect_errno(&format!("register({len:#x})"), r, libc::ENOMEM);
+            // The range is still ours, as it was.
+            // SAFETY: the mapping is still there, read-write.
+            unsafe {
+                ensure!(p.read() == 0, "the range was written");
+                p.write(9);
+            }
+            unmap(p, len);
+        }
+        ensure!(hm.stats().errors == 0, "errors: {:?}", hm.stats());
+        Ok(())
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // B6: calls in a fork child
 // ---------------------------------------------------------------------------------------------

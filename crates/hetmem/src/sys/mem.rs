@@ -84,18 +84,22 @@ impl Mapping {
     /// A 2 MiB-aligned shared view of `fd`: reserves more, then trims head and tail, so blocks
     /// of the view line up with the PMD size.
     pub fn shared_aligned(fd: BorrowedFd<'_>, len: usize, align: usize) -> io::Result<Self> {
+        // A length this close to the top of the address space cannot be mapped anyway.
+        let reserved = len
+            .checked_add(align)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
         // SAFETY: a fresh PROT_NONE reservation at an address the kernel picks.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                len + align,
+                reserved,
                 libc::PROT_NONE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 -1,
                 0,
             )
         };
-        let reserve = Self::from_result(p, len + align)?;
+        let reserve = Self::from_result(p, reserved)?;
         let base = reserve.addr();
         let start = (base + align - 1) & !(align - 1);
         std::mem::forget(reserve);
@@ -107,8 +111,8 @@ impl Mapping {
                 libc::munmap(base as *mut libc::c_void, start - base);
             }
             let end = start + len;
-            if base + len + align > end {
-                libc::munmap(end as *mut libc::c_void, base + len + align - end);
+            if base + reserved > end {
+                libc::munmap(end as *mut libc::c_void, base + reserved - end);
             }
         }
         view
@@ -161,8 +165,10 @@ pub fn memfd(name: &str, len: usize) -> io::Result<OwnedFd> {
     }
     // SAFETY: a fresh fd that nobody else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // A size beyond off_t would wrap to a negative one.
+    let size = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
     // SAFETY: ftruncate on our own fd.
-    if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } < 0 {
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } < 0 {
         return Err(errno());
     }
     Ok(fd)
