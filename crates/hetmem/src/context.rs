@@ -54,6 +54,9 @@ pub struct SimConfig {
     pub workers: usize,
 }
 
+/// Most blocks `HetmemBuilder::readahead_blocks` takes.
+const MAX_READAHEAD_BLOCKS: usize = 1 << 20;
+
 /// Builds a [`Hetmem`].
 #[derive(Debug)]
 pub struct HetmemBuilder {
@@ -122,11 +125,12 @@ impl HetmemBuilder {
     }
 
     /// Blocks a sequential CPU read-back brings home ahead of the faulting one (0 disables;
-    /// default 4), as the page cache's readahead does. A service thread migrates and maps them
-    /// while the application reads, except for each block's first page, whose fault keeps the
-    /// stream going.
+    /// default 4; at most 2^20, 2 TiB), as the page cache's readahead does. A service thread
+    /// migrates and maps them while the application reads, except for each block's first
+    /// page, whose fault keeps the stream going.
     pub fn readahead_blocks(mut self, n: usize) -> Self {
-        self.readahead_blocks = n;
+        // Bounded so that block index arithmetic (`bi + n + 1`) cannot overflow.
+        self.readahead_blocks = n.min(MAX_READAHEAD_BLOCKS);
         self
     }
 

@@ -483,6 +483,26 @@ fn huge_registrations_are_refused() -> Result<()> {
     })
 }
 
+/// `readahead_blocks(usize::MAX)` overflowed `bi + readahead` on a service thread at the first
+/// sequential read-back, so the faulting thread was never woken. The builder now bounds it.
+#[test]
+fn unbounded_readahead_is_clamped() -> Result<()> {
+    isolated("unbounded_readahead_is_clamped", || {
+        let hm = Hetmem::builder()
+            .sim_device(DeviceKind::Private, DEV_CAPACITY)
+            .readahead_blocks(usize::MAX)
+            .build()?;
+        let dev = hm.device(0).expect("device 0");
+        let len = 4 << 20;
+        let buf = hm.alloc(len)?;
+        dev.write(buf.addr(), &vec![5u8; len])?;
+        // Two read-backs in consecutive blocks make a stream: read ahead from there.
+        ensure!(buf[0] == 5 && buf[2 << 20] == 5, "read-back");
+        ensure!(buf.iter().all(|&b| b == 5), "read-back of the rest");
+        Ok(())
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // B6: calls in a fork child
 // ---------------------------------------------------------------------------------------------
