@@ -54,6 +54,9 @@ pub struct SimConfig {
     pub workers: usize,
 }
 
+/// Most blocks `HetmemBuilder::readahead_blocks` takes.
+const MAX_READAHEAD_BLOCKS: usize = 1 << 20;
+
 /// Builds a [`Hetmem`].
 #[derive(Debug)]
 pub struct HetmemBuilder {
@@ -122,11 +125,12 @@ impl HetmemBuilder {
     }
 
     /// Blocks a sequential CPU read-back brings home ahead of the faulting one (0 disables;
-    /// default 4), as the page cache's readahead does. A service thread migrates and maps them
-    /// while the application reads, except for each block's first page, whose fault keeps the
-    /// stream going.
+    /// default 4; at most 2^20, 2 TiB), as the page cache's readahead does. A service thread
+    /// migrates and maps them while the application reads, except for each block's first
+    /// page, whose fault keeps the stream going.
     pub fn readahead_blocks(mut self, n: usize) -> Self {
-        self.readahead_blocks = n;
+        // Bounded so that block index arithmetic (`bi + n + 1`) cannot overflow.
+        self.readahead_blocks = n.min(MAX_READAHEAD_BLOCKS);
         self
     }
 
@@ -399,16 +403,35 @@ impl Inner {
 
     // ---------------------------------------------------------------- address map
 
-    /// Splits `[addr, addr + len)` into pieces of one view and one block each. `Err(Fault)` if
-    /// some page is not managed memory.
-    pub(crate) fn pieces(&self, addr: usize, len: usize) -> Result<Vec<Piece>> {
+    /// `Invalid` in a fork child, whose copy of the context is dead: its service threads,
+    /// fork gate and userfaultfd belong to the parent (docs/runtime.md §6). Every public call
+    /// that is not a plain accessor checks this first, before it takes any lock.
+    pub(crate) fn check_owner(&self) -> Result<()> {
         if !self.is_owner() {
             return Err(Error::Invalid("the context belongs to the parent process"));
+        }
+        Ok(())
+    }
+
+    /// The checks every range argument gets before anything is allocated or locked
+    /// (docs/runtime.md §6, "Arguments"): the context is this process's, and the range is
+    /// non-empty, page-aligned and does not wrap. Returns the range's end.
+    pub(crate) fn check_range(&self, addr: usize, len: usize) -> Result<usize> {
+        self.check_owner()?;
+        if len == 0 {
+            // As dmirror and munmap answer: an empty range is a mistake, not a no-op.
+            return Err(Error::Invalid("empty range"));
         }
         if addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
             return Err(Error::Invalid("address and length must be page-aligned"));
         }
-        let end = addr.checked_add(len).ok_or(Error::Invalid("range wraps"))?;
+        addr.checked_add(len).ok_or(Error::Invalid("range wraps"))
+    }
+
+    /// Splits `[addr, addr + len)` into pieces of one view and one block each, after
+    /// [`Inner::check_range`]. `Err(Fault)` if some page is not managed memory.
+    pub(crate) fn pieces(&self, addr: usize, len: usize) -> Result<Vec<Piece>> {
+        let end = self.check_range(addr, len)?;
         // Wait for a reader that has taken an UNMAP/REMAP message but not yet applied it: the
         // munmap that sent it may already have returned.
         drop(self.events.lock().unwrap_or_else(|e| e.into_inner()));
@@ -1494,16 +1517,23 @@ impl Inner {
         len: usize,
         file: Option<crate::region::FileBacking>,
     ) -> Result<(Arc<Region>, Mapping)> {
-        if !self.is_owner() {
-            return Err(Error::Invalid("the context belongs to the parent process"));
-        }
+        self.check_owner()?;
+        // The length and the metadata first: nothing of the region exists yet if they fail.
+        let slots = Region::reserve_blocks(len, self.devices.len())?;
         let id = self.next_region.fetch_add(1, Ordering::Relaxed);
         let memfd = mem::memfd(&format!("hetmem-{id}"), len).map_err(Error::os("memfd_create"))?;
         let backing =
             Mapping::shared(memfd.as_fd(), 0, len).map_err(Error::os("mmap backing view"))?;
         let cpu = Mapping::shared_aligned(memfd.as_fd(), len, BLOCK_BYTES)
             .map_err(Error::os("mmap cpu view"))?;
-        let region = Arc::new(Region::new(memfd, backing, len, self.devices.len(), file));
+        let region = Arc::new(Region::new(
+            memfd,
+            backing,
+            len,
+            slots,
+            self.devices.len(),
+            file,
+        ));
         Ok((region, cpu))
     }
 
@@ -1678,13 +1708,21 @@ impl Hetmem {
 
     /// Allocates `len` bytes of managed memory (a multiple of the page size), zero-filled on
     /// first touch.
+    ///
+    /// # Errors
+    /// `Invalid` (EINVAL) for a length that is zero, not a multiple of the page size, or beyond
+    /// what a memfd can hold (2^63 bytes), and in a fork child; `NoMem` (ENOMEM) when the
+    /// region's metadata (about 5 KiB per 2 MiB) cannot fit in the machine's memory, RAM and
+    /// swap; `Os` when the kernel refuses the memfd or its mappings (ENOMEM when the address
+    /// space is too small for them).
     pub fn alloc(&self, len: usize) -> Result<ManagedBuf> {
+        let inner = self.inner();
+        inner.check_owner()?;
         if len == 0 || len % PAGE_SIZE != 0 {
             return Err(Error::Invalid(
                 "length must be a non-zero multiple of the page size",
             ));
         }
-        let inner = self.inner();
         let (region, cpu) = inner.new_region(len, None)?;
         let va = cpu.addr();
         inner.register_view(va, len)?;
@@ -1701,18 +1739,23 @@ impl Hetmem {
     /// [`Registration`] moves the data back into a private anonymous mapping at that address.
     ///
     /// # Errors
-    /// `Invalid` (EINVAL) for an unaligned or empty range, shared or file mappings, or memory
-    /// that is not read-write; `NoEnt` (ENOENT) when part of the range is not mapped.
+    /// `Invalid` (EINVAL) for an empty, unaligned or wrapping range, shared or file mappings,
+    /// memory that is not read-write or already managed, and in a fork child; `NoEnt` (ENOENT)
+    /// when part of the range is not mapped; `NoMem` (ENOMEM) when the range's copy or its
+    /// metadata cannot fit in the machine's memory, RAM and swap (the copy fills every page,
+    /// even those never touched).
     ///
     /// # Safety
     /// No other thread may access the range during the call, and no mapping other than the
     /// one the caller owns may be in it.
     pub unsafe fn register(&self, ptr: *mut u8, len: usize) -> Result<Registration> {
         let addr = ptr as usize;
-        if len == 0 || addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
-            return Err(Error::Invalid("range must be page-aligned and non-empty"));
+        // Before anything else: in a fork child even the address map's lock may be held by a
+        // thread of the parent's that the child does not have.
+        let end = self.inner().check_range(addr, len)?;
+        if !mem::fits_in_memory(len) {
+            return Err(Error::NoMem);
         }
-        let end = addr.checked_add(len).ok_or(Error::Invalid("range wraps"))?;
         let maps = mem::maps_in(addr, end).map_err(Error::os("read /proc/self/maps"))?;
         let mut at = addr;
         for m in &maps {
@@ -1772,6 +1815,12 @@ impl Hetmem {
     }
 
     /// Migrates a range (prefetch): `Target::System` or a device.
+    ///
+    /// # Errors
+    /// `Invalid` (EINVAL) for no such device, an empty, unaligned or wrapping range, and in a
+    /// fork child; `Fault` (EFAULT) when part of the range is not managed memory or is
+    /// `PROT_NONE`; `NoMem` (ENOMEM) when the device is full and nothing can be evicted; `Io`
+    /// when a copy fails (the data stays where it was).
     pub fn migrate(&self, addr: usize, len: usize, target: Target) -> Result<()> {
         let inner = self.inner();
         if let Target::Device(d) = target {
@@ -1798,6 +1847,10 @@ impl Hetmem {
 
     /// Drops the data of a range: it reads zero afterwards, as after MADV_DONTNEED on private
     /// anonymous memory. Device copies go too.
+    ///
+    /// # Errors
+    /// `Invalid` (EINVAL) for an empty, unaligned or wrapping range, and in a fork child;
+    /// `Fault` (EFAULT) when part of the range is not managed memory. Nothing is dropped then.
     pub fn discard(&self, addr: usize, len: usize) -> Result<()> {
         let inner = self.inner();
         for p in inner.pieces(addr, len)? {
@@ -1808,6 +1861,11 @@ impl Hetmem {
 
     /// mprotect through hetmem: changes the protection and invalidates device mappings beyond
     /// it at once, as an MMU notifier would.
+    ///
+    /// # Errors
+    /// `Invalid` (EINVAL) for an empty, unaligned or wrapping range, and in a fork child;
+    /// `Fault` (EFAULT) when part of the range is not managed memory (nothing is changed
+    /// then); `Os` when `mprotect` fails.
     pub fn protect(&self, addr: usize, len: usize, read: bool, write: bool) -> Result<()> {
         let inner = self.inner();
         let pieces = inner.pieces(addr, len)?;
@@ -1833,6 +1891,11 @@ impl Hetmem {
     }
 
     /// Advice for a range, as cudaMemAdvise.
+    ///
+    /// # Errors
+    /// `Invalid` (EINVAL) for an empty, unaligned or wrapping range, and in a fork child;
+    /// `Fault` (EFAULT) when part of the range is not managed memory (no advice is taken
+    /// then).
     pub fn advise(&self, addr: usize, len: usize, advice: hetmem_proto::Advice) -> Result<()> {
         let inner = self.inner();
         for p in inner.pieces(addr, len)? {

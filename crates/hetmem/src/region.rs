@@ -12,7 +12,8 @@ use std::sync::{Mutex, RwLock};
 
 use hetmem_proto::{Block2M, Layout, PageMask, BLOCK_WORDS, PAGES_PER_BLOCK, PAGE_SIZE};
 
-use crate::sys::mem::Mapping;
+use crate::error::{Error, Result};
+use crate::sys::mem::{self, Mapping};
 
 /// Bytes per block.
 pub(crate) const BLOCK_BYTES: usize = PAGES_PER_BLOCK * PAGE_SIZE;
@@ -142,38 +143,79 @@ pub(crate) struct Region {
 }
 
 impl Region {
+    /// The longest region: a memfd's size is an `off_t`.
+    pub const MAX_LEN: usize = i64::MAX as usize;
+
+    /// Metadata bytes one block takes with `devices` devices: its slot (the protocol engine
+    /// inline), and per device its page table, LRU time and frame count. Device memory is
+    /// bound lazily and not counted.
+    fn metadata_per_block(devices: usize) -> usize {
+        let per_device = std::mem::size_of::<RwLock<DevBlock>>()
+            + std::mem::size_of::<AtomicU64>()
+            + std::mem::size_of::<AtomicU32>();
+        std::mem::size_of::<BlockSlot>() + devices * per_device
+    }
+
+    /// Checks that a region of `len` bytes can exist and reserves room for its blocks, before
+    /// anything else of it is allocated. Every block's metadata is built eagerly (by
+    /// [`Region::new`]), so it must fit in the machine's memory, RAM and swap: a reservation
+    /// alone could succeed under overcommit and be killed when the blocks are written.
+    ///
+    /// # Errors
+    /// `Invalid` for a length of zero or beyond [`Region::MAX_LEN`]; `NoMem` when the metadata
+    /// cannot fit in memory or the allocator refuses it.
+    pub fn reserve_blocks(len: usize, devices: usize) -> Result<Vec<BlockSlot>> {
+        if len == 0 {
+            return Err(Error::Invalid("empty range"));
+        }
+        if len > Self::MAX_LEN {
+            return Err(Error::Invalid("length beyond what a memfd can hold"));
+        }
+        let nblocks = len.div_ceil(BLOCK_BYTES);
+        let fits = nblocks
+            .checked_mul(Self::metadata_per_block(devices))
+            .is_some_and(mem::fits_in_memory);
+        if !fits {
+            return Err(Error::NoMem);
+        }
+        mem::try_vec(nblocks).ok_or(Error::NoMem)
+    }
+
+    /// A region over `memfd`, whose blocks go into `slots`, reserved for them by
+    /// [`Region::reserve_blocks`].
     pub fn new(
         memfd: OwnedFd,
         backing: Mapping,
         len: usize,
+        mut slots: Vec<BlockSlot>,
         devices: usize,
         file: Option<FileBacking>,
     ) -> Self {
         let nblocks = len.div_ceil(BLOCK_BYTES);
-        let blocks = (0..nblocks)
-            .map(|b| {
-                let pages = ((len - b * BLOCK_BYTES).min(BLOCK_BYTES)) / PAGE_SIZE;
-                let mut layout = match &file {
-                    Some(f) => Layout::file(f.first_page + (b * PAGES_PER_BLOCK) as u64),
-                    None => Layout::anonymous(),
-                };
-                if pages < PAGES_PER_BLOCK {
-                    let mut managed = PageMask::EMPTY;
-                    managed.insert_range(0, pages);
-                    layout.managed = managed;
-                    layout.file_backed &= managed;
-                }
-                BlockSlot {
-                    engine: Mutex::new(Block2M::new(layout)),
-                    dev: (0..devices).map(|_| RwLock::new(DevBlock::new())).collect(),
-                    last_use: (0..devices).map(|_| AtomicU64::new(0)).collect(),
-                    held: (0..devices).map(|_| AtomicU32::new(0)).collect(),
-                    adopted: Mutex::new(PageMask::EMPTY),
-                    populated: Mutex::new(PageMask::EMPTY),
-                    prefetched: AtomicBool::new(false),
-                }
-            })
-            .collect();
+        debug_assert!(slots.is_empty() && slots.capacity() >= nblocks);
+        slots.extend((0..nblocks).map(|b| {
+            let pages = ((len - b * BLOCK_BYTES).min(BLOCK_BYTES)) / PAGE_SIZE;
+            let mut layout = match &file {
+                Some(f) => Layout::file(f.first_page + (b * PAGES_PER_BLOCK) as u64),
+                None => Layout::anonymous(),
+            };
+            if pages < PAGES_PER_BLOCK {
+                let mut managed = PageMask::EMPTY;
+                managed.insert_range(0, pages);
+                layout.managed = managed;
+                layout.file_backed &= managed;
+            }
+            BlockSlot {
+                engine: Mutex::new(Block2M::new(layout)),
+                dev: (0..devices).map(|_| RwLock::new(DevBlock::new())).collect(),
+                last_use: (0..devices).map(|_| AtomicU64::new(0)).collect(),
+                held: (0..devices).map(|_| AtomicU32::new(0)).collect(),
+                adopted: Mutex::new(PageMask::EMPTY),
+                populated: Mutex::new(PageMask::EMPTY),
+                prefetched: AtomicBool::new(false),
+            }
+        }));
+        let blocks = slots.into_boxed_slice();
         let inode = rustix::fs::fstat(&memfd).map(|st| st.st_ino).unwrap_or(0);
         Self {
             inode,

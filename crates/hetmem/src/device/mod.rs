@@ -313,10 +313,11 @@ impl Device {
         )
     }
 
-    fn run_command(&self, addr: usize, len: usize, access: Access, f: &RunFn<'_>) -> Result<()> {
-        let pieces = self.inner().pieces(addr, len)?;
+    /// Runs a command over `pieces`, which the caller got (and so checked) with
+    /// `Inner::pieces`.
+    fn run_command(&self, pieces: &[Piece], access: Access, f: &RunFn<'_>) -> Result<()> {
         let rounds = AtomicU32::new(0);
-        let r = self.access_pieces(&pieces, access, f, &rounds);
+        let r = self.access_pieces(pieces, access, f, &rounds);
         let n = rounds.load(Ordering::Relaxed);
         if n > 0 {
             self.inner().devices[self.id.index()].counters.faults.add(1);
@@ -325,9 +326,18 @@ impl Device {
     }
 
     /// Reads through the device page table, faulting as needed.
+    ///
+    /// # Errors
+    /// `Invalid` (EINVAL) for an empty, unaligned or wrapping range, and in a fork child;
+    /// `Fault` (EFAULT) when part of the range is not managed memory or is `PROT_NONE`;
+    /// `NoMem` (ENOMEM) when the result cannot fit in the machine's memory, or the device is
+    /// full and nothing can be evicted; `Io` when a copy fails.
     pub fn read(&self, addr: usize, len: usize) -> Result<Vec<u8>> {
-        let out = std::sync::Mutex::new(vec![0u8; len]);
-        self.run_command(addr, len, Access::Read, &|_, runs| {
+        // The range first: the result is allocated only for a range that is all managed.
+        let pieces = self.inner().pieces(addr, len)?;
+        let out = mem::try_zeroed(len).ok_or(Error::NoMem)?;
+        let out = std::sync::Mutex::new(out);
+        self.run_command(&pieces, Access::Read, &|_, runs| {
             let mut o = out.lock().unwrap_or_else(|e| e.into_inner());
             for &(va, r) in runs {
                 // SAFETY: the page-table read lock is held and the device maps these pages, so
@@ -340,8 +350,15 @@ impl Device {
     }
 
     /// Writes through the device page table, faulting as needed.
+    ///
+    /// # Errors
+    /// `Invalid` (EINVAL) for empty or unaligned data, a range that wraps, and in a fork child;
+    /// `Fault` (EFAULT) when part of the range is not managed memory or is `PROT_NONE`; `Perm`
+    /// (EPERM) when it is read-only; `NoMem` (ENOMEM) when the device is full and nothing can
+    /// be evicted; `Io` when a copy fails.
     pub fn write(&self, addr: usize, data: &[u8]) -> Result<()> {
-        self.run_command(addr, data.len(), Access::Write, &|_, runs| {
+        let pieces = self.inner().pieces(addr, data.len())?;
+        self.run_command(&pieces, Access::Write, &|_, runs| {
             for &(va, r) in runs {
                 // SAFETY: the device maps these pages writable, which the protocol grants to
                 // one processor at a time; the read lock keeps the mapping from going away.
@@ -353,11 +370,19 @@ impl Device {
 
     /// Maps the range exclusively for device atomics (`make_device_exclusive`); any CPU access
     /// revokes it.
+    ///
+    /// # Errors
+    /// As [`Device::write`].
     pub fn exclusive(&self, addr: usize, len: usize) -> Result<()> {
-        self.run_command(addr, len, Access::Atomic, &|_, _| {})
+        let pieces = self.inner().pieces(addr, len)?;
+        self.run_command(&pieces, Access::Atomic, &|_, _| {})
     }
 
     /// Whether every page is still mapped exclusive by this device.
+    ///
+    /// # Errors
+    /// `Invalid` (EINVAL) for an empty, unaligned or wrapping range, and in a fork child;
+    /// `Fault` (EFAULT) when part of the range is not managed memory.
     pub fn check_exclusive(&self, addr: usize, len: usize) -> Result<bool> {
         let pieces = self.inner().pieces(addr, len)?;
         Ok(pieces.iter().all(|p| {
@@ -371,33 +396,52 @@ impl Device {
     }
 
     /// Migrates the range into this device's memory.
+    ///
+    /// # Errors
+    /// As [`Hetmem::migrate`].
     pub fn migrate_to_device(&self, addr: usize, len: usize) -> Result<()> {
         Hetmem(self.shared.clone()).migrate(addr, len, Target::Device(self.id))
     }
 
     /// Migrates the range to system memory.
+    ///
+    /// # Errors
+    /// As [`Hetmem::migrate`].
     pub fn migrate_to_system(&self, addr: usize, len: usize) -> Result<()> {
         Hetmem(self.shared.clone()).migrate(addr, len, Target::System)
     }
 
-    /// Per-page state, without faulting or moving anything.
+    /// Per-page state, without faulting or moving anything. Pages that are not managed memory
+    /// are entries with `error` set, as dmirror's snapshot reports holes.
+    ///
+    /// # Errors
+    /// `Invalid` (EINVAL) for an empty, unaligned or wrapping range, and in a fork child;
+    /// `NoMem` (ENOMEM) when the result cannot fit in the machine's memory.
     pub fn snapshot(&self, addr: usize, len: usize) -> Result<Vec<PageState>> {
-        if addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
-            return Err(Error::Invalid("address and length must be page-aligned"));
-        }
         let inner = self.inner();
+        let end = inner.check_range(addr, len)?;
         let topo = &inner.topology;
-        let mut out = Vec::with_capacity(len / PAGE_SIZE);
+        let mut out = mem::try_vec(len / PAGE_SIZE).ok_or(Error::NoMem)?;
         let mut at = addr;
-        while at < addr + len {
+        while at < end {
             let Ok(pieces) = inner.pieces(at, PAGE_SIZE) else {
-                out.push(PageState {
+                // Not managed, up to the next view: error entries, all at once, so a range
+                // that is mostly unmanaged costs no lookup per page.
+                let next = inner
+                    .space
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .range(at + 1..end)
+                    .next()
+                    .map_or(end, |(&va, _)| va);
+                let hole = PageState {
                     cpu: CpuProt::None,
                     location: Location::None,
                     device: None,
                     error: true,
-                });
-                at += PAGE_SIZE;
+                };
+                out.extend(std::iter::repeat_n(hole, (next - at).div_ceil(PAGE_SIZE)));
+                at = next;
                 continue;
             };
             let p = &pieces[0];
@@ -453,8 +497,14 @@ impl Device {
 
     /// Every page on the device goes back to system memory with its data; every mapping of
     /// the device goes.
+    ///
+    /// # Errors
+    /// `Invalid` (EINVAL) in a fork child; `Io` when a copy home fails (the data stays on the
+    /// device).
     pub fn release(&self) -> Result<()> {
         let inner = self.inner();
+        // In a fork child the fork gate stays closed for good: taking a block would block.
+        inner.check_owner()?;
         let regions = inner
             .regions
             .lock()
@@ -512,6 +562,9 @@ impl Device {
     /// Runs `f` on the device's worker threads over `[addr, addr + len)`, once per translated
     /// run of pages (at most one 2 MiB block), read-only. `f` gets the run's address and its
     /// bytes in device-reachable memory.
+    ///
+    /// # Errors
+    /// As [`Device::read`], with no result to allocate; nothing runs when the range is refused.
     pub fn kernel_read<F>(&self, addr: usize, len: usize, f: F) -> Result<()>
     where
         F: Fn(usize, &[u8]) + Sync,
@@ -525,6 +578,9 @@ impl Device {
     }
 
     /// Like [`Device::kernel_read`], writable. Runs of one launch never overlap.
+    ///
+    /// # Errors
+    /// As [`Device::write`]; nothing runs when the range is refused.
     pub fn kernel_write<F>(&self, addr: usize, len: usize, f: F) -> Result<()>
     where
         F: Fn(usize, &mut [u8]) + Sync,

@@ -84,18 +84,22 @@ impl Mapping {
     /// A 2 MiB-aligned shared view of `fd`: reserves more, then trims head and tail, so blocks
     /// of the view line up with the PMD size.
     pub fn shared_aligned(fd: BorrowedFd<'_>, len: usize, align: usize) -> io::Result<Self> {
+        // A length this close to the top of the address space cannot be mapped anyway.
+        let reserved = len
+            .checked_add(align)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
         // SAFETY: a fresh PROT_NONE reservation at an address the kernel picks.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                len + align,
+                reserved,
                 libc::PROT_NONE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 -1,
                 0,
             )
         };
-        let reserve = Self::from_result(p, len + align)?;
+        let reserve = Self::from_result(p, reserved)?;
         let base = reserve.addr();
         let start = (base + align - 1) & !(align - 1);
         std::mem::forget(reserve);
@@ -107,8 +111,8 @@ impl Mapping {
                 libc::munmap(base as *mut libc::c_void, start - base);
             }
             let end = start + len;
-            if base + len + align > end {
-                libc::munmap(end as *mut libc::c_void, base + len + align - end);
+            if base + reserved > end {
+                libc::munmap(end as *mut libc::c_void, base + reserved - end);
             }
         }
         view
@@ -161,11 +165,69 @@ pub fn memfd(name: &str, len: usize) -> io::Result<OwnedFd> {
     }
     // SAFETY: a fresh fd that nobody else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // A size beyond off_t would wrap to a negative one.
+    let size = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
     // SAFETY: ftruncate on our own fd.
-    if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } < 0 {
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } < 0 {
         return Err(errno());
     }
     Ok(fd)
+}
+
+/// Bytes of memory the machine has, RAM and swap together: the most that one allocation can
+/// ever be backed by. The kernel's heuristic overcommit refuses a single allocation beyond
+/// this; hetmem applies the bound whatever the overcommit mode, because under
+/// `vm.overcommit_memory=1` a reservation beyond it succeeds and the process is killed when it
+/// touches the memory. `u64::MAX` (no bound) if the kernel does not say.
+pub fn memory_bytes() -> u64 {
+    let mut info = std::mem::MaybeUninit::<libc::sysinfo>::zeroed();
+    // SAFETY: sysinfo fills the struct it is given, which is ours and zeroed.
+    if unsafe { libc::sysinfo(info.as_mut_ptr()) } < 0 {
+        return u64::MAX;
+    }
+    // SAFETY: filled by the successful call above (and zeroed before).
+    let info = unsafe { info.assume_init() };
+    // c_ulong is u64 on the 64-bit targets hetmem supports.
+    let units: u64 = info.totalram.saturating_add(info.totalswap);
+    units.saturating_mul(u64::from(info.mem_unit.max(1)))
+}
+
+/// Whether `bytes` can ever be had at once ([`memory_bytes`]).
+pub fn fits_in_memory(bytes: usize) -> bool {
+    bytes as u64 <= memory_bytes()
+}
+
+/// An empty vector with room for exactly `n` values, or `None` when they cannot fit in the
+/// machine's memory ([`fits_in_memory`]) or the allocator refuses.
+pub fn try_vec<T>(n: usize) -> Option<Vec<T>> {
+    let bytes = n.checked_mul(std::mem::size_of::<T>())?;
+    if !fits_in_memory(bytes) {
+        return None;
+    }
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).ok()?;
+    Some(v)
+}
+
+/// `len` zero bytes, like `vec![0u8; len]` (zeroed by the allocator, so a large one is fresh
+/// zero pages, not a memset), or `None` when they cannot fit in the machine's memory or the
+/// allocator refuses.
+pub fn try_zeroed(len: usize) -> Option<Vec<u8>> {
+    if len == 0 {
+        return Some(Vec::new());
+    }
+    if !fits_in_memory(len) {
+        return None;
+    }
+    let layout = std::alloc::Layout::array::<u8>(len).ok()?;
+    // SAFETY: the layout has a non-zero size (checked above).
+    let p = unsafe { std::alloc::alloc_zeroed(layout) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: `p` comes from the global allocator with the layout of `[u8; len]`, so capacity
+    // `len` matches it; all `len` bytes are initialised (zeroed).
+    Some(unsafe { Vec::from_raw_parts(p, len, len) })
 }
 
 /// Frees the file's pages in the range; they read zero afterwards (fallocate PUNCH_HOLE).
