@@ -22,7 +22,7 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once, Weak};
 
-use hetmem_proto::{Mem, PageMask, Proc, BLOCK_WORDS, PAGE_SIZE};
+use hetmem_proto::{Mem, PageMask, Proc, BLOCK_WORDS, PAGES_PER_BLOCK, PAGE_SIZE};
 
 use crate::context::Inner;
 use crate::region::{Region, BLOCK_BYTES};
@@ -251,11 +251,32 @@ extern "C" fn child() {
                         .unwrap_or_else(|e| e.into_inner())
                         .page(page);
                     let dst = copy.as_ptr().wrapping_add(at);
+                    let nowhere = view.valid == 0;
+                    let adopted = nowhere
+                        && slot
+                            .adopted
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .contains(page);
                     let src = if view.is_valid_in(Mem::System)
+                        || adopted
                         || inner.topology.devices().any(|d| {
                             inner.topology.is_coherent(d) && view.is_valid_in(Mem::Device(d))
                         }) {
+                        // System memory holds the data: the latest copy, or what `register`
+                        // adopted and nobody has touched since.
                         Some(r.backing_ptr(bi, page))
+                    } else if nowhere && view.file {
+                        // A file page nobody touched: what the file holds (a read past its end
+                        // leaves zeros).
+                        if let Some(f) = &r.file {
+                            // SAFETY: `dst` is a page of our fresh, page-aligned copy.
+                            let buf = unsafe { std::slice::from_raw_parts_mut(dst, PAGE_SIZE) };
+                            let at = (f.first_page + (bi * PAGES_PER_BLOCK + page) as u64)
+                                * PAGE_SIZE as u64;
+                            let _ = std::os::unix::fs::FileExt::read_at(&f.file, buf, at);
+                        }
+                        None
                     } else {
                         inner
                             .topology

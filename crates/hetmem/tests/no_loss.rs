@@ -454,6 +454,67 @@ fn sigbus_for_a_failing_copy_back_is_retried() -> Result<()> {
     })
 }
 
+// ----------------------------------------------------------------------------------------- fork
+
+/// Forks; the child checks that `len` bytes at `addr` are all `want` and exits 0 if so, 1 if
+/// not (it allocates nothing). Returns the child's exit status.
+fn child_sees(addr: usize, len: usize, want: u8) -> i32 {
+    // SAFETY: the child only reads memory and exits with `_exit`, touching no lock another
+    // thread of ours may have held at the fork.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", os_error());
+    if pid == 0 {
+        let ok = cpu_bytes(addr, len).iter().all(|&b| b == want);
+        // SAFETY: ends the child at once, without running the parent's destructors.
+        unsafe { libc::_exit(i32::from(!ok)) };
+    }
+    let mut status = 0;
+    // SAFETY: reaps our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(libc::WIFEXITED(status), "child status {status:#x}");
+    libc::WEXITSTATUS(status)
+}
+
+/// A fork child's copy of registered memory that nobody touched since `register` holds the
+/// registered data (it read zero: the child copied only pages some memory held as valid).
+#[test]
+fn fork_child_sees_untouched_registered_pages() -> Result<()> {
+    common::watchdog("fork_registered", TIMEOUT_S, || {
+        let hm = context(DeviceKind::Private)?;
+        let len = 4 * PAGE_SIZE;
+        let a = anon(len);
+        // SAFETY: our own fresh mapping, not shared with any thread.
+        unsafe { std::ptr::write_bytes(a as *mut u8, 0x77, len) };
+        // SAFETY: the range is ours and nobody touches it during the call.
+        let reg = unsafe { hm.register(a as *mut u8, len) }?;
+        ensure!(
+            child_sees(a, len, 0x77) == 0,
+            "the child lost registered data"
+        );
+        drop(reg);
+        assert_all("the parent's range", cpu_bytes(a, len), 0x77);
+        munmap(a, len);
+        Ok(())
+    })
+}
+
+/// A fork child's copy of a file mapping holds the file's data in pages nobody touched.
+#[test]
+fn fork_child_sees_untouched_file_pages() -> Result<()> {
+    common::watchdog("fork_file", TIMEOUT_S, || {
+        let hm = context(DeviceKind::Private)?;
+        let len = 4 * PAGE_SIZE;
+        let path = std::env::temp_dir().join(format!("hetmem-no-loss-fork-{}", std::process::id()));
+        std::fs::write(&path, vec![0x5a; len])?;
+        let m = hm.map_file(&path, 0, len, hetmem::FileMode::Shared)?;
+        let status = child_sees(m.addr(), len, 0x5a);
+        drop(m);
+        std::fs::remove_file(&path)?;
+        ensure!(status == 0, "the child read other data than the file's");
+        Ok(())
+    })
+}
+
 // ------------------------------------------------------------------------------------------ D12
 
 /// D12: a coherent device mapping pages nobody touched marks them as possibly in the page cache;

@@ -1,7 +1,8 @@
 //! Shared by the integration tests: hang detection (a test that never finishes must fail, not
 //! stall CI), and CPU reads in a process of their own, which a signal may kill.
 
-#![allow(dead_code)] // each test binary uses part of this
+#![allow(dead_code)]
+// each test binary uses part of this
 // `read_in_clone` starts and reaps a process that shares our memory.
 #![allow(unsafe_code)]
 
