@@ -43,6 +43,9 @@ impl Target {
     }
 }
 
+/// The most fault-service threads a context runs (`HetmemBuilder::service_threads`).
+pub const MAX_SERVICE_THREADS: usize = 256;
+
 /// Simulated device settings.
 #[derive(Clone, Copy, Debug)]
 pub struct SimConfig {
@@ -105,9 +108,9 @@ impl HetmemBuilder {
         self
     }
 
-    /// Threads that serve CPU faults (at least 1; default 2).
+    /// Threads that serve CPU faults (1 to `MAX_SERVICE_THREADS`, 256; default 2).
     pub fn service_threads(mut self, n: usize) -> Self {
-        self.service_threads = n.max(1);
+        self.service_threads = n.clamp(1, MAX_SERVICE_THREADS);
         self
     }
 
@@ -188,19 +191,25 @@ impl HetmemBuilder {
             retry_pending: AtomicBool::new(false),
         });
         crate::fork::track(&inner);
-        let threads = (0..self.service_threads)
-            .map(|i| {
-                let inner = inner.clone();
-                std::thread::Builder::new()
-                    .name(format!("hetmem-fault-{i}"))
-                    .spawn(move || inner.serve())
-                    .map_err(Error::os("spawn fault-service thread"))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Hetmem(Arc::new(Shared {
-            inner,
-            threads: Mutex::new(threads),
-        })))
+        // Owned by `Shared` from the first thread on, so a spawn that fails stops and joins
+        // the threads already started (its drop) instead of leaving them running.
+        let shared = Arc::new(Shared {
+            inner: inner.clone(),
+            threads: Mutex::new(Vec::with_capacity(self.service_threads)),
+        });
+        for i in 0..self.service_threads {
+            let inner = inner.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("hetmem-fault-{i}"))
+                .spawn(move || inner.serve())
+                .map_err(Error::os("spawn fault-service thread"))?;
+            shared
+                .threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(t);
+        }
+        Ok(Hetmem(shared))
     }
 }
 

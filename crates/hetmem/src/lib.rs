@@ -25,7 +25,7 @@ mod stats;
 mod sys;
 
 pub use buffer::{ManagedBuf, Registration};
-pub use context::{Hetmem, HetmemBuilder, SimConfig, Target};
+pub use context::{Hetmem, HetmemBuilder, SimConfig, Target, MAX_SERVICE_THREADS};
 pub use device::{
     Chunk, CopyOp, CpuProt, Device, DeviceBackend, DeviceCounters, Endpoint, Fence, Location,
     PageState, SimBackend,
