@@ -173,6 +173,7 @@ impl HetmemBuilder {
             continue_wp: AtomicBool::new(true),
             space: RwLock::new(BTreeMap::new()),
             displaced: Mutex::new(Vec::new()),
+            kernel_runs: crate::device::KernelRuns::default(),
             detach: Arc::new(Mutex::new(())),
             regions: Mutex::new(Vec::new()),
             events: Mutex::new(()),
@@ -260,13 +261,12 @@ pub(crate) struct Piece {
 #[derive(Debug)]
 pub(crate) enum Work {
     /// Read-ahead: bring block `bi` home and map it for the CPU.
-    Prefetch {
-        region: Arc<Region>,
-        bi: usize,
-    },
+    Prefetch { region: Arc<Region>, bi: usize },
     Fault {
         addr: usize,
         write: bool,
+        /// The faulting thread (0 if the kernel does not say).
+        tid: u32,
     },
     /// File bytes no view shows any more: invalidate them.
     Unmapped {
@@ -289,6 +289,8 @@ pub(crate) struct MapEntry {
 pub(crate) struct Inner {
     /// Itself, for threads that must not keep it alive (the DONTUNMAP detach).
     me: std::sync::Weak<Inner>,
+    /// Device kernel closures running now (`device/kernel_cpu.rs`).
+    pub kernel_runs: crate::device::KernelRuns,
     pub topology: Topology,
     pub budget: AtomicBudget,
     pub devices: Vec<DeviceState>,
@@ -719,10 +721,14 @@ impl Inner {
         for m in msgs {
             match m {
                 Msg::PageFault {
-                    addr, write, wp, ..
+                    addr,
+                    write,
+                    wp,
+                    tid,
                 } => work.push(Work::Fault {
                     addr,
                     write: write || wp,
+                    tid,
                 }),
                 Msg::Unmap { start, end } | Msg::Remove { start, end } => {
                     for (region, off, len) in self.unmap_views(start, end) {
@@ -805,7 +811,9 @@ impl Inner {
             }
             for w in work {
                 match w {
-                    Work::Fault { addr, write } => self.cpu_fault(addr & !(PAGE_SIZE - 1), write),
+                    Work::Fault { addr, write, tid } => {
+                        self.cpu_fault(addr & !(PAGE_SIZE - 1), write, tid)
+                    }
                     Work::Prefetch { region, bi } => self.prefetch(&region, bi),
                     Work::Unmapped { region, off, len } => {
                         self.invalidate_file_range(&region, off, len, Invalidation::Unmap)
@@ -1096,12 +1104,15 @@ impl Inner {
     /// retried with every page of its run re-checked, or the thread gets SIGBUS, or, when the
     /// message is stale (the range went away or changed protection meanwhile), the thread is
     /// woken to retry against the mappings as they are now.
-    fn cpu_fault(&self, addr: usize, write: bool) {
+    fn cpu_fault(&self, addr: usize, write: bool, tid: u32) {
         self.stats.cpu_faults.add(1);
         let Ok(pieces) = self.pieces(addr, PAGE_SIZE) else {
             return self.stale_fault(addr);
         };
         let p = &pieces[0];
+        if self.kernel_cpu_access(p, write, tid) {
+            return;
+        }
         let page = p.run.start();
         let access = if write { Access::Write } else { Access::Read };
         self.check_eof(&p.region);

@@ -702,7 +702,7 @@ impl Inner {
 
     /// Maps fresh pages of a CPU view (UFFDIO_CONTINUE), read-only if `wp`. `backing` is the
     /// backing view's address of the same bytes.
-    fn map_cpu(&self, va: usize, len: usize, wp: bool, backing: usize) {
+    pub(crate) fn map_cpu(&self, va: usize, len: usize, wp: bool, backing: usize) {
         let with_wp = wp && self.continue_wp.load(std::sync::atomic::Ordering::Relaxed);
         let r = self.fill(va, len, |s, l| self.uffd.continue_(s, l, with_wp, false));
         match r {

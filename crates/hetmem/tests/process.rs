@@ -7,6 +7,8 @@ use std::sync::{Arc, Barrier, Mutex};
 
 use hetmem::{DeviceKind, Error, Hetmem, Location, Target, PAGE_SIZE};
 
+mod common;
+
 fn hm(kind: DeviceKind) -> Hetmem {
     Hetmem::builder()
         .sim_device(kind, 16 << 20)
@@ -415,4 +417,91 @@ fn evicted_data_is_mapped_around() {
         faults <= 2 * blocks as u64,
         "{faults} CPU faults for {blocks} blocks"
     );
+}
+
+/// A device kernel's closure that reads its own pages through the CPU (not through the slice it
+/// is given) gets the device's data and the launch succeeds. It used to deadlock: the worker
+/// holds the block's page-table read lock, which the CPU fault needed for writing.
+#[test]
+fn kernel_reads_its_own_pages_through_the_cpu() -> anyhow::Result<()> {
+    common::watchdog("kernel_reads_through_cpu", 60, || {
+        for kind in [DeviceKind::Private, DeviceKind::Coherent] {
+            let hm = hm(kind);
+            let dev = hm.device(0).unwrap();
+            let len = 4 << 20;
+            let mut buf = hm.alloc(len)?;
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = (i / PAGE_SIZE) as u8;
+            }
+            dev.write(buf.addr() + PAGE_SIZE, &[0xee; PAGE_SIZE])?;
+            let b = &buf;
+            let seen = std::sync::atomic::AtomicUsize::new(0);
+            dev.kernel_read(b.addr(), len, |va, data| {
+                let off = va - b.addr();
+                assert_eq!(
+                    &b[off..off + data.len()],
+                    data,
+                    "{kind:?}: CPU view at {off:#x}"
+                );
+                seen.fetch_add(data.len(), std::sync::atomic::Ordering::Relaxed);
+            })?;
+            assert_eq!(seen.into_inner(), len);
+            assert!(buf[PAGE_SIZE..2 * PAGE_SIZE].iter().all(|&x| x == 0xee));
+            assert_eq!(dev.read(buf.addr(), len)?, buf.to_vec());
+            assert_eq!(hm.stats().errors, 0);
+        }
+        Ok(())
+    })
+}
+
+/// A kernel that touches through the CPU the pages it is writing, or writes through a CPU
+/// pointer, fails with `Invalid` instead of deadlocking (it did, as a read did); the CPU and the
+/// device agree afterwards, and a write through the CPU pointer is in the device's copy.
+#[test]
+fn kernel_cpu_accesses_to_pages_it_maps_fail_cleanly() -> anyhow::Result<()> {
+    common::watchdog("kernel_cpu_access_fails", 60, || {
+        for kind in [DeviceKind::Private, DeviceKind::Coherent] {
+            let hm = hm(kind);
+            let dev = hm.device(0).unwrap();
+            let len = 2 << 20;
+            let mut buf = hm.alloc(len)?;
+            buf.fill(1);
+            let b = &buf;
+            let r = dev.kernel_write(b.addr(), len, |va, data| {
+                data.fill(2);
+                let off = va - b.addr();
+                std::hint::black_box(b[off]);
+            });
+            assert!(
+                matches!(r, Err(Error::Invalid(_))),
+                "{kind:?}: kernel_write reading its pages through the CPU: {r:?}"
+            );
+            assert_eq!(
+                dev.read(buf.addr(), len)?,
+                buf.to_vec(),
+                "{kind:?}: after kernel_write"
+            );
+
+            let base = buf.addr();
+            let r = dev.kernel_read(base, len, |va, _| {
+                // SAFETY: the page is managed memory this test owns; the write goes through the
+                // CPU view, as a buggy kernel would make it.
+                unsafe { (va as *mut u8).write_volatile(0x5a) };
+            });
+            // A coherent device shares its memory with the CPU: when the CPU maps the page
+            // already, its write takes no fault and is simply coherent.
+            assert!(
+                matches!(r, Err(Error::Invalid(_))) || (kind == DeviceKind::Coherent && r.is_ok()),
+                "{kind:?}: kernel_read writing through a CPU pointer: {r:?}"
+            );
+            let on_device = dev.read(base, len)?;
+            assert_eq!(
+                on_device[0], 0x5a,
+                "{kind:?}: the CPU write reached the device copy"
+            );
+            assert_eq!(on_device, buf.to_vec(), "{kind:?}: after kernel_read");
+            assert_eq!(hm.stats().errors, 0);
+        }
+        Ok(())
+    })
 }

@@ -13,9 +13,11 @@ use hetmem_proto::{
 };
 
 mod backend;
+mod kernel_cpu;
 mod sim;
 
 pub use backend::{Chunk, CopyOp, DeviceBackend, Endpoint, Fence};
+pub(crate) use kernel_cpu::KernelRuns;
 pub use sim::SimBackend;
 
 use crate::context::{Piece, Shared, SimConfig, Target};
@@ -24,6 +26,13 @@ use crate::raw::RawRange;
 use crate::region::pte;
 use crate::stats::Counter;
 use crate::sys::mem;
+
+/// A kernel launch's access, for `access_pieces`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    Read,
+    Write,
+}
 
 /// What a command does with each translated piece: its runs as `(address, memory)`.
 type RunFn<'a> = dyn Fn(&Piece, &[(usize, RawRange)]) + Sync + 'a;
@@ -231,6 +240,7 @@ impl Device {
         access: Access,
         f: &RunFn<'_>,
         rounds: &AtomicU32,
+        kernel: Option<Kernel>,
     ) -> Result<()> {
         let inner = self.inner();
         let d = self.id.index();
@@ -239,7 +249,7 @@ impl Device {
             inner.sync_prot(p)?;
             let mut tries = 0u32;
             loop {
-                {
+                let ran = {
                     let _gate = inner.gate.enter();
                     let db = slot.dev[d].read().unwrap_or_else(|e| e.into_inner());
                     let entries = &db.pt[p.run.pages()];
@@ -280,10 +290,27 @@ impl Device {
                             ));
                             i = j;
                         }
+                        // A kernel's closure may touch its pages through the CPU: the fault
+                        // service must recognise its worker (`kernel_cpu.rs`).
+                        let registered = kernel.map(|_| {
+                            let spans: Vec<(usize, usize, usize)> = runs
+                                .iter()
+                                .map(|&(va, r)| (va, r.ptr as usize, r.len))
+                                .collect();
+                            inner.kernel_runs.enter(p, self.id, &spans)
+                        });
                         f(p, &runs);
                         inner.devices[d].counters.pages.add(p.run.len() as u64);
-                        break;
+                        Some(registered)
+                    } else {
+                        None
                     }
+                };
+                if let Some(registered) = ran {
+                    if let (Some(r), Some(k)) = (registered, kernel) {
+                        inner.settle_kernel_run(p, r, k == Kernel::Write)?;
+                    }
+                    break;
                 }
                 tries += 1;
                 if tries > 10_000 {
@@ -317,7 +344,7 @@ impl Device {
     /// `Inner::pieces`.
     fn run_command(&self, pieces: &[Piece], access: Access, f: &RunFn<'_>) -> Result<()> {
         let rounds = AtomicU32::new(0);
-        let r = self.access_pieces(pieces, access, f, &rounds);
+        let r = self.access_pieces(pieces, access, f, &rounds, None);
         let n = rounds.load(Ordering::Relaxed);
         if n > 0 {
             self.inner().devices[self.id.index()].counters.faults.add(1);
@@ -539,7 +566,12 @@ impl Device {
                         if i >= pieces.len() {
                             return;
                         }
-                        if let Err(e) = self.access_pieces(&pieces[i..=i], access, f, rounds) {
+                        let kind = match access {
+                            Access::Read => Kernel::Read,
+                            _ => Kernel::Write,
+                        };
+                        let r = self.access_pieces(&pieces[i..=i], access, f, rounds, Some(kind));
+                        if let Err(e) = r {
                             first_err
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner())

@@ -92,6 +92,8 @@ pub enum Msg {
         write: bool,
         /// A write to a write-protected page.
         wp: bool,
+        /// The faulting thread (UFFD_FEATURE_THREAD_ID; 0 without it).
+        tid: u32,
     },
     /// `mremap` moved `[from, from + len)` to `to`.
     Remap {
@@ -538,6 +540,7 @@ fn decode(m: &uapi::uffd_msg) -> Msg {
                     addr: pf.address as usize,
                     write: flags & uapi::UFFD_PAGEFAULT_FLAG_WRITE != 0,
                     wp: flags & uapi::UFFD_PAGEFAULT_FLAG_WP != 0,
+                    tid: pf.feat.ptid,
                 }
             }
             uapi::UFFD_EVENT_REMAP => {
