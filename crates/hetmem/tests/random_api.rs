@@ -23,7 +23,7 @@
 //!
 //! **Environment.**
 //! - `HETMEM_FUZZ_SEED`: run this one seed (decimal or `0x` hex); `HETMEM_FUZZ_STEPS` steps per
-//!   seed (default 250).
+//!   seed (default 400; the default run is 5 fixed seeds).
 //! - `HETMEM_FUZZ_SECS`: a long run: new seeds (from `HETMEM_FUZZ_SEED`, or from the clock)
 //!   until the time is up. `HETMEM_FUZZ_KEEP_GOING=1` goes on after a failing seed and lists the
 //!   failures at the end.
@@ -37,6 +37,13 @@
 //!   `HETMEM_FUZZ_VERBOSE=1` prints every operation as it starts.
 //! - `HETMEM_FUZZ_STEP_TIMEOUT_S`: a step running longer (default 60 s) is a hang: the test
 //!   prints the seed and the recent operations and aborts.
+//!
+//! **On `main` at 273d328** every seed fails within a few dozen steps; the failures and their
+//! minimal reproductions are in `tests/found_by_fuzz.rs`. A clean run there needs
+//! `HETMEM_FUZZ_OPS=-munmap,-shrink,-dontunmap,-mprotect,-protect,-fork,-forkprot,-forkcalls,
+//! -exclusive,-badargs,-huge,-fifo,-dropfail` (issue 10 A1, A2, A3, A4, B6, B7, C10, C11, D12
+//! and the new findings), and even then a few seeds in a hundred still count a stale-fault
+//! error (D12). Remove a class from that list when its bug is fixed.
 //!
 //! A failure prints the seed, the step, the recent operations and the command that replays it.
 //! Given the seed, the class mask and the step count the sequence is the same on every run:
@@ -74,8 +81,15 @@ const BLOCK: usize = 2 << 20;
 /// 3 MiB per device: less than the objects together, so devices evict.
 const DEV_PAGES: usize = 768;
 const KERNEL_WORKERS: usize = 2;
-const DEFAULT_STEPS: usize = 250;
-const DEFAULT_SEEDS: [u64; 3] = [0x5eed_0001, 0x5eed_0002, 0x5eed_0003];
+/// The default run (CI): 5 seeds of 400 steps, a few seconds when nothing fails.
+const DEFAULT_STEPS: usize = 400;
+const DEFAULT_SEEDS: [u64; 5] = [
+    0x5eed_0001,
+    0x5eed_0002,
+    0x5eed_0003,
+    0x5eed_0004,
+    0x5eed_0005,
+];
 const MAX_OBJS: usize = 7;
 const FULL_CHECK_EVERY: usize = 50;
 /// `write(2)` and `read(2)` through the pipe up to this length (its default capacity); longer
@@ -108,6 +122,7 @@ enum Class {
     Protect,
     Advise,
     Munmap,
+    Shrink,
     Mremap,
     DontUnmap,
     Mprotect,
@@ -116,6 +131,7 @@ enum Class {
     ForkProt,
     ForkCalls,
     CopyFail,
+    DropFail,
     FileFail,
     Flush,
     BadArgs,
@@ -141,7 +157,8 @@ const CLASSES: &[(Class, &str, &str)] = &[
     (Class::Protect, "protect", "Hetmem::protect"),
     (Class::Advise, "advise", "Hetmem::advise"),
     (Class::Munmap, "munmap", "raw munmap of parts"),
-    (Class::Mremap, "mremap", "raw mremap of parts: shrink in place, move"),
+    (Class::Shrink, "shrink", "raw mremap shrinking part of a view in place"),
+    (Class::Mremap, "mremap", "raw mremap moving part of a view, to a 2 MiB-aligned address or not"),
     (Class::DontUnmap, "dontunmap", "raw mremap(MREMAP_DONTUNMAP) of parts; the old range must read zero"),
     (Class::Mprotect, "mprotect", "raw mprotect of parts"),
     (Class::Madvise, "madvise", "raw madvise: MADV_DONTNEED keeps the data, MADV_FREE fails with EINVAL"),
@@ -149,6 +166,7 @@ const CLASSES: &[(Class, &str, &str)] = &[
     (Class::ForkProt, "forkprot", "fork: the child's copies keep the views' protection (EFAULT probes)"),
     (Class::ForkCalls, "forkcalls", "fork: every call on the context in the child returns Invalid"),
     (Class::CopyFail, "copyfail", "Device::inject_transfer_failures around an operation"),
+    (Class::DropFail, "dropfail", "a registration dropped while its device fails the copy home"),
     (Class::FileFail, "filefail", "FileMapping::inject_read_failures and inject_writeback_failures"),
     (Class::Flush, "flush", "FileMapping::flush and sync, then the file is compared"),
     (Class::BadArgs, "badargs", "unaligned, zero-length, overflowing, unmanaged, freed and foreign arguments"),
@@ -263,6 +281,7 @@ enum Op {
     Madvise,
     Fork,
     CopyFail,
+    DropFail,
     FileFail,
     Flush,
     BadArgs,
@@ -294,13 +313,14 @@ const OPS: &[(Op, Class, u32)] = &[
     (Op::Protect, Class::Protect, 3),
     (Op::Advise, Class::Advise, 2),
     (Op::Munmap, Class::Munmap, 3),
-    (Op::MremapShrink, Class::Mremap, 2),
+    (Op::MremapShrink, Class::Shrink, 2),
     (Op::MremapMove, Class::Mremap, 3),
     (Op::DontUnmap, Class::DontUnmap, 2),
     (Op::Mprotect, Class::Mprotect, 4),
     (Op::Madvise, Class::Madvise, 2),
     (Op::Fork, Class::Fork, 1),
     (Op::CopyFail, Class::CopyFail, 3),
+    (Op::DropFail, Class::DropFail, 1),
     (Op::FileFail, Class::FileFail, 2),
     (Op::Flush, Class::Flush, 4),
     (Op::BadArgs, Class::BadArgs, 4),
@@ -1560,6 +1580,7 @@ impl World {
             Op::Madvise => self.op_madvise(),
             Op::Fork => self.op_fork(),
             Op::CopyFail => self.op_copy_fail(),
+            Op::DropFail => self.op_drop_fail(),
             Op::FileFail => self.op_file_fail(),
             Op::Flush => self.op_flush(),
             Op::BadArgs => self.op_bad_args(),
@@ -2740,7 +2761,7 @@ impl World {
     fn op_copy_fail(&mut self) {
         let d = self.rng.below(2);
         let n = 1 + self.rng.below(2) as u32;
-        let sub = self.rng.below(7);
+        let sub = self.rng.below(6);
         let soft: &[Ek] = &[Ek::Io, Ek::NoMem];
         match sub {
             0 => {
@@ -2869,35 +2890,41 @@ impl World {
                     self.observe(o, va, np * PAGE_SIZE, "after release with failing copies");
                 }
             }
-            _ => {
-                // Issue 10 A3: a registration dropped while a copy back fails.
-                let Some(o) = self.pick_obj(|ob| {
-                    matches!(ob.handle, Handle::Reg(_)) && ob.segs.iter().any(|s| s.prot.writable())
-                }) else {
-                    return self.say("copyfail: skipped (no writable registration)");
-                };
-                let segs: Vec<Seg> = self.objs[o]
-                    .segs
-                    .iter()
-                    .filter(|s| s.prot.writable())
-                    .copied()
-                    .collect();
-                let s = segs[self.rng.below(segs.len())];
-                let np = self.objs[o].one_piece(s.va, self.rng.len(s.len / PAGE_SIZE));
-                let bytes = self.rng.bytes(np * PAGE_SIZE);
-                self.say(format!(
-                    "dev{d}.write [{:#x}, +{np} pages) of {}; dev{d} fails 1 transfer; drop it",
-                    s.va, self.objs[o].name
-                ));
-                let r = self.devs[d].write(s.va, &bytes);
-                self.ok(&format!("dev{d}.write"), r);
-                self.objs[o].store(s.va, &bytes);
-                let obj = self.objs.remove(o);
-                self.devs[d].inject_transfer_failures(1);
-                self.drop_obj(obj);
-                self.devs[d].inject_transfer_failures(0);
-            }
+            _ => unreachable!("six sub-cases"),
         }
+    }
+
+    /// Issue 10 A3: a registration dropped while its device fails the copy home. Dropping it
+    /// gives the range back "holding the latest data" (`Hetmem::register`'s docs); a failed
+    /// copy keeps the data where it was (`docs/protocol.md` §6), so the drop must retry or keep
+    /// it, never hand back the older system copy.
+    fn op_drop_fail(&mut self) {
+        let d = self.rng.below(2);
+        let Some(o) = self.pick_obj(|ob| {
+            matches!(ob.handle, Handle::Reg(_)) && ob.segs.iter().any(|s| s.prot.writable())
+        }) else {
+            return self.say("dropfail: skipped (no writable registration)");
+        };
+        let segs: Vec<Seg> = self.objs[o]
+            .segs
+            .iter()
+            .filter(|s| s.prot.writable())
+            .copied()
+            .collect();
+        let s = segs[self.rng.below(segs.len())];
+        let np = self.objs[o].one_piece(s.va, self.rng.len(s.len / PAGE_SIZE));
+        let bytes = self.rng.bytes(np * PAGE_SIZE);
+        self.say(format!(
+            "dev{d}.write [{:#x}, +{np} pages) of {}; dev{d} fails 1 transfer; drop it",
+            s.va, self.objs[o].name
+        ));
+        let r = self.devs[d].write(s.va, &bytes);
+        self.ok(&format!("dev{d}.write"), r);
+        self.objs[o].store(s.va, &bytes);
+        let obj = self.objs.remove(o);
+        self.devs[d].inject_transfer_failures(1);
+        self.drop_obj(obj);
+        self.devs[d].inject_transfer_failures(0);
     }
 
     /// File I/O failures (`inject_read_failures`, `inject_writeback_failures`), file contract
