@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 mod common;
 
+use common::{env_or, Rng};
+
 use hetmem::{
     Device, DeviceKind, Error, Hetmem, Location, ManagedBuf, SimConfig, Target, PAGE_SIZE,
 };
@@ -29,55 +31,9 @@ const DEFAULT_STEPS: usize = 1000;
 const FULL_CHECK_EVERY: usize = 64;
 const TIMEOUT: Duration = Duration::from_secs(120);
 
-/// xorshift64*.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        Rng((z ^ (z >> 31)) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(n + 8);
-        while v.len() < n {
-            v.extend_from_slice(&self.next().to_ne_bytes());
-        }
-        v.truncate(n);
-        v
-    }
-    /// A length biased to small values, `1..=max`.
-    fn len(&mut self, max: usize) -> usize {
-        match self.below(4) {
-            0 => 1,
-            1 => 1 + self.below(max.min(8)),
-            _ => 1 + self.below(max),
-        }
-    }
-}
-
 /// The kernel_write transform, the same for the device and the oracle.
 fn transform(b: u8, off: usize, k: u8) -> u8 {
     b.wrapping_mul(5).wrapping_add(k) ^ (off as u8).rotate_left(3) ^ ((off >> 12) as u8)
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 /// Aborts the process if a test hangs.
@@ -523,10 +479,7 @@ impl World {
 fn differential(name: &str, kinds: [DeviceKind; 2], seeds: &[u64]) -> anyhow::Result<()> {
     let _watchdog = Watchdog::start(name.to_string());
     let steps: usize = env_or("HETMEM_DIFF_STEPS", DEFAULT_STEPS);
-    let fixed: Option<u64> = std::env::var("HETMEM_DIFF_SEED").ok().and_then(|s| {
-        s.strip_prefix("0x")
-            .map_or_else(|| s.parse().ok(), |h| u64::from_str_radix(h, 16).ok())
-    });
+    let fixed = common::env_seed("HETMEM_DIFF_SEED");
     let seeds: Vec<u64> = fixed.map_or_else(|| seeds.to_vec(), |s| vec![s]);
     for seed in seeds {
         World::new(name, kinds, seed)?.run(steps);
