@@ -1913,11 +1913,19 @@ impl Hetmem {
     /// Advice for a range, as cudaMemAdvise.
     ///
     /// # Errors
-    /// `Invalid` (EINVAL) for an empty, unaligned or wrapping range, and in a fork child;
-    /// `Fault` (EFAULT) when part of the range is not managed memory (no advice is taken
-    /// then).
+    /// `Invalid` (EINVAL) for advice naming a device the context does not have, an empty,
+    /// unaligned or wrapping range, and in a fork child; `Fault` (EFAULT) when part of the
+    /// range is not managed memory (no advice is taken then).
     pub fn advise(&self, addr: usize, len: usize, advice: hetmem_proto::Advice) -> Result<()> {
         let inner = self.inner();
+        let named = match advice {
+            hetmem_proto::Advice::PreferredLocation(Some(Mem::Device(d)))
+            | hetmem_proto::Advice::AccessedBy(d, _) => Some(d),
+            _ => None,
+        };
+        if named.is_some_and(|d| inner.topology.kind(d).is_none()) {
+            return Err(Error::Invalid("no such device"));
+        }
         for p in inner.pieces(addr, len)? {
             let event = Event::Advise {
                 pages: p.run,

@@ -130,6 +130,19 @@ impl Inner {
                     None => results.push((t.op, r)),
                 }
             }
+            // Zero fills of adopted pages kept their data: once their op succeeded, that data is
+            // the page's, and later fills start from what the protocol says.
+            let filled: Mask = transfers
+                .iter()
+                .filter(|t| t.src == Source::Zero && t.writeback.is_none())
+                .filter(|t| results.iter().any(|&(op, r)| op == t.op && r.is_ok()))
+                .fold(Mask::EMPTY, |m, t| m | mask_of(t.run));
+            if !filled.is_empty() {
+                *region.blocks[bi]
+                    .adopted
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) -= filled;
+            }
             for (op, result) in results {
                 self.handle(block, Event::Complete { op, result }, &mut actions)?;
             }
@@ -358,6 +371,11 @@ impl Inner {
                 keep |= st.frames_of(d);
             }
         }
+        // What `register` adopted is gone with the rest.
+        *region.blocks[bi]
+            .adopted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) -= mask_of(run) - keep;
         let mut pop = region.blocks[bi]
             .populated
             .lock()
@@ -500,13 +518,11 @@ impl Inner {
         };
         match t.src {
             Source::Zero => {
-                // Pages adopted by `register` come with data: their first fill keeps it.
-                let adopted = {
-                    let mut a = slot.adopted.lock().unwrap_or_else(|e| e.into_inner());
-                    let hit = *a & mask_of(t.run);
-                    *a -= hit;
-                    hit
-                };
+                // Pages adopted by `register` come with data: their first fill keeps it. They
+                // stay adopted until the fill's op has succeeded as a whole (`drive`): a fill
+                // that fails leaves the data where it was, in system memory.
+                let adopted =
+                    *slot.adopted.lock().unwrap_or_else(|e| e.into_inner()) & mask_of(t.run);
                 let fresh = mask_of(t.run) - adopted;
                 match dst_dev {
                     None => {

@@ -301,6 +301,23 @@ extern "C" fn child() {
                     }
                     at += PAGE_SIZE;
                 }
+                // The copy keeps each part of the view's protection (an mprotect of the
+                // application's), as a fork child's private memory does.
+                for m in mem::maps_in(v.va, v.va + v.len)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter(|m| m.inode == r.inode)
+                {
+                    let b = m.perms.as_bytes();
+                    let prot = match (b.first() == Some(&b'r'), b.get(1) == Some(&b'w')) {
+                        (true, true) => continue,
+                        (true, false) => libc::PROT_READ,
+                        (false, _) => libc::PROT_NONE,
+                    };
+                    let (s, e) = (m.start.max(v.va), m.end.min(v.va + v.len));
+                    // SAFETY: part of our fresh copy, which nobody references yet.
+                    let _ = unsafe { mem::protect(copy.addr() + (s - v.va), e - s, prot) };
+                }
                 // SAFETY: replaces the child's inherited shared view with its private copy at
                 // the same address, so the child's pointers stay valid and see the same data.
                 let p = unsafe {
