@@ -454,6 +454,42 @@ fn sigbus_for_a_failing_copy_back_is_retried() -> Result<()> {
     })
 }
 
+/// E13 for a file: a page that cannot be read raises SIGBUS while the error lasts; once the file
+/// reads again, the next access (after the short delay) reads it, as the kernel retries an
+/// unreadable page at every access. The marker stayed for ever.
+#[test]
+fn sigbus_for_an_unreadable_file_page_is_retried() -> Result<()> {
+    common::watchdog("sigbus_file_retried", TIMEOUT_S, || {
+        let hm = context(DeviceKind::Private)?;
+        let len = 4 * PAGE_SIZE;
+        let path = std::env::temp_dir().join(format!("hetmem-no-loss-e13-{}", std::process::id()));
+        std::fs::write(&path, vec![0x3c; len])?;
+        let m = hm.map_file(&path, 0, len, hetmem::FileMode::Shared)?;
+        let want = vec![0x3cu8; PAGE_SIZE];
+        let limit = std::time::Duration::from_secs(20);
+        m.inject_read_failures(u32::MAX, libc::EIO);
+        let r = common::read_in_clone(m.addr(), &want, limit);
+        ensure!(
+            r == common::Reading::Signal(libc::SIGBUS),
+            "a read of a page the file cannot give: {r:?}"
+        );
+        m.inject_read_failures(0, libc::EIO);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match common::read_in_clone(m.addr(), &want, limit) {
+                common::Reading::Wanted => break,
+                common::Reading::Signal(libc::SIGBUS) if std::time::Instant::now() < deadline => {}
+                r => anyhow::bail!("the file reads again, but a CPU read still gives {r:?}"),
+            }
+        }
+        assert_all("the mapping", m.as_slice(), 0x3c);
+        drop(m);
+        std::fs::remove_file(&path)?;
+        ensure!(hm.stats().errors == 0, "errors: {}", hm.stats().errors);
+        Ok(())
+    })
+}
+
 // ----------------------------------------------------------------------------------------- fork
 
 /// Forks; the child checks that `len` bytes at `addr` are all `want` and exits 0 if so, 1 if
