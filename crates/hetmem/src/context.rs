@@ -325,7 +325,7 @@ pub(crate) struct Inner {
     pub gate: ForkGate,
     /// This is a fork child's copy of the context: nothing may touch the parent's userfaultfd.
     orphaned: AtomicBool,
-    /// CPU pages poisoned because a copy into them kept failing (`poison_for_retry`).
+    /// CPU pages poisoned because a copy into them kept failing (`poison_page`).
     retry_poison: Mutex<Vec<PoisonedPage>>,
     /// `retry_poison` is not empty: checked without the lock on every drive.
     retry_pending: AtomicBool,
@@ -527,8 +527,8 @@ impl Inner {
     }
 
     /// Whether the kernel shows `entry`'s region at `va` now, at the file offset the entry says.
-    fn shown_at(va: usize, entry: &MapEntry, off: usize) -> bool {
-        matches!(mem::vma_info(va), Ok(Some(v)) if v.shows(entry.region.inode, va, off))
+    fn shown_at(va: usize, entry: &MapEntry) -> bool {
+        matches!(mem::vma_info(va), Ok(Some(v)) if v.shows(entry.region.inode, va, entry.off))
     }
 
     /// Takes `[start, end)` out of the address map: entries that straddle it keep their parts
@@ -593,10 +593,9 @@ impl Inner {
     /// there now was entered after the unmap (`add_region` reused the addresses) and stays.
     fn unmap_views(&self, start: usize, end: usize) -> Vec<(Arc<Region>, usize, usize)> {
         let mut space = self.space.write().unwrap_or_else(|e| e.into_inner());
-        let mut cut = Self::cut_views(&mut space, start, end);
         let mut gone = Vec::new();
-        for (va, m) in cut.drain(..) {
-            if Self::shown_at(va, &m, m.off) {
+        for (va, m) in Self::cut_views(&mut space, start, end) {
+            if Self::shown_at(va, &m) {
                 space.insert(va, m);
             } else {
                 gone.push((va, m));
@@ -673,8 +672,7 @@ impl Inner {
         let mut cut = Self::cut_views(&mut space, from, from + len);
         let mut kept = Vec::new();
         cut.retain(|(va, m)| {
-            let young =
-                Self::shown_at(*va, m, m.off) && !Self::shown_at(to + (va - from), m, m.off);
+            let young = Self::shown_at(*va, m) && !Self::shown_at(to + (va - from), m);
             if young {
                 kept.push((*va, m.clone()));
             }
@@ -894,24 +892,11 @@ impl Inner {
             Event::Request { pages, .. } | Event::Invalidate { pages, .. } => pages,
             Event::Advise { .. } | Event::Complete { .. } => return,
         };
-        let hit: Vec<usize> = {
-            let mut list = self.retry_poison.lock().unwrap_or_else(|e| e.into_inner());
-            let mut hit = Vec::new();
-            list.retain(|p| {
-                let mine = std::ptr::eq(p.region.as_ptr(), region)
-                    && p.bi == bi
-                    && pages.pages().contains(&p.page);
-                if mine {
-                    hit.push(p.page);
-                }
-                !mine
-            });
-            self.retry_pending
-                .store(!list.is_empty(), Ordering::Release);
-            hit
-        };
-        for page in hit {
-            self.clear_poison(region, bi, block, page);
+        let hit = self.take_poisoned(|p| {
+            std::ptr::eq(p.region.as_ptr(), region) && p.bi == bi && pages.pages().contains(&p.page)
+        });
+        for p in hit {
+            self.clear_poison(region, bi, block, p.page);
         }
     }
 
@@ -1179,15 +1164,11 @@ impl Inner {
         match r {
             Ok(()) => {}
             // Past the end of the file: SIGBUS, as with mmap.
-            Err(RequestError::BeyondEof) => {
-                self.poison_page(p, false);
-            }
+            Err(RequestError::BeyondEof) => self.poison_page(p, false),
             // A copy that keeps failing (a file that cannot be read, a dead device) is a memory
             // error: SIGBUS, as the kernel gives for an unreadable page, rather than a thread
             // stuck for ever. The data stays where it was; the next access retries.
-            Err(RequestError::Op(_)) => {
-                self.poison_page(p, true);
-            }
+            Err(RequestError::Op(_)) => self.poison_page(p, true),
             // The mapping changed since the thread faulted: unmapped (the page is no longer
             // managed memory) or protected (a raw mprotect, re-checked above). Woken, the
             // thread retries against the mapping as it is now: the kernel then gives it
@@ -1231,8 +1212,8 @@ impl Inner {
     /// views only after it has taken each block's lock, so the addresses cannot pass to a newer
     /// region meanwhile. With `retry`, the data could not be copied there, which may pass: the
     /// marker goes after `POISON_RETRY_AFTER`, or when another request covers the page, and the
-    /// next access tries again. Returns whether the page was poisoned.
-    fn poison_page(&self, p: &Piece, retry: bool) -> bool {
+    /// next access tries again.
+    fn poison_page(&self, p: &Piece, retry: bool) {
         let page = p.run.start();
         let _block = self.lock_block(&p.region.blocks[p.bi]);
         let mut ranges = Vec::new();
@@ -1242,7 +1223,7 @@ impl Inner {
             &mut ranges,
         );
         if !ranges.contains(&(p.va, PAGE_SIZE)) {
-            return false;
+            return;
         }
         if retry {
             self.retry_poison
@@ -1259,7 +1240,6 @@ impl Inner {
             self.kick();
         }
         self.poison(p.va, PAGE_SIZE);
-        true
     }
 
     /// Time until the next poisoned page is due for a retry.
@@ -1274,21 +1254,23 @@ impl Inner {
             .min()
     }
 
+    /// Takes the poisoned pages `pick` selects off the list.
+    fn take_poisoned(&self, pick: impl Fn(&PoisonedPage) -> bool) -> Vec<PoisonedPage> {
+        let mut list = self.retry_poison.lock().unwrap_or_else(|e| e.into_inner());
+        let (picked, keep) = std::mem::take(&mut *list)
+            .into_iter()
+            .partition(|p| pick(p));
+        *list = keep;
+        self.retry_pending
+            .store(!list.is_empty(), Ordering::Release);
+        picked
+    }
+
     /// Clears the SIGBUS markers of the poisoned pages `pick` selects, so their next access
     /// faults again. A page the CPU maps by now (a drive mapped it over the marker) needs
     /// nothing.
     fn unpoison(&self, pick: impl Fn(&PoisonedPage) -> bool) {
-        let due: Vec<PoisonedPage> = {
-            let mut list = self.retry_poison.lock().unwrap_or_else(|e| e.into_inner());
-            let (due, keep) = std::mem::take(&mut *list)
-                .into_iter()
-                .partition(|p| pick(p));
-            *list = keep;
-            self.retry_pending
-                .store(!list.is_empty(), Ordering::Release);
-            due
-        };
-        for p in due {
+        for p in self.take_poisoned(pick) {
             let Some(region) = p.region.upgrade() else {
                 continue;
             };

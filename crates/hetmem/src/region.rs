@@ -244,24 +244,22 @@ impl Region {
 
     /// The CPU address ranges showing file bytes `[off, off + len)`.
     pub fn cpu_ranges(&self, off: usize, len: usize, out: &mut Vec<(usize, usize)>) {
-        let views = self.views.read().unwrap_or_else(|e| e.into_inner());
-        for v in views.iter() {
-            let s = off.max(v.off);
-            let e = (off + len).min(v.off + v.len);
-            if s < e {
-                out.push((v.va + (s - v.off), e - s));
-            }
-        }
+        self.each_view_range(off, len, |va, _, n| out.push((va, n)));
     }
 
     /// Like `cpu_ranges`, with each range's file offset: `(address, offset, length)`.
     pub fn cpu_ranges_at(&self, off: usize, len: usize, out: &mut Vec<(usize, usize, usize)>) {
+        self.each_view_range(off, len, |va, at, n| out.push((va, at, n)));
+    }
+
+    /// Calls `f(address, offset, length)` for each view's part of file bytes `[off, off + len)`.
+    fn each_view_range(&self, off: usize, len: usize, mut f: impl FnMut(usize, usize, usize)) {
         let views = self.views.read().unwrap_or_else(|e| e.into_inner());
         for v in views.iter() {
             let s = off.max(v.off);
             let e = (off + len).min(v.off + v.len);
             if s < e {
-                out.push((v.va + (s - v.off), s, e - s));
+                f(v.va + (s - v.off), s, e - s);
             }
         }
     }
