@@ -1048,20 +1048,21 @@ impl Inner {
 
     /// Brings the protocol's idea of the piece's protection up to date with the kernel's
     /// mappings, as hmm_range_fault checks the VMA. A raw `mprotect` has no notifier in user
-    /// space, so this runs before every device access and migration. Returns the protection
-    /// of the piece's first page.
+    /// space, so this runs before every device access and migration. Returns whether every
+    /// page of the piece is readable, and whether every one is writable.
     pub(crate) fn sync_prot(&self, p: &Piece) -> Result<(bool, bool)> {
         self.check_eof(&p.region);
         let end = p.va + p.run.len() * PAGE_SIZE;
         let mut at = p.va;
-        let mut first = None;
+        let (mut all_read, mut all_write) = (true, true);
         while at < end {
             let Some((_, vend, read, write)) =
                 mem::vma_at(at).map_err(Error::os("query mapping"))?
             else {
                 return Err(Error::Fault("address is not mapped"));
             };
-            first.get_or_insert((read, write));
+            all_read &= read;
+            all_write &= write;
             let stop = end.min(vend.max(at + PAGE_SIZE));
             let start_page = p.run.start() + (at - p.va) / PAGE_SIZE;
             let n = (stop - at) / PAGE_SIZE;
@@ -1077,7 +1078,23 @@ impl Inner {
             }
             at = stop;
         }
-        Ok(first.unwrap_or((false, false)))
+        Ok((all_read, all_write))
+    }
+
+    /// The protection check of a device command or a migration, over all of its pieces before
+    /// any of them moves data, as hmm_range_fault checks the VMAs first: `Fault` (EFAULT) if a
+    /// page is not readable, `Perm` (EPERM) if `access` writes and a page is read-only.
+    pub(crate) fn check_access(&self, pieces: &[Piece], access: Access) -> Result<()> {
+        for p in pieces {
+            let (read, write) = self.sync_prot(p)?;
+            if !read {
+                return Err(Error::Fault("page is PROT_NONE"));
+            }
+            if access != Access::Read && !write {
+                return Err(Error::Perm);
+            }
+        }
+        Ok(())
     }
 
     // ---------------------------------------------------------------- CPU faults
@@ -1831,11 +1848,7 @@ impl Hetmem {
             }
         }
         let pieces = inner.pieces(addr, len)?;
-        for p in &pieces {
-            if !inner.sync_prot(p)?.0 {
-                return Err(Error::Fault("range is PROT_NONE"));
-            }
-        }
+        inner.check_access(&pieces, Access::Read)?;
         for p in pieces {
             inner.request(
                 &p.region,

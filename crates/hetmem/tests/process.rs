@@ -505,3 +505,44 @@ fn kernel_cpu_accesses_to_pages_it_maps_fail_cleanly() -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+/// The protection of a whole command's range is checked before any of it moves, as
+/// hmm_range_fault checks the VMAs first: a PROT_NONE page in a later block gives `Fault` even
+/// when the copies of an earlier block would fail, and nothing is copied (the injected failure
+/// is still pending afterwards).
+#[test]
+fn protection_is_checked_before_anything_moves() -> anyhow::Result<()> {
+    common::watchdog("protection_first", 60, || {
+        let hm = hm(DeviceKind::Private);
+        let dev = hm.device(0).unwrap();
+        let len = 4 << 20;
+        let mut buf = hm.alloc(len)?;
+        buf.fill(3);
+        dev.migrate_to_device(buf.addr(), len)?;
+        let second = buf.addr() + (2 << 20);
+        assert_eq!(
+            unsafe { libc::mprotect(second as *mut libc::c_void, 2 << 20, libc::PROT_NONE) },
+            0
+        );
+        dev.inject_transfer_failures(1);
+        let read = dev.write(buf.addr(), &vec![4; len]);
+        assert!(
+            matches!(read, Err(Error::Fault(_))),
+            "device write: {read:?}"
+        );
+        let home = hm.migrate(buf.addr(), len, Target::System);
+        assert!(
+            matches!(home, Err(Error::Fault(_))),
+            "migrate home: {home:?}"
+        );
+        // The failure is still pending: nothing was copied.
+        let first = hm.migrate(buf.addr(), 2 << 20, Target::System);
+        assert!(
+            matches!(first, Err(Error::Io(_))),
+            "migrate of the first block: {first:?}"
+        );
+        assert!(buf[..2 << 20].iter().all(|&b| b == 3));
+        assert_eq!(hm.stats().errors, 0);
+        Ok(())
+    })
+}

@@ -233,7 +233,8 @@ impl Device {
     }
 
     /// Faults `pieces` in for `access` until the device maps all of them; then calls `f` for
-    /// each piece under the page-table read lock. `counted` pieces add to `pages`.
+    /// each piece under the page-table read lock. The caller has checked their protection
+    /// (`Inner::check_access`).
     fn access_pieces(
         &self,
         pieces: &[Piece],
@@ -246,7 +247,6 @@ impl Device {
         let d = self.id.index();
         for p in pieces {
             let slot = &p.region.blocks[p.bi];
-            inner.sync_prot(p)?;
             let mut tries = 0u32;
             loop {
                 let ran = {
@@ -343,6 +343,7 @@ impl Device {
     /// Runs a command over `pieces`, which the caller got (and so checked) with
     /// `Inner::pieces`.
     fn run_command(&self, pieces: &[Piece], access: Access, f: &RunFn<'_>) -> Result<()> {
+        self.inner().check_access(pieces, access)?;
         let rounds = AtomicU32::new(0);
         let r = self.access_pieces(pieces, access, f, &rounds, None);
         let n = rounds.load(Ordering::Relaxed);
@@ -548,6 +549,7 @@ impl Device {
 
     fn kernel(&self, addr: usize, len: usize, access: Access, f: &RunFn<'_>) -> Result<()> {
         let pieces = self.inner().pieces(addr, len)?;
+        self.inner().check_access(&pieces, access)?;
         let workers = self.inner().devices[self.id.index()]
             .config
             .workers
