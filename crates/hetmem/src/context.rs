@@ -153,8 +153,7 @@ impl HetmemBuilder {
             .map(|(d, _)| (d.capacity / PAGE_SIZE).min(u32::MAX as usize) as u32)
             .collect();
         let kick = mem::EventFd::new().map_err(Error::os("eventfd"))?;
-        let inner = Arc::new_cyclic(|me| Inner {
-            me: me.clone(),
+        let inner = Arc::new(Inner {
             budget: AtomicBudget::new(&capacity),
             devices: self
                 .devices
@@ -174,7 +173,6 @@ impl HetmemBuilder {
             space: RwLock::new(BTreeMap::new()),
             displaced: Mutex::new(Vec::new()),
             kernel_runs: crate::device::KernelRuns::default(),
-            detach: Arc::new(Mutex::new(())),
             regions: Mutex::new(Vec::new()),
             events: Mutex::new(()),
             backlog: Mutex::new(Vec::new()),
@@ -287,8 +285,6 @@ pub(crate) struct MapEntry {
 /// Everything the service threads share.
 #[derive(Debug)]
 pub(crate) struct Inner {
-    /// Itself, for threads that must not keep it alive (the DONTUNMAP detach).
-    me: std::sync::Weak<Inner>,
     /// Device kernel closures running now (`device/kernel_cpu.rs`).
     pub kernel_runs: crate::device::KernelRuns,
     pub topology: Topology,
@@ -303,9 +299,6 @@ pub(crate) struct Inner {
     /// read (`add_region`). Lookups never see them; their event still finds them. Locked after
     /// `space`.
     displaced: Mutex<Vec<(usize, MapEntry)>>,
-    /// Held by a DONTUNMAP detach from its look at the old range to its replacement, and by
-    /// `add_region`, so a new view never lands where the detach looked.
-    detach: Arc<Mutex<()>>,
     pub regions: Mutex<Vec<Arc<Region>>>,
     /// Held while reading events and applying them to the address map, so a `munmap` that
     /// returned has its view removed before anyone looks at views again.
@@ -486,9 +479,6 @@ impl Inner {
             off: 0,
         };
         {
-            // Not while a DONTUNMAP detach is between its look at the old range and its
-            // replacement: the view could be where it looked.
-            let _detach = self.detach.lock().unwrap_or_else(|e| e.into_inner());
             let mut space = self.space.write().unwrap_or_else(|e| e.into_inner());
             self.insert_view(&mut space, va, entry);
             Self::sync_views(&space, &region);
@@ -499,9 +489,14 @@ impl Inner {
             .push(region);
     }
 
-    /// Inserts `entry` at `va`, moving whatever overlaps it to the displaced list.
+    /// Inserts `entry` at `va`, moving whatever overlaps it to the displaced list, but what
+    /// `entry` itself covers (the same region and file offsets at the same addresses: a view
+    /// moved back onto its own alias).
     fn insert_view(&self, space: &mut BTreeMap<usize, MapEntry>, va: usize, entry: MapEntry) {
-        let stale = Self::cut_views(space, va, entry.end);
+        let mut stale = Self::cut_views(space, va, entry.end);
+        stale.retain(|(sva, m)| {
+            !(Arc::ptr_eq(&m.region, &entry.region) && m.off == entry.off + (sva - va))
+        });
         for (_, m) in &stale {
             Self::sync_views(space, &m.region);
         }
@@ -589,8 +584,9 @@ impl Inner {
     }
 
     /// Applies an UNMAP event: removes `[start, end)` from the address map; returns the file
-    /// ranges that lost their view. The event may be read late: a view that the kernel shows
-    /// there now was entered after the unmap (`add_region` reused the addresses) and stays.
+    /// ranges that no view shows any more. The event may be read late: a view that the kernel
+    /// shows there now was entered after the unmap (`add_region` reused the addresses) and
+    /// stays. A file range another view still shows (a `MREMAP_DONTUNMAP` alias) keeps its data.
     fn unmap_views(&self, start: usize, end: usize) -> Vec<(Arc<Region>, usize, usize)> {
         let mut space = self.space.write().unwrap_or_else(|e| e.into_inner());
         let mut gone = Vec::new();
@@ -605,85 +601,56 @@ impl Inner {
         for (_, m) in &gone {
             Self::sync_views(&space, &m.region);
         }
-        gone.into_iter()
-            .map(|(va, m)| (m.region, m.off, m.end - va))
-            .collect()
-    }
-
-    /// `mremap(MREMAP_DONTUNMAP)` leaves the old range mapped. For private anonymous memory it
-    /// then reads zero; our old range would still show the memfd, so it is replaced with fresh
-    /// anonymous memory. Only ranges that still map one of the moved regions' memfds are
-    /// touched, so a mapping someone else placed there in the meantime is left alone.
-    ///
-    /// The mremap returned as soon as its REMAP event was read, so the application may touch
-    /// the old range at once. The range stays registered until the replacement unmaps it: its
-    /// accesses fault to us and wait (`stale_fault` wakes them to fault again), so none is
-    /// served from the memfd. Unregistering first would open a window in which the kernel maps
-    /// the moved data there. Replacing a registered range sends an UNMAP event and waits until
-    /// a reader takes it, which the thread reading this REMAP (holding the events lock) cannot
-    /// be, so a thread of its own does it.
-    fn after_dontunmap(&self, from: usize, len: usize, moved: &[Arc<Region>]) {
-        let inodes: Vec<u64> = moved.iter().map(|r| r.inode).filter(|&i| i != 0).collect();
-        if inodes.is_empty() {
-            return;
-        }
-        let ours = |maps: &[mem::MapsEntry]| maps.iter().any(|m| inodes.contains(&m.inode));
-        // A plain move leaves nothing behind: no thread for it.
-        if !mem::maps_in(from, from + len).is_ok_and(|maps| ours(&maps)) {
-            return;
-        }
-        let me = self.me.clone();
-        let lock = self.detach.clone();
-        let detach = move || {
-            // Looked up again right before the replacement, under the detach lock, so no view
-            // of ours lands there in between (an application's own mmap could, if it unmapped
-            // the old range meanwhile: `docs/runtime.md` §8). The context itself is not kept
-            // alive: the replacement waits for a service thread to read its UNMAP event.
-            let _detach = lock.lock().unwrap_or_else(|e| e.into_inner());
-            let Ok(maps) = mem::maps_in(from, from + len) else {
-                return;
-            };
-            for m in maps.iter().filter(|m| inodes.contains(&m.inode)) {
-                let s = m.start.max(from);
-                let e = m.end.min(from + len);
-                // SAFETY: the range is the stale old half of a DONTUNMAP move of our own memfd;
-                // its data now lives at the new address, so replacing it loses nothing.
-                if let Err(err) = unsafe { mem::replace_with_anonymous(s, e - s) } {
-                    if let Some(inner) = me.upgrade() {
-                        inner.note_error("replace a DONTUNMAP range", &err);
-                    }
-                }
+        let mut out = Vec::new();
+        for (va, m) in gone {
+            let mut ranges = vec![(m.off, m.off + (m.end - va))];
+            for (&ova, other) in space
+                .iter()
+                .filter(|(_, o)| Arc::ptr_eq(&o.region, &m.region))
+            {
+                let (s, e) = (other.off, other.off + (other.end - ova));
+                ranges = ranges
+                    .into_iter()
+                    .flat_map(|(a, b)| {
+                        [(a, b.min(s)), (a.max(e), b)]
+                            .into_iter()
+                            .filter(|&(x, y)| x < y)
+                    })
+                    .collect();
             }
-        };
-        if let Err(e) = std::thread::Builder::new()
-            .name("hetmem-detach".into())
-            .spawn(detach)
-        {
-            self.note_error("spawn the DONTUNMAP detach", &e);
+            out.extend(
+                ranges
+                    .into_iter()
+                    .map(|(a, b)| (m.region.clone(), a, b - a)),
+            );
         }
+        out
     }
 
     /// Applies a REMAP event: `mremap` moved `[from, from + len)` to `to`. Returns the regions
-    /// that moved. The event may be read late: a view the kernel shows at the old address but
-    /// not at the new one was entered after the move (`add_region` reused the addresses) and
-    /// stays; the moved one may be on the displaced list.
+    /// that moved. The kernel says how each view moved, whenever the event is read:
+    /// - shown at the new address and not the old: moved;
+    /// - shown at both (`MREMAP_DONTUNMAP`, which leaves the old range mapping the memfd, as it
+    ///   does any shared mapping): the old range stays a view too, an alias of the same data;
+    /// - shown at the old address only: a view entered after the move (`add_region` reused the
+    ///   addresses), or moved back there since: it stays.
+    ///
+    /// A view a newer one displaced (on the displaced list) moved.
     fn remap_views(&self, from: usize, to: usize, len: usize) -> Vec<Arc<Region>> {
         let mut space = self.space.write().unwrap_or_else(|e| e.into_inner());
-        let mut cut = Self::cut_views(&mut space, from, from + len);
-        let mut kept = Vec::new();
-        cut.retain(|(va, m)| {
-            let young = Self::shown_at(*va, m) && !Self::shown_at(to + (va - from), m);
-            if young {
-                kept.push((*va, m.clone()));
+        let mut moved = Vec::new();
+        for (va, m) in Self::cut_views(&mut space, from, from + len) {
+            let (here, there) = (Self::shown_at(va, &m), Self::shown_at(to + (va - from), &m));
+            if here {
+                space.insert(va, m.clone());
             }
-            !young
-        });
-        for (va, m) in kept {
-            space.insert(va, m);
+            if there || !here {
+                moved.push((va, m));
+            }
         }
-        cut.extend(self.cut_displaced(from, from + len));
+        moved.extend(self.cut_displaced(from, from + len));
         let mut regions: Vec<Arc<Region>> = Vec::new();
-        for (va, mut m) in cut {
+        for (va, mut m) in moved {
             let region = m.region.clone();
             let dest = to + (va - from);
             m.end = dest + (m.end - va);
@@ -734,8 +701,7 @@ impl Inner {
                     }
                 }
                 Msg::Remap { from, to, len } => {
-                    let moved = self.remap_views(from, to, len);
-                    self.after_dontunmap(from, len, &moved);
+                    self.remap_views(from, to, len);
                 }
                 Msg::Other => {}
             }
@@ -1207,11 +1173,10 @@ impl Inner {
     }
 
     /// A fault on an address that is not (or no longer) managed memory: its message arrived
-    /// after the range was unmapped or moved (the thread may be awake already), or the address is
-    /// in the old range of an `mremap(MREMAP_DONTUNMAP)` that a detach is replacing. Never
-    /// unregister: the kernel would then map whatever the memfd holds there. Waking the thread
-    /// makes it retry against the mappings as they are now (fresh memory, SIGSEGV, or another
-    /// fault if the detach has not finished).
+    /// after the range was unmapped or moved (the thread may be awake already), or during a
+    /// teardown of its region. Never unregister: the kernel would then map whatever the memfd
+    /// holds there. Waking the thread makes it retry against the mappings as they are now
+    /// (SIGSEGV, EFAULT, or a fault on memory that is managed again).
     fn stale_fault(&self, addr: usize) {
         let _ = self.uffd.wake(addr, PAGE_SIZE);
     }

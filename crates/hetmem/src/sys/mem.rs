@@ -275,30 +275,6 @@ pub unsafe fn protect(addr: usize, len: usize, prot: libc::c_int) -> io::Result<
     Ok(())
 }
 
-/// Replaces `[addr, addr + len)` with fresh private anonymous memory, read-write (mmap
-/// `MAP_FIXED`). Unmapping a userfaultfd-registered range this way sends an UNMAP event and
-/// waits until a reader takes it.
-///
-/// # Safety
-/// The caller owns the range and gives its contents up; no reference into it may remain.
-pub unsafe fn replace_with_anonymous(addr: usize, len: usize) -> io::Result<()> {
-    // SAFETY: the caller's contract; MAP_FIXED replaces exactly the range given.
-    let p = unsafe {
-        libc::mmap(
-            addr as *mut libc::c_void,
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(errno());
-    }
-    Ok(())
-}
-
 /// Copies `len` bytes between raw ranges that do not overlap.
 ///
 /// # Safety
