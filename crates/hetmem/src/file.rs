@@ -16,6 +16,7 @@ use crate::buffer::CpuView;
 use crate::context::{Hetmem, Inner, Shared};
 use crate::error::{Error, Result};
 use crate::region::{FileBacking, FileMode, Region};
+use crate::sys::file as sys_file;
 use crate::sys::lease;
 use std::os::fd::AsFd;
 
@@ -103,6 +104,13 @@ impl Hetmem {
     /// managed memory. Pages are read from the file on first touch by the CPU or a device.
     /// Pages past the file's end are like an mmap's: a CPU access raises SIGBUS, a device
     /// access fails with `Fault`.
+    ///
+    /// `Error::Invalid`, before anything is opened or allocated, for what cannot work: a path
+    /// that is not a regular file (FIFO, device, socket, directory: checked without opening
+    /// it, so nothing blocks and no driver sees an open), a file of a pseudo file system
+    /// (procfs, sysfs, ...), a range that starts at or past the end of the file (none of its
+    /// pages could be read: a mapping does not follow a file that grows), or one that ends past
+    /// the largest file offset (`docs/file-contract.md` §2.14).
     pub fn map_file_with(
         &self,
         path: impl AsRef<Path>,
@@ -120,32 +128,39 @@ impl Hetmem {
                 "offset and length must be page-aligned, length non-zero",
             ));
         }
-        let open = |flags: libc::c_int| {
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(mode == FileMode::Shared)
-                .custom_flags(flags)
-                .open(path.as_ref())
-        };
+        // The mapping's end must be a file offset (loff_t).
+        if (len as u64)
+            .checked_add(offset)
+            .is_none_or(|end| end > i64::MAX as u64)
+        {
+            return Err(Error::Invalid(
+                "offset + length is past the largest file offset",
+            ));
+        }
+        let path = path.as_ref();
+        // Resolved without opening it for I/O: a FIFO, device, socket or /proc file is refused
+        // before any open could block or have side effects (`sys::file::Pinned`).
+        let pinned = sys_file::Pinned::new(path).map_err(open_error)?;
+        if offset >= pinned.size() {
+            return Err(Error::Invalid(
+                "the mapping starts at or past the end of the file: none of its pages could \
+                 ever be read (a mapping does not follow a file that grows)",
+            ));
+        }
         // One descriptor for all I/O, O_DIRECT included: a second one would rule the write
         // lease out. A file system without O_DIRECT refuses the open with EINVAL.
+        let write = mode == FileMode::Shared;
         let mut direct = options.direct;
-        let file = match open(if direct { libc::O_DIRECT } else { 0 }) {
-            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
+        let file = match pinned.open(path, write, direct) {
+            Err(sys_file::OpenError::Os(e)) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
                 direct = false;
-                open(0)
+                pinned.open(path, write, false)
             }
             r => r,
         }
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ENOENT) => Error::NoEnt("no such file"),
-            _ => Error::os("open file")(e),
-        })?;
+        .map_err(open_error)?;
+        drop(pinned);
         let meta = file.metadata().map_err(Error::os("stat file"))?;
-        if !meta.is_file() {
-            return Err(Error::Invalid("only regular files can be mapped"));
-        }
         if direct && on_tmpfs(&file) {
             // tmpfs takes O_DIRECT (Linux 6.6) but its page cache is its storage: there is
             // nothing to bypass, and the pages would be cached all the same.
@@ -369,6 +384,19 @@ impl ErrSeq {
 
     fn last(&self) -> OpError {
         errno_to_op(self.errno.load(Ordering::Acquire))
+    }
+}
+
+/// `map_file`'s refusal of a path, as an error.
+fn open_error(e: sys_file::OpenError) -> Error {
+    match e {
+        sys_file::OpenError::NotRegular(why) | sys_file::OpenError::Pseudo(why) => {
+            Error::Invalid(why)
+        }
+        sys_file::OpenError::Os(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            Error::NoEnt("no such file")
+        }
+        sys_file::OpenError::Os(e) => Error::os("open file")(e),
     }
 }
 

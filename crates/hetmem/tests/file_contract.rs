@@ -1,0 +1,372 @@
+//! File mappings: the contract's answers to issue 10 (B7, B8, E14, E15, E16 and dropping a
+//! mapping whose writeback fails), each pinned by a scenario (`docs/file-contract.md` cites
+//! them).
+//!
+//! As in `tests/file.rs`, every scenario runs under a watchdog (`HETMEM_TEST_TIMEOUT_S`, default
+//! 60 s), one at a time, and nothing sleeps to synchronize: a thread that must be inside a
+//! system call is known to be there by a fault it raised on a page of our own userfaultfd
+//! (`Stall`), or by `/proc/<pid>/wchan`.
+
+#![allow(unsafe_code, clippy::undocumented_unsafe_blocks)]
+// Some helpers serve scenarios that later commits add.
+#![allow(dead_code, unused_imports)]
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+mod common;
+
+use anyhow::{bail, ensure, Context, Result};
+use common::fs::{Mount, TempDir};
+use hetmem::{DeviceKind, Error, FileMapping, FileMode, FileOptions, Hetmem, PAGE_SIZE};
+use hetmem_proto::OpError;
+
+const MIB: usize = 1 << 20;
+const DEFAULT_TIMEOUT_S: u64 = 60;
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static HUNG: AtomicBool = AtomicBool::new(false);
+
+macro_rules! tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() -> Result<()> {
+                let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+                ensure!(
+                    !HUNG.load(Ordering::Acquire),
+                    "not run: an earlier scenario hung and is still running"
+                );
+                let run = std::panic::catch_unwind(|| {
+                    common::watchdog(stringify!($name), DEFAULT_TIMEOUT_S, scenarios::$name)
+                });
+                run.unwrap_or_else(|panic| {
+                    if panic.is::<common::Hung>() {
+                        HUNG.store(true, Ordering::Release);
+                    }
+                    std::panic::resume_unwind(panic)
+                })
+            }
+        )*
+    };
+}
+
+tests!(map_file_refuses_what_is_not_a_file,);
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+fn last_os_error() -> std::io::Error {
+    std::io::Error::last_os_error()
+}
+
+/// Word `j` of page `page` with tag `tag` (as in `tests/file.rs`).
+fn word_of(tag: u32, page: usize, j: usize) -> u32 {
+    match j {
+        0 => tag,
+        1 => page as u32,
+        _ => (tag.wrapping_mul(0x9e37_79b1) ^ (page as u32).wrapping_mul(0x85eb_ca77))
+            .wrapping_add((j as u32).wrapping_mul(0xc2b2_ae3d))
+            .rotate_left(j as u32 % 31),
+    }
+}
+
+fn stamp_page(out: &mut [u8], tag: u32, page: usize) {
+    for (j, w) in out.chunks_exact_mut(4).enumerate() {
+        w.copy_from_slice(&word_of(tag, page, j).to_ne_bytes());
+    }
+}
+
+/// `len` bytes of pages stamped with `tag`, the first being page `first_page` of the file.
+fn content(tag: u32, first_page: usize, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    for (i, p) in v.chunks_mut(PAGE_SIZE).enumerate() {
+        let mut page = [0u8; PAGE_SIZE];
+        stamp_page(&mut page, tag, first_page + i);
+        p.copy_from_slice(&page[..p.len()]);
+    }
+    v
+}
+
+fn page_of(tag: u32, page: usize) -> Vec<u8> {
+    content(tag, page, PAGE_SIZE)
+}
+
+fn create_file(path: &Path, data: &[u8]) -> Result<()> {
+    let mut f = File::create(path).with_context(|| format!("create {}", path.display()))?;
+    f.write_all(data)?;
+    Ok(())
+}
+
+/// The whole file, read on a descriptor of its own.
+fn pread_file(path: &Path) -> Result<Vec<u8>> {
+    let f = File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let len = f.metadata()?.len() as usize;
+    let mut v = vec![0u8; len];
+    f.read_exact_at(&mut v, 0)?;
+    Ok(v)
+}
+
+/// Asserts `got == want`, naming the first differing byte and page.
+#[track_caller]
+fn assert_same(what: &str, got: &[u8], want: &[u8]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: byte {i} (page {}) is {:#04x}, expected {:#04x}",
+            i / PAGE_SIZE,
+            got[i],
+            want[i]
+        );
+    }
+}
+
+/// Copies out page `page` of a mapping with volatile reads (a CPU access of its own).
+fn cpu_page(m: &FileMapping, page: usize) -> Vec<u8> {
+    let base = (m.addr() + page * PAGE_SIZE) as *const u8;
+    (0..PAGE_SIZE)
+        .map(|i| unsafe { std::ptr::read_volatile(base.add(i)) })
+        .collect()
+}
+
+fn unleased(mode: FileMode) -> FileOptions {
+    FileOptions::new(mode).lease(false)
+}
+
+/// `fork()`; the child runs `child` and `_exit`s with its result.
+fn fork_child(child: impl FnOnce() -> libc::c_int) -> libc::pid_t {
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)).unwrap_or(99);
+        unsafe { libc::_exit(code) }
+    }
+    assert!(pid > 0, "fork: {}", last_os_error());
+    pid
+}
+
+fn wait_child(pid: libc::pid_t) -> libc::c_int {
+    let mut status = 0;
+    let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(r, pid, "waitpid: {}", last_os_error());
+    status
+}
+
+/// Polls `cond` until it holds or `limit` passes: for states that only /proc shows.
+fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        std::thread::yield_now();
+    }
+    cond()
+}
+
+fn wchan(pid: libc::pid_t) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default()
+}
+
+/// The memfds hetmem made (`/memfd:hetmem-N`) that this process maps now: one per region.
+fn hetmem_memfds() -> usize {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let mut seen: Vec<&str> = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter(|n| n.starts_with("/memfd:hetmem-"))
+        .collect();
+    seen.sort_unstable();
+    seen.dedup();
+    seen.len()
+}
+
+/// Whether a configuration ("ext4, direct true", ...) runs: all of them, or those containing
+/// `HETMEM_FILE_CONFIG` (to look at one).
+fn selected(what: &str) -> bool {
+    std::env::var("HETMEM_FILE_CONFIG").map_or(true, |only| what.contains(&only))
+}
+
+fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// ext4 and xfs on loop images (root only), and a tmpfs, each mounted under `dir`; what could
+/// not be made is skipped, saying so.
+fn file_systems(dir: &TempDir) -> Result<Vec<(&'static str, Mount, std::path::PathBuf)>> {
+    let mut out = Vec::new();
+    if !is_root() {
+        eprintln!("SKIPPED: ext4, xfs and tmpfs need root to mount");
+        return Ok(out);
+    }
+    for fs in ["ext4", "xfs", "tmpfs"] {
+        let target = dir.path(fs);
+        std::fs::create_dir(&target)?;
+        let mount = match fs {
+            "tmpfs" => Mount::tmpfs(&target, "size=64m")?,
+            // 300 MiB: the smallest xfs that mkfs.xfs makes.
+            _ => Mount::image(&dir.path(&format!("{fs}.img")), &target, fs, 300)?,
+        };
+        if let Some(m) = mount {
+            out.push((fs, m, target));
+        }
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The scenarios
+// ---------------------------------------------------------------------------------------------
+
+mod scenarios {
+    use super::*;
+
+    /// B7, E16: `map_file` refuses, with `Error::Invalid` and before it allocates anything, every
+    /// path that is not a regular file of a real file system and every range that cannot work;
+    /// it never blocks on one (a FIFO without a writer) nor opens one (a FIFO's waiting writer
+    /// stays waiting).
+    pub fn map_file_refuses_what_is_not_a_file() -> Result<()> {
+        let dir = TempDir::new("refuses")?;
+        let hm = Hetmem::builder().build()?;
+        let regions = hetmem_memfds();
+        let refused = |what: &str, r: hetmem::Result<FileMapping>| -> Result<()> {
+            match r {
+                Err(e @ Error::Invalid(_)) => {
+                    eprintln!("{what}: {e}");
+                    Ok(())
+                }
+                Err(e) => bail!("{what}: expected Invalid, got {e:?}"),
+                Ok(m) => bail!("{what}: mapped at {:#x}", m.addr()),
+            }
+        };
+
+        // A FIFO nobody writes: an open for reading would wait for a writer.
+        let fifo = dir.path("fifo");
+        let c = common::fs::cstr(&fifo)?;
+        ensure!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) } == 0, "mkfifo");
+        for mode in [FileMode::ReadOnly, FileMode::Private, FileMode::Shared] {
+            refused(
+                &format!("FIFO, {mode:?}"),
+                hm.map_file(&fifo, 0, PAGE_SIZE, mode),
+            )?;
+        }
+        // A writer waiting in open(2) for a reader: map_file must not be that reader.
+        let writer = fork_child(|| {
+            let f = std::fs::OpenOptions::new().write(true).open(&fifo);
+            if f.is_ok() {
+                0
+            } else {
+                1
+            }
+        });
+        ensure!(
+            wait_for(Duration::from_secs(10), || wchan(writer)
+                == "wait_for_partner"),
+            "the writer never waited in open(2): wchan {:?}",
+            wchan(writer)
+        );
+        refused(
+            "FIFO with a waiting writer",
+            hm.map_file(&fifo, 0, PAGE_SIZE, FileMode::ReadOnly),
+        )?;
+        let still = wchan(writer);
+        // Let it go: open for reading ourselves.
+        let reader = File::open(&fifo)?;
+        let status = wait_child(writer);
+        drop(reader);
+        ensure!(
+            still == "wait_for_partner",
+            "map_file opened the FIFO: its waiting writer was let go (wchan {still:?})"
+        );
+        ensure!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "writer"
+        );
+
+        // A directory, a socket, a character device, procfs and sysfs files.
+        refused(
+            "directory",
+            hm.map_file(&*dir.0, 0, PAGE_SIZE, FileMode::ReadOnly),
+        )?;
+        let sock = dir.path("sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock)?;
+        refused(
+            "socket",
+            hm.map_file(&sock, 0, PAGE_SIZE, FileMode::ReadOnly),
+        )?;
+        refused(
+            "/dev/null",
+            hm.map_file("/dev/null", 0, PAGE_SIZE, FileMode::Shared),
+        )?;
+        refused(
+            "/proc/self/status",
+            hm.map_file("/proc/self/status", 0, PAGE_SIZE, FileMode::ReadOnly),
+        )?;
+        for sys in [
+            "/sys/kernel/mm/transparent_hugepage/enabled",
+            "/sys/kernel/profiling",
+        ] {
+            if Path::new(sys).exists() {
+                refused(sys, hm.map_file(sys, 0, PAGE_SIZE, FileMode::ReadOnly))?;
+            }
+        }
+
+        // Ranges that cannot work: past the largest file offset, or wholly past the end.
+        let small = dir.path("small");
+        create_file(&small, &content(0, 0, 3 * PAGE_SIZE - 10))?;
+        let empty = dir.path("empty");
+        create_file(&empty, &[])?;
+        let top = !(PAGE_SIZE as u64 - 1);
+        refused(
+            "offset 2^64 - 4 KiB",
+            hm.map_file(&small, top, PAGE_SIZE, FileMode::ReadOnly),
+        )?;
+        refused(
+            "offset 2^63 - 4 KiB, 2 pages",
+            hm.map_file(
+                &small,
+                (i64::MAX as u64 + 1) - PAGE_SIZE as u64,
+                2 * PAGE_SIZE,
+                FileMode::ReadOnly,
+            ),
+        )?;
+        refused(
+            "offset 2^50",
+            hm.map_file(&small, 1 << 50, PAGE_SIZE, FileMode::Shared),
+        )?;
+        refused(
+            "offset at the end of the file",
+            hm.map_file(&small, 3 * PAGE_SIZE as u64, PAGE_SIZE, FileMode::ReadOnly),
+        )?;
+        refused(
+            "empty file",
+            hm.map_file(&empty, 0, PAGE_SIZE, FileMode::Shared),
+        )?;
+        ensure!(
+            hetmem_memfds() == regions,
+            "a refused map_file left a region behind ({} memfds, {regions} before)",
+            hetmem_memfds()
+        );
+
+        // Still allowed, as with mmap: a range that starts inside the file and ends past it.
+        let m = hm.map_file(
+            &small,
+            2 * PAGE_SIZE as u64,
+            4 * PAGE_SIZE,
+            FileMode::ReadOnly,
+        )?;
+        assert_same(
+            "the last partial page",
+            &cpu_page(&m, 0),
+            &[&content(0, 2, PAGE_SIZE - 10)[..], &[0u8; 10]].concat(),
+        );
+        drop(m);
+        ensure!(hm.stats().errors == 0, "errors: {}", hm.stats().errors);
+        Ok(())
+    }
+}
