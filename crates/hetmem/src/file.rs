@@ -3,8 +3,9 @@
 //! hetmem keeps its own cache of the file's pages above the kernel's page cache: a region like
 //! an allocation, whose blocks are file-backed in the protocol. First touches read the file
 //! (`pread`, straight into device memory for a device fault); writebacks write it (`pwrite`,
-//! straight from device memory). `flush` is msync(MS_SYNC), `sync` adds fdatasync, and dropping
-//! the mapping writes dirty pages back first.
+//! straight from device memory), never waiting for the file's inode lock (`sys::file`, contract
+//! §12). `flush` is msync(MS_SYNC), `sync` adds fdatasync, and dropping the mapping writes dirty
+//! pages back first.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -16,7 +17,7 @@ use crate::buffer::CpuView;
 use crate::context::{Hetmem, Inner, Shared};
 use crate::error::{Error, Result};
 use crate::region::{FileBacking, FileMode, Region};
-use crate::sys::file as sys_file;
+use crate::sys::file::{self as sys_file, NoWait, Window};
 use crate::sys::lease;
 use std::os::fd::AsFd;
 
@@ -37,8 +38,10 @@ pub struct FileOptions {
     /// Read-only, shared (written back) or private (copy-on-write).
     pub mode: FileMode,
     /// File I/O with O_DIRECT: fills and writebacks bypass the page cache, so data hetmem
-    /// caches (in device memory above all) is not cached twice. The partial page at the end
-    /// of the file is written through the page cache. Ignored where the file system has no
+    /// caches (in device memory above all) is not cached twice. A direct I/O that would wait
+    /// for the file's inode lock (and most direct writes would), and the partial page at the
+    /// end of the file, go through the page cache instead, and are written out and dropped
+    /// from it at once (`docs/file-contract.md` §1, §12). Ignored where the file system has no
     /// O_DIRECT; see [`FileMapping::is_direct`].
     pub direct: bool,
     /// Keep coherent with other processes through a file lease: before another process opens
@@ -161,7 +164,8 @@ impl Hetmem {
         .map_err(open_error)?;
         drop(pinned);
         let meta = file.metadata().map_err(Error::os("stat file"))?;
-        if direct && on_tmpfs(&file) {
+        let tmpfs = on_tmpfs(&file);
+        if direct && tmpfs {
             // tmpfs takes O_DIRECT (Linux 6.6) but its page cache is its storage: there is
             // nothing to bypass, and the pages would be cached all the same.
             direct = !set_o_direct(&file, false);
@@ -184,6 +188,7 @@ impl Hetmem {
             wb_seen: AtomicU64::new(errseq.sample()),
             errseq,
             leased: AtomicBool::new(false),
+            io: FileIo::new(offset, len, tmpfs),
         };
         let (region, cpu) = inner.new_region(len, Some(backing))?;
         let va = cpu.addr();
@@ -400,10 +405,101 @@ fn open_error(e: sys_file::OpenError) -> Error {
     }
 }
 
-/// File I/O of a mapping: through the page cache, or around it (O_DIRECT).
+/// How a file mapping reads and writes its file without ever waiting for the file's inode lock
+/// (`sys::file`, `docs/file-contract.md` §2.2).
+#[derive(Debug)]
+pub(crate) struct FileIo {
+    /// The file range the mapping shows: byte offset and length.
+    offset: u64,
+    len: usize,
+    /// The shared mappings of that range that I/O falls back to, made at first need: one
+    /// that reads ahead (buffered reads), one that does not (writes, and reads with O_DIRECT).
+    sequential: Mutex<WindowSlot>,
+    random: Mutex<WindowSlot>,
+    /// `RWF_NOWAIT` reads (writes) are worth trying: cleared where the file system has none.
+    nowait_read: AtomicBool,
+    nowait_write: AtomicBool,
+    /// The file system's reads take no inode lock (tmpfs: `shmem_file_read_iter`), so a
+    /// plain `pread` cannot deadlock; and a read through the window would allocate holes.
+    lock_free_reads: bool,
+}
+
+#[derive(Debug)]
+enum WindowSlot {
+    NotYet,
+    Ready(Arc<Window>),
+    /// The file cannot be mapped (or the system forbids `process_vm_readv`): blocking I/O.
+    Unusable,
+}
+
+impl FileIo {
+    fn new(offset: u64, len: usize, lock_free_reads: bool) -> Self {
+        Self {
+            lock_free_reads,
+            offset,
+            len,
+            sequential: Mutex::new(WindowSlot::NotYet),
+            random: Mutex::new(WindowSlot::NotYet),
+            nowait_read: AtomicBool::new(true),
+            nowait_write: AtomicBool::new(true),
+        }
+    }
+}
+
+/// What the fallback through the window could not do.
+enum Fallback {
+    /// No window (or it cannot be used): do the I/O the blocking way.
+    Blocking,
+    /// The I/O failed.
+    Failed(OpError),
+}
+
+/// File I/O of a mapping: through the page cache, or around it (O_DIRECT), and in either case
+/// without waiting for the inode lock (`sys::file`): `RWF_NOWAIT` first, then the window.
 impl FileBacking {
+    /// A window, made at first use: reading ahead (`sequential`) or not; `None` if the file
+    /// cannot be mapped.
+    fn window(&self, sequential: bool) -> Option<Arc<Window>> {
+        let slot = if sequential {
+            &self.io.sequential
+        } else {
+            &self.io.random
+        };
+        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+        match &*slot {
+            WindowSlot::Ready(w) => Some(w.clone()),
+            WindowSlot::Unusable => None,
+            WindowSlot::NotYet => {
+                let write = self.mode == FileMode::Shared && !sequential;
+                let fd = self.file.as_fd();
+                match Window::new(fd, self.io.offset, self.io.len, write, sequential) {
+                    Ok(w) => {
+                        let w = Arc::new(w);
+                        *slot = WindowSlot::Ready(w.clone());
+                        Some(w)
+                    }
+                    Err(_) => {
+                        *slot = WindowSlot::Unusable;
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    /// The windows failed in a way that says they never will work (no `process_vm_readv`).
+    fn window_unusable(&self) {
+        for slot in [&self.io.sequential, &self.io.random] {
+            let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+            if matches!(*slot, WindowSlot::Ready(_) | WindowSlot::NotYet) {
+                *slot = WindowSlot::Unusable;
+            }
+        }
+    }
+
     /// Reads `buf.len()` bytes at `offset` (both page-aligned, as is `buf`); bytes past the
-    /// end of the file read zero.
+    /// end of the file read zero. Fails with the injected error first, if any. Never waits for
+    /// the inode lock (as long as the file can be mapped).
     pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), OpError> {
         if self
             .fail_read
@@ -412,6 +508,91 @@ impl FileBacking {
         {
             return Err(errno_to_op(self.fail_errno.load(Ordering::Acquire)));
         }
+        if self.io.lock_free_reads {
+            return self.read_blocking(buf, offset);
+        }
+        let mut done = 0;
+        while done < buf.len() && self.io.nowait_read.load(Ordering::Acquire) {
+            let at = offset + done as u64;
+            let shared = self.io_mode.read().unwrap_or_else(|e| e.into_inner());
+            let direct = self.direct.load(Ordering::Acquire);
+            if direct && at % PAGE_SIZE as u64 != 0 {
+                // A short direct read ended inside a page: that is the end of the file.
+                break;
+            }
+            let r = sys_file::pread_nowait(self.file.as_fd(), &mut buf[done..], at);
+            drop(shared);
+            match r {
+                Ok(NoWait::Done(0)) => break,
+                Ok(NoWait::Done(n)) => done += n,
+                Ok(NoWait::WouldBlock) => break,
+                Ok(NoWait::Unsupported) => {
+                    self.io.nowait_read.store(false, Ordering::Release);
+                    break;
+                }
+                Err(libc::EINTR) => {}
+                Err(libc::EINVAL) if direct => self.stop_direct(),
+                Err(e) => return Err(errno_to_op(e)),
+            }
+        }
+        if done == buf.len() {
+            return Ok(());
+        }
+        // Nothing more without waiting, or the end of the file: ask fstat which.
+        if self
+            .file
+            .metadata()
+            .is_ok_and(|m| m.len() <= offset + done as u64)
+        {
+            buf[done..].fill(0);
+            return Ok(());
+        }
+        match self.read_window(&mut buf[done..], offset + done as u64) {
+            Ok(()) => Ok(()),
+            Err(Fallback::Failed(e)) => Err(e),
+            Err(Fallback::Blocking) => self.read_blocking(&mut buf[done..], offset + done as u64),
+        }
+    }
+
+    /// `read_at` through a window: page faults on the file, which take no inode lock. With
+    /// O_DIRECT, without read-ahead, and the pages read leave the page cache again.
+    fn read_window(&self, buf: &mut [u8], offset: u64) -> Result<(), Fallback> {
+        let direct = self.direct.load(Ordering::Acquire);
+        let w = self.window(!direct).ok_or(Fallback::Blocking)?;
+        let r = self.read_through(&w, buf, offset);
+        if direct {
+            sys_file::drop_cached(self.file.as_fd(), offset, buf.len());
+        }
+        r
+    }
+
+    fn read_through(&self, w: &Window, buf: &mut [u8], offset: u64) -> Result<(), Fallback> {
+        let mut done = 0;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            match w.read(&mut buf[done..], at) {
+                Ok(n) if n > 0 => done += n,
+                Ok(_) | Err(libc::EFAULT) => {
+                    // A page past the end of the file reads zero, as pread's; one inside it
+                    // could not be read.
+                    if self.file.metadata().is_ok_and(|m| m.len() <= at) {
+                        buf[done..].fill(0);
+                        return Ok(());
+                    }
+                    return Err(Fallback::Failed(OpError::Io));
+                }
+                Err(libc::ENOSYS | libc::EPERM) => {
+                    self.window_unusable();
+                    return Err(Fallback::Blocking);
+                }
+                Err(e) => return Err(Fallback::Failed(errno_to_op(e))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Blocking `pread`: only where the file cannot be mapped. It can wait for the inode lock.
+    fn read_blocking(&self, buf: &mut [u8], offset: u64) -> Result<(), OpError> {
         if self.direct.load(Ordering::Acquire) {
             let shared = self.io_mode.read().unwrap_or_else(|e| e.into_inner());
             if self.direct.load(Ordering::Acquire) {
@@ -429,6 +610,8 @@ impl FileBacking {
 
     /// Writes all of `data` at `offset` (page-aligned, as is `data`; its length may end
     /// inside a page, at the end of the file). Fails with the injected error first, if any.
+    /// Never waits for the inode lock (as long as the file can be mapped), and never grows the
+    /// file: the part through the window stops at the end of the file.
     pub(crate) fn write_at(&self, data: &[u8], offset: u64) -> Result<(), OpError> {
         if self
             .fail_writeback
@@ -437,6 +620,118 @@ impl FileBacking {
         {
             return Err(errno_to_op(self.fail_errno.load(Ordering::Acquire)));
         }
+        let mut done = 0;
+        let mut nudged = false;
+        loop {
+            if !self.io.nowait_write.load(Ordering::Acquire) {
+                break;
+            }
+            let shared = self.io_mode.read().unwrap_or_else(|e| e.into_inner());
+            let direct = self.direct.load(Ordering::Acquire);
+            // O_DIRECT takes whole blocks only: the partial page at EOF goes through the window.
+            let end = if direct {
+                data.len() / PAGE_SIZE * PAGE_SIZE
+            } else {
+                data.len()
+            };
+            if done >= end {
+                break;
+            }
+            let at = offset + done as u64;
+            let r = sys_file::pwrite_nowait(self.file.as_fd(), &data[done..end], at);
+            drop(shared);
+            match r {
+                Ok(NoWait::Done(0)) => break,
+                Ok(NoWait::Done(n)) => done += n,
+                Ok(NoWait::WouldBlock) if !nudged && done + PAGE_SIZE < end => {
+                    // Most often the file's timestamps want an update, which RWF_NOWAIT does
+                    // not do. A store through the window does it (page_mkwrite) without the
+                    // inode lock; the rest may then go without waiting.
+                    nudged = true;
+                    self.write_through_window(&data[done..done + PAGE_SIZE], at)?;
+                    done += PAGE_SIZE;
+                }
+                Ok(NoWait::WouldBlock) => break,
+                Ok(NoWait::Unsupported) => {
+                    self.io.nowait_write.store(false, Ordering::Release);
+                    break;
+                }
+                Err(libc::EINTR) => {}
+                Err(libc::EINVAL) if direct => self.stop_direct(),
+                Err(e) => return Err(errno_to_op(e)),
+            }
+        }
+        if done < data.len() {
+            self.write_through_window(&data[done..], offset + done as u64)?;
+        }
+        if nudged || done < data.len() {
+            self.after_window_write(offset, data.len())?;
+        }
+        Ok(())
+    }
+
+    /// With O_DIRECT, data written through the window is written out and dropped from the page
+    /// cache at once, as a direct write would leave it: on the disk, not cached twice. Its
+    /// errors are the writeback's.
+    fn after_window_write(&self, offset: u64, len: usize) -> Result<(), OpError> {
+        if !self.direct.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        sys_file::write_out_and_drop(self.file.as_fd(), offset, len).map_err(errno_to_op)
+    }
+
+    /// `write_at` through the window (or, where the file cannot be mapped, the blocking way).
+    fn write_through_window(&self, data: &[u8], offset: u64) -> Result<(), OpError> {
+        match self.write_window(data, offset) {
+            Ok(()) => Ok(()),
+            Err(Fallback::Failed(e)) => Err(e),
+            Err(Fallback::Blocking) => self.write_blocking(data, offset),
+        }
+    }
+
+    fn write_window(&self, data: &[u8], offset: u64) -> Result<(), Fallback> {
+        let w = self.window(false).ok_or(Fallback::Blocking)?;
+        let mut done = 0;
+        while done < data.len() {
+            let at = offset + done as u64;
+            match w.write(&data[done..], at) {
+                Ok(n) if n > 0 => done += n,
+                Ok(_) | Err(libc::EFAULT) => {
+                    // The page could not be written: past a new end of the file (a truncate
+                    // since the size was checked: the data goes with the truncated pages, as
+                    // the kernel drops an mmap's), or the file system refused it. The store
+                    // through mmap does not say why: a non-blocking pwrite of the page may.
+                    let size = self.file.metadata().map_or(u64::MAX, |m| m.len());
+                    if size <= at {
+                        return Ok(());
+                    }
+                    let page = (data.len() - done)
+                        .min(PAGE_SIZE - (at as usize % PAGE_SIZE))
+                        .min(usize::try_from(size - at).unwrap_or(usize::MAX));
+                    match sys_file::pwrite_nowait(self.file.as_fd(), &data[done..done + page], at) {
+                        Ok(NoWait::Done(n)) if n > 0 => done += n,
+                        Err(e) if e != libc::EINVAL && e != libc::EINTR => {
+                            return Err(Fallback::Failed(errno_to_op(e)))
+                        }
+                        _ if sys_file::looks_full(self.file.as_fd()) => {
+                            return Err(Fallback::Failed(OpError::NoSpace))
+                        }
+                        _ => return Err(Fallback::Failed(OpError::Io)),
+                    }
+                }
+                Err(libc::ENOSYS | libc::EPERM) => {
+                    self.window_unusable();
+                    return Err(Fallback::Blocking);
+                }
+                Err(e) => return Err(Fallback::Failed(errno_to_op(e))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Blocking `pwrite`: only where the file cannot be mapped. It can wait for the inode
+    /// lock.
+    fn write_blocking(&self, data: &[u8], offset: u64) -> Result<(), OpError> {
         if self.direct.load(Ordering::Acquire) {
             let whole = data.len() / PAGE_SIZE * PAGE_SIZE;
             let shared = self.io_mode.read().unwrap_or_else(|e| e.into_inner());

@@ -56,7 +56,11 @@ macro_rules! tests {
     };
 }
 
-tests!(map_file_refuses_what_is_not_a_file,);
+tests!(
+    map_file_refuses_what_is_not_a_file,
+    io_from_the_mapping_into_its_own_file,
+    writeback_while_a_writer_holds_the_inode_lock,
+);
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -220,6 +224,133 @@ fn file_systems(dir: &TempDir) -> Result<Vec<(&'static str, Mount, std::path::Pa
 }
 
 // ---------------------------------------------------------------------------------------------
+// Stall: a page of our own userfaultfd that holds a thread inside a system call
+// ---------------------------------------------------------------------------------------------
+
+const UFFD_API: u64 = 0xAA;
+const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
+const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
+const UFFDIO_ZEROPAGE: libc::c_ulong = 0xC020_AA04;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+
+/// An anonymous page registered with a userfaultfd of the test's own. A system call that copies
+/// from it (`pwritev` of the page and then a page of a hetmem mapping, say) faults on it and
+/// waits, inside the call and holding whatever locks the call holds (the file's inode lock for
+/// a write), until `release`. `wait_fault` says when it got there.
+struct Stall {
+    uffd: OwnedFd,
+    page: usize,
+    released: bool,
+}
+
+impl Stall {
+    /// `None` (after saying why) where kernel-mode faults cannot go to a userfaultfd.
+    fn new() -> Result<Option<Self>> {
+        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
+        if fd < 0 {
+            eprintln!(
+                "SKIPPED: userfaultfd for kernel faults: {}",
+                last_os_error()
+            );
+            return Ok(None);
+        }
+        let uffd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let mut api = [UFFD_API, 0, 0];
+        ensure!(
+            unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API, api.as_mut_ptr()) } == 0,
+            "UFFDIO_API: {}",
+            last_os_error()
+        );
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                PAGE_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        ensure!(p != libc::MAP_FAILED, "mmap: {}", last_os_error());
+        let stall = Self {
+            uffd,
+            page: p as usize,
+            released: false,
+        };
+        let mut reg = [p as u64, PAGE_SIZE as u64, UFFDIO_REGISTER_MODE_MISSING, 0];
+        ensure!(
+            unsafe { libc::ioctl(stall.uffd.as_raw_fd(), UFFDIO_REGISTER, reg.as_mut_ptr()) } == 0,
+            "UFFDIO_REGISTER: {}",
+            last_os_error()
+        );
+        Ok(Some(stall))
+    }
+
+    fn page(&self) -> usize {
+        self.page
+    }
+
+    /// Waits (at most `limit`) until a thread faults on the page: it is then inside its call.
+    fn wait_fault(&self, limit: Duration) -> Result<()> {
+        let mut pfd = libc::pollfd {
+            fd: self.uffd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let r = unsafe { libc::poll(&mut pfd, 1, limit.as_millis() as i32) };
+        ensure!(r == 1, "no fault on the stall page within {limit:?}");
+        let mut msg = [0u8; 32];
+        let n = unsafe { libc::read(self.uffd.as_raw_fd(), msg.as_mut_ptr().cast(), 32) };
+        ensure!(n == 32, "read userfaultfd: {}", last_os_error());
+        ensure!(msg[0] == UFFD_EVENT_PAGEFAULT, "event {:#x}", msg[0]);
+        Ok(())
+    }
+
+    /// Fills the page with zeros: the waiting thread goes on.
+    fn release(&mut self) -> Result<()> {
+        let mut zp = [self.page as u64, PAGE_SIZE as u64, 0, 0];
+        let r = unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_ZEROPAGE, zp.as_mut_ptr()) };
+        ensure!(r == 0, "UFFDIO_ZEROPAGE: {}", last_os_error());
+        self.released = true;
+        Ok(())
+    }
+}
+
+impl Drop for Stall {
+    fn drop(&mut self) {
+        if !self.released {
+            // Closing the userfaultfd (below) also lets a waiting thread go.
+            let _ = self.release();
+        }
+        unsafe { libc::munmap(self.page as *mut libc::c_void, PAGE_SIZE) };
+    }
+}
+
+/// `pwritev(fd, [iov...], offset)` on a thread of its own; joins to its result.
+fn pwritev_thread(
+    fd: i32,
+    iov: Vec<(usize, usize)>,
+    offset: u64,
+) -> std::thread::JoinHandle<std::io::Result<usize>> {
+    std::thread::spawn(move || {
+        let v: Vec<libc::iovec> = iov
+            .iter()
+            .map(|&(a, l)| libc::iovec {
+                iov_base: a as *mut libc::c_void,
+                iov_len: l,
+            })
+            .collect();
+        let n = unsafe { libc::pwritev(fd, v.as_ptr(), v.len() as i32, offset as libc::off_t) };
+        if n < 0 {
+            Err(last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
 // The scenarios
 // ---------------------------------------------------------------------------------------------
 
@@ -368,5 +499,201 @@ mod scenarios {
         drop(m);
         ensure!(hm.stats().errors == 0, "errors: {}", hm.stats().errors);
         Ok(())
+    }
+
+    /// B8: a thread writes into (or reads from) the mapped file with a buffer in untouched pages
+    /// of the mapping. write(2) holds the inode lock while it faults on the mapping; the fill
+    /// that serves the fault must not need that lock. On ext4 and xfs (and tmpfs), buffered and
+    /// O_DIRECT, with one service thread and with two.
+    pub fn io_from_the_mapping_into_its_own_file() -> Result<()> {
+        let dir = TempDir::new("own_file")?;
+        let mut tested = Vec::new();
+        for (fs, _mount, target) in file_systems(&dir)? {
+            for direct in [false, true] {
+                for threads in [1, 2] {
+                    let what = format!("{fs}, direct {direct}, {threads} service threads");
+                    if !selected(&what) {
+                        continue;
+                    }
+                    eprintln!("running: {what}");
+                    one_file_io(&target.join("data"), direct, threads)
+                        .with_context(|| what.clone())?;
+                    tested.push(what);
+                }
+            }
+        }
+        eprintln!("tested: {tested:#?}");
+        Ok(())
+    }
+
+    fn one_file_io(path: &Path, direct: bool, threads: usize) -> Result<()> {
+        let len = 4 * MIB;
+        let old = content(0, 0, len);
+        create_file(path, &old)?;
+        let hm = Hetmem::builder()
+            .service_threads(threads)
+            .fault_around_pages(1)
+            .build()?;
+        if !hm.serves_kernel_faults() {
+            eprintln!("SKIPPED: kernel-mode faults are not served here");
+            return Ok(());
+        }
+        let m = hm.map_file_with(path, 0, len, unleased(FileMode::Shared).direct(direct))?;
+        let other = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
+        // write(2) from untouched page 5 into page 9 of the file.
+        let n = other.write_at(
+            unsafe {
+                std::slice::from_raw_parts((m.addr() + 5 * PAGE_SIZE) as *const u8, PAGE_SIZE)
+            },
+            9 * PAGE_SIZE as u64,
+        )?;
+        ensure!(n == PAGE_SIZE, "short write: {n}");
+        // read(2) from page 11 of the file into untouched page 600 (a write fault).
+        let n = other.read_at(
+            unsafe {
+                std::slice::from_raw_parts_mut((m.addr() + 600 * PAGE_SIZE) as *mut u8, PAGE_SIZE)
+            },
+            11 * PAGE_SIZE as u64,
+        )?;
+        ensure!(n == PAGE_SIZE, "short read: {n}");
+        // Two pages, the second one untouched, in one write(2).
+        let n = other.write_at(
+            unsafe {
+                std::slice::from_raw_parts((m.addr() + 700 * PAGE_SIZE) as *const u8, 2 * PAGE_SIZE)
+            },
+            20 * PAGE_SIZE as u64,
+        )?;
+        ensure!(n == 2 * PAGE_SIZE, "short write: {n}");
+        m.flush()?;
+        drop(m);
+        drop(other);
+        let mut want = old.clone();
+        want[9 * PAGE_SIZE..10 * PAGE_SIZE].copy_from_slice(&page_of(0, 5));
+        want[20 * PAGE_SIZE..22 * PAGE_SIZE].copy_from_slice(&content(0, 700, 2 * PAGE_SIZE));
+        want[600 * PAGE_SIZE..601 * PAGE_SIZE].copy_from_slice(&page_of(0, 11));
+        assert_same("file", &pread_file(path)?, &want);
+        ensure!(hm.stats().errors == 0, "errors: {}", hm.stats().errors);
+        Ok(())
+    }
+
+    /// B8: writebacks while another thread holds the file's inode lock inside write(2) (held
+    /// there by a fault on our stall page, its next page being an untouched page of the same
+    /// block of the mapping): a `flush` and the writeback of a partial munmap (on the only
+    /// service thread) both finish, and the writer then finishes too. Waiting for the lock
+    /// would deadlock: the writer's next fault needs the block (or the service thread) the
+    /// writeback holds.
+    pub fn writeback_while_a_writer_holds_the_inode_lock() -> Result<()> {
+        let dir = TempDir::new("writeback_locked")?;
+        let mut tested = Vec::new();
+        for (fs, _mount, target) in file_systems(&dir)? {
+            for direct in [false, true] {
+                let what = format!("{fs}, direct {direct}");
+                if !selected(&what) {
+                    continue;
+                }
+                eprintln!("running: {what}");
+                if !writeback_locked(&target.join("data"), direct).with_context(|| what.clone())? {
+                    return Ok(());
+                }
+                tested.push(what);
+            }
+        }
+        eprintln!("tested: {tested:#?}");
+        Ok(())
+    }
+
+    fn writeback_locked(path: &Path, direct: bool) -> Result<bool> {
+        let len = 4 * MIB;
+        let old = content(0, 0, len);
+        create_file(path, &old)?;
+        let hm = Hetmem::builder()
+            .service_threads(1)
+            .fault_around_pages(1)
+            .build()?;
+        if !hm.serves_kernel_faults() {
+            eprintln!("SKIPPED: kernel-mode faults are not served here");
+            return Ok(false);
+        }
+        let Some(mut stall) = Stall::new()? else {
+            return Ok(false);
+        };
+        let mut m = hm.map_file_with(path, 0, len, unleased(FileMode::Shared).direct(direct))?;
+        let view = m.addr();
+        {
+            let w = m.as_mut_slice().expect("writable");
+            stamp_page(&mut w[3 * PAGE_SIZE..4 * PAGE_SIZE], 1, 3);
+        }
+        let other = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
+
+        // 1. flush while the writer holds the lock.
+        let writer = pwritev_thread(
+            other.as_raw_fd(),
+            vec![(stall.page(), PAGE_SIZE), (view + 7 * PAGE_SIZE, PAGE_SIZE)],
+            30 * PAGE_SIZE as u64,
+        );
+        stall.wait_fault(Duration::from_secs(10))?;
+        m.flush().context("flush")?;
+        stall.release()?;
+        let n = writer.join().expect("writer")?;
+        ensure!(n == 2 * PAGE_SIZE, "writer: {n} bytes");
+
+        // 2. a partial munmap's writeback on the only service thread, while the writer holds
+        //    the lock; then a fault of ours, which that thread must be free to serve.
+        {
+            let w = m.as_mut_slice().expect("writable");
+            for p in 512..520 {
+                stamp_page(&mut w[p * PAGE_SIZE..(p + 1) * PAGE_SIZE], 1, p);
+            }
+        }
+        let Some(mut stall) = Stall::new()? else {
+            return Ok(false);
+        };
+        let writer = pwritev_thread(
+            other.as_raw_fd(),
+            vec![(stall.page(), PAGE_SIZE), (view + 8 * PAGE_SIZE, PAGE_SIZE)],
+            40 * PAGE_SIZE as u64,
+        );
+        stall.wait_fault(Duration::from_secs(10))?;
+        let written = hm.stats().pages_written_back;
+        ensure!(
+            unsafe { libc::munmap((view + 512 * PAGE_SIZE) as *mut libc::c_void, 8 * PAGE_SIZE) }
+                == 0,
+            "munmap: {}",
+            last_os_error()
+        );
+        assert_same(
+            "a CPU read after the munmap",
+            &cpu_page(&m, 100),
+            &page_of(0, 100),
+        );
+        ensure!(
+            wait_for(Duration::from_secs(10), || hm.stats().pages_written_back
+                >= written + 8),
+            "the munmap's writeback did not happen"
+        );
+        stall.release()?;
+        let n = writer.join().expect("writer")?;
+        ensure!(n == 2 * PAGE_SIZE, "writer: {n} bytes");
+        drop(m);
+        drop(other);
+
+        let mut want = old;
+        stamp_page(&mut want[3 * PAGE_SIZE..4 * PAGE_SIZE], 1, 3);
+        for p in 512..520 {
+            stamp_page(&mut want[p * PAGE_SIZE..(p + 1) * PAGE_SIZE], 1, p);
+        }
+        want[30 * PAGE_SIZE..31 * PAGE_SIZE].fill(0);
+        want[31 * PAGE_SIZE..32 * PAGE_SIZE].copy_from_slice(&page_of(0, 7));
+        want[40 * PAGE_SIZE..41 * PAGE_SIZE].fill(0);
+        want[41 * PAGE_SIZE..42 * PAGE_SIZE].copy_from_slice(&page_of(0, 8));
+        assert_same("file", &pread_file(path)?, &want);
+        ensure!(hm.stats().errors == 0, "errors: {}", hm.stats().errors);
+        Ok(true)
     }
 }
