@@ -188,7 +188,7 @@ impl Hetmem {
             wb_seen: AtomicU64::new(errseq.sample()),
             errseq,
             leased: AtomicBool::new(false),
-            io: FileIo::new(offset, len, tmpfs),
+            io: FileIo::new(offset, len, meta.len(), tmpfs),
         };
         let (region, cpu) = inner.new_region(len, Some(backing))?;
         let va = cpu.addr();
@@ -255,11 +255,11 @@ impl Inner {
                 }
             }
         }
-        let Ok(meta) = f.file.metadata() else {
+        let Some(size) = f.size_limit() else {
             return;
         };
         let total = region.len / PAGE_SIZE;
-        let file_pages = meta.len().div_ceil(PAGE_SIZE as u64);
+        let file_pages = size.div_ceil(PAGE_SIZE as u64);
         let eof = file_pages.saturating_sub(f.first_page).min(total as u64) as usize;
         let old = f.eof_page.fetch_min(eof, Ordering::AcqRel);
         if eof >= old {
@@ -406,7 +406,7 @@ fn open_error(e: sys_file::OpenError) -> Error {
 }
 
 /// How a file mapping reads and writes its file without ever waiting for the file's inode lock
-/// (`sys::file`, `docs/file-contract.md` §2.2).
+/// (`sys::file`, `docs/file-contract.md` §2.2), and the smallest file size it has seen.
 #[derive(Debug)]
 pub(crate) struct FileIo {
     /// The file range the mapping shows: byte offset and length.
@@ -419,6 +419,9 @@ pub(crate) struct FileIo {
     /// `RWF_NOWAIT` reads (writes) are worth trying: cleared where the file system has none.
     nowait_read: AtomicBool,
     nowait_write: AtomicBool,
+    /// The smallest size of the file seen since the mapping was made: writebacks never write
+    /// at or past it, even after the file grows again (§7).
+    min_size: AtomicU64,
     /// The file system's reads take no inode lock (tmpfs: `shmem_file_read_iter`), so a
     /// plain `pread` cannot deadlock; and a read through the window would allocate holes.
     lock_free_reads: bool,
@@ -433,7 +436,7 @@ enum WindowSlot {
 }
 
 impl FileIo {
-    fn new(offset: u64, len: usize, lock_free_reads: bool) -> Self {
+    fn new(offset: u64, len: usize, size: u64, lock_free_reads: bool) -> Self {
         Self {
             lock_free_reads,
             offset,
@@ -442,6 +445,7 @@ impl FileIo {
             random: Mutex::new(WindowSlot::NotYet),
             nowait_read: AtomicBool::new(true),
             nowait_write: AtomicBool::new(true),
+            min_size: AtomicU64::new(size),
         }
     }
 }
@@ -457,6 +461,15 @@ enum Fallback {
 /// File I/O of a mapping: through the page cache, or around it (O_DIRECT), and in either case
 /// without waiting for the inode lock (`sys::file`): `RWF_NOWAIT` first, then the window.
 impl FileBacking {
+    /// Notes the file's current size (`fstat`) and returns the smallest size seen since the
+    /// mapping was made: the end of the file as far as the mapping is concerned (§7, §11.2).
+    /// `None` if `fstat` fails.
+    pub(crate) fn size_limit(&self) -> Option<u64> {
+        let now = self.file.metadata().ok()?.len();
+        let before = self.io.min_size.fetch_min(now, Ordering::AcqRel);
+        Some(before.min(now))
+    }
+
     /// A window, made at first use: reading ahead (`sequential`) or not; `None` if the file
     /// cannot be mapped.
     fn window(&self, sequential: bool) -> Option<Arc<Window>> {

@@ -60,6 +60,7 @@ tests!(
     map_file_refuses_what_is_not_a_file,
     io_from_the_mapping_into_its_own_file,
     writeback_while_a_writer_holds_the_inode_lock,
+    bytes_past_eof_never_reach_the_file,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -695,5 +696,62 @@ mod scenarios {
         assert_same("file", &pread_file(path)?, &want);
         ensure!(hm.stats().errors == 0, "errors: {}", hm.stats().errors);
         Ok(true)
+    }
+
+    /// E15: bytes stored past the end of the file in its last page never reach the file, even
+    /// after another process grows it; and after a shrink that hetmem saw (at a fault or
+    /// flush), pages past the shrunk end never come back and the new last page is written only
+    /// up to the shrunk end, however the file grows again. Without a lease.
+    pub fn bytes_past_eof_never_reach_the_file() -> Result<()> {
+        let dir = TempDir::new("past_eof")?;
+        let hm = Hetmem::builder()
+            .sim_device(DeviceKind::Private, 8 * MIB)
+            .build()?;
+        let dev = hm.device(0).expect("one device");
+
+        // 1. Stores past EOF in the last page, then the file grows.
+        let path = dir.path("grow");
+        create_file(&path, &content(0, 0, 100))?;
+        let mut m = hm.map_file_with(&path, 0, PAGE_SIZE, unleased(FileMode::Shared))?;
+        m.as_mut_slice().expect("writable").fill(0xab);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)?
+            .set_len(2 * PAGE_SIZE as u64)?;
+        m.flush()?;
+        let mut want = vec![0u8; 2 * PAGE_SIZE];
+        want[..100].fill(0xab);
+        assert_same("grown file after flush", &pread_file(&path)?, &want);
+        drop(m);
+        assert_same("grown file after drop", &pread_file(&path)?, &want);
+
+        // 2. A shrink seen by a device access, then the file grows again with new data.
+        let path = dir.path("shrink");
+        let len = 3 * PAGE_SIZE;
+        create_file(&path, &content(0, 0, len))?;
+        let mut m = hm.map_file_with(&path, 0, len, unleased(FileMode::Shared))?;
+        let ours = content(1, 0, len);
+        m.as_mut_slice().expect("writable").copy_from_slice(&ours);
+        let other = std::fs::OpenOptions::new().write(true).open(&path)?;
+        other.set_len(PAGE_SIZE as u64 + 100)?;
+        assert_same(
+            "device read of page 0 (sees the shrink)",
+            &dev.read(m.addr(), PAGE_SIZE)?,
+            &ours[..PAGE_SIZE],
+        );
+        match dev.read(m.addr() + 2 * PAGE_SIZE, PAGE_SIZE) {
+            Err(Error::Fault(_)) => {}
+            r => bail!("device read past the shrunk end: {r:?}"),
+        }
+        other.set_len(len as u64)?;
+        let theirs = content(2, 0, len);
+        other.write_at(&theirs[PAGE_SIZE + 100..], (PAGE_SIZE + 100) as u64)?;
+        m.flush()?;
+        drop(m);
+        let mut want = theirs;
+        want[..PAGE_SIZE + 100].copy_from_slice(&ours[..PAGE_SIZE + 100]);
+        assert_same("regrown file", &pread_file(&path)?, &want);
+        ensure!(hm.stats().errors == 0, "errors: {}", hm.stats().errors);
+        Ok(())
     }
 }
