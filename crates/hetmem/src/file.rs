@@ -433,6 +433,8 @@ enum WindowSlot {
     Ready(Arc<Window>),
     /// The file cannot be mapped (or the system forbids `process_vm_readv`): blocking I/O.
     Unusable,
+    /// The mapping is gone: no more I/O.
+    Retired,
 }
 
 impl FileIo {
@@ -481,7 +483,7 @@ impl FileBacking {
         let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
         match &*slot {
             WindowSlot::Ready(w) => Some(w.clone()),
-            WindowSlot::Unusable => None,
+            WindowSlot::Unusable | WindowSlot::Retired => None,
             WindowSlot::NotYet => {
                 let write = self.mode == FileMode::Shared && !sequential;
                 let fd = self.file.as_fd();
@@ -508,6 +510,17 @@ impl FileBacking {
                 *slot = WindowSlot::Unusable;
             }
         }
+    }
+
+    /// The mapping is gone: unmaps the windows and closes the file's description now, keeping
+    /// the descriptor number taken until the mapping's memory goes
+    /// (`sys::file::retire_descriptor`), so that the file is no longer open by this mapping
+    /// (another mapping of it can take a write lease at once).
+    pub(crate) fn retire(&self) {
+        for slot in [&self.io.sequential, &self.io.random] {
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = WindowSlot::Retired;
+        }
+        let _ = sys_file::retire_descriptor(&self.file);
     }
 
     /// Reads `buf.len()` bytes at `offset` (both page-aligned, as is `buf`); bytes past the
@@ -972,6 +985,11 @@ impl Drop for FileMapping {
         if self.shared.inner.is_owner() {
             // Not in a fork child: the lease is on the description it shares with the parent.
             leases::unregister(&self.region);
+            if let Some(f) = &self.region.file {
+                // The file is no longer open by this mapping from here: another mapping of it
+                // may take a write lease at once.
+                f.retire();
+            }
         }
     }
 }
@@ -992,9 +1010,11 @@ mod leases {
 
     pub(super) static REGISTRY: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
 
-    /// Dropped mappings whose descriptor stays open until the lease thread has read every
-    /// break signalled for it (`lease::Event::Retired`): closed at once, the number could go
-    /// to a new mapping, and a break still queued for the old one would hit the new one.
+    /// Dropped mappings whose descriptor number stays taken until the lease thread has read
+    /// every break signalled for it (`lease::Event::Retired`): closed at once, the number could
+    /// go to a new mapping, and a break still queued for the old one would hit the new one.
+    /// The file itself is closed at the drop (`FileBacking::retire`): the number refers to an
+    /// inert eventfd meanwhile.
     pub(super) static RETIRING: Mutex<Vec<(RawFd, Arc<Region>)>> = Mutex::new(Vec::new());
 
     /// Serves lease breaks for `region` from now on, and takes the lease if it can.

@@ -1923,9 +1923,9 @@ mod direct {
 
     /// Lease breaks racing a drop. (1) A mapping dropped while another process waits on its
     /// lease writes its dirty pages back before the lease goes, so the opener reads them. (2)
-    /// The dropped mapping's descriptor stays open while a break for it is still queued, so a
-    /// new mapping cannot take its number and be hit by that break; once the lease thread is
-    /// past the break, it closes. To have the opener wait on the drop, not on the lease thread,
+    /// The dropped mapping's file is closed by the drop, but its descriptor number stays taken
+    /// while a break for it is still queued, so a new mapping cannot take it and be hit by that
+    /// break; once the lease thread is past the break, the number is free. To have the opener wait on the drop, not on the lease thread,
     /// the lease thread is first kept busy with a break of file b, whose flush waits for a
     /// device kernel the test holds; a break of file d, queued last, tells when the thread is
     /// through.
@@ -1987,6 +1987,10 @@ mod direct {
             wait_lease_breaking(&path_a)?;
             let fd_a = fd_of(&path_a)?;
             drop(a);
+            ensure!(
+                fd_of(&path_a).is_err(),
+                "the dropped mapping's file is still open after its drop"
+            );
             let code_a = exit_code(wait_child(child_a));
             // c would take a's descriptor number, were it closed; d's break queues behind a's
             // stale one.
@@ -2016,7 +2020,7 @@ mod direct {
         );
         ensure!(
             fd_of(&path_a).is_err(),
-            "the dropped mapping's descriptor is still open after its breaks were read"
+            "the dropped mapping's file is open again after its breaks were read"
         );
         drop((b, c, d));
         Ok(())

@@ -61,6 +61,7 @@ tests!(
     io_from_the_mapping_into_its_own_file,
     writeback_while_a_writer_holds_the_inode_lock,
     bytes_past_eof_never_reach_the_file,
+    sibling_drop_lets_the_lease_be_taken_again,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -751,6 +752,31 @@ mod scenarios {
         let mut want = theirs;
         want[..PAGE_SIZE + 100].copy_from_slice(&ours[..PAGE_SIZE + 100]);
         assert_same("regrown file", &pread_file(&path)?, &want);
+        ensure!(hm.stats().errors == 0, "errors: {}", hm.stats().errors);
+        Ok(())
+    }
+
+    /// E16: two Shared mappings of one file in one process: neither has a write lease while
+    /// both exist. Once one is dropped, the other takes its lease again at its next flush (the
+    /// dropped one's descriptor is closed by then).
+    pub fn sibling_drop_lets_the_lease_be_taken_again() -> Result<()> {
+        let dir = TempDir::new("sibling_lease")?;
+        let path = dir.path("data");
+        let len = 16 * PAGE_SIZE;
+        create_file(&path, &content(0, 0, len))?;
+        let hm = Hetmem::builder().build()?;
+        for i in 0..50 {
+            let a = hm.map_file(&path, 0, len, FileMode::Shared)?;
+            ensure!(a.is_leased(), "{i}: a alone is not leased");
+            let b = hm.map_file(&path, 0, len, FileMode::Shared)?;
+            ensure!(!b.is_leased(), "{i}: b leased beside a");
+            drop(b);
+            a.flush()?;
+            ensure!(
+                a.is_leased(),
+                "{i}: a did not take its lease again after b's drop"
+            );
+        }
         ensure!(hm.stats().errors == 0, "errors: {}", hm.stats().errors);
         Ok(())
     }

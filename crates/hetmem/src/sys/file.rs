@@ -348,6 +348,23 @@ impl Drop for Window {
     }
 }
 
+/// Closes the open file description behind `file`'s descriptor now, and keeps the descriptor
+/// *number* taken (by an inert eventfd) until `file` is dropped: so that the file is no longer
+/// open (another mapping may take a write lease on it), while a lease-break signal queued for
+/// this number cannot land on another file that would otherwise get it.
+pub fn retire_descriptor(file: &File) -> io::Result<()> {
+    let inert = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?;
+    // SAFETY: dup3 atomically makes `file`'s descriptor number refer to the eventfd; `file`
+    // still owns the number and closes it (the eventfd) on drop. Nothing else uses the number
+    // as the file's: the caller guarantees no more I/O on `file`.
+    let r = unsafe { libc::dup3(inert.as_raw_fd(), file.as_raw_fd(), libc::O_CLOEXEC) };
+    drop(inert);
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Writes the page cache's dirty pages of `[offset, offset + len)` to the disk and waits
 /// (`sync_file_range`), then drops the range from the page cache (`POSIX_FADV_DONTNEED`): what
 /// an O_DIRECT write leaves behind, for data that went through the page cache. Neither call
