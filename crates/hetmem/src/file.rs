@@ -4,8 +4,9 @@
 //! an allocation, whose blocks are file-backed in the protocol. First touches read the file
 //! (`pread`, straight into device memory for a device fault); writebacks write it (`pwrite`,
 //! straight from device memory), never waiting for the file's inode lock (`sys::file`, contract
-//! §12). `flush` is msync(MS_SYNC), `sync` adds fdatasync, and dropping the mapping writes dirty
-//! pages back first.
+//! §12). `flush` is msync(MS_SYNC), `sync` adds fdatasync, `close` writes dirty pages back and
+//! unmaps, reporting errors, and dropping the mapping writes them back first too, keeping the
+//! mapping if it cannot (contract §13).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -22,6 +23,10 @@ use crate::sys::lease;
 use std::os::fd::AsFd;
 
 /// A file mapped as managed memory ([`Hetmem::map_file`]).
+///
+/// Dropping it writes dirty pages back and unmaps; if a page cannot be written, the mapping is
+/// kept instead, for [`Hetmem::take_kept_file_mappings`]. [`FileMapping::close`] is the drop
+/// that reports (`docs/file-contract.md` §13).
 #[derive(Debug)]
 pub struct FileMapping {
     shared: Arc<Shared>,
@@ -330,6 +335,7 @@ struct ForkHeld {
     _registry: std::sync::MutexGuard<'static, Vec<leases::Entry>>,
     _retiring: std::sync::MutexGuard<'static, Vec<(std::os::fd::RawFd, Arc<Region>)>>,
     _install: std::sync::MutexGuard<'static, ()>,
+    _kept: std::sync::MutexGuard<'static, Vec<FileMapping>>,
 }
 
 thread_local! {
@@ -344,6 +350,7 @@ pub(crate) fn fork_prepare() {
         _registry: leases::REGISTRY.lock().unwrap_or_else(|e| e.into_inner()),
         _retiring: leases::RETIRING.lock().unwrap_or_else(|e| e.into_inner()),
         _files: FILES.lock().unwrap_or_else(|e| e.into_inner()),
+        _kept: kept::KEPT.lock().unwrap_or_else(|e| e.into_inner()),
     };
     FORK_HELD.with(|h| *h.borrow_mut() = Some(held));
 }
@@ -976,13 +983,116 @@ impl FileMapping {
     }
 }
 
+impl FileMapping {
+    /// Writes every dirty page back and unmaps: `drop` that reports. On an error (that of
+    /// [`FileMapping::flush`]: a writeback failed, now or since this mapping last reported),
+    /// nothing is unmapped and the mapping comes back with the error, its data kept (pages whose
+    /// writeback failed stay dirty); call `close` again to retry. It does not make the data
+    /// durable: call [`FileMapping::sync`] first for that. In a fork child, whose copy is a
+    /// private snapshot that never reaches the file, it is `drop`.
+    pub fn close(self) -> std::result::Result<(), (FileMapping, Error)> {
+        if self.shared.inner.is_owner() {
+            loop {
+                if let Err(e) = self.flush() {
+                    return Err((self, e));
+                }
+                // Pages written again since the flush passed them (a device kernel still
+                // running over the mapping) are written back in another round.
+                if self.mode != FileMode::Shared
+                    || dirty_pages(&self.shared.inner, &self.region) == 0
+                {
+                    break;
+                }
+            }
+        }
+        drop(self);
+        Ok(())
+    }
+
+    /// A second owner of the same mapping, for `kept::keep` (the old one must not tear down).
+    fn same(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+            region: self.region.clone(),
+            view: CpuView::new(self.addr, self.len),
+            addr: self.addr,
+            len: self.len,
+            mode: self.mode,
+        }
+    }
+}
+
+/// Dirty pages of a region (file pages newer than the file).
+fn dirty_pages(inner: &Inner, region: &Region) -> usize {
+    let mut n = 0;
+    for (bi, slot) in region.blocks.iter().enumerate() {
+        let block = inner.lock_block(slot);
+        n += (0..region.block_pages(bi))
+            .filter(|&i| block.page(i).dirty)
+            .count();
+    }
+    n
+}
+
+impl Hetmem {
+    /// File mappings whose drop could not write every dirty page back, handed back to the
+    /// caller (`docs/file-contract.md` §8, "Dropping a mapping"). Such a mapping is not torn
+    /// down: it stays mapped at the same address, with its data, its dirty pages and its lease,
+    /// until this call returns it; then `flush`, `close` or `drop` it again. Each one was
+    /// counted in `stats().errors` when it was kept. The context lives on while it holds any.
+    pub fn take_kept_file_mappings(&self) -> Vec<FileMapping> {
+        if !self.0.inner.is_owner() {
+            return Vec::new();
+        }
+        let mut kept = kept::KEPT.lock().unwrap_or_else(|e| e.into_inner());
+        let (mine, others) = std::mem::take(&mut *kept)
+            .into_iter()
+            .partition(|m| Arc::ptr_eq(&m.shared, &self.0));
+        *kept = others;
+        mine
+    }
+}
+
+/// File mappings whose drop failed to write back: kept, not lost (`take_kept_file_mappings`).
+mod kept {
+    use std::sync::Mutex;
+
+    use super::FileMapping;
+
+    pub(super) static KEPT: Mutex<Vec<FileMapping>> = Mutex::new(Vec::new());
+
+    pub(super) fn keep(m: FileMapping) {
+        KEPT.lock().unwrap_or_else(|e| e.into_inner()).push(m);
+    }
+}
+
 impl Drop for FileMapping {
     fn drop(&mut self) {
-        // Unmapping writes dirty pages back first (the protocol's Invalidate { Unmap }); an
-        // error there has no caller to go to, so flush first when it matters. The lease goes
-        // after: an opener waiting on it must find the data in the file.
-        self.shared.inner.free_region(&self.region);
-        if self.shared.inner.is_owner() {
+        let inner = &self.shared.inner;
+        if inner.is_owner() && self.mode == FileMode::Shared {
+            // Write dirty pages back while the mapping is whole. If one cannot be written, the
+            // mapping is kept, data and all, for `Hetmem::take_kept_file_mappings`: a drop has
+            // no caller to report to, and tearing down would lose the data.
+            let _ = inner.flush_region(&self.region);
+            let dirty = dirty_pages(inner, &self.region);
+            if dirty > 0 {
+                inner.note_error(
+                    "writeback at drop",
+                    &std::io::Error::other(format!(
+                        "{dirty} dirty pages could not be written back: the mapping at {:#x} is \
+                         kept (Hetmem::take_kept_file_mappings)",
+                        self.addr
+                    )),
+                );
+                kept::keep(self.same());
+                return;
+            }
+        }
+        // Unmapping writes dirty pages back first (the protocol's Invalidate { Unmap }): the
+        // ones written since the flush above. The lease goes after: an opener waiting on it
+        // must find the data in the file.
+        inner.free_region(&self.region);
+        if inner.is_owner() {
             // Not in a fork child: the lease is on the description it shares with the parent.
             leases::unregister(&self.region);
             if let Some(f) = &self.region.file {
@@ -1056,9 +1166,11 @@ mod leases {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|(_, _, r)| r.upgrade().is_some_and(|r| !Arc::ptr_eq(&r, region)));
-        if f.leased.swap(false, Ordering::AcqRel) {
-            lease::release(f.file.as_fd());
-        }
+        // Released whether or not `leased` says it is held: a check that found it breaking
+        // marked it lost (`check_eof`), and the lease thread, which would have released it,
+        // no longer finds this mapping. F_UNLCK of no lease does nothing.
+        f.leased.store(false, Ordering::Release);
+        lease::release(f.file.as_fd());
         let fd = f.file.as_raw_fd();
         let mut retiring = RETIRING.lock().unwrap_or_else(|e| e.into_inner());
         if lease::post_retired(fd) {

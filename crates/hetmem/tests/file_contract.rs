@@ -62,6 +62,7 @@ tests!(
     writeback_while_a_writer_holds_the_inode_lock,
     bytes_past_eof_never_reach_the_file,
     sibling_drop_lets_the_lease_be_taken_again,
+    drop_keeps_a_mapping_whose_writeback_fails,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -778,6 +779,61 @@ mod scenarios {
             );
         }
         ensure!(hm.stats().errors == 0, "errors: {}", hm.stats().errors);
+        Ok(())
+    }
+
+    /// Dropping a mapping whose writeback fails keeps it, data and all, and counts it; the
+    /// caller gets it back with `take_kept_file_mappings`. `close` reports the error and hands
+    /// the mapping back; after the cause is gone, `close` succeeds and the file has the data.
+    pub fn drop_keeps_a_mapping_whose_writeback_fails() -> Result<()> {
+        let dir = TempDir::new("drop_keeps")?;
+        let path = dir.path("data");
+        let len = 8 * PAGE_SIZE;
+        let old = content(0, 0, len);
+        let new = content(1, 0, len);
+        create_file(&path, &old)?;
+        let hm = Hetmem::builder()
+            .sim_device(DeviceKind::Private, 8 * MIB)
+            .build()?;
+        let dev = hm.device(0).expect("one device");
+
+        let mut m = hm.map_file_with(&path, 0, len, unleased(FileMode::Shared))?;
+        m.as_mut_slice().expect("writable")[..4 * PAGE_SIZE].copy_from_slice(&new[..4 * PAGE_SIZE]);
+        dev.write(m.addr() + 4 * PAGE_SIZE, &new[4 * PAGE_SIZE..])?;
+        let addr = m.addr();
+        m.inject_writeback_failures(u32::MAX, libc::EIO);
+        let errors = hm.stats().errors;
+        drop(m);
+        ensure!(
+            hm.stats().errors == errors + 1,
+            "the kept mapping was not counted"
+        );
+        assert_same("file after the failed drop", &pread_file(&path)?, &old);
+        let mut kept = hm.take_kept_file_mappings();
+        ensure!(kept.len() == 1, "{} mappings kept", kept.len());
+        ensure!(hm.take_kept_file_mappings().is_empty(), "kept twice");
+        let m = kept.pop().expect("one");
+        ensure!(m.addr() == addr, "kept at another address");
+        assert_same("kept mapping", m.as_slice(), &new);
+
+        // close reports, and hands it back.
+        let m = match m.close() {
+            Err((m, Error::Io(OpError::Io))) => m,
+            Err((_, e)) => bail!("close: {e:?}"),
+            Ok(()) => bail!("close succeeded with every writeback failing"),
+        };
+        assert_same("mapping after the failed close", m.as_slice(), &new);
+        assert_same("file after the failed close", &pread_file(&path)?, &old);
+        m.inject_writeback_failures(0, libc::EIO);
+        m.close()
+            .map_err(|(_, e)| e)
+            .context("close after the disk is fixed")?;
+        assert_same("file after close", &pread_file(&path)?, &new);
+        ensure!(
+            hm.stats().errors == errors + 1,
+            "errors: {} (1 expected: the kept mapping)",
+            hm.stats().errors
+        );
         Ok(())
     }
 }
