@@ -704,9 +704,12 @@ impl Inner {
             _ => region.backing_ptr(bi, t.run.start()),
         };
         // As the kernel writes back an mmap: nothing past the end of the file, so a writeback
-        // never grows it (a last partial page is clipped at EOF).
+        // never grows it (a last partial page is clipped at EOF). The end is the smallest size
+        // seen since the mapping was made: bytes stored past the end of the file stay out of it
+        // even if another process grows the file again, as the kernel zeroes them for mmap
+        // (`docs/file-contract.md` §7).
         let offset = file_page * PAGE_SIZE as u64;
-        let size = f.file.metadata().map_err(|_| OpError::Io)?.len();
+        let size = f.size_limit().ok_or(OpError::Io)?;
         let bytes = (size.saturating_sub(offset)).min(bytes as u64) as usize;
         // SAFETY: src holds the latest data of the run; the protocol keeps it stable during
         // writeback (mappings read-only, writers wait), and it stays mapped (guard or backing).

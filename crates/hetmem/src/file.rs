@@ -3,8 +3,10 @@
 //! hetmem keeps its own cache of the file's pages above the kernel's page cache: a region like
 //! an allocation, whose blocks are file-backed in the protocol. First touches read the file
 //! (`pread`, straight into device memory for a device fault); writebacks write it (`pwrite`,
-//! straight from device memory). `flush` is msync(MS_SYNC), `sync` adds fdatasync, and dropping
-//! the mapping writes dirty pages back first.
+//! straight from device memory), never waiting for the file's inode lock (`sys::file`, contract
+//! §12). `flush` is msync(MS_SYNC), `sync` adds fdatasync, `close` writes dirty pages back and
+//! unmaps, reporting errors, and dropping the mapping writes them back first too, keeping the
+//! mapping if it cannot (contract §13).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -16,10 +18,15 @@ use crate::buffer::CpuView;
 use crate::context::{Hetmem, Inner, Shared};
 use crate::error::{Error, Result};
 use crate::region::{FileBacking, FileMode, Region};
+use crate::sys::file::{self as sys_file, NoWait, Window};
 use crate::sys::lease;
 use std::os::fd::AsFd;
 
 /// A file mapped as managed memory ([`Hetmem::map_file`]).
+///
+/// Dropping it writes dirty pages back and unmaps; if a page cannot be written, the mapping is
+/// kept instead, for [`Hetmem::take_kept_file_mappings`]. [`FileMapping::close`] is the drop
+/// that reports (`docs/file-contract.md` §13).
 #[derive(Debug)]
 pub struct FileMapping {
     shared: Arc<Shared>,
@@ -36,8 +43,10 @@ pub struct FileOptions {
     /// Read-only, shared (written back) or private (copy-on-write).
     pub mode: FileMode,
     /// File I/O with O_DIRECT: fills and writebacks bypass the page cache, so data hetmem
-    /// caches (in device memory above all) is not cached twice. The partial page at the end
-    /// of the file is written through the page cache. Ignored where the file system has no
+    /// caches (in device memory above all) is not cached twice. A direct I/O that would wait
+    /// for the file's inode lock (and most direct writes would), and the partial page at the
+    /// end of the file, go through the page cache instead, and are written out and dropped
+    /// from it at once (`docs/file-contract.md` §1, §12). Ignored where the file system has no
     /// O_DIRECT; see [`FileMapping::is_direct`].
     pub direct: bool,
     /// Keep coherent with other processes through a file lease: before another process opens
@@ -103,6 +112,13 @@ impl Hetmem {
     /// managed memory. Pages are read from the file on first touch by the CPU or a device.
     /// Pages past the file's end are like an mmap's: a CPU access raises SIGBUS, a device
     /// access fails with `Fault`.
+    ///
+    /// `Error::Invalid`, before anything is opened or allocated, for what cannot work: a path
+    /// that is not a regular file (FIFO, device, socket, directory: checked without opening
+    /// it, so nothing blocks and no driver sees an open), a file of a pseudo file system
+    /// (procfs, sysfs, ...), a range that starts at or past the end of the file (none of its
+    /// pages could be read: a mapping does not follow a file that grows), or one that ends past
+    /// the largest file offset (`docs/file-contract.md` §2.14).
     pub fn map_file_with(
         &self,
         path: impl AsRef<Path>,
@@ -120,33 +136,41 @@ impl Hetmem {
                 "offset and length must be page-aligned, length non-zero",
             ));
         }
-        let open = |flags: libc::c_int| {
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(mode == FileMode::Shared)
-                .custom_flags(flags)
-                .open(path.as_ref())
-        };
+        // The mapping's end must be a file offset (loff_t).
+        if (len as u64)
+            .checked_add(offset)
+            .is_none_or(|end| end > i64::MAX as u64)
+        {
+            return Err(Error::Invalid(
+                "offset + length is past the largest file offset",
+            ));
+        }
+        let path = path.as_ref();
+        // Resolved without opening it for I/O: a FIFO, device, socket or /proc file is refused
+        // before any open could block or have side effects (`sys::file::Pinned`).
+        let pinned = sys_file::Pinned::new(path).map_err(open_error)?;
+        if offset >= pinned.size() {
+            return Err(Error::Invalid(
+                "the mapping starts at or past the end of the file: none of its pages could \
+                 ever be read (a mapping does not follow a file that grows)",
+            ));
+        }
         // One descriptor for all I/O, O_DIRECT included: a second one would rule the write
         // lease out. A file system without O_DIRECT refuses the open with EINVAL.
+        let write = mode == FileMode::Shared;
         let mut direct = options.direct;
-        let file = match open(if direct { libc::O_DIRECT } else { 0 }) {
-            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
+        let file = match pinned.open(path, write, direct) {
+            Err(sys_file::OpenError::Os(e)) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
                 direct = false;
-                open(0)
+                pinned.open(path, write, false)
             }
             r => r,
         }
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ENOENT) => Error::NoEnt("no such file"),
-            _ => Error::os("open file")(e),
-        })?;
+        .map_err(open_error)?;
+        drop(pinned);
         let meta = file.metadata().map_err(Error::os("stat file"))?;
-        if !meta.is_file() {
-            return Err(Error::Invalid("only regular files can be mapped"));
-        }
-        if direct && on_tmpfs(&file) {
+        let tmpfs = on_tmpfs(&file);
+        if direct && tmpfs {
             // tmpfs takes O_DIRECT (Linux 6.6) but its page cache is its storage: there is
             // nothing to bypass, and the pages would be cached all the same.
             direct = !set_o_direct(&file, false);
@@ -169,6 +193,7 @@ impl Hetmem {
             wb_seen: AtomicU64::new(errseq.sample()),
             errseq,
             leased: AtomicBool::new(false),
+            io: FileIo::new(offset, len, meta.len(), tmpfs),
         };
         let (region, cpu) = inner.new_region(len, Some(backing))?;
         let va = cpu.addr();
@@ -235,11 +260,11 @@ impl Inner {
                 }
             }
         }
-        let Ok(meta) = f.file.metadata() else {
+        let Some(size) = f.size_limit() else {
             return;
         };
         let total = region.len / PAGE_SIZE;
-        let file_pages = meta.len().div_ceil(PAGE_SIZE as u64);
+        let file_pages = size.div_ceil(PAGE_SIZE as u64);
         let eof = file_pages.saturating_sub(f.first_page).min(total as u64) as usize;
         let old = f.eof_page.fetch_min(eof, Ordering::AcqRel);
         if eof >= old {
@@ -310,6 +335,7 @@ struct ForkHeld {
     _registry: std::sync::MutexGuard<'static, Vec<leases::Entry>>,
     _retiring: std::sync::MutexGuard<'static, Vec<(std::os::fd::RawFd, Arc<Region>)>>,
     _install: std::sync::MutexGuard<'static, ()>,
+    _kept: std::sync::MutexGuard<'static, Vec<FileMapping>>,
 }
 
 thread_local! {
@@ -324,6 +350,7 @@ pub(crate) fn fork_prepare() {
         _registry: leases::REGISTRY.lock().unwrap_or_else(|e| e.into_inner()),
         _retiring: leases::RETIRING.lock().unwrap_or_else(|e| e.into_inner()),
         _files: FILES.lock().unwrap_or_else(|e| e.into_inner()),
+        _kept: kept::KEPT.lock().unwrap_or_else(|e| e.into_inner()),
     };
     FORK_HELD.with(|h| *h.borrow_mut() = Some(held));
 }
@@ -372,10 +399,140 @@ impl ErrSeq {
     }
 }
 
-/// File I/O of a mapping: through the page cache, or around it (O_DIRECT).
+/// `map_file`'s refusal of a path, as an error.
+fn open_error(e: sys_file::OpenError) -> Error {
+    match e {
+        sys_file::OpenError::NotRegular(why) | sys_file::OpenError::Pseudo(why) => {
+            Error::Invalid(why)
+        }
+        sys_file::OpenError::Os(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            Error::NoEnt("no such file")
+        }
+        sys_file::OpenError::Os(e) => Error::os("open file")(e),
+    }
+}
+
+/// How a file mapping reads and writes its file without ever waiting for the file's inode lock
+/// (`sys::file`, `docs/file-contract.md` §2.2), and the smallest file size it has seen.
+#[derive(Debug)]
+pub(crate) struct FileIo {
+    /// The file range the mapping shows: byte offset and length.
+    offset: u64,
+    len: usize,
+    /// The shared mappings of that range that I/O falls back to, made at first need: one
+    /// that reads ahead (buffered reads), one that does not (writes, and reads with O_DIRECT).
+    sequential: Mutex<WindowSlot>,
+    random: Mutex<WindowSlot>,
+    /// `RWF_NOWAIT` reads (writes) are worth trying: cleared where the file system has none.
+    nowait_read: AtomicBool,
+    nowait_write: AtomicBool,
+    /// The smallest size of the file seen since the mapping was made: writebacks never write
+    /// at or past it, even after the file grows again (§7).
+    min_size: AtomicU64,
+    /// The file system's reads take no inode lock (tmpfs: `shmem_file_read_iter`), so a
+    /// plain `pread` cannot deadlock; and a read through the window would allocate holes.
+    lock_free_reads: bool,
+}
+
+#[derive(Debug)]
+enum WindowSlot {
+    NotYet,
+    Ready(Arc<Window>),
+    /// The file cannot be mapped (or the system forbids `process_vm_readv`): blocking I/O.
+    Unusable,
+    /// The mapping is gone: no more I/O.
+    Retired,
+}
+
+impl FileIo {
+    fn new(offset: u64, len: usize, size: u64, lock_free_reads: bool) -> Self {
+        Self {
+            lock_free_reads,
+            offset,
+            len,
+            sequential: Mutex::new(WindowSlot::NotYet),
+            random: Mutex::new(WindowSlot::NotYet),
+            nowait_read: AtomicBool::new(true),
+            nowait_write: AtomicBool::new(true),
+            min_size: AtomicU64::new(size),
+        }
+    }
+}
+
+/// What the fallback through the window could not do.
+enum Fallback {
+    /// No window (or it cannot be used): do the I/O the blocking way.
+    Blocking,
+    /// The I/O failed.
+    Failed(OpError),
+}
+
+/// File I/O of a mapping: through the page cache, or around it (O_DIRECT), and in either case
+/// without waiting for the inode lock (`sys::file`): `RWF_NOWAIT` first, then the window.
 impl FileBacking {
+    /// Notes the file's current size (`fstat`) and returns the smallest size seen since the
+    /// mapping was made: the end of the file as far as the mapping is concerned (§7, §11.2).
+    /// `None` if `fstat` fails.
+    pub(crate) fn size_limit(&self) -> Option<u64> {
+        let now = self.file.metadata().ok()?.len();
+        let before = self.io.min_size.fetch_min(now, Ordering::AcqRel);
+        Some(before.min(now))
+    }
+
+    /// A window, made at first use: reading ahead (`sequential`) or not; `None` if the file
+    /// cannot be mapped.
+    fn window(&self, sequential: bool) -> Option<Arc<Window>> {
+        let slot = if sequential {
+            &self.io.sequential
+        } else {
+            &self.io.random
+        };
+        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+        match &*slot {
+            WindowSlot::Ready(w) => Some(w.clone()),
+            WindowSlot::Unusable | WindowSlot::Retired => None,
+            WindowSlot::NotYet => {
+                let write = self.mode == FileMode::Shared && !sequential;
+                let fd = self.file.as_fd();
+                match Window::new(fd, self.io.offset, self.io.len, write, sequential) {
+                    Ok(w) => {
+                        let w = Arc::new(w);
+                        *slot = WindowSlot::Ready(w.clone());
+                        Some(w)
+                    }
+                    Err(_) => {
+                        *slot = WindowSlot::Unusable;
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    /// The windows failed in a way that says they never will work (no `process_vm_readv`).
+    fn window_unusable(&self) {
+        for slot in [&self.io.sequential, &self.io.random] {
+            let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+            if matches!(*slot, WindowSlot::Ready(_) | WindowSlot::NotYet) {
+                *slot = WindowSlot::Unusable;
+            }
+        }
+    }
+
+    /// The mapping is gone: unmaps the windows and closes the file's description now, keeping
+    /// the descriptor number taken until the mapping's memory goes
+    /// (`sys::file::retire_descriptor`), so that the file is no longer open by this mapping
+    /// (another mapping of it can take a write lease at once).
+    pub(crate) fn retire(&self) {
+        for slot in [&self.io.sequential, &self.io.random] {
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = WindowSlot::Retired;
+        }
+        let _ = sys_file::retire_descriptor(&self.file);
+    }
+
     /// Reads `buf.len()` bytes at `offset` (both page-aligned, as is `buf`); bytes past the
-    /// end of the file read zero.
+    /// end of the file read zero. Fails with the injected error first, if any. Never waits for
+    /// the inode lock (as long as the file can be mapped).
     pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), OpError> {
         if self
             .fail_read
@@ -384,6 +541,91 @@ impl FileBacking {
         {
             return Err(errno_to_op(self.fail_errno.load(Ordering::Acquire)));
         }
+        if self.io.lock_free_reads {
+            return self.read_blocking(buf, offset);
+        }
+        let mut done = 0;
+        while done < buf.len() && self.io.nowait_read.load(Ordering::Acquire) {
+            let at = offset + done as u64;
+            let shared = self.io_mode.read().unwrap_or_else(|e| e.into_inner());
+            let direct = self.direct.load(Ordering::Acquire);
+            if direct && at % PAGE_SIZE as u64 != 0 {
+                // A short direct read ended inside a page: that is the end of the file.
+                break;
+            }
+            let r = sys_file::pread_nowait(self.file.as_fd(), &mut buf[done..], at);
+            drop(shared);
+            match r {
+                Ok(NoWait::Done(0)) => break,
+                Ok(NoWait::Done(n)) => done += n,
+                Ok(NoWait::WouldBlock) => break,
+                Ok(NoWait::Unsupported) => {
+                    self.io.nowait_read.store(false, Ordering::Release);
+                    break;
+                }
+                Err(libc::EINTR) => {}
+                Err(libc::EINVAL) if direct => self.stop_direct(),
+                Err(e) => return Err(errno_to_op(e)),
+            }
+        }
+        if done == buf.len() {
+            return Ok(());
+        }
+        // Nothing more without waiting, or the end of the file: ask fstat which.
+        if self
+            .file
+            .metadata()
+            .is_ok_and(|m| m.len() <= offset + done as u64)
+        {
+            buf[done..].fill(0);
+            return Ok(());
+        }
+        match self.read_window(&mut buf[done..], offset + done as u64) {
+            Ok(()) => Ok(()),
+            Err(Fallback::Failed(e)) => Err(e),
+            Err(Fallback::Blocking) => self.read_blocking(&mut buf[done..], offset + done as u64),
+        }
+    }
+
+    /// `read_at` through a window: page faults on the file, which take no inode lock. With
+    /// O_DIRECT, without read-ahead, and the pages read leave the page cache again.
+    fn read_window(&self, buf: &mut [u8], offset: u64) -> Result<(), Fallback> {
+        let direct = self.direct.load(Ordering::Acquire);
+        let w = self.window(!direct).ok_or(Fallback::Blocking)?;
+        let r = self.read_through(&w, buf, offset);
+        if direct {
+            sys_file::drop_cached(self.file.as_fd(), offset, buf.len());
+        }
+        r
+    }
+
+    fn read_through(&self, w: &Window, buf: &mut [u8], offset: u64) -> Result<(), Fallback> {
+        let mut done = 0;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            match w.read(&mut buf[done..], at) {
+                Ok(n) if n > 0 => done += n,
+                Ok(_) | Err(libc::EFAULT) => {
+                    // A page past the end of the file reads zero, as pread's; one inside it
+                    // could not be read.
+                    if self.file.metadata().is_ok_and(|m| m.len() <= at) {
+                        buf[done..].fill(0);
+                        return Ok(());
+                    }
+                    return Err(Fallback::Failed(OpError::Io));
+                }
+                Err(libc::ENOSYS | libc::EPERM) => {
+                    self.window_unusable();
+                    return Err(Fallback::Blocking);
+                }
+                Err(e) => return Err(Fallback::Failed(errno_to_op(e))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Blocking `pread`: only where the file cannot be mapped. It can wait for the inode lock.
+    fn read_blocking(&self, buf: &mut [u8], offset: u64) -> Result<(), OpError> {
         if self.direct.load(Ordering::Acquire) {
             let shared = self.io_mode.read().unwrap_or_else(|e| e.into_inner());
             if self.direct.load(Ordering::Acquire) {
@@ -401,6 +643,8 @@ impl FileBacking {
 
     /// Writes all of `data` at `offset` (page-aligned, as is `data`; its length may end
     /// inside a page, at the end of the file). Fails with the injected error first, if any.
+    /// Never waits for the inode lock (as long as the file can be mapped), and never grows the
+    /// file: the part through the window stops at the end of the file.
     pub(crate) fn write_at(&self, data: &[u8], offset: u64) -> Result<(), OpError> {
         if self
             .fail_writeback
@@ -409,6 +653,118 @@ impl FileBacking {
         {
             return Err(errno_to_op(self.fail_errno.load(Ordering::Acquire)));
         }
+        let mut done = 0;
+        let mut nudged = false;
+        loop {
+            if !self.io.nowait_write.load(Ordering::Acquire) {
+                break;
+            }
+            let shared = self.io_mode.read().unwrap_or_else(|e| e.into_inner());
+            let direct = self.direct.load(Ordering::Acquire);
+            // O_DIRECT takes whole blocks only: the partial page at EOF goes through the window.
+            let end = if direct {
+                data.len() / PAGE_SIZE * PAGE_SIZE
+            } else {
+                data.len()
+            };
+            if done >= end {
+                break;
+            }
+            let at = offset + done as u64;
+            let r = sys_file::pwrite_nowait(self.file.as_fd(), &data[done..end], at);
+            drop(shared);
+            match r {
+                Ok(NoWait::Done(0)) => break,
+                Ok(NoWait::Done(n)) => done += n,
+                Ok(NoWait::WouldBlock) if !nudged && done + PAGE_SIZE < end => {
+                    // Most often the file's timestamps want an update, which RWF_NOWAIT does
+                    // not do. A store through the window does it (page_mkwrite) without the
+                    // inode lock; the rest may then go without waiting.
+                    nudged = true;
+                    self.write_through_window(&data[done..done + PAGE_SIZE], at)?;
+                    done += PAGE_SIZE;
+                }
+                Ok(NoWait::WouldBlock) => break,
+                Ok(NoWait::Unsupported) => {
+                    self.io.nowait_write.store(false, Ordering::Release);
+                    break;
+                }
+                Err(libc::EINTR) => {}
+                Err(libc::EINVAL) if direct => self.stop_direct(),
+                Err(e) => return Err(errno_to_op(e)),
+            }
+        }
+        if done < data.len() {
+            self.write_through_window(&data[done..], offset + done as u64)?;
+        }
+        if nudged || done < data.len() {
+            self.after_window_write(offset, data.len())?;
+        }
+        Ok(())
+    }
+
+    /// With O_DIRECT, data written through the window is written out and dropped from the page
+    /// cache at once, as a direct write would leave it: on the disk, not cached twice. Its
+    /// errors are the writeback's.
+    fn after_window_write(&self, offset: u64, len: usize) -> Result<(), OpError> {
+        if !self.direct.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        sys_file::write_out_and_drop(self.file.as_fd(), offset, len).map_err(errno_to_op)
+    }
+
+    /// `write_at` through the window (or, where the file cannot be mapped, the blocking way).
+    fn write_through_window(&self, data: &[u8], offset: u64) -> Result<(), OpError> {
+        match self.write_window(data, offset) {
+            Ok(()) => Ok(()),
+            Err(Fallback::Failed(e)) => Err(e),
+            Err(Fallback::Blocking) => self.write_blocking(data, offset),
+        }
+    }
+
+    fn write_window(&self, data: &[u8], offset: u64) -> Result<(), Fallback> {
+        let w = self.window(false).ok_or(Fallback::Blocking)?;
+        let mut done = 0;
+        while done < data.len() {
+            let at = offset + done as u64;
+            match w.write(&data[done..], at) {
+                Ok(n) if n > 0 => done += n,
+                Ok(_) | Err(libc::EFAULT) => {
+                    // The page could not be written: past a new end of the file (a truncate
+                    // since the size was checked: the data goes with the truncated pages, as
+                    // the kernel drops an mmap's), or the file system refused it. The store
+                    // through mmap does not say why: a non-blocking pwrite of the page may.
+                    let size = self.file.metadata().map_or(u64::MAX, |m| m.len());
+                    if size <= at {
+                        return Ok(());
+                    }
+                    let page = (data.len() - done)
+                        .min(PAGE_SIZE - (at as usize % PAGE_SIZE))
+                        .min(usize::try_from(size - at).unwrap_or(usize::MAX));
+                    match sys_file::pwrite_nowait(self.file.as_fd(), &data[done..done + page], at) {
+                        Ok(NoWait::Done(n)) if n > 0 => done += n,
+                        Err(e) if e != libc::EINVAL && e != libc::EINTR => {
+                            return Err(Fallback::Failed(errno_to_op(e)))
+                        }
+                        _ if sys_file::looks_full(self.file.as_fd()) => {
+                            return Err(Fallback::Failed(OpError::NoSpace))
+                        }
+                        _ => return Err(Fallback::Failed(OpError::Io)),
+                    }
+                }
+                Err(libc::ENOSYS | libc::EPERM) => {
+                    self.window_unusable();
+                    return Err(Fallback::Blocking);
+                }
+                Err(e) => return Err(Fallback::Failed(errno_to_op(e))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Blocking `pwrite`: only where the file cannot be mapped. It can wait for the inode
+    /// lock.
+    fn write_blocking(&self, data: &[u8], offset: u64) -> Result<(), OpError> {
         if self.direct.load(Ordering::Acquire) {
             let whole = data.len() / PAGE_SIZE * PAGE_SIZE;
             let shared = self.io_mode.read().unwrap_or_else(|e| e.into_inner());
@@ -627,15 +983,123 @@ impl FileMapping {
     }
 }
 
+impl FileMapping {
+    /// Writes every dirty page back and unmaps: `drop` that reports. On an error (that of
+    /// [`FileMapping::flush`]: a writeback failed, now or since this mapping last reported),
+    /// nothing is unmapped and the mapping comes back with the error, its data kept (pages whose
+    /// writeback failed stay dirty); call `close` again to retry. It does not make the data
+    /// durable: call [`FileMapping::sync`] first for that. In a fork child, whose copy is a
+    /// private snapshot that never reaches the file, it is `drop`.
+    pub fn close(self) -> std::result::Result<(), (FileMapping, Error)> {
+        if self.shared.inner.is_owner() {
+            loop {
+                if let Err(e) = self.flush() {
+                    return Err((self, e));
+                }
+                // Pages written again since the flush passed them (a device kernel still
+                // running over the mapping) are written back in another round.
+                if self.mode != FileMode::Shared
+                    || dirty_pages(&self.shared.inner, &self.region) == 0
+                {
+                    break;
+                }
+            }
+        }
+        drop(self);
+        Ok(())
+    }
+
+    /// A second owner of the same mapping, for `kept::keep` (the old one must not tear down).
+    fn same(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+            region: self.region.clone(),
+            view: CpuView::new(self.addr, self.len),
+            addr: self.addr,
+            len: self.len,
+            mode: self.mode,
+        }
+    }
+}
+
+/// Dirty pages of a region (file pages newer than the file).
+fn dirty_pages(inner: &Inner, region: &Region) -> usize {
+    let mut n = 0;
+    for (bi, slot) in region.blocks.iter().enumerate() {
+        let block = inner.lock_block(slot);
+        n += (0..region.block_pages(bi))
+            .filter(|&i| block.page(i).dirty)
+            .count();
+    }
+    n
+}
+
+impl Hetmem {
+    /// File mappings whose drop could not write every dirty page back, handed back to the
+    /// caller (`docs/file-contract.md` §8, "Dropping a mapping"). Such a mapping is not torn
+    /// down: it stays mapped at the same address, with its data, its dirty pages and its lease,
+    /// until this call returns it; then `flush`, `close` or `drop` it again. Each one was
+    /// counted in `stats().errors` when it was kept. The context lives on while it holds any.
+    pub fn take_kept_file_mappings(&self) -> Vec<FileMapping> {
+        if !self.0.inner.is_owner() {
+            return Vec::new();
+        }
+        let mut kept = kept::KEPT.lock().unwrap_or_else(|e| e.into_inner());
+        let (mine, others) = std::mem::take(&mut *kept)
+            .into_iter()
+            .partition(|m| Arc::ptr_eq(&m.shared, &self.0));
+        *kept = others;
+        mine
+    }
+}
+
+/// File mappings whose drop failed to write back: kept, not lost (`take_kept_file_mappings`).
+mod kept {
+    use std::sync::Mutex;
+
+    use super::FileMapping;
+
+    pub(super) static KEPT: Mutex<Vec<FileMapping>> = Mutex::new(Vec::new());
+
+    pub(super) fn keep(m: FileMapping) {
+        KEPT.lock().unwrap_or_else(|e| e.into_inner()).push(m);
+    }
+}
+
 impl Drop for FileMapping {
     fn drop(&mut self) {
-        // Unmapping writes dirty pages back first (the protocol's Invalidate { Unmap }); an
-        // error there has no caller to go to, so flush first when it matters. The lease goes
-        // after: an opener waiting on it must find the data in the file.
-        self.shared.inner.free_region(&self.region);
-        if self.shared.inner.is_owner() {
+        let inner = &self.shared.inner;
+        if inner.is_owner() && self.mode == FileMode::Shared {
+            // Write dirty pages back while the mapping is whole. If one cannot be written, the
+            // mapping is kept, data and all, for `Hetmem::take_kept_file_mappings`: a drop has
+            // no caller to report to, and tearing down would lose the data.
+            let _ = inner.flush_region(&self.region);
+            let dirty = dirty_pages(inner, &self.region);
+            if dirty > 0 {
+                inner.note_error(
+                    "writeback at drop",
+                    &std::io::Error::other(format!(
+                        "{dirty} dirty pages could not be written back: the mapping at {:#x} is \
+                         kept (Hetmem::take_kept_file_mappings)",
+                        self.addr
+                    )),
+                );
+                kept::keep(self.same());
+                return;
+            }
+        }
+        // Unmapping writes dirty pages back first (the protocol's Invalidate { Unmap }): the
+        // ones written since the flush above. The lease goes after: an opener waiting on it
+        // must find the data in the file.
+        inner.free_region(&self.region);
+        if inner.is_owner() {
             // Not in a fork child: the lease is on the description it shares with the parent.
             leases::unregister(&self.region);
+            if let Some(f) = &self.region.file {
+                // The file is no longer open by this mapping from here: another mapping of it
+                // may take a write lease at once.
+                f.retire();
+            }
         }
     }
 }
@@ -656,9 +1120,11 @@ mod leases {
 
     pub(super) static REGISTRY: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
 
-    /// Dropped mappings whose descriptor stays open until the lease thread has read every
-    /// break signalled for it (`lease::Event::Retired`): closed at once, the number could go
-    /// to a new mapping, and a break still queued for the old one would hit the new one.
+    /// Dropped mappings whose descriptor number stays taken until the lease thread has read
+    /// every break signalled for it (`lease::Event::Retired`): closed at once, the number could
+    /// go to a new mapping, and a break still queued for the old one would hit the new one.
+    /// The file itself is closed at the drop (`FileBacking::retire`): the number refers to an
+    /// inert eventfd meanwhile.
     pub(super) static RETIRING: Mutex<Vec<(RawFd, Arc<Region>)>> = Mutex::new(Vec::new());
 
     /// Serves lease breaks for `region` from now on, and takes the lease if it can.
@@ -700,9 +1166,11 @@ mod leases {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|(_, _, r)| r.upgrade().is_some_and(|r| !Arc::ptr_eq(&r, region)));
-        if f.leased.swap(false, Ordering::AcqRel) {
-            lease::release(f.file.as_fd());
-        }
+        // Released whether or not `leased` says it is held: a check that found it breaking
+        // marked it lost (`check_eof`), and the lease thread, which would have released it,
+        // no longer finds this mapping. F_UNLCK of no lease does nothing.
+        f.leased.store(false, Ordering::Release);
+        lease::release(f.file.as_fd());
         let fd = f.file.as_raw_fd();
         let mut retiring = RETIRING.lock().unwrap_or_else(|e| e.into_inner());
         if lease::post_retired(fd) {

@@ -120,6 +120,9 @@ pub(crate) struct FileBacking {
     pub errseq: std::sync::Arc<crate::file::ErrSeq>,
     /// The `errseq` value this mapping's `flush` last reported (or saw at map time).
     pub wb_seen: AtomicU64,
+    /// How the file is read and written without waiting for its inode lock, and the smallest
+    /// size seen (`crate::file::FileIo`).
+    pub io: crate::file::FileIo,
 }
 
 /// A managed region.

@@ -17,13 +17,15 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
 mod common;
+
+use common::fs::{cstr, Mount, TempDir};
 
 use anyhow::{bail, ensure, Context, Result};
 use hetmem::{DeviceKind, Error, FileMode, FileOptions, Hetmem, Location, PAGE_SIZE};
@@ -101,31 +103,6 @@ tests!(
     write_lease_turned_read_counts_as_lost,
     regular_files_on_ext4_xfs_and_tmpfs,
 );
-
-/// A fresh directory under `std::env::temp_dir()`, removed with its contents on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Result<Self> {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("hetmem-file-{name}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir(&dir).with_context(|| format!("create {}", dir.display()))?;
-        Ok(Self(dir))
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.0.join(file)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Options without a lease, for tests that look at the file through another descriptor before
 /// a flush: with the default lease, that open would flush first (the lease break).
@@ -1946,9 +1923,9 @@ mod direct {
 
     /// Lease breaks racing a drop. (1) A mapping dropped while another process waits on its
     /// lease writes its dirty pages back before the lease goes, so the opener reads them. (2)
-    /// The dropped mapping's descriptor stays open while a break for it is still queued, so a
-    /// new mapping cannot take its number and be hit by that break; once the lease thread is
-    /// past the break, it closes. To have the opener wait on the drop, not on the lease thread,
+    /// The dropped mapping's file is closed by the drop, but its descriptor number stays taken
+    /// while a break for it is still queued, so a new mapping cannot take it and be hit by that
+    /// break; once the lease thread is past the break, the number is free. To have the opener wait on the drop, not on the lease thread,
     /// the lease thread is first kept busy with a break of file b, whose flush waits for a
     /// device kernel the test holds; a break of file d, queued last, tells when the thread is
     /// through.
@@ -2010,6 +1987,10 @@ mod direct {
             wait_lease_breaking(&path_a)?;
             let fd_a = fd_of(&path_a)?;
             drop(a);
+            ensure!(
+                fd_of(&path_a).is_err(),
+                "the dropped mapping's file is still open after its drop"
+            );
             let code_a = exit_code(wait_child(child_a));
             // c would take a's descriptor number, were it closed; d's break queues behind a's
             // stale one.
@@ -2039,7 +2020,7 @@ mod direct {
         );
         ensure!(
             fd_of(&path_a).is_err(),
-            "the dropped mapping's descriptor is still open after its breaks were read"
+            "the dropped mapping's file is open again after its breaks were read"
         );
         drop((b, c, d));
         Ok(())
@@ -2290,107 +2271,4 @@ mod filesystems {
         }
         Ok(())
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// tmpfs
-// ---------------------------------------------------------------------------------------------
-
-/// A file system mounted at a directory; unmounted on drop (also when the test fails).
-struct Mount(PathBuf);
-
-impl Mount {
-    /// Mounts a tmpfs with `opts` at `dir`, or prints SKIPPED and returns None if the mount is
-    /// refused.
-    fn tmpfs(dir: &Path, opts: &str) -> Result<Option<Self>> {
-        let target = cstr(dir)?;
-        let opts_c = std::ffi::CString::new(opts)?;
-        let r = unsafe {
-            libc::mount(
-                c"tmpfs".as_ptr(),
-                target.as_ptr(),
-                c"tmpfs".as_ptr(),
-                0,
-                opts_c.as_ptr().cast(),
-            )
-        };
-        if r != 0 {
-            eprintln!(
-                "SKIPPED: mount -t tmpfs -o {opts} {}: {}",
-                dir.display(),
-                last_os_error()
-            );
-            return Ok(None);
-        }
-        Ok(Some(Self(dir.to_path_buf())))
-    }
-
-    /// Makes a `fs` file system (ext4, xfs) in a sparse image of `mib` MiB and mounts it at
-    /// `dir` through a loop device. Prints SKIPPED and returns None where that cannot be done
-    /// here (no mkfs for it, no loop devices).
-    fn image(image: &Path, dir: &Path, fs: &str, mib: u64) -> Result<Option<Self>> {
-        File::create(image)?.set_len(mib << 20)?;
-        let mkfs = format!("mkfs.{fs}");
-        let force = if fs == "xfs" { "-f" } else { "-F" };
-        match std::process::Command::new(&mkfs)
-            .args(["-q", force])
-            .arg(image)
-            .output()
-        {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => bail!("{mkfs}: {out:?}"),
-            Err(e) => {
-                eprintln!("SKIPPED: {fs}: cannot run {mkfs} ({e}); .ci/run installs it");
-                return Ok(None);
-            }
-        }
-        let out = std::process::Command::new("mount")
-            .args(["-t", fs, "-o", "loop"])
-            .arg(image)
-            .arg(dir)
-            .output()
-            .context("run mount(8)")?;
-        if !out.status.success() {
-            eprintln!(
-                "SKIPPED: {fs}: mount -o loop: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-            return Ok(None);
-        }
-        Ok(Some(Self(dir.to_path_buf())))
-    }
-
-    fn remount(&self, opts: &str) -> Result<()> {
-        let target = cstr(&self.0)?;
-        let opts_c = std::ffi::CString::new(opts)?;
-        let r = unsafe {
-            libc::mount(
-                c"tmpfs".as_ptr(),
-                target.as_ptr(),
-                c"tmpfs".as_ptr(),
-                libc::MS_REMOUNT,
-                opts_c.as_ptr().cast(),
-            )
-        };
-        ensure!(r == 0, "remount {opts}: {}", last_os_error());
-        Ok(())
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        if let Ok(target) = cstr(&self.0) {
-            // A plain unmount frees a loop device at once; detach only if something is busy.
-            if unsafe { libc::umount2(target.as_ptr(), 0) } != 0
-                && unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0
-            {
-                eprintln!("umount {}: {}", self.0.display(), last_os_error());
-            }
-        }
-    }
-}
-
-fn cstr(p: &Path) -> Result<std::ffi::CString> {
-    use std::os::unix::ffi::OsStrExt;
-    Ok(std::ffi::CString::new(p.as_os_str().as_bytes())?)
 }

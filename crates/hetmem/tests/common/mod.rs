@@ -7,6 +7,8 @@
 // `read_in_clone` starts and reaps a process that shares our memory.
 #![allow(unsafe_code)]
 
+pub mod fs;
+
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
 use std::time::Duration;
