@@ -10,13 +10,12 @@
 
 #![allow(unsafe_code)]
 
-use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
 
 mod common;
 
-use hetmem::{Advice, DeviceId, DeviceKind, Error, FileMode, Hetmem, SimConfig, Target, PAGE_SIZE};
+use hetmem::{Advice, DeviceId, DeviceKind, Error, Hetmem, SimConfig, Target, PAGE_SIZE};
 use hetmem_proto::Mem;
 
 const TIMEOUT_S: u64 = 120;
@@ -33,17 +32,6 @@ fn context() -> Hetmem {
         .sim_device_with(dev(DeviceKind::Coherent))
         .build()
         .expect("a context")
-}
-
-/// A fresh temporary directory for one test.
-fn temp_dir(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "hetmem-found-by-fuzz-{}-{test}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create a temporary directory");
-    dir
 }
 
 fn cpu_read(addr: usize, len: usize) -> Vec<u8> {
@@ -275,57 +263,8 @@ fn new_fork_child_keeps_the_protection_of_managed_views() -> anyhow::Result<()> 
 }
 
 // ------------------------------------------------------------------------------------------
-// B, C: hangs and bad arguments
+// Bad arguments
 // ------------------------------------------------------------------------------------------
-
-/// Issue 10 **B7**: `map_file` of a FIFO blocks in `ReadOnly` and `Private` mode. It must fail
-/// (file contract §2.14). If it blocks, the test opens the FIFO for writing, which lets it go
-/// on, and fails. (random_api's `fifo` class, e.g. seed 0x5eed0001 step 25.)
-#[test]
-#[ignore = "issue 10 B7: map_file of a FIFO blocks in its open"]
-fn b7_map_file_of_a_fifo_fails_without_blocking() -> anyhow::Result<()> {
-    common::watchdog("b7", TIMEOUT_S, || {
-        use std::os::unix::fs::OpenOptionsExt;
-        let hm = context();
-        let dir = temp_dir("b7");
-        let mut blocked = Vec::new();
-        for mode in [FileMode::ReadOnly, FileMode::Private, FileMode::Shared] {
-            let path = dir.join(format!("{mode:?}"));
-            let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
-            // SAFETY: mkfifo reads a NUL-terminated path.
-            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-            let (tx, rx) = mpsc::channel();
-            let (hm2, p2) = (hm.clone(), path.clone());
-            let t = std::thread::spawn(move || {
-                let r = hm2
-                    .map_file(&p2, 0, PAGE_SIZE, mode)
-                    .map(|m| std::mem::ManuallyDrop::new(m).addr());
-                let _ = tx.send(r);
-            });
-            let r = match rx.recv_timeout(Duration::from_secs(5)) {
-                Ok(r) => r,
-                Err(_) => {
-                    blocked.push(mode);
-                    let w = std::fs::OpenOptions::new()
-                        .write(true)
-                        .custom_flags(libc::O_NONBLOCK)
-                        .open(&path);
-                    let r = rx.recv_timeout(Duration::from_secs(10));
-                    drop(w);
-                    r.expect("map_file still blocks after a writer opened the FIFO")
-                }
-            };
-            t.join().expect("the helper thread");
-            assert!(r.is_err(), "map_file of a FIFO ({mode:?}) succeeded: {r:?}");
-        }
-        let _ = std::fs::remove_dir_all(&dir);
-        assert!(
-            blocked.is_empty(),
-            "map_file of a FIFO blocked in {blocked:?}"
-        );
-        Ok(())
-    })
-}
 
 /// **NEW**: `Hetmem::advise` accepts advice that names a device the context does not have
 /// (`PreferredLocation(Some(Device(5)))`, `AccessedBy(5, true)`) and returns `Ok`;
