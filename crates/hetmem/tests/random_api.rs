@@ -643,8 +643,11 @@ struct FileInfo {
     /// What the file must hold (Shared: as of the last check; each page not mapped any more
     /// may also hold its newer data, written back at its unmap).
     fexp: Vec<u8>,
-    /// Written since the last successful flush (a flush must then write something).
-    dirty: bool,
+    /// Pages written since the last successful flush, by page index in the object, while a view
+    /// still maps them (a flush must then write something). A page that no view maps any more is
+    /// written back after its munmap (file contract §13), whenever that is: a flush then may or
+    /// may not meet an injected failure.
+    dirty: std::collections::BTreeSet<usize>,
 }
 
 struct Obj {
@@ -798,9 +801,26 @@ impl Obj {
         for s in self.segs_in(va, bytes.len()) {
             let at = s.va - va;
             self.data[s.off..s.off + s.len].copy_from_slice(&bytes[at..at + s.len]);
+            self.mark_dirty(s.off, s.len);
         }
+    }
+
+    /// Records that file bytes `[off, off + len)` were written.
+    fn mark_dirty(&mut self, off: usize, len: usize) {
         if let Some(f) = &mut self.file {
-            f.dirty = true;
+            f.dirty
+                .extend(off / PAGE_SIZE..(off + len).div_ceil(PAGE_SIZE));
+        }
+    }
+
+    /// After a munmap: pages no view maps any more are written back without a flush.
+    fn forget_unmapped_dirty(&mut self) {
+        let segs = &self.segs;
+        if let Some(f) = &mut self.file {
+            f.dirty.retain(|&pg| {
+                segs.iter()
+                    .any(|s| s.off <= pg * PAGE_SIZE && pg * PAGE_SIZE < s.off + s.len)
+            });
         }
     }
 
@@ -1727,7 +1747,7 @@ impl World {
                 mode,
                 opts,
                 fexp: content,
-                dirty: false,
+                dirty: std::collections::BTreeSet::new(),
             }),
         });
     }
@@ -2150,9 +2170,7 @@ impl World {
             for off in s.off..(s.off + s.len).min(eof) {
                 obj.data[off] = transform(obj.data[off], off, k);
             }
-        }
-        if let Some(f) = &mut obj.file {
-            f.dirty = true;
+            obj.mark_dirty(s.off, s.len);
         }
     }
 
@@ -2319,6 +2337,7 @@ impl World {
             self.fail(&format!("munmap: errno {e}"));
         }
         self.objs[o].cut(va, len);
+        self.objs[o].forget_unmapped_dirty();
         self.probe_gone(va, len, "after munmap");
         self.observe_around(o, va, len, "after munmap");
     }
@@ -2349,6 +2368,7 @@ impl World {
         }
         let (cut, clen) = (va + new * PAGE_SIZE, (old - new) * PAGE_SIZE);
         self.objs[o].cut(cut, clen);
+        self.objs[o].forget_unmapped_dirty();
         self.probe_gone(cut, clen, "after mremap shrink");
         self.observe_around(o, cut, clen, "after mremap shrink");
     }
@@ -2531,7 +2551,7 @@ impl World {
         let r = if sync { m.sync() } else { m.flush() };
         self.ok(if sync { "sync" } else { "flush" }, r);
         if let Some(f) = &mut self.objs[o].file {
-            f.dirty = false;
+            f.dirty.clear();
         }
         self.file_check(o, "after flush");
     }
@@ -2997,7 +3017,8 @@ impl World {
             _ => {
                 let errno = if enospc { libc::ENOSPC } else { libc::EIO };
                 let fi = self.objs[o].file.as_ref().expect("a file");
-                let must_fail = fi.mode == FileMode::Shared && fi.dirty && !fi.opts.evict_to_file;
+                let must_fail =
+                    fi.mode == FileMode::Shared && !fi.dirty.is_empty() && !fi.opts.evict_to_file;
                 let mode = fi.mode;
                 self.say(format!(
                     "{name}: {n} writebacks fail with {}; flush, then flush again",
@@ -3027,7 +3048,7 @@ impl World {
                 let r2 = self.objs[o].mapping().flush();
                 self.ok("the flush after failing writebacks", r2);
                 if let Some(f) = &mut self.objs[o].file {
-                    f.dirty = false;
+                    f.dirty.clear();
                 }
                 self.file_check(o, "after flushes with failing writebacks");
             }
