@@ -1825,12 +1825,15 @@ impl Hetmem {
         Ok(())
     }
 
-    /// Drops the data of a range: it reads zero afterwards, as after MADV_DONTNEED on private
-    /// anonymous memory. Device copies go too.
+    /// Drops the data of a range: allocated and registered memory reads zero afterwards, as
+    /// after MADV_DONTNEED on private anonymous memory; a file mapping's dirty pages are written
+    /// back first (Shared), and the range then reads the file again (`docs/file-contract.md`
+    /// §13). Device copies go too.
     ///
     /// # Errors
     /// `Invalid` (EINVAL) for an empty, unaligned or wrapping range, and in a fork child;
     /// `Fault` (EFAULT) when part of the range is not managed memory. Nothing is dropped then.
+    /// `Io` when a file page's writeback fails: that page stays, dirty.
     pub fn discard(&self, addr: usize, len: usize) -> Result<()> {
         let inner = self.inner();
         for p in inner.pieces(addr, len)? {
