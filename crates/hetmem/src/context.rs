@@ -1500,7 +1500,7 @@ impl Inner {
         &self,
         len: usize,
         file: Option<crate::region::FileBacking>,
-    ) -> Result<(Arc<Region>, Mapping)> {
+    ) -> Result<Arc<Region>> {
         self.check_owner()?;
         // The length and the metadata first: nothing of the region exists yet if they fail.
         let slots = Region::reserve_blocks(len, self.devices.len())?;
@@ -1508,17 +1508,20 @@ impl Inner {
         let memfd = mem::memfd(&format!("hetmem-{id}"), len).map_err(Error::os("memfd_create"))?;
         let backing =
             Mapping::shared(memfd.as_fd(), 0, len).map_err(Error::os("mmap backing view"))?;
-        let cpu = Mapping::shared_aligned(memfd.as_fd(), len, BLOCK_BYTES)
-            .map_err(Error::os("mmap cpu view"))?;
-        let region = Arc::new(Region::new(
+        Ok(Arc::new(Region::new(
             memfd,
             backing,
             len,
             slots,
             self.devices.len(),
             file,
-        ));
-        Ok((region, cpu))
+        )))
+    }
+
+    /// A CPU view of the whole region, 2 MiB-aligned, not registered yet.
+    pub(crate) fn map_cpu_view(&self, region: &Region) -> Result<Mapping> {
+        Mapping::shared_aligned(region.memfd.as_fd(), region.len, BLOCK_BYTES)
+            .map_err(Error::os("mmap cpu view"))
     }
 
     pub(crate) fn register_view(&self, va: usize, len: usize) -> Result<()> {
@@ -1707,7 +1710,8 @@ impl Hetmem {
                 "length must be a non-zero multiple of the page size",
             ));
         }
-        let (region, cpu) = inner.new_region(len, None)?;
+        let region = inner.new_region(len, None)?;
+        let cpu = inner.map_cpu_view(&region)?;
         let va = cpu.addr();
         inner.register_view(va, len)?;
         // From here on the view is the region's: it is unmapped in `free_region`.
@@ -1771,8 +1775,7 @@ impl Hetmem {
             return Err(Error::Invalid("the range is already managed"));
         }
         let inner = self.inner();
-        let (region, cpu) = inner.new_region(len, None)?;
-        drop(cpu);
+        let region = inner.new_region(len, None)?;
         // SAFETY: the caller guarantees nobody touches the range during the call; the backing
         // view is ours and `len` long.
         unsafe { mem::copy(region.backing.as_ptr(), ptr, len) };

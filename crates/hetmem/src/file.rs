@@ -195,7 +195,8 @@ impl Hetmem {
             leased: AtomicBool::new(false),
             io: FileIo::new(offset, len, meta.len(), tmpfs),
         };
-        let (region, cpu) = inner.new_region(len, Some(backing))?;
+        let region = inner.new_region(len, Some(backing))?;
+        let cpu = inner.map_cpu_view(&region)?;
         let va = cpu.addr();
         inner.register_view(va, len)?;
         cpu.leak();
