@@ -321,6 +321,14 @@ fn dontunmap_leaves_the_old_range_an_alias() -> Result<()> {
                 )
             };
             assert_eq!(new as usize, target, "mremap: {}", os_error());
+            // The device rewrites its half: the old range must show that, not the older copy
+            // system memory holds.
+            dev.write(target + MIB, &vec![0x22; MIB])?;
+            assert_all(
+                &format!("round {round}: the device's half through the old range"),
+                cpu_bytes(old + MIB, MIB),
+                0x22,
+            );
             // SAFETY: the old range is still mapped (DONTUNMAP) and ours.
             unsafe { (old as *mut u8).write_volatile(0x99) };
             let moved = cpu_bytes(target, len);
@@ -329,10 +337,19 @@ fn dontunmap_leaves_the_old_range_an_alias() -> Result<()> {
                 "round {round}: the new range read {:#x}",
                 moved[0]
             );
-            assert_all(&format!("round {round}: the moved data"), &moved[1..], 0x11);
+            assert_all(
+                &format!("round {round}: the moved data"),
+                &moved[1..MIB],
+                0x11,
+            );
+            assert_all(
+                &format!("round {round}: the moved data"),
+                &moved[MIB..],
+                0x22,
+            );
             assert_all(
                 &format!("round {round}: the old range"),
-                cpu_bytes(old + 1, len - 1),
+                cpu_bytes(old + 1, MIB - 1),
                 0x11,
             );
             // A device write through the old range is seen at the new one.
@@ -351,6 +368,11 @@ fn dontunmap_leaves_the_old_range_an_alias() -> Result<()> {
                 &format!("round {round}: the data after the old range went"),
                 cpu_bytes(target + 1, MIB - 1),
                 0x11,
+            );
+            assert_all(
+                &format!("round {round}: the data after the old range went"),
+                cpu_bytes(target + MIB + PAGE_SIZE, MIB - PAGE_SIZE),
+                0x22,
             );
             drop(buf);
         }
