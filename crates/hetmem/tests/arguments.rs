@@ -37,28 +37,6 @@ fn context() -> Result<Hetmem> {
         .build()?)
 }
 
-/// A fresh private anonymous mapping: memory that is mapped but not managed.
-fn anon(len: usize) -> *mut u8 {
-    // SAFETY: a fresh private anonymous mapping at an address the kernel picks.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED, "mmap of {len:#x} bytes");
-    p.cast()
-}
-
-fn unmap(p: *mut u8, len: usize) {
-    // SAFETY: a mapping this test made with `anon` and no longer uses.
-    unsafe { libc::munmap(p.cast(), len) };
-}
-
 /// RAM and swap, from /proc/meminfo: what hetmem bounds its metadata and results by.
 fn memory_bytes() -> u64 {
     let text = std::fs::read_to_string("/proc/meminfo").expect("/proc/meminfo");
@@ -193,7 +171,7 @@ fn zero_length_ranges_are_invalid() -> Result<()> {
             buf: hm.alloc(4 * PAGE_SIZE)?,
             hm,
         };
-        let plain = anon(PAGE_SIZE);
+        let plain = common::mem::anon(PAGE_SIZE) as *mut u8;
         let places = [
             ("managed", f.buf.addr()),
             ("plain memory", plain as usize),
@@ -229,7 +207,7 @@ fn zero_length_ranges_are_invalid() -> Result<()> {
         expect_errno("Hetmem::alloc(0)", f.hm.alloc(0), libc::EINVAL);
         // Nothing was changed or counted on the way.
         ensure!(f.hm.stats().errors == 0, "errors: {:?}", f.hm.stats());
-        unmap(plain, PAGE_SIZE);
+        common::mem::munmap(plain as usize, PAGE_SIZE);
         Ok(())
     })
 }
@@ -247,7 +225,7 @@ fn bad_ranges_get_typed_errors() -> Result<()> {
             hm,
         };
         f.buf.as_atomic_u64()[0].store(0x1111, std::sync::atomic::Ordering::Relaxed);
-        let plain = anon(2 * PAGE_SIZE);
+        let plain = common::mem::anon(2 * PAGE_SIZE) as *mut u8;
         let (a, len) = (f.buf.addr(), f.buf.len());
         let cases = [
             ("unaligned address", a + 1, PAGE_SIZE, libc::EINVAL),
@@ -345,7 +323,7 @@ fn bad_ranges_get_typed_errors() -> Result<()> {
             "the buffer's data changed"
         );
         ensure!(f.hm.stats().errors == 0, "errors: {:?}", f.hm.stats());
-        unmap(plain, 2 * PAGE_SIZE);
+        common::mem::munmap(plain as usize, 2 * PAGE_SIZE);
         Ok(())
     })
 }
@@ -466,7 +444,7 @@ fn huge_registrations_are_refused() -> Result<()> {
         // metadata would fit, the copy would not (it would end in the OOM killer).
         let beyond_memory = (memory_bytes() as usize + (1 << 30)).next_multiple_of(2 << 20);
         for len in [32usize << 40, beyond_memory] {
-            let p = anon(len);
+            let p = common::mem::anon(len) as *mut u8;
             // SAFETY: our own fresh mapping, which no one else uses.
             let r = unsafe { hm.register(p, len) };
             expect_errno(&format!("register({len:#x})"), r, libc::ENOMEM);
@@ -476,7 +454,7 @@ fn huge_registrations_are_refused() -> Result<()> {
                 ensure!(p.read() == 0, "the range was written");
                 p.write(9);
             }
-            unmap(p, len);
+            common::mem::munmap(p as usize, len);
         }
         ensure!(hm.stats().errors == 0, "errors: {:?}", hm.stats());
         Ok(())
@@ -593,7 +571,7 @@ fn child_calls<'a>(
         (
             "Hetmem::register",
             Box::new(|| {
-                let p = anon(PAGE_SIZE);
+                let p = common::mem::anon(PAGE_SIZE) as *mut u8;
                 // SAFETY: the child's own fresh mapping.
                 unsafe { hm.register(p, PAGE_SIZE) }.map(drop)
             }),
@@ -654,7 +632,7 @@ fn fork_child_scenario() -> Result<()> {
     private.migrate_to_device(buf.addr(), len / 2)?;
     coherent.write(buf.addr() + len - PAGE_SIZE, &[0x5a; PAGE_SIZE])?;
     // Registered memory, partly on the private device.
-    let plain = anon(4 * PAGE_SIZE);
+    let plain = common::mem::anon(4 * PAGE_SIZE) as *mut u8;
     // SAFETY: our own fresh mapping.
     unsafe { std::ptr::write_bytes(plain, 0x77, 4 * PAGE_SIZE) };
     // SAFETY: our own mapping, which no other thread touches.
@@ -797,7 +775,7 @@ fn fork_child_scenario() -> Result<()> {
         back.iter().all(|&b| b == 0x77),
         "registered data after the drop"
     );
-    unmap(plain, 4 * PAGE_SIZE);
+    common::mem::munmap(plain as usize, 4 * PAGE_SIZE);
     ensure!(hm.stats().errors == 0, "errors: {:?}", hm.stats());
     Ok(())
 }

@@ -15,6 +15,8 @@ use std::time::Duration;
 
 mod common;
 
+use common::mem::{anon_filled, mprotect};
+
 use hetmem::{Advice, DeviceId, DeviceKind, Error, Hetmem, SimConfig, Target, PAGE_SIZE};
 use hetmem_proto::Mem;
 
@@ -44,30 +46,6 @@ fn cpu_read(addr: usize, len: usize) -> Vec<u8> {
 fn cpu_write(addr: usize, data: &[u8]) {
     // SAFETY: every caller writes memory it keeps mapped read-write and holds no reference to.
     unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), addr as *mut u8, data.len()) };
-}
-
-fn mprotect(addr: usize, len: usize, prot: libc::c_int) {
-    // SAFETY: part of the test's own buffer; the test then only makes accesses `prot` allows.
-    let r = unsafe { libc::mprotect(addr as *mut libc::c_void, len, prot) };
-    assert_eq!(r, 0, "mprotect: {}", std::io::Error::last_os_error());
-}
-
-/// A private anonymous mapping of `len` bytes filled with `byte`.
-fn anon_filled(len: usize, byte: u8) -> usize {
-    // SAFETY: a fresh anonymous mapping at an address the kernel chooses.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    cpu_write(p as usize, &vec![byte; len]);
-    p as usize
 }
 
 /// Forks; the child runs `check` and exits with what it returns (99 if it panics). The parent

@@ -17,6 +17,7 @@ use std::sync::{Arc, Barrier};
 mod common;
 
 use anyhow::{ensure, Result};
+use common::mem::{anon, mprotect, munmap};
 use hetmem::{DeviceKind, Hetmem, PAGE_SIZE};
 
 const MIB: usize = 1 << 20;
@@ -29,20 +30,6 @@ fn context(kind: DeviceKind) -> Result<Hetmem> {
 
 fn os_error() -> std::io::Error {
     std::io::Error::last_os_error()
-}
-
-fn munmap(addr: usize, len: usize) {
-    // SAFETY: the tests unmap only parts of their own managed buffers, which they no longer read
-    // through references (only through fresh slices of the parts still mapped).
-    let r = unsafe { libc::munmap(addr as *mut c_void, len) };
-    assert_eq!(r, 0, "munmap: {}", os_error());
-}
-
-fn mprotect(addr: usize, len: usize, prot: libc::c_int) {
-    // SAFETY: changes the protection of the test's own managed memory, which it accesses only
-    // where the protection allows.
-    let r = unsafe { libc::mprotect(addr as *mut c_void, len, prot) };
-    assert_eq!(r, 0, "mprotect: {}", os_error());
 }
 
 /// `len` bytes at `addr`, read through the CPU view.
@@ -204,22 +191,6 @@ fn mprotect_round_trip_keeps_pages_managed() -> Result<()> {
 }
 
 // ------------------------------------------------------------------------------------------- A3
-
-fn anon(len: usize) -> usize {
-    // SAFETY: a fresh private anonymous mapping at an address the kernel picks.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED, "mmap: {}", os_error());
-    p as usize
-}
 
 /// A3: dropping a `Registration` after one failed copy-back. The copy home is retried, so the
 /// range ends up holding the device's data.

@@ -16,22 +16,6 @@ fn hm(kind: DeviceKind) -> Hetmem {
         .expect("hetmem context")
 }
 
-fn anon(len: usize) -> *mut u8 {
-    // SAFETY: a fresh private anonymous mapping.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    p.cast()
-}
-
 /// Whether a hetmem memfd is mapped at `addr` (other tests in this process have their own).
 fn memfd_mapped_at(addr: usize) -> bool {
     std::fs::read_to_string("/proc/self/maps")
@@ -104,7 +88,7 @@ fn kernel_mode_read_and_write() {
 #[test]
 fn register_rejects_bad_ranges() {
     let hm = hm(DeviceKind::Private);
-    let p = anon(4 * PAGE_SIZE);
+    let p = common::mem::anon(4 * PAGE_SIZE) as *mut u8;
     // SAFETY (all register calls): the ranges are ours and untouched by other threads.
     let e = unsafe { hm.register(p.wrapping_add(1), PAGE_SIZE) }.unwrap_err();
     assert!(matches!(e, Error::Invalid(_)), "unaligned: {e}");
@@ -160,7 +144,7 @@ fn register_roundtrip_keeps_data() {
         let hm = hm(kind);
         let dev = hm.device(0).unwrap();
         let len = 3 * (2 << 20) / 2; // 3 MiB: spans a block boundary
-        let p = anon(len);
+        let p = common::mem::anon(len) as *mut u8;
         // SAFETY: our own mapping.
         let s = unsafe { std::slice::from_raw_parts_mut(p, len) };
         for (i, b) in s.iter_mut().enumerate().step_by(97) {

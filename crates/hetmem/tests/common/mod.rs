@@ -8,6 +8,7 @@
 #![allow(unsafe_code)]
 
 pub mod fs;
+pub mod mem;
 
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
