@@ -44,33 +44,16 @@ const CHILD_PANICKED: c_int = 99;
 // Fixture: watchdog, temporary directory, context
 // ---------------------------------------------------------------------------------------------
 
-/// The scenarios run one at a time. A forked child inherits every descriptor open at the fork;
-/// one of another test's file keeps that file open while the child lives, and denies that
-/// test its lease (a write lease needs the file open nowhere else).
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-/// A scenario hung: its thread still runs, with its files, leases and children, so the ones
-/// after it would not run alone. They fail at once instead.
-static HUNG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
+/// The scenarios run one at a time (`common::serial_scenario`). A forked child inherits every
+/// descriptor open at the fork; one of another test's file keeps that file open while the
+/// child lives, and denies that test its lease (a write lease needs the file open nowhere
+/// else).
 macro_rules! tests {
     ($($name:ident),* $(,)?) => {
         $(
             #[test]
             fn $name() -> Result<()> {
-                let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-                ensure!(
-                    !HUNG.load(Ordering::Acquire),
-                    "not run: an earlier scenario hung and is still running"
-                );
-                let run = std::panic::catch_unwind(|| {
-                    common::watchdog(stringify!($name), DEFAULT_TIMEOUT_S, scenarios::$name)
-                });
-                run.unwrap_or_else(|panic| {
-                    if panic.is::<common::Hung>() {
-                        HUNG.store(true, Ordering::Release);
-                    }
-                    std::panic::resume_unwind(panic)
-                })
+                common::serial_scenario(stringify!($name), DEFAULT_TIMEOUT_S, scenarios::$name)
             }
         )*
     };

@@ -14,7 +14,6 @@ use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 mod common;
@@ -27,28 +26,12 @@ use hetmem_proto::OpError;
 const MIB: usize = 1 << 20;
 const DEFAULT_TIMEOUT_S: u64 = 60;
 
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-static HUNG: AtomicBool = AtomicBool::new(false);
-
 macro_rules! tests {
     ($($name:ident),* $(,)?) => {
         $(
             #[test]
             fn $name() -> Result<()> {
-                let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-                ensure!(
-                    !HUNG.load(Ordering::Acquire),
-                    "not run: an earlier scenario hung and is still running"
-                );
-                let run = std::panic::catch_unwind(|| {
-                    common::watchdog(stringify!($name), DEFAULT_TIMEOUT_S, scenarios::$name)
-                });
-                run.unwrap_or_else(|panic| {
-                    if panic.is::<common::Hung>() {
-                        HUNG.store(true, Ordering::Release);
-                    }
-                    std::panic::resume_unwind(panic)
-                })
+                common::serial_scenario(stringify!($name), DEFAULT_TIMEOUT_S, scenarios::$name)
             }
         )*
     };

@@ -58,6 +58,31 @@ where
     }
 }
 
+/// Runs scenario `f` under `watchdog`, one scenario of the test binary at a time: scenarios
+/// that take file leases or mount file systems must run alone. After a scenario hung (its
+/// thread still runs, with its files, leases and children), the later ones fail at once instead
+/// of running beside it.
+pub fn serial_scenario(
+    name: &'static str,
+    default_s: u64,
+    f: fn() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    static HUNG: AtomicBool = AtomicBool::new(false);
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    anyhow::ensure!(
+        !HUNG.load(Ordering::Acquire),
+        "not run: an earlier scenario hung and is still running"
+    );
+    std::panic::catch_unwind(|| watchdog(name, default_s, f)).unwrap_or_else(|panic| {
+        if panic.is::<Hung>() {
+            HUNG.store(true, Ordering::Release);
+        }
+        std::panic::resume_unwind(panic)
+    })
+}
+
 /// Aborts the whole process if it is still alive after `limit` (for tests whose threads a
 /// panic cannot stop); dropping it disarms it.
 pub struct AbortWatchdog(Option<mpsc::Sender<()>>);
