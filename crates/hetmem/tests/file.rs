@@ -235,32 +235,11 @@ fn fork_child(child: impl FnOnce() -> c_int) -> libc::pid_t {
     pid
 }
 
-/// `waitpid` with a deadline: the child's raw status, or `None` if it was still running at
-/// `limit` (it is then killed and reaped).
-fn wait_child_within(pid: libc::pid_t, limit: Duration) -> Option<c_int> {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let mut status: c_int = 0;
-        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-        let _ = tx.send((r, status, last_os_error()));
-    });
-    let (r, status, err) = match rx.recv_timeout(limit) {
-        Ok(v) => v,
-        Err(_) => {
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            let _ = rx.recv_timeout(limit);
-            return None;
-        }
-    };
-    assert_eq!(r, pid, "waitpid({pid}): {err}");
-    Some(status)
-}
-
 /// `waitpid` with the test's deadline: a child that hangs is killed and the test fails.
 #[track_caller]
 fn wait_child(pid: libc::pid_t) -> c_int {
     let limit = common::test_timeout(DEFAULT_TIMEOUT_S) / 2;
-    match wait_child_within(pid, limit) {
+    match common::wait_within(pid, limit) {
         Some(status) => status,
         None => panic!("child {pid} still running after {limit:?}: hung"),
     }
@@ -287,85 +266,27 @@ fn exit_code(status: c_int) -> c_int {
     libc::WEXITSTATUS(status)
 }
 
-/// What a reader process found: its exit codes.
-const READ_WANTED: c_int = 0;
-const READ_ZEROS: c_int = 1;
-const READ_OTHER: c_int = 2;
-
-/// Compares the memory at `addr` with `want`, touching nothing else (no allocation, no
-/// thread-local state): `READ_WANTED`, `READ_ZEROS` or `READ_OTHER`.
-fn compare_at(addr: usize, want: &[u8]) -> c_int {
-    let got = unsafe { std::slice::from_raw_parts(addr as *const u8, want.len()) };
-    if got == want {
-        READ_WANTED
-    } else if got.iter().all(|&b| b == 0) {
-        READ_ZEROS
-    } else {
-        READ_OTHER
+/// What a reader found, as a sentence.
+fn read_outcome(reading: common::Reading) -> String {
+    match reading {
+        common::Reading::Blocked => {
+            format!("was still blocked in the read after {QUICK:?} (killed)")
+        }
+        r => r.to_string(),
     }
 }
 
-/// A read for `clone_vm_read`'s reader.
-#[repr(C)]
-struct ReadJob {
-    addr: usize,
-    want: *const u8,
-    len: usize,
+/// A CPU read in a `clone(CLONE_VM)` reader, within `QUICK`.
+fn clone_vm_read(addr: usize, want: &[u8]) -> common::Reading {
+    common::read_in_clone(addr, want, QUICK)
 }
 
-/// Reads `want.len()` bytes at `addr` with the CPU in a process that shares our address space
-/// (`clone(CLONE_VM)`: not a thread of ours, so a fatal signal kills only it) and returns its
-/// wait status (`compare_at`'s codes, or the signal that killed it); `None` if the read was
-/// still blocked after `QUICK` (the reader is then killed).
-fn clone_vm_read(addr: usize, want: &[u8]) -> Option<c_int> {
-    extern "C" fn reader(arg: *mut libc::c_void) -> c_int {
-        // Runs on its own stack in our address space.
-        let job = unsafe { &*(arg as *const ReadJob) };
-        compare_at(job.addr, unsafe {
-            std::slice::from_raw_parts(job.want, job.len)
-        })
-    }
-    let job = ReadJob {
-        addr,
-        want: want.as_ptr(),
-        len: want.len(),
-    };
-    let mut stack = vec![0u128; (256 << 10) / 16];
-    let top = stack.as_mut_ptr_range().end.cast::<libc::c_void>();
-    let pid = unsafe {
-        libc::clone(
-            reader,
-            top,
-            libc::CLONE_VM | libc::SIGCHLD,
-            (&job as *const ReadJob).cast_mut().cast(),
-        )
-    };
-    assert!(pid > 0, "clone: {}", last_os_error());
-    let status = wait_child_within(pid, QUICK);
-    drop(stack);
-    status
+fn is_sigbus(reading: common::Reading) -> bool {
+    reading == common::Reading::Signal(libc::SIGBUS)
 }
 
-/// What a reader's wait status means.
-fn read_outcome(status: Option<c_int>) -> String {
-    match status {
-        None => format!("was still blocked in the read after {QUICK:?} (killed)"),
-        Some(s) if libc::WIFEXITED(s) => match libc::WEXITSTATUS(s) {
-            READ_WANTED => "read the expected data".to_string(),
-            READ_ZEROS => "read zeros".to_string(),
-            READ_OTHER => "read other data".to_string(),
-            c => format!("exited with {c}"),
-        },
-        Some(s) => describe_status(s),
-    }
-}
-
-fn is_sigbus(status: Option<c_int>) -> bool {
-    status.is_some_and(|s| libc::WIFSIGNALED(s) && libc::WTERMSIG(s) == libc::SIGBUS)
-}
-
-fn read_wanted(status: Option<c_int>) -> bool {
-    status.is_some_and(|s| libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == READ_WANTED)
+fn read_wanted(reading: common::Reading) -> bool {
+    reading == common::Reading::Wanted
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1070,7 +991,7 @@ mod scenarios {
                         _ => 2,
                     }
                 });
-                match wait_child_within(pid, QUICK) {
+                match common::wait_within(pid, QUICK) {
                     Some(status) => assert_eq!(exit_code(status), 0, "child's map_file"),
                     None => {
                         hung = Some(i);
@@ -1256,8 +1177,9 @@ mod scenarios {
         // A fork child gets a private snapshot of managed memory (docs/file-contract.md §2.11):
         // past the end of the file it holds zeros, as private anonymous memory would.
         let zeros = vec![0u8; PAGE_SIZE];
-        let pid = fork_child(|| compare_at(page5, &zeros));
-        let status = wait_child_within(pid, QUICK);
+        let pid = fork_child(|| common::compare_at(page5, &zeros));
+        let status =
+            common::wait_within(pid, QUICK).map_or(common::Reading::Blocked, common::reading_of);
         if !read_wanted(status) {
             problems.push(format!(
                 "a CPU read of page 5 in a forked child {}; expected zeros (its snapshot)",

@@ -108,17 +108,66 @@ impl Drop for AbortWatchdog {
     }
 }
 
-/// What a CPU read in a process sharing our address space found (`read_in_clone`).
+/// What a CPU read in another process found (`read_in_clone`, `reading_of`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reading {
     /// The bytes wanted.
     Wanted,
+    /// Zeros, not the bytes wanted.
+    Zeros,
     /// Other bytes.
     Other,
     /// A signal killed the reader (SIGBUS for a poisoned page).
     Signal(i32),
+    /// It exited otherwise, with this status (a panic in a forked child, say).
+    Exited(i32),
     /// Still blocked in the read at the deadline (it was killed).
     Blocked,
+}
+
+impl std::fmt::Display for Reading {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reading::Wanted => write!(f, "read the expected data"),
+            Reading::Zeros => write!(f, "read zeros"),
+            Reading::Other => write!(f, "read other data"),
+            Reading::Signal(s) => write!(f, "was killed by signal {s}"),
+            Reading::Exited(c) => write!(f, "exited with {c}"),
+            Reading::Blocked => write!(f, "was still blocked in the read (killed)"),
+        }
+    }
+}
+
+/// `compare_at`'s exit codes.
+const READ_WANTED: libc::c_int = 0;
+const READ_ZEROS: libc::c_int = 1;
+const READ_OTHER: libc::c_int = 2;
+
+/// Compares the memory at `addr` with `want`, touching nothing else (no allocation, no
+/// thread-local state), for a reader process to exit with; `reading_of` decodes its status.
+pub fn compare_at(addr: usize, want: &[u8]) -> libc::c_int {
+    // SAFETY: the callers name memory they keep mapped; a fault there is what they test.
+    let got = unsafe { std::slice::from_raw_parts(addr as *const u8, want.len()) };
+    if got == want {
+        READ_WANTED
+    } else if got.iter().all(|&b| b == 0) {
+        READ_ZEROS
+    } else {
+        READ_OTHER
+    }
+}
+
+/// What the wait status of a reader that exits with `compare_at`'s code says.
+pub fn reading_of(status: libc::c_int) -> Reading {
+    if libc::WIFSIGNALED(status) {
+        return Reading::Signal(libc::WTERMSIG(status));
+    }
+    match libc::WEXITSTATUS(status) {
+        READ_WANTED => Reading::Wanted,
+        READ_ZEROS => Reading::Zeros,
+        READ_OTHER => Reading::Other,
+        c => Reading::Exited(c),
+    }
 }
 
 /// Reads `want.len()` bytes at `addr` with the CPU in a process that shares our address space
@@ -132,14 +181,12 @@ pub fn read_in_clone(addr: usize, want: &[u8], limit: Duration) -> Reading {
     }
     extern "C" fn reader(arg: *mut libc::c_void) -> libc::c_int {
         // SAFETY: runs on its own stack in our address space, where `arg` is the caller's `Job`,
-        // alive until the reader is reaped; it allocates nothing and touches no thread-local
-        // state. The bytes read are managed memory the caller names.
-        unsafe {
-            let job = &*(arg as *const Job);
-            let got = std::slice::from_raw_parts(job.addr as *const u8, job.len);
-            let want = std::slice::from_raw_parts(job.want, job.len);
-            libc::c_int::from(got != want)
-        }
+        // alive until the reader is reaped.
+        let job = unsafe { &*(arg as *const Job) };
+        // SAFETY: the caller's `want`, alive as long as `job`.
+        compare_at(job.addr, unsafe {
+            std::slice::from_raw_parts(job.want, job.len)
+        })
     }
     let job = Job {
         addr,
@@ -159,33 +206,36 @@ pub fn read_in_clone(addr: usize, want: &[u8], limit: Duration) -> Reading {
         )
     };
     assert!(pid > 0, "clone: {}", std::io::Error::last_os_error());
+    let reading = match wait_within(pid, limit) {
+        Some(status) => reading_of(status),
+        None => Reading::Blocked,
+    };
+    drop(stack);
+    reading
+}
+
+/// `waitpid` with a deadline: the child's raw status, or `None` if it was still running at
+/// `limit` (it is then killed and reaped).
+pub fn wait_within(pid: libc::pid_t, limit: Duration) -> Option<libc::c_int> {
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
         let mut status: libc::c_int = 0;
         // SAFETY: reaps our own child.
         let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-        let _ = tx.send((r, status));
+        let _ = tx.send((r, status, std::io::Error::last_os_error()));
     });
-    let reading = match rx.recv_timeout(limit) {
-        Ok((r, status)) if r == pid => {
-            if libc::WIFSIGNALED(status) {
-                Reading::Signal(libc::WTERMSIG(status))
-            } else if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
-                Reading::Wanted
-            } else {
-                Reading::Other
-            }
+    match rx.recv_timeout(limit) {
+        Ok((r, status, err)) => {
+            assert_eq!(r, pid, "waitpid({pid}): {err}");
+            Some(status)
         }
-        Ok((r, _)) => panic!("waitpid({pid}) returned {r}"),
         Err(_) => {
             // SAFETY: kills our own child, then waits for the reaper to see it go.
             unsafe { libc::kill(pid, libc::SIGKILL) };
-            let _ = rx.recv();
-            Reading::Blocked
+            let _ = rx.recv_timeout(limit);
+            None
         }
-    };
-    drop(stack);
-    reading
+    }
 }
 
 /// The environment variable `name` parsed as `T`, or `default` when unset or unparsable.
