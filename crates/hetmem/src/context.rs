@@ -1267,15 +1267,10 @@ impl Inner {
         if block.state().mapped_by(Proc::Cpu).contains(page) {
             return;
         }
-        let mut ranges = Vec::new();
-        region.cpu_ranges(bi * BLOCK_BYTES + page * PAGE_SIZE, PAGE_SIZE, &mut ranges);
-        for (va, len) in ranges {
-            // SAFETY: the page is not mapped for the CPU (the protocol says so, and its lock is
-            // held): zapping it removes only the poison marker, and the memfd keeps its data.
-            if let Err(e) = unsafe { mem::madvise(va, len, libc::MADV_DONTNEED) } {
-                self.note_error("clear a poison marker", &e);
-            }
-        }
+        // The page is not mapped for the CPU (the protocol says so, and its lock is held):
+        // zapping it removes only the poison marker.
+        let off = bi * BLOCK_BYTES + page * PAGE_SIZE;
+        self.zap_cpu(region, off, PAGE_SIZE, "clear a poison marker");
     }
 
     /// Placement for a CPU fault on piece `p` (one page): the read-back window, read-ahead and

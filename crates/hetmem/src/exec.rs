@@ -303,19 +303,8 @@ impl Inner {
                 }
             }
             Action::CpuUnmap { run } => {
-                let mut ranges = Vec::new();
-                region.cpu_ranges(
-                    bi * BLOCK_BYTES + run.start() * PAGE_SIZE,
-                    run.len() * PAGE_SIZE,
-                    &mut ranges,
-                );
-                for (va, len) in ranges {
-                    // SAFETY: a shared mapping of the memfd: zapping its page-table entries keeps
-                    // the data in the file. A thread that touches the range next faults to us.
-                    if let Err(e) = unsafe { mem::madvise(va, len, libc::MADV_DONTNEED) } {
-                        self.note_error("cpu unmap", &e);
-                    }
-                }
+                let off = bi * BLOCK_BYTES + run.start() * PAGE_SIZE;
+                self.zap_cpu(region, off, run.len() * PAGE_SIZE, "cpu unmap");
                 *cpu_now -= mask_of(run);
                 out.cpu_mapped -= mask_of(run);
             }
@@ -766,6 +755,39 @@ impl Inner {
     pub(crate) fn report(&self, what: &str, e: &io::Error) {
         if e.raw_os_error() != Some(libc::ENOENT) {
             self.note_error(what, e);
+        }
+    }
+
+    /// Zaps the CPU's entries for file bytes `[off, off + len)` of `region` in every view that
+    /// shows them (MADV_DONTNEED): the data stays in the memfd, and the next access faults to
+    /// us. MADV_DONTNEED works on any mapping, and a private one would lose its data, so each
+    /// range is checked to still map the region's memfd at that offset right before it is
+    /// zapped: the application may have unmapped a view and mapped something else there
+    /// meanwhile (a range it unmapped has nothing left to zap and loses nothing). Any other
+    /// failure is counted.
+    pub(crate) fn zap_cpu(&self, region: &Region, off: usize, len: usize, what: &str) {
+        let mut ranges = Vec::new();
+        region.cpu_ranges_at(off, len, &mut ranges);
+        for (va, at_off, len) in ranges {
+            let end = va + len;
+            let mut at = va;
+            while at < end {
+                let Ok(Some(vma)) = mem::vma_info(at) else {
+                    at += PAGE_SIZE;
+                    continue;
+                };
+                let stop = end.min(vma.end);
+                if vma.shows(region.inode, at, at_off + (at - va)) {
+                    // SAFETY: checked just now: a shared mapping of the region's memfd, whose
+                    // page-table entries can go, the data staying in the file.
+                    if let Err(e) = unsafe { mem::madvise(at, stop - at, libc::MADV_DONTNEED) } {
+                        if e.raw_os_error() != Some(libc::ENOMEM) {
+                            self.note_error(what, &e);
+                        }
+                    }
+                }
+                at = stop.max(at + PAGE_SIZE);
+            }
         }
     }
 

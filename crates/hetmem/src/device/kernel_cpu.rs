@@ -33,7 +33,7 @@ use hetmem_proto::{DeviceId, Mem, Proc, PAGE_SIZE};
 
 use crate::context::{Inner, Piece};
 use crate::error::{Error, Result};
-use crate::region::Region;
+use crate::region::{Region, BLOCK_BYTES};
 use crate::sys::mem;
 
 /// The device kernel closures running now, one entry per worker inside its closure.
@@ -55,8 +55,9 @@ pub(crate) struct KernelRun {
     /// The piece's runs as the closure got them: CPU address, address of the device's view of
     /// the data, length.
     runs: Vec<(usize, usize, usize)>,
-    /// Pages mapped for the CPU on the worker's behalf: CPU address, page, written through it.
-    strays: Mutex<Vec<(usize, usize, bool)>>,
+    /// Pages of the block mapped for the CPU on the worker's behalf, and whether the CPU wrote
+    /// through the mapping.
+    strays: Mutex<Vec<(usize, bool)>>,
 }
 
 /// What a worker's registration is for: `Device::access_pieces` registers before it calls the
@@ -137,7 +138,7 @@ impl Inner {
         run.strays
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push((va, page, write));
+            .push((page, write));
         let _ = self.uffd.wake(va, PAGE_SIZE);
         true
     }
@@ -153,17 +154,17 @@ impl Inner {
         }
         let dev = r.0.dev;
         // One entry per page, written if any access through it was a write.
-        let mut pages: Vec<(usize, usize, bool)> = Vec::new();
-        for (va, page, w) in strays {
-            match pages.iter_mut().find(|s| s.0 == va) {
-                Some(s) => s.2 |= w,
-                None => pages.push((va, page, w)),
+        let mut pages: Vec<(usize, bool)> = Vec::new();
+        for (page, w) in strays {
+            match pages.iter_mut().find(|s| s.0 == page) {
+                Some(s) => s.1 |= w,
+                None => pages.push((page, w)),
             }
         }
         let block = self.lock_block(&p.region.blocks[p.bi]);
         let st = block.state();
         let mut wrote = false;
-        for (va, page, written) in pages {
+        for (page, written) in pages {
             wrote |= written;
             if st.mapped_by(Proc::Cpu).contains(page) {
                 // A drive mapped the page for the CPU meanwhile: the mapping is the protocol's.
@@ -187,11 +188,15 @@ impl Inner {
                     };
                 }
             }
-            // SAFETY: a page the protocol does not map for the CPU: zapping its entry keeps the
-            // data (the memfd has it) and makes the next access fault to us.
-            if let Err(e) = unsafe { mem::madvise(va, PAGE_SIZE, libc::MADV_DONTNEED) } {
-                self.note_error("zap a device kernel's CPU mapping", &e);
-            }
+            // A page the protocol does not map for the CPU: zapping its entries keeps the data
+            // (the memfd has it) and makes the next access fault to us.
+            let off = p.bi * BLOCK_BYTES + page * PAGE_SIZE;
+            self.zap_cpu(
+                &p.region,
+                off,
+                PAGE_SIZE,
+                "zap a device kernel's CPU mapping",
+            );
         }
         if wrote {
             Err(Error::Invalid(
