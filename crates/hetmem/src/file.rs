@@ -1074,8 +1074,13 @@ impl Drop for FileMapping {
             // Write dirty pages back while the mapping is whole. If one cannot be written, the
             // mapping is kept, data and all, for `Hetmem::take_kept_file_mappings`: a drop has
             // no caller to report to, and tearing down would lose the data.
-            let _ = inner.flush_region(&self.region);
-            let dirty = dirty_pages(inner, &self.region);
+            // Kept only when a writeback failed and left pages dirty: a page dirty after a
+            // flush that succeeded was written again meanwhile (or a late write fault marked it
+            // so), and the teardown below writes it back.
+            let dirty = match inner.flush_region(&self.region) {
+                Ok(()) => 0,
+                Err(_) => dirty_pages(inner, &self.region),
+            };
             if dirty > 0 {
                 inner.note_error(
                     "writeback at drop",
