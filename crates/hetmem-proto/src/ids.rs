@@ -6,6 +6,8 @@ use std::fmt;
 pub const PAGE_SIZE: usize = 4096;
 /// Pages in a production block (2 MiB), the unit of locking, batching and device mapping.
 pub const PAGES_PER_BLOCK: usize = 512;
+/// Bytes in a production block (2 MiB).
+pub const BLOCK_BYTES: usize = PAGES_PER_BLOCK * PAGE_SIZE;
 /// 64-page words in a production block.
 pub const BLOCK_WORDS: usize = PAGES_PER_BLOCK / 64;
 /// Devices a topology may hold. Device ids are `0..MAX_DEVICES`.

@@ -33,7 +33,7 @@ pub use config::{DeviceKind, Mutation, Policy, TooManyDevices, Topology};
 pub use error::{EventError, InvariantViolation, RequestError};
 pub use event::{Access, Advice, Event, Invalidation, OpError, RequestKind};
 pub use ids::{
-    DeviceId, Mem, OpId, PageRun, Proc, ReqId, BLOCK_WORDS, MAX_DEVICES, MAX_MEMS, MAX_PROCS,
-    PAGES_PER_BLOCK, PAGE_SIZE,
+    DeviceId, Mem, OpId, PageRun, Proc, ReqId, BLOCK_BYTES, BLOCK_WORDS, MAX_DEVICES, MAX_MEMS,
+    MAX_PROCS, PAGES_PER_BLOCK, PAGE_SIZE,
 };
 pub use state::{BlockState, PageView};

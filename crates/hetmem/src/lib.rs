@@ -11,27 +11,21 @@
 //! - [`Device`] is a simulated device with dmirror's semantics.
 //! - Every coherence decision is `hetmem-proto`'s; this crate executes its actions.
 
+mod api;
 mod budget;
-mod buffer;
-mod context;
 mod device;
 mod error;
-mod exec;
-mod file;
-mod fork;
+mod mm;
 mod raw;
-mod region;
 mod stats;
 mod sys;
 
-pub use buffer::{ManagedBuf, Registration};
-pub use context::{Hetmem, HetmemBuilder, SimConfig, Target, MAX_SERVICE_THREADS};
-pub use device::{
-    Chunk, CopyOp, CpuProt, Device, DeviceBackend, DeviceCounters, Endpoint, Fence, Location,
-    PageState, SimBackend,
-};
+pub use api::buffer::{ManagedBuf, Registration};
+pub use api::device::{CpuProt, Device, Location, PageState};
+pub use api::file::{FileMapping, FileOptions};
+pub use api::hetmem::{Hetmem, HetmemBuilder, SimConfig, Target, MAX_SERVICE_THREADS};
+pub use device::{Chunk, CopyOp, DeviceBackend, DeviceCounters, Endpoint, Fence, SimBackend};
 pub use error::{Error, Result};
-pub use file::{FileMapping, FileOptions};
-pub use hetmem_proto::{Advice, DeviceId, DeviceKind, MapMode, PAGE_SIZE};
-pub use region::FileMode;
+pub use hetmem_proto::{Advice, DeviceId, DeviceKind, MapMode, OpError, PAGE_SIZE};
+pub use mm::file_io::FileMode;
 pub use stats::StatsSnapshot;

@@ -9,6 +9,8 @@
 //! - Whether the device takes page faults is the backend's to say: a CUDA device cannot, so
 //!   the runtime establishes residency for a kernel's declared ranges before launching it.
 
+#![allow(unsafe_code)]
+
 use std::fmt;
 use std::io;
 

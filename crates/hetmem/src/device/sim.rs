@@ -8,8 +8,8 @@ use std::io;
 use hetmem_proto::{DeviceKind, OpError};
 
 use super::backend::{Chunk, CopyOp, DeviceBackend, Endpoint, Fence};
-use crate::region::BLOCK_BYTES;
 use crate::sys::mem::{self, Mapping};
+use hetmem_proto::BLOCK_BYTES;
 
 /// Memory of a simulated device.
 #[derive(Debug)]

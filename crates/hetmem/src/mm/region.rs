@@ -10,13 +10,13 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize};
 use std::sync::{Mutex, RwLock};
 
-use hetmem_proto::{Block2M, Layout, PageMask, BLOCK_WORDS, PAGES_PER_BLOCK, PAGE_SIZE};
+use hetmem_proto::{
+    Block2M, Layout, PageMask, BLOCK_BYTES, BLOCK_WORDS, PAGES_PER_BLOCK, PAGE_SIZE,
+};
 
 use crate::error::{Error, Result};
+use crate::mm::file_io::FileBacking;
 use crate::sys::mem::{self, Mapping};
-
-/// Bytes per block.
-pub(crate) const BLOCK_BYTES: usize = PAGES_PER_BLOCK * PAGE_SIZE;
 
 /// Device page-table entry: mode in bits 0-1, target in bit 2.
 pub(crate) mod pte {
@@ -77,52 +77,6 @@ pub(crate) struct View {
     pub va: usize,
     pub off: usize,
     pub len: usize,
-}
-
-/// How a file mapping treats writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FileMode {
-    /// Neither the CPU nor devices may write.
-    ReadOnly,
-    /// Writes go back to the file (flush, sync, unmap).
-    Shared,
-    /// Copy-on-write: writes stay in memory and never reach the file.
-    Private,
-}
-
-/// The file behind a file-backed region.
-#[derive(Debug)]
-pub(crate) struct FileBacking {
-    /// The one descriptor hetmem holds on the file (one, so that a write lease can be had).
-    /// With `FileOptions::direct` it carries O_DIRECT (`crate::file` does the I/O).
-    pub file: std::fs::File,
-    /// O_DIRECT is set on `file`; cleared for good if the file system refuses a direct I/O.
-    pub direct: AtomicBool,
-    /// Direct I/O holds it shared; an I/O that must be buffered (the partial page at EOF)
-    /// holds it exclusive while it clears O_DIRECT on the shared descriptor.
-    pub io_mode: RwLock<()>,
-    /// File offset of the region's first byte, in pages.
-    pub first_page: u64,
-    pub mode: FileMode,
-    /// Pages of the region at or beyond this one are past the file's end (already truncated).
-    pub eof_page: AtomicUsize,
-    /// Test hook: fail this many upcoming writebacks, or reads, with `fail_errno`.
-    pub fail_writeback: AtomicU32,
-    pub fail_read: AtomicU32,
-    pub fail_errno: std::sync::atomic::AtomicI32,
-    /// Coherence with other processes through a file lease (`FileOptions::lease`).
-    pub lease_wanted: AtomicBool,
-    /// The lease is held now.
-    pub leased: AtomicBool,
-    /// Dirty pages leave device memory by writeback (`FileOptions::evict_to_file`).
-    pub evict_to_file: bool,
-    /// Writeback errors of the file, shared by its mappings in this process.
-    pub errseq: std::sync::Arc<crate::file::ErrSeq>,
-    /// The `errseq` value this mapping's `flush` last reported (or saw at map time).
-    pub wb_seen: AtomicU64,
-    /// How the file is read and written without waiting for its inode lock, and the smallest
-    /// size seen (`crate::file::FileIo`).
-    pub io: crate::file::FileIo,
 }
 
 /// A managed region.

@@ -26,14 +26,17 @@
 //! - Other CPU threads see the stray too: for `kernel_read`, the current data; their writes
 //!   fault and wait for the kernel as before.
 
+#![allow(unsafe_code)]
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use hetmem_proto::{DeviceId, Mem, Proc, PAGE_SIZE};
+use hetmem_proto::{DeviceId, Mem, Proc, BLOCK_BYTES, PAGE_SIZE};
 
-use crate::context::{Inner, Piece};
 use crate::error::{Error, Result};
-use crate::region::{Region, BLOCK_BYTES};
+use crate::mm::region::Region;
+use crate::mm::runtime::Runtime;
+use crate::mm::space::BlockSpan;
 use crate::sys::mem;
 
 /// The device kernel closures running now, one entry per worker inside its closure.
@@ -67,7 +70,12 @@ pub(crate) struct Registered(Arc<KernelRun>);
 
 impl KernelRuns {
     /// Registers the calling thread, about to run a closure over `p` with `runs`.
-    pub fn enter(&self, p: &Piece, dev: DeviceId, runs: &[(usize, usize, usize)]) -> Registered {
+    pub fn enter(
+        &self,
+        p: &BlockSpan,
+        dev: DeviceId,
+        runs: &[(usize, usize, usize)],
+    ) -> Registered {
         let run = Arc::new(KernelRun {
             tid: rustix::thread::gettid().as_raw_nonzero().get() as u32,
             region: Arc::as_ptr(&p.region) as usize,
@@ -102,11 +110,11 @@ impl KernelRuns {
     }
 }
 
-impl Inner {
+impl Runtime {
     /// Serves a CPU fault of a device kernel's worker on a page of the piece it runs over, as
     /// the device's own access (see the module). Returns false when the fault is not one: the
     /// ordinary fault path serves it.
-    pub(crate) fn kernel_cpu_access(&self, p: &Piece, write: bool, tid: u32) -> bool {
+    pub(crate) fn kernel_cpu_access(&self, p: &BlockSpan, write: bool, tid: u32) -> bool {
         let Some(run) = self.kernel_runs.find(tid, &p.region, p.bi) else {
             return false;
         };
@@ -146,7 +154,12 @@ impl Inner {
     /// After a worker's closure over `p` returned and it dropped the page-table lock: puts back
     /// what the CPU wrote through the strays, zaps them, and says whether the launch fails
     /// (see the module). `writing`: the kernel writes its pages (`kernel_write`).
-    pub(crate) fn settle_kernel_run(&self, p: &Piece, r: Registered, writing: bool) -> Result<()> {
+    pub(crate) fn settle_kernel_run(
+        &self,
+        p: &BlockSpan,
+        r: Registered,
+        writing: bool,
+    ) -> Result<()> {
         self.kernel_runs.leave(&r);
         let strays = std::mem::take(&mut *r.0.strays.lock().unwrap_or_else(|e| e.into_inner()));
         if strays.is_empty() {

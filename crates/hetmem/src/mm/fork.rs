@@ -18,84 +18,22 @@
 
 #![allow(unsafe_code)]
 
-use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Once, Weak};
+use std::sync::Once;
+use std::sync::{Arc, Mutex, Weak};
 
-use hetmem_proto::{Mem, PageMask, Proc, BLOCK_WORDS, PAGES_PER_BLOCK, PAGE_SIZE};
+use hetmem_proto::{Mem, PageMask, Proc, BLOCK_BYTES, BLOCK_WORDS, PAGES_PER_BLOCK, PAGE_SIZE};
 
-use crate::context::Inner;
-use crate::region::{Region, BLOCK_BYTES};
+use crate::mm::region::Region;
+use crate::mm::runtime::Runtime;
 use crate::sys::mem::{self, Mapping};
 
-thread_local! {
-    /// How deep this thread is inside gates (re-entrant: a drive may drain events).
-    static DEPTH: Cell<usize> = const { Cell::new(0) };
-}
-
-/// Held by every piece of work that reads or changes managed data or its mappings; closed by
-/// fork's prepare handler so the child copies a quiescent state.
-#[derive(Debug, Default)]
-pub(crate) struct ForkGate {
-    state: Mutex<(usize, bool)>,
-    cv: Condvar,
-}
-
-/// Inside the gate.
-#[derive(Debug)]
-pub(crate) struct GateGuard<'a> {
-    gate: &'a ForkGate,
-}
-
-impl ForkGate {
-    pub fn enter(&self) -> GateGuard<'_> {
-        let depth = DEPTH.with(|d| d.get());
-        if depth == 0 {
-            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            while st.1 {
-                st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
-            }
-            st.0 += 1;
-        }
-        DEPTH.with(|d| d.set(depth + 1));
-        GateGuard { gate: self }
-    }
-
-    fn close(&self) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.1 = true;
-        while st.0 > 0 {
-            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-
-    fn open(&self) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.1 = false;
-        self.cv.notify_all();
-    }
-}
-
-impl Drop for GateGuard<'_> {
-    fn drop(&mut self) {
-        let depth = DEPTH.with(|d| d.get()) - 1;
-        DEPTH.with(|d| d.set(depth));
-        if depth == 0 {
-            let mut st = self.gate.state.lock().unwrap_or_else(|e| e.into_inner());
-            st.0 -= 1;
-            if st.0 == 0 {
-                self.gate.cv.notify_all();
-            }
-        }
-    }
-}
-
-static CONTEXTS: Mutex<Vec<Weak<Inner>>> = Mutex::new(Vec::new());
+static CONTEXTS: Mutex<Vec<Weak<Runtime>>> = Mutex::new(Vec::new());
 /// The contexts a fork in progress froze (prepare to parent/child).
 static FROZEN: Mutex<Vec<Frozen>> = Mutex::new(Vec::new());
 
 /// A context and its regions, as prepare saw them.
-type Frozen = (Arc<Inner>, Vec<Arc<Region>>);
+type Frozen = (Arc<Runtime>, Vec<Arc<Region>>);
 /// Serialises concurrent forks; a spin flag because the child must be able to release it.
 static FORKING: AtomicBool = AtomicBool::new(false);
 static PIPE_READ: AtomicI32 = AtomicI32::new(-1);
@@ -103,7 +41,7 @@ static PIPE_WRITE: AtomicI32 = AtomicI32::new(-1);
 static INSTALL: Once = Once::new();
 
 /// Makes fork() safe for `inner`'s managed memory.
-pub(crate) fn track(inner: &Arc<Inner>) {
+pub(crate) fn track(inner: &Arc<Runtime>) {
     INSTALL.call_once(|| {
         // SAFETY: the handlers are plain `extern "C"` functions that live forever.
         unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
@@ -120,7 +58,7 @@ extern "C" fn prepare() {
     {
         std::thread::yield_now();
     }
-    let live: Vec<Arc<Inner>> = CONTEXTS
+    let live: Vec<Arc<Runtime>> = CONTEXTS
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .iter()
@@ -154,18 +92,18 @@ extern "C" fn prepare() {
     // kept from above: a thread inside a gate may be making a context.
     let contexts = CONTEXTS.lock().unwrap_or_else(|e| e.into_inner());
     CONTEXTS_HELD.with(|h| *h.borrow_mut() = Some(contexts));
-    crate::file::fork_prepare();
+    crate::mm::file_io::fork_prepare();
 }
 
 thread_local! {
     /// `CONTEXTS`, locked by the forking thread from prepare to parent/child.
-    static CONTEXTS_HELD: std::cell::RefCell<Option<std::sync::MutexGuard<'static, Vec<Weak<Inner>>>>> =
+    static CONTEXTS_HELD: std::cell::RefCell<Option<std::sync::MutexGuard<'static, Vec<Weak<Runtime>>>>> =
         const { std::cell::RefCell::new(None) };
 }
 
 /// Lets go of the locks prepare held across the fork.
 fn release_held() {
-    crate::file::fork_done();
+    crate::mm::file_io::fork_done();
     CONTEXTS_HELD.with(|h| h.borrow_mut().take());
 }
 
@@ -201,7 +139,7 @@ extern "C" fn parent() {
 }
 
 /// Clears the write protection prepare set, where the protocol maps the CPU writable.
-fn restore_write(inner: &Inner) {
+fn restore_write(inner: &Runtime) {
     let regions = inner
         .regions
         .lock()

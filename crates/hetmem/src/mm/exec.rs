@@ -12,13 +12,14 @@ use std::io;
 
 use hetmem_proto::{
     Action, Block2M, DeviceId, DeviceKind, Env, Event, EventError, MapMode, Mem, OpError, OpId,
-    PageMask, PageRun, Proc, ReqId, RequestError, Source, BLOCK_WORDS, PAGE_SIZE,
+    PageMask, PageRun, Proc, ReqId, RequestError, Source, BLOCK_BYTES, BLOCK_WORDS, PAGE_SIZE,
 };
 
 use crate::budget::BudgetRef;
-use crate::context::Inner;
 use crate::device::{CopyOp, Endpoint};
-use crate::region::{pte, Region, BLOCK_BYTES};
+use crate::error::Result;
+use crate::mm::region::{pte, Region};
+use crate::mm::runtime::Runtime;
 use crate::sys::mem;
 use crate::sys::uffd::Fill;
 
@@ -67,7 +68,7 @@ fn pte_mode(mode: MapMode) -> u8 {
     }
 }
 
-impl Inner {
+impl Runtime {
     /// Hands `event` to block `bi` of `region` and executes everything that follows from it.
     pub(crate) fn drive(
         &self,
@@ -657,7 +658,7 @@ impl Inner {
         let Some(f) = &region.file else {
             return Err(OpError::Io);
         };
-        if f.mode != crate::region::FileMode::Shared {
+        if f.mode != crate::mm::file_io::FileMode::Shared {
             return Ok(());
         }
         let r = self.write_back_run(region, bi, t, file_page, f);
@@ -673,7 +674,7 @@ impl Inner {
         bi: usize,
         t: &Transfer,
         file_page: u64,
-        f: &crate::region::FileBacking,
+        f: &crate::mm::file_io::FileBacking,
     ) -> Result<(), OpError> {
         let bytes = t.run.len() * PAGE_SIZE;
         let slot = &region.blocks[bi];

@@ -5,9 +5,9 @@
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use crate::context::Shared;
 use crate::error::{Error, Result};
-use crate::region::Region;
+use crate::mm::region::Region;
+use crate::mm::runtime::RuntimeHandle;
 use crate::sys::mem::{self, Mapping};
 
 /// A CPU view of managed memory, owned by a handle that keeps it mapped: the one place that
@@ -43,14 +43,19 @@ impl CpuView {
 /// it by address. Dropping it frees everything, device frames included.
 #[derive(Debug)]
 pub struct ManagedBuf {
-    shared: Arc<Shared>,
+    shared: Arc<RuntimeHandle>,
     region: Arc<Region>,
     addr: usize,
     len: usize,
 }
 
 impl ManagedBuf {
-    pub(crate) fn new(shared: Arc<Shared>, region: Arc<Region>, addr: usize, len: usize) -> Self {
+    pub(crate) fn new(
+        shared: Arc<RuntimeHandle>,
+        region: Arc<Region>,
+        addr: usize,
+        len: usize,
+    ) -> Self {
         Self {
             shared,
             region,
@@ -116,7 +121,7 @@ impl Drop for ManagedBuf {
 /// does the same and reports a failure.
 #[derive(Debug)]
 pub struct Registration {
-    shared: Arc<Shared>,
+    shared: Arc<RuntimeHandle>,
     region: Arc<Region>,
     addr: usize,
     len: usize,
@@ -125,7 +130,12 @@ pub struct Registration {
 }
 
 impl Registration {
-    pub(crate) fn new(shared: Arc<Shared>, region: Arc<Region>, addr: usize, len: usize) -> Self {
+    pub(crate) fn new(
+        shared: Arc<RuntimeHandle>,
+        region: Arc<Region>,
+        addr: usize,
+        len: usize,
+    ) -> Self {
         Self {
             shared,
             region,

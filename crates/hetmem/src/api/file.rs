@@ -1,0 +1,463 @@
+//! File mappings: a file's pages as managed memory (`docs/file-contract.md`).
+//!
+//! hetmem keeps its own cache of the file's pages above the kernel's page cache: a region like
+//! an allocation, whose blocks are file-backed in the protocol. First touches read the file
+//! (`pread`, straight into device memory for a device fault); writebacks write it (`pwrite`,
+//! straight from device memory), never waiting for the file's inode lock (`sys::file`, contract
+//! §12). `flush` is msync(MS_SYNC), `sync` adds fdatasync, `close` writes dirty pages back and
+//! unmaps, reporting errors, and dropping the mapping writes them back first too, keeping the
+//! mapping if it cannot (contract §13).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use hetmem_proto::{OpError, PAGE_SIZE};
+
+use crate::api::buffer::CpuView;
+use crate::api::hetmem::Hetmem;
+use crate::error::{Error, Result};
+use crate::mm::file_io::{ErrSeq, FileBacking, FileIo, FileMode, KeptMapping, KEPT};
+use crate::mm::region::Region;
+use crate::mm::runtime::{Runtime, RuntimeHandle};
+use crate::sys::file::{self as sys_file};
+
+/// A file mapped as managed memory ([`Hetmem::map_file`]).
+///
+/// Dropping it writes dirty pages back and unmaps; if a page cannot be written, the mapping is
+/// kept instead, for [`Hetmem::take_kept_file_mappings`]. [`FileMapping::close`] is the drop
+/// that reports (`docs/file-contract.md` §13).
+#[derive(Debug)]
+pub struct FileMapping {
+    shared: Arc<RuntimeHandle>,
+    region: Arc<Region>,
+    view: CpuView,
+    addr: usize,
+    len: usize,
+    mode: FileMode,
+}
+
+/// How to map a file ([`Hetmem::map_file_with`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileOptions {
+    /// Read-only, shared (written back) or private (copy-on-write).
+    pub mode: FileMode,
+    /// File I/O with O_DIRECT: fills and writebacks bypass the page cache, so data hetmem
+    /// caches (in device memory above all) is not cached twice. A direct I/O that would wait
+    /// for the file's inode lock (and most direct writes would), and the partial page at the
+    /// end of the file, go through the page cache instead, and are written out and dropped
+    /// from it at once (`docs/file-contract.md` §1, §12). Ignored where the file system has no
+    /// O_DIRECT; see [`FileMapping::is_direct`].
+    pub direct: bool,
+    /// Keep coherent with other processes through a file lease: before another process opens
+    /// the file (or truncates it), hetmem writes its dirty pages back and drops its cached
+    /// copies, then lets that process proceed. Shared mappings take a write lease (possible
+    /// only while no other process has the file open), read-only ones a read lease (possible
+    /// while nobody writes it); private mappings take none. Where no lease can be had, hetmem
+    /// retries at each fault and flush and caches without coherence meanwhile
+    /// (`docs/file-contract.md` §6); [`FileMapping::is_leased`] says which.
+    pub lease: bool,
+    /// Evict dirty pages from device memory by writing them back to the file (and dropping
+    /// them), instead of copying them to system memory. For streaming updates of a file
+    /// larger than device memory that the CPU does not touch afterwards: it saves a copy and
+    /// system memory, but a page evicted twice is written twice, and a later CPU write to it
+    /// takes a write-protect fault again. Shared mappings only.
+    pub evict_to_file: bool,
+}
+
+impl FileOptions {
+    /// `mode`, with buffered I/O and a lease (the defaults of [`Hetmem::map_file`]).
+    pub fn new(mode: FileMode) -> Self {
+        Self {
+            mode,
+            direct: false,
+            lease: true,
+            evict_to_file: false,
+        }
+    }
+
+    /// With or without writeback as the way dirty pages leave device memory.
+    pub fn evict_to_file(mut self, on: bool) -> Self {
+        self.evict_to_file = on;
+        self
+    }
+
+    /// With or without a file lease.
+    pub fn lease(mut self, lease: bool) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// With or without O_DIRECT file I/O.
+    pub fn direct(mut self, direct: bool) -> Self {
+        self.direct = direct;
+        self
+    }
+}
+
+impl Hetmem {
+    /// `map_file_with` with the default options: buffered I/O, and a lease that keeps the
+    /// mapping coherent with other processes where one can be had ([`FileOptions::new`]).
+    pub fn map_file(
+        &self,
+        path: impl AsRef<Path>,
+        offset: u64,
+        len: usize,
+        mode: FileMode,
+    ) -> Result<FileMapping> {
+        self.map_file_with(path, offset, len, FileOptions::new(mode))
+    }
+
+    /// Maps `len` bytes of the file at `path`, from byte `offset` (both page-aligned), as
+    /// managed memory. Pages are read from the file on first touch by the CPU or a device.
+    /// Pages past the file's end are like an mmap's: a CPU access raises SIGBUS, a device
+    /// access fails with `Fault`.
+    ///
+    /// `Error::Invalid`, before anything is opened or allocated, for what cannot work: a path
+    /// that is not a regular file (FIFO, device, socket, directory: checked without opening
+    /// it, so nothing blocks and no driver sees an open), a file of a pseudo file system
+    /// (procfs, sysfs, ...), a range that starts at or past the end of the file (none of its
+    /// pages could be read: a mapping does not follow a file that grows), or one that ends past
+    /// the largest file offset (`docs/file-contract.md` §2.14).
+    pub fn map_file_with(
+        &self,
+        path: impl AsRef<Path>,
+        offset: u64,
+        len: usize,
+        options: FileOptions,
+    ) -> Result<FileMapping> {
+        let mode = options.mode;
+        if !self.0.inner.is_owner() {
+            // Before the open: a fork child's open of the file would break the parent's lease.
+            return Err(Error::Invalid("the context belongs to the parent process"));
+        }
+        if len == 0 || len % PAGE_SIZE != 0 || offset % PAGE_SIZE as u64 != 0 {
+            return Err(Error::Invalid(
+                "offset and length must be page-aligned, length non-zero",
+            ));
+        }
+        // The mapping's end must be a file offset (loff_t).
+        if (len as u64)
+            .checked_add(offset)
+            .is_none_or(|end| end > i64::MAX as u64)
+        {
+            return Err(Error::Invalid(
+                "offset + length is past the largest file offset",
+            ));
+        }
+        let path = path.as_ref();
+        // Resolved without opening it for I/O: a FIFO, device, socket or /proc file is refused
+        // before any open could block or have side effects (`sys::file::Pinned`).
+        let pinned = sys_file::Pinned::new(path).map_err(open_error)?;
+        if offset >= pinned.size() {
+            return Err(Error::Invalid(
+                "the mapping starts at or past the end of the file: none of its pages could \
+                 ever be read (a mapping does not follow a file that grows)",
+            ));
+        }
+        // One descriptor for all I/O, O_DIRECT included: a second one would rule the write
+        // lease out. A file system without O_DIRECT refuses the open with EINVAL.
+        let write = mode == FileMode::Shared;
+        let mut direct = options.direct;
+        let file = match pinned.open(path, write, direct) {
+            Err(sys_file::OpenError::Os(e)) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                direct = false;
+                pinned.open(path, write, false)
+            }
+            r => r,
+        }
+        .map_err(open_error)?;
+        drop(pinned);
+        let meta = file.metadata().map_err(Error::os("stat file"))?;
+        let tmpfs = crate::mm::file_io::on_tmpfs(&file);
+        if direct && tmpfs {
+            // tmpfs takes O_DIRECT (Linux 6.6) but its page cache is its storage: there is
+            // nothing to bypass, and the pages would be cached all the same.
+            direct = !crate::mm::file_io::set_o_direct(&file, false);
+        }
+        let errseq = ErrSeq::of_file(&meta);
+        let inner = &self.0.inner;
+        let pages = len / PAGE_SIZE;
+        let backing = FileBacking {
+            file,
+            direct: AtomicBool::new(direct),
+            io_mode: std::sync::RwLock::new(()),
+            first_page: offset / PAGE_SIZE as u64,
+            mode,
+            eof_page: AtomicUsize::new(pages),
+            fail_writeback: AtomicU32::new(0),
+            fail_read: AtomicU32::new(0),
+            fail_errno: AtomicI32::new(libc::EIO),
+            lease_wanted: AtomicBool::new(options.lease && mode != FileMode::Private),
+            evict_to_file: options.evict_to_file && mode == FileMode::Shared,
+            wb_seen: AtomicU64::new(errseq.sample()),
+            errseq,
+            leased: AtomicBool::new(false),
+            io: FileIo::new(offset, len, meta.len(), tmpfs),
+        };
+        let region = inner.new_region(len, Some(backing))?;
+        let cpu = inner.map_cpu_view(&region)?;
+        let va = cpu.addr();
+        inner.register_view(va, len)?;
+        cpu.leak();
+        inner.add_region(region.clone(), va);
+        let mapping = FileMapping {
+            shared: self.0.clone(),
+            region,
+            // The view stays mapped until the mapping's drop frees the region, and only the
+            // mapping hands out references into it.
+            view: CpuView::new(va, len),
+            addr: va,
+            len,
+            mode,
+        };
+        if mode == FileMode::ReadOnly {
+            self.protect(va, len, true, false)?;
+        }
+        if let Some(f) = &mapping.region.file {
+            if f.lease_wanted.load(Ordering::Acquire) {
+                crate::mm::leases::register(inner, &mapping.region);
+            }
+        }
+        inner.check_eof(&mapping.region);
+        Ok(mapping)
+    }
+}
+
+/// `map_file`'s refusal of a path, as an error.
+fn open_error(e: sys_file::OpenError) -> Error {
+    match e {
+        sys_file::OpenError::NotRegular(why) | sys_file::OpenError::Pseudo(why) => {
+            Error::Invalid(why)
+        }
+        sys_file::OpenError::Os(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            Error::NoEnt("no such file")
+        }
+        sys_file::OpenError::Os(e) => Error::os("open file")(e),
+    }
+}
+
+impl FileMapping {
+    /// Start address.
+    pub fn addr(&self) -> usize {
+        self.addr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: mappings are at least one page.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The mapping's mode.
+    pub fn mode(&self) -> FileMode {
+        self.mode
+    }
+
+    /// Whether a file lease keeps this mapping coherent with other processes right now.
+    pub fn is_leased(&self) -> bool {
+        self.region
+            .file
+            .as_ref()
+            .is_some_and(|f| f.leased.load(Ordering::Acquire))
+    }
+
+    /// Whether file I/O bypasses the page cache (O_DIRECT asked for, and supported by the
+    /// file system).
+    pub fn is_direct(&self) -> bool {
+        self.region
+            .file
+            .as_ref()
+            .is_some_and(|f| f.direct.load(Ordering::Acquire))
+    }
+
+    /// The memory, read-only.
+    pub fn as_slice(&self) -> &[u8] {
+        self.view.slice()
+    }
+
+    /// The memory, writable. `None` for a read-only mapping.
+    pub fn as_mut_slice(&mut self) -> Option<&mut [u8]> {
+        if self.mode == FileMode::ReadOnly {
+            return None;
+        }
+        Some(self.view.slice_mut())
+    }
+
+    /// Writes every dirty page back to the file and waits, like msync(MS_SYNC). A writeback
+    /// error (EIO, ENOSPC) is reported once; the pages stay dirty and a later flush retries.
+    /// Like the kernel's errseq_t, each mapping reports, once, an error that any writeback of
+    /// the file in this process met since this mapping last reported one (or was made): its
+    /// own, one of another mapping of the file, or one no flush waited for (drop, eviction,
+    /// lease break). Read-only mappings have nothing to write but report those errors, as
+    /// fsync does on a read-only descriptor; private mappings, like msync, report nothing.
+    pub fn flush(&self) -> Result<()> {
+        if !self.shared.inner.is_owner() {
+            return Err(Error::Invalid("the context belongs to the parent process"));
+        }
+        let own = self.shared.inner.flush_region(&self.region);
+        let f = self.region.file.as_ref().expect("a file mapping");
+        if self.mode == FileMode::Private {
+            return own;
+        }
+        // Writeback errors are reported through the errseq alone: every one is recorded
+        // there, and the protocol's own report of it may come a flush later than the errseq's.
+        let now = f.errseq.sample();
+        let seen = f.wb_seen.swap(now, Ordering::AcqRel);
+        match own {
+            Ok(()) | Err(Error::Io(_)) if seen != now => Err(Error::Io(f.errseq.last())),
+            Ok(()) | Err(Error::Io(_)) => Ok(()),
+            r => r,
+        }
+    }
+
+    /// `flush`, then fdatasync: the data is durable when this returns.
+    pub fn sync(&self) -> Result<()> {
+        self.flush()?;
+        if self.mode == FileMode::Shared {
+            let file = &self.region.file.as_ref().expect("a file mapping").file;
+            file.sync_data().map_err(|e| match e.raw_os_error() {
+                Some(libc::ENOSPC) => Error::Io(OpError::NoSpace),
+                _ => Error::Io(OpError::Io),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Test hook: the next `n` reads of the file fail with `errno`, as a failing disk would.
+    pub fn inject_read_failures(&self, n: u32, errno: i32) {
+        let f = self.region.file.as_ref().expect("a file mapping");
+        f.fail_errno.store(errno, Ordering::Release);
+        f.fail_read.store(n, Ordering::Release);
+    }
+
+    /// Test hook: the next `n` writebacks fail with `errno` (EIO or ENOSPC), as a failing disk
+    /// would.
+    pub fn inject_writeback_failures(&self, n: u32, errno: i32) {
+        let f = self.region.file.as_ref().expect("a file mapping");
+        f.fail_errno.store(errno, Ordering::Release);
+        f.fail_writeback.store(n, Ordering::Release);
+    }
+}
+
+impl FileMapping {
+    /// Writes every dirty page back and unmaps: `drop` that reports. On an error (that of
+    /// [`FileMapping::flush`]: a writeback failed, now or since this mapping last reported),
+    /// nothing is unmapped and the mapping comes back with the error, its data kept (pages whose
+    /// writeback failed stay dirty); call `close` again to retry. It does not make the data
+    /// durable: call [`FileMapping::sync`] first for that. In a fork child, whose copy is a
+    /// private snapshot that never reaches the file, it is `drop`.
+    pub fn close(self) -> std::result::Result<(), (FileMapping, Error)> {
+        if self.shared.inner.is_owner() {
+            loop {
+                if let Err(e) = self.flush() {
+                    return Err((self, e));
+                }
+                // Pages written again since the flush passed them (a device kernel still
+                // running over the mapping) are written back in another round.
+                if self.mode != FileMode::Shared
+                    || dirty_pages(&self.shared.inner, &self.region) == 0
+                {
+                    break;
+                }
+            }
+        }
+        drop(self);
+        Ok(())
+    }
+}
+
+/// Dirty pages of a region (file pages newer than the file).
+fn dirty_pages(inner: &Runtime, region: &Region) -> usize {
+    let mut n = 0;
+    for (bi, slot) in region.blocks.iter().enumerate() {
+        let block = inner.lock_block(slot);
+        n += (0..region.block_pages(bi))
+            .filter(|&i| block.page(i).dirty)
+            .count();
+    }
+    n
+}
+
+impl Hetmem {
+    /// File mappings whose drop could not write every dirty page back, handed back to the
+    /// caller (`docs/file-contract.md` §8, "Dropping a mapping"). Such a mapping is not torn
+    /// down: it stays mapped at the same address, with its data, its dirty pages and its lease,
+    /// until this call returns it; then `flush`, `close` or `drop` it again. Each one was
+    /// counted in `stats().errors` when it was kept. The context lives on while it holds any.
+    pub fn take_kept_file_mappings(&self) -> Vec<FileMapping> {
+        if !self.0.inner.is_owner() {
+            return Vec::new();
+        }
+        let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+        let (mine, others): (Vec<KeptMapping>, _) = std::mem::take(&mut *kept)
+            .into_iter()
+            .partition(|m| Arc::ptr_eq(&m.handle, &self.0));
+        *kept = others;
+        mine.into_iter()
+            .map(|m| FileMapping {
+                shared: m.handle,
+                view: CpuView::new(m.addr, m.len),
+                region: m.region,
+                addr: m.addr,
+                len: m.len,
+                mode: m.mode,
+            })
+            .collect()
+    }
+}
+
+impl Drop for FileMapping {
+    fn drop(&mut self) {
+        let inner = &self.shared.inner;
+        if inner.is_owner() && self.mode == FileMode::Shared {
+            // Write dirty pages back while the mapping is whole. If one cannot be written, the
+            // mapping is kept, data and all, for `Hetmem::take_kept_file_mappings`: a drop has
+            // no caller to report to, and tearing down would lose the data.
+            // Kept only when a writeback failed and left pages dirty: a page dirty after a
+            // flush that succeeded was written again meanwhile (or a late write fault marked it
+            // so), and the teardown below writes it back.
+            let dirty = match inner.flush_region(&self.region) {
+                Ok(()) => 0,
+                Err(_) => dirty_pages(inner, &self.region),
+            };
+            if dirty > 0 {
+                inner.note_error(
+                    "writeback at drop",
+                    &std::io::Error::other(format!(
+                        "{dirty} dirty pages could not be written back: the mapping at {:#x} is \
+                         kept (Hetmem::take_kept_file_mappings)",
+                        self.addr
+                    )),
+                );
+                KEPT.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(KeptMapping {
+                        handle: self.shared.clone(),
+                        region: self.region.clone(),
+                        addr: self.addr,
+                        len: self.len,
+                        mode: self.mode,
+                    });
+                return;
+            }
+        }
+        // Unmapping writes dirty pages back first (the protocol's Invalidate { Unmap }): the
+        // ones written since the flush above. The lease goes after: an opener waiting on it
+        // must find the data in the file.
+        inner.free_region(&self.region);
+        if inner.is_owner() {
+            // Not in a fork child: the lease is on the description it shares with the parent.
+            crate::mm::leases::unregister(&self.region);
+            if let Some(f) = &self.region.file {
+                // The file is no longer open by this mapping from here: another mapping of it
+                // may take a write lease at once.
+                f.retire();
+            }
+        }
+    }
+}

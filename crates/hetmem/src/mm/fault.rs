@@ -1,0 +1,134 @@
+//! The CPU-fault service: one userfaultfd fault message, from lookup to wake or SIGBUS.
+
+use std::sync::Arc;
+
+use hetmem_proto::{Access, Proc, RequestError, RequestKind, PAGE_SIZE};
+
+use crate::mm::runtime::Runtime;
+use crate::mm::space::BlockSpan;
+
+impl Runtime {
+    /// Serves one CPU fault message. Placement first (read-back window, read-ahead, map-around),
+    /// then the fault itself, which only the faulting page decides: a window that cannot be
+    /// served shrinks to that page. A fault that cannot be served never unregisters the page and
+    /// never lets the kernel map a copy behind the protocol's back (`docs/runtime.md` §7): it is
+    /// retried with every page of its run re-checked, or the thread gets SIGBUS, or, when the
+    /// message is stale (the range went away or changed protection meanwhile), the thread is
+    /// woken to retry against the mappings as they are now.
+    pub(crate) fn cpu_fault(&self, addr: usize, write: bool, tid: u32) {
+        self.stats.cpu_faults.add(1);
+        let Ok(pieces) = self.pieces(addr, PAGE_SIZE) else {
+            return self.stale_fault(addr);
+        };
+        let p = &pieces[0];
+        if self.kernel_cpu_access(p, write, tid) {
+            return;
+        }
+        let page = p.run.start();
+        let access = if write { Access::Write } else { Access::Read };
+        self.check_eof(&p.region);
+        let mut fault_run = self.place_cpu_fault(p, access);
+        let mut woken = false;
+        let mut rechecked = false;
+        let mut failures = 0u32;
+        let r = loop {
+            let r = self.request_with(
+                &p.region,
+                p.bi,
+                fault_run,
+                RequestKind::Fault {
+                    proc: Proc::Cpu,
+                    access,
+                },
+                |block, outcome| {
+                    // Pages this drive mapped were woken, by their ioctl or by the drive's
+                    // wake list.
+                    woken = outcome.cpu_mapped.contains(page)
+                        || outcome
+                            .wake
+                            .iter()
+                            .any(|&(v, l)| (v..v + l).contains(&addr));
+                    if outcome.cpu_mapped.contains(page) {
+                        return;
+                    }
+                    // The engine already considers the page mapped (a user MADV_DONTNEED zapped
+                    // it, or another thread's fault mapped it first): re-install what it says.
+                    if let Some((mode, _)) = block.page(page).mapping_of(Proc::Cpu) {
+                        self.remap_cpu_page(addr, mode == hetmem_proto::MapMode::Read);
+                    }
+                },
+            );
+            match r {
+                // The kernel let the access through, so its mapping allowed it then: the protocol
+                // may hold a stale protection (a raw mprotect). Re-check every page of the run,
+                // not only the faulting one, and retry.
+                Err(RequestError::NoAccess | RequestError::ReadOnly) if !rechecked => {
+                    rechecked = true;
+                    for piece in self.run_pieces(&p.region, p.bi, fault_run) {
+                        let _ = self.sync_prot(&piece);
+                    }
+                }
+                // A window that reaches pages the access may not touch (unmapped, protected,
+                // past a new end of file): the faulting page alone decides.
+                Err(
+                    RequestError::NoAccess
+                    | RequestError::ReadOnly
+                    | RequestError::NoMapping
+                    | RequestError::BeyondEof,
+                ) if fault_run != p.run => fault_run = p.run,
+                // A copy back failed; the data stayed where it was. The faulting thread must
+                // not see anything else, so it waits while we retry, backing off to 10 ms.
+                Err(RequestError::Op(_)) if failures < 32 => {
+                    self.stats.failed_transfers.add(1);
+                    failures += 1;
+                    let pause = 1u64 << failures.min(13);
+                    std::thread::sleep(std::time::Duration::from_micros(pause.min(10_000)));
+                }
+                r => break r,
+            }
+        };
+        match r {
+            Ok(()) => {}
+            // Past the end of the file: SIGBUS, as with mmap.
+            Err(RequestError::BeyondEof) => self.poison_page(p, false),
+            // A copy that keeps failing (a file that cannot be read, a dead device) is a memory
+            // error: SIGBUS, as the kernel gives for an unreadable page, rather than a thread
+            // stuck for ever. The data stays where it was; the next access retries.
+            Err(RequestError::Op(_)) => self.poison_page(p, true),
+            // The mapping changed since the thread faulted: unmapped (the page is no longer
+            // managed memory) or protected (a raw mprotect, re-checked above). Woken, the
+            // thread retries against the mapping as it is now: the kernel then gives it
+            // SIGSEGV or EFAULT, as for any access to such memory.
+            Err(RequestError::NoAccess | RequestError::ReadOnly) => {}
+            Err(RequestError::NoMapping) if !self.still_shows(p) => {}
+            Err(e) => {
+                // The address map still shows the page, the protocol says otherwise, or the
+                // request makes no sense for a CPU: a bug. SIGBUS rather than a stale page or a
+                // hang.
+                self.note_error("cpu fault", &std::io::Error::other(e.to_string()));
+                self.poison_page(p, false);
+            }
+        }
+        if !woken {
+            // EEXIST, repairs and refusals wake nobody by themselves.
+            let _ = self.uffd.wake(addr, PAGE_SIZE);
+        }
+    }
+
+    /// A fault on an address that is not (or no longer) managed memory: its message arrived
+    /// after the range was unmapped or moved (the thread may be awake already), or during a
+    /// teardown of its region. Never unregister: the kernel would then map whatever the memfd
+    /// holds there. Waking the thread makes it retry against the mappings as they are now
+    /// (SIGSEGV, EFAULT, or a fault on memory that is managed again).
+    pub(crate) fn stale_fault(&self, addr: usize) {
+        let _ = self.uffd.wake(addr, PAGE_SIZE);
+    }
+
+    /// Whether the address map still shows piece `p`'s page at its address: the same region and
+    /// page, not a newer region that took the addresses after the piece's went away.
+    pub(crate) fn still_shows(&self, p: &BlockSpan) -> bool {
+        self.pieces(p.va, PAGE_SIZE).is_ok_and(|now| {
+            Arc::ptr_eq(&now[0].region, &p.region) && now[0].bi == p.bi && now[0].run == p.run
+        })
+    }
+}

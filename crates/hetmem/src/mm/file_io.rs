@@ -1,0 +1,628 @@
+//! The file behind a file-backed region: its one descriptor, writeback errors (errseq), and
+//! reads and writes that never wait for the file's inode lock (`sys::file`, contract §12).
+
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+
+use hetmem_proto::{OpError, PAGE_SIZE};
+
+use crate::error::Result;
+use crate::mm::region::Region;
+use crate::mm::runtime::RuntimeHandle;
+use crate::sys::file::{self as sys_file, NoWait, Window};
+use crate::sys::lease;
+
+/// How a file mapping treats writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileMode {
+    /// Neither the CPU nor devices may write.
+    ReadOnly,
+    /// Writes go back to the file (flush, sync, unmap).
+    Shared,
+    /// Copy-on-write: writes stay in memory and never reach the file.
+    Private,
+}
+
+/// The file behind a file-backed region.
+#[derive(Debug)]
+pub(crate) struct FileBacking {
+    /// The one descriptor hetmem holds on the file (one, so that a write lease can be had).
+    /// With `FileOptions::direct` it carries O_DIRECT (`crate::file` does the I/O).
+    pub file: std::fs::File,
+    /// O_DIRECT is set on `file`; cleared for good if the file system refuses a direct I/O.
+    pub direct: AtomicBool,
+    /// Direct I/O holds it shared; an I/O that must be buffered (the partial page at EOF)
+    /// holds it exclusive while it clears O_DIRECT on the shared descriptor.
+    pub io_mode: RwLock<()>,
+    /// File offset of the region's first byte, in pages.
+    pub first_page: u64,
+    pub mode: FileMode,
+    /// Pages of the region at or beyond this one are past the file's end (already truncated).
+    pub eof_page: AtomicUsize,
+    /// Test hook: fail this many upcoming writebacks, or reads, with `fail_errno`.
+    pub fail_writeback: AtomicU32,
+    pub fail_read: AtomicU32,
+    pub fail_errno: std::sync::atomic::AtomicI32,
+    /// Coherence with other processes through a file lease (`FileOptions::lease`).
+    pub lease_wanted: AtomicBool,
+    /// The lease is held now.
+    pub leased: AtomicBool,
+    /// Dirty pages leave device memory by writeback (`FileOptions::evict_to_file`).
+    pub evict_to_file: bool,
+    /// Writeback errors of the file, shared by its mappings in this process.
+    pub errseq: std::sync::Arc<crate::mm::file_io::ErrSeq>,
+    /// The `errseq` value this mapping's `flush` last reported (or saw at map time).
+    pub wb_seen: AtomicU64,
+    /// How the file is read and written without waiting for its inode lock, and the smallest
+    /// size seen (`crate::mm::file_io::FileIo`).
+    pub io: crate::mm::file_io::FileIo,
+}
+
+/// Writeback errors of one file in this process, in the manner of the kernel's `errseq_t`: a
+/// sequence that moves at every error, and the last error. Each mapping remembers the value it
+/// last reported (`FileBacking::wb_seen`), so each reports a new error once.
+#[derive(Debug, Default)]
+pub(crate) struct ErrSeq {
+    seq: AtomicU64,
+    /// ENOSPC for `NoSpace`, else EIO.
+    errno: AtomicI32,
+}
+
+/// Every file's `ErrSeq`, by device and inode.
+type Files = Vec<((u64, u64), Weak<ErrSeq>)>;
+static FILES: Mutex<Files> = Mutex::new(Vec::new());
+
+/// A file mapping whose drop could not write every dirty page back: its parts, kept (not torn
+/// down, not lost) until `Hetmem::take_kept_file_mappings` hands it back.
+#[derive(Debug)]
+pub(crate) struct KeptMapping {
+    pub handle: Arc<RuntimeHandle>,
+    pub region: Arc<Region>,
+    pub addr: usize,
+    pub len: usize,
+    pub mode: FileMode,
+}
+
+/// File mappings kept by a failed drop.
+pub(crate) static KEPT: Mutex<Vec<KeptMapping>> = Mutex::new(Vec::new());
+
+/// The file module's process-wide locks, held by the forking thread from fork's prepare
+/// handler to its parent and child handlers (`fork.rs`): a child must not inherit one locked
+/// by a thread it does not have, or its first `map_file` would wait for ever.
+struct ForkHeld {
+    _files: std::sync::MutexGuard<'static, Files>,
+    _registry: std::sync::MutexGuard<'static, Vec<crate::mm::leases::Entry>>,
+    _retiring: std::sync::MutexGuard<'static, Vec<(std::os::fd::RawFd, Arc<Region>)>>,
+    _install: std::sync::MutexGuard<'static, ()>,
+    _kept: std::sync::MutexGuard<'static, Vec<KeptMapping>>,
+}
+
+thread_local! {
+    static FORK_HELD: std::cell::RefCell<Option<ForkHeld>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Fork's prepare handler: takes the locks (after the contexts' gates; nothing holds one of
+/// these while it waits for a gate).
+pub(crate) fn fork_prepare() {
+    let held = ForkHeld {
+        _install: lease::hold_install(),
+        _registry: crate::mm::leases::REGISTRY
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()),
+        _retiring: crate::mm::leases::RETIRING
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()),
+        _files: FILES.lock().unwrap_or_else(|e| e.into_inner()),
+        _kept: KEPT.lock().unwrap_or_else(|e| e.into_inner()),
+    };
+    FORK_HELD.with(|h| *h.borrow_mut() = Some(held));
+}
+
+/// Fork's parent and child handlers: lets the locks go.
+pub(crate) fn fork_done() {
+    FORK_HELD.with(|h| h.borrow_mut().take());
+}
+
+impl ErrSeq {
+    /// The one for the file `meta` describes, shared with its other mappings in this process.
+    pub(crate) fn of_file(meta: &std::fs::Metadata) -> Arc<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let key = (meta.dev(), meta.ino());
+        let mut files = FILES.lock().unwrap_or_else(|e| e.into_inner());
+        files.retain(|(_, w)| w.strong_count() > 0);
+        if let Some(e) = files
+            .iter()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, w)| w.upgrade())
+        {
+            return e;
+        }
+        let e = Arc::new(Self::default());
+        files.push((key, Arc::downgrade(&e)));
+        e
+    }
+
+    /// Every failed writeback of the file comes here (`Runtime::write_back` in `exec.rs`).
+    pub(crate) fn record(&self, e: OpError) {
+        let errno = if e == OpError::NoSpace {
+            libc::ENOSPC
+        } else {
+            libc::EIO
+        };
+        self.errno.store(errno, Ordering::Release);
+        self.seq.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn sample(&self) -> u64 {
+        self.seq.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn last(&self) -> OpError {
+        errno_to_op(self.errno.load(Ordering::Acquire))
+    }
+}
+
+/// How a file mapping reads and writes its file without ever waiting for the file's inode lock
+/// (`sys::file`, `docs/file-contract.md` §2.2), and the smallest file size it has seen.
+#[derive(Debug)]
+pub(crate) struct FileIo {
+    /// The file range the mapping shows: byte offset and length.
+    offset: u64,
+    len: usize,
+    /// The shared mappings of that range that I/O falls back to, made at first need: one
+    /// that reads ahead (buffered reads), one that does not (writes, and reads with O_DIRECT).
+    sequential: Mutex<WindowSlot>,
+    random: Mutex<WindowSlot>,
+    /// `RWF_NOWAIT` reads (writes) are worth trying: cleared where the file system has none.
+    nowait_read: AtomicBool,
+    nowait_write: AtomicBool,
+    /// The smallest size of the file seen since the mapping was made: writebacks never write
+    /// at or past it, even after the file grows again (§7).
+    min_size: AtomicU64,
+    /// The file system's reads take no inode lock (tmpfs: `shmem_file_read_iter`), so a
+    /// plain `pread` cannot deadlock; and a read through the window would allocate holes.
+    lock_free_reads: bool,
+}
+
+#[derive(Debug)]
+enum WindowSlot {
+    NotYet,
+    Ready(Arc<Window>),
+    /// The file cannot be mapped (or the system forbids `process_vm_readv`): blocking I/O.
+    Unusable,
+    /// The mapping is gone: no more I/O.
+    Retired,
+}
+
+impl FileIo {
+    pub(crate) fn new(offset: u64, len: usize, size: u64, lock_free_reads: bool) -> Self {
+        Self {
+            lock_free_reads,
+            offset,
+            len,
+            sequential: Mutex::new(WindowSlot::NotYet),
+            random: Mutex::new(WindowSlot::NotYet),
+            nowait_read: AtomicBool::new(true),
+            nowait_write: AtomicBool::new(true),
+            min_size: AtomicU64::new(size),
+        }
+    }
+}
+
+/// What the fallback through the window could not do.
+enum Fallback {
+    /// No window (or it cannot be used): do the I/O the blocking way.
+    Blocking,
+    /// The I/O failed.
+    Failed(OpError),
+}
+
+/// File I/O of a mapping: through the page cache, or around it (O_DIRECT), and in either case
+/// without waiting for the inode lock (`sys::file`): `RWF_NOWAIT` first, then the window.
+impl FileBacking {
+    /// Notes the file's current size (`fstat`) and returns the smallest size seen since the
+    /// mapping was made: the end of the file as far as the mapping is concerned (§7, §11.2).
+    /// `None` if `fstat` fails.
+    pub(crate) fn size_limit(&self) -> Option<u64> {
+        let now = self.file.metadata().ok()?.len();
+        let before = self.io.min_size.fetch_min(now, Ordering::AcqRel);
+        Some(before.min(now))
+    }
+
+    /// A window, made at first use: reading ahead (`sequential`) or not; `None` if the file
+    /// cannot be mapped.
+    fn window(&self, sequential: bool) -> Option<Arc<Window>> {
+        let slot = if sequential {
+            &self.io.sequential
+        } else {
+            &self.io.random
+        };
+        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+        match &*slot {
+            WindowSlot::Ready(w) => Some(w.clone()),
+            WindowSlot::Unusable | WindowSlot::Retired => None,
+            WindowSlot::NotYet => {
+                let write = self.mode == FileMode::Shared && !sequential;
+                let fd = self.file.as_fd();
+                match Window::new(fd, self.io.offset, self.io.len, write, sequential) {
+                    Ok(w) => {
+                        let w = Arc::new(w);
+                        *slot = WindowSlot::Ready(w.clone());
+                        Some(w)
+                    }
+                    Err(_) => {
+                        *slot = WindowSlot::Unusable;
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    /// The windows failed in a way that says they never will work (no `process_vm_readv`).
+    fn window_unusable(&self) {
+        for slot in [&self.io.sequential, &self.io.random] {
+            let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+            if matches!(*slot, WindowSlot::Ready(_) | WindowSlot::NotYet) {
+                *slot = WindowSlot::Unusable;
+            }
+        }
+    }
+
+    /// The mapping is gone: unmaps the windows and closes the file's description now, keeping
+    /// the descriptor number taken until the mapping's memory goes
+    /// (`sys::file::retire_descriptor`), so that the file is no longer open by this mapping
+    /// (another mapping of it can take a write lease at once).
+    pub(crate) fn retire(&self) {
+        for slot in [&self.io.sequential, &self.io.random] {
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = WindowSlot::Retired;
+        }
+        let _ = sys_file::retire_descriptor(&self.file);
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (both page-aligned, as is `buf`); bytes past the
+    /// end of the file read zero. Fails with the injected error first, if any. Never waits for
+    /// the inode lock (as long as the file can be mapped).
+    pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), OpError> {
+        if self
+            .fail_read
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(errno_to_op(self.fail_errno.load(Ordering::Acquire)));
+        }
+        if self.io.lock_free_reads {
+            return self.read_blocking(buf, offset);
+        }
+        let mut done = 0;
+        while done < buf.len() && self.io.nowait_read.load(Ordering::Acquire) {
+            let at = offset + done as u64;
+            let shared = self.io_mode.read().unwrap_or_else(|e| e.into_inner());
+            let direct = self.direct.load(Ordering::Acquire);
+            if direct && at % PAGE_SIZE as u64 != 0 {
+                // A short direct read ended inside a page: that is the end of the file.
+                break;
+            }
+            let r = sys_file::pread_nowait(self.file.as_fd(), &mut buf[done..], at);
+            drop(shared);
+            match r {
+                Ok(NoWait::Done(0)) => break,
+                Ok(NoWait::Done(n)) => done += n,
+                Ok(NoWait::WouldBlock) => break,
+                Ok(NoWait::Unsupported) => {
+                    self.io.nowait_read.store(false, Ordering::Release);
+                    break;
+                }
+                Err(libc::EINTR) => {}
+                Err(libc::EINVAL) if direct => self.stop_direct(),
+                Err(e) => return Err(errno_to_op(e)),
+            }
+        }
+        if done == buf.len() {
+            return Ok(());
+        }
+        // Nothing more without waiting, or the end of the file: ask fstat which.
+        if self
+            .file
+            .metadata()
+            .is_ok_and(|m| m.len() <= offset + done as u64)
+        {
+            buf[done..].fill(0);
+            return Ok(());
+        }
+        match self.read_window(&mut buf[done..], offset + done as u64) {
+            Ok(()) => Ok(()),
+            Err(Fallback::Failed(e)) => Err(e),
+            Err(Fallback::Blocking) => self.read_blocking(&mut buf[done..], offset + done as u64),
+        }
+    }
+
+    /// `read_at` through a window: page faults on the file, which take no inode lock. With
+    /// O_DIRECT, without read-ahead, and the pages read leave the page cache again.
+    fn read_window(&self, buf: &mut [u8], offset: u64) -> Result<(), Fallback> {
+        let direct = self.direct.load(Ordering::Acquire);
+        let w = self.window(!direct).ok_or(Fallback::Blocking)?;
+        let r = self.read_through(&w, buf, offset);
+        if direct {
+            sys_file::drop_cached(self.file.as_fd(), offset, buf.len());
+        }
+        r
+    }
+
+    fn read_through(&self, w: &Window, buf: &mut [u8], offset: u64) -> Result<(), Fallback> {
+        let mut done = 0;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            match w.read(&mut buf[done..], at) {
+                Ok(n) if n > 0 => done += n,
+                Ok(_) | Err(libc::EFAULT) => {
+                    // A page past the end of the file reads zero, as pread's; one inside it
+                    // could not be read.
+                    if self.file.metadata().is_ok_and(|m| m.len() <= at) {
+                        buf[done..].fill(0);
+                        return Ok(());
+                    }
+                    return Err(Fallback::Failed(OpError::Io));
+                }
+                Err(libc::ENOSYS | libc::EPERM) => {
+                    self.window_unusable();
+                    return Err(Fallback::Blocking);
+                }
+                Err(e) => return Err(Fallback::Failed(errno_to_op(e))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Blocking `pread`: only where the file cannot be mapped. It can wait for the inode lock.
+    fn read_blocking(&self, buf: &mut [u8], offset: u64) -> Result<(), OpError> {
+        if self.direct.load(Ordering::Acquire) {
+            let shared = self.io_mode.read().unwrap_or_else(|e| e.into_inner());
+            if self.direct.load(Ordering::Acquire) {
+                match read_all(&self.file, buf, offset, true) {
+                    Err(libc::EINVAL) => {
+                        drop(shared);
+                        self.stop_direct();
+                    }
+                    r => return r.map_err(errno_to_op),
+                }
+            }
+        }
+        read_all(&self.file, buf, offset, false).map_err(errno_to_op)
+    }
+
+    /// Writes all of `data` at `offset` (page-aligned, as is `data`; its length may end
+    /// inside a page, at the end of the file). Fails with the injected error first, if any.
+    /// Never waits for the inode lock (as long as the file can be mapped), and never grows the
+    /// file: the part through the window stops at the end of the file.
+    pub(crate) fn write_at(&self, data: &[u8], offset: u64) -> Result<(), OpError> {
+        if self
+            .fail_writeback
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(errno_to_op(self.fail_errno.load(Ordering::Acquire)));
+        }
+        let mut done = 0;
+        let mut nudged = false;
+        loop {
+            if !self.io.nowait_write.load(Ordering::Acquire) {
+                break;
+            }
+            let shared = self.io_mode.read().unwrap_or_else(|e| e.into_inner());
+            let direct = self.direct.load(Ordering::Acquire);
+            // O_DIRECT takes whole blocks only: the partial page at EOF goes through the window.
+            let end = if direct {
+                data.len() / PAGE_SIZE * PAGE_SIZE
+            } else {
+                data.len()
+            };
+            if done >= end {
+                break;
+            }
+            let at = offset + done as u64;
+            let r = sys_file::pwrite_nowait(self.file.as_fd(), &data[done..end], at);
+            drop(shared);
+            match r {
+                Ok(NoWait::Done(0)) => break,
+                Ok(NoWait::Done(n)) => done += n,
+                Ok(NoWait::WouldBlock) if !nudged && done + PAGE_SIZE < end => {
+                    // Most often the file's timestamps want an update, which RWF_NOWAIT does
+                    // not do. A store through the window does it (page_mkwrite) without the
+                    // inode lock; the rest may then go without waiting.
+                    nudged = true;
+                    self.write_through_window(&data[done..done + PAGE_SIZE], at)?;
+                    done += PAGE_SIZE;
+                }
+                Ok(NoWait::WouldBlock) => break,
+                Ok(NoWait::Unsupported) => {
+                    self.io.nowait_write.store(false, Ordering::Release);
+                    break;
+                }
+                Err(libc::EINTR) => {}
+                Err(libc::EINVAL) if direct => self.stop_direct(),
+                Err(e) => return Err(errno_to_op(e)),
+            }
+        }
+        if done < data.len() {
+            self.write_through_window(&data[done..], offset + done as u64)?;
+        }
+        if nudged || done < data.len() {
+            self.after_window_write(offset, data.len())?;
+        }
+        Ok(())
+    }
+
+    /// With O_DIRECT, data written through the window is written out and dropped from the page
+    /// cache at once, as a direct write would leave it: on the disk, not cached twice. Its
+    /// errors are the writeback's.
+    fn after_window_write(&self, offset: u64, len: usize) -> Result<(), OpError> {
+        if !self.direct.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        sys_file::write_out_and_drop(self.file.as_fd(), offset, len).map_err(errno_to_op)
+    }
+
+    /// `write_at` through the window (or, where the file cannot be mapped, the blocking way).
+    fn write_through_window(&self, data: &[u8], offset: u64) -> Result<(), OpError> {
+        match self.write_window(data, offset) {
+            Ok(()) => Ok(()),
+            Err(Fallback::Failed(e)) => Err(e),
+            Err(Fallback::Blocking) => self.write_blocking(data, offset),
+        }
+    }
+
+    fn write_window(&self, data: &[u8], offset: u64) -> Result<(), Fallback> {
+        let w = self.window(false).ok_or(Fallback::Blocking)?;
+        let mut done = 0;
+        while done < data.len() {
+            let at = offset + done as u64;
+            match w.write(&data[done..], at) {
+                Ok(n) if n > 0 => done += n,
+                Ok(_) | Err(libc::EFAULT) => {
+                    // The page could not be written: past a new end of the file (a truncate
+                    // since the size was checked: the data goes with the truncated pages, as
+                    // the kernel drops an mmap's), or the file system refused it. The store
+                    // through mmap does not say why: a non-blocking pwrite of the page may.
+                    let size = self.file.metadata().map_or(u64::MAX, |m| m.len());
+                    if size <= at {
+                        return Ok(());
+                    }
+                    let page = (data.len() - done)
+                        .min(PAGE_SIZE - (at as usize % PAGE_SIZE))
+                        .min(usize::try_from(size - at).unwrap_or(usize::MAX));
+                    match sys_file::pwrite_nowait(self.file.as_fd(), &data[done..done + page], at) {
+                        Ok(NoWait::Done(n)) if n > 0 => done += n,
+                        Err(e) if e != libc::EINVAL && e != libc::EINTR => {
+                            return Err(Fallback::Failed(errno_to_op(e)))
+                        }
+                        _ if sys_file::looks_full(self.file.as_fd()) => {
+                            return Err(Fallback::Failed(OpError::NoSpace))
+                        }
+                        _ => return Err(Fallback::Failed(OpError::Io)),
+                    }
+                }
+                Err(libc::ENOSYS | libc::EPERM) => {
+                    self.window_unusable();
+                    return Err(Fallback::Blocking);
+                }
+                Err(e) => return Err(Fallback::Failed(errno_to_op(e))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Blocking `pwrite`: only where the file cannot be mapped. It can wait for the inode
+    /// lock.
+    fn write_blocking(&self, data: &[u8], offset: u64) -> Result<(), OpError> {
+        if self.direct.load(Ordering::Acquire) {
+            let whole = data.len() / PAGE_SIZE * PAGE_SIZE;
+            let shared = self.io_mode.read().unwrap_or_else(|e| e.into_inner());
+            if self.direct.load(Ordering::Acquire) {
+                match write_all(&self.file, &data[..whole], offset) {
+                    Ok(()) if whole == data.len() => return Ok(()),
+                    Ok(()) => {
+                        // O_DIRECT takes whole blocks only: the partial page at EOF goes
+                        // through the page cache, with O_DIRECT off meanwhile.
+                        drop(shared);
+                        let _only = self.io_mode.write().unwrap_or_else(|e| e.into_inner());
+                        let off = self.set_direct(false);
+                        let r = write_all(&self.file, &data[whole..], offset + whole as u64);
+                        if !off || !self.set_direct(true) {
+                            // fcntl refused: whatever O_DIRECT now is, buffered from now on.
+                            self.direct.store(false, Ordering::Release);
+                            self.set_direct(false);
+                        }
+                        return r.map_err(errno_to_op);
+                    }
+                    Err(libc::EINVAL) => {
+                        drop(shared);
+                        self.stop_direct();
+                    }
+                    Err(e) => return Err(errno_to_op(e)),
+                }
+            }
+        }
+        write_all(&self.file, data, offset).map_err(errno_to_op)
+    }
+
+    /// The file system refused a direct I/O: buffered I/O from now on.
+    fn stop_direct(&self) {
+        let _only = self.io_mode.write().unwrap_or_else(|e| e.into_inner());
+        if self.direct.swap(false, Ordering::AcqRel) {
+            self.set_direct(false);
+        }
+    }
+
+    /// Sets or clears O_DIRECT on the descriptor; whether that worked.
+    fn set_direct(&self, on: bool) -> bool {
+        set_o_direct(&self.file, on)
+    }
+}
+
+/// Sets or clears O_DIRECT on `file`'s descriptor; whether that worked.
+pub(crate) fn set_o_direct(file: &std::fs::File, on: bool) -> bool {
+    use rustix::fs::OFlags;
+    let Ok(flags) = rustix::fs::fcntl_getfl(file) else {
+        return false;
+    };
+    let flags = if on {
+        flags | OFlags::DIRECT
+    } else {
+        flags - OFlags::DIRECT
+    };
+    rustix::fs::fcntl_setfl(file, flags).is_ok()
+}
+
+/// Whether `file` lives on tmpfs (or shmem), whose page cache is the file's only copy.
+pub(crate) fn on_tmpfs(file: &std::fs::File) -> bool {
+    const TMPFS_MAGIC: u64 = 0x0102_1994;
+    rustix::fs::fstatfs(file).is_ok_and(|s| s.f_type as u64 == TMPFS_MAGIC)
+}
+
+fn errno_to_op(errno: i32) -> OpError {
+    match errno {
+        libc::ENOSPC | libc::EDQUOT => OpError::NoSpace,
+        _ => OpError::Io,
+    }
+}
+
+/// Reads `buf.len()` bytes at `offset`; bytes past the end of the file read zero. With
+/// `direct` (O_DIRECT on), a short read means the end of the file: the next read would be
+/// unaligned, which O_DIRECT refuses. Errors are errnos.
+fn read_all(file: &std::fs::File, buf: &mut [u8], offset: u64, direct: bool) -> Result<(), i32> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                break;
+            }
+            Ok(n) if direct && done + n < buf.len() => {
+                buf[done + n..].fill(0);
+                break;
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.raw_os_error().unwrap_or(libc::EIO)),
+        }
+    }
+    Ok(())
+}
+
+/// Writes all of `data` at `offset`. Errors are errnos.
+fn write_all(file: &std::fs::File, data: &[u8], offset: u64) -> Result<(), i32> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < data.len() {
+        match file.write_at(&data[done..], offset + done as u64) {
+            Ok(0) => return Err(libc::ENOSPC),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.raw_os_error().unwrap_or(libc::EIO)),
+        }
+    }
+    Ok(())
+}

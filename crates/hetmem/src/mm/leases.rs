@@ -1,0 +1,125 @@
+//! The lease-break thread and the registry it serves.
+
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, Weak};
+
+use hetmem_proto::{Invalidation, PageRun, PAGES_PER_BLOCK};
+
+use crate::mm::file_io::FileMode;
+use crate::mm::region::Region;
+use crate::mm::runtime::Runtime;
+use crate::sys::lease;
+
+pub(super) type Entry = (RawFd, Weak<Runtime>, Weak<Region>);
+
+pub(super) static REGISTRY: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
+
+/// Dropped mappings whose descriptor number stays taken until the lease thread has read
+/// every break signalled for it (`lease::Event::Retired`): closed at once, the number could
+/// go to a new mapping, and a break still queued for the old one would hit the new one.
+/// The file itself is closed at the drop (`FileBacking::retire`): the number refers to an
+/// inert eventfd meanwhile.
+pub(super) static RETIRING: Mutex<Vec<(RawFd, Arc<Region>)>> = Mutex::new(Vec::new());
+
+/// Serves lease breaks for `region` from now on, and takes the lease if it can.
+pub fn register(inner: &Arc<Runtime>, region: &Arc<Region>) {
+    let f = region.file.as_ref().expect("a file mapping");
+    let Ok((read_end, fresh)) = lease::install() else {
+        // The signal belongs to the application: no leases, as nobody would serve them.
+        f.lease_wanted.store(false, Ordering::Release);
+        return;
+    };
+    if fresh {
+        // First use in this process (or in a fork child, which has no thread of ours and
+        // must not serve its parent's mappings).
+        REGISTRY.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        // The parent's, copied by fork: theirs to drop, not ours.
+        std::mem::forget(std::mem::take(
+            &mut *RETIRING.lock().unwrap_or_else(|e| e.into_inner()),
+        ));
+        let _ = std::thread::Builder::new()
+            .name("hetmem-lease".into())
+            .spawn(move || serve(read_end));
+    }
+    REGISTRY.lock().unwrap_or_else(|e| e.into_inner()).push((
+        f.file.as_raw_fd(),
+        Arc::downgrade(inner),
+        Arc::downgrade(region),
+    ));
+}
+
+/// Stops serving `region` and gives its lease up.
+pub fn unregister(region: &Arc<Region>) {
+    let Some(f) = &region.file else {
+        return;
+    };
+    if !f.lease_wanted.load(Ordering::Acquire) {
+        return;
+    }
+    REGISTRY
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|(_, _, r)| r.upgrade().is_some_and(|r| !Arc::ptr_eq(&r, region)));
+    // Released whether or not `leased` says it is held: a check that found it breaking
+    // marked it lost (`check_eof`), and the lease thread, which would have released it,
+    // no longer finds this mapping. F_UNLCK of no lease does nothing.
+    f.leased.store(false, Ordering::Release);
+    lease::release(f.file.as_fd());
+    let fd = f.file.as_raw_fd();
+    let mut retiring = RETIRING.lock().unwrap_or_else(|e| e.into_inner());
+    if lease::post_retired(fd) {
+        retiring.push((fd, region.clone()));
+    }
+}
+
+fn serve(read_end: RawFd) {
+    lease::unblock_here();
+    while let Ok(event) = lease::next_event(read_end) {
+        let fd = match event {
+            lease::Event::Break(fd) => fd,
+            lease::Event::Retired(fd) => {
+                // Every break for it is served: the descriptor may close now.
+                let gone = {
+                    let mut retiring = RETIRING.lock().unwrap_or_else(|e| e.into_inner());
+                    let at = retiring.iter().position(|(f, _)| *f == fd);
+                    at.map(|i| retiring.swap_remove(i))
+                };
+                drop(gone);
+                continue;
+            }
+        };
+        let found = REGISTRY
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(f, _, _)| *f == fd)
+            .and_then(|(_, i, r)| Some((i.upgrade()?, r.upgrade()?)));
+        if let Some((inner, region)) = found {
+            broken(&inner, &region);
+        }
+    }
+}
+
+/// Another process wants the file: write our dirty pages back, drop every cached copy so
+/// later accesses read the file again, then let it proceed.
+fn broken(inner: &Runtime, region: &Region) {
+    let Some(f) = &region.file else {
+        return;
+    };
+    if !inner.is_owner() {
+        return;
+    }
+    if f.mode == FileMode::Shared {
+        let _ = inner.flush_region(region);
+    }
+    for bi in 0..region.blocks.len() {
+        if let Some(all) = PageRun::new(0, region.block_pages(bi), PAGES_PER_BLOCK) {
+            // Discard writes dirty data back first; a page whose writeback fails stays.
+            let _ = inner.invalidate(region, bi, all, Invalidation::Discard);
+        }
+    }
+    inner.stats.lease_breaks.add(1);
+    f.leased.store(false, Ordering::Release);
+    lease::release(f.file.as_fd());
+}

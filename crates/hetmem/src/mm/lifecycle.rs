@@ -1,0 +1,180 @@
+//! Region lifecycle: create a region and its CPU view, register a caller's range, and tear a
+//! region down without losing data (bring it home first, then detach its views).
+
+#![allow(unsafe_code)]
+
+use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use hetmem_proto::{Invalidation, PageRun, RequestKind, BLOCK_BYTES, PAGES_PER_BLOCK};
+
+use crate::error::{Error, Result};
+use crate::mm::region::{Region, View};
+use crate::mm::runtime::Runtime;
+use crate::sys::mem::{self, Mapping};
+use crate::sys::uffd::Modes;
+
+impl Runtime {
+    pub(crate) fn new_region(
+        &self,
+        len: usize,
+        file: Option<crate::mm::file_io::FileBacking>,
+    ) -> Result<Arc<Region>> {
+        self.check_owner()?;
+        // The length and the metadata first: nothing of the region exists yet if they fail.
+        let slots = Region::reserve_blocks(len, self.devices.len())?;
+        let id = self.next_region.fetch_add(1, Ordering::Relaxed);
+        let memfd = mem::memfd(&format!("hetmem-{id}"), len).map_err(Error::os("memfd_create"))?;
+        let backing =
+            Mapping::shared(memfd.as_fd(), 0, len).map_err(Error::os("mmap backing view"))?;
+        Ok(Arc::new(Region::new(
+            memfd,
+            backing,
+            len,
+            slots,
+            self.devices.len(),
+            file,
+        )))
+    }
+
+    /// A CPU view of the whole region, 2 MiB-aligned, not registered yet.
+    pub(crate) fn map_cpu_view(&self, region: &Region) -> Result<Mapping> {
+        Mapping::shared_aligned(region.memfd.as_fd(), region.len, BLOCK_BYTES)
+            .map_err(Error::os("mmap cpu view"))
+    }
+
+    pub(crate) fn register_view(&self, va: usize, len: usize) -> Result<()> {
+        // SAFETY: the view stays mapped until `remove_region` unregisters it, and service
+        // threads serve its faults for as long as the context lives, which every buffer
+        // outlives by holding the context.
+        unsafe {
+            self.uffd.register(
+                va,
+                len,
+                Modes {
+                    missing: true,
+                    minor: true,
+                    wp: true,
+                },
+            )
+        }
+        .map(|_| ())
+        .map_err(Error::os("register with userfaultfd"))
+    }
+
+    /// Takes the region out of the address map and the region list, and empties its view list.
+    /// The views stay mapped and registered: the caller detaches them (`detach_views`) when
+    /// their contents allow it, so no access ever reaches the memfd unmanaged while it holds a
+    /// stale copy.
+    pub(crate) fn retire_region(&self, region: &Arc<Region>) -> Vec<View> {
+        let views: Vec<View> = {
+            let _g = self.events.lock().unwrap_or_else(|e| e.into_inner());
+            let mut space = self.space.write().unwrap_or_else(|e| e.into_inner());
+            space.retain(|_, m| !Arc::ptr_eq(&m.region, region));
+            self.displaced
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|(_, m)| !Arc::ptr_eq(&m.region, region));
+            // Emptied here, so a drive still running on the region (a read-ahead) stops
+            // touching the views first.
+            std::mem::take(&mut *region.views.write().unwrap_or_else(|e| e.into_inner()))
+        };
+        self.regions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|r| !Arc::ptr_eq(r, region));
+        views
+    }
+
+    /// Makes retired views inaccessible, then unregisters them, in that order: an access racing
+    /// the teardown then fails (SIGSEGV, or EFAULT for the kernel's own accesses, as after a
+    /// munmap) instead of mapping whatever the memfd holds. Threads already waiting in a fault
+    /// on them are woken by the unregistration and fail the same way.
+    pub(crate) fn detach_views(&self, region: &Region, views: &[View]) {
+        for v in views {
+            // SAFETY: the view is retired: its buffer is going, so nobody may use it any more.
+            if let Err(e) = unsafe { mem::protect(v.va, v.len, libc::PROT_NONE) } {
+                // Part of the view is gone already (a munmap whose event is still unread):
+                // protect what is left of it, one mapping at a time.
+                if e.raw_os_error() != Some(libc::ENOMEM) {
+                    self.note_error("mprotect a retired view", &e);
+                }
+                let maps = mem::maps_in(v.va, v.va + v.len).unwrap_or_default();
+                for m in maps.iter().filter(|m| m.inode == region.inode) {
+                    let (s, t) = (m.start.max(v.va), m.end.min(v.va + v.len));
+                    // SAFETY: as above, for the part of the view still mapped.
+                    let _ = unsafe { mem::protect(s, t - s, libc::PROT_NONE) };
+                }
+            }
+            let _ = self.uffd.unregister(v.va, v.len);
+        }
+    }
+
+    /// Brings every page of the region to system memory: each device releases its copies (the
+    /// protection of the range does not matter, unlike for a migration). A copy that fails is
+    /// retried, backing off to 10 ms, before the error is returned; the data then stays on the
+    /// device.
+    pub(crate) fn bring_home(&self, region: &Region) -> Result<()> {
+        for bi in 0..region.blocks.len() {
+            let all = PageRun::new(0, region.block_pages(bi), PAGES_PER_BLOCK).expect("non-empty");
+            for d in self.topology.devices() {
+                if region.blocks[bi].held[d.index()].load(Ordering::Relaxed) == 0 {
+                    continue;
+                }
+                let mut failures = 0u32;
+                loop {
+                    match self.request(region, bi, all, RequestKind::Release { dev: d }) {
+                        Err(Error::Io(_)) if failures < 32 => {
+                            self.stats.failed_transfers.add(1);
+                            failures += 1;
+                            let pause = 1u64 << failures.min(13);
+                            std::thread::sleep(std::time::Duration::from_micros(pause.min(10_000)));
+                        }
+                        r => {
+                            r?;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn drop_all_copies(&self, region: &Region) {
+        for bi in 0..region.blocks.len() {
+            let all = PageRun::new(0, region.block_pages(bi), PAGES_PER_BLOCK).expect("non-empty");
+            if let Err(e) = self.invalidate(region, bi, all, Invalidation::Unmap) {
+                // A writeback that failed at unmap: the data goes with the mapping.
+                self.note_error("writeback at unmap", &std::io::Error::other(e.to_string()));
+            }
+        }
+    }
+
+    pub(crate) fn free_region(&self, region: &Arc<Region>) {
+        if !self.is_owner() {
+            // A fork child: the views are its private copies; the rest is the parent's.
+            for v in region
+                .views
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+            {
+                // SAFETY: the child's own private copy of the view, which its buffer owned.
+                unsafe { libc::munmap(v.va as *mut libc::c_void, v.len) };
+            }
+            return;
+        }
+        let _gate = self.gate.enter();
+        let views = self.retire_region(region);
+        // Views first: nothing may reach the data while its copies go.
+        self.detach_views(region, &views);
+        self.drop_all_copies(region);
+        for v in views {
+            // SAFETY: the view belonged to this region, whose buffer is being dropped, so no
+            // reference into it remains; it is no longer registered.
+            unsafe { libc::munmap(v.va as *mut libc::c_void, v.len) };
+        }
+    }
+}

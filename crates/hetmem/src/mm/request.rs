@@ -1,0 +1,191 @@
+//! Requests: drive one event through a block's engine and the executor, then wake the CPU ranges
+//! it mapped; retry a request that found a device full after evicting.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use hetmem_proto::{
+    DeviceId, Event, Invalidation, PageRun, RequestError, RequestKind, PAGES_PER_BLOCK,
+};
+
+use crate::error::{Error, Result};
+use crate::mm::exec::Outcome;
+use crate::mm::region::Region;
+use crate::mm::runtime::Runtime;
+
+impl Runtime {
+    /// Runs one request to completion on one block; `after` runs under the block lock.
+    /// Locks block `bi`, drives `event` through it, mirrors its frame counts for eviction,
+    /// runs `after` under the lock, then wakes the CPU ranges the drive mapped.
+    pub(crate) fn drive_event(
+        &self,
+        region: &Region,
+        bi: usize,
+        event: Event,
+        mut after: impl FnMut(&hetmem_proto::Block2M, &Outcome),
+    ) -> std::result::Result<Outcome, hetmem_proto::EventError> {
+        let slot = &region.blocks[bi];
+        let outcome = {
+            let mut block = self.lock_block(slot);
+            if self.retry_pending.load(Ordering::Acquire) {
+                self.unpoison_for(region, bi, &block, &event);
+            }
+            let outcome = self.drive(region, bi, &mut block, event)?;
+            for d in self.topology.devices() {
+                slot.held[d.index()].store(block.frames_held(d), Ordering::Relaxed);
+            }
+            after(&block, &outcome);
+            outcome
+        };
+        for &(va, len) in &outcome.wake {
+            let _ = self.uffd.wake(va, len);
+        }
+        Ok(outcome)
+    }
+
+    pub(crate) fn request_with(
+        &self,
+        region: &Region,
+        bi: usize,
+        run: PageRun,
+        kind: RequestKind,
+        after: impl FnMut(&hetmem_proto::Block2M, &Outcome),
+    ) -> std::result::Result<(), RequestError> {
+        let id = self.next_req();
+        let event = Event::Request {
+            id,
+            pages: run,
+            kind,
+        };
+        self.drive_event(region, bi, event, after)
+            .map_err(|_| RequestError::NoMapping)?
+            .result_of(id)
+            .unwrap_or(Err(RequestError::Op(hetmem_proto::OpError::Device)))
+    }
+
+    /// Like `request_with`, evicting other blocks when a device is full.
+    pub(crate) fn request(
+        &self,
+        region: &Region,
+        bi: usize,
+        run: PageRun,
+        kind: RequestKind,
+    ) -> Result<()> {
+        let mut fruitless_since: Option<std::time::Instant> = None;
+        loop {
+            match self.request_with(region, bi, run, kind, |_, _| {}) {
+                Err(RequestError::DeviceFull(d)) => {
+                    if self.evict(d, region, bi, run) {
+                        fruitless_since = None;
+                        continue;
+                    }
+                    // Nothing was evictable just now. Frames another thread reserved may be
+                    // inside a drive (not yet visible to eviction) or on their way back to the
+                    // budget: keep trying for a while before calling the device full.
+                    let since = *fruitless_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() > std::time::Duration::from_millis(200) {
+                        return Err(Error::NoMem);
+                    }
+                    std::thread::yield_now();
+                }
+                r => return r.map_err(Error::from),
+            }
+        }
+    }
+
+    /// Frees frames of `dev` by evicting the least recently used block that holds some (LRU at
+    /// 2 MiB granularity, as UVM evicts root chunks), then the rest of the faulting block.
+    /// Returns whether any frame was freed. Success is judged per victim block, under its
+    /// lock, not from the device's total, which other threads change meanwhile.
+    pub(crate) fn evict(&self, dev: DeviceId, cur: &Region, cur_bi: usize, keep: PageRun) -> bool {
+        let regions = self
+            .regions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut victims: Vec<(u64, Arc<Region>, usize)> = Vec::new();
+        for r in &regions {
+            for (bi, slot) in r.blocks.iter().enumerate() {
+                if slot.held[dev.index()].load(Ordering::Relaxed) == 0
+                    || (std::ptr::eq(&**r, cur) && bi == cur_bi)
+                {
+                    continue;
+                }
+                victims.push((
+                    slot.last_use[dev.index()].load(Ordering::Relaxed),
+                    r.clone(),
+                    bi,
+                ));
+            }
+        }
+        victims.sort_by_key(|v| v.0);
+        let evict_runs = |r: &Region, bi: usize, runs: &[Option<PageRun>]| -> u64 {
+            let kind = RequestKind::Evict {
+                dev,
+                pages: PAGES_PER_BLOCK as u32,
+                write_back: r.file.as_ref().is_some_and(|f| f.evict_to_file),
+            };
+            let mut freed = 0u64;
+            for run in runs.iter().flatten() {
+                let before = r.blocks[bi].held[dev.index()].load(Ordering::Relaxed);
+                let _ = self.request_with(r, bi, *run, kind, |block, _| {
+                    freed += u64::from(before.saturating_sub(block.frames_held(dev)));
+                });
+            }
+            freed
+        };
+        let mut freed = 0;
+        for (_, r, bi) in victims.iter().take(4) {
+            let all = PageRun::new(0, r.block_pages(*bi), PAGES_PER_BLOCK);
+            freed += evict_runs(r, *bi, &[all]);
+            if freed > 0 {
+                break;
+            }
+        }
+        if freed == 0 {
+            let pages = cur.block_pages(cur_bi);
+            freed += evict_runs(
+                cur,
+                cur_bi,
+                &[
+                    PageRun::new(0, keep.start(), PAGES_PER_BLOCK),
+                    PageRun::new(
+                        keep.end(),
+                        pages.saturating_sub(keep.end()),
+                        PAGES_PER_BLOCK,
+                    ),
+                ],
+            );
+        }
+        self.stats.pages_evicted.add(freed);
+        self.devices[dev.index()].counters.evicted.add(freed);
+        freed > 0
+    }
+
+    pub(crate) fn invalidate(
+        &self,
+        region: &Region,
+        bi: usize,
+        run: PageRun,
+        kind: Invalidation,
+    ) -> Result<()> {
+        let id = self.next_req();
+        let event = Event::Invalidate {
+            id,
+            pages: run,
+            kind,
+        };
+        let outcome = self
+            .drive_event(region, bi, event, |block, _| {
+                if matches!(kind, Invalidation::Discard | Invalidation::Unmap) {
+                    // The data is gone for good: give its memory back.
+                    self.release_pages(region, bi, block, run);
+                }
+            })
+            .map_err(|_| Error::Invalid("page run outside its block"))?;
+        match outcome.result_of(id) {
+            Some(r) => r.map_err(Error::from),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! Revalidation against the kernel: a raw `mprotect` or a truncation has no notifier in user
+//! space, so the protocol's idea of protection and file size is brought up to date before use.
+
+use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
+
+use hetmem_proto::{Access, Invalidation, PageRun, PAGES_PER_BLOCK, PAGE_SIZE};
+
+use crate::error::{Error, Result};
+use crate::mm::file_io::FileMode;
+use crate::mm::region::Region;
+use crate::mm::runtime::Runtime;
+use crate::mm::space::BlockSpan;
+use crate::sys::lease;
+use crate::sys::mem;
+
+impl Runtime {
+    /// Brings the protocol's idea of the piece's protection up to date with the kernel's
+    /// mappings, as hmm_range_fault checks the VMA. A raw `mprotect` has no notifier in user
+    /// space, so this runs before every device access and migration. Returns whether every
+    /// page of the piece is readable, and whether every one is writable.
+    pub(crate) fn sync_prot(&self, p: &BlockSpan) -> Result<(bool, bool)> {
+        self.check_eof(&p.region);
+        let end = p.va + p.run.len() * PAGE_SIZE;
+        let mut at = p.va;
+        let (mut all_read, mut all_write) = (true, true);
+        while at < end {
+            let Some((_, vend, read, write)) =
+                mem::vma_at(at).map_err(Error::os("query mapping"))?
+            else {
+                return Err(Error::Fault("address is not mapped"));
+            };
+            all_read &= read;
+            all_write &= write;
+            let stop = end.min(vend.max(at + PAGE_SIZE));
+            let start_page = p.run.start() + (at - p.va) / PAGE_SIZE;
+            let n = (stop - at) / PAGE_SIZE;
+            let run = PageRun::new(start_page, n, PAGES_PER_BLOCK).expect("inside the piece");
+            let stale = {
+                let block = self.lock_block(&p.region.blocks[p.bi]);
+                block
+                    .state()
+                    .protection_differs(hetmem_proto::PageMask::from_run(run), read, write)
+            };
+            if stale {
+                self.invalidate(&p.region, p.bi, run, Invalidation::Protect { read, write })?;
+            }
+            at = stop;
+        }
+        Ok((all_read, all_write))
+    }
+
+    /// The protection check of a device command or a migration, over all of its pieces before
+    /// any of them moves data, as hmm_range_fault checks the VMAs first: `Fault` (EFAULT) if a
+    /// page is not readable, `Perm` (EPERM) if `access` writes and a page is read-only.
+    pub(crate) fn check_access(&self, pieces: &[BlockSpan], access: Access) -> Result<()> {
+        for p in pieces {
+            let (read, write) = self.sync_prot(p)?;
+            if !read {
+                return Err(Error::Fault("page is PROT_NONE"));
+            }
+            if access != Access::Read && !write {
+                return Err(Error::Perm);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Runtime {
+    /// Pages of block `bi` before the end of the file (all of them for anonymous memory).
+    pub(crate) fn pages_before_eof(&self, region: &Region, bi: usize) -> usize {
+        let pages = region.block_pages(bi);
+        match &region.file {
+            Some(f) => f
+                .eof_page
+                .load(Ordering::Acquire)
+                .saturating_sub(bi * PAGES_PER_BLOCK)
+                .min(pages),
+            None => pages,
+        }
+    }
+
+    /// Compares a file mapping with the file's current size: pages past a new end of file get
+    /// `Invalidate { Truncate }` (their data is dropped, dirty or not) and are poisoned for the
+    /// CPU, so an access raises SIGBUS as with mmap. Runs at every fault and flush of a file
+    /// mapping: without leases, that is when hetmem notices another process's truncate.
+    pub(crate) fn check_eof(&self, region: &Region) {
+        let Some(f) = &region.file else {
+            return;
+        };
+        if f.lease_wanted.load(Ordering::Acquire) {
+            // A lease breaking, or taken back by the kernel (a break unanswered for
+            // lease-break-time), counts as lost at once, and is not taken again in the same
+            // check: its break is queued for the lease thread, whose flush and drop should come
+            // first. (A lease thread held up for longer than a check's interval still lets a
+            // later check take it back before the drop; the drop follows, as without a lease.)
+            let write = f.mode == FileMode::Shared;
+            if f.leased.load(Ordering::Acquire) && !lease::held(f.file.as_fd(), write) {
+                f.leased.store(false, Ordering::Release);
+            } else if !f.leased.load(Ordering::Acquire) {
+                if let Ok(true) = lease::take(f.file.as_fd(), write) {
+                    f.leased.store(true, Ordering::Release);
+                }
+            }
+        }
+        let Some(size) = f.size_limit() else {
+            return;
+        };
+        let total = region.len / PAGE_SIZE;
+        let file_pages = size.div_ceil(PAGE_SIZE as u64);
+        let eof = file_pages.saturating_sub(f.first_page).min(total as u64) as usize;
+        let old = f.eof_page.fetch_min(eof, Ordering::AcqRel);
+        if eof >= old {
+            return;
+        }
+        let mut page = eof;
+        while page < old {
+            let bi = page / PAGES_PER_BLOCK;
+            let start = page % PAGES_PER_BLOCK;
+            let n = (PAGES_PER_BLOCK - start).min(old - page);
+            if let Some(run) = PageRun::new(start, n, PAGES_PER_BLOCK) {
+                let _ = self.invalidate(region, bi, run, Invalidation::Truncate);
+            }
+            page += n;
+        }
+        let mut ranges = Vec::new();
+        region.cpu_ranges(eof * PAGE_SIZE, (old - eof) * PAGE_SIZE, &mut ranges);
+        for (va, len) in ranges {
+            self.poison(va, len);
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! Writeback of a file region's dirty pages (msync's analogue).
+
+use hetmem_proto::{PageRun, RequestKind, PAGES_PER_BLOCK};
+
+use crate::error::Result;
+use crate::mm::file_io::FileMode;
+use crate::mm::region::Region;
+use crate::mm::runtime::Runtime;
+
+impl Runtime {
+    /// Writes back every dirty page of a file mapping; the first error, once. Private (and
+    /// read-only) mappings issue no Flush: it would mark their written pages clean, and the
+    /// protocol drops clean file pages on eviction, to be read from the file again.
+    pub(crate) fn flush_region(&self, region: &Region) -> Result<()> {
+        self.check_eof(region);
+        if region
+            .file
+            .as_ref()
+            .is_some_and(|f| f.mode != FileMode::Shared)
+        {
+            return Ok(());
+        }
+        let mut first = Ok(());
+        for bi in 0..region.blocks.len() {
+            let Some(all) = PageRun::new(0, region.block_pages(bi), PAGES_PER_BLOCK) else {
+                continue;
+            };
+            let r = self.request(region, bi, all, RequestKind::Flush);
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+}
