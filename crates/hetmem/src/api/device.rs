@@ -12,7 +12,6 @@ use hetmem_proto::{
     PAGE_SIZE,
 };
 
-use crate::api::hetmem::{Hetmem, Target};
 use crate::device::{Chunk, DeviceCounters};
 use crate::error::{Error, Result};
 use crate::mm::region::pte;
@@ -337,7 +336,7 @@ impl Device {
     /// # Errors
     /// As [`Hetmem::migrate`].
     pub fn migrate_to_device(&self, addr: usize, len: usize) -> Result<()> {
-        Hetmem(self.shared.clone()).migrate(addr, len, Target::Device(self.id))
+        self.inner().migrate(addr, len, Mem::Device(self.id))
     }
 
     /// Migrates the range to system memory.
@@ -345,7 +344,7 @@ impl Device {
     /// # Errors
     /// As [`Hetmem::migrate`].
     pub fn migrate_to_system(&self, addr: usize, len: usize) -> Result<()> {
-        Hetmem(self.shared.clone()).migrate(addr, len, Target::System)
+        self.inner().migrate(addr, len, Mem::System)
     }
 
     /// Per-page state, without faulting or moving anything. Pages that are not managed memory
@@ -364,13 +363,7 @@ impl Device {
             let Ok(pieces) = inner.pieces(at, PAGE_SIZE) else {
                 // Not managed, up to the next view: error entries, all at once, so a range
                 // that is mostly unmanaged costs no lookup per page.
-                let next = inner
-                    .space
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .range(at + 1..end)
-                    .next()
-                    .map_or(end, |(&va, _)| va);
+                let next = inner.space.next_view(at, end);
                 let hole = PageState {
                     cpu: CpuProt::None,
                     location: Location::None,
@@ -442,11 +435,7 @@ impl Device {
         let inner = self.inner();
         // In a fork child the fork gate stays closed for good: taking a block would block.
         inner.check_owner()?;
-        let regions = inner
-            .regions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let regions = inner.space.regions();
         for r in regions {
             for bi in 0..r.blocks.len() {
                 let all = PageRun::new(0, r.block_pages(bi), PAGES_PER_BLOCK).expect("non-empty");

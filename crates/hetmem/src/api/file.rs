@@ -17,7 +17,8 @@ use hetmem_proto::{OpError, PAGE_SIZE};
 use crate::api::buffer::CpuView;
 use crate::api::hetmem::Hetmem;
 use crate::error::{Error, Result};
-use crate::mm::file_io::{ErrSeq, FileBacking, FileIo, FileMode, KeptMapping, KEPT};
+use crate::mm::file_io::{ErrSeq, FileBacking, FileIo, FileMode};
+use crate::mm::lifecycle::{KeptMapping, KEPT};
 use crate::mm::region::Region;
 use crate::mm::runtime::{Runtime, RuntimeHandle};
 use crate::sys::file::{self as sys_file};
@@ -200,7 +201,7 @@ impl Hetmem {
         let va = cpu.addr();
         inner.register_view(va, len)?;
         cpu.leak();
-        inner.add_region(region.clone(), va);
+        inner.space.add_region(region.clone(), va);
         let mapping = FileMapping {
             shared: self.0.clone(),
             region,

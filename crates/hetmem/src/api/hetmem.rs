@@ -1,22 +1,14 @@
 #![allow(unsafe_code)]
-use std::collections::BTreeMap;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 
-use hetmem_proto::{
-    Access, DeviceId, DeviceKind, Event, Invalidation, Mem, RequestKind, Topology, PAGES_PER_BLOCK,
-    PAGE_SIZE,
-};
+use hetmem_proto::{DeviceId, DeviceKind, Mem, Topology, PAGES_PER_BLOCK, PAGE_SIZE};
 
 use crate::api::buffer::{ManagedBuf, Registration};
 use crate::api::device::Device;
-use crate::budget::AtomicBudget;
 use crate::device::{DeviceBackend, DeviceState, SimBackend};
 use crate::error::{Error, Result};
-use crate::mm::gate::ForkGate;
 use crate::mm::runtime::{Runtime, RuntimeHandle};
-use crate::stats::Stats;
 use crate::sys::mem::{self, Mapping};
 use crate::sys::uffd::{self, Uffd};
 
@@ -145,60 +137,20 @@ impl HetmemBuilder {
         if missing != 0 {
             return Err(Error::Unsupported(uffd::feature_names(missing)));
         }
-        let capacity: Vec<u32> = self
+        let devices = self
             .devices
             .iter()
-            .map(|(d, _)| (d.capacity / PAGE_SIZE).min(u32::MAX as usize) as u32)
+            .map(|(c, b)| DeviceState::new(c.capacity, c.workers, b.clone()))
             .collect();
-        let kick = mem::EventFd::new().map_err(Error::os("eventfd"))?;
-        let inner = Arc::new(Runtime {
-            budget: AtomicBudget::new(&capacity),
-            devices: self
-                .devices
-                .iter()
-                .map(|(c, b)| DeviceState::new(c.capacity, c.workers, b.clone()))
-                .collect(),
+        let runtime = Runtime::new(
             topology,
             uffd,
-            continue_wp: AtomicBool::new(true),
-            space: RwLock::new(BTreeMap::new()),
-            displaced: Mutex::new(Vec::new()),
-            kernel_runs: crate::mm::kernel_cpu::KernelRuns::default(),
-            regions: Mutex::new(Vec::new()),
-            events: Mutex::new(()),
-            backlog: Mutex::new(Vec::new()),
-            kick,
-            shutdown: AtomicBool::new(false),
-            next_req: AtomicU64::new(1),
-            next_region: AtomicU64::new(1),
-            clock: AtomicU64::new(1),
-            readback_window: self.readback_window,
-            readahead: self.readahead_blocks,
-            stats: Stats::default(),
-            gate: ForkGate::default(),
-            orphaned: AtomicBool::new(false),
-            retry_poison: Mutex::new(Vec::new()),
-            retry_pending: AtomicBool::new(false),
-        });
-        crate::mm::fork::track(&inner);
-        // Owned by `RuntimeHandle` from the first thread on, so a spawn that fails stops and joins
-        // the threads already started (its drop) instead of leaving them running.
-        let shared = Arc::new(RuntimeHandle {
-            inner: inner.clone(),
-            threads: Mutex::new(Vec::with_capacity(self.service_threads)),
-        });
-        for i in 0..self.service_threads {
-            let inner = inner.clone();
-            let t = std::thread::Builder::new()
-                .name(format!("hetmem-fault-{i}"))
-                .spawn(move || inner.serve())
-                .map_err(Error::os("spawn fault-service thread"))?;
-            shared
-                .threads
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(t);
-        }
+            devices,
+            self.readback_window,
+            self.readahead_blocks,
+        )?;
+        crate::mm::fork::track(&runtime);
+        let shared = RuntimeHandle::start(runtime, self.service_threads)?;
         Ok(Hetmem(shared))
     }
 }
@@ -263,7 +215,7 @@ impl Hetmem {
         inner.register_view(va, len)?;
         // From here on the view is the region's: it is unmapped in `free_region`.
         cpu.leak();
-        inner.add_region(region.clone(), va);
+        inner.space.add_region(region.clone(), va);
         Ok(ManagedBuf::new(self.0.clone(), region, va, len))
     }
 
@@ -311,14 +263,7 @@ impl Hetmem {
         if at < end {
             return Err(Error::NoEnt("part of the range is not mapped"));
         }
-        if self
-            .inner()
-            .space
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .range(..end)
-            .any(|(_, m)| m.end > addr)
-        {
+        if self.inner().space.overlaps(addr, end) {
             return Err(Error::Invalid("the range is already managed"));
         }
         let inner = self.inner();
@@ -344,7 +289,7 @@ impl Hetmem {
             p.insert_range(0, region.block_pages(bi));
         }
         inner.register_view(addr, len)?;
-        inner.add_region(region.clone(), addr);
+        inner.space.add_region(region.clone(), addr);
         Ok(Registration::new(self.0.clone(), region, addr, len))
     }
 
@@ -356,23 +301,7 @@ impl Hetmem {
     /// `PROT_NONE`; `NoMem` (ENOMEM) when the device is full and nothing can be evicted; `Io`
     /// when a copy fails (the data stays where it was).
     pub fn migrate(&self, addr: usize, len: usize, target: Target) -> Result<()> {
-        let inner = self.inner();
-        if let Target::Device(d) = target {
-            if inner.topology.kind(d).is_none() {
-                return Err(Error::Invalid("no such device"));
-            }
-        }
-        let pieces = inner.pieces(addr, len)?;
-        inner.check_access(&pieces, Access::Read)?;
-        for p in pieces {
-            inner.request(
-                &p.region,
-                p.bi,
-                p.run,
-                RequestKind::Migrate { dst: target.mem() },
-            )?;
-        }
-        Ok(())
+        self.inner().migrate(addr, len, target.mem())
     }
 
     /// Drops the data of a range: allocated and registered memory reads zero afterwards, as
@@ -385,11 +314,7 @@ impl Hetmem {
     /// `Fault` (EFAULT) when part of the range is not managed memory. Nothing is dropped then.
     /// `Io` when a file page's writeback fails: that page stays, dirty.
     pub fn discard(&self, addr: usize, len: usize) -> Result<()> {
-        let inner = self.inner();
-        for p in inner.pieces(addr, len)? {
-            inner.invalidate(&p.region, p.bi, p.run, Invalidation::Discard)?;
-        }
-        Ok(())
+        self.inner().discard(addr, len)
     }
 
     /// mprotect through hetmem: changes the protection and invalidates device mappings beyond
@@ -400,27 +325,7 @@ impl Hetmem {
     /// `Fault` (EFAULT) when part of the range is not managed memory (nothing is changed
     /// then); `Os` when `mprotect` fails.
     pub fn protect(&self, addr: usize, len: usize, read: bool, write: bool) -> Result<()> {
-        let inner = self.inner();
-        let pieces = inner.pieces(addr, len)?;
-        let prot = match (read, write) {
-            (false, _) => libc::PROT_NONE,
-            (true, false) => libc::PROT_READ,
-            (true, true) => libc::PROT_READ | libc::PROT_WRITE,
-        };
-        // SAFETY: the range is managed memory the caller reaches; changing its protection is
-        // what they ask for, and hetmem's own accesses go through the backing view.
-        if unsafe { libc::mprotect(addr as *mut libc::c_void, len, prot) } < 0 {
-            return Err(Error::os("mprotect")(std::io::Error::last_os_error()));
-        }
-        for p in pieces {
-            inner.invalidate(
-                &p.region,
-                p.bi,
-                p.run,
-                Invalidation::Protect { read, write },
-            )?;
-        }
-        Ok(())
+        self.inner().protect(addr, len, read, write)
     }
 
     /// Advice for a range, as cudaMemAdvise.
@@ -430,25 +335,7 @@ impl Hetmem {
     /// unaligned or wrapping range, and in a fork child; `Fault` (EFAULT) when part of the
     /// range is not managed memory (no advice is taken then).
     pub fn advise(&self, addr: usize, len: usize, advice: hetmem_proto::Advice) -> Result<()> {
-        let inner = self.inner();
-        let named = match advice {
-            hetmem_proto::Advice::PreferredLocation(Some(Mem::Device(d)))
-            | hetmem_proto::Advice::AccessedBy(d, _) => Some(d),
-            _ => None,
-        };
-        if named.is_some_and(|d| inner.topology.kind(d).is_none()) {
-            return Err(Error::Invalid("no such device"));
-        }
-        for p in inner.pieces(addr, len)? {
-            let event = Event::Advise {
-                pages: p.run,
-                advice,
-            };
-            inner
-                .drive_event(&p.region, p.bi, event, |_, _| {})
-                .map_err(|_| Error::Invalid("page run outside its block"))?;
-        }
-        Ok(())
+        self.inner().advise(addr, len, advice)
     }
 
     /// Counters since the context was built.

@@ -2,8 +2,10 @@
 
 use std::sync::Arc;
 
-use hetmem_proto::{Access, Proc, RequestError, RequestKind, PAGE_SIZE};
+use hetmem_proto::{Access, Event, Proc, RequestError, RequestKind, BLOCK_BYTES, PAGE_SIZE};
 
+use crate::mm::poison::{PoisonedPage, POISON_RETRY_AFTER};
+use crate::mm::region::Region;
 use crate::mm::runtime::Runtime;
 use crate::mm::space::BlockSpan;
 
@@ -130,5 +132,99 @@ impl Runtime {
         self.pieces(p.va, PAGE_SIZE).is_ok_and(|now| {
             Arc::ptr_eq(&now[0].region, &p.region) && now[0].bi == p.bi && now[0].run == p.run
         })
+    }
+
+    // ---------------------------------------------------------------- SIGBUS
+
+    /// SIGBUS for the CPU on piece `p`'s page (UFFDIO_POISON). Under the block's lock and only
+    /// while the region still shows the page at that address: a region being dropped unmaps its
+    /// views only after it has taken each block's lock, so the addresses cannot pass to a newer
+    /// region meanwhile. With `retry`, the data could not be copied there, which may pass: the
+    /// marker goes after `POISON_RETRY_AFTER`, or when another request covers the page, and the
+    /// next access tries again.
+    pub(crate) fn poison_page(&self, p: &BlockSpan, retry: bool) {
+        let page = p.run.start();
+        let _block = self.lock_block(&p.region.blocks[p.bi]);
+        let mut ranges = Vec::new();
+        p.region.cpu_ranges(
+            p.bi * BLOCK_BYTES + page * PAGE_SIZE,
+            PAGE_SIZE,
+            &mut ranges,
+        );
+        if !ranges.contains(&(p.va, PAGE_SIZE)) {
+            return;
+        }
+        if retry {
+            self.poisoned.push(PoisonedPage {
+                region: Arc::downgrade(&p.region),
+                bi: p.bi,
+                page,
+                due: std::time::Instant::now() + POISON_RETRY_AFTER,
+            });
+            // A service thread asleep without a timeout must learn of the deadline.
+            self.work.wake();
+        }
+        self.poison(p.va, PAGE_SIZE);
+    }
+
+    /// Clears the SIGBUS markers of the poisoned pages `pick` selects, so their next access
+    /// faults again. A page the CPU maps by now (a drive mapped it over the marker) needs
+    /// nothing.
+    pub(crate) fn unpoison(&self, pick: impl Fn(&PoisonedPage) -> bool) {
+        for p in self.poisoned.take(pick) {
+            let Some(region) = p.region.upgrade() else {
+                continue;
+            };
+            let block = self.lock_block(&region.blocks[p.bi]);
+            self.clear_poison(&region, p.bi, &block, p.page);
+        }
+    }
+
+    /// Clears the SIGBUS marker of page `page` of block `bi`, under the block's lock, unless
+    /// the CPU maps the page by now.
+    pub(crate) fn clear_poison(
+        &self,
+        region: &Region,
+        bi: usize,
+        block: &hetmem_proto::Block2M,
+        page: usize,
+    ) {
+        if block.state().mapped_by(Proc::Cpu).contains(page) {
+            return;
+        }
+        // The page is not mapped for the CPU (the protocol says so, and its lock is held):
+        // zapping it removes only the poison marker.
+        let off = bi * BLOCK_BYTES + page * PAGE_SIZE;
+        self.zap_cpu(region, off, PAGE_SIZE, "clear a poison marker");
+    }
+
+    /// Clears the markers of poisoned pages of block `bi` that `event` covers, unless it is a
+    /// CPU fault: a device access, a migration or a flush of the page means its data may be
+    /// reachable again, so the CPU's next access must fault and find out. (A CPU fault is not
+    /// enough: a neighbour's fault must not take the SIGBUS away before the faulting thread
+    /// got it.)
+    pub(crate) fn unpoison_for(
+        &self,
+        region: &Region,
+        bi: usize,
+        block: &hetmem_proto::Block2M,
+        event: &Event,
+    ) {
+        let pages = match *event {
+            Event::Request {
+                kind: RequestKind::Fault {
+                    proc: Proc::Cpu, ..
+                },
+                ..
+            } => return,
+            Event::Request { pages, .. } | Event::Invalidate { pages, .. } => pages,
+            Event::Advise { .. } | Event::Complete { .. } => return,
+        };
+        let hit = self.poisoned.take(|p| {
+            std::ptr::eq(p.region.as_ptr(), region) && p.bi == bi && pages.pages().contains(&p.page)
+        });
+        for p in hit {
+            self.clear_poison(region, bi, block, p.page);
+        }
     }
 }

@@ -8,10 +8,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use hetmem_proto::{OpError, PAGE_SIZE};
 
 use crate::error::Result;
-use crate::mm::region::Region;
-use crate::mm::runtime::RuntimeHandle;
 use crate::sys::file::{self as sys_file, NoWait, Window};
-use crate::sys::lease;
 
 /// How a file mapping treats writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,58 +67,12 @@ pub(crate) struct ErrSeq {
 }
 
 /// Every file's `ErrSeq`, by device and inode.
-type Files = Vec<((u64, u64), Weak<ErrSeq>)>;
+pub(crate) type Files = Vec<((u64, u64), Weak<ErrSeq>)>;
 static FILES: Mutex<Files> = Mutex::new(Vec::new());
 
-/// A file mapping whose drop could not write every dirty page back: its parts, kept (not torn
-/// down, not lost) until `Hetmem::take_kept_file_mappings` hands it back.
-#[derive(Debug)]
-pub(crate) struct KeptMapping {
-    pub handle: Arc<RuntimeHandle>,
-    pub region: Arc<Region>,
-    pub addr: usize,
-    pub len: usize,
-    pub mode: FileMode,
-}
-
-/// File mappings kept by a failed drop.
-pub(crate) static KEPT: Mutex<Vec<KeptMapping>> = Mutex::new(Vec::new());
-
-/// The file module's process-wide locks, held by the forking thread from fork's prepare
-/// handler to its parent and child handlers (`fork.rs`): a child must not inherit one locked
-/// by a thread it does not have, or its first `map_file` would wait for ever.
-struct ForkHeld {
-    _files: std::sync::MutexGuard<'static, Files>,
-    _registry: std::sync::MutexGuard<'static, Vec<crate::mm::leases::Entry>>,
-    _retiring: std::sync::MutexGuard<'static, Vec<(std::os::fd::RawFd, Arc<Region>)>>,
-    _install: std::sync::MutexGuard<'static, ()>,
-    _kept: std::sync::MutexGuard<'static, Vec<KeptMapping>>,
-}
-
-thread_local! {
-    static FORK_HELD: std::cell::RefCell<Option<ForkHeld>> = const { std::cell::RefCell::new(None) };
-}
-
-/// Fork's prepare handler: takes the locks (after the contexts' gates; nothing holds one of
-/// these while it waits for a gate).
-pub(crate) fn fork_prepare() {
-    let held = ForkHeld {
-        _install: lease::hold_install(),
-        _registry: crate::mm::leases::REGISTRY
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()),
-        _retiring: crate::mm::leases::RETIRING
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()),
-        _files: FILES.lock().unwrap_or_else(|e| e.into_inner()),
-        _kept: KEPT.lock().unwrap_or_else(|e| e.into_inner()),
-    };
-    FORK_HELD.with(|h| *h.borrow_mut() = Some(held));
-}
-
-/// Fork's parent and child handlers: lets the locks go.
-pub(crate) fn fork_done() {
-    FORK_HELD.with(|h| h.borrow_mut().take());
+/// Every file's `ErrSeq`, locked (fork's prepare handler holds it, `fork.rs`).
+pub(crate) fn lock_files() -> std::sync::MutexGuard<'static, Files> {
+    FILES.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl ErrSeq {

@@ -68,11 +68,7 @@ extern "C" fn prepare() {
     let mut frozen = Vec::new();
     for inner in live {
         inner.gate.close();
-        let regions = inner
-            .regions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let regions = inner.space.regions();
         for r in &regions {
             for v in r.views.read().unwrap_or_else(|e| e.into_inner()).iter() {
                 let _ = inner.uffd.write_protect(v.va, v.len, true, false);
@@ -92,7 +88,7 @@ extern "C" fn prepare() {
     // kept from above: a thread inside a gate may be making a context.
     let contexts = CONTEXTS.lock().unwrap_or_else(|e| e.into_inner());
     CONTEXTS_HELD.with(|h| *h.borrow_mut() = Some(contexts));
-    crate::mm::file_io::fork_prepare();
+    hold_file_locks();
 }
 
 thread_local! {
@@ -103,7 +99,7 @@ thread_local! {
 
 /// Lets go of the locks prepare held across the fork.
 fn release_held() {
-    crate::mm::file_io::fork_done();
+    release_file_locks();
     CONTEXTS_HELD.with(|h| h.borrow_mut().take());
 }
 
@@ -140,11 +136,7 @@ extern "C" fn parent() {
 
 /// Clears the write protection prepare set, where the protocol maps the CPU writable.
 fn restore_write(inner: &Runtime) {
-    let regions = inner
-        .regions
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+    let regions = inner.space.regions();
     for r in regions {
         let mut ranges = Vec::new();
         for (bi, slot) in r.blocks.iter().enumerate() {
@@ -290,4 +282,43 @@ extern "C" fn child() {
         unsafe { libc::close(r) };
     }
     FORKING.store(false, Ordering::Release);
+}
+
+/// The file mappings' process-wide locks, held by the forking thread from fork's prepare
+/// handler to its parent and child handlers (`fork.rs`): a child must not inherit one locked
+/// by a thread it does not have, or its first `map_file` would wait for ever.
+struct ForkHeld {
+    _files: std::sync::MutexGuard<'static, crate::mm::file_io::Files>,
+    _registry: std::sync::MutexGuard<'static, Vec<crate::mm::leases::Entry>>,
+    _retiring: std::sync::MutexGuard<'static, Vec<(std::os::fd::RawFd, Arc<Region>)>>,
+    _install: std::sync::MutexGuard<'static, ()>,
+    _kept: std::sync::MutexGuard<'static, Vec<crate::mm::lifecycle::KeptMapping>>,
+}
+
+thread_local! {
+    static FORK_HELD: std::cell::RefCell<Option<ForkHeld>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Fork's prepare handler: takes the locks (after the contexts' gates; nothing holds one of
+/// these while it waits for a gate).
+fn hold_file_locks() {
+    let held = ForkHeld {
+        _install: crate::sys::lease::hold_install(),
+        _registry: crate::mm::leases::REGISTRY
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()),
+        _retiring: crate::mm::leases::RETIRING
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()),
+        _files: crate::mm::file_io::lock_files(),
+        _kept: crate::mm::lifecycle::KEPT
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()),
+    };
+    FORK_HELD.with(|h| *h.borrow_mut() = Some(held));
+}
+
+/// Fork's parent and child handlers: lets the locks go.
+fn release_file_locks() {
+    FORK_HELD.with(|h| h.borrow_mut().take());
 }

@@ -5,15 +5,30 @@
 
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use hetmem_proto::{Invalidation, PageRun, RequestKind, BLOCK_BYTES, PAGES_PER_BLOCK};
 
 use crate::error::{Error, Result};
+use crate::mm::file_io::FileMode;
 use crate::mm::region::{Region, View};
-use crate::mm::runtime::Runtime;
+use crate::mm::runtime::{Runtime, RuntimeHandle};
 use crate::sys::mem::{self, Mapping};
 use crate::sys::uffd::Modes;
+
+/// A file mapping whose drop could not write every dirty page back: its parts, kept (not torn
+/// down, not lost) until `Hetmem::take_kept_file_mappings` hands it back.
+#[derive(Debug)]
+pub(crate) struct KeptMapping {
+    pub handle: Arc<RuntimeHandle>,
+    pub region: Arc<Region>,
+    pub addr: usize,
+    pub len: usize,
+    pub mode: FileMode,
+}
+
+/// File mappings kept by a failed drop.
+pub(crate) static KEPT: Mutex<Vec<KeptMapping>> = Mutex::new(Vec::new());
 
 impl Runtime {
     pub(crate) fn new_region(
@@ -68,23 +83,7 @@ impl Runtime {
     /// their contents allow it, so no access ever reaches the memfd unmanaged while it holds a
     /// stale copy.
     pub(crate) fn retire_region(&self, region: &Arc<Region>) -> Vec<View> {
-        let views: Vec<View> = {
-            let _g = self.events.lock().unwrap_or_else(|e| e.into_inner());
-            let mut space = self.space.write().unwrap_or_else(|e| e.into_inner());
-            space.retain(|_, m| !Arc::ptr_eq(&m.region, region));
-            self.displaced
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain(|(_, m)| !Arc::ptr_eq(&m.region, region));
-            // Emptied here, so a drive still running on the region (a read-ahead) stops
-            // touching the views first.
-            std::mem::take(&mut *region.views.write().unwrap_or_else(|e| e.into_inner()))
-        };
-        self.regions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|r| !Arc::ptr_eq(r, region));
-        views
+        self.space.remove_region(region)
     }
 
     /// Makes retired views inaccessible, then unregisters them, in that order: an access racing

@@ -10,8 +10,8 @@ use hetmem_proto::{
 
 use crate::mm::region::Region;
 use crate::mm::runtime::Runtime;
-use crate::mm::service::ServiceWork;
 use crate::mm::space::BlockSpan;
+use crate::mm::work::ServiceWork;
 
 impl Runtime {
     /// Placement for a CPU fault on piece `p` (one page): the read-back window, read-ahead and
@@ -177,15 +177,10 @@ impl Runtime {
             return;
         }
         region.ra_next.store(last + 1, Ordering::Release);
-        let mut backlog = self.backlog.lock().unwrap_or_else(|e| e.into_inner());
-        for j in from..=last {
-            backlog.push(ServiceWork::Prefetch {
-                region: region.clone(),
-                bi: j,
-            });
-        }
-        drop(backlog);
-        self.kick();
+        self.work.push((from..=last).map(|j| ServiceWork::Prefetch {
+            region: region.clone(),
+            bi: j,
+        }));
     }
 
     /// Read-ahead of one block: migrate what lives only in private device memory home and map

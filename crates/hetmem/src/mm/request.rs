@@ -27,7 +27,7 @@ impl Runtime {
         let slot = &region.blocks[bi];
         let outcome = {
             let mut block = self.lock_block(slot);
-            if self.retry_pending.load(Ordering::Acquire) {
+            if self.poisoned.pending() {
                 self.unpoison_for(region, bi, &block, &event);
             }
             let outcome = self.drive(region, bi, &mut block, event)?;
@@ -98,11 +98,7 @@ impl Runtime {
     /// Returns whether any frame was freed. Success is judged per victim block, under its
     /// lock, not from the device's total, which other threads change meanwhile.
     pub(crate) fn evict(&self, dev: DeviceId, cur: &Region, cur_bi: usize, keep: PageRun) -> bool {
-        let regions = self
-            .regions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let regions = self.space.regions();
         let mut victims: Vec<(u64, Arc<Region>, usize)> = Vec::new();
         for r in &regions {
             for (bi, slot) in r.blocks.iter().enumerate() {

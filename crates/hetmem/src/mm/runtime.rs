@@ -3,9 +3,8 @@
 
 #![allow(unsafe_code)]
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use hetmem_proto::{ReqId, Topology, PAGE_SIZE};
 
@@ -13,12 +12,11 @@ use crate::budget::AtomicBudget;
 use crate::device::DeviceState;
 use crate::error::{Error, Result};
 use crate::mm::gate::{ForkGate, GateGuard};
-use crate::mm::poison::PoisonedPage;
-use crate::mm::region::Region;
-use crate::mm::service::ServiceWork;
-use crate::mm::space::MapEntry;
+use crate::mm::kernel_runs::KernelRuns;
+use crate::mm::poison::PoisonList;
+use crate::mm::space::{AddressSpace, BlockSpan};
+use crate::mm::work::ServiceQueue;
 use crate::stats::Stats;
-use crate::sys::mem;
 use crate::sys::uffd::Uffd;
 
 /// Owns the service threads: stops them when the last handle goes.
@@ -37,8 +35,7 @@ impl Drop for RuntimeHandle {
             ));
             return;
         }
-        self.inner.shutdown.store(true, Ordering::SeqCst);
-        self.inner.kick();
+        self.inner.work.shut_down();
         for t in self
             .threads
             .get_mut()
@@ -54,27 +51,17 @@ impl Drop for RuntimeHandle {
 #[derive(Debug)]
 pub(crate) struct Runtime {
     /// Device kernel closures running now (`device/kernel_cpu.rs`).
-    pub(crate) kernel_runs: crate::mm::kernel_cpu::KernelRuns,
+    pub(crate) kernel_runs: KernelRuns,
     pub(crate) topology: Topology,
     pub(crate) budget: AtomicBudget,
     pub(crate) devices: Vec<DeviceState>,
     pub(crate) uffd: Uffd,
     /// UFFDIO_CONTINUE_MODE_WP works (Linux 6.3); cleared on the first EINVAL.
     pub(crate) continue_wp: AtomicBool,
-    /// Views by start address.
-    pub(crate) space: RwLock<BTreeMap<usize, MapEntry>>,
-    /// Stale views whose addresses a newer view took before their UNMAP or REMAP event was
-    /// read (`add_region`). Lookups never see them; their event still finds them. Locked after
-    /// `space`.
-    pub(crate) displaced: Mutex<Vec<(usize, MapEntry)>>,
-    pub(crate) regions: Mutex<Vec<Arc<Region>>>,
-    /// Held while reading events and applying them to the address map, so a `munmap` that
-    /// returned has its view removed before anyone looks at views again.
-    pub(crate) events: Mutex<()>,
-    pub(crate) backlog: Mutex<Vec<ServiceWork>>,
-    /// Wakes service threads: backlog work or shutdown.
-    pub(crate) kick: mem::EventFd,
-    pub(crate) shutdown: AtomicBool,
+    /// Views and regions.
+    pub(crate) space: AddressSpace,
+    /// Work for the service threads beside userfaultfd messages, and their wake-up.
+    pub(crate) work: ServiceQueue,
     pub(crate) next_req: AtomicU64,
     pub(crate) next_region: AtomicU64,
     /// Logical clock for LRU.
@@ -86,10 +73,8 @@ pub(crate) struct Runtime {
     pub(crate) gate: ForkGate,
     /// This is a fork child's copy of the context: nothing may touch the parent's userfaultfd.
     pub(crate) orphaned: AtomicBool,
-    /// CPU pages poisoned because a copy into them kept failing (`poison_page`).
-    pub(crate) retry_poison: Mutex<Vec<PoisonedPage>>,
-    /// `retry_poison` is not empty: checked without the lock on every drive.
-    pub(crate) retry_pending: AtomicBool,
+    /// CPU pages poisoned because a copy into them kept failing (`Runtime::poison_page`).
+    pub(crate) poisoned: PoisonList,
 }
 
 /// A block's engine, locked, inside the fork gate.
@@ -111,7 +96,67 @@ impl std::ops::DerefMut for Locked<'_> {
     }
 }
 
+impl RuntimeHandle {
+    /// Starts `threads` fault-service threads for `runtime`. They are owned by the handle from
+    /// the first one on, so a spawn that fails stops and joins the ones already started (its
+    /// drop) instead of leaving them running.
+    pub(crate) fn start(runtime: Arc<Runtime>, threads: usize) -> Result<Arc<Self>> {
+        let handle = Arc::new(RuntimeHandle {
+            inner: runtime.clone(),
+            threads: Mutex::new(Vec::with_capacity(threads)),
+        });
+        for i in 0..threads {
+            let runtime = runtime.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("hetmem-fault-{i}"))
+                .spawn(move || runtime.serve())
+                .map_err(Error::os("spawn fault-service thread"))?;
+            handle
+                .threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(t);
+        }
+        Ok(handle)
+    }
+}
+
 impl Runtime {
+    /// A runtime over `uffd` with `devices` (whose kinds `topology` lists in order); it is
+    /// the caller tracks it for fork (`fork::track`).
+    pub(crate) fn new(
+        topology: Topology,
+        uffd: Uffd,
+        devices: Vec<DeviceState>,
+        readback_window: usize,
+        readahead: usize,
+    ) -> Result<Arc<Self>> {
+        let capacity: Vec<u32> = devices
+            .iter()
+            .map(|d| (d.capacity / PAGE_SIZE).min(u32::MAX as usize) as u32)
+            .collect();
+        let runtime = Arc::new(Runtime {
+            budget: AtomicBudget::new(&capacity),
+            devices,
+            topology,
+            uffd,
+            continue_wp: AtomicBool::new(true),
+            space: AddressSpace::default(),
+            kernel_runs: KernelRuns::default(),
+            work: ServiceQueue::new().map_err(Error::os("eventfd"))?,
+            next_req: AtomicU64::new(1),
+            next_region: AtomicU64::new(1),
+            clock: AtomicU64::new(1),
+            readback_window,
+            readahead,
+            stats: Stats::default(),
+            gate: ForkGate::default(),
+            orphaned: AtomicBool::new(false),
+            poisoned: PoisonList::default(),
+        });
+        Ok(runtime)
+    }
+
     /// Locks a block's engine (inside the fork gate).
     pub(crate) fn lock_block<'a>(&'a self, slot: &'a crate::mm::region::BlockSlot) -> Locked<'a> {
         let gate = self.gate.enter();
@@ -165,6 +210,13 @@ impl Runtime {
             return Err(Error::Invalid("address and length must be page-aligned"));
         }
         addr.checked_add(len).ok_or(Error::Invalid("range wraps"))
+    }
+
+    /// Splits `[addr, addr + len)` into spans of one view and one block each, after
+    /// [`Runtime::check_range`]. `Err(Fault)` if some page is not managed memory.
+    pub(crate) fn pieces(&self, addr: usize, len: usize) -> Result<Vec<BlockSpan>> {
+        let end = self.check_range(addr, len)?;
+        self.space.spans(addr, end)
     }
 
     pub(crate) fn next_req(&self) -> ReqId {

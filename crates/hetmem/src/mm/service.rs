@@ -1,43 +1,20 @@
 //! The fault-service threads: read userfaultfd messages, apply unmap/remap to the address space at
 //! once, and serve faults, read-ahead and invalidations of unmapped file ranges.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use hetmem_proto::{Invalidation, PageRun, BLOCK_BYTES, PAGES_PER_BLOCK, PAGE_SIZE};
 
 use crate::mm::region::Region;
 use crate::mm::runtime::Runtime;
+use crate::mm::work::ServiceWork;
 use crate::sys::uffd::{self, Msg};
 
-/// Work read from the userfaultfd, already applied to the address map.
-#[derive(Debug)]
-pub(crate) enum ServiceWork {
-    /// Read-ahead: bring block `bi` home and map it for the CPU.
-    Prefetch { region: Arc<Region>, bi: usize },
-    Fault {
-        addr: usize,
-        write: bool,
-        /// The faulting thread (0 if the kernel does not say).
-        tid: u32,
-    },
-    /// File bytes no view shows any more: invalidate them.
-    Unmapped {
-        region: Arc<Region>,
-        off: usize,
-        len: usize,
-    },
-}
-
 impl Runtime {
-    pub(crate) fn kick(&self) {
-        self.kick.signal();
-    }
-
     /// Reads pending userfaultfd messages and applies unmap/remap to the address map at once.
     pub(crate) fn read_events(&self) -> Vec<ServiceWork> {
         let _gate = self.gate.enter();
-        let _g = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = self.space.lock_events();
         let mut msgs = Vec::new();
         let mut work = Vec::new();
         loop {
@@ -63,12 +40,12 @@ impl Runtime {
                     tid,
                 }),
                 Msg::Unmap { start, end } | Msg::Remove { start, end } => {
-                    for (region, off, len) in self.unmap_views(start, end) {
+                    for (region, off, len) in self.space.unmap_views(start, end) {
                         work.push(ServiceWork::Unmapped { region, off, len });
                     }
                 }
                 Msg::Remap { from, to, len } => {
-                    self.remap_views(from, to, len);
+                    self.space.remap_views(from, to, len);
                 }
                 Msg::Other => {}
             }
@@ -80,18 +57,14 @@ impl Runtime {
     pub(crate) fn drain_events(&self) {
         let work = self.read_events();
         if !work.is_empty() {
-            self.backlog
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend(work);
-            self.kick();
+            self.work.push(work);
         }
         std::thread::yield_now();
     }
 
     /// A fault-service thread.
     pub(crate) fn serve(self: Arc<Self>) {
-        let waiter = match uffd::Waiter::new(&self.uffd, self.kick.as_fd()) {
+        let waiter = match uffd::Waiter::new(&self.uffd, self.work.wakeup_fd()) {
             Ok(w) => w,
             Err(e) => return self.note_error("epoll", &e),
         };
@@ -100,37 +73,18 @@ impl Runtime {
             // one read-ahead, so the other threads can share them and a fault never waits
             // behind a queue of them.
             let mut work = self.read_events();
-            let mut prefetch = None;
-            {
-                let mut backlog = self.backlog.lock().unwrap_or_else(|e| e.into_inner());
-                let mut rest = Vec::new();
-                for w in backlog.drain(..) {
-                    match w {
-                        ServiceWork::Prefetch { .. } if prefetch.is_none() && work.is_empty() => {
-                            prefetch = Some(w)
-                        }
-                        ServiceWork::Prefetch { .. } => rest.push(w),
-                        _ => work.push(w),
-                    }
-                }
-                *backlog = rest;
-                if !backlog.is_empty() {
-                    drop(backlog);
-                    self.kick();
-                }
-            }
-            work.extend(prefetch);
-            if self.retry_pending.load(Ordering::Acquire) {
+            self.work.take_round(&mut work);
+            if self.poisoned.pending() {
                 self.unpoison(|p| p.due <= std::time::Instant::now());
             }
             if work.is_empty() {
-                match waiter.wait(self.next_unpoison()) {
+                match waiter.wait(self.poisoned.next_due()) {
                     Ok(kicked) => {
-                        if self.shutdown.load(Ordering::SeqCst) {
+                        if self.work.is_shut_down() {
                             return;
                         }
                         if kicked {
-                            self.kick.drain();
+                            self.work.drain_wakeups();
                         }
                     }
                     Err(e) => {

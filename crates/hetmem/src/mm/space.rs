@@ -2,13 +2,12 @@
 //! analogue), kept in step with the kernel's munmap/mremap events.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 
 use hetmem_proto::{PageRun, BLOCK_BYTES, PAGES_PER_BLOCK, PAGE_SIZE};
 
 use crate::error::{Error, Result};
 use crate::mm::region::{Region, View};
-use crate::mm::runtime::Runtime;
 use crate::sys::mem;
 
 /// A piece of an address range: one view, one block.
@@ -21,6 +20,22 @@ pub(crate) struct BlockSpan {
     pub va: usize,
 }
 
+/// The address space: views by start address, the stale views newer ones displaced, the
+/// regions, and the lock that makes a returned `munmap` visible before anyone looks again.
+#[derive(Debug, Default)]
+pub(crate) struct AddressSpace {
+    /// Views by start address.
+    map: RwLock<BTreeMap<usize, MapEntry>>,
+    /// Stale views whose addresses a newer view took before their UNMAP or REMAP event was
+    /// read (`add_region`). Lookups never see them; their event still finds them. Locked after
+    /// `map`.
+    displaced: Mutex<Vec<(usize, MapEntry)>>,
+    regions: Mutex<Vec<Arc<Region>>>,
+    /// Held while reading events and applying them to the address map, so a `munmap` that
+    /// returned has its view removed before anyone looks at views again.
+    events: Mutex<()>,
+}
+
 /// Address map entry: `[va, end)` shows `region` from file offset `off`.
 #[derive(Clone, Debug)]
 pub(crate) struct MapEntry {
@@ -29,15 +44,14 @@ pub(crate) struct MapEntry {
     pub off: usize,
 }
 
-impl Runtime {
-    /// Splits `[addr, addr + len)` into pieces of one view and one block each, after
-    /// [`Runtime::check_range`]. `Err(Fault)` if some page is not managed memory.
-    pub(crate) fn pieces(&self, addr: usize, len: usize) -> Result<Vec<BlockSpan>> {
-        let end = self.check_range(addr, len)?;
+impl AddressSpace {
+    /// Splits `[addr, end)` into spans of one view and one block each (the caller checked the
+    /// range: `Runtime::spans`). `Err(Fault)` if some page is not managed memory.
+    pub(crate) fn spans(&self, addr: usize, end: usize) -> Result<Vec<BlockSpan>> {
         // Wait for a reader that has taken an UNMAP/REMAP message but not yet applied it: the
         // munmap that sent it may already have returned.
         drop(self.events.lock().unwrap_or_else(|e| e.into_inner()));
-        let space = self.space.read().unwrap_or_else(|e| e.into_inner());
+        let space = self.map.read().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::new();
         let mut at = addr;
         while at < end {
@@ -66,6 +80,60 @@ impl Runtime {
         Ok(out)
     }
 
+    /// Held while userfaultfd messages are read and applied (`Runtime::read_events`).
+    pub(crate) fn lock_events(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.events.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The regions now, for walks that must not hold the list's lock.
+    pub(crate) fn regions(&self) -> Vec<Arc<Region>> {
+        self.regions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether any view overlaps `[addr, end)`.
+    pub(crate) fn overlaps(&self, addr: usize, end: usize) -> bool {
+        self.map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .range(..end)
+            .any(|(_, m)| m.end > addr)
+    }
+
+    /// The start of the first view after `at` and before `end`, or `end`.
+    pub(crate) fn next_view(&self, at: usize, end: usize) -> usize {
+        self.map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .range(at + 1..end)
+            .next()
+            .map_or(end, |(&va, _)| va)
+    }
+
+    /// Takes the region out of the address map and the region list, and empties its view
+    /// list, which it returns. The views stay mapped and registered (`Runtime::retire_region`).
+    pub(crate) fn remove_region(&self, region: &Arc<Region>) -> Vec<View> {
+        let views: Vec<View> = {
+            let _g = self.lock_events();
+            let mut space = self.map.write().unwrap_or_else(|e| e.into_inner());
+            space.retain(|_, m| !Arc::ptr_eq(&m.region, region));
+            self.displaced
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|(_, m)| !Arc::ptr_eq(&m.region, region));
+            // Emptied here, so a drive still running on the region (a read-ahead) stops
+            // touching the views first.
+            std::mem::take(&mut *region.views.write().unwrap_or_else(|e| e.into_inner()))
+        };
+        self.regions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|r| !Arc::ptr_eq(r, region));
+        views
+    }
+
     /// Enters a new region's view into the address map. The kernel just gave us its addresses,
     /// so an entry still there is stale: its UNMAP or REMAP event has not been read yet (the
     /// kernel sends it after the address is free). It moves to the displaced list, where that
@@ -77,7 +145,7 @@ impl Runtime {
             off: 0,
         };
         {
-            let mut space = self.space.write().unwrap_or_else(|e| e.into_inner());
+            let mut space = self.map.write().unwrap_or_else(|e| e.into_inner());
             self.insert_view(&mut space, va, entry);
             Self::sync_views(&space, &region);
         }
@@ -191,7 +259,7 @@ impl Runtime {
     /// shows there now was entered after the unmap (`add_region` reused the addresses) and
     /// stays. A file range another view still shows (a `MREMAP_DONTUNMAP` alias) keeps its data.
     pub(crate) fn unmap_views(&self, start: usize, end: usize) -> Vec<(Arc<Region>, usize, usize)> {
-        let mut space = self.space.write().unwrap_or_else(|e| e.into_inner());
+        let mut space = self.map.write().unwrap_or_else(|e| e.into_inner());
         let mut gone = Vec::new();
         for (va, m) in Self::cut_views(&mut space, start, end) {
             if Self::shown_at(va, &m) {
@@ -240,7 +308,7 @@ impl Runtime {
     ///
     /// A view a newer one displaced (on the displaced list) moved.
     pub(crate) fn remap_views(&self, from: usize, to: usize, len: usize) -> Vec<Arc<Region>> {
-        let mut space = self.space.write().unwrap_or_else(|e| e.into_inner());
+        let mut space = self.map.write().unwrap_or_else(|e| e.into_inner());
         let mut moved = Vec::new();
         for (va, m) in Self::cut_views(&mut space, from, from + len) {
             let (here, there) = (Self::shown_at(va, &m), Self::shown_at(to + (va - from), &m));

@@ -1,0 +1,78 @@
+//! Whole-range operations shared by the public handles (`Hetmem`, `Device`): migrate, discard,
+//! protect, advise. Each checks the range, then drives the protocol block by block.
+
+#![allow(unsafe_code)]
+
+use hetmem_proto::{Access, Advice, Event, Invalidation, Mem, RequestKind};
+
+use crate::error::{Error, Result};
+use crate::mm::runtime::Runtime;
+use crate::sys::mem;
+
+impl Runtime {
+    /// Migrates `[addr, addr + len)` to `dst`, after checking every page is readable.
+    pub(crate) fn migrate(&self, addr: usize, len: usize, dst: Mem) -> Result<()> {
+        if let Mem::Device(d) = dst {
+            if self.topology.kind(d).is_none() {
+                return Err(Error::Invalid("no such device"));
+            }
+        }
+        let pieces = self.pieces(addr, len)?;
+        self.check_access(&pieces, Access::Read)?;
+        for p in pieces {
+            self.request(&p.region, p.bi, p.run, RequestKind::Migrate { dst })?;
+        }
+        Ok(())
+    }
+
+    /// Drops the data of a range (`Hetmem::discard`).
+    pub(crate) fn discard(&self, addr: usize, len: usize) -> Result<()> {
+        for p in self.pieces(addr, len)? {
+            self.invalidate(&p.region, p.bi, p.run, Invalidation::Discard)?;
+        }
+        Ok(())
+    }
+
+    /// mprotect, then the invalidation an MMU notifier would send (`Hetmem::protect`).
+    pub(crate) fn protect(&self, addr: usize, len: usize, read: bool, write: bool) -> Result<()> {
+        let pieces = self.pieces(addr, len)?;
+        let prot = match (read, write) {
+            (false, _) => libc::PROT_NONE,
+            (true, false) => libc::PROT_READ,
+            (true, true) => libc::PROT_READ | libc::PROT_WRITE,
+        };
+        // SAFETY: every page of the range is managed memory (`pieces` checked); changing its
+        // protection is what the caller asks for, and hetmem's own accesses go through the
+        // backing view, which keeps its protection.
+        unsafe { mem::protect(addr, len, prot) }.map_err(Error::os("mprotect"))?;
+        for p in pieces {
+            self.invalidate(
+                &p.region,
+                p.bi,
+                p.run,
+                Invalidation::Protect { read, write },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Advice for a range (`Hetmem::advise`).
+    pub(crate) fn advise(&self, addr: usize, len: usize, advice: Advice) -> Result<()> {
+        let named = match advice {
+            Advice::PreferredLocation(Some(Mem::Device(d))) | Advice::AccessedBy(d, _) => Some(d),
+            _ => None,
+        };
+        if named.is_some_and(|d| self.topology.kind(d).is_none()) {
+            return Err(Error::Invalid("no such device"));
+        }
+        for p in self.pieces(addr, len)? {
+            let event = Event::Advise {
+                pages: p.run,
+                advice,
+            };
+            self.drive_event(&p.region, p.bi, event, |_, _| {})
+                .map_err(|_| Error::Invalid("page run outside its block"))?;
+        }
+        Ok(())
+    }
+}
