@@ -308,6 +308,13 @@ impl Rng {
         v
     }
 
+    /// A range of `1..=max_len` items inside `0..n` (`n > 0`, `max_len > 0`): its start and
+    /// length.
+    pub fn range(&mut self, n: usize, max_len: usize) -> (usize, usize) {
+        let len = 1 + self.below(max_len.min(n));
+        (self.below(n - len + 1), len)
+    }
+
     /// A length biased to small values, `1..=max` (`max > 0`).
     pub fn len(&mut self, max: usize) -> usize {
         match self.below(4) {
