@@ -25,6 +25,7 @@ use std::time::Duration;
 
 mod common;
 
+use common::assert_err;
 use common::fs::{cstr, Mount, TempDir};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -184,28 +185,6 @@ fn with_pages(want: &[u8], tag: u32, pages: &[usize]) -> Vec<u8> {
         stamp_page(&mut v[p * PAGE_SIZE..(p + 1) * PAGE_SIZE], tag, p);
     }
     v
-}
-
-/// `ASSERT_EQ(ret, -E...)`: the result is the given error variant, with its errno.
-macro_rules! assert_err {
-    ($res:expr, $pat:pat, $errno:expr) => {
-        match $res {
-            Err(e @ $pat) => {
-                assert_eq!(e.errno(), $errno, "{}: errno of {:?}", stringify!($res), e)
-            }
-            Err(e) => panic!(
-                "{}: expected {}, got error {:?}",
-                stringify!($res),
-                stringify!($pat),
-                e
-            ),
-            Ok(_) => panic!(
-                "{}: expected {}, got Ok",
-                stringify!($res),
-                stringify!($pat)
-            ),
-        }
-    };
 }
 
 // ---------------------------------------------------------------------------------------------

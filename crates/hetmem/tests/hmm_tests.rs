@@ -92,6 +92,7 @@ use std::thread;
 mod common;
 
 use anyhow::Result;
+use common::assert_err;
 use hetmem::{CpuProt, Device, DeviceKind, Error, Hetmem, Location, PageState, Target, PAGE_SIZE};
 use libc::c_int;
 
@@ -372,28 +373,6 @@ fn assert_all_system(what: &str, states: &[PageState]) {
     assert_pages(what, states, "System", |s| {
         !s.error && matches!(s.location, Location::System)
     });
-}
-
-/// `ASSERT_EQ(ret, -E...)`: the result is the given error variant, with its errno.
-macro_rules! assert_err {
-    ($res:expr, $pat:pat, $errno:expr) => {
-        match $res {
-            Err(e @ $pat) => {
-                assert_eq!(e.errno(), $errno, "{}: errno of {:?}", stringify!($res), e)
-            }
-            Err(e) => panic!(
-                "{}: expected {}, got error {:?}",
-                stringify!($res),
-                stringify!($pat),
-                e
-            ),
-            Ok(_) => panic!(
-                "{}: expected {}, got Ok",
-                stringify!($res),
-                stringify!($pat)
-            ),
-        }
-    };
 }
 
 /// Whether the CPU has page `addr` present, from `/proc/self/pagemap` (bit 63). Reading the

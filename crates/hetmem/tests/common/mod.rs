@@ -14,6 +14,32 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
 use std::time::Duration;
 
+/// `ASSERT_EQ(ret, -E...)`: the result is the given error variant, with its errno.
+#[allow(unused_macros)]
+macro_rules! assert_err {
+    ($res:expr, $pat:pat, $errno:expr) => {
+        match $res {
+            Err(e @ $pat) => {
+                assert_eq!(e.errno(), $errno, "{}: errno of {:?}", stringify!($res), e)
+            }
+            Err(e) => panic!(
+                "{}: expected {}, got error {:?}",
+                stringify!($res),
+                stringify!($pat),
+                e
+            ),
+            Ok(_) => panic!(
+                "{}: expected {}, got Ok",
+                stringify!($res),
+                stringify!($pat)
+            ),
+        }
+    };
+}
+
+#[allow(unused_imports)]
+pub(crate) use assert_err;
+
 /// `HETMEM_TEST_TIMEOUT_S`, or `default_s`.
 pub fn test_timeout(default_s: u64) -> Duration {
     let s = std::env::var("HETMEM_TEST_TIMEOUT_S")
