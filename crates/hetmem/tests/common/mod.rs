@@ -1,12 +1,14 @@
 //! Shared by the integration tests: hang detection (a test that never finishes must fail, not
-//! stall CI), CPU reads in a process of their own, which a signal may kill, and the seeded
-//! random generator of the randomized tests.
+//! stall CI) and scenarios that run one at a time (`serial_tests!`), CPU reads in a process of
+//! their own, which a signal may kill, `assert_err!`, and the seeded random generator of the
+//! randomized tests. `file` and `fs` serve the file-mapping tests, `mem` plain memory.
 
 // Each test binary uses part of this.
 #![allow(dead_code)]
 // `read_in_clone` starts and reaps a process that shares our memory.
 #![allow(unsafe_code)]
 
+pub mod file;
 pub mod fs;
 pub mod mem;
 
@@ -108,6 +110,26 @@ pub fn serial_scenario(
         std::panic::resume_unwind(panic)
     })
 }
+
+/// One `#[test]` per scenario: `serial_tests!(DEFAULT_S; a, b)` declares tests `a` and `b` that
+/// run `scenarios::a` and `scenarios::b` of the calling test binary through `serial_scenario`
+/// with a default limit of `DEFAULT_S` seconds. They run one at a time: a forked child inherits
+/// every descriptor open at the fork; one of another test's file keeps that file open while the
+/// child lives, and denies that test its lease (a write lease needs the file open nowhere
+/// else).
+#[allow(unused_macros)]
+macro_rules! serial_tests {
+    ($default_s:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() -> anyhow::Result<()> {
+                $crate::common::serial_scenario(stringify!($name), $default_s, scenarios::$name)
+            }
+        )*
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use serial_tests;
 
 /// Aborts the whole process if it is still alive after `limit` (for tests whose threads a
 /// panic cannot stop); dropping it disarms it.
