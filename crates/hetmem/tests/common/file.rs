@@ -116,7 +116,11 @@ pub fn assert_same(what: &str, got: &[u8], want: &[u8]) {
     if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
         let page = i / PAGE_SIZE;
         let p = page * PAGE_SIZE;
-        let tag = |b: &[u8]| u32::from_ne_bytes([b[p], b[p + 1], b[p + 2], b[p + 3]]);
+        // A last page shorter than a word has no tag.
+        let tag = |b: &[u8]| match b.get(p..p + 4) {
+            Some(w) => u32::from_ne_bytes([w[0], w[1], w[2], w[3]]).to_string(),
+            None => "(none: a short page)".to_string(),
+        };
         panic!(
             "{what}: byte {i} (page {page}) is {:#04x}, expected {:#04x}; the page has tag {}, \
              expected tag {}",
