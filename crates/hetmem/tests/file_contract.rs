@@ -18,11 +18,9 @@ use std::time::{Duration, Instant};
 mod common;
 
 use anyhow::{bail, ensure, Context, Result};
-use common::file::{
-    assert_same, content, create_file, fork_child, last_os_error, pread_file, stamp_page, unleased,
-    MIB,
-};
+use common::file::{assert_same, content, create_file, pread_file, stamp_page, unleased, MIB};
 use common::fs::{Mount, TempDir};
+use common::process::{fork_child, last_os_error};
 use hetmem::{DeviceKind, Error, FileMapping, FileMode, Hetmem, PAGE_SIZE};
 use hetmem_proto::OpError;
 

@@ -15,10 +15,11 @@ mod common;
 use anyhow::{ensure, Context, Result};
 use common::assert_err;
 use common::file::{
-    assert_same, cached_pages, content, context, create_file, drop_cache, exit_code, fork_child,
-    pread_file, stamp_page, wait_child, DEFAULT_TIMEOUT_S, MIB,
+    assert_same, cached_pages, content, context, create_file, drop_cache, pread_file, stamp_page,
+    wait_child, DEFAULT_TIMEOUT_S, MIB,
 };
 use common::fs::{cstr, Mount, TempDir};
+use common::process::{exit_code, fork_child};
 use hetmem::{DeviceKind, Error, FileMode, FileOptions, PAGE_SIZE};
 
 common::serial_tests!(

@@ -17,10 +17,11 @@ mod common;
 
 use anyhow::{ensure, Context, Result};
 use common::file::{
-    assert_same, content, context, create_file, exit_code, fd_of, fork_child, pipe, pread_file,
-    wait_child, wait_lease_breaking, with_lease_thread_held, DEFAULT_TIMEOUT_S, MIB,
+    assert_same, content, context, create_file, fd_of, pread_file, wait_child, wait_lease_breaking,
+    with_lease_thread_held, DEFAULT_TIMEOUT_S, MIB,
 };
 use common::fs::TempDir;
+use common::process::{exit_code, fork_child, pipe};
 use hetmem::{DeviceKind, Error, FileMode, PAGE_SIZE};
 use hetmem_proto::OpError;
 use libc::c_int;

@@ -20,11 +20,12 @@ mod common;
 use anyhow::{bail, ensure, Context, Result};
 use common::assert_err;
 use common::file::{
-    assert_same, clone_vm_read, content, context, create_file, describe_status, exit_code,
-    fork_child, is_sigbus, page_is, pipe, pread_file, read_outcome, read_wanted, stamp_page,
-    unleased, wait_child, with_pages, write_lease_active, DEFAULT_TIMEOUT_S, MIB, QUICK,
+    assert_same, clone_vm_read, content, context, create_file, is_sigbus, page_is, pread_file,
+    read_outcome, read_wanted, stamp_page, unleased, wait_child, with_pages, write_lease_active,
+    DEFAULT_TIMEOUT_S, MIB, QUICK,
 };
 use common::fs::{cstr, TempDir};
+use common::process::{describe_status, exit_code, fork_child, pipe};
 use hetmem::{DeviceKind, Error, FileMode, FileOptions, Hetmem, PAGE_SIZE};
 use libc::c_int;
 

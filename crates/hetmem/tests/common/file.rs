@@ -15,7 +15,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::mpsc;
@@ -26,13 +26,13 @@ use anyhow::{ensure, Context, Result};
 use hetmem::{DeviceKind, FileMode, FileOptions, Hetmem, PAGE_SIZE};
 use libc::c_int;
 
+use super::process::last_os_error;
+
 pub const MIB: usize = 1 << 20;
 /// How long one test may run before the watchdog calls it hung (`HETMEM_TEST_TIMEOUT_S`).
 pub const DEFAULT_TIMEOUT_S: u64 = 30;
 /// How long an access that should end at once (a read, or SIGBUS) may take.
 pub const QUICK: Duration = Duration::from_secs(2);
-/// Exit code of a forked child whose code panicked.
-pub const CHILD_PANICKED: c_int = 99;
 
 // ---------------------------------------------------------------------------------------------
 // Fixture
@@ -46,10 +46,6 @@ pub fn unleased(mode: FileMode) -> FileOptions {
 
 pub fn context(kind: DeviceKind, capacity: usize) -> Result<Hetmem> {
     Ok(Hetmem::builder().sim_device(kind, capacity).build()?)
-}
-
-pub fn last_os_error() -> std::io::Error {
-    std::io::Error::last_os_error()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -142,31 +138,8 @@ pub fn with_pages(want: &[u8], tag: u32, pages: &[usize]) -> Vec<u8> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Processes
+// Processes (and `common::process`'s)
 // ---------------------------------------------------------------------------------------------
-
-/// A pipe; both ends close on drop.
-pub fn pipe() -> (File, File) {
-    let mut fds = [0 as c_int; 2];
-    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
-    assert_eq!(r, 0, "pipe2: {}", last_os_error());
-    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    (File::from(rd), File::from(wr))
-}
-
-/// `fork()`. The child runs `child` and `_exit`s with its result (a panic is
-/// `CHILD_PANICKED`); the parent gets the pid.
-pub fn fork_child(child: impl FnOnce() -> c_int) -> libc::pid_t {
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        let code =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)).unwrap_or(CHILD_PANICKED);
-        // Ends the child at once, without destructors of the parent's state.
-        unsafe { libc::_exit(code) }
-    }
-    assert!(pid > 0, "fork: {}", last_os_error());
-    pid
-}
 
 /// `waitpid` with the test's deadline: a child that hangs is killed and the test fails.
 #[track_caller]
@@ -176,27 +149,6 @@ pub fn wait_child(pid: libc::pid_t) -> c_int {
         Some(status) => status,
         None => panic!("child {pid} still running after {limit:?}: hung"),
     }
-}
-
-pub fn describe_status(status: c_int) -> String {
-    if libc::WIFEXITED(status) {
-        format!("exit code {}", libc::WEXITSTATUS(status))
-    } else if libc::WIFSIGNALED(status) {
-        format!("killed by signal {}", libc::WTERMSIG(status))
-    } else {
-        format!("status {status:#x}")
-    }
-}
-
-/// The exit code of a child that must exit normally.
-#[track_caller]
-pub fn exit_code(status: c_int) -> c_int {
-    assert!(
-        libc::WIFEXITED(status),
-        "child did not exit normally: {}",
-        describe_status(status)
-    );
-    libc::WEXITSTATUS(status)
 }
 
 /// What a reader found, as a sentence.

@@ -1,7 +1,8 @@
 //! Shared by the integration tests: hang detection (a test that never finishes must fail, not
 //! stall CI) and scenarios that run one at a time (`serial_tests!`), CPU reads in a process of
 //! their own, which a signal may kill, `assert_err!`, and the seeded random generator of the
-//! randomized tests. `file` and `fs` serve the file-mapping tests, `mem` plain memory.
+//! randomized tests. `file` and `fs` serve the file-mapping tests, `mem` plain memory,
+//! `process` forked children.
 
 // Each test binary uses part of this.
 #![allow(dead_code)]
@@ -11,6 +12,7 @@
 pub mod file;
 pub mod fs;
 pub mod mem;
+pub mod process;
 
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
