@@ -2,15 +2,14 @@
 //! mapping whose writeback fails), each pinned by a scenario (`docs/file-contract.md` cites
 //! them).
 //!
-//! As in `tests/file.rs`, every scenario runs under a watchdog (`HETMEM_TEST_TIMEOUT_S`, default
-//! 60 s), one at a time, and nothing sleeps to synchronize: a thread that must be inside a
-//! system call is known to be there by a fault it raised on a page of our own userfaultfd
+//! As in the `tests/file_*.rs`, every scenario runs under a watchdog (`HETMEM_TEST_TIMEOUT_S`,
+//! default 60 s), one at a time, and nothing sleeps to synchronize: a thread that must be inside
+//! a system call is known to be there by a fault it raised on a page of our own userfaultfd
 //! (`Stall`), or by `/proc/<pid>/wchan`.
 
 #![allow(unsafe_code, clippy::undocumented_unsafe_blocks)]
 
 use std::fs::File;
-use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -19,25 +18,16 @@ use std::time::{Duration, Instant};
 mod common;
 
 use anyhow::{bail, ensure, Context, Result};
+use common::file::{assert_same, content, create_file, pread_file, stamp_page, unleased, MIB};
 use common::fs::{Mount, TempDir};
-use hetmem::{DeviceKind, Error, FileMapping, FileMode, FileOptions, Hetmem, PAGE_SIZE};
+use common::process::{fork_child, last_os_error};
+use hetmem::{DeviceKind, Error, FileMapping, FileMode, Hetmem, PAGE_SIZE};
 use hetmem_proto::OpError;
 
-const MIB: usize = 1 << 20;
 const DEFAULT_TIMEOUT_S: u64 = 60;
 
-macro_rules! tests {
-    ($($name:ident),* $(,)?) => {
-        $(
-            #[test]
-            fn $name() -> Result<()> {
-                common::serial_scenario(stringify!($name), DEFAULT_TIMEOUT_S, scenarios::$name)
-            }
-        )*
-    };
-}
-
-tests!(
+common::serial_tests!(
+    DEFAULT_TIMEOUT_S;
     map_file_refuses_what_is_not_a_file,
     io_from_the_mapping_into_its_own_file,
     writeback_while_a_writer_holds_the_inode_lock,
@@ -50,72 +40,11 @@ tests!(
 );
 
 // ---------------------------------------------------------------------------------------------
-// Helpers
+// Helpers (and `common::file`'s: page stamps, files around hetmem, forked children)
 // ---------------------------------------------------------------------------------------------
-
-fn last_os_error() -> std::io::Error {
-    std::io::Error::last_os_error()
-}
-
-/// Word `j` of page `page` with tag `tag` (as in `tests/file.rs`).
-fn word_of(tag: u32, page: usize, j: usize) -> u32 {
-    match j {
-        0 => tag,
-        1 => page as u32,
-        _ => (tag.wrapping_mul(0x9e37_79b1) ^ (page as u32).wrapping_mul(0x85eb_ca77))
-            .wrapping_add((j as u32).wrapping_mul(0xc2b2_ae3d))
-            .rotate_left(j as u32 % 31),
-    }
-}
-
-fn stamp_page(out: &mut [u8], tag: u32, page: usize) {
-    for (j, w) in out.chunks_exact_mut(4).enumerate() {
-        w.copy_from_slice(&word_of(tag, page, j).to_ne_bytes());
-    }
-}
-
-/// `len` bytes of pages stamped with `tag`, the first being page `first_page` of the file.
-fn content(tag: u32, first_page: usize, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    for (i, p) in v.chunks_mut(PAGE_SIZE).enumerate() {
-        let mut page = [0u8; PAGE_SIZE];
-        stamp_page(&mut page, tag, first_page + i);
-        p.copy_from_slice(&page[..p.len()]);
-    }
-    v
-}
 
 fn page_of(tag: u32, page: usize) -> Vec<u8> {
     content(tag, page, PAGE_SIZE)
-}
-
-fn create_file(path: &Path, data: &[u8]) -> Result<()> {
-    let mut f = File::create(path).with_context(|| format!("create {}", path.display()))?;
-    f.write_all(data)?;
-    Ok(())
-}
-
-/// The whole file, read on a descriptor of its own.
-fn pread_file(path: &Path) -> Result<Vec<u8>> {
-    let f = File::open(path).with_context(|| format!("open {}", path.display()))?;
-    let len = f.metadata()?.len() as usize;
-    let mut v = vec![0u8; len];
-    f.read_exact_at(&mut v, 0)?;
-    Ok(v)
-}
-
-/// Asserts `got == want`, naming the first differing byte and page.
-#[track_caller]
-fn assert_same(what: &str, got: &[u8], want: &[u8]) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-        panic!(
-            "{what}: byte {i} (page {}) is {:#04x}, expected {:#04x}",
-            i / PAGE_SIZE,
-            got[i],
-            want[i]
-        );
-    }
 }
 
 /// Copies out page `page` of a mapping with volatile reads (a CPU access of its own).
@@ -126,21 +55,8 @@ fn cpu_page(m: &FileMapping, page: usize) -> Vec<u8> {
         .collect()
 }
 
-fn unleased(mode: FileMode) -> FileOptions {
-    FileOptions::new(mode).lease(false)
-}
-
-/// `fork()`; the child runs `child` and `_exit`s with its result.
-fn fork_child(child: impl FnOnce() -> libc::c_int) -> libc::pid_t {
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)).unwrap_or(99);
-        unsafe { libc::_exit(code) }
-    }
-    assert!(pid > 0, "fork: {}", last_os_error());
-    pid
-}
-
+/// `waitpid` without a deadline of its own (unlike `common::file::wait_child`): the scenario's
+/// watchdog reports a child that hangs.
 fn wait_child(pid: libc::pid_t) -> libc::c_int {
     let mut status = 0;
     let r = unsafe { libc::waitpid(pid, &mut status, 0) };

@@ -82,7 +82,7 @@
 use std::ffi::c_void;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -92,6 +92,9 @@ use std::thread;
 mod common;
 
 use anyhow::Result;
+use common::assert_err;
+// The forked children here make plain CPU memory accesses only: none uses the Hetmem context.
+use common::process::{fork_child, last_os_error, pipe};
 use hetmem::{CpuProt, Device, DeviceKind, Error, Hetmem, Location, PageState, Target, PAGE_SIZE};
 use libc::c_int;
 
@@ -105,9 +108,6 @@ const TWOMEG: usize = 2 << 20;
 const NTIMES: usize = 10;
 /// How long one test may run before the watchdog calls it hung (`HETMEM_TEST_TIMEOUT_S`).
 const DEFAULT_TIMEOUT_S: u64 = 120;
-/// Exit code of a forked child whose check panicked.
-const CHILD_PANICKED: c_int = 99;
-
 // ---------------------------------------------------------------------------------------------
 // Fixture: variants, context, watchdog
 // ---------------------------------------------------------------------------------------------
@@ -374,28 +374,6 @@ fn assert_all_system(what: &str, states: &[PageState]) {
     });
 }
 
-/// `ASSERT_EQ(ret, -E...)`: the result is the given error variant, with its errno.
-macro_rules! assert_err {
-    ($res:expr, $pat:pat, $errno:expr) => {
-        match $res {
-            Err(e @ $pat) => {
-                assert_eq!(e.errno(), $errno, "{}: errno of {:?}", stringify!($res), e)
-            }
-            Err(e) => panic!(
-                "{}: expected {}, got error {:?}",
-                stringify!($res),
-                stringify!($pat),
-                e
-            ),
-            Ok(_) => panic!(
-                "{}: expected {}, got Ok",
-                stringify!($res),
-                stringify!($pat)
-            ),
-        }
-    };
-}
-
 /// Whether the CPU has page `addr` present, from `/proc/self/pagemap` (bit 63). Reading the
 /// pagemap does not fault the page in.
 fn cpu_present(addr: usize) -> bool {
@@ -409,10 +387,6 @@ fn cpu_present(addr: usize) -> bool {
 // ---------------------------------------------------------------------------------------------
 // System call helpers
 // ---------------------------------------------------------------------------------------------
-
-fn last_os_error() -> std::io::Error {
-    std::io::Error::last_os_error()
-}
 
 #[track_caller]
 fn mprotect(addr: usize, len: usize, prot: c_int) {
@@ -449,17 +423,6 @@ fn mmap_anon(len: usize, prot: c_int, flags: c_int) -> usize {
     p as usize
 }
 
-/// A pipe; both ends close on drop.
-fn pipe() -> (File, File) {
-    let mut fds = [0 as c_int; 2];
-    // SAFETY: `fds` is a valid array of two ints for the kernel to fill.
-    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
-    assert_eq!(r, 0, "pipe2: {}", last_os_error());
-    // SAFETY: both descriptors were just created by pipe2 and are owned by nobody else.
-    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    (File::from(rd), File::from(wr))
-}
-
 /// In the child: closes its copy of the pipe's write end, so that it sees EOF if the parent
 /// gives up.
 fn close_in_child(fd: c_int) {
@@ -472,23 +435,6 @@ fn close_in_child(fd: c_int) {
 fn child_wait_for_parent(rd: &mut File) -> bool {
     let mut b = [0u8; 1];
     matches!(rd.read(&mut b), Ok(1))
-}
-
-/// `fork()`. The child runs `child` (plain CPU memory accesses only: it must not use the
-/// Hetmem context) and `_exit`s with its result; the parent gets the pid.
-fn fork_child(child: impl FnOnce() -> c_int) -> libc::pid_t {
-    // SAFETY: the child only runs `child`, which reads and writes memory of the test and uses
-    // no locks that another thread of the parent could hold, then calls `_exit`.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        let code =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)).unwrap_or(CHILD_PANICKED);
-        // SAFETY: ends the child at once, without running destructors or atexit handlers that
-        // belong to the parent's state.
-        unsafe { libc::_exit(code) }
-    }
-    assert!(pid > 0, "fork: {}", last_os_error());
-    pid
 }
 
 /// `waitpid` with a deadline: a child that hangs is killed and the test fails.

@@ -69,6 +69,7 @@ use libc::c_int;
 
 mod common;
 
+use common::process::pipe as blocking_pipe;
 use common::{env_or, env_seed, Rng};
 use hetmem::{
     Advice, Device, DeviceId, DeviceKind, Error, FileMapping, FileMode, FileOptions, Hetmem,
@@ -511,20 +512,11 @@ fn cpu_write(addr: usize, data: &[u8]) {
     unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), addr as *mut u8, data.len()) };
 }
 
+/// A pipe that does not block (`blocking_pipe` is `common::process::pipe`).
 fn pipe() -> (File, File) {
     let mut fds = [0 as c_int; 2];
     // SAFETY: `fds` is two ints for the kernel to fill.
     let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) };
-    assert_eq!(r, 0, "pipe2: {}", std::io::Error::last_os_error());
-    // SAFETY: both descriptors are new and ours.
-    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    (File::from(rd), File::from(wr))
-}
-
-fn blocking_pipe() -> (File, File) {
-    let mut fds = [0 as c_int; 2];
-    // SAFETY: `fds` is two ints for the kernel to fill.
-    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
     assert_eq!(r, 0, "pipe2: {}", std::io::Error::last_os_error());
     // SAFETY: both descriptors are new and ours.
     let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };

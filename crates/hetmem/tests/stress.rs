@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
+use common::{env_or, splitmix, Rng};
 use hetmem::{Device, DeviceKind, Hetmem, ManagedBuf, Target, PAGE_SIZE};
 
 const WORDS: usize = PAGE_SIZE / 8;
@@ -35,38 +36,6 @@ const DEFAULT_TIMEOUT_S: u64 = 120;
 // ------------------------------------------------------------------------------------------
 // Page contents
 // ------------------------------------------------------------------------------------------
-
-/// xorshift64*, fixed seeds.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(splitmix(seed) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    /// A range of `1..=max_len` pages inside the buffer.
-    fn range(&mut self, pages: usize, max_len: usize) -> (usize, usize) {
-        let len = 1 + self.below(max_len.min(pages));
-        (self.below(pages - len + 1), len)
-    }
-}
-
-fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
 
 fn body_word(idx: usize, gen: u64, w: usize) -> u64 {
     splitmix(((idx as u64) << 40) ^ (gen << 12) ^ w as u64)
@@ -434,13 +403,6 @@ fn migrator_thread(s: &Stress<'_>, hm: &Hetmem, devs: &[Device], seed: u64, ops:
 // ------------------------------------------------------------------------------------------
 // Driver
 // ------------------------------------------------------------------------------------------
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Aborts the whole process if the guarded scope runs past the limit: a hang in fault service
 /// would otherwise block `cargo test` forever.

@@ -1,4 +1,4 @@
-//! Temporary directories and file systems for the file-mapping tests (`tests/file.rs`,
+//! Temporary directories and file systems for the file-mapping tests (`tests/file_*.rs`,
 //! `tests/file_contract.rs`).
 
 #![allow(unsafe_code, clippy::undocumented_unsafe_blocks)]

@@ -1,18 +1,48 @@
 //! Shared by the integration tests: hang detection (a test that never finishes must fail, not
-//! stall CI), CPU reads in a process of their own, which a signal may kill, and the seeded
-//! random generator of the randomized tests.
+//! stall CI) and scenarios that run one at a time (`serial_tests!`), CPU reads in a process of
+//! their own, which a signal may kill, `assert_err!`, and the seeded random generator of the
+//! randomized tests. `file` and `fs` serve the file-mapping tests, `mem` plain memory,
+//! `process` forked children.
 
 // Each test binary uses part of this.
 #![allow(dead_code)]
 // `read_in_clone` starts and reaps a process that shares our memory.
 #![allow(unsafe_code)]
 
+pub mod file;
 pub mod fs;
 pub mod mem;
+pub mod process;
 
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
 use std::time::Duration;
+
+/// `ASSERT_EQ(ret, -E...)`: the result is the given error variant, with its errno.
+#[allow(unused_macros)]
+macro_rules! assert_err {
+    ($res:expr, $pat:pat, $errno:expr) => {
+        match $res {
+            Err(e @ $pat) => {
+                assert_eq!(e.errno(), $errno, "{}: errno of {:?}", stringify!($res), e)
+            }
+            Err(e) => panic!(
+                "{}: expected {}, got error {:?}",
+                stringify!($res),
+                stringify!($pat),
+                e
+            ),
+            Ok(_) => panic!(
+                "{}: expected {}, got Ok",
+                stringify!($res),
+                stringify!($pat)
+            ),
+        }
+    };
+}
+
+#[allow(unused_imports)]
+pub(crate) use assert_err;
 
 /// `HETMEM_TEST_TIMEOUT_S`, or `default_s`.
 pub fn test_timeout(default_s: u64) -> Duration {
@@ -82,6 +112,26 @@ pub fn serial_scenario(
         std::panic::resume_unwind(panic)
     })
 }
+
+/// One `#[test]` per scenario: `serial_tests!(DEFAULT_S; a, b)` declares tests `a` and `b` that
+/// run `scenarios::a` and `scenarios::b` of the calling test binary through `serial_scenario`
+/// with a default limit of `DEFAULT_S` seconds. They run one at a time: a forked child inherits
+/// every descriptor open at the fork; one of another test's file keeps that file open while the
+/// child lives, and denies that test its lease (a write lease needs the file open nowhere
+/// else).
+#[allow(unused_macros)]
+macro_rules! serial_tests {
+    ($default_s:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() -> anyhow::Result<()> {
+                $crate::common::serial_scenario(stringify!($name), $default_s, scenarios::$name)
+            }
+        )*
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use serial_tests;
 
 /// Aborts the whole process if it is still alive after `limit` (for tests whose threads a
 /// panic cannot stop); dropping it disarms it.
@@ -306,6 +356,13 @@ impl Rng {
         }
         v.truncate(n);
         v
+    }
+
+    /// A range of `1..=max_len` items inside `0..n` (`n > 0`, `max_len > 0`): its start and
+    /// length.
+    pub fn range(&mut self, n: usize, max_len: usize) -> (usize, usize) {
+        let len = 1 + self.below(max_len.min(n));
+        (self.below(n - len + 1), len)
     }
 
     /// A length biased to small values, `1..=max` (`max > 0`).

@@ -1,0 +1,432 @@
+//! File mappings (`Hetmem::map_file`) and their file leases: breaks that flush for another
+//! opener, breaks whose writebacks fail, a lease taken on a thread that has exited, breaks that
+//! race a drop, and a write lease the kernel turned into a read one.
+//!
+//! Shared with the other `tests/file_*.rs`: `common/file.rs` (the conventions: page stamps,
+//! other processes, no sleeping) and `common/fs.rs`. Each scenario runs under a watchdog
+//! (`HETMEM_TEST_TIMEOUT_S`, default 30 s), one at a time (`common::serial_tests!`).
+
+#![allow(unsafe_code, clippy::undocumented_unsafe_blocks)]
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+mod common;
+
+use anyhow::{ensure, Context, Result};
+use common::file::{
+    assert_same, content, context, create_file, fd_of, pread_file, wait_child, wait_lease_breaking,
+    with_lease_thread_held, DEFAULT_TIMEOUT_S, MIB,
+};
+use common::fs::TempDir;
+use common::process::{exit_code, fork_child, pipe};
+use hetmem::{DeviceKind, Error, FileMode, PAGE_SIZE};
+use hetmem_proto::OpError;
+use libc::c_int;
+
+common::serial_tests!(
+    DEFAULT_TIMEOUT_S;
+    lease_break_flushes_for_other_openers,
+    lease_taken_on_a_passing_thread_is_served,
+    lease_breaks_racing_a_drop,
+    write_lease_turned_read_counts_as_lost,
+    lease_break_with_failing_writeback,
+);
+
+mod scenarios {
+    use super::*;
+
+    /// With a lease (the default), another process that opens the file sees our unflushed device writes:
+    /// the lease break writes them back before its open returns. Its own writes then reach
+    /// us, because the break also dropped our cached copies.
+    pub fn lease_break_flushes_for_other_openers() -> Result<()> {
+        let dir = TempDir::new("lease_break_flushes_for_other_openers")?;
+        let path = dir.path("data");
+        let len = 3 * MIB;
+        let old = content(0, 0, len);
+        create_file(&path, &old)?;
+        let hm = context(DeviceKind::Private, 16 * MIB)?;
+        let dev = hm.device(0).expect("one device");
+        let m = hm.map_file(&path, 0, len, FileMode::Shared)?;
+        ensure!(
+            m.is_leased(),
+            "no write lease on {}, which nobody else has open",
+            path.display()
+        );
+        let new = content(1, 0, len);
+        dev.write(m.addr(), &new)?; // dirty, on the device, not flushed
+
+        // Another process opens the file by path and reads it: it must see the new data.
+        let (mut rx, tx) = pipe();
+        let p = path.clone();
+        let pid = fork_child(|| {
+            let Ok(mut f) = File::open(&p) else { return 2 };
+            let mut got = Vec::new();
+            if f.read_to_end(&mut got).is_err() {
+                return 3;
+            }
+            let _ = (&tx).write_all(&[u8::from(got == content(1, 0, got.len()))]);
+            0
+        });
+        drop(tx);
+        let mut verdict = [0u8; 1];
+        rx.read_exact(&mut verdict)
+            .context("the reader process reported nothing")?;
+        assert_eq!(wait_child(pid), 0, "reader process");
+        assert_eq!(
+            verdict[0], 1,
+            "the other process did not see our unflushed writes"
+        );
+        assert!(hm.stats().lease_breaks >= 1, "no lease break was served");
+
+        // A writer through another descriptor (no lease now, so no break) changes page 0; the
+        // device reads it afterwards, as the break dropped our cached copy.
+        let theirs = content(2, 0, PAGE_SIZE);
+        {
+            let f = std::fs::OpenOptions::new().write(true).open(&path)?;
+            f.write_all_at(&theirs, 0)?;
+        }
+        assert_same(
+            "device read of page 0 after another writer",
+            &dev.read(m.addr(), PAGE_SIZE)?,
+            &theirs,
+        );
+        assert_same(
+            "CPU read of page 1 (ours, flushed at the break)",
+            &m.as_slice()[PAGE_SIZE..2 * PAGE_SIZE],
+            &new[PAGE_SIZE..2 * PAGE_SIZE],
+        );
+
+        // A fork child with a context and a lease of its own: its lease thread, not ours (or
+        // none: the open below would then wait 45 s), serves the break.
+        let path2 = dir.path("child-data");
+        create_file(&path2, &old[..MIB])?;
+        let (mut ready_rx, ready_tx) = pipe();
+        let (done_rx, mut done_tx) = pipe();
+        let p2 = path2.clone();
+        let pid = fork_child(|| {
+            let Ok(hm) = context(DeviceKind::Private, 16 * MIB) else {
+                return 2;
+            };
+            let Ok(m) = hm.map_file(&p2, 0, MIB, FileMode::Shared) else {
+                return 3;
+            };
+            let dev = hm.device(0).expect("one device");
+            if !m.is_leased() {
+                let _ = (&ready_tx).write_all(&[2]);
+                return 4;
+            }
+            if let Err(e) = dev.write(m.addr(), &content(3, 0, MIB)) {
+                eprintln!("child: device write failed: {e}");
+                let _ = (&ready_tx).write_all(&[3]);
+                return 5;
+            }
+            let _ = (&ready_tx).write_all(&[1]);
+            let mut b = [0u8; 1];
+            let _ = (&done_rx).read(&mut b);
+            0
+        });
+        drop(ready_tx);
+        let mut ready = [0u8; 1];
+        ready_rx
+            .read_exact(&mut ready)
+            .context("the child reported nothing")?;
+        ensure!(
+            ready[0] == 1,
+            "the child could not map with a lease ({})",
+            ready[0]
+        );
+        assert_same(
+            "a fork child's unflushed device writes, seen by our open through its lease",
+            &pread_file(&path2)?,
+            &content(3, 0, MIB),
+        );
+        done_tx.write_all(&[0])?;
+        assert_eq!(wait_child(pid), 0, "lease child");
+        Ok(())
+    }
+
+    /// A lease taken again by a device kernel's worker thread, which is gone by the time
+    /// another process opens the file, is still served: the process owns the lease, not the
+    /// thread (with the thread as owner, the kernel finds nobody to signal, and the open waits
+    /// out lease-break-time, 45 s, which the watchdog reports).
+    pub fn lease_taken_on_a_passing_thread_is_served() -> Result<()> {
+        let dir = TempDir::new("lease_taken_on_a_passing_thread_is_served")?;
+        let path = dir.path("data");
+        let len = 2 * MIB;
+        create_file(&path, &content(0, 0, len))?;
+        let hm = context(DeviceKind::Private, 16 * MIB)?;
+        let dev = hm.device(0).expect("one device");
+        let m = hm.map_file(&path, 0, len, FileMode::Shared)?;
+        ensure!(m.is_leased(), "no lease on a file nobody else has open");
+        // Our own open breaks the lease; the device kernel's faults take it again.
+        assert_same("file", &pread_file(&path)?, &content(0, 0, len));
+        ensure!(!m.is_leased(), "the lease survived our own open");
+        let new = content(1, 0, len);
+        dev.kernel_write(m.addr(), len, |at, b| {
+            let off = at - m.addr();
+            b.copy_from_slice(&new[off..off + b.len()]);
+        })?;
+        ensure!(
+            m.is_leased(),
+            "the device kernel's faults did not take the lease again"
+        );
+        let breaks = hm.stats().lease_breaks;
+        let p = path.clone();
+        let pid = fork_child(|| match std::fs::read(&p) {
+            Ok(got) if got == content(1, 0, got.len()) => 0,
+            Ok(_) => 1,
+            Err(_) => 2,
+        });
+        assert_eq!(
+            exit_code(wait_child(pid)),
+            0,
+            "the other process did not see our unflushed device writes"
+        );
+        assert_eq!(hm.stats().lease_breaks, breaks + 1, "lease breaks served");
+        Ok(())
+    }
+
+    /// Lease breaks racing a drop. (1) A mapping dropped while another process waits on its
+    /// lease writes its dirty pages back before the lease goes, so the opener reads them. (2)
+    /// The dropped mapping's file is closed by the drop, but its descriptor number stays taken
+    /// while a break for it is still queued, so a new mapping cannot take it and be hit by that
+    /// break; once the lease thread is past the break, the number is free. To have the opener wait on the drop, not on the lease thread,
+    /// the lease thread is first kept busy with a break of file b, whose flush waits for a
+    /// device kernel the test holds; a break of file d, queued last, tells when the thread is
+    /// through.
+    pub fn lease_breaks_racing_a_drop() -> Result<()> {
+        let dir = TempDir::new("lease_breaks_racing_a_drop")?;
+        let [path_a, path_b, path_c, path_d] = ["a", "b", "c", "d"].map(|f| dir.path(f));
+        let len = 8 * MIB;
+        let old = content(0, 0, len);
+        create_file(&path_a, &old)?;
+        for p in [&path_b, &path_c, &path_d] {
+            create_file(p, &old[..PAGE_SIZE])?;
+        }
+        // Two contexts: the held kernel must not hold up the drop's device invalidations.
+        let hm_a = context(DeviceKind::Private, 16 * MIB)?;
+        let hm_b = context(DeviceKind::Private, 16 * MIB)?;
+        let (dev_a, dev_b) = (
+            hm_a.device(0).expect("a device"),
+            hm_b.device(0).expect("b"),
+        );
+        let a = hm_a.map_file(&path_a, 0, len, FileMode::Shared)?;
+        let b = hm_b.map_file(&path_b, 0, PAGE_SIZE, FileMode::Shared)?;
+        let d = hm_b.map_file(&path_d, 0, PAGE_SIZE, FileMode::Shared)?;
+        ensure!(
+            a.is_leased() && b.is_leased() && d.is_leased(),
+            "no leases to begin with"
+        );
+        let new = content(1, 0, len);
+        dev_a.write(a.addr(), &new)?; // dirty, on the device, not flushed
+
+        // The openers are forked first: a fork waits for running device kernels (runtime.md
+        // §6). Each opens its file once told to, through a pipe.
+        let opener = |path: &Path, check: fn(&[u8]) -> c_int| {
+            let (mut rx, tx) = pipe();
+            let p = path.to_path_buf();
+            let pid = fork_child(move || {
+                let mut go = [0u8];
+                if rx.read_exact(&mut go).is_err() {
+                    return 4;
+                }
+                std::fs::read(&p).map_or(3, |got| check(&got))
+            });
+            (pid, tx)
+        };
+        let (child_b, mut open_b) = opener(&path_b, |_| 0);
+        let (child_d, mut open_d) = opener(&path_d, |_| 0);
+        let (child_a, mut open_a) = opener(&path_a, |got| {
+            if got == content(1, 0, got.len()) {
+                0
+            } else if got == content(0, 0, got.len()) {
+                1
+            } else {
+                2
+            }
+        });
+
+        let (c, reused, code_a) = with_lease_thread_held(&dev_b, &b, &path_b, &mut open_b, || {
+            // a's break queues behind b's.
+            open_a.write_all(b"a")?;
+            wait_lease_breaking(&path_a)?;
+            let fd_a = fd_of(&path_a)?;
+            drop(a);
+            ensure!(
+                fd_of(&path_a).is_err(),
+                "the dropped mapping's file is still open after its drop"
+            );
+            let code_a = exit_code(wait_child(child_a));
+            // c would take a's descriptor number, were it closed; d's break queues behind a's
+            // stale one.
+            let c = hm_a.map_file(&path_c, 0, PAGE_SIZE, FileMode::Shared)?;
+            let reused = fd_of(&path_c)? == fd_a;
+            open_d.write_all(b"d")?;
+            wait_lease_breaking(&path_d)?;
+            Ok((c, reused, code_a))
+        })?;
+        assert_eq!(exit_code(wait_child(child_b)), 0, "b's opener");
+        assert_eq!(exit_code(wait_child(child_d)), 0, "d's opener");
+        assert_eq!(
+            code_a, 0,
+            "the opener waiting on the dropped mapping's lease read old data (1) or a mix (2), \
+             or could not read (3, 4)"
+        );
+        assert_same("file a", &pread_file(&path_a)?, &new);
+        assert!(
+            !reused,
+            "a dropped mapping's descriptor number went to a new mapping while a break for it \
+             was still queued"
+        );
+        // The lease thread is past a's stale break (d's came after it, FIFO).
+        assert!(
+            c.is_leased() && hm_a.stats().lease_breaks == 0,
+            "a break queued for a dropped mapping was served on another mapping"
+        );
+        ensure!(
+            fd_of(&path_a).is_err(),
+            "the dropped mapping's file is open again after its breaks were read"
+        );
+        drop((b, c, d));
+        Ok(())
+    }
+
+    /// A write lease whose break goes unanswered for lease-break-time is turned into a read
+    /// lease by the kernel, and the reader's open proceeds: the Shared mapping must count its
+    /// lease as lost at its next flush (a read lease keeps no writer out). As root, with
+    /// lease-break-time set to 1 s for the test; the lease thread is held up as in
+    /// `lease_breaks_racing_a_drop`.
+    pub fn write_lease_turned_read_counts_as_lost() -> Result<()> {
+        const KNOB: &str = "/proc/sys/fs/lease-break-time";
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED: write_lease_turned_read_counts_as_lost needs root for {KNOB}");
+            return Ok(());
+        }
+        let dir = TempDir::new("write_lease_turned_read_counts_as_lost")?;
+        let (path_a, path_b) = (dir.path("a"), dir.path("b"));
+        let len = 4 * PAGE_SIZE;
+        create_file(&path_a, &content(0, 0, len))?;
+        create_file(&path_b, &content(0, 0, PAGE_SIZE))?;
+        let hm_a = context(DeviceKind::Private, 16 * MIB)?;
+        let hm_b = context(DeviceKind::Private, 16 * MIB)?;
+        let dev_b = hm_b.device(0).expect("b's device");
+        let a = hm_a.map_file(&path_a, 0, len, FileMode::Shared)?;
+        let b = hm_b.map_file(&path_b, 0, PAGE_SIZE, FileMode::Shared)?;
+        ensure!(a.is_leased() && b.is_leased(), "no leases to begin with");
+
+        // Openers, forked before the kernel runs. a's reader keeps the file open until told.
+        let (mut go_b_rx, mut go_b) = pipe();
+        let pb = path_b.clone();
+        let child_b = fork_child(move || {
+            let mut go = [0u8];
+            if go_b_rx.read_exact(&mut go).is_err() {
+                return 4;
+            }
+            File::open(&pb).map_or(3, |_| 0)
+        });
+        let (mut go_a_rx, mut go_a) = pipe();
+        let (mut opened_rx, opened_tx) = pipe();
+        let (mut done_a_rx, mut done_a) = pipe();
+        let pa = path_a.clone();
+        let child_a = fork_child(move || {
+            let mut go = [0u8];
+            if go_a_rx.read_exact(&mut go).is_err() {
+                return 4;
+            }
+            let Ok(_f) = File::open(&pa) else { return 3 };
+            let _ = (&opened_tx).write_all(b"o");
+            let _ = done_a_rx.read_exact(&mut go);
+            0
+        });
+
+        // Put back on every way out, panics included; a run killed before it could is undone
+        // by the next one, from the value saved in a file.
+        const SAVED: &str = "/tmp/hetmem-lease-break-time.saved";
+        struct Restore(String);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                if std::fs::write(KNOB, self.0.trim()).is_ok() {
+                    let _ = std::fs::remove_file(SAVED);
+                }
+            }
+        }
+        if let Ok(saved) = std::fs::read_to_string(SAVED) {
+            std::fs::write(KNOB, saved.trim())?;
+        }
+        let restore = Restore(std::fs::read_to_string(KNOB)?);
+        std::fs::write(SAVED, &restore.0)?;
+        std::fs::write(KNOB, "1")?;
+        let r = with_lease_thread_held(&dev_b, &b, &path_b, &mut go_b, || {
+            go_a.write_all(b"a")?;
+            // The kernel gives up on our answer after 1 s and lets the reader in.
+            let mut o = [0u8];
+            opened_rx
+                .read_exact(&mut o)
+                .context("a's reader never got the file open")?;
+            a.flush()?;
+            ensure!(
+                !a.is_leased(),
+                "the write lease, turned into a read lease, still counts as held"
+            );
+            Ok(())
+        });
+        drop(restore);
+        done_a.write_all(b"d")?;
+        assert_eq!(exit_code(wait_child(child_a)), 0, "a's reader");
+        assert_eq!(exit_code(wait_child(child_b)), 0, "b's opener");
+        r?;
+        drop((a, b));
+        Ok(())
+    }
+
+    /// A lease break whose writebacks fail (injected EIO): the opener proceeds and sees the
+    /// old data, our data stays dirty, the next `flush` reports the error once, and a retry
+    /// writes the data.
+    pub fn lease_break_with_failing_writeback() -> Result<()> {
+        let dir = TempDir::new("lease_break_with_failing_writeback")?;
+        let path = dir.path("data");
+        let len = 8 * PAGE_SIZE;
+        let old = content(0, 0, len);
+        let new = content(1, 0, len);
+        create_file(&path, &old)?;
+        let hm = context(DeviceKind::Private, 16 * MIB)?;
+        let dev = hm.device(0).expect("one device");
+        let m = hm.map_file(&path, 0, len, FileMode::Shared)?;
+        ensure!(m.is_leased(), "no lease on a file nobody else has open");
+        dev.write(m.addr(), &new)?;
+        // Every writeback fails until cleared: the break's flush, and its drop's retry.
+        m.inject_writeback_failures(u32::MAX, libc::EIO);
+
+        let p = path.clone();
+        let pid = fork_child(|| match std::fs::read(&p) {
+            Ok(got) if got == content(0, 0, got.len()) => 0,
+            Ok(got) if got == content(1, 0, got.len()) => 1,
+            Ok(_) => 2,
+            Err(_) => 3,
+        });
+        assert_eq!(
+            exit_code(wait_child(pid)),
+            0,
+            "the opener should see the old data (0), not new (1), mixed (2) or none (3)"
+        );
+        assert_eq!(hm.stats().lease_breaks, 1, "lease breaks served");
+        assert_same(
+            "device read after the break",
+            &dev.read(m.addr(), len)?,
+            &new,
+        );
+        m.inject_writeback_failures(0, libc::EIO);
+        match m.flush() {
+            Err(e @ Error::Io(OpError::Io)) => eprintln!("the break's error, reported: {e}"),
+            other => panic!("the flush after the break: expected Io(Io), got {other:?}"),
+        }
+        m.flush().context("the error was reported twice")?;
+        assert_same("CPU read", m.as_slice(), &new);
+        drop(m);
+        assert_same("file after the retry", &pread_file(&path)?, &new);
+        Ok(())
+    }
+}
