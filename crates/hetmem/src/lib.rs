@@ -16,6 +16,7 @@ mod budget;
 mod device;
 mod error;
 mod mm;
+pub mod policy;
 mod raw;
 mod stats;
 mod sys;

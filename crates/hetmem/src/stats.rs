@@ -2,6 +2,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use hetmem_proto::Mem;
+
+use crate::policy::MemEvent;
+
 /// A relaxed event counter.
 #[derive(Debug, Default)]
 pub(crate) struct Counter(AtomicU64);
@@ -33,6 +37,50 @@ pub(crate) struct Stats {
     pub pages_from_file: Counter,
     pub pages_written_back: Counter,
     pub lease_breaks: Counter,
+}
+
+impl Stats {
+    /// Counts one event of the memory manager's stream.
+    pub fn record(&self, event: &MemEvent<'_>) {
+        match *event {
+            MemEvent::CpuFault { .. } => self.cpu_faults.add(1),
+            MemEvent::DeviceFault { .. } => self.device_faults.add(1),
+            MemEvent::Filled { to, pages, zeroed } => {
+                self.zero_fills.add(zeroed);
+                if matches!(to, Mem::Device(_)) {
+                    self.pages_to_device.add(pages);
+                }
+            }
+            MemEvent::Migrated {
+                from,
+                to,
+                pages,
+                bytes,
+            } => {
+                self.bytes_copied.add(bytes);
+                match (from, to) {
+                    (_, Mem::Device(_)) => self.pages_to_device.add(pages),
+                    (Mem::Device(_), Mem::System) => self.pages_to_system.add(pages),
+                    _ => {}
+                }
+            }
+            MemEvent::FileRead { to, pages } => {
+                self.pages_from_file.add(pages);
+                if matches!(to, Mem::Device(_)) {
+                    self.pages_to_device.add(pages);
+                }
+            }
+            MemEvent::WrittenBack { pages } => self.pages_written_back.add(pages),
+            MemEvent::Evicted { pages, .. } => self.pages_evicted.add(pages),
+            MemEvent::Prefetched { pages } => self.pages_prefetched.add(pages),
+            MemEvent::TransferFailed => self.failed_transfers.add(1),
+            MemEvent::LeaseBroken => self.lease_breaks.add(1),
+            MemEvent::Error => self.errors.add(1),
+            MemEvent::DeviceCommandFaulted { .. }
+            | MemEvent::DeviceAccess { .. }
+            | MemEvent::ReadAheadDone { .. } => {}
+        }
+    }
 }
 
 /// What the runtime did since the context was built.

@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::mm::region::pte;
 use crate::mm::runtime::RuntimeHandle;
 use crate::mm::space::BlockSpan;
+use crate::policy::MemEvent;
 use crate::raw::RawRange;
 use crate::sys::mem;
 
@@ -162,7 +163,6 @@ impl Device {
                     let db = slot.dev[d].read().unwrap_or_else(|e| e.into_inner());
                     let entries = &db.pt[p.run.pages()];
                     if entries.iter().all(|&e| satisfies(e, access)) {
-                        slot.last_use[d].store(inner.tick(), Ordering::Relaxed);
                         let mut runs = Vec::new();
                         let mut i = 0;
                         while i < entries.len() {
@@ -208,7 +208,11 @@ impl Device {
                             inner.kernel_runs.enter(p, self.id, &spans)
                         });
                         f(p, &runs);
-                        inner.devices[d].counters.pages.add(p.run.len() as u64);
+                        inner.emit(MemEvent::DeviceAccess {
+                            dev: self.id,
+                            pages: p.run.len() as u64,
+                            block: &slot.policy,
+                        });
                         Some(registered)
                     } else {
                         None
@@ -236,7 +240,7 @@ impl Device {
     /// A device fault on a piece, served by the protocol.
     fn fault(&self, p: &BlockSpan, access: Access) -> Result<()> {
         let inner = self.inner();
-        inner.stats.device_faults.add(1);
+        inner.emit(MemEvent::DeviceFault { dev: self.id });
         inner.request(
             &p.region,
             p.bi,
@@ -256,7 +260,8 @@ impl Device {
         let r = self.access_pieces(pieces, access, f, &rounds, None);
         let n = rounds.load(Ordering::Relaxed);
         if n > 0 {
-            self.inner().devices[self.id.index()].counters.faults.add(1);
+            self.inner()
+                .emit(MemEvent::DeviceCommandFaulted { dev: self.id });
         }
         r
     }
@@ -482,7 +487,8 @@ impl Device {
             }
         });
         if rounds.load(Ordering::Relaxed) > 0 {
-            self.inner().devices[self.id.index()].counters.faults.add(1);
+            self.inner()
+                .emit(MemEvent::DeviceCommandFaulted { dev: self.id });
         }
         match first_err.into_inner().unwrap_or_else(|e| e.into_inner()) {
             Some(e) => Err(e),

@@ -9,6 +9,7 @@ use crate::api::device::Device;
 use crate::device::{DeviceBackend, DeviceState, SimBackend};
 use crate::error::{Error, Result};
 use crate::mm::runtime::{Runtime, RuntimeHandle};
+use crate::policy::{DefaultPolicy, PlacementPolicy};
 use crate::sys::mem::{self, Mapping};
 use crate::sys::uffd::{self, Uffd};
 
@@ -55,6 +56,7 @@ pub struct HetmemBuilder {
     fault_around: usize,
     readback_window: usize,
     readahead_blocks: usize,
+    policy: Option<Arc<dyn PlacementPolicy>>,
 }
 
 impl Default for HetmemBuilder {
@@ -65,6 +67,7 @@ impl Default for HetmemBuilder {
             fault_around: PAGES_PER_BLOCK,
             readback_window: PAGES_PER_BLOCK,
             readahead_blocks: 4,
+            policy: None,
         }
     }
 }
@@ -125,6 +128,14 @@ impl HetmemBuilder {
     }
 
     /// Opens the userfaultfd, probes its features and starts the service threads.
+    /// Places data with `policy` instead of [`DefaultPolicy`] (which
+    /// `readback_window_pages` and `readahead_blocks` configure). A policy only chooses: its
+    /// plans are carried out as ordinary protocol requests, so it cannot break coherence.
+    pub fn policy(mut self, policy: Arc<dyn PlacementPolicy>) -> Self {
+        self.policy = Some(policy);
+        self
+    }
+
     pub fn build(self) -> Result<Hetmem> {
         if self.devices.iter().any(|(c, b)| c.kind != b.kind()) {
             return Err(Error::Invalid("a device's kind differs from its backend's"));
@@ -146,8 +157,12 @@ impl HetmemBuilder {
             topology,
             uffd,
             devices,
-            self.readback_window,
-            self.readahead_blocks,
+            self.policy.unwrap_or_else(|| {
+                Arc::new(DefaultPolicy::new(
+                    self.readback_window,
+                    self.readahead_blocks,
+                ))
+            }),
         )?;
         crate::mm::fork::track(&runtime);
         let shared = RuntimeHandle::start(runtime, self.service_threads)?;

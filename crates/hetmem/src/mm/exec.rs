@@ -20,6 +20,7 @@ use crate::device::{CopyOp, Endpoint};
 use crate::error::Result;
 use crate::mm::region::{pte, Region};
 use crate::mm::runtime::Runtime;
+use crate::policy::MemEvent;
 use crate::sys::mem;
 use crate::sys::uffd::Fill;
 
@@ -555,14 +556,11 @@ impl Runtime {
                         }
                     }
                 }
-                self.stats.zero_fills.add(fresh.count() as u64);
-                if let Mem::Device(d) = t.dst {
-                    self.stats.pages_to_device.add(t.run.len() as u64);
-                    self.devices[d.index()]
-                        .counters
-                        .migrated_in
-                        .add(t.run.len() as u64);
-                }
+                self.emit(MemEvent::Filled {
+                    to: t.dst,
+                    pages: t.run.len() as u64,
+                    zeroed: fresh.count() as u64,
+                });
             }
             Source::Mem(src_mem) => {
                 let (src, dst) = (endpoint(src_mem, off)?, endpoint(t.dst, off)?);
@@ -589,25 +587,13 @@ impl Runtime {
                         }
                         None => return Err(OpError::Device),
                     }
-                    self.stats.bytes_copied.add(bytes as u64);
                 }
-                match (src_mem, t.dst) {
-                    (_, Mem::Device(d)) => {
-                        self.stats.pages_to_device.add(t.run.len() as u64);
-                        self.devices[d.index()]
-                            .counters
-                            .migrated_in
-                            .add(t.run.len() as u64);
-                    }
-                    (Mem::Device(d), Mem::System) => {
-                        self.stats.pages_to_system.add(t.run.len() as u64);
-                        self.devices[d.index()]
-                            .counters
-                            .migrated_out
-                            .add(t.run.len() as u64);
-                    }
-                    _ => {}
-                }
+                self.emit(MemEvent::Migrated {
+                    from: src_mem,
+                    to: t.dst,
+                    pages: t.run.len() as u64,
+                    bytes: if aliased { 0 } else { bytes as u64 },
+                });
             }
             Source::File { file_page } => {
                 let Some(f) = &region.file else {
@@ -632,14 +618,10 @@ impl Runtime {
                 let buf = unsafe { std::slice::from_raw_parts_mut(dst, bytes) };
                 let at = file_page * PAGE_SIZE as u64;
                 f.read_at(buf, at)?;
-                self.stats.pages_from_file.add(t.run.len() as u64);
-                if let Mem::Device(d) = t.dst {
-                    self.stats.pages_to_device.add(t.run.len() as u64);
-                    self.devices[d.index()]
-                        .counters
-                        .migrated_in
-                        .add(t.run.len() as u64);
-                }
+                self.emit(MemEvent::FileRead {
+                    to: t.dst,
+                    pages: t.run.len() as u64,
+                });
             }
         }
         Ok(())
@@ -705,7 +687,9 @@ impl Runtime {
         // writeback (mappings read-only, writers wait), and it stays mapped (guard or backing).
         let data = unsafe { std::slice::from_raw_parts(src as *const u8, bytes) };
         f.write_at(data, offset)?;
-        self.stats.pages_written_back.add(t.run.len() as u64);
+        self.emit(MemEvent::WrittenBack {
+            pages: t.run.len() as u64,
+        });
         Ok(())
     }
 

@@ -8,6 +8,7 @@ use crate::mm::poison::{PoisonedPage, POISON_RETRY_AFTER};
 use crate::mm::region::Region;
 use crate::mm::runtime::Runtime;
 use crate::mm::space::BlockSpan;
+use crate::policy::MemEvent;
 
 impl Runtime {
     /// Serves one CPU fault message. Placement first (read-back window, read-ahead, map-around),
@@ -18,7 +19,7 @@ impl Runtime {
     /// message is stale (the range went away or changed protection meanwhile), the thread is
     /// woken to retry against the mappings as they are now.
     pub(crate) fn cpu_fault(&self, addr: usize, write: bool, tid: u32) {
-        self.stats.cpu_faults.add(1);
+        self.emit(MemEvent::CpuFault { write });
         let Ok(pieces) = self.pieces(addr, PAGE_SIZE) else {
             return self.stale_fault(addr);
         };
@@ -81,7 +82,7 @@ impl Runtime {
                 // A copy back failed; the data stayed where it was. The faulting thread must
                 // not see anything else, so it waits while we retry, backing off to 10 ms.
                 Err(RequestError::Op(_)) if failures < 32 => {
-                    self.stats.failed_transfers.add(1);
+                    self.emit(MemEvent::TransferFailed);
                     failures += 1;
                     let pause = 1u64 << failures.min(13);
                     std::thread::sleep(std::time::Duration::from_micros(pause.min(10_000)));

@@ -9,6 +9,7 @@ use hetmem_proto::{Invalidation, PageRun, PAGES_PER_BLOCK};
 use crate::mm::file_io::FileMode;
 use crate::mm::region::Region;
 use crate::mm::runtime::Runtime;
+use crate::policy::MemEvent;
 use crate::sys::lease;
 
 pub(super) type Entry = (RawFd, Weak<Runtime>, Weak<Region>);
@@ -119,7 +120,7 @@ fn broken(inner: &Runtime, region: &Region) {
             let _ = inner.invalidate(region, bi, all, Invalidation::Discard);
         }
     }
-    inner.stats.lease_breaks.add(1);
+    inner.emit(MemEvent::LeaseBroken);
     f.leased.store(false, Ordering::Release);
     lease::release(f.file.as_fd());
 }

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::mm::file_io::FileMode;
 use crate::mm::region::{Region, View};
 use crate::mm::runtime::{Runtime, RuntimeHandle};
+use crate::policy::MemEvent;
 use crate::sys::mem::{self, Mapping};
 use crate::sys::uffd::Modes;
 
@@ -125,7 +126,7 @@ impl Runtime {
                 loop {
                     match self.request(region, bi, all, RequestKind::Release { dev: d }) {
                         Err(Error::Io(_)) if failures < 32 => {
-                            self.stats.failed_transfers.add(1);
+                            self.emit(MemEvent::TransferFailed);
                             failures += 1;
                             let pause = 1u64 << failures.min(13);
                             std::thread::sleep(std::time::Duration::from_micros(pause.min(10_000)));

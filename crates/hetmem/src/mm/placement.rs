@@ -12,67 +12,78 @@ use crate::mm::region::Region;
 use crate::mm::runtime::Runtime;
 use crate::mm::space::BlockSpan;
 use crate::mm::work::ServiceWork;
+use crate::policy::{CpuFault, MemEvent};
 
 impl Runtime {
-    /// Placement for a CPU fault on piece `p` (one page): the read-back window, read-ahead and
-    /// map-around, each clipped to the pages the protocol lets the access touch. Returns the run
-    /// to fault: the faulting page's part of the window, or the page alone.
+    /// Placement for a CPU fault on piece `p` (one page): gathers the facts the policy needs,
+    /// asks it for a plan (`PlacementPolicy::cpu_fault`) and carries it out: read-ahead queued,
+    /// the window brought home or mapped around, each clipped to the pages the protocol lets
+    /// the access touch. Returns the run to fault: the faulting page's part of the window, or
+    /// the page alone.
     pub(crate) fn place_cpu_fault(&self, p: &BlockSpan, access: Access) -> PageRun {
         let page = p.run.start();
-        if self.readback_window <= 1 {
-            return p.run;
-        }
-        let w = self.readback_window;
-        let start = page / w * w;
-        let n = w.min(self.pages_before_eof(&p.region, p.bi).saturating_sub(start));
-        let Some(window) = PageRun::new(start, n, PAGES_PER_BLOCK) else {
-            return p.run;
-        };
-        // Read-back policy: data that lives only in private device memory comes back a window
-        // at a time, not 4 KiB per fault. This is placement, decided here and carried out by
-        // the protocol as an ordinary migration.
         let slot = &p.region.blocks[p.bi];
+        // Whether the page's data lives only in private device memory. Without a private
+        // device holding frames of the block it cannot, and the block's lock is not taken.
         let on_private = self.topology.devices().any(|d| {
             !self.topology.is_coherent(d) && slot.held[d.index()].load(Ordering::Relaxed) > 0
         });
-        if on_private || slot.prefetched.load(Ordering::Relaxed) {
-            let (only_private, runs) = {
-                let block = self.lock_block(slot);
-                let v = block.page(page);
-                let only_private = !v.is_valid_in(Mem::System)
-                    && self
-                        .topology
-                        .devices()
-                        .any(|d| !self.topology.is_coherent(d) && v.is_valid_in(Mem::Device(d)));
-                let ok = block.state().accessible(Access::Read);
-                let runs: Vec<PageRun> = (hetmem_proto::PageMask::from_run(window) & ok)
-                    .runs()
-                    .collect();
-                (only_private, runs)
-            };
-            let marker = slot.prefetched.swap(false, Ordering::AcqRel);
-            if (only_private || marker) && self.readahead > 0 {
-                self.read_ahead(&p.region, p.bi, marker);
+        let (only_private, readable) = if on_private {
+            let block = self.lock_block(slot);
+            let v = block.page(page);
+            let only_private = !v.is_valid_in(Mem::System)
+                && self
+                    .topology
+                    .devices()
+                    .any(|d| !self.topology.is_coherent(d) && v.is_valid_in(Mem::Device(d)));
+            (only_private, block.state().accessible(Access::Read))
+        } else {
+            (false, hetmem_proto::PageMask::EMPTY)
+        };
+        let plan = self.policy.cpu_fault(&CpuFault {
+            block_index: p.bi,
+            blocks: p.region.blocks.len(),
+            page,
+            pages: self.pages_before_eof(&p.region, p.bi),
+            write: access != Access::Read,
+            only_on_private_device: only_private,
+            block: &slot.policy,
+            region: &p.region.policy,
+        });
+        if let Some(blocks) = plan.read_ahead {
+            let last = p.region.blocks.len().saturating_sub(1);
+            let (from, to) = (*blocks.start(), (*blocks.end()).min(last));
+            if from <= to {
+                self.work.push((from..=to).map(|j| ServiceWork::Prefetch {
+                    region: p.region.clone(),
+                    bi: j,
+                }));
             }
-            if only_private {
-                let mut own = p.run;
-                for run in runs {
-                    let _ = self.request(
-                        &p.region,
-                        p.bi,
-                        run,
-                        RequestKind::Migrate { dst: Mem::System },
-                    );
-                    if run.pages().contains(&page) {
-                        // Map the page's part of the window too, or every page would still
-                        // fault once.
-                        own = run;
-                    } else {
-                        self.map_for_read(&p.region, p.bi, run);
-                    }
+        }
+        let Some(window) = plan.window.filter(|w| w.pages().contains(&page)) else {
+            return p.run;
+        };
+        if plan.bring_home && only_private {
+            let mut own = p.run;
+            let runs: Vec<PageRun> = (hetmem_proto::PageMask::from_run(window) & readable)
+                .runs()
+                .collect();
+            for run in runs {
+                let _ = self.request(
+                    &p.region,
+                    p.bi,
+                    run,
+                    RequestKind::Migrate { dst: Mem::System },
+                );
+                if run.pages().contains(&page) {
+                    // Map the page's part of the window too, or every page would still
+                    // fault once.
+                    own = run;
+                } else {
+                    self.map_for_read(&p.region, p.bi, run);
                 }
-                return own;
             }
+            return own;
         }
         self.map_around(p, window, access)
     }
@@ -155,34 +166,6 @@ impl Runtime {
         own
     }
 
-    /// A CPU read-back hit block `bi`. If the stream is sequential (the previous read-back was
-    /// block `bi - 1`, or `bi` was itself read ahead), queue the next blocks.
-    pub(crate) fn read_ahead(&self, region: &Arc<Region>, bi: usize, marker: bool) {
-        let prev = region.ra_last.swap(bi, Ordering::AcqRel);
-        // A stream takes two read-backs in consecutive blocks (or a read-ahead marker): one
-        // read-back alone says nothing about the next block.
-        if !marker && (prev == usize::MAX || prev + 1 != bi) {
-            return;
-        }
-        let last = (bi + self.readahead).min(region.blocks.len() - 1);
-        // Continue where the stream's read-ahead stopped, unless that mark belongs to an older
-        // stream.
-        let next = region.ra_next.load(Ordering::Acquire);
-        let from = if next > bi && next <= bi + self.readahead + 1 {
-            next
-        } else {
-            bi + 1
-        };
-        if from > last {
-            return;
-        }
-        region.ra_next.store(last + 1, Ordering::Release);
-        self.work.push((from..=last).map(|j| ServiceWork::Prefetch {
-            region: region.clone(),
-            bi: j,
-        }));
-    }
-
     /// Read-ahead of one block: migrate what lives only in private device memory home and map
     /// it for the CPU, all but the first page, whose fault continues the stream.
     pub(crate) fn prefetch(&self, region: &Region, bi: usize) {
@@ -215,7 +198,9 @@ impl Runtime {
             if self.request(region, bi, run, home).is_err() {
                 return;
             }
-            self.stats.pages_prefetched.add(run.len() as u64);
+            self.emit(MemEvent::Prefetched {
+                pages: run.len() as u64,
+            });
         }
         for run in runs {
             // Page 0 stays unmapped: its fault continues the stream.
@@ -227,6 +212,8 @@ impl Runtime {
                 self.map_for_read(region, bi, rest);
             }
         }
-        region.blocks[bi].prefetched.store(true, Ordering::Release);
+        self.emit(MemEvent::ReadAheadDone {
+            block: &region.blocks[bi].policy,
+        });
     }
 }

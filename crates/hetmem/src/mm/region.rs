@@ -7,7 +7,7 @@
 //! moves a view: data, device copies and device page tables stay put.
 
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::sync::{Mutex, RwLock};
 
 use hetmem_proto::{
@@ -16,6 +16,7 @@ use hetmem_proto::{
 
 use crate::error::{Error, Result};
 use crate::mm::file_io::FileBacking;
+use crate::policy::{PolicyBlock, PolicyRegion};
 use crate::sys::mem::{self, Mapping};
 
 /// Device page-table entry: mode in bits 0-1, target in bit 2.
@@ -56,8 +57,6 @@ pub(crate) struct BlockSlot {
     /// Per device. Kernels hold the read lock while they touch the block's memory; every
     /// device page-table change takes the write lock, so it waits for them (TLB shootdown).
     pub dev: Box<[RwLock<DevBlock>]>,
-    /// Per device: logical time of the last device access, for LRU eviction.
-    pub last_use: Box<[AtomicU64]>,
     /// Per device: frames the block holds, mirrored after every drive so eviction can pick a
     /// victim without locking every block.
     pub held: Box<[AtomicU32]>,
@@ -67,8 +66,8 @@ pub(crate) struct BlockSlot {
     /// them with one UFFDIO_ZEROPAGE, and a zero fill needs no hole punch. Changed only under
     /// the engine lock.
     pub populated: Mutex<PageMask<BLOCK_WORDS>>,
-    /// Read ahead; its first page was left unmapped so that touching it continues the stream.
-    pub prefetched: AtomicBool,
+    /// The placement policy's state for the block; the memory manager never reads it.
+    pub policy: PolicyBlock,
 }
 
 /// A CPU view: `[va, va + len)` maps the memfd at `off`.
@@ -92,9 +91,8 @@ pub(crate) struct Region {
     /// The file, for a file mapping.
     pub file: Option<FileBacking>,
     pub blocks: Box<[BlockSlot]>,
-    /// Read-ahead stream: the last block a CPU read-back hit, and the next block to fetch.
-    pub ra_last: AtomicUsize,
-    pub ra_next: AtomicUsize,
+    /// The placement policy's state for the region; the memory manager never reads it.
+    pub policy: PolicyRegion,
     /// The CPU views. Normally one; `mremap` and partial `munmap` split or move them.
     pub views: RwLock<Vec<View>>,
 }
@@ -165,11 +163,10 @@ impl Region {
             BlockSlot {
                 engine: Mutex::new(Block2M::new(layout)),
                 dev: (0..devices).map(|_| RwLock::new(DevBlock::new())).collect(),
-                last_use: (0..devices).map(|_| AtomicU64::new(0)).collect(),
                 held: (0..devices).map(|_| AtomicU32::new(0)).collect(),
                 adopted: Mutex::new(PageMask::EMPTY),
                 populated: Mutex::new(PageMask::EMPTY),
-                prefetched: AtomicBool::new(false),
+                policy: PolicyBlock::new(devices),
             }
         }));
         let blocks = slots.into_boxed_slice();
@@ -182,8 +179,7 @@ impl Region {
             file,
             blocks,
             views: RwLock::new(Vec::new()),
-            ra_last: AtomicUsize::new(usize::MAX),
-            ra_next: AtomicUsize::new(0),
+            policy: PolicyRegion::default(),
         }
     }
 

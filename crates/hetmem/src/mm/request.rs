@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::mm::exec::Outcome;
 use crate::mm::region::Region;
 use crate::mm::runtime::Runtime;
+use crate::policy::{Candidate, MemEvent};
 
 impl Runtime {
     /// Runs one request to completion on one block; `after` runs under the block lock.
@@ -93,13 +94,13 @@ impl Runtime {
         }
     }
 
-    /// Frees frames of `dev` by evicting the least recently used block that holds some (LRU at
-    /// 2 MiB granularity, as UVM evicts root chunks), then the rest of the faulting block.
+    /// Frees frames of `dev` by evicting whole blocks that hold some, in the policy's order
+    /// (`PlacementPolicy::victims`; LRU by default), then the rest of the faulting block.
     /// Returns whether any frame was freed. Success is judged per victim block, under its
     /// lock, not from the device's total, which other threads change meanwhile.
     pub(crate) fn evict(&self, dev: DeviceId, cur: &Region, cur_bi: usize, keep: PageRun) -> bool {
         let regions = self.space.regions();
-        let mut victims: Vec<(u64, Arc<Region>, usize)> = Vec::new();
+        let mut blocks: Vec<(&Arc<Region>, usize)> = Vec::new();
         for r in &regions {
             for (bi, slot) in r.blocks.iter().enumerate() {
                 if slot.held[dev.index()].load(Ordering::Relaxed) == 0
@@ -107,14 +108,23 @@ impl Runtime {
                 {
                     continue;
                 }
-                victims.push((
-                    slot.last_use[dev.index()].load(Ordering::Relaxed),
-                    r.clone(),
-                    bi,
-                ));
+                blocks.push((r, bi));
             }
         }
-        victims.sort_by_key(|v| v.0);
+        // The policy orders the victims (`PlacementPolicy::victims`).
+        let mut candidates: Vec<Candidate<'_>> = blocks
+            .iter()
+            .enumerate()
+            .map(|(index, &(r, bi))| Candidate {
+                block: &r.blocks[bi].policy,
+                index,
+            })
+            .collect();
+        self.policy.victims(dev, &mut candidates);
+        let victims: Vec<(&Arc<Region>, usize)> = candidates
+            .iter()
+            .filter_map(|c| blocks.get(c.index).copied())
+            .collect();
         let evict_runs = |r: &Region, bi: usize, runs: &[Option<PageRun>]| -> u64 {
             let kind = RequestKind::Evict {
                 dev,
@@ -131,9 +141,9 @@ impl Runtime {
             freed
         };
         let mut freed = 0;
-        for (_, r, bi) in victims.iter().take(4) {
-            let all = PageRun::new(0, r.block_pages(*bi), PAGES_PER_BLOCK);
-            freed += evict_runs(r, *bi, &[all]);
+        for &(r, bi) in &victims {
+            let all = PageRun::new(0, r.block_pages(bi), PAGES_PER_BLOCK);
+            freed += evict_runs(r, bi, &[all]);
             if freed > 0 {
                 break;
             }
@@ -153,8 +163,7 @@ impl Runtime {
                 ],
             );
         }
-        self.stats.pages_evicted.add(freed);
-        self.devices[dev.index()].counters.evicted.add(freed);
+        self.emit(MemEvent::Evicted { dev, pages: freed });
         freed > 0
     }
 

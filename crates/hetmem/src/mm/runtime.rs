@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use hetmem_proto::{ReqId, Topology, PAGE_SIZE};
+use hetmem_proto::{DeviceId, Mem, ReqId, Topology, PAGE_SIZE};
 
 use crate::budget::AtomicBudget;
 use crate::device::DeviceState;
@@ -16,6 +16,7 @@ use crate::mm::kernel_runs::KernelRuns;
 use crate::mm::poison::PoisonList;
 use crate::mm::space::{AddressSpace, BlockSpan};
 use crate::mm::work::ServiceQueue;
+use crate::policy::{MemEvent, PlacementPolicy};
 use crate::stats::Stats;
 use crate::sys::uffd::Uffd;
 
@@ -64,10 +65,8 @@ pub(crate) struct Runtime {
     pub(crate) work: ServiceQueue,
     pub(crate) next_req: AtomicU64,
     pub(crate) next_region: AtomicU64,
-    /// Logical clock for LRU.
-    pub(crate) clock: AtomicU64,
-    pub(crate) readback_window: usize,
-    pub(crate) readahead: usize,
+    /// Placement: what to bring, read ahead and evict (`crate::policy`).
+    pub(crate) policy: Arc<dyn PlacementPolicy>,
     pub(crate) stats: Stats,
     /// Quiesces everything for fork (see `fork.rs`).
     pub(crate) gate: ForkGate,
@@ -128,8 +127,7 @@ impl Runtime {
         topology: Topology,
         uffd: Uffd,
         devices: Vec<DeviceState>,
-        readback_window: usize,
-        readahead: usize,
+        policy: Arc<dyn PlacementPolicy>,
     ) -> Result<Arc<Self>> {
         let capacity: Vec<u32> = devices
             .iter()
@@ -146,9 +144,7 @@ impl Runtime {
             work: ServiceQueue::new().map_err(Error::os("eventfd"))?,
             next_req: AtomicU64::new(1),
             next_region: AtomicU64::new(1),
-            clock: AtomicU64::new(1),
-            readback_window,
-            readahead,
+            policy,
             stats: Stats::default(),
             gate: ForkGate::default(),
             orphaned: AtomicBool::new(false),
@@ -176,15 +172,44 @@ impl Runtime {
         self.orphaned.store(true, Ordering::Relaxed);
     }
 
+    /// Publishes one event to the statistics, the devices' counters and the policy.
+    pub(crate) fn emit(&self, event: MemEvent<'_>) {
+        self.stats.record(&event);
+        let count = |d: DeviceId| &self.devices[d.index()].counters;
+        match event {
+            MemEvent::DeviceCommandFaulted { dev } => count(dev).faults.add(1),
+            MemEvent::DeviceAccess { dev, pages, .. } => count(dev).pages.add(pages),
+            MemEvent::Filled {
+                to: Mem::Device(d),
+                pages,
+                ..
+            }
+            | MemEvent::FileRead {
+                to: Mem::Device(d),
+                pages,
+            }
+            | MemEvent::Migrated {
+                to: Mem::Device(d),
+                pages,
+                ..
+            } => count(d).migrated_in.add(pages),
+            MemEvent::Migrated {
+                from: Mem::Device(d),
+                to: Mem::System,
+                pages,
+                ..
+            } => count(d).migrated_out.add(pages),
+            MemEvent::Evicted { dev, pages } => count(dev).evicted.add(pages),
+            _ => {}
+        }
+        self.policy.observe(&event);
+    }
+
     pub(crate) fn note_error(&self, what: &str, e: &std::io::Error) {
-        self.stats.errors.add(1);
+        self.emit(MemEvent::Error);
         if std::env::var_os("HETMEM_DEBUG").is_some() {
             eprintln!("hetmem: {what}: {e}");
         }
-    }
-
-    pub(crate) fn tick(&self) -> u64 {
-        self.clock.fetch_add(1, Ordering::Relaxed)
     }
 
     /// `Invalid` in a fork child, whose copy of the context is dead: its service threads,
