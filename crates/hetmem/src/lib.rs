@@ -27,6 +27,8 @@ pub use api::file::{FileMapping, FileOptions};
 pub use api::hetmem::{Hetmem, HetmemBuilder, SimConfig, Target, MAX_SERVICE_THREADS};
 pub use device::{Chunk, CopyOp, DeviceBackend, DeviceCounters, Endpoint, Fence, SimBackend};
 pub use error::{Error, Result};
-pub use hetmem_proto::{Advice, DeviceId, DeviceKind, MapMode, OpError, PAGE_SIZE};
+pub use hetmem_proto::{
+    Advice, DeviceId, DeviceKind, MapMode, Mem, OpError, PageRun, PAGES_PER_BLOCK, PAGE_SIZE,
+};
 pub use mm::file_io::FileMode;
 pub use stats::StatsSnapshot;

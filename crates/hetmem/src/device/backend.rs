@@ -28,6 +28,13 @@ pub struct Chunk {
 }
 
 impl Chunk {
+    /// A chunk of device memory the host cannot address, known to its backend by `handle`
+    /// (a CUDA allocation handle or device address). This is how a backend outside this crate
+    /// makes its chunks.
+    pub fn new(handle: u64) -> Self {
+        Self { handle, host: None }
+    }
+
     /// Host address of the chunk, if it has one.
     pub fn host_ptr(&self) -> Option<*mut u8> {
         self.host.as_ref().map(Mapping::as_ptr)

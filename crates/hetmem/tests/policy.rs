@@ -1,0 +1,275 @@
+//! The placement-policy seam (`hetmem::policy`): policies see the memory manager's event stream
+//! and decide windows, read-ahead and victims; the mechanism carries their plans out as
+//! protocol requests, so even a hostile policy cannot lose data.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use hetmem::policy::{Candidate, CpuFault, CpuFaultPlan, DefaultPolicy, MemEvent, PlacementPolicy};
+use hetmem::{DeviceId, DeviceKind, Hetmem, Location, Target, PAGE_SIZE};
+
+const BLOCK: usize = 2 << 20;
+
+fn d0() -> DeviceId {
+    DeviceId::new(0).expect("device 0")
+}
+
+fn context(policy: Arc<dyn PlacementPolicy>, capacity: usize) -> anyhow::Result<Hetmem> {
+    Ok(Hetmem::builder()
+        .sim_device(DeviceKind::Private, capacity)
+        .policy(policy)
+        .build()?)
+}
+
+fn fill(buf: &mut [u8], seed: u8) {
+    for (i, page) in buf.chunks_mut(PAGE_SIZE).enumerate() {
+        page.fill(seed.wrapping_add(i as u8));
+    }
+}
+
+fn check(buf: &[u8], seed: u8) -> anyhow::Result<()> {
+    for (i, page) in buf.chunks(PAGE_SIZE).enumerate() {
+        let want = seed.wrapping_add(i as u8);
+        anyhow::ensure!(
+            page.iter().all(|&b| b == want),
+            "page {i}: want {want:#x}, found {:#x}",
+            page[0]
+        );
+    }
+    Ok(())
+}
+
+/// The default policy, plus counts of what it observed.
+#[derive(Debug)]
+struct Recording {
+    inner: DefaultPolicy,
+    cpu_faults: AtomicU64,
+    device_pages: AtomicU64,
+    to_device: AtomicU64,
+    to_system: AtomicU64,
+}
+
+impl PlacementPolicy for Recording {
+    fn observe(&self, event: &MemEvent<'_>) {
+        match *event {
+            MemEvent::CpuFault { .. } => {
+                self.cpu_faults.fetch_add(1, Ordering::Relaxed);
+            }
+            MemEvent::DeviceAccess { pages, .. } => {
+                self.device_pages.fetch_add(pages, Ordering::Relaxed);
+            }
+            MemEvent::Migrated {
+                to, pages, from, ..
+            } => match (from, to) {
+                (_, hetmem::Mem::Device(_)) => {
+                    self.to_device.fetch_add(pages, Ordering::Relaxed);
+                }
+                (hetmem::Mem::Device(_), hetmem::Mem::System) => {
+                    self.to_system.fetch_add(pages, Ordering::Relaxed);
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+        self.inner.observe(event);
+    }
+
+    fn cpu_fault(&self, f: &CpuFault<'_>) -> CpuFaultPlan {
+        self.inner.cpu_fault(f)
+    }
+
+    fn victims(&self, dev: DeviceId, c: &mut Vec<Candidate<'_>>) {
+        self.inner.victims(dev, c)
+    }
+}
+
+#[test]
+fn one_event_stream_feeds_stats_device_counters_and_the_policy() -> anyhow::Result<()> {
+    common::watchdog("event_stream", 60, || {
+        let rec = Arc::new(Recording {
+            inner: DefaultPolicy::new(512, 4),
+            cpu_faults: AtomicU64::new(0),
+            device_pages: AtomicU64::new(0),
+            to_device: AtomicU64::new(0),
+            to_system: AtomicU64::new(0),
+        });
+        let h = context(rec.clone(), 64 << 20)?;
+        let dev = h.device(0).expect("device");
+        let mut buf = h.alloc(4 * BLOCK)?;
+        fill(&mut buf, 3);
+        h.migrate(buf.addr(), buf.len(), Target::Device(d0()))?;
+        dev.write(buf.addr(), &vec![9u8; 8 * PAGE_SIZE])?;
+        let _ = dev.read(buf.addr() + BLOCK, 16 * PAGE_SIZE)?;
+        check(&buf[BLOCK..], 3u8.wrapping_add((BLOCK / PAGE_SIZE) as u8))?;
+        let s = h.stats();
+        let c = dev.counters();
+        anyhow::ensure!(s.cpu_faults > 0 && s.pages_to_device > 0 && s.pages_to_system > 0);
+        assert_eq!(rec.cpu_faults.load(Ordering::Relaxed), s.cpu_faults);
+        assert_eq!(rec.device_pages.load(Ordering::Relaxed), c.pages);
+        assert_eq!(rec.to_device.load(Ordering::Relaxed), s.pages_to_device);
+        assert_eq!(rec.to_system.load(Ordering::Relaxed), s.pages_to_system);
+        assert_eq!(c.migrated_out, s.pages_to_system);
+        Ok(())
+    })
+}
+
+/// Never a window: every page is its own fault.
+#[derive(Debug)]
+struct PageByPage;
+
+impl PlacementPolicy for PageByPage {
+    fn cpu_fault(&self, _: &CpuFault<'_>) -> CpuFaultPlan {
+        CpuFaultPlan::default()
+    }
+
+    fn victims(&self, _: DeviceId, _: &mut Vec<Candidate<'_>>) {}
+}
+
+/// CPU faults to read back one block from private device memory under `policy`.
+fn readback_faults(policy: Arc<dyn PlacementPolicy>) -> anyhow::Result<u64> {
+    let h = context(policy, 64 << 20)?;
+    let mut buf = h.alloc(BLOCK)?;
+    fill(&mut buf, 0x31);
+    h.migrate(buf.addr(), buf.len(), Target::Device(d0()))?;
+    let before = h.stats().cpu_faults;
+    check(&buf, 0x31)?;
+    Ok(h.stats().cpu_faults - before)
+}
+
+#[test]
+fn the_policy_decides_the_read_back_window() -> anyhow::Result<()> {
+    common::watchdog("read_back_window", 60, || {
+        let default = readback_faults(Arc::new(DefaultPolicy::new(512, 4)))?;
+        let paged = readback_faults(Arc::new(PageByPage))?;
+        // The default brings the block home with the first fault; page by page, every page
+        // faults (fault-around is the protocol's, for first touches only).
+        assert!(default <= 4, "default policy: {default} faults");
+        assert_eq!(paged, (BLOCK / PAGE_SIZE) as u64);
+        Ok(())
+    })
+}
+
+/// Evicts the most recently used block first (the opposite of the default's LRU).
+#[derive(Debug)]
+struct Mru(DefaultPolicy);
+
+impl PlacementPolicy for Mru {
+    fn observe(&self, e: &MemEvent<'_>) {
+        self.0.observe(e)
+    }
+
+    fn cpu_fault(&self, f: &CpuFault<'_>) -> CpuFaultPlan {
+        self.0.cpu_fault(f)
+    }
+
+    fn victims(&self, dev: DeviceId, c: &mut Vec<Candidate<'_>>) {
+        c.sort_by_key(|c| std::cmp::Reverse(c.block.stamps[dev.index()].load(Ordering::Relaxed)));
+    }
+}
+
+/// Which of blocks A and B stays on the device after A, then B were used and block C needed
+/// room.
+fn survivor(policy: Arc<dyn PlacementPolicy>) -> anyhow::Result<&'static str> {
+    let h = context(policy, 2 * BLOCK)?;
+    let dev = h.device(0).expect("device");
+    let mut buf = h.alloc(3 * BLOCK)?;
+    fill(&mut buf, 0x55);
+    let (a, b, c) = (buf.addr(), buf.addr() + BLOCK, buf.addr() + 2 * BLOCK);
+    h.migrate(a, BLOCK, Target::Device(d0()))?;
+    h.migrate(b, BLOCK, Target::Device(d0()))?;
+    dev.read(a, PAGE_SIZE)?;
+    dev.read(b, PAGE_SIZE)?;
+    h.migrate(c, BLOCK, Target::Device(d0()))?;
+    let on_device = |at| -> anyhow::Result<bool> {
+        Ok(dev.snapshot(at, PAGE_SIZE)?[0].location == Location::PrivateLocal)
+    };
+    let r = match (on_device(a)?, on_device(b)?) {
+        (true, false) => "A",
+        (false, true) => "B",
+        other => anyhow::bail!("expected one survivor, found {other:?}"),
+    };
+    check(&buf, 0x55)?;
+    Ok(r)
+}
+
+#[test]
+fn the_policy_orders_the_victims() -> anyhow::Result<()> {
+    common::watchdog("victims", 60, || {
+        assert_eq!(survivor(Arc::new(DefaultPolicy::new(512, 4)))?, "B");
+        assert_eq!(survivor(Arc::new(Mru(DefaultPolicy::new(512, 4))))?, "A");
+        Ok(())
+    })
+}
+
+/// Answers at random: windows of any size, read-ahead of any blocks, victims shuffled or none.
+#[derive(Debug)]
+struct Hostile(Mutex<u64>);
+
+impl Hostile {
+    fn next(&self) -> u64 {
+        let mut s = self.0.lock().unwrap();
+        *s ^= *s << 13;
+        *s ^= *s >> 7;
+        *s ^= *s << 17;
+        *s
+    }
+}
+
+impl PlacementPolicy for Hostile {
+    fn cpu_fault(&self, f: &CpuFault<'_>) -> CpuFaultPlan {
+        let r = self.next();
+        let start = (r % 512) as usize;
+        let len = ((r >> 9) % 600) as usize;
+        CpuFaultPlan {
+            window: hetmem::PageRun::new(start.min(f.page), len, 512),
+            bring_home: r & (1 << 40) != 0,
+            read_ahead: Some(((r >> 20) % 8) as usize..=usize::MAX),
+        }
+    }
+
+    fn victims(&self, _: DeviceId, c: &mut Vec<Candidate<'_>>) {
+        let r = self.next();
+        if r % 3 == 0 {
+            c.clear();
+        } else {
+            c.reverse();
+            c.truncate((r % 5) as usize + 1);
+        }
+    }
+}
+
+#[test]
+fn a_hostile_policy_cannot_lose_data() -> anyhow::Result<()> {
+    common::watchdog("hostile_policy", 120, || {
+        let h = context(
+            Arc::new(Hostile(Mutex::new(0x9e37_79b9_7f4a_7c15))),
+            3 * BLOCK,
+        )?;
+        let dev = h.device(0).expect("device");
+        let mut buf = h.alloc(8 * BLOCK)?;
+        fill(&mut buf, 0x11);
+        for round in 0..6u8 {
+            for b in 0..8 {
+                let at = buf.addr() + b * BLOCK;
+                if (b + round as usize) % 2 == 0 {
+                    h.migrate(at, BLOCK, Target::Device(d0()))?;
+                }
+                // The device writes a page of each block; the CPU reads it all back below.
+                let page = (b * 7 + round as usize) % (BLOCK / PAGE_SIZE);
+                dev.write(at + page * PAGE_SIZE, &vec![0xee; PAGE_SIZE])?;
+                buf[b * BLOCK + page * PAGE_SIZE..][..PAGE_SIZE].copy_from_slice(&vec![
+                    0x11u8
+                        .wrapping_add(
+                            page as u8
+                        );
+                    PAGE_SIZE
+                ]);
+            }
+            check(&buf, 0x11)?;
+        }
+        assert_eq!(h.stats().errors, 0);
+        Ok(())
+    })
+}
