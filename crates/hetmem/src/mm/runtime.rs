@@ -1,8 +1,6 @@
 //! The runtime: the state the service threads and the handles share, and what every part of the
 //! memory manager needs (the fork gate, ownership after fork, error counting, request ids).
 
-#![allow(unsafe_code)]
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
