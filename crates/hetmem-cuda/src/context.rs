@@ -31,14 +31,8 @@ pub fn driver() -> Result<()> {
         if !unsafe { sys::is_culib_present() } {
             let names = cudarc::get_lib_name_candidates("cuda");
             return Err(LoadFailure::NoLibrary(format!(
-                "none of {} loads ({} names tried; is the NVIDIA driver installed, and on \
-                 LD_LIBRARY_PATH?)",
-                names
-                    .iter()
-                    .filter(|n| n.ends_with(".so") || n.ends_with(".so.1"))
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                "neither libcuda.so.1 nor libcuda.so loads ({} names tried); is the NVIDIA \
+                 driver installed, and on the loader path?",
                 names.len()
             )));
         }

@@ -26,15 +26,8 @@ pub fn available() -> Result<()> {
     } else {
         let names = cudarc::get_lib_name_candidates("nvrtc");
         Err(Error::NoNvrtc(format!(
-            "none of {} loads ({} names tried; put the CUDA toolkit's lib directory on \
-             LD_LIBRARY_PATH)",
-            names
-                .iter()
-                .filter(|n| n.contains(".so."))
-                .take(3)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", "),
+            "neither libnvrtc.so.13 nor libnvrtc.so loads ({} names tried); put the CUDA \
+             toolkit's lib directory on LD_LIBRARY_PATH",
             names.len()
         )))
     }
