@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hetmem_cuda::kernels::{self, names};
-use hetmem_cuda::util::{maps_overlapping, read_self_maps};
+use hetmem_cuda::util::{maps_overlapping, maps_show_shared_file, read_self_maps};
 use hetmem_cuda::{
     chunk_size, device_count, nvrtc, Cuda, DeviceBuffer, DevicePtr, DeviceSpan, Error, HostMem,
     HostRegistration, KernelArgs, LaunchConfig, ManagedBuffer, Mapping, MemfdView, Module,
@@ -224,8 +224,21 @@ fn vmm_chunks_map_and_unmap() {
                 "reserve over a host mapping at {wanted:#x}: offered {offered:#x}"
             ));
         }
+        Err(e @ Error::Driver { .. }) => note(format!("reserve over a host mapping: {e}")),
         other => panic!("a reservation over a host mapping gave {other:?}"),
     }
+    // Look before touching: a driver that had mapped over it would make a read fault.
+    let host_inode = inode_of(&host);
+    assert!(
+        maps_show_shared_file(
+            &read_self_maps().unwrap(),
+            host.as_ptr() as u64,
+            host.len() as u64,
+            host_inode,
+            0
+        ),
+        "the reservation attempt replaced the host mapping"
+    );
     assert_eq!(
         host.to_vec(0, 4).unwrap(),
         [9; 4],
