@@ -6,7 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
-cc -O2 -shared -fPIC -Wall -Werror -o "$dir/libcuda.so.1" crates/hetmem-cuda/tests/fake-cuda/fakecuda.c
+# Named libcuda.so, not libcuda.so.1: cudarc tries the former first, while NVRTC looks for the
+# latter itself and would crash calling driver entry points the fake lacks.
+cc -O2 -shared -fPIC -Wall -Werror -o "$dir/libcuda.so" crates/hetmem-cuda/tests/fake-cuda/fakecuda.c
 export LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 cargo test -p hetmem-cuda --test gpu -- --nocapture
 cargo run -q -p hetmem-cuda --example probe > "$dir/probe.out"

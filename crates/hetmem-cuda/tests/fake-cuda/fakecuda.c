@@ -1,4 +1,4 @@
-// A fake libcuda.so.1 for running tests/gpu.rs and the probe on a machine without a GPU:
+// A fake libcuda.so for running tests/gpu.rs and the probe on a machine without a GPU:
 // scripts/fake-cuda-check.sh builds it and runs them against it. It checks the Rust side's logic
 // (arguments, lengths, offsets, lifetimes, error paths), not CUDA's behaviour: "device memory" is
 // host memory behind a translation table, copies are synchronous, kernels are C versions of
