@@ -1,0 +1,51 @@
+//! # hetmem-cuda: the GPU-facing layer of hetmem's CUDA backend
+//!
+//! A small, safe layer over the CUDA driver API (cudarc 0.19, loaded at run time) with what the
+//! coming `CudaBackend: hetmem::DeviceBackend` needs (`docs/runtime.md` §4):
+//!
+//! - [`Cuda`]: the driver (a typed [`Error::NoDriver`] where `libcuda` is missing, never a
+//!   panic), a device, its primary context, made current on whichever thread uses it, and
+//!   [`DeviceInfo`].
+//! - [`HostRegistration`]: an existing host mapping (the memfd's DMA view, [`MemfdView`])
+//!   pinned with `cuMemHostRegister`, portable and device-mapped; [`PinnedBuffer`] for
+//!   driver-allocated pinned memory.
+//! - [`Reservation`], [`PhysicalChunk`], [`Mapping`]: device memory in 2 MiB chunks through the
+//!   VMM API, torn down in order; [`DeviceBuffer`] for a plain range of chunks.
+//! - [`Stream`] and [`Event`]: asynchronous copies (H2D, D2H, D2D), `cuMemsetD8Async`, kernel
+//!   launches, fences that can be polled.
+//! - [`Module`] from PTX or CUBIN, [`nvrtc`] to compile CUDA C at run time ([`Error::NoNvrtc`]
+//!   without it), [`KernelArgs`] to pack arguments.
+//! - [`SameAddressView`]: one address for CPU and GPU (the memfd for the CPU, device chunks for
+//!   the GPU).
+//! - [`ManagedBuffer`]: CUDA's managed memory, for comparison measurements.
+//!
+//! The unsafe code is confined to the modules that call the driver or `mmap`; each block says
+//! why it is sound.
+
+mod args;
+mod context;
+mod error;
+mod host;
+pub mod kernels;
+mod managed;
+mod module;
+pub mod nvrtc;
+mod same_va;
+mod span;
+mod stream;
+pub mod util;
+mod vmm;
+
+pub use args::{KernelArg, KernelArgs, LaunchConfig, MAX_THREADS_PER_BLOCK};
+pub use context::{device_count, driver, driver_version, Cuda, DeviceInfo};
+pub use error::{Error, Result};
+pub use host::{HostMem, HostRegistration, MemfdView, PinnedBuffer, REGISTER_FLAGS};
+pub use managed::{Location, ManagedBuffer, MAX_FREE_FRACTION};
+pub use module::{Function, Module};
+pub use same_va::SameAddressView;
+pub use span::{DevicePtr, DeviceSpan, HostSpan};
+pub use stream::{Event, Stream};
+pub use vmm::{chunk_size, DeviceBuffer, Mapping, PhysicalChunk, Reservation, CHUNK_SIZE};
+
+/// The raw driver bindings, for calls this crate does not wrap (bind the context first).
+pub use cudarc::driver::sys as driver_sys;

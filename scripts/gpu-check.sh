@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The GPU check, run on the GPU machine from the repository root with gpu-bin/ (built by
+# scripts/gpu-build.sh) carried along:
+#
+#   bash scripts/gpu-check.sh
+#
+# Prints nvidia-smi -L, then runs each step under `timeout`: the hetmem-cuda unit tests, the NVRTC
+# tests and the GPU tests with HETMEM_REQUIRE_CUDA=1 (a missing driver or NVRTC fails instead of
+# skipping), then the probe. Logs and probe.json go to $OUT (or /tmp/hetmem-gpu-check). The whole
+# script stays under 4 minutes; it exits non-zero if any step failed.
+set -u
+cd "$(dirname "$0")/.."
+bin=${GPU_BIN:-gpu-bin}
+out=${OUT:-/tmp/hetmem-gpu-check}
+mkdir -p "$out"
+start=$SECONDS
+budget=230
+passed=0
+failed=0
+summary=()
+
+step() { # name timeout-seconds command...
+  local name=$1 secs=$2
+  shift 2
+  local left=$((budget - (SECONDS - start)))
+  if ((left < 10)); then
+    echo "== $name: not run, the time budget is spent"
+    summary+=("$name: not run (time)")
+    failed=$((failed + 1))
+    return
+  fi
+  ((secs > left)) && secs=$left
+  echo "== $name (timeout ${secs}s): $*"
+  local t0=$SECONDS
+  timeout -k 5 "$secs" "$@" 2>&1 | tee "$out/$name.log"
+  local rc=${PIPESTATUS[0]}
+  local took=$((SECONDS - t0))
+  local what="rc $rc"
+  ((rc == 124 || rc == 137)) && what="$what, timed out"
+  if ((rc == 0)); then
+    passed=$((passed + 1))
+    summary+=("$name: ok (${took}s)")
+  else
+    failed=$((failed + 1))
+    summary+=("$name: FAILED ($what, ${took}s)")
+  fi
+  echo "== $name: $what, ${took}s"
+}
+
+echo "== nvidia-smi -L"
+timeout 20 nvidia-smi -L 2>&1 | tee "$out/nvidia-smi.log"
+timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,persistence_mode \
+  --format=csv 2>&1 | tee -a "$out/nvidia-smi.log"
+echo "== host: $(uname -r), $(nproc) CPUs, $(ldd --version 2>&1 | head -1)"
+
+if [ ! -d "$bin" ]; then
+  echo "gpu-check: $bin/ is missing: build it with scripts/gpu-build.sh and carry it" >&2
+  exit 2
+fi
+cat "$bin/BUILD.txt" 2>/dev/null
+
+# NVRTC: use the toolkit's copy when the loader does not already find libnvrtc.so.13.
+if ! ldconfig -p 2>/dev/null | grep -q 'libnvrtc\.so\.13'; then
+  cands=(/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib)
+  if command -v nvcc >/dev/null 2>&1; then
+    nvcc_root=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+    cands+=("$nvcc_root/lib64" "$nvcc_root/targets/x86_64-linux/lib")
+  fi
+  cands+=(/usr/local/cuda-13*/lib64 /usr/local/cuda-13*/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu /opt/cuda*/lib64)
+  for d in "${cands[@]}"; do
+    if [ -e "$d/libnvrtc.so.13" ]; then
+      export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+      break
+    fi
+  done
+fi
+echo "== libraries: LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+ldconfig -p 2>/dev/null | grep -E 'libcuda\.so|libnvrtc\.so' | head -6
+
+export HETMEM_REQUIRE_CUDA=1
+export RUST_BACKTRACE=1
+step unit-tests 30 "$bin/hetmem-cuda-unit" --test-threads=2
+step nvrtc-tests 30 "$bin/nvrtc-tests" --nocapture
+step gpu-tests 90 "$bin/gpu-tests" --nocapture --test-threads=4
+step probe 60 "$bin/probe" --json "$out/probe.json"
+
+echo "== nvidia-smi after"
+timeout 15 nvidia-smi --query-gpu=name,memory.used,utilization.gpu --format=csv 2>&1 | tee -a "$out/nvidia-smi.log"
+
+echo "== summary ($((SECONDS - start))s; logs in $out)"
+printf '  %s\n' "${summary[@]}"
+echo "gpu-check: $passed passed, $failed failed"
+((failed == 0))
