@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 out=gpu-bin
 log=$(cargo test --release -p hetmem-cuda --no-run 2>&1) || { echo "$log"; exit 1; }
 cargo build --release -q -p hetmem-cuda --examples
-rm -rf "$out"
+rm -f "$out"/{hetmem-cuda-unit,gpu-tests,nvrtc-tests,probe,BUILD.txt}
 mkdir -p "$out"
 # cargo names each test binary: "Executable tests/gpu.rs (target/release/deps/gpu-0123abcd)".
 while IFS='|' read -r what path; do
