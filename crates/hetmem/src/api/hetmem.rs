@@ -244,7 +244,7 @@ impl Hetmem {
     /// `Invalid` (EINVAL) for an empty, unaligned or wrapping range, shared or file mappings,
     /// memory that is not read-write or already managed, and in a fork child; `NoEnt` (ENOENT)
     /// when part of the range is not mapped; `NoMem` (ENOMEM) when the range's copy or its
-    /// metadata cannot fit in the machine's memory, RAM and swap (the copy fills every page,
+    /// metadata cannot fit in the memory the machine can give now (the copy fills every page,
     /// even those never touched).
     ///
     /// # Safety

@@ -113,7 +113,7 @@ impl Region {
 
     /// Checks that a region of `len` bytes can exist and reserves room for its blocks, before
     /// anything else of it is allocated. Every block's metadata is built eagerly (by
-    /// [`Region::new`]), so it must fit in the machine's memory, RAM and swap: a reservation
+    /// [`Region::new`]), so it must fit in the memory the machine can give now: a reservation
     /// alone could succeed under overcommit and be killed when the blocks are written.
     ///
     /// # Errors

@@ -192,9 +192,34 @@ pub fn memory_bytes() -> u64 {
     units.saturating_mul(u64::from(info.mem_unit.max(1)))
 }
 
-/// Whether `bytes` can ever be had at once ([`memory_bytes`]).
+/// Bytes of memory the machine can give now without killing anyone: `MemAvailable` plus
+/// `SwapFree` from /proc/meminfo (free memory plus what the kernel can reclaim), or
+/// [`memory_bytes`] if the file cannot be read.
+pub fn available_bytes() -> u64 {
+    let Ok(info) = std::fs::read_to_string("/proc/meminfo") else {
+        return memory_bytes();
+    };
+    let field = |name: &str| -> Option<u64> {
+        let line = info.lines().find(|l| l.starts_with(name))?;
+        let kib: u64 = line[name.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib.saturating_mul(1024))
+    };
+    match (field("MemAvailable:"), field("SwapFree:")) {
+        (Some(mem), swap) => mem.saturating_add(swap.unwrap_or(0)),
+        (None, _) => memory_bytes(),
+    }
+}
+
+/// Whether `bytes` can be had now ([`available_bytes`]): an allocation beyond it would, under
+/// overcommit, succeed and then have the process (or another) killed when touched. Checked
+/// before anything large is allocated for a caller's argument.
 pub fn fits_in_memory(bytes: usize) -> bool {
-    bytes as u64 <= memory_bytes()
+    bytes as u64 <= available_bytes().min(memory_bytes())
 }
 
 /// An empty vector with room for exactly `n` values, or `None` when they cannot fit in the
@@ -533,6 +558,18 @@ pub fn vma_info(addr: usize) -> io::Result<Option<Vma>> {
 mod tests {
     #![allow(clippy::undocumented_unsafe_blocks)]
     use super::*;
+
+    #[test]
+    fn fits_in_memory_means_what_is_available_now() {
+        let (avail, total) = (available_bytes(), memory_bytes());
+        assert!(avail > 0 && avail <= total, "available {avail}, total {total}");
+        // Between what is available and what the machine has: the old bound (RAM and swap)
+        // took it, and the process was killed when the memory was touched.
+        let between = avail + (total - avail) / 2;
+        assert!(total - avail > 1 << 20, "nothing is in use on this machine?");
+        assert!(!fits_in_memory(between as usize));
+        assert!(fits_in_memory((avail / 2) as usize));
+    }
 
     #[test]
     fn copy_streaming_copies_every_byte_aligned_or_not() {
