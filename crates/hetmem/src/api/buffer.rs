@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::mm::region::Region;
 use crate::mm::runtime::RuntimeHandle;
-use crate::sys::mem::{self, Mapping};
+use crate::sys::mem;
 
 /// A CPU view of managed memory, owned by a handle that keeps it mapped: the one place that
 /// turns a view into slices.
@@ -201,45 +201,22 @@ impl Registration {
             // again) until the private copy is in place, so no write lands in the memfd after
             // the copy was taken.
             let _ = inner.uffd.write_protect(v.va, v.len, true, false);
-            let fresh = match Mapping::anonymous(v.len) {
-                Ok(fresh) => fresh,
-                Err(e) => {
-                    // The memfd holds the latest data: leave it mapped there, unmanaged.
-                    inner.note_error("copy a registered range out", &e);
-                    let _ = inner.uffd.unregister(v.va, v.len);
-                    continue;
-                }
+            let backing = self.region.backing.as_ptr().wrapping_add(v.off);
+            let fill = |copy: &mut [u8]| {
+                // SAFETY: the backing view holds the region's latest data, `v.len` bytes from
+                // `v.off` on, and nobody writes it now (every page was brought home above, and
+                // writers wait); `copy` is the fresh private memory, as long.
+                unsafe { mem::copy(copy.as_mut_ptr(), backing, copy.len()) }
             };
-            // SAFETY: the backing view holds the region's latest data (every page was brought
-            // home above, and writers wait) and `fresh` is ours.
-            unsafe {
-                mem::copy(
-                    fresh.as_ptr(),
-                    self.region.backing.as_ptr().wrapping_add(v.off),
-                    v.len,
-                )
-            };
-            // SAFETY: moves our fresh private mapping over the view, which the caller handed to
-            // us at registration; the contents are identical, so references into it stay valid.
+            // SAFETY: moves the copy over the view, which the caller handed to us at
+            // registration; the contents are identical, so references into it stay valid.
             // The view is still registered: the kernel sends an UNMAP event for it and waits
             // until a service thread reads it.
-            let r = unsafe {
-                libc::mremap(
-                    fresh.as_ptr().cast(),
-                    v.len,
-                    v.len,
-                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                    v.va as *mut libc::c_void,
-                )
-            };
-            if r == libc::MAP_FAILED {
-                inner.note_error(
-                    "move a registered range out",
-                    &std::io::Error::last_os_error(),
-                );
+            let moved = unsafe { mem::replace_with_private(v.va, v.len, fill, &[]) };
+            if let Err(e) = moved {
+                // The memfd holds the latest data: leave it mapped there, unmanaged.
+                inner.note_error("move a registered range out", &e);
                 let _ = inner.uffd.unregister(v.va, v.len);
-            } else {
-                fresh.leak();
             }
             // Writers that waited retry on the private copy.
             let _ = inner.uffd.wake(v.va, v.len);

@@ -162,7 +162,7 @@ impl Runtime {
                 .iter()
             {
                 // SAFETY: the child's own private copy of the view, which its buffer owned.
-                unsafe { libc::munmap(v.va as *mut libc::c_void, v.len) };
+                let _ = unsafe { mem::unmap(v.va, v.len) };
             }
             return;
         }
@@ -174,7 +174,7 @@ impl Runtime {
         for v in views {
             // SAFETY: the view belonged to this region, whose buffer is being dropped, so no
             // reference into it remains; it is no longer registered.
-            unsafe { libc::munmap(v.va as *mut libc::c_void, v.len) };
+            let _ = unsafe { mem::unmap(v.va, v.len) };
         }
     }
 }

@@ -275,6 +275,59 @@ pub unsafe fn protect(addr: usize, len: usize, prot: libc::c_int) -> io::Result<
     Ok(())
 }
 
+/// Unmaps `[addr, addr + len)` (munmap).
+///
+/// # Safety
+/// The range must be memory the caller owns, that nothing else will use again: no reference
+/// may point into it, and no owner (a [`Mapping`]) may unmap it later.
+pub unsafe fn unmap(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: the caller's contract.
+    unsafe { rustix::mm::munmap(addr as *mut std::ffi::c_void, len) }?;
+    Ok(())
+}
+
+/// Replaces the mapping at `[addr, addr + len)` with private anonymous memory that keeps the
+/// address: mmap a fresh anonymous mapping, let `fill` write it (the whole of it, as a slice),
+/// give the parts that `protect` lists (offsets from `addr`, lengths, protections; best
+/// effort, as a fork child's copy of an mprotected range) their protection, then move it over
+/// the range with mremap(MREMAP_MAYMOVE | MREMAP_FIXED). Pointers into the range stay valid
+/// and see what `fill` wrote. On an error the range is as it was (the fresh mapping, if any,
+/// is unmapped).
+///
+/// # Safety
+/// `[addr, addr + len)` must be page-aligned memory the caller owns, and the contents `fill`
+/// writes must be what anyone who may read the range is entitled to see there (the range's
+/// latest data, with writers held off until the call returns).
+pub unsafe fn replace_with_private(
+    addr: usize,
+    len: usize,
+    fill: impl FnOnce(&mut [u8]),
+    protect: &[(usize, usize, libc::c_int)],
+) -> io::Result<()> {
+    let fresh = Mapping::anonymous(len)?;
+    // SAFETY: our fresh private mapping, read-write and `len` bytes long; nobody else knows it.
+    fill(unsafe { std::slice::from_raw_parts_mut(fresh.as_ptr(), len) });
+    for &(off, n, prot) in protect {
+        if off.checked_add(n).is_some_and(|end| end <= len) {
+            // SAFETY: part of our fresh mapping, to which no reference remains (`fill` returned).
+            let _ = unsafe { self::protect(fresh.addr() + off, n, prot) };
+        }
+    }
+    // SAFETY: moves our fresh mapping over the range, which the caller owns and has made the
+    // fresh mapping a faithful replacement of (contract above).
+    unsafe {
+        rustix::mm::mremap_fixed(
+            fresh.as_ptr().cast(),
+            len,
+            len,
+            rustix::mm::MremapFlags::MAYMOVE,
+            addr as *mut std::ffi::c_void,
+        )
+    }?;
+    fresh.leak();
+    Ok(())
+}
+
 /// Copies `len` bytes between raw ranges that do not overlap.
 ///
 /// # Safety
