@@ -57,7 +57,7 @@ impl DeviceBackend for SimBackend {
         };
         // SAFETY: the frames are free: no page table maps them and no copy uses them, so their
         // contents are garbage; dropping them makes them read zero.
-        unsafe { mem::madvise(p as usize + offset, len, libc::MADV_DONTNEED) }
+        unsafe { mem::madvise(p as usize + offset, len, mem::Advice::DontNeed) }
     }
 
     unsafe fn copy(&self, ops: &[CopyOp<'_>]) -> Result<Fence, OpError> {

@@ -145,7 +145,7 @@ extern "C" fn child() {
             for v in views {
                 // The copy keeps each part of the view's protection (an mprotect of the
                 // application's), as a fork child's private memory does.
-                let protect: Vec<(usize, usize, libc::c_int)> = mem::maps_in(v.va, v.va + v.len)
+                let protect: Vec<(usize, usize, mem::Prot)> = mem::maps_in(v.va, v.va + v.len)
                     .unwrap_or_default()
                     .iter()
                     .filter(|m| m.inode == r.inode)
@@ -153,8 +153,8 @@ extern "C" fn child() {
                         let b = m.perms.as_bytes();
                         let prot = match (b.first() == Some(&b'r'), b.get(1) == Some(&b'w')) {
                             (true, true) => return None,
-                            (true, false) => libc::PROT_READ,
-                            (false, _) => libc::PROT_NONE,
+                            (true, false) => mem::Prot::Read,
+                            (false, _) => mem::Prot::None,
                         };
                         let (s, e) = (m.start.max(v.va), m.end.min(v.va + v.len));
                         Some((s - v.va, e - s, prot))

@@ -94,7 +94,7 @@ impl Runtime {
     pub(crate) fn detach_views(&self, region: &Region, views: &[View]) {
         for v in views {
             // SAFETY: the view is retired: its buffer is going, so nobody may use it any more.
-            if let Err(e) = unsafe { mem::protect(v.va, v.len, libc::PROT_NONE) } {
+            if let Err(e) = unsafe { mem::protect(v.va, v.len, mem::Prot::None) } {
                 // Part of the view is gone already (a munmap whose event is still unread):
                 // protect what is left of it, one mapping at a time.
                 if e.raw_os_error() != Some(libc::ENOMEM) {
@@ -104,7 +104,7 @@ impl Runtime {
                 for m in maps.iter().filter(|m| m.inode == region.inode) {
                     let (s, t) = (m.start.max(v.va), m.end.min(v.va + v.len));
                     // SAFETY: as above, for the part of the view still mapped.
-                    let _ = unsafe { mem::protect(s, t - s, libc::PROT_NONE) };
+                    let _ = unsafe { mem::protect(s, t - s, mem::Prot::None) };
                 }
             }
             let _ = self.uffd.unregister(v.va, v.len);

@@ -37,9 +37,9 @@ impl Runtime {
     pub(crate) fn protect(&self, addr: usize, len: usize, read: bool, write: bool) -> Result<()> {
         let pieces = self.pieces(addr, len)?;
         let prot = match (read, write) {
-            (false, _) => libc::PROT_NONE,
-            (true, false) => libc::PROT_READ,
-            (true, true) => libc::PROT_READ | libc::PROT_WRITE,
+            (false, _) => mem::Prot::None,
+            (true, false) => mem::Prot::Read,
+            (true, true) => mem::Prot::ReadWrite,
         };
         // SAFETY: every page of the range is managed memory (`pieces` checked); changing its
         // protection is what the caller asks for, and hetmem's own accesses go through the
