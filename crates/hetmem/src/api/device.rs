@@ -2,8 +2,6 @@
 //! (private) or aliased with system memory (coherent), faults served through the protocol in
 //! batches, and kernels that run on worker threads over translated runs of pages.
 
-#![allow(unsafe_code)]
-
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -273,6 +271,7 @@ impl Device {
     /// `Fault` (EFAULT) when part of the range is not managed memory or is `PROT_NONE`;
     /// `NoMem` (ENOMEM) when the result cannot fit in the machine's memory, or the device is
     /// full and nothing can be evicted; `Io` when a copy fails.
+    #[allow(unsafe_code)]
     pub fn read(&self, addr: usize, len: usize) -> Result<Vec<u8>> {
         // The range first: the result is allocated only for a range that is all managed.
         let pieces = self.inner().pieces(addr, len)?;
@@ -297,6 +296,7 @@ impl Device {
     /// `Fault` (EFAULT) when part of the range is not managed memory or is `PROT_NONE`; `Perm`
     /// (EPERM) when it is read-only; `NoMem` (ENOMEM) when the device is full and nothing can
     /// be evicted; `Io` when a copy fails.
+    #[allow(unsafe_code)]
     pub fn write(&self, addr: usize, data: &[u8]) -> Result<()> {
         let pieces = self.inner().pieces(addr, data.len())?;
         self.run_command(&pieces, Access::Write, &|_, runs| {
@@ -502,6 +502,7 @@ impl Device {
     ///
     /// # Errors
     /// As [`Device::read`], with no result to allocate; nothing runs when the range is refused.
+    #[allow(unsafe_code)]
     pub fn kernel_read<F>(&self, addr: usize, len: usize, f: F) -> Result<()>
     where
         F: Fn(usize, &[u8]) + Sync,
@@ -518,6 +519,7 @@ impl Device {
     ///
     /// # Errors
     /// As [`Device::write`]; nothing runs when the range is refused.
+    #[allow(unsafe_code)]
     pub fn kernel_write<F>(&self, addr: usize, len: usize, f: F) -> Result<()>
     where
         F: Fn(usize, &mut [u8]) + Sync,

@@ -14,13 +14,13 @@ use std::sync::Arc;
 
 use hetmem_proto::{OpError, PAGE_SIZE};
 
-use crate::api::buffer::CpuView;
 use crate::api::hetmem::Hetmem;
 use crate::error::{Error, Result};
 use crate::mm::file_io::{ErrSeq, FileBacking, FileIo, FileMode};
 use crate::mm::lifecycle::{KeptMapping, KEPT};
 use crate::mm::region::Region;
 use crate::mm::runtime::{Runtime, RuntimeHandle};
+use crate::raw::CpuView;
 use crate::sys::file::{self as sys_file};
 
 /// A file mapped as managed memory ([`Hetmem::map_file`]).

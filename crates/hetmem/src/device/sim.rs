@@ -1,8 +1,6 @@
 //! The simulated device's memory: chunks are anonymous mappings, copies are `memcpy` on the
 //! calling thread, and freed frames are dropped with MADV_DONTNEED so they read zero.
 
-#![allow(unsafe_code)]
-
 use std::io;
 
 use hetmem_proto::{DeviceKind, OpError};
@@ -51,6 +49,7 @@ impl DeviceBackend for SimBackend {
         })
     }
 
+    #[allow(unsafe_code)]
     fn discard(&self, chunk: &Chunk, offset: usize, len: usize) -> io::Result<()> {
         let Some(p) = chunk.host_ptr() else {
             return Ok(());
@@ -60,6 +59,7 @@ impl DeviceBackend for SimBackend {
         unsafe { mem::madvise(p as usize + offset, len, mem::Advice::DontNeed) }
     }
 
+    #[allow(unsafe_code)]
     unsafe fn copy(&self, ops: &[CopyOp<'_>]) -> Result<Fence, OpError> {
         for op in ops {
             let (src, dst) = (host(op.src)?, host(op.dst)?);

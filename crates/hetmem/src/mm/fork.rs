@@ -16,8 +16,6 @@
 //! - **parent** (after fork): wait for the child's word (or its death), restore write
 //!   permission where the protocol has the CPU mapping writable, and open the gates.
 
-#![allow(unsafe_code)]
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
 use std::sync::{Arc, Mutex, Weak};
@@ -135,6 +133,7 @@ fn restore_write(inner: &Runtime) {
     }
 }
 
+#[allow(unsafe_code)]
 extern "C" fn child() {
     release_held();
     let frozen = std::mem::take(&mut *FROZEN.lock().unwrap_or_else(|e| e.into_inner()));
@@ -182,6 +181,7 @@ extern "C" fn child() {
 /// Writes the latest data of each page of view `v` into `copy`, from wherever it lives (system
 /// memory, a coherent device's alias of it, a private device's chunk, which the child
 /// inherited as a copy-on-write snapshot, or the file for a file page nobody touched).
+#[allow(unsafe_code)]
 fn copy_view(inner: &Runtime, r: &Region, v: &View, copy: &mut [u8]) {
     let mut at = 0;
     while at < v.len {

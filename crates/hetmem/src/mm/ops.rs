@@ -1,8 +1,6 @@
 //! Whole-range operations shared by the public handles (`Hetmem`, `Device`): migrate, discard,
 //! protect, advise. Each checks the range, then drives the protocol block by block.
 
-#![allow(unsafe_code)]
-
 use hetmem_proto::{Access, Advice, Event, Invalidation, Mem, RequestKind};
 
 use crate::error::{Error, Result};
@@ -34,6 +32,7 @@ impl Runtime {
     }
 
     /// mprotect, then the invalidation an MMU notifier would send (`Hetmem::protect`).
+    #[allow(unsafe_code)]
     pub(crate) fn protect(&self, addr: usize, len: usize, read: bool, write: bool) -> Result<()> {
         let pieces = self.pieces(addr, len)?;
         let prot = match (read, write) {
