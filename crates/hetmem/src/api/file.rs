@@ -170,11 +170,11 @@ impl Hetmem {
         .map_err(open_error)?;
         drop(pinned);
         let meta = file.metadata().map_err(Error::os("stat file"))?;
-        let tmpfs = crate::mm::file_io::on_tmpfs(&file);
+        let tmpfs = sys_file::on_tmpfs(std::os::fd::AsFd::as_fd(&file));
         if direct && tmpfs {
             // tmpfs takes O_DIRECT (Linux 6.6) but its page cache is its storage: there is
             // nothing to bypass, and the pages would be cached all the same.
-            direct = !crate::mm::file_io::set_o_direct(&file, false);
+            direct = !sys_file::set_o_direct(std::os::fd::AsFd::as_fd(&file), false);
         }
         let errseq = ErrSeq::of_file(&meta);
         let inner = &self.0.inner;

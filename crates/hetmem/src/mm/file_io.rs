@@ -508,28 +508,8 @@ impl FileBacking {
 
     /// Sets or clears O_DIRECT on the descriptor; whether that worked.
     fn set_direct(&self, on: bool) -> bool {
-        set_o_direct(&self.file, on)
+        sys_file::set_o_direct(self.file.as_fd(), on)
     }
-}
-
-/// Sets or clears O_DIRECT on `file`'s descriptor; whether that worked.
-pub(crate) fn set_o_direct(file: &std::fs::File, on: bool) -> bool {
-    use rustix::fs::OFlags;
-    let Ok(flags) = rustix::fs::fcntl_getfl(file) else {
-        return false;
-    };
-    let flags = if on {
-        flags | OFlags::DIRECT
-    } else {
-        flags - OFlags::DIRECT
-    };
-    rustix::fs::fcntl_setfl(file, flags).is_ok()
-}
-
-/// Whether `file` lives on tmpfs (or shmem), whose page cache is the file's only copy.
-pub(crate) fn on_tmpfs(file: &std::fs::File) -> bool {
-    const TMPFS_MAGIC: u64 = 0x0102_1994;
-    rustix::fs::fstatfs(file).is_ok_and(|s| s.f_type as u64 == TMPFS_MAGIC)
 }
 
 fn errno_to_op(errno: i32) -> OpError {

@@ -403,3 +403,23 @@ pub fn drop_cached(fd: BorrowedFd<'_>, offset: u64, len: usize) {
 pub fn looks_full(fd: BorrowedFd<'_>) -> bool {
     rustix::fs::fstatfs(fd).is_ok_and(|s| s.f_bavail == 0 || s.f_bfree == 0)
 }
+
+/// Sets or clears O_DIRECT on `fd` (fcntl F_GETFL, F_SETFL); whether that worked.
+pub fn set_o_direct(fd: BorrowedFd<'_>, on: bool) -> bool {
+    let Ok(flags) = rustix::fs::fcntl_getfl(fd) else {
+        return false;
+    };
+    let flags = if on {
+        flags | OFlags::DIRECT
+    } else {
+        flags - OFlags::DIRECT
+    };
+    rustix::fs::fcntl_setfl(fd, flags).is_ok()
+}
+
+/// Whether `fd`'s file lives on tmpfs (or shmem), whose page cache is the file's only copy
+/// (fstatfs).
+pub fn on_tmpfs(fd: BorrowedFd<'_>) -> bool {
+    const TMPFS_MAGIC: u64 = 0x0102_1994;
+    rustix::fs::fstatfs(fd).is_ok_and(|s| s.f_type as u64 == TMPFS_MAGIC)
+}

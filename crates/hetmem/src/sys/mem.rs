@@ -160,6 +160,11 @@ pub fn memfd(name: &str, len: usize) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// The inode number of `fd`'s file (fstat).
+pub fn inode(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    Ok(rustix::fs::fstat(fd)?.st_ino)
+}
+
 /// Bytes of memory the machine has, RAM and swap together (sysinfo): the most that one
 /// allocation can ever be backed by. The kernel's heuristic overcommit refuses a single
 /// allocation beyond this; hetmem applies the bound whatever the overcommit mode, because under
