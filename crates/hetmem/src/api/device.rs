@@ -92,7 +92,7 @@ impl Device {
         Self { shared, id }
     }
 
-    fn inner(&self) -> &crate::mm::runtime::Runtime {
+    pub(super) fn inner(&self) -> &crate::mm::runtime::Runtime {
         &self.shared.inner
     }
 
@@ -129,14 +129,6 @@ impl Device {
         c.migrated_in.reset();
         c.migrated_out.reset();
         c.evicted.reset();
-    }
-
-    /// Makes the next `n` transfers into or out of this device fail (a DMA error), to test
-    /// that data stays where it was.
-    pub fn inject_transfer_failures(&self, n: u32) {
-        self.inner().devices[self.id.index()]
-            .fail_transfers
-            .store(n, Ordering::Release);
     }
 
     /// Faults `pieces` in for `access` until the device maps all of them; then calls `f` for

@@ -499,7 +499,7 @@ impl Runtime {
                 None => Ok(Endpoint::Host(region.backing_ptr(bi, at / PAGE_SIZE))),
             }
         };
-        if self.take_injected_failure(t.dst, t.src) {
+        if self.transfer_faults.take(t.dst, t.src) {
             return Err(OpError::Device);
         }
         // The copy engine of the device involved (the destination's if both are devices).
