@@ -38,9 +38,9 @@ extern "C" fn on_break(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut
     let fd = unsafe { info.cast::<u8>().add(24).cast::<i32>().read_unaligned() };
     let w = WRITE_END.load(Ordering::Relaxed);
     if w >= 0 {
-        // SAFETY: this process's pipe, published before the handler was installed and never
-        // closed while it is (`install` closes only a parent's pipe, in a fork child, after
-        // publishing the child's own).
+        // SAFETY: this process's pipe, published before the handler was installed. Its only
+        // close is `install`'s of a parent's pipe in a fork child, which no break reaches
+        // before that child takes leases of its own (breaks go to the lease owner's process).
         let w = unsafe { BorrowedFd::borrow_raw(w) };
         // write(2), a raw system call here: async-signal-safe, and it leaves errno alone.
         let _ = rustix::io::write(w, &fd.to_ne_bytes());

@@ -410,7 +410,7 @@ impl EventFd {
         let _ = rustix::io::write(&self.0, &1u64.to_ne_bytes());
     }
 
-    /// Resets it, another thread may have done so already (read).
+    /// Resets it (read); another thread may have done so already.
     pub fn drain(&self) {
         let mut buf = [0u8; 8];
         let _ = rustix::io::read(&self.0, &mut buf);
