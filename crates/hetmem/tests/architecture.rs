@@ -141,6 +141,7 @@ const MM_DATA: &[&str] = &[
     "mm::poison",
     "mm::region",
     "mm::space",
+    "mm::testing",
     "mm::work",
 ];
 

@@ -1,43 +1,12 @@
 //! Handles to managed memory: `ManagedBuf` (allocated) and `Registration` (adopted).
 
-#![allow(unsafe_code)]
-
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::mm::region::Region;
 use crate::mm::runtime::RuntimeHandle;
-use crate::sys::mem::{self, Mapping};
-
-/// A CPU view of managed memory, owned by a handle that keeps it mapped: the one place that
-/// turns a view into slices.
-#[derive(Debug)]
-pub(crate) struct CpuView {
-    addr: usize,
-    len: usize,
-}
-
-impl CpuView {
-    /// Crate-internal contract (what `slice` relies on): `[addr, addr + len)` is a view of
-    /// managed memory that stays mapped for as long as the value lives, and only its owner
-    /// hands out references into it. Callers create it for a view they just registered.
-    pub fn new(addr: usize, len: usize) -> Self {
-        Self { addr, len }
-    }
-
-    pub fn slice(&self) -> &[u8] {
-        // SAFETY: mapped for as long as `self` lives (the constructor's contract); a page that is
-        // not present faults to the service threads, which fill it. Devices write a page only
-        // while the protocol has taken the CPU's mapping away, never under a live CPU access.
-        unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) }
-    }
-
-    pub fn slice_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as for `slice`; `&mut self` makes this the only CPU reference.
-        unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u8, self.len) }
-    }
-}
+use crate::raw::CpuView;
 
 /// Managed memory from [`crate::Hetmem::alloc`]. The CPU uses it as a plain slice; devices reach
 /// it by address. Dropping it frees everything, device frames included.
@@ -45,8 +14,7 @@ impl CpuView {
 pub struct ManagedBuf {
     shared: Arc<RuntimeHandle>,
     region: Arc<Region>,
-    addr: usize,
-    len: usize,
+    view: CpuView,
 }
 
 impl ManagedBuf {
@@ -59,19 +27,19 @@ impl ManagedBuf {
         Self {
             shared,
             region,
-            addr,
-            len,
+            // The view was registered just now; the buffer keeps it mapped until its drop.
+            view: CpuView::new(addr, len),
         }
     }
 
     /// Start address (what devices are given).
     pub fn addr(&self) -> usize {
-        self.addr
+        self.view.addr()
     }
 
     /// Length in bytes.
     pub fn len(&self) -> usize {
-        self.len
+        self.view.len()
     }
 
     /// Always false: buffers are at least one page.
@@ -81,32 +49,25 @@ impl ManagedBuf {
 
     /// Start pointer.
     pub fn as_ptr(&self) -> *mut u8 {
-        self.addr as *mut u8
+        self.view.addr() as *mut u8
     }
 
     /// The memory as 64-bit atomics, for CPU threads that share it while devices work on it.
     pub fn as_atomic_u64(&self) -> &[AtomicU64] {
-        // SAFETY: the view is mapped, page-aligned (so 8-byte aligned) and `len` bytes long for
-        // as long as `self` lives; atomics allow shared mutation.
-        unsafe { std::slice::from_raw_parts(self.addr as *const AtomicU64, self.len / 8) }
+        self.view.atomics()
     }
 }
 
 impl std::ops::Deref for ManagedBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: the CPU view is mapped read-write for as long as `self` lives; a page that is
-        // not present faults to the service threads, which fill it. Devices write this memory
-        // only while the protocol has taken the CPU's mapping away, i.e. never under a live
-        // CPU access to the same page.
-        unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) }
+        self.view.slice()
     }
 }
 
 impl std::ops::DerefMut for ManagedBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as for Deref; `&mut self` makes this the only CPU reference.
-        unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u8, self.len) }
+        self.view.slice_mut()
     }
 }
 
@@ -184,68 +145,9 @@ impl Registration {
         }
     }
 
-    /// Brings every page home, then replaces each view with a private copy of its data. Until
-    /// the first step has succeeded nothing changes, so a failure leaves the range managed with
-    /// its data.
+    /// Gives the range back (`Runtime::release_registration`).
     fn release(&self) -> Result<()> {
-        let inner = &self.shared.inner;
-        inner.bring_home(&self.region)?;
-        let views = inner.retire_region(&self.region);
-        // Wait out drives that looked the region up before it was retired: from here on no
-        // drive maps a page of these views.
-        for slot in self.region.blocks.iter() {
-            drop(inner.lock_block(slot));
-        }
-        for v in &views {
-            // Writers now fault and wait (their faults are stale: they are woken and fault
-            // again) until the private copy is in place, so no write lands in the memfd after
-            // the copy was taken.
-            let _ = inner.uffd.write_protect(v.va, v.len, true, false);
-            let fresh = match Mapping::anonymous(v.len) {
-                Ok(fresh) => fresh,
-                Err(e) => {
-                    // The memfd holds the latest data: leave it mapped there, unmanaged.
-                    inner.note_error("copy a registered range out", &e);
-                    let _ = inner.uffd.unregister(v.va, v.len);
-                    continue;
-                }
-            };
-            // SAFETY: the backing view holds the region's latest data (every page was brought
-            // home above, and writers wait) and `fresh` is ours.
-            unsafe {
-                mem::copy(
-                    fresh.as_ptr(),
-                    self.region.backing.as_ptr().wrapping_add(v.off),
-                    v.len,
-                )
-            };
-            // SAFETY: moves our fresh private mapping over the view, which the caller handed to
-            // us at registration; the contents are identical, so references into it stay valid.
-            // The view is still registered: the kernel sends an UNMAP event for it and waits
-            // until a service thread reads it.
-            let r = unsafe {
-                libc::mremap(
-                    fresh.as_ptr().cast(),
-                    v.len,
-                    v.len,
-                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                    v.va as *mut libc::c_void,
-                )
-            };
-            if r == libc::MAP_FAILED {
-                inner.note_error(
-                    "move a registered range out",
-                    &std::io::Error::last_os_error(),
-                );
-                let _ = inner.uffd.unregister(v.va, v.len);
-            } else {
-                fresh.leak();
-            }
-            // Writers that waited retry on the private copy.
-            let _ = inner.uffd.wake(v.va, v.len);
-        }
-        inner.drop_all_copies(&self.region);
-        Ok(())
+        self.shared.inner.release_registration(&self.region)
     }
 }
 

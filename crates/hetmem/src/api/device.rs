@@ -2,8 +2,6 @@
 //! (private) or aliased with system memory (coherent), faults served through the protocol in
 //! batches, and kernels that run on worker threads over translated runs of pages.
 
-#![allow(unsafe_code)]
-
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -94,7 +92,7 @@ impl Device {
         Self { shared, id }
     }
 
-    fn inner(&self) -> &crate::mm::runtime::Runtime {
+    pub(super) fn inner(&self) -> &crate::mm::runtime::Runtime {
         &self.shared.inner
     }
 
@@ -131,14 +129,6 @@ impl Device {
         c.migrated_in.reset();
         c.migrated_out.reset();
         c.evicted.reset();
-    }
-
-    /// Makes the next `n` transfers into or out of this device fail (a DMA error), to test
-    /// that data stays where it was.
-    pub fn inject_transfer_failures(&self, n: u32) {
-        self.inner().devices[self.id.index()]
-            .fail_transfers
-            .store(n, Ordering::Release);
     }
 
     /// Faults `pieces` in for `access` until the device maps all of them; then calls `f` for
@@ -273,6 +263,7 @@ impl Device {
     /// `Fault` (EFAULT) when part of the range is not managed memory or is `PROT_NONE`;
     /// `NoMem` (ENOMEM) when the result cannot fit in the machine's memory, or the device is
     /// full and nothing can be evicted; `Io` when a copy fails.
+    #[allow(unsafe_code)]
     pub fn read(&self, addr: usize, len: usize) -> Result<Vec<u8>> {
         // The range first: the result is allocated only for a range that is all managed.
         let pieces = self.inner().pieces(addr, len)?;
@@ -297,6 +288,7 @@ impl Device {
     /// `Fault` (EFAULT) when part of the range is not managed memory or is `PROT_NONE`; `Perm`
     /// (EPERM) when it is read-only; `NoMem` (ENOMEM) when the device is full and nothing can
     /// be evicted; `Io` when a copy fails.
+    #[allow(unsafe_code)]
     pub fn write(&self, addr: usize, data: &[u8]) -> Result<()> {
         let pieces = self.inner().pieces(addr, data.len())?;
         self.run_command(&pieces, Access::Write, &|_, runs| {
@@ -502,6 +494,7 @@ impl Device {
     ///
     /// # Errors
     /// As [`Device::read`], with no result to allocate; nothing runs when the range is refused.
+    #[allow(unsafe_code)]
     pub fn kernel_read<F>(&self, addr: usize, len: usize, f: F) -> Result<()>
     where
         F: Fn(usize, &[u8]) + Sync,
@@ -518,6 +511,7 @@ impl Device {
     ///
     /// # Errors
     /// As [`Device::write`]; nothing runs when the range is refused.
+    #[allow(unsafe_code)]
     pub fn kernel_write<F>(&self, addr: usize, len: usize, f: F) -> Result<()>
     where
         F: Fn(usize, &mut [u8]) + Sync,

@@ -9,18 +9,19 @@
 //! mapping if it cannot (contract §13).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use hetmem_proto::{OpError, PAGE_SIZE};
 
-use crate::api::buffer::CpuView;
 use crate::api::hetmem::Hetmem;
 use crate::error::{Error, Result};
 use crate::mm::file_io::{ErrSeq, FileBacking, FileIo, FileMode};
 use crate::mm::lifecycle::{KeptMapping, KEPT};
 use crate::mm::region::Region;
 use crate::mm::runtime::{Runtime, RuntimeHandle};
+use crate::mm::testing::FileFaults;
+use crate::raw::CpuView;
 use crate::sys::file::{self as sys_file};
 
 /// A file mapped as managed memory ([`Hetmem::map_file`]).
@@ -170,11 +171,11 @@ impl Hetmem {
         .map_err(open_error)?;
         drop(pinned);
         let meta = file.metadata().map_err(Error::os("stat file"))?;
-        let tmpfs = crate::mm::file_io::on_tmpfs(&file);
+        let tmpfs = sys_file::on_tmpfs(std::os::fd::AsFd::as_fd(&file));
         if direct && tmpfs {
             // tmpfs takes O_DIRECT (Linux 6.6) but its page cache is its storage: there is
             // nothing to bypass, and the pages would be cached all the same.
-            direct = !crate::mm::file_io::set_o_direct(&file, false);
+            direct = !sys_file::set_o_direct(std::os::fd::AsFd::as_fd(&file), false);
         }
         let errseq = ErrSeq::of_file(&meta);
         let inner = &self.0.inner;
@@ -186,9 +187,7 @@ impl Hetmem {
             first_page: offset / PAGE_SIZE as u64,
             mode,
             eof_page: AtomicUsize::new(pages),
-            fail_writeback: AtomicU32::new(0),
-            fail_read: AtomicU32::new(0),
-            fail_errno: AtomicI32::new(libc::EIO),
+            faults: FileFaults::default(),
             lease_wanted: AtomicBool::new(options.lease && mode != FileMode::Private),
             evict_to_file: options.evict_to_file && mode == FileMode::Shared,
             wb_seen: AtomicU64::new(errseq.sample()),
@@ -329,19 +328,9 @@ impl FileMapping {
         Ok(())
     }
 
-    /// Test hook: the next `n` reads of the file fail with `errno`, as a failing disk would.
-    pub fn inject_read_failures(&self, n: u32, errno: i32) {
-        let f = self.region.file.as_ref().expect("a file mapping");
-        f.fail_errno.store(errno, Ordering::Release);
-        f.fail_read.store(n, Ordering::Release);
-    }
-
-    /// Test hook: the next `n` writebacks fail with `errno` (EIO or ENOSPC), as a failing disk
-    /// would.
-    pub fn inject_writeback_failures(&self, n: u32, errno: i32) {
-        let f = self.region.file.as_ref().expect("a file mapping");
-        f.fail_errno.store(errno, Ordering::Release);
-        f.fail_writeback.store(n, Ordering::Release);
+    /// The file behind the mapping.
+    pub(super) fn backing(&self) -> &FileBacking {
+        self.region.file.as_ref().expect("a file mapping")
     }
 }
 

@@ -1,4 +1,3 @@
-#![allow(unsafe_code)]
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
@@ -250,6 +249,7 @@ impl Hetmem {
     /// # Safety
     /// No other thread may access the range during the call, and no mapping other than the
     /// one the caller owns may be in it.
+    #[allow(unsafe_code)]
     pub unsafe fn register(&self, ptr: *mut u8, len: usize) -> Result<Registration> {
         let addr = ptr as usize;
         // Before anything else: in a fork child even the address map's lock may be held by a

@@ -5,3 +5,4 @@ pub(crate) mod buffer;
 pub(crate) mod device;
 pub(crate) mod file;
 pub(crate) mod hetmem;
+pub(crate) mod testing;

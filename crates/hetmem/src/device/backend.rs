@@ -9,8 +9,6 @@
 //! - Whether the device takes page faults is the backend's to say: a CUDA device cannot, so
 //!   the runtime establishes residency for a kernel's declared ranges before launching it.
 
-#![allow(unsafe_code)]
-
 use std::fmt;
 use std::io;
 
@@ -91,6 +89,7 @@ pub trait DeviceBackend: Send + Sync + fmt::Debug {
     /// # Safety
     /// Host endpoints must be valid for `len` bytes until the fence completes, and nobody may
     /// write a source or touch a destination meanwhile (the protocol marks the pages busy).
+    #[allow(unsafe_code)]
     unsafe fn copy(&self, ops: &[CopyOp<'_>]) -> Result<Fence, OpError>;
 
     /// Waits for a batch.

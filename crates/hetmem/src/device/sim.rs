@@ -1,8 +1,6 @@
 //! The simulated device's memory: chunks are anonymous mappings, copies are `memcpy` on the
 //! calling thread, and freed frames are dropped with MADV_DONTNEED so they read zero.
 
-#![allow(unsafe_code)]
-
 use std::io;
 
 use hetmem_proto::{DeviceKind, OpError};
@@ -51,15 +49,17 @@ impl DeviceBackend for SimBackend {
         })
     }
 
+    #[allow(unsafe_code)]
     fn discard(&self, chunk: &Chunk, offset: usize, len: usize) -> io::Result<()> {
         let Some(p) = chunk.host_ptr() else {
             return Ok(());
         };
         // SAFETY: the frames are free: no page table maps them and no copy uses them, so their
         // contents are garbage; dropping them makes them read zero.
-        unsafe { mem::madvise(p as usize + offset, len, libc::MADV_DONTNEED) }
+        unsafe { mem::madvise(p as usize + offset, len, mem::Advice::DontNeed) }
     }
 
+    #[allow(unsafe_code)]
     unsafe fn copy(&self, ops: &[CopyOp<'_>]) -> Result<Fence, OpError> {
         for op in ops {
             let (src, dst) = (host(op.src)?, host(op.dst)?);

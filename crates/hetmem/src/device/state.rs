@@ -1,6 +1,5 @@
 //! Per-device runtime state: the backend, the pool of its chunks, and the device's counters.
 
-use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 
 use crate::device::{Chunk, DeviceBackend};
@@ -20,8 +19,6 @@ pub(crate) struct DeviceState {
     /// Chunks with no frame bound, kept mapped for reuse: migrations then copy into resident
     /// memory instead of faulting fresh pages in. At most enough for the device's capacity.
     pool: std::sync::Mutex<Vec<Chunk>>,
-    /// Test hook: fail this many upcoming transfers that touch the device.
-    pub fail_transfers: AtomicU32,
 }
 
 impl DeviceState {
@@ -32,7 +29,6 @@ impl DeviceState {
             counters: Counters::default(),
             backend,
             pool: std::sync::Mutex::new(Vec::new()),
-            fail_transfers: AtomicU32::new(0),
         }
     }
 }

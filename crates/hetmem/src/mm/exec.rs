@@ -266,7 +266,7 @@ impl Runtime {
                         // SAFETY: the backing view is ours; populating a hole writes zeros
                         // that are the page's data anyway.
                         if let Err(e) = unsafe {
-                            mem::madvise(hole, r.len() * PAGE_SIZE, libc::MADV_POPULATE_WRITE)
+                            mem::madvise(hole, r.len() * PAGE_SIZE, mem::Advice::PopulateWrite)
                         } {
                             self.note_error("populate", &e);
                         }
@@ -499,7 +499,7 @@ impl Runtime {
                 None => Ok(Endpoint::Host(region.backing_ptr(bi, at / PAGE_SIZE))),
             }
         };
-        if self.take_injected_failure(t.dst, t.src) {
+        if self.transfer_faults.take(t.dst, t.src) {
             return Err(OpError::Device);
         }
         // The copy engine of the device involved (the destination's if both are devices).
@@ -716,7 +716,7 @@ impl Runtime {
                 // zero as they did, and map again.
                 // SAFETY: the backing view is ours; populating writes zeros into holes only,
                 // which is their data anyway, and leaves present pages alone.
-                match unsafe { mem::madvise(backing, len, libc::MADV_POPULATE_WRITE) } {
+                match unsafe { mem::madvise(backing, len, mem::Advice::PopulateWrite) } {
                     Ok(()) => {
                         if let Err(e) =
                             self.fill(va, len, |s, l| self.uffd.continue_(s, l, with_wp, false))
@@ -765,7 +765,7 @@ impl Runtime {
                 if vma.shows(region.inode, at, at_off + (at - va)) {
                     // SAFETY: checked just now: a shared mapping of the region's memfd, whose
                     // page-table entries can go, the data staying in the file.
-                    if let Err(e) = unsafe { mem::madvise(at, stop - at, libc::MADV_DONTNEED) } {
+                    if let Err(e) = unsafe { mem::madvise(at, stop - at, mem::Advice::DontNeed) } {
                         if e.raw_os_error() != Some(libc::ENOMEM) {
                             self.note_error(what, &e);
                         }

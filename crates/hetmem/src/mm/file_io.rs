@@ -2,12 +2,13 @@
 //! reads and writes that never wait for the file's inode lock (`sys::file`, contract §12).
 
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use hetmem_proto::{OpError, PAGE_SIZE};
 
 use crate::error::Result;
+use crate::mm::testing::FileFaults;
 use crate::sys::file::{self as sys_file, NoWait, Window};
 
 /// How a file mapping treats writes.
@@ -37,10 +38,8 @@ pub(crate) struct FileBacking {
     pub mode: FileMode,
     /// Pages of the region at or beyond this one are past the file's end (already truncated).
     pub eof_page: AtomicUsize,
-    /// Test hook: fail this many upcoming writebacks, or reads, with `fail_errno`.
-    pub fail_writeback: AtomicU32,
-    pub fail_read: AtomicU32,
-    pub fail_errno: std::sync::atomic::AtomicI32,
+    /// Test hook: reads and writebacks to fail (`crate::mm::testing`).
+    pub faults: FileFaults,
     /// Coherence with other processes through a file lease (`FileOptions::lease`).
     pub lease_wanted: AtomicBool,
     /// The lease is held now.
@@ -236,12 +235,8 @@ impl FileBacking {
     /// end of the file read zero. Fails with the injected error first, if any. Never waits for
     /// the inode lock (as long as the file can be mapped).
     pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), OpError> {
-        if self
-            .fail_read
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            return Err(errno_to_op(self.fail_errno.load(Ordering::Acquire)));
+        if let Some(errno) = self.faults.take_read() {
+            return Err(errno_to_op(errno));
         }
         if self.io.lock_free_reads {
             return self.read_blocking(buf, offset);
@@ -348,12 +343,8 @@ impl FileBacking {
     /// Never waits for the inode lock (as long as the file can be mapped), and never grows the
     /// file: the part through the window stops at the end of the file.
     pub(crate) fn write_at(&self, data: &[u8], offset: u64) -> Result<(), OpError> {
-        if self
-            .fail_writeback
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            return Err(errno_to_op(self.fail_errno.load(Ordering::Acquire)));
+        if let Some(errno) = self.faults.take_writeback() {
+            return Err(errno_to_op(errno));
         }
         let mut done = 0;
         let mut nudged = false;
@@ -508,28 +499,8 @@ impl FileBacking {
 
     /// Sets or clears O_DIRECT on the descriptor; whether that worked.
     fn set_direct(&self, on: bool) -> bool {
-        set_o_direct(&self.file, on)
+        sys_file::set_o_direct(self.file.as_fd(), on)
     }
-}
-
-/// Sets or clears O_DIRECT on `file`'s descriptor; whether that worked.
-pub(crate) fn set_o_direct(file: &std::fs::File, on: bool) -> bool {
-    use rustix::fs::OFlags;
-    let Ok(flags) = rustix::fs::fcntl_getfl(file) else {
-        return false;
-    };
-    let flags = if on {
-        flags | OFlags::DIRECT
-    } else {
-        flags - OFlags::DIRECT
-    };
-    rustix::fs::fcntl_setfl(file, flags).is_ok()
-}
-
-/// Whether `file` lives on tmpfs (or shmem), whose page cache is the file's only copy.
-pub(crate) fn on_tmpfs(file: &std::fs::File) -> bool {
-    const TMPFS_MAGIC: u64 = 0x0102_1994;
-    rustix::fs::fstatfs(file).is_ok_and(|s| s.f_type as u64 == TMPFS_MAGIC)
 }
 
 fn errno_to_op(errno: i32) -> OpError {

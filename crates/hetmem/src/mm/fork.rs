@@ -16,17 +16,16 @@
 //! - **parent** (after fork): wait for the child's word (or its death), restore write
 //!   permission where the protocol has the CPU mapping writable, and open the gates.
 
-#![allow(unsafe_code)]
-
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
 use std::sync::{Arc, Mutex, Weak};
 
 use hetmem_proto::{Mem, PageMask, Proc, BLOCK_BYTES, BLOCK_WORDS, PAGES_PER_BLOCK, PAGE_SIZE};
 
-use crate::mm::region::Region;
+use crate::mm::region::{Region, View};
 use crate::mm::runtime::Runtime;
-use crate::sys::mem::{self, Mapping};
+use crate::sys::atfork::{self, Handshake};
+use crate::sys::mem;
 
 static CONTEXTS: Mutex<Vec<Weak<Runtime>>> = Mutex::new(Vec::new());
 /// The contexts a fork in progress froze (prepare to parent/child).
@@ -36,15 +35,14 @@ static FROZEN: Mutex<Vec<Frozen>> = Mutex::new(Vec::new());
 type Frozen = (Arc<Runtime>, Vec<Arc<Region>>);
 /// Serialises concurrent forks; a spin flag because the child must be able to release it.
 static FORKING: AtomicBool = AtomicBool::new(false);
-static PIPE_READ: AtomicI32 = AtomicI32::new(-1);
-static PIPE_WRITE: AtomicI32 = AtomicI32::new(-1);
+/// The child's word to the parent that its copies are made.
+static HANDSHAKE: Handshake = Handshake::new();
 static INSTALL: Once = Once::new();
 
 /// Makes fork() safe for `inner`'s managed memory.
 pub(crate) fn track(inner: &Arc<Runtime>) {
     INSTALL.call_once(|| {
-        // SAFETY: the handlers are plain `extern "C"` functions that live forever.
-        unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
+        let _ = atfork::install(prepare, parent, child);
     });
     let mut list = CONTEXTS.lock().unwrap_or_else(|e| e.into_inner());
     list.retain(|w| w.strong_count() > 0);
@@ -76,12 +74,7 @@ extern "C" fn prepare() {
         }
         frozen.push((inner, regions));
     }
-    let mut fds = [-1; 2];
-    // SAFETY: pipe2 writes two fds into our array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == 0 {
-        PIPE_READ.store(fds[0], Ordering::Relaxed);
-        PIPE_WRITE.store(fds[1], Ordering::Relaxed);
-    }
+    HANDSHAKE.open();
     *FROZEN.lock().unwrap_or_else(|e| e.into_inner()) = frozen;
     // Held across the fork, as the file module's locks are: a context made meanwhile by
     // another thread (`track`) must not leave the child a locked list. Taken again here, not
@@ -105,28 +98,9 @@ fn release_held() {
 
 extern "C" fn parent() {
     release_held();
-    let (r, w) = (
-        PIPE_READ.swap(-1, Ordering::Relaxed),
-        PIPE_WRITE.swap(-1, Ordering::Relaxed),
-    );
-    if w >= 0 {
-        // SAFETY: closing our own write end, so a dead child reads as EOF below.
-        unsafe { libc::close(w) };
-    }
     let frozen = std::mem::take(&mut *FROZEN.lock().unwrap_or_else(|e| e.into_inner()));
-    if r >= 0 {
-        let mut byte = 0u8;
-        // Wait until the child has copied everything (or died: EOF).
-        loop {
-            // SAFETY: reads one byte into our stack from our own pipe.
-            let n = unsafe { libc::read(r, (&mut byte as *mut u8).cast(), 1) };
-            if n >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-                break;
-            }
-        }
-        // SAFETY: our own fd.
-        unsafe { libc::close(r) };
-    }
+    // Wait until the child has copied everything (or died).
+    HANDSHAKE.wait_for_child();
     for (inner, _) in &frozen {
         restore_write(inner);
         inner.gate.open();
@@ -159,6 +133,7 @@ fn restore_write(inner: &Runtime) {
     }
 }
 
+#[allow(unsafe_code)]
 extern "C" fn child() {
     release_held();
     let frozen = std::mem::take(&mut *FROZEN.lock().unwrap_or_else(|e| e.into_inner()));
@@ -167,121 +142,107 @@ extern "C" fn child() {
         for r in regions {
             let views = r.views.read().unwrap_or_else(|e| e.into_inner()).clone();
             for v in views {
-                let Ok(copy) = Mapping::anonymous(v.len) else {
-                    continue;
-                };
-                let mut at = 0;
-                while at < v.len {
-                    let off = v.off + at;
-                    let (bi, page) = (off / BLOCK_BYTES, (off % BLOCK_BYTES) / PAGE_SIZE);
-                    let slot = &r.blocks[bi];
-                    let view = slot
-                        .engine
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .page(page);
-                    let dst = copy.as_ptr().wrapping_add(at);
-                    let nowhere = view.valid == 0;
-                    let adopted = nowhere
-                        && slot
-                            .adopted
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .contains(page);
-                    let src = if view.is_valid_in(Mem::System)
-                        || adopted
-                        || inner.topology.devices().any(|d| {
-                            inner.topology.is_coherent(d) && view.is_valid_in(Mem::Device(d))
-                        }) {
-                        // System memory holds the data: the latest copy, or what `register`
-                        // adopted and nobody has touched since.
-                        Some(r.backing_ptr(bi, page))
-                    } else if nowhere && view.file {
-                        // A file page nobody touched: what the file holds (a read past its end
-                        // leaves zeros).
-                        if let Some(f) = &r.file {
-                            // SAFETY: `dst` is a page of our fresh, page-aligned copy.
-                            let buf = unsafe { std::slice::from_raw_parts_mut(dst, PAGE_SIZE) };
-                            let at = (f.first_page + (bi * PAGES_PER_BLOCK + page) as u64)
-                                * PAGE_SIZE as u64;
-                            let _ = std::os::unix::fs::FileExt::read_at(&f.file, buf, at);
-                        }
-                        None
-                    } else {
-                        inner
-                            .topology
-                            .devices()
-                            .find(|&d| view.is_valid_in(Mem::Device(d)))
-                            .and_then(|d| {
-                                let db = slot.dev[d.index()]
-                                    .read()
-                                    .unwrap_or_else(|e| e.into_inner());
-                                db.chunk
-                                    .as_ref()
-                                    .and_then(|c| c.host_ptr())
-                                    .map(|c| c.wrapping_add(page * PAGE_SIZE))
-                            })
-                    };
-                    if let Some(src) = src {
-                        // SAFETY: both are mapped 4 KiB pages: our fresh copy, and the latest
-                        // data of the page (the backing view, or the child's copy-on-write
-                        // snapshot of a private device chunk). The parent's threads are held
-                        // off by the closed gate and write protection.
-                        unsafe { mem::copy(dst, src, PAGE_SIZE) };
-                    }
-                    at += PAGE_SIZE;
-                }
                 // The copy keeps each part of the view's protection (an mprotect of the
                 // application's), as a fork child's private memory does.
-                for m in mem::maps_in(v.va, v.va + v.len)
+                let protect: Vec<(usize, usize, mem::Prot)> = mem::maps_in(v.va, v.va + v.len)
                     .unwrap_or_default()
                     .iter()
                     .filter(|m| m.inode == r.inode)
-                {
-                    let b = m.perms.as_bytes();
-                    let prot = match (b.first() == Some(&b'r'), b.get(1) == Some(&b'w')) {
-                        (true, true) => continue,
-                        (true, false) => libc::PROT_READ,
-                        (false, _) => libc::PROT_NONE,
-                    };
-                    let (s, e) = (m.start.max(v.va), m.end.min(v.va + v.len));
-                    // SAFETY: part of our fresh copy, which nobody references yet.
-                    let _ = unsafe { mem::protect(copy.addr() + (s - v.va), e - s, prot) };
-                }
+                    .filter_map(|m| {
+                        let b = m.perms.as_bytes();
+                        let prot = match (b.first() == Some(&b'r'), b.get(1) == Some(&b'w')) {
+                            (true, true) => return None,
+                            (true, false) => mem::Prot::Read,
+                            (false, _) => mem::Prot::None,
+                        };
+                        let (s, e) = (m.start.max(v.va), m.end.min(v.va + v.len));
+                        Some((s - v.va, e - s, prot))
+                    })
+                    .collect();
                 // SAFETY: replaces the child's inherited shared view with its private copy at
-                // the same address, so the child's pointers stay valid and see the same data.
-                let p = unsafe {
-                    libc::mremap(
-                        copy.as_ptr().cast(),
+                // the same address, so the child's pointers stay valid and see the same data
+                // (`copy_view` writes every page's latest data). The parent's threads are held
+                // off by the closed gate and write protection, and the child has no others.
+                let _ = unsafe {
+                    mem::replace_with_private(
+                        v.va,
                         v.len,
-                        v.len,
-                        libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                        v.va as *mut libc::c_void,
+                        |copy| copy_view(inner, r, &v, copy),
+                        &protect,
                     )
                 };
-                if p != libc::MAP_FAILED {
-                    copy.leak();
-                }
             }
         }
     }
-    let (r, w) = (
-        PIPE_READ.swap(-1, Ordering::Relaxed),
-        PIPE_WRITE.swap(-1, Ordering::Relaxed),
-    );
-    if w >= 0 {
-        let byte = 1u8;
-        // SAFETY: writes one byte from our stack to the pipe, then closes our copies of it.
-        unsafe {
-            libc::write(w, (&byte as *const u8).cast(), 1);
-            libc::close(w);
-        }
-    }
-    if r >= 0 {
-        // SAFETY: our own fd.
-        unsafe { libc::close(r) };
-    }
+    HANDSHAKE.tell_parent();
     FORKING.store(false, Ordering::Release);
+}
+
+/// Writes the latest data of each page of view `v` into `copy`, from wherever it lives (system
+/// memory, a coherent device's alias of it, a private device's chunk, which the child
+/// inherited as a copy-on-write snapshot, or the file for a file page nobody touched).
+#[allow(unsafe_code)]
+fn copy_view(inner: &Runtime, r: &Region, v: &View, copy: &mut [u8]) {
+    let mut at = 0;
+    while at < v.len {
+        let off = v.off + at;
+        let (bi, page) = (off / BLOCK_BYTES, (off % BLOCK_BYTES) / PAGE_SIZE);
+        let slot = &r.blocks[bi];
+        let view = slot
+            .engine
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .page(page);
+        let dst = &mut copy[at..at + PAGE_SIZE];
+        let nowhere = view.valid == 0;
+        let adopted = nowhere
+            && slot
+                .adopted
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(page);
+        let src = if view.is_valid_in(Mem::System)
+            || adopted
+            || inner
+                .topology
+                .devices()
+                .any(|d| inner.topology.is_coherent(d) && view.is_valid_in(Mem::Device(d)))
+        {
+            // System memory holds the data: the latest copy, or what `register` adopted and
+            // nobody has touched since.
+            Some(r.backing_ptr(bi, page))
+        } else if nowhere && view.file {
+            // A file page nobody touched: what the file holds (a read past its end leaves
+            // zeros).
+            if let Some(f) = &r.file {
+                let at = (f.first_page + (bi * PAGES_PER_BLOCK + page) as u64) * PAGE_SIZE as u64;
+                let _ = std::os::unix::fs::FileExt::read_at(&f.file, dst, at);
+            }
+            None
+        } else {
+            inner
+                .topology
+                .devices()
+                .find(|&d| view.is_valid_in(Mem::Device(d)))
+                .and_then(|d| {
+                    let db = slot.dev[d.index()]
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner());
+                    db.chunk
+                        .as_ref()
+                        .and_then(|c| c.host_ptr())
+                        .map(|c| c.wrapping_add(page * PAGE_SIZE))
+                })
+        };
+        if let Some(src) = src {
+            // SAFETY: `src` is a mapped 4 KiB page holding the latest data of the page (the
+            // backing view, or the child's copy-on-write snapshot of a private device chunk),
+            // which nobody writes: the parent's threads are held off by the closed gate and
+            // write protection, and the child has no others.
+            unsafe { mem::copy(dst.as_mut_ptr(), src, PAGE_SIZE) };
+        }
+        at += PAGE_SIZE;
+    }
 }
 
 /// The file mappings' process-wide locks, held by the forking thread from fork's prepare

@@ -26,8 +26,6 @@
 //! - Other CPU threads see the stray too: for `kernel_read`, the current data; their writes
 //!   fault and wait for the kernel as before.
 
-#![allow(unsafe_code)]
-
 use hetmem_proto::{Mem, Proc, BLOCK_BYTES, PAGE_SIZE};
 
 use crate::error::{Error, Result};
@@ -40,6 +38,7 @@ impl Runtime {
     /// Serves a CPU fault of a device kernel's worker on a page of the piece it runs over, as
     /// the device's own access (see the module). Returns false when the fault is not one: the
     /// ordinary fault path serves it.
+    #[allow(unsafe_code)]
     pub(crate) fn kernel_cpu_access(&self, p: &BlockSpan, write: bool, tid: u32) -> bool {
         let Some(run) = self.kernel_runs.find(tid, &p.region, p.bi) else {
             return false;
@@ -80,6 +79,7 @@ impl Runtime {
     /// After a worker's closure over `p` returned and it dropped the page-table lock: puts back
     /// what the CPU wrote through the strays, zaps them, and says whether the launch fails
     /// (see the module). `writing`: the kernel writes its pages (`kernel_write`).
+    #[allow(unsafe_code)]
     pub(crate) fn settle_kernel_run(
         &self,
         p: &BlockSpan,

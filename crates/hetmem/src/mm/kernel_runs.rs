@@ -47,7 +47,7 @@ impl KernelRuns {
         runs: &[(usize, usize, usize)],
     ) -> Registered {
         let run = Arc::new(KernelRun {
-            tid: rustix::thread::gettid().as_raw_nonzero().get() as u32,
+            tid: crate::sys::uffd::current_tid(),
             region: Arc::as_ptr(&p.region) as usize,
             bi: p.bi,
             dev,

@@ -1,8 +1,6 @@
 //! Region lifecycle: create a region and its CPU view, register a caller's range, and tear a
 //! region down without losing data (bring it home first, then detach its views).
 
-#![allow(unsafe_code)]
-
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -60,6 +58,7 @@ impl Runtime {
             .map_err(Error::os("mmap cpu view"))
     }
 
+    #[allow(unsafe_code)]
     pub(crate) fn register_view(&self, va: usize, len: usize) -> Result<()> {
         // SAFETY: the view stays mapped until `remove_region` unregisters it, and service
         // threads serve its faults for as long as the context lives, which every buffer
@@ -91,10 +90,11 @@ impl Runtime {
     /// the teardown then fails (SIGSEGV, or EFAULT for the kernel's own accesses, as after a
     /// munmap) instead of mapping whatever the memfd holds. Threads already waiting in a fault
     /// on them are woken by the unregistration and fail the same way.
+    #[allow(unsafe_code)]
     pub(crate) fn detach_views(&self, region: &Region, views: &[View]) {
         for v in views {
             // SAFETY: the view is retired: its buffer is going, so nobody may use it any more.
-            if let Err(e) = unsafe { mem::protect(v.va, v.len, libc::PROT_NONE) } {
+            if let Err(e) = unsafe { mem::protect(v.va, v.len, mem::Prot::None) } {
                 // Part of the view is gone already (a munmap whose event is still unread):
                 // protect what is left of it, one mapping at a time.
                 if e.raw_os_error() != Some(libc::ENOMEM) {
@@ -104,7 +104,7 @@ impl Runtime {
                 for m in maps.iter().filter(|m| m.inode == region.inode) {
                     let (s, t) = (m.start.max(v.va), m.end.min(v.va + v.len));
                     // SAFETY: as above, for the part of the view still mapped.
-                    let _ = unsafe { mem::protect(s, t - s, libc::PROT_NONE) };
+                    let _ = unsafe { mem::protect(s, t - s, mem::Prot::None) };
                 }
             }
             let _ = self.uffd.unregister(v.va, v.len);
@@ -142,6 +142,47 @@ impl Runtime {
         Ok(())
     }
 
+    /// Gives a registered range back (`Registration`): brings every page home, then replaces
+    /// each view with a private copy of its data. Until the first step has succeeded nothing
+    /// changes, so a failure leaves the range managed with its data.
+    #[allow(unsafe_code)]
+    pub(crate) fn release_registration(&self, region: &Arc<Region>) -> Result<()> {
+        self.bring_home(region)?;
+        let views = self.retire_region(region);
+        // Wait out drives that looked the region up before it was retired: from here on no
+        // drive maps a page of these views.
+        for slot in region.blocks.iter() {
+            drop(self.lock_block(slot));
+        }
+        for v in &views {
+            // Writers now fault and wait (their faults are stale: they are woken and fault
+            // again) until the private copy is in place, so no write lands in the memfd after
+            // the copy was taken.
+            let _ = self.uffd.write_protect(v.va, v.len, true, false);
+            let backing = region.backing.as_ptr().wrapping_add(v.off);
+            let fill = |copy: &mut [u8]| {
+                // SAFETY: the backing view holds the region's latest data, `v.len` bytes from
+                // `v.off` on, and nobody writes it now (every page was brought home above, and
+                // writers wait); `copy` is the fresh private memory, as long.
+                unsafe { mem::copy(copy.as_mut_ptr(), backing, copy.len()) }
+            };
+            // SAFETY: moves the copy over the view, which the caller handed to us at
+            // registration; the contents are identical, so references into it stay valid.
+            // The view is still registered: the kernel sends an UNMAP event for it and waits
+            // until a service thread reads it.
+            let moved = unsafe { mem::replace_with_private(v.va, v.len, fill, &[]) };
+            if let Err(e) = moved {
+                // The memfd holds the latest data: leave it mapped there, unmanaged.
+                self.note_error("move a registered range out", &e);
+                let _ = self.uffd.unregister(v.va, v.len);
+            }
+            // Writers that waited retry on the private copy.
+            let _ = self.uffd.wake(v.va, v.len);
+        }
+        self.drop_all_copies(region);
+        Ok(())
+    }
+
     pub(crate) fn drop_all_copies(&self, region: &Region) {
         for bi in 0..region.blocks.len() {
             let all = PageRun::new(0, region.block_pages(bi), PAGES_PER_BLOCK).expect("non-empty");
@@ -152,6 +193,7 @@ impl Runtime {
         }
     }
 
+    #[allow(unsafe_code)]
     pub(crate) fn free_region(&self, region: &Arc<Region>) {
         if !self.is_owner() {
             // A fork child: the views are its private copies; the rest is the parent's.
@@ -162,7 +204,7 @@ impl Runtime {
                 .iter()
             {
                 // SAFETY: the child's own private copy of the view, which its buffer owned.
-                unsafe { libc::munmap(v.va as *mut libc::c_void, v.len) };
+                let _ = unsafe { mem::unmap(v.va, v.len) };
             }
             return;
         }
@@ -174,7 +216,7 @@ impl Runtime {
         for v in views {
             // SAFETY: the view belonged to this region, whose buffer is being dropped, so no
             // reference into it remains; it is no longer registered.
-            unsafe { libc::munmap(v.va as *mut libc::c_void, v.len) };
+            let _ = unsafe { mem::unmap(v.va, v.len) };
         }
     }
 }

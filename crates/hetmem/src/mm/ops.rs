@@ -1,8 +1,6 @@
 //! Whole-range operations shared by the public handles (`Hetmem`, `Device`): migrate, discard,
 //! protect, advise. Each checks the range, then drives the protocol block by block.
 
-#![allow(unsafe_code)]
-
 use hetmem_proto::{Access, Advice, Event, Invalidation, Mem, RequestKind};
 
 use crate::error::{Error, Result};
@@ -34,12 +32,13 @@ impl Runtime {
     }
 
     /// mprotect, then the invalidation an MMU notifier would send (`Hetmem::protect`).
+    #[allow(unsafe_code)]
     pub(crate) fn protect(&self, addr: usize, len: usize, read: bool, write: bool) -> Result<()> {
         let pieces = self.pieces(addr, len)?;
         let prot = match (read, write) {
-            (false, _) => libc::PROT_NONE,
-            (true, false) => libc::PROT_READ,
-            (true, true) => libc::PROT_READ | libc::PROT_WRITE,
+            (false, _) => mem::Prot::None,
+            (true, false) => mem::Prot::Read,
+            (true, true) => mem::Prot::ReadWrite,
         };
         // SAFETY: every page of the range is managed memory (`pieces` checked); changing its
         // protection is what the caller asks for, and hetmem's own accesses go through the

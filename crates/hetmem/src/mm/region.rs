@@ -6,7 +6,7 @@
 //! (MISSING | MINOR | WP). Blocks are keyed by file offset, not address, so an `mremap` only
 //! moves a view: data, device copies and device page tables stay put.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::sync::{Mutex, RwLock};
 
@@ -170,7 +170,7 @@ impl Region {
             }
         }));
         let blocks = slots.into_boxed_slice();
-        let inode = rustix::fs::fstat(&memfd).map(|st| st.st_ino).unwrap_or(0);
+        let inode = mem::inode(memfd.as_fd()).unwrap_or(0);
         Self {
             inode,
             memfd,

@@ -13,6 +13,7 @@ use crate::mm::gate::{ForkGate, GateGuard};
 use crate::mm::kernel_runs::KernelRuns;
 use crate::mm::poison::PoisonList;
 use crate::mm::space::{AddressSpace, BlockSpan};
+use crate::mm::testing::TransferFaults;
 use crate::mm::work::ServiceQueue;
 use crate::policy::{MemEvent, PlacementPolicy};
 use crate::stats::Stats;
@@ -72,6 +73,8 @@ pub(crate) struct Runtime {
     pub(crate) orphaned: AtomicBool,
     /// CPU pages poisoned because a copy into them kept failing (`Runtime::poison_page`).
     pub(crate) poisoned: PoisonList,
+    /// Test hook: device transfers to fail (`crate::mm::testing`).
+    pub(crate) transfer_faults: TransferFaults,
 }
 
 /// A block's engine, locked, inside the fork gate.
@@ -132,6 +135,7 @@ impl Runtime {
             .map(|d| (d.capacity / PAGE_SIZE).min(u32::MAX as usize) as u32)
             .collect();
         let runtime = Arc::new(Runtime {
+            transfer_faults: TransferFaults::new(devices.len()),
             budget: AtomicBudget::new(&capacity),
             devices,
             topology,

@@ -17,6 +17,7 @@
 
 #![allow(unsafe_code)]
 
+use std::ffi::c_void;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
@@ -24,6 +25,7 @@ use std::path::Path;
 
 use rustix::fs::{FileType, Mode, OFlags};
 use rustix::io::{Errno, ReadWriteFlags};
+use rustix::mm::{self, MapFlags, ProtFlags};
 
 use hetmem_proto::PAGE_SIZE;
 
@@ -226,26 +228,25 @@ impl Window {
         sequential: bool,
     ) -> io::Result<Self> {
         let prot = if write {
-            libc::PROT_READ | libc::PROT_WRITE
+            ProtFlags::READ | ProtFlags::WRITE
         } else {
-            libc::PROT_READ
+            ProtFlags::READ
         };
-        let off = libc::off_t::try_from(offset)
-            .map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+        // Beyond off_t the offset would wrap to a negative one.
+        if i64::try_from(offset).is_err() {
+            return Err(io::Error::from_raw_os_error(libc::EOVERFLOW));
+        }
         // SAFETY: a fresh mapping at an address the kernel picks overlaps nothing of ours.
         let p = unsafe {
-            libc::mmap(
+            mm::mmap(
                 std::ptr::null_mut(),
                 len,
                 prot,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                off,
+                MapFlags::SHARED,
+                fd,
+                offset,
             )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        }?;
         let w = Self {
             addr: p as usize,
             len,
@@ -253,15 +254,15 @@ impl Window {
             owner: std::process::id(),
         };
         let advice = if sequential {
-            libc::MADV_SEQUENTIAL
+            mm::Advice::Sequential
         } else {
-            libc::MADV_RANDOM
+            mm::Advice::Random
         };
         // SAFETY: our own fresh mapping; DONTFORK changes only what fork copies, and the
         // access advice only how its faults read ahead.
         unsafe {
-            libc::madvise(p, len, libc::MADV_DONTFORK);
-            libc::madvise(p, len, advice);
+            let _ = mm::madvise(p, len, mm::Advice::LinuxDontFork);
+            let _ = mm::madvise(p, len, advice);
         }
         Ok(w)
     }
@@ -334,7 +335,8 @@ impl Window {
         let end = (at + len).next_multiple_of(PAGE_SIZE);
         // SAFETY: inside our own window, which only this module uses; for a shared file
         // mapping MADV_DONTNEED only removes page-table entries (dirty bits go to the page).
-        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+        let _ =
+            unsafe { mm::madvise(start as *mut c_void, end - start, mm::Advice::LinuxDontNeed) };
     }
 }
 
@@ -344,7 +346,7 @@ impl Drop for Window {
             return;
         }
         // SAFETY: the window is ours; nothing holds an address into it beyond this call.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+        let _ = unsafe { mm::munmap(self.addr as *mut c_void, self.len) };
     }
 }
 
@@ -400,4 +402,24 @@ pub fn drop_cached(fd: BorrowedFd<'_>, offset: u64, len: usize) {
 /// unprivileged writer (a write fault that failed there was most likely ENOSPC).
 pub fn looks_full(fd: BorrowedFd<'_>) -> bool {
     rustix::fs::fstatfs(fd).is_ok_and(|s| s.f_bavail == 0 || s.f_bfree == 0)
+}
+
+/// Sets or clears O_DIRECT on `fd` (fcntl F_GETFL, F_SETFL); whether that worked.
+pub fn set_o_direct(fd: BorrowedFd<'_>, on: bool) -> bool {
+    let Ok(flags) = rustix::fs::fcntl_getfl(fd) else {
+        return false;
+    };
+    let flags = if on {
+        flags | OFlags::DIRECT
+    } else {
+        flags - OFlags::DIRECT
+    };
+    rustix::fs::fcntl_setfl(fd, flags).is_ok()
+}
+
+/// Whether `fd`'s file lives on tmpfs (or shmem), whose page cache is the file's only copy
+/// (fstatfs).
+pub fn on_tmpfs(fd: BorrowedFd<'_>) -> bool {
+    const TMPFS_MAGIC: u64 = 0x0102_1994;
+    rustix::fs::fstatfs(fd).is_ok_and(|s| s.f_type as u64 == TMPFS_MAGIC)
 }

@@ -9,9 +9,12 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::sync::Mutex;
+
+use rustix::io::Errno;
+use rustix::pipe::PipeFlags;
 
 /// `F_SETSIG` (Linux); the libc crate defines it only on some targets.
 const F_SETSIG: libc::c_int = 10;
@@ -35,8 +38,12 @@ extern "C" fn on_break(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut
     let fd = unsafe { info.cast::<u8>().add(24).cast::<i32>().read_unaligned() };
     let w = WRITE_END.load(Ordering::Relaxed);
     if w >= 0 {
-        // SAFETY: write(2) is async-signal-safe; 4 bytes from our stack to our pipe.
-        unsafe { libc::write(w, (&fd as *const i32).cast(), 4) };
+        // SAFETY: this process's pipe, published before the handler was installed. Its only
+        // close is `install`'s of a parent's pipe in a fork child, which no break reaches
+        // before that child takes leases of its own (breaks go to the lease owner's process).
+        let w = unsafe { BorrowedFd::borrow_raw(w) };
+        // write(2), a raw system call here: async-signal-safe, and it leaves errno alone.
+        let _ = rustix::io::write(w, &fd.to_ne_bytes());
     }
 }
 
@@ -58,19 +65,17 @@ pub fn install() -> io::Result<(RawFd, bool)> {
     if r != 0 || (old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != ours) {
         return Err(io::Error::from_raw_os_error(libc::EBUSY));
     }
-    let mut fds = [-1; 2];
-    // SAFETY: pipe2 writes two descriptors into our array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let (r, w) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC)?;
+    let r = r.into_raw_fd();
     let (old_r, old_w) = (
-        READ_END.swap(fds[0], Ordering::AcqRel),
-        WRITE_END.swap(fds[1], Ordering::AcqRel),
+        READ_END.swap(r, Ordering::AcqRel),
+        WRITE_END.swap(w.into_raw_fd(), Ordering::AcqRel),
     );
     for fd in [old_r, old_w] {
         if fd >= 0 {
-            // SAFETY: the parent's pipe, inherited by fork; nothing in this process uses it.
-            unsafe { libc::close(fd) };
+            // SAFETY: the parent's pipe, inherited by fork, swapped out just now; nothing in
+            // this process uses it (its reader thread is the parent's), so we own it: closed.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
         }
     }
     if old.sa_sigaction == libc::SIG_DFL {
@@ -85,7 +90,7 @@ pub fn install() -> io::Result<(RawFd, bool)> {
         }
     }
     OWNER.store(pid, Ordering::Release);
-    Ok((fds[0], true))
+    Ok((r, true))
 }
 
 /// Holds off `install` (for fork: see `file::fork_prepare`).
@@ -175,27 +180,32 @@ pub fn post_retired(fd: RawFd) -> bool {
     }
     // Retired descriptors travel as -(fd + 1), breaks as fd (never negative).
     let v: i32 = -(fd + 1);
-    // SAFETY: writes 4 bytes from our stack to our own pipe (as the signal handler does;
-    // writes of 4 bytes to a pipe are atomic).
-    unsafe { libc::write(w, (&v as *const i32).cast(), 4) == 4 }
+    // SAFETY: this process's own pipe (checked just now), which it never closes.
+    let w = unsafe { BorrowedFd::borrow_raw(w) };
+    // As the signal handler does; writes of 4 bytes to a pipe are atomic.
+    rustix::io::write(w, &v.to_ne_bytes()) == Ok(4)
 }
 
-/// Blocks until the next event on the lease pipe.
+/// Blocks until the next event on the lease pipe, whose read end `install` returned.
 pub fn next_event(read_end: RawFd) -> io::Result<Event> {
-    let mut v: i32 = -1;
+    // SAFETY: the read end of this process's pipe (the caller's contract: `install` returned
+    // it), which is closed only in a fork child, where the thread that reads it does not exist.
+    let r = unsafe { BorrowedFd::borrow_raw(read_end) };
+    let mut buf = [0u8; 4];
     loop {
-        // SAFETY: reads 4 bytes into our stack from our own pipe.
-        let n = unsafe { libc::read(read_end, (&mut v as *mut i32).cast(), 4) };
-        if n == 4 {
-            return Ok(if v >= 0 {
-                Event::Break(v)
-            } else {
-                Event::Retired(-v - 1)
-            });
+        match rustix::io::read(r, &mut buf) {
+            Ok(4) => {
+                let v = i32::from_ne_bytes(buf);
+                return Ok(if v >= 0 {
+                    Event::Break(v)
+                } else {
+                    Event::Retired(-v - 1)
+                });
+            }
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+            // End of file (or a short read, which 4-byte pipe writes never make).
+            Ok(_) => return Err(io::ErrorKind::UnexpectedEof.into()),
         }
-        if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-            continue;
-        }
-        return Err(io::Error::last_os_error());
     }
 }

@@ -2,9 +2,14 @@
 
 #![allow(unsafe_code)]
 
+use std::ffi::c_void;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
+
+use rustix::event::EventfdFlags;
+use rustix::fs::{FallocateFlags, MemfdFlags};
+use rustix::mm::{self, MapFlags, MprotectFlags, ProtFlags};
 
 fn errno() -> io::Error {
     io::Error::last_os_error()
@@ -24,39 +29,37 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    /// Private anonymous, read-write, not reserved against swap.
+    /// Private anonymous, read-write, not reserved against swap (mmap).
     pub fn anonymous(len: usize) -> io::Result<Self> {
         // SAFETY: a fresh mapping at an address the kernel picks overlaps nothing of ours.
         let p = unsafe {
-            libc::mmap(
+            mm::mmap_anonymous(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE | MapFlags::NORESERVE,
             )
-        };
-        Self::from_result(p, len)
+        }?;
+        Self::from_ptr(p, len)
     }
 
-    /// A shared read-write view of `fd` at `offset`, at an address the kernel picks.
+    /// A shared read-write view of `fd` at `offset`, at an address the kernel picks (mmap).
     pub fn shared(fd: BorrowedFd<'_>, offset: usize, len: usize) -> io::Result<Self> {
         // SAFETY: a fresh mapping at an address the kernel picks overlaps nothing of ours.
         let p = unsafe {
-            libc::mmap(
+            mm::mmap(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                offset as libc::off_t,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                fd,
+                offset as u64,
             )
-        };
-        Self::from_result(p, len)
+        }?;
+        Self::from_ptr(p, len)
     }
 
-    /// A shared view of `fd` placed with MAP_FIXED at `addr`, replacing what was there.
+    /// A shared view of `fd` placed with MAP_FIXED at `addr`, replacing what was there (mmap).
     ///
     /// # Safety
     /// `[addr, addr + len)` must be memory the caller owns and that no live reference points
@@ -69,20 +72,20 @@ impl Mapping {
     ) -> io::Result<Self> {
         // SAFETY: the caller owns the range (contract above).
         let p = unsafe {
-            libc::mmap(
-                addr as *mut libc::c_void,
+            mm::mmap(
+                addr as *mut c_void,
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_FIXED,
-                fd.as_raw_fd(),
-                offset as libc::off_t,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED | MapFlags::FIXED,
+                fd,
+                offset as u64,
             )
-        };
-        Self::from_result(p, len)
+        }?;
+        Self::from_ptr(p, len)
     }
 
     /// A 2 MiB-aligned shared view of `fd`: reserves more, then trims head and tail, so blocks
-    /// of the view line up with the PMD size.
+    /// of the view line up with the PMD size (mmap, munmap).
     pub fn shared_aligned(fd: BorrowedFd<'_>, len: usize, align: usize) -> io::Result<Self> {
         // A length this close to the top of the address space cannot be mapped anyway.
         let reserved = len
@@ -90,16 +93,14 @@ impl Mapping {
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
         // SAFETY: a fresh PROT_NONE reservation at an address the kernel picks.
         let p = unsafe {
-            libc::mmap(
+            mm::mmap_anonymous(
                 std::ptr::null_mut(),
                 reserved,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
+                ProtFlags::empty(),
+                MapFlags::PRIVATE | MapFlags::NORESERVE,
             )
-        };
-        let reserve = Self::from_result(p, reserved)?;
+        }?;
+        let reserve = Self::from_ptr(p, reserved)?;
         let base = reserve.addr();
         let start = (base + align - 1) & !(align - 1);
         std::mem::forget(reserve);
@@ -108,20 +109,17 @@ impl Mapping {
         // SAFETY: head and tail are the unused parts of our reservation; nobody uses them.
         unsafe {
             if start > base {
-                libc::munmap(base as *mut libc::c_void, start - base);
+                let _ = mm::munmap(base as *mut c_void, start - base);
             }
             let end = start + len;
             if base + reserved > end {
-                libc::munmap(end as *mut libc::c_void, base + reserved - end);
+                let _ = mm::munmap(end as *mut c_void, base + reserved - end);
             }
         }
         view
     }
 
-    fn from_result(p: *mut libc::c_void, len: usize) -> io::Result<Self> {
-        if p == libc::MAP_FAILED {
-            return Err(errno());
-        }
+    fn from_ptr(p: *mut c_void, len: usize) -> io::Result<Self> {
         Ok(Self {
             ptr: NonNull::new(p.cast())
                 .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?,
@@ -148,37 +146,31 @@ impl Mapping {
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: we own the range; nothing we handed out outlives the Mapping by contract.
-        unsafe {
-            libc::munmap(self.ptr.as_ptr().cast(), self.len);
-        }
+        let _ = unsafe { mm::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
 
-/// A sealed-size-free memfd of `len` bytes (close-on-exec).
+/// A sealed-size-free memfd of `len` bytes (memfd_create, close-on-exec; ftruncate).
 pub fn memfd(name: &str, len: usize) -> io::Result<OwnedFd> {
-    let cname =
-        std::ffi::CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: memfd_create reads a NUL-terminated string and returns a new fd or -1.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(errno());
-    }
-    // SAFETY: a fresh fd that nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // A name with a NUL in it fails with EINVAL.
+    let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC)?;
     // A size beyond off_t would wrap to a negative one.
-    let size = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
-    // SAFETY: ftruncate on our own fd.
-    if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } < 0 {
-        return Err(errno());
-    }
+    let size = i64::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    rustix::fs::ftruncate(&fd, size as u64)?;
     Ok(fd)
 }
 
-/// Bytes of memory the machine has, RAM and swap together: the most that one allocation can
-/// ever be backed by. The kernel's heuristic overcommit refuses a single allocation beyond
-/// this; hetmem applies the bound whatever the overcommit mode, because under
+/// The inode number of `fd`'s file (fstat).
+pub fn inode(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    Ok(rustix::fs::fstat(fd)?.st_ino)
+}
+
+/// Bytes of memory the machine has, RAM and swap together (sysinfo): the most that one
+/// allocation can ever be backed by. The kernel's heuristic overcommit refuses a single
+/// allocation beyond this; hetmem applies the bound whatever the overcommit mode, because under
 /// `vm.overcommit_memory=1` a reservation beyond it succeeds and the process is killed when it
-/// touches the memory. `u64::MAX` (no bound) if the kernel does not say.
+/// touches the memory. `u64::MAX` (no bound) if the kernel does not say. (libc: rustix's
+/// `sysinfo` needs its `system` feature and treats a failure as impossible.)
 pub fn memory_bytes() -> u64 {
     let mut info = std::mem::MaybeUninit::<libc::sysinfo>::zeroed();
     // SAFETY: sysinfo fills the struct it is given, which is ours and zeroed.
@@ -257,46 +249,119 @@ pub fn try_zeroed(len: usize) -> Option<Vec<u8>> {
 
 /// Frees the file's pages in the range; they read zero afterwards (fallocate PUNCH_HOLE).
 pub fn punch_hole(fd: BorrowedFd<'_>, offset: usize, len: usize) -> io::Result<()> {
-    // SAFETY: fallocate on our own fd; every mapping of the range sees zeros afterwards, which
-    // callers order against their users.
-    let r = unsafe {
-        libc::fallocate(
-            fd.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if r < 0 {
-        return Err(errno());
-    }
+    // Every mapping of the range sees zeros afterwards, which callers order against their
+    // users.
+    rustix::fs::fallocate(
+        fd,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        offset as u64,
+        len as u64,
+    )?;
     Ok(())
 }
 
-/// Calls madvise.
+/// The advice hetmem gives for its own memory ([`madvise`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Advice {
+    /// `MADV_DONTNEED`: drop the page-table entries (private memory: the data too).
+    DontNeed,
+    /// `MADV_POPULATE_WRITE` (Linux 5.14): fault every page in writable, allocating holes.
+    PopulateWrite,
+}
+
+/// Gives the kernel advice about `[addr, addr + len)` (madvise).
 ///
 /// # Safety
-/// Destructive advice (MADV_DONTNEED) drops page-table entries: for a private mapping the data
+/// Destructive advice (`DontNeed`) drops page-table entries: for a private mapping the data
 /// is lost, so no live reference may point into the range unless that is intended.
-pub unsafe fn madvise(addr: usize, len: usize, advice: libc::c_int) -> io::Result<()> {
+pub unsafe fn madvise(addr: usize, len: usize, advice: Advice) -> io::Result<()> {
+    let advice = match advice {
+        // Linux's MADV_DONTNEED, not POSIX's (rustix's `Advice::DontNeed`, a no-op).
+        Advice::DontNeed => mm::Advice::LinuxDontNeed,
+        Advice::PopulateWrite => mm::Advice::LinuxPopulateWrite,
+    };
     // SAFETY: the caller's contract.
-    let r = unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) };
-    if r < 0 {
-        return Err(errno());
-    }
+    unsafe { mm::madvise(addr as *mut c_void, len, advice) }?;
     Ok(())
+}
+
+/// A protection for [`protect`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prot {
+    /// `PROT_NONE`.
+    None,
+    /// `PROT_READ`.
+    Read,
+    /// `PROT_READ | PROT_WRITE`.
+    ReadWrite,
 }
 
 /// Changes the protection of `[addr, addr + len)` (mprotect).
 ///
 /// # Safety
-/// Nobody may rely on the old protection of the range: with `PROT_NONE` every access to it
+/// Nobody may rely on the old protection of the range: with `Prot::None` every access to it
 /// faults from then on.
-pub unsafe fn protect(addr: usize, len: usize, prot: libc::c_int) -> io::Result<()> {
+pub unsafe fn protect(addr: usize, len: usize, prot: Prot) -> io::Result<()> {
+    let flags = match prot {
+        Prot::None => MprotectFlags::empty(),
+        Prot::Read => MprotectFlags::READ,
+        Prot::ReadWrite => MprotectFlags::READ | MprotectFlags::WRITE,
+    };
     // SAFETY: the caller's contract.
-    if unsafe { libc::mprotect(addr as *mut libc::c_void, len, prot) } < 0 {
-        return Err(errno());
+    unsafe { mm::mprotect(addr as *mut c_void, len, flags) }?;
+    Ok(())
+}
+
+/// Unmaps `[addr, addr + len)` (munmap).
+///
+/// # Safety
+/// The range must be memory the caller owns, that nothing else will use again: no reference
+/// may point into it, and no owner (a [`Mapping`]) may unmap it later.
+pub unsafe fn unmap(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: the caller's contract.
+    unsafe { mm::munmap(addr as *mut c_void, len) }?;
+    Ok(())
+}
+
+/// Replaces the mapping at `[addr, addr + len)` with private anonymous memory that keeps the
+/// address: mmap a fresh anonymous mapping, let `fill` write it (the whole of it, as a slice),
+/// give the parts that `protect` lists (offsets from `addr`, lengths, protections; best
+/// effort, as a fork child's copy of an mprotected range) their protection, then move it over
+/// the range with mremap(MREMAP_MAYMOVE | MREMAP_FIXED). Pointers into the range stay valid
+/// and see what `fill` wrote. On an error the range is as it was (the fresh mapping, if any,
+/// is unmapped).
+///
+/// # Safety
+/// `[addr, addr + len)` must be page-aligned memory the caller owns, and the contents `fill`
+/// writes must be what anyone who may read the range is entitled to see there (the range's
+/// latest data, with writers held off until the call returns).
+pub unsafe fn replace_with_private(
+    addr: usize,
+    len: usize,
+    fill: impl FnOnce(&mut [u8]),
+    protect: &[(usize, usize, Prot)],
+) -> io::Result<()> {
+    let fresh = Mapping::anonymous(len)?;
+    // SAFETY: our fresh private mapping, read-write and `len` bytes long; nobody else knows it.
+    fill(unsafe { std::slice::from_raw_parts_mut(fresh.as_ptr(), len) });
+    for &(off, n, prot) in protect {
+        if off.checked_add(n).is_some_and(|end| end <= len) {
+            // SAFETY: part of our fresh mapping, to which no reference remains (`fill` returned).
+            let _ = unsafe { self::protect(fresh.addr() + off, n, prot) };
+        }
     }
+    // SAFETY: moves our fresh mapping over the range, which the caller owns and has made the
+    // fresh mapping a faithful replacement of (contract above).
+    unsafe {
+        mm::mremap_fixed(
+            fresh.as_ptr().cast(),
+            len,
+            len,
+            mm::MremapFlags::MAYMOVE,
+            addr as *mut c_void,
+        )
+    }?;
+    fresh.leak();
     Ok(())
 }
 
@@ -359,29 +424,21 @@ unsafe fn stream_copy(dst: *mut u8, src: *const u8, len: usize) {
 pub struct EventFd(OwnedFd);
 
 impl EventFd {
-    /// A fresh eventfd with count 0.
+    /// A fresh eventfd with count 0 (eventfd, close-on-exec, non-blocking).
     pub fn new() -> io::Result<Self> {
-        // SAFETY: eventfd takes a count and flags and returns a new fd or -1.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(errno());
-        }
-        // SAFETY: a fresh fd that nobody else owns.
-        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+        let fd = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
+        Ok(Self(fd))
     }
 
-    /// Makes it readable.
+    /// Makes it readable (write of 1).
     pub fn signal(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from our stack to our own eventfd.
-        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        let _ = rustix::io::write(&self.0, &1u64.to_ne_bytes());
     }
 
-    /// Resets it (another thread may have done so already).
+    /// Resets it (read); another thread may have done so already.
     pub fn drain(&self) {
-        let mut buf = 0u64;
-        // SAFETY: reads 8 bytes into our stack from our own eventfd.
-        unsafe { libc::read(self.0.as_raw_fd(), (&mut buf as *mut u64).cast(), 8) };
+        let mut buf = [0u8; 8];
+        let _ = rustix::io::read(&self.0, &mut buf);
     }
 
     /// The descriptor, for epoll.

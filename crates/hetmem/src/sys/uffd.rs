@@ -528,6 +528,11 @@ impl AsFd for Uffd {
     }
 }
 
+/// The calling thread's id (gettid), as a fault's `Msg::PageFault::tid` names it.
+pub fn current_tid() -> u32 {
+    rustix::thread::gettid().as_raw_nonzero().get() as u32
+}
+
 fn decode(m: &uapi::uffd_msg) -> Msg {
     // SAFETY: the kernel sets `event` and fills the union member that matches it; every member
     // is plain integers, so reading it is defined whatever it holds.
