@@ -619,11 +619,17 @@ mod tests {
     #[test]
     fn fits_in_memory_means_what_is_available_now() {
         let (avail, total) = (available_bytes(), memory_bytes());
-        assert!(avail > 0 && avail <= total, "available {avail}, total {total}");
+        assert!(
+            avail > 0 && avail <= total,
+            "available {avail}, total {total}"
+        );
         // Between what is available and what the machine has: the old bound (RAM and swap)
         // took it, and the process was killed when the memory was touched.
         let between = avail + (total - avail) / 2;
-        assert!(total - avail > 1 << 20, "nothing is in use on this machine?");
+        assert!(
+            total - avail > 1 << 20,
+            "nothing is in use on this machine?"
+        );
         assert!(!fits_in_memory(between as usize));
         assert!(fits_in_memory((avail / 2) as usize));
     }
