@@ -189,7 +189,7 @@ impl Device {
                             i = j;
                         }
                         // A kernel's closure may touch its pages through the CPU: the fault
-                        // service must recognise its worker (`kernel_cpu.rs`).
+                        // service must recognise its worker (`mm/kernel_cpu.rs`).
                         let registered = kernel.map(|_| {
                             let spans: Vec<(usize, usize, usize)> = runs
                                 .iter()

@@ -26,7 +26,7 @@ pub enum FileMode {
 #[derive(Debug)]
 pub(crate) struct FileBacking {
     /// The one descriptor hetmem holds on the file (one, so that a write lease can be had).
-    /// With `FileOptions::direct` it carries O_DIRECT (`crate::file` does the I/O).
+    /// With `FileOptions::direct` it carries O_DIRECT (`mm/file_io.rs` does the I/O).
     pub file: std::fs::File,
     /// O_DIRECT is set on `file`; cleared for good if the file system refuses a direct I/O.
     pub direct: AtomicBool,
@@ -69,7 +69,7 @@ pub(crate) struct ErrSeq {
 pub(crate) type Files = Vec<((u64, u64), Weak<ErrSeq>)>;
 static FILES: Mutex<Files> = Mutex::new(Vec::new());
 
-/// Every file's `ErrSeq`, locked (fork's prepare handler holds it, `fork.rs`).
+/// Every file's `ErrSeq`, locked (fork's prepare handler holds it, `mm/fork.rs`).
 pub(crate) fn lock_files() -> std::sync::MutexGuard<'static, Files> {
     FILES.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -93,7 +93,7 @@ impl ErrSeq {
         e
     }
 
-    /// Every failed writeback of the file comes here (`Runtime::write_back` in `exec.rs`).
+    /// Every failed writeback of the file comes here (`Runtime::write_back` in `mm/exec.rs`).
     pub(crate) fn record(&self, e: OpError) {
         let errno = if e == OpError::NoSpace {
             libc::ENOSPC

@@ -246,7 +246,7 @@ fn copy_view(inner: &Runtime, r: &Region, v: &View, copy: &mut [u8]) {
 }
 
 /// The file mappings' process-wide locks, held by the forking thread from fork's prepare
-/// handler to its parent and child handlers (`fork.rs`): a child must not inherit one locked
+/// handler to its parent and child handlers: a child must not inherit one locked
 /// by a thread it does not have, or its first `map_file` would wait for ever.
 struct ForkHeld {
     _files: std::sync::MutexGuard<'static, crate::mm::file_io::Files>,

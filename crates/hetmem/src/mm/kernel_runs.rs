@@ -1,5 +1,5 @@
 //! The device kernel closures running now, so the fault service can recognise a kernel worker's
-//! own CPU faults (`kernel_cpu.rs`).
+//! own CPU faults (`mm/kernel_cpu.rs`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -50,7 +50,7 @@ impl Drop for RuntimeHandle {
 /// Everything the service threads share.
 #[derive(Debug)]
 pub(crate) struct Runtime {
-    /// Device kernel closures running now (`device/kernel_cpu.rs`).
+    /// Device kernel closures running now (`mm/kernel_cpu.rs`).
     pub(crate) kernel_runs: KernelRuns,
     pub(crate) topology: Topology,
     pub(crate) budget: AtomicBudget,
@@ -67,7 +67,7 @@ pub(crate) struct Runtime {
     /// Placement: what to bring, read ahead and evict (`crate::policy`).
     pub(crate) policy: Arc<dyn PlacementPolicy>,
     pub(crate) stats: Stats,
-    /// Quiesces everything for fork (see `fork.rs`).
+    /// Quiesces everything for fork (`mm/fork.rs`).
     pub(crate) gate: ForkGate,
     /// This is a fork child's copy of the context: nothing may touch the parent's userfaultfd.
     pub(crate) orphaned: AtomicBool,

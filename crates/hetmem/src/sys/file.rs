@@ -13,7 +13,7 @@
 //! memory. The window is never touched by the CPU: `process_vm_readv`/`process_vm_writev` on our
 //! own process copy through it, so a page past the end of the file (or a page that cannot be
 //! read) is EFAULT, not SIGBUS. The policy (which to try when, O_DIRECT's write-out, tmpfs) is
-//! `crate::file`'s.
+//! `crate::mm::file_io`'s.
 
 #![allow(unsafe_code)]
 
