@@ -262,3 +262,65 @@ fn a_config_whose_kind_differs_from_the_backend_is_refused() {
         .build();
     assert!(matches!(r, Err(Error::Invalid(_))));
 }
+
+fn file_context(backend: Arc<ArenaBackend>, capacity: usize) -> Hetmem {
+    context(backend, capacity)
+}
+
+#[test]
+fn file_pages_reach_memory_the_host_cannot_address_through_the_backend() -> anyhow::Result<()> {
+    common::watchdog("file_fill_through_backend", 60, || {
+        let dir = common::fs::TempDir::new("outside_backend_file_fill")?;
+        let path = dir.path("data");
+        let mut content = vec![0u8; CHUNK];
+        fill(&mut content, 0x5a);
+        std::fs::write(&path, &content)?;
+        let backend = Arc::new(ArenaBackend::default());
+        let h = file_context(backend.clone(), 64 << 20);
+        let m = h.map_file(&path, 0, CHUNK, hetmem::FileMode::ReadOnly)?;
+        let d0 = Target::Device(hetmem::DeviceId::new(0).unwrap());
+        // Untouched file pages go to the device straight from the file (no CPU mapping).
+        h.migrate(m.addr(), CHUNK, d0)?;
+        assert_eq!(h.stats().pages_from_file, (CHUNK / PAGE_SIZE) as u64);
+        assert_eq!(
+            h.device(0).unwrap().used_pages() as usize,
+            CHUNK / PAGE_SIZE
+        );
+        let arena_has_it = backend
+            .chunks
+            .lock()
+            .unwrap()
+            .values()
+            .any(|c| c[..] == content[..]);
+        assert!(arena_has_it, "the device's arena holds the file's data");
+        check(m.as_slice(), 0x5a);
+        assert_eq!(h.stats().errors, 0);
+        Ok(())
+    })
+}
+
+#[test]
+fn dirty_pages_on_such_memory_are_written_back_through_the_backend() -> anyhow::Result<()> {
+    common::watchdog("writeback_through_backend", 60, || {
+        let dir = common::fs::TempDir::new("outside_backend_writeback")?;
+        let path = dir.path("data");
+        std::fs::write(&path, vec![0u8; CHUNK])?;
+        let backend = Arc::new(ArenaBackend::default());
+        let h = file_context(backend.clone(), 64 << 20);
+        let mut m = h.map_file(&path, 0, CHUNK, hetmem::FileMode::Shared)?;
+        fill(m.as_mut_slice().expect("shared mapping"), 0x21);
+        let d0 = Target::Device(hetmem::DeviceId::new(0).unwrap());
+        h.migrate(m.addr(), CHUNK, d0)?;
+        // The dirty pages live only in the arena now; flush writes them from there.
+        let copies = backend.copies.load(Ordering::Relaxed);
+        m.flush()?;
+        assert!(
+            backend.copies.load(Ordering::Relaxed) > copies,
+            "read out by the backend"
+        );
+        let on_disk = std::fs::read(&path)?;
+        check(&on_disk, 0x21);
+        assert_eq!(h.stats().errors, 0);
+        Ok(())
+    })
+}

@@ -600,24 +600,44 @@ impl Runtime {
                     return Err(OpError::Io);
                 };
                 // pread straight into the destination: a device fault loads file data into
-                // device memory without mapping it on the CPU.
-                let dst = match dst_dev {
-                    Some(_) => dst_guard
-                        .as_ref()
-                        .and_then(|g| g.chunk.as_ref())
-                        .and_then(|c| c.host_ptr())
-                        .map(|p| p.wrapping_add(off))
-                        .ok_or(OpError::Device)?,
-                    None => {
-                        *slot.populated.lock().unwrap_or_else(|e| e.into_inner()) |= mask_of(t.run);
-                        region.backing_ptr(bi, t.run.start())
-                    }
-                };
-                // SAFETY: dst is `bytes` of a bound frame run (backing view or chunk) that the
-                // protocol marked busy, so nobody else touches it.
-                let buf = unsafe { std::slice::from_raw_parts_mut(dst, bytes) };
+                // device memory without mapping it on the CPU. Device memory the host cannot
+                // address (a GPU's) is filled through a host staging buffer and the backend's
+                // copy, the only path to it.
                 let at = file_page * PAGE_SIZE as u64;
-                f.read_at(buf, at)?;
+                let chunk = dst_guard.as_ref().and_then(|g| g.chunk.as_ref());
+                match (dst_dev, chunk.and_then(|c| c.host_ptr())) {
+                    (Some(_), Some(p)) => {
+                        // SAFETY: `bytes` of the chunk's bound frames for this run, which the
+                        // protocol marked busy, so nobody else touches them; the page-table
+                        // read lock keeps the chunk mapped.
+                        let buf =
+                            unsafe { std::slice::from_raw_parts_mut(p.wrapping_add(off), bytes) };
+                        f.read_at(buf, at)?;
+                    }
+                    (Some(d), None) => {
+                        let chunk = chunk.ok_or(OpError::Device)?;
+                        let mut staging = mem::try_zeroed(bytes).ok_or(OpError::Device)?;
+                        f.read_at(&mut staging, at)?;
+                        let backend = &*self.devices[d.index()].backend;
+                        let op = CopyOp {
+                            src: Endpoint::Host(staging.as_mut_ptr()),
+                            dst: Endpoint::Chunk(chunk, off),
+                            len: bytes,
+                        };
+                        // SAFETY: the staging buffer is ours and outlives the wait below; the
+                        // destination frames are bound to this run and busy.
+                        let fence = unsafe { backend.copy(&[op]) }?;
+                        backend.wait(fence)?;
+                    }
+                    (None, _) => {
+                        *slot.populated.lock().unwrap_or_else(|e| e.into_inner()) |= mask_of(t.run);
+                        let dst = region.backing_ptr(bi, t.run.start());
+                        // SAFETY: `bytes` of the backing view for this run, which the protocol
+                        // marked busy, so nobody else touches them.
+                        let buf = unsafe { std::slice::from_raw_parts_mut(dst, bytes) };
+                        f.read_at(buf, at)?;
+                    }
+                }
                 self.emit(MemEvent::FileRead {
                     to: t.dst,
                     pages: t.run.len() as u64,
@@ -661,17 +681,34 @@ impl Runtime {
         let bytes = t.run.len() * PAGE_SIZE;
         let slot = &region.blocks[bi];
         let guard;
+        // Device memory the host cannot address (a GPU's) is written back through a host
+        // staging buffer, filled by the backend's copy.
+        let mut staging: Vec<u8>;
         let src = match t.src {
             Source::Mem(Mem::Device(d)) if !self.topology.is_coherent(d) => {
                 guard = slot.dev[d.index()]
                     .read()
                     .unwrap_or_else(|e| e.into_inner());
-                guard
-                    .chunk
-                    .as_ref()
-                    .and_then(|c| c.host_ptr())
-                    .map(|p| p.wrapping_add(t.run.start() * PAGE_SIZE))
-                    .ok_or(OpError::Device)?
+                let chunk = guard.chunk.as_ref().ok_or(OpError::Device)?;
+                let off = t.run.start() * PAGE_SIZE;
+                match chunk.host_ptr() {
+                    Some(p) => p.wrapping_add(off),
+                    None => {
+                        staging = mem::try_zeroed(bytes).ok_or(OpError::Device)?;
+                        let backend = &*self.devices[d.index()].backend;
+                        let op = CopyOp {
+                            src: Endpoint::Chunk(chunk, off),
+                            dst: Endpoint::Host(staging.as_mut_ptr()),
+                            len: bytes,
+                        };
+                        // SAFETY: the staging buffer is ours and outlives the wait below; the
+                        // source frames hold the run's latest data, kept stable by the
+                        // protocol during writeback.
+                        let fence = unsafe { backend.copy(&[op]) }?;
+                        backend.wait(fence)?;
+                        staging.as_mut_ptr()
+                    }
+                }
             }
             _ => region.backing_ptr(bi, t.run.start()),
         };
