@@ -370,15 +370,25 @@ mod scenarios {
         let hm = context(DeviceKind::Private, 16 * MIB)?;
         let stop = std::sync::atomic::AtomicBool::new(false);
         let forks = 300;
+        // No thread may be starting or ending while the test forks: the child would inherit
+        // std's thread bookkeeping locked and hang starting its own service threads (nothing
+        // hetmem can prevent; POSIX leaves a fork child of a threaded process only
+        // async-signal-safe calls). So the first fork waits until the mapper thread runs and
+        // has mapped once (which also starts the lease thread).
+        let started = std::sync::Barrier::new(2);
         thread::scope(|s| -> Result<()> {
             let mapper = s.spawn(|| -> Result<usize> {
-                let mut n = 0;
+                let first = hm.map_file(&busy, 0, PAGE_SIZE, FileMode::Shared);
+                started.wait();
+                drop(first?);
+                let mut n = 1;
                 while !stop.load(Ordering::Relaxed) {
                     drop(hm.map_file(&busy, 0, PAGE_SIZE, FileMode::Shared)?);
                     n += 1;
                 }
                 Ok(n)
             });
+            started.wait();
             let mut hung = None;
             for i in 0..forks {
                 let pid = fork_child(|| {

@@ -265,27 +265,51 @@ pub fn read_in_clone(addr: usize, want: &[u8], limit: Duration) -> Reading {
 }
 
 /// `waitpid` with a deadline: the child's raw status, or `None` if it was still running at
-/// `limit` (it is then killed and reaped).
+/// `limit` (it is then killed and reaped). It polls a pidfd, which becomes readable when the
+/// child exits, and starts no thread: a thread starting or ending while the test forks its next
+/// child can leave the C library's or std's thread bookkeeping locked in that child, which then
+/// hangs when it starts threads of its own (seen: `fork_while_another_thread_maps_files`, 2 children in
+/// 45,000 under a CPU hog, when this waited on a thread per child).
 pub fn wait_within(pid: libc::pid_t, limit: Duration) -> Option<libc::c_int> {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let mut status: libc::c_int = 0;
-        // SAFETY: reaps our own child.
-        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-        let _ = tx.send((r, status, std::io::Error::last_os_error()));
-    });
-    match rx.recv_timeout(limit) {
-        Ok((r, status, err)) => {
-            assert_eq!(r, pid, "waitpid({pid}): {err}");
-            Some(status)
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as libc::c_int;
+    assert!(
+        fd >= 0,
+        "pidfd_open({pid}): {}",
+        std::io::Error::last_os_error()
+    );
+    let deadline = std::time::Instant::now() + limit;
+    let exited = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = left.as_millis().min(i32::MAX as u128) as libc::c_int;
+        // SAFETY: one pollfd of ours.
+        let r = unsafe { libc::poll(&mut p, 1, ms) };
+        if r > 0 {
+            break true;
         }
-        Err(_) => {
-            // SAFETY: kills our own child, then waits for the reaper to see it go.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            let _ = rx.recv_timeout(limit);
-            None
+        if r == 0 {
+            break false;
         }
+        let e = std::io::Error::last_os_error();
+        assert_eq!(e.raw_os_error(), Some(libc::EINTR), "poll(pidfd): {e}");
+    };
+    if !exited {
+        // SAFETY: kills our own child (it is reaped below).
+        unsafe { libc::kill(pid, libc::SIGKILL) };
     }
+    let mut status: libc::c_int = 0;
+    // SAFETY: reaps our own child, which has exited or was just killed.
+    let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closes the pidfd opened above.
+    unsafe { libc::close(fd) };
+    assert_eq!(r, pid, "waitpid({pid}): {err}");
+    exited.then_some(status)
 }
 
 /// The environment variable `name` parsed as `T`, or `default` when unset or unparsable.
