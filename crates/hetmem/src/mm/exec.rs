@@ -70,8 +70,10 @@ fn pte_mode(mode: MapMode) -> u8 {
 }
 
 impl Runtime {
-    /// Hands `event` to block `bi` of `region` and executes everything that follows from it.
-    pub(crate) fn drive(
+    /// `Runtime::drive` with the block's engine already locked: hands `event` to the engine,
+    /// applies everything that follows from it, and repeats with the completions until the
+    /// engine starts nothing new.
+    pub(crate) fn drive_locked(
         &self,
         region: &Region,
         bi: usize,
@@ -82,7 +84,7 @@ impl Runtime {
         let mut actions = Vec::new();
         // What the kernel's CPU page table holds for this block, as far as our actions go.
         let mut cpu_now = block.state().mapped_by(Proc::Cpu);
-        self.handle(block, event, &mut actions)?;
+        self.feed(block, event, &mut actions)?;
         loop {
             let mut transfers = Vec::new();
             out.lone_map = actions
@@ -111,7 +113,7 @@ impl Runtime {
                         run,
                         writeback: Some(file_page),
                     }),
-                    other => self.execute(region, bi, block, other, &mut cpu_now, &mut out),
+                    other => self.apply(region, bi, block, other, &mut cpu_now, &mut out),
                 }
             }
             if transfers.is_empty() {
@@ -146,12 +148,13 @@ impl Runtime {
                     .unwrap_or_else(|e| e.into_inner()) -= filled;
             }
             for (op, result) in results {
-                self.handle(block, Event::Complete { op, result }, &mut actions)?;
+                self.feed(block, Event::Complete { op, result }, &mut actions)?;
             }
         }
     }
 
-    fn handle(
+    /// Feeds one event to the engine, which appends its actions to `out`.
+    fn feed(
         &self,
         block: &mut Block2M,
         event: Event,
@@ -167,7 +170,8 @@ impl Runtime {
         Ok(())
     }
 
-    fn execute(
+    /// Applies one synchronous action (transfers are collected and run by `drive_locked`).
+    fn apply(
         &self,
         region: &Region,
         bi: usize,

@@ -35,7 +35,7 @@ impl Runtime {
         let mut rechecked = false;
         let mut failures = 0u32;
         let r = loop {
-            let r = self.request_with(
+            let r = self.request_once(
                 &p.region,
                 p.bi,
                 fault_run,

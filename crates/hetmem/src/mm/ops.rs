@@ -69,7 +69,7 @@ impl Runtime {
                 pages: p.run,
                 advice,
             };
-            self.drive_event(&p.region, p.bi, event, |_, _| {})
+            self.drive(&p.region, p.bi, event, |_, _| {})
                 .map_err(|_| Error::Invalid("page run outside its block"))?;
         }
         Ok(())

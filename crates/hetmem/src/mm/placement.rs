@@ -95,7 +95,7 @@ impl Runtime {
             proc: Proc::Cpu,
             access: Access::Read,
         };
-        let _ = self.request_with(region, bi, run, read, |_, _| {});
+        let _ = self.request_once(region, bi, run, read, |_, _| {});
     }
 
     /// The pieces (one per CPU view showing them) of block `bi`'s pages `run`.

@@ -15,10 +15,11 @@ use crate::mm::runtime::Runtime;
 use crate::policy::{Candidate, MemEvent};
 
 impl Runtime {
-    /// Runs one request to completion on one block; `after` runs under the block lock.
-    /// Locks block `bi`, drives `event` through it, mirrors its frame counts for eviction,
-    /// runs `after` under the lock, then wakes the CPU ranges the drive mapped.
-    pub(crate) fn drive_event(
+    /// Drives one event through block `bi`'s engine: locks the block, hands the engine the
+    /// event and applies what it says until it is quiet (`drive_locked`), mirrors its frame
+    /// counts for eviction, runs `after` under the lock, then wakes the CPU ranges it mapped.
+    /// Every path that changes a block goes through here.
+    pub(crate) fn drive(
         &self,
         region: &Region,
         bi: usize,
@@ -31,7 +32,7 @@ impl Runtime {
             if self.poisoned.pending() {
                 self.unpoison_for(region, bi, &block, &event);
             }
-            let outcome = self.drive(region, bi, &mut block, event)?;
+            let outcome = self.drive_locked(region, bi, &mut block, event)?;
             for d in self.topology.devices() {
                 slot.held[d.index()].store(block.frames_held(d), Ordering::Relaxed);
             }
@@ -44,7 +45,8 @@ impl Runtime {
         Ok(outcome)
     }
 
-    pub(crate) fn request_with(
+    /// One request on one block, driven to its result; no eviction retry (`request` has it).
+    pub(crate) fn request_once(
         &self,
         region: &Region,
         bi: usize,
@@ -58,13 +60,13 @@ impl Runtime {
             pages: run,
             kind,
         };
-        self.drive_event(region, bi, event, after)
+        self.drive(region, bi, event, after)
             .map_err(|_| RequestError::NoMapping)?
             .result_of(id)
             .unwrap_or(Err(RequestError::Op(hetmem_proto::OpError::Device)))
     }
 
-    /// Like `request_with`, evicting other blocks when a device is full.
+    /// Like `request_once`, evicting other blocks when a device is full.
     pub(crate) fn request(
         &self,
         region: &Region,
@@ -74,7 +76,7 @@ impl Runtime {
     ) -> Result<()> {
         let mut fruitless_since: Option<std::time::Instant> = None;
         loop {
-            match self.request_with(region, bi, run, kind, |_, _| {}) {
+            match self.request_once(region, bi, run, kind, |_, _| {}) {
                 Err(RequestError::DeviceFull(d)) => {
                     if self.evict(d, region, bi, run) {
                         fruitless_since = None;
@@ -134,7 +136,7 @@ impl Runtime {
             let mut freed = 0u64;
             for run in runs.iter().flatten() {
                 let before = r.blocks[bi].held[dev.index()].load(Ordering::Relaxed);
-                let _ = self.request_with(r, bi, *run, kind, |block, _| {
+                let _ = self.request_once(r, bi, *run, kind, |block, _| {
                     freed += u64::from(before.saturating_sub(block.frames_held(dev)));
                 });
             }
@@ -181,7 +183,7 @@ impl Runtime {
             kind,
         };
         let outcome = self
-            .drive_event(region, bi, event, |block, _| {
+            .drive(region, bi, event, |block, _| {
                 if matches!(kind, Invalidation::Discard | Invalidation::Unmap) {
                     // The data is gone for good: give its memory back.
                     self.release_pages(region, bi, block, run);
