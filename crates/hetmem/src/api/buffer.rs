@@ -5,15 +5,45 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::mm::region::Region;
-use crate::mm::runtime::RuntimeHandle;
+use crate::mm::runtime::{Runtime, RuntimeHandle};
 use crate::raw::CpuView;
+
+/// What every handle to managed memory holds: the runtime (kept alive while the handle is), the
+/// region, and where the CPU sees it. `ManagedBuf`, `Registration` and `FileMapping` wrap it.
+#[derive(Debug)]
+pub(crate) struct RegionHandle {
+    pub(crate) runtime: Arc<RuntimeHandle>,
+    pub(crate) region: Arc<Region>,
+    pub(crate) addr: usize,
+    pub(crate) len: usize,
+}
+
+impl RegionHandle {
+    pub(crate) fn new(
+        runtime: Arc<RuntimeHandle>,
+        region: Arc<Region>,
+        addr: usize,
+        len: usize,
+    ) -> Self {
+        Self {
+            runtime,
+            region,
+            addr,
+            len,
+        }
+    }
+
+    /// The runtime the region belongs to.
+    pub(crate) fn runtime(&self) -> &Runtime {
+        &self.runtime.inner
+    }
+}
 
 /// Managed memory from [`crate::Hetmem::alloc`]. The CPU uses it as a plain slice; devices reach
 /// it by address. Dropping it frees everything, device frames included.
 #[derive(Debug)]
 pub struct ManagedBuf {
-    shared: Arc<RuntimeHandle>,
-    region: Arc<Region>,
+    handle: RegionHandle,
     view: CpuView,
 }
 
@@ -25,8 +55,7 @@ impl ManagedBuf {
         len: usize,
     ) -> Self {
         Self {
-            shared,
-            region,
+            handle: RegionHandle::new(shared, region, addr, len),
             // The view was registered just now; the buffer keeps it mapped until its drop.
             view: CpuView::new(addr, len),
         }
@@ -73,7 +102,7 @@ impl std::ops::DerefMut for ManagedBuf {
 
 impl Drop for ManagedBuf {
     fn drop(&mut self) {
-        self.shared.inner.free_region(&self.region);
+        self.handle.runtime().free_region(&self.handle.region);
     }
 }
 
@@ -82,10 +111,7 @@ impl Drop for ManagedBuf {
 /// does the same and reports a failure.
 #[derive(Debug)]
 pub struct Registration {
-    shared: Arc<RuntimeHandle>,
-    region: Arc<Region>,
-    addr: usize,
-    len: usize,
+    handle: RegionHandle,
     /// Given back by `unregister`: nothing left for `Drop` to do.
     released: bool,
 }
@@ -98,22 +124,19 @@ impl Registration {
         len: usize,
     ) -> Self {
         Self {
-            shared,
-            region,
-            addr,
-            len,
+            handle: RegionHandle::new(shared, region, addr, len),
             released: false,
         }
     }
 
     /// Start address.
     pub fn addr(&self) -> usize {
-        self.addr
+        self.handle.addr
     }
 
     /// Length in bytes.
     pub fn len(&self) -> usize {
-        self.len
+        self.handle.len
     }
 
     /// Always false.
@@ -130,7 +153,7 @@ impl Registration {
     /// still managed, so the call can be repeated once the device works. `Invalid` in a fork
     /// child, whose range is its private copy already.
     pub fn unregister(mut self) -> std::result::Result<(), (Registration, Error)> {
-        if !self.shared.inner.is_owner() {
+        if !self.handle.runtime().is_owner() {
             return Err((
                 self,
                 Error::Invalid("the context belongs to the parent process"),
@@ -147,21 +170,23 @@ impl Registration {
 
     /// Gives the range back (`Runtime::release_registration`).
     fn release(&self) -> Result<()> {
-        self.shared.inner.release_registration(&self.region)
+        self.handle
+            .runtime()
+            .release_registration(&self.handle.region)
     }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        if self.released || !self.shared.inner.is_owner() {
+        if self.released || !self.handle.runtime().is_owner() {
             // Given back already, or a fork child, whose range is its private copy already.
             return;
         }
         if let Err(e) = self.release() {
             // No caller to tell: count it, and keep the range managed with its data (on the
             // device), where the context can still reach it.
-            self.shared
-                .inner
+            self.handle
+                .runtime()
                 .note_error("unregister", &std::io::Error::other(e.to_string()));
         }
     }

@@ -14,12 +14,13 @@ use std::sync::Arc;
 
 use hetmem_proto::{OpError, PAGE_SIZE};
 
+use crate::api::buffer::RegionHandle;
 use crate::api::hetmem::Hetmem;
 use crate::error::{Error, Result};
 use crate::mm::file_io::{ErrSeq, FileBacking, FileIo, FileMode};
 use crate::mm::lifecycle::{KeptMapping, KEPT};
 use crate::mm::region::Region;
-use crate::mm::runtime::{Runtime, RuntimeHandle};
+use crate::mm::runtime::Runtime;
 use crate::mm::testing::FileFaults;
 use crate::raw::CpuView;
 use crate::sys::file::{self as sys_file};
@@ -31,11 +32,8 @@ use crate::sys::file::{self as sys_file};
 /// that reports (`docs/file-contract.md` §13).
 #[derive(Debug)]
 pub struct FileMapping {
-    shared: Arc<RuntimeHandle>,
-    region: Arc<Region>,
+    handle: RegionHandle,
     view: CpuView,
-    addr: usize,
-    len: usize,
     mode: FileMode,
 }
 
@@ -202,24 +200,21 @@ impl Hetmem {
         cpu.leak();
         inner.space.add_region(region.clone(), va);
         let mapping = FileMapping {
-            shared: self.0.clone(),
-            region,
+            handle: RegionHandle::new(self.0.clone(), region, va, len),
             // The view stays mapped until the mapping's drop frees the region, and only the
             // mapping hands out references into it.
             view: CpuView::new(va, len),
-            addr: va,
-            len,
             mode,
         };
         if mode == FileMode::ReadOnly {
             self.protect(va, len, true, false)?;
         }
-        if let Some(f) = &mapping.region.file {
+        if let Some(f) = &mapping.handle.region.file {
             if f.lease_wanted.load(Ordering::Acquire) {
-                crate::mm::leases::register(inner, &mapping.region);
+                crate::mm::leases::register(inner, &mapping.handle.region);
             }
         }
-        inner.check_eof(&mapping.region);
+        inner.check_eof(&mapping.handle.region);
         Ok(mapping)
     }
 }
@@ -240,12 +235,12 @@ fn open_error(e: sys_file::OpenError) -> Error {
 impl FileMapping {
     /// Start address.
     pub fn addr(&self) -> usize {
-        self.addr
+        self.handle.addr
     }
 
     /// Length in bytes.
     pub fn len(&self) -> usize {
-        self.len
+        self.handle.len
     }
 
     /// Always false: mappings are at least one page.
@@ -260,7 +255,8 @@ impl FileMapping {
 
     /// Whether a file lease keeps this mapping coherent with other processes right now.
     pub fn is_leased(&self) -> bool {
-        self.region
+        self.handle
+            .region
             .file
             .as_ref()
             .is_some_and(|f| f.leased.load(Ordering::Acquire))
@@ -269,7 +265,8 @@ impl FileMapping {
     /// Whether file I/O bypasses the page cache (O_DIRECT asked for, and supported by the
     /// file system).
     pub fn is_direct(&self) -> bool {
-        self.region
+        self.handle
+            .region
             .file
             .as_ref()
             .is_some_and(|f| f.direct.load(Ordering::Acquire))
@@ -296,11 +293,11 @@ impl FileMapping {
     /// lease break). Read-only mappings have nothing to write but report those errors, as
     /// fsync does on a read-only descriptor; private mappings, like msync, report nothing.
     pub fn flush(&self) -> Result<()> {
-        if !self.shared.inner.is_owner() {
+        if !self.handle.runtime().is_owner() {
             return Err(Error::Invalid("the context belongs to the parent process"));
         }
-        let own = self.shared.inner.flush_region(&self.region);
-        let f = self.region.file.as_ref().expect("a file mapping");
+        let own = self.handle.runtime().flush_region(&self.handle.region);
+        let f = self.handle.region.file.as_ref().expect("a file mapping");
         if self.mode == FileMode::Private {
             return own;
         }
@@ -319,7 +316,13 @@ impl FileMapping {
     pub fn sync(&self) -> Result<()> {
         self.flush()?;
         if self.mode == FileMode::Shared {
-            let file = &self.region.file.as_ref().expect("a file mapping").file;
+            let file = &self
+                .handle
+                .region
+                .file
+                .as_ref()
+                .expect("a file mapping")
+                .file;
             file.sync_data().map_err(|e| match e.raw_os_error() {
                 Some(libc::ENOSPC) => Error::Io(OpError::NoSpace),
                 _ => Error::Io(OpError::Io),
@@ -330,7 +333,7 @@ impl FileMapping {
 
     /// The file behind the mapping.
     pub(super) fn backing(&self) -> &FileBacking {
-        self.region.file.as_ref().expect("a file mapping")
+        self.handle.region.file.as_ref().expect("a file mapping")
     }
 }
 
@@ -342,7 +345,7 @@ impl FileMapping {
     /// durable: call [`FileMapping::sync`] first for that. In a fork child, whose copy is a
     /// private snapshot that never reaches the file, it is `drop`.
     pub fn close(self) -> std::result::Result<(), (FileMapping, Error)> {
-        if self.shared.inner.is_owner() {
+        if self.handle.runtime().is_owner() {
             loop {
                 if let Err(e) = self.flush() {
                     return Err((self, e));
@@ -350,7 +353,7 @@ impl FileMapping {
                 // Pages written again since the flush passed them (a device kernel still
                 // running over the mapping) are written back in another round.
                 if self.mode != FileMode::Shared
-                    || dirty_pages(&self.shared.inner, &self.region) == 0
+                    || dirty_pages(self.handle.runtime(), &self.handle.region) == 0
                 {
                     break;
                 }
@@ -390,11 +393,8 @@ impl Hetmem {
         *kept = others;
         mine.into_iter()
             .map(|m| FileMapping {
-                shared: m.handle,
                 view: CpuView::new(m.addr, m.len),
-                region: m.region,
-                addr: m.addr,
-                len: m.len,
+                handle: RegionHandle::new(m.handle, m.region, m.addr, m.len),
                 mode: m.mode,
             })
             .collect()
@@ -403,7 +403,7 @@ impl Hetmem {
 
 impl Drop for FileMapping {
     fn drop(&mut self) {
-        let inner = &self.shared.inner;
+        let inner = &self.handle.runtime();
         if inner.is_owner() && self.mode == FileMode::Shared {
             // Write dirty pages back while the mapping is whole. If one cannot be written, the
             // mapping is kept, data and all, for `Hetmem::take_kept_file_mappings`: a drop has
@@ -411,9 +411,9 @@ impl Drop for FileMapping {
             // Kept only when a writeback failed and left pages dirty: a page dirty after a
             // flush that succeeded was written again meanwhile (or a late write fault marked it
             // so), and the teardown below writes it back.
-            let dirty = match inner.flush_region(&self.region) {
+            let dirty = match inner.flush_region(&self.handle.region) {
                 Ok(()) => 0,
-                Err(_) => dirty_pages(inner, &self.region),
+                Err(_) => dirty_pages(inner, &self.handle.region),
             };
             if dirty > 0 {
                 inner.note_error(
@@ -421,16 +421,16 @@ impl Drop for FileMapping {
                     &std::io::Error::other(format!(
                         "{dirty} dirty pages could not be written back: the mapping at {:#x} is \
                          kept (Hetmem::take_kept_file_mappings)",
-                        self.addr
+                        self.handle.addr
                     )),
                 );
                 KEPT.lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push(KeptMapping {
-                        handle: self.shared.clone(),
-                        region: self.region.clone(),
-                        addr: self.addr,
-                        len: self.len,
+                        handle: self.handle.runtime.clone(),
+                        region: self.handle.region.clone(),
+                        addr: self.handle.addr,
+                        len: self.handle.len,
                         mode: self.mode,
                     });
                 return;
@@ -439,11 +439,11 @@ impl Drop for FileMapping {
         // Unmapping writes dirty pages back first (the protocol's Invalidate { Unmap }): the
         // ones written since the flush above. The lease goes after: an opener waiting on it
         // must find the data in the file.
-        inner.free_region(&self.region);
+        inner.free_region(&self.handle.region);
         if inner.is_owner() {
             // Not in a fork child: the lease is on the description it shares with the parent.
-            crate::mm::leases::unregister(&self.region);
-            if let Some(f) = &self.region.file {
+            crate::mm::leases::unregister(&self.handle.region);
+            if let Some(f) = &self.handle.region.file {
                 // The file is no longer open by this mapping from here: another mapping of it
                 // may take a write lease at once.
                 f.retire();
