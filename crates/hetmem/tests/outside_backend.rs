@@ -324,3 +324,40 @@ fn dirty_pages_on_such_memory_are_written_back_through_the_backend() -> anyhow::
         Ok(())
     })
 }
+
+#[test]
+fn a_fork_child_gets_data_that_lived_only_in_such_memory() -> anyhow::Result<()> {
+    common::watchdog("fork_with_unaddressable_memory", 60, || {
+        let backend = Arc::new(ArenaBackend::default());
+        let h = context(backend, 64 << 20);
+        let mut buf = h.alloc(2 * CHUNK)?;
+        fill(&mut buf, 0x66);
+        let d0 = Target::Device(hetmem::DeviceId::new(0).unwrap());
+        h.migrate(buf.addr(), buf.len(), d0)?;
+        // The data lives only in the arena now; the child's private copy must still hold it.
+        let (addr, len) = (buf.addr(), buf.len());
+        let pid = common::process::fork_child(|| {
+            // SAFETY: the child's private copy of the buffer, mapped at the same address.
+            let mine = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+            let ok = mine.chunks(PAGE_SIZE).enumerate().all(|(i, p)| {
+                let want = 0x66u8.wrapping_add(i as u8);
+                p.iter().all(|&b| b == want)
+            });
+            if ok {
+                0
+            } else {
+                1
+            }
+        });
+        let status = common::wait_within(pid, std::time::Duration::from_secs(30))
+            .ok_or_else(|| anyhow::anyhow!("the child hung"))?;
+        assert_eq!(
+            common::process::exit_code(status),
+            0,
+            "the child read other data"
+        );
+        check(&buf, 0x66);
+        assert_eq!(h.stats().errors, 0);
+        Ok(())
+    })
+}

@@ -31,8 +31,68 @@ static CONTEXTS: Mutex<Vec<Weak<Runtime>>> = Mutex::new(Vec::new());
 /// The contexts a fork in progress froze (prepare to parent/child).
 static FROZEN: Mutex<Vec<Frozen>> = Mutex::new(Vec::new());
 
-/// A context and its regions, as prepare saw them.
-type Frozen = (Arc<Runtime>, Vec<Arc<Region>>);
+/// A context, its regions as prepare saw them, and its device memory staged for the child.
+type Frozen = (Arc<Runtime>, Vec<Arc<Region>>, Vec<Staged>);
+
+/// One block's chunk of device memory the host cannot address (a GPU's), read out through its
+/// backend by prepare: the child inherits this host copy, as it inherits a simulated chunk's
+/// memory, and copies the pages whose latest data lives there from it.
+#[derive(Debug)]
+struct Staged {
+    /// The region, by address: identity only.
+    region: usize,
+    bi: usize,
+    dev: usize,
+    data: Vec<u8>,
+}
+
+/// Reads out every chunk of `regions` that the host cannot address, with the gate closed (no
+/// drive changes a chunk meanwhile). A copy that fails is counted (`stats().errors`): the
+/// child's pages from that chunk then read zero.
+#[allow(unsafe_code)]
+fn stage_unaddressable(inner: &Runtime, regions: &[Arc<Region>]) -> Vec<Staged> {
+    let mut staged = Vec::new();
+    for r in regions {
+        for (bi, slot) in r.blocks.iter().enumerate() {
+            for (d, dev) in inner.devices.iter().enumerate() {
+                if slot.held[d].load(Ordering::Relaxed) == 0 {
+                    continue;
+                }
+                let db = slot.dev[d].read().unwrap_or_else(|e| e.into_inner());
+                let Some(chunk) = db.chunk.as_ref().filter(|c| c.host_ptr().is_none()) else {
+                    continue;
+                };
+                let Some(mut data) = mem::try_zeroed(BLOCK_BYTES) else {
+                    inner.note_error(
+                        "stage device memory for fork",
+                        &std::io::ErrorKind::OutOfMemory.into(),
+                    );
+                    continue;
+                };
+                let op = crate::device::CopyOp {
+                    src: crate::device::Endpoint::Chunk(chunk, 0),
+                    dst: crate::device::Endpoint::Host(data.as_mut_ptr()),
+                    len: BLOCK_BYTES,
+                };
+                // SAFETY: the destination is ours and outlives the wait; the chunk's contents
+                // are stable, since the closed gate holds off every drive and kernel.
+                let done = unsafe { dev.backend.copy(&[op]) }.and_then(|f| dev.backend.wait(f));
+                match done {
+                    Ok(()) => staged.push(Staged {
+                        region: Arc::as_ptr(r) as usize,
+                        bi,
+                        dev: d,
+                        data,
+                    }),
+                    Err(e) => {
+                        inner.note_error("stage device memory for fork", &std::io::Error::other(e))
+                    }
+                }
+            }
+        }
+    }
+    staged
+}
 /// Serialises concurrent forks; a spin flag because the child must be able to release it.
 static FORKING: AtomicBool = AtomicBool::new(false);
 /// The child's word to the parent that its copies are made.
@@ -72,7 +132,8 @@ extern "C" fn prepare() {
                 let _ = inner.uffd.write_protect(v.va, v.len, true, false);
             }
         }
-        frozen.push((inner, regions));
+        let staged = stage_unaddressable(&inner, &regions);
+        frozen.push((inner, regions, staged));
     }
     HANDSHAKE.open();
     *FROZEN.lock().unwrap_or_else(|e| e.into_inner()) = frozen;
@@ -101,7 +162,7 @@ extern "C" fn parent() {
     let frozen = std::mem::take(&mut *FROZEN.lock().unwrap_or_else(|e| e.into_inner()));
     // Wait until the child has copied everything (or died).
     HANDSHAKE.wait_for_child();
-    for (inner, _) in &frozen {
+    for (inner, _, _) in &frozen {
         restore_write(inner);
         inner.gate.open();
     }
@@ -137,7 +198,7 @@ fn restore_write(inner: &Runtime) {
 extern "C" fn child() {
     release_held();
     let frozen = std::mem::take(&mut *FROZEN.lock().unwrap_or_else(|e| e.into_inner()));
-    for (inner, regions) in &frozen {
+    for (inner, regions, staged) in &frozen {
         inner.orphan();
         for r in regions {
             let views = r.views.read().unwrap_or_else(|e| e.into_inner()).clone();
@@ -167,7 +228,7 @@ extern "C" fn child() {
                     mem::replace_with_private(
                         v.va,
                         v.len,
-                        |copy| copy_view(inner, r, &v, copy),
+                        |copy| copy_view(inner, r, &v, staged, copy),
                         &protect,
                     )
                 };
@@ -180,9 +241,10 @@ extern "C" fn child() {
 
 /// Writes the latest data of each page of view `v` into `copy`, from wherever it lives (system
 /// memory, a coherent device's alias of it, a private device's chunk, which the child
-/// inherited as a copy-on-write snapshot, or the file for a file page nobody touched).
+/// inherited as a copy-on-write snapshot or, where the host cannot address it, as prepare's
+/// staged copy, or the file for a file page nobody touched).
 #[allow(unsafe_code)]
-fn copy_view(inner: &Runtime, r: &Region, v: &View, copy: &mut [u8]) {
+fn copy_view(inner: &Runtime, r: &Region, v: &View, staged: &[Staged], copy: &mut [u8]) {
     let mut at = 0;
     while at < v.len {
         let off = v.off + at;
@@ -228,10 +290,18 @@ fn copy_view(inner: &Runtime, r: &Region, v: &View, copy: &mut [u8]) {
                     let db = slot.dev[d.index()]
                         .read()
                         .unwrap_or_else(|e| e.into_inner());
-                    db.chunk
-                        .as_ref()
-                        .and_then(|c| c.host_ptr())
-                        .map(|c| c.wrapping_add(page * PAGE_SIZE))
+                    let chunk = db.chunk.as_ref()?;
+                    let base = chunk.host_ptr().or_else(|| {
+                        staged
+                            .iter()
+                            .find(|s| {
+                                s.region == r as *const Region as usize
+                                    && s.bi == bi
+                                    && s.dev == d.index()
+                            })
+                            .map(|s| s.data.as_ptr().cast_mut())
+                    })?;
+                    Some(base.wrapping_add(page * PAGE_SIZE))
                 })
         };
         if let Some(src) = src {
