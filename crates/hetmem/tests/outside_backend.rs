@@ -361,3 +361,71 @@ fn a_fork_child_gets_data_that_lived_only_in_such_memory() -> anyhow::Result<()>
         Ok(())
     })
 }
+
+/// The simulated device's memory, declaring that the device takes no page faults (as a GPU
+/// without kernel HMM): launches must find their range resident before they start.
+#[derive(Debug)]
+struct NoFaults(hetmem::SimBackend);
+
+impl DeviceBackend for NoFaults {
+    fn kind(&self) -> DeviceKind {
+        self.0.kind()
+    }
+    fn demand_faults(&self) -> bool {
+        false
+    }
+    fn alloc_chunk(&self) -> std::io::Result<Chunk> {
+        self.0.alloc_chunk()
+    }
+    fn free_chunk(&self, chunk: Chunk) {
+        self.0.free_chunk(chunk)
+    }
+    fn discard(&self, chunk: &Chunk, offset: usize, len: usize) -> std::io::Result<()> {
+        self.0.discard(chunk, offset, len)
+    }
+    unsafe fn copy(&self, ops: &[CopyOp<'_>]) -> Result<Fence, OpError> {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.0.copy(ops) }
+    }
+    fn wait(&self, fence: Fence) -> Result<(), OpError> {
+        self.0.wait(fence)
+    }
+}
+
+/// Pages the device held when the kernel's first run started, for a kernel over 4 blocks.
+fn resident_at_launch(backend: Arc<dyn DeviceBackend>, capacity: usize) -> hetmem::Result<u32> {
+    let config = SimConfig {
+        kind: DeviceKind::Private,
+        capacity,
+        workers: 1,
+    };
+    let h = Hetmem::builder()
+        .device_with_backend(config, backend)
+        .build()?;
+    let buf = h.alloc(4 * CHUNK)?;
+    let dev = h.device(0).expect("device");
+    let first = Mutex::new(None);
+    dev.kernel_read(buf.addr(), buf.len(), |_, _| {
+        first.lock().unwrap().get_or_insert(dev.used_pages());
+    })?;
+    Ok(first.into_inner().unwrap().expect("the kernel ran"))
+}
+
+#[test]
+fn a_device_without_page_faults_launches_over_resident_memory_only() -> anyhow::Result<()> {
+    common::watchdog("no_demand_faults", 60, || {
+        let all = (4 * CHUNK / PAGE_SIZE) as u32;
+        let sim = Arc::new(hetmem::SimBackend::new(DeviceKind::Private));
+        // A device that faults on demand starts with what its first run needs.
+        assert!(resident_at_launch(sim, 64 << 20)? < all);
+        let no_faults = || Arc::new(NoFaults(hetmem::SimBackend::new(DeviceKind::Private)));
+        // One that cannot fault has the whole range before any run starts...
+        assert_eq!(resident_at_launch(no_faults(), 64 << 20)?, all);
+        // ...and refuses a range larger than itself, before anything runs.
+        assert!(matches!(
+            resident_at_launch(no_faults(), 2 * CHUNK),
+            Err(Error::NoMem)
+        ));
+        Ok(())
+    })
+}

@@ -227,6 +227,42 @@ impl Device {
         Ok(())
     }
 
+    /// Faults `pieces` in for `access` until the device maps all of them, running nothing: a
+    /// launch's residency on a device that cannot take page faults.
+    fn make_resident(
+        &self,
+        pieces: &[BlockSpan],
+        access: Access,
+        rounds: &AtomicU32,
+    ) -> Result<()> {
+        let inner = self.inner();
+        let d = self.id.index();
+        for p in pieces {
+            let mut tries = 0u32;
+            loop {
+                let mapped = {
+                    let _gate = inner.gate.enter();
+                    let db = p.region.blocks[p.bi].dev[d]
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner());
+                    db.pt[p.run.pages()].iter().all(|&e| satisfies(e, access))
+                };
+                if mapped {
+                    break;
+                }
+                tries += 1;
+                if tries > 10_000 {
+                    return Err(Error::Fault("device fault did not converge"));
+                }
+                if tries == 1 {
+                    rounds.fetch_add(1, Ordering::Relaxed);
+                }
+                self.fault(p, access)?;
+            }
+        }
+        Ok(())
+    }
+
     /// A device fault on a piece, served by the protocol.
     fn fault(&self, p: &BlockSpan, access: Access) -> Result<()> {
         let inner = self.inner();
@@ -445,12 +481,20 @@ impl Device {
     fn kernel(&self, addr: usize, len: usize, access: Access, f: &RunFn<'_>) -> Result<()> {
         let pieces = self.inner().pieces(addr, len)?;
         self.inner().check_access(&pieces, access)?;
-        let workers = self.inner().devices[self.id.index()]
-            .kernel_workers
-            .max(1)
-            .min(pieces.len().max(1));
-        let next = std::sync::atomic::AtomicUsize::new(0);
         let rounds = AtomicU32::new(0);
+        let state = &self.inner().devices[self.id.index()];
+        if !state.backend.demand_faults() {
+            // A device that cannot take page faults (a GPU without kernel HMM) runs a launch
+            // only over memory made resident before it starts: the whole declared range is
+            // faulted in first, and a range larger than the device is refused.
+            let pages: usize = pieces.iter().map(|p| p.run.len()).sum();
+            if pages > self.capacity_pages() as usize {
+                return Err(Error::NoMem);
+            }
+            self.make_resident(&pieces, access, &rounds)?;
+        }
+        let workers = state.kernel_workers.max(1).min(pieces.len().max(1));
+        let next = std::sync::atomic::AtomicUsize::new(0);
         let first_err = std::sync::Mutex::new(None);
         std::thread::scope(|s| {
             for w in 0..workers {
