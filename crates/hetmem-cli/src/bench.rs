@@ -313,7 +313,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 let mut b = hm.alloc(len)?;
                 touch_pages(&mut b);
                 let s = t.elapsed().as_secs_f64();
-                last.set(Some(Counters::between(s0, hm.stats())));
+                last.set(Some(hm.stats().since(&s0)));
                 drop(b);
                 Ok(gbps(len, s))
             },
@@ -369,7 +369,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 let t = Instant::now();
                 let s = sum_u64(bref);
                 let secs = t.elapsed().as_secs_f64();
-                last.set(Some(Counters::between(s0, hm.stats())));
+                last.set(Some(hm.stats().since(&s0)));
                 ensure!(s == expected, "read-back checksum mismatch");
                 Ok(gbps(len, secs))
             },
@@ -407,7 +407,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 acc.fetch_add(sum_u64(s), Ordering::Relaxed);
             })?;
             let secs = t.elapsed().as_secs_f64();
-            last.set(Some(Counters::between(s0, hm.stats())));
+            last.set(Some(hm.stats().since(&s0)));
             ensure!(acc.into_inner() == expected, "device checksum mismatch");
             hs.push(gbps(len, secs));
             if r % 2 == 0 {
@@ -453,8 +453,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             let t = Instant::now();
             hm.migrate(b.addr(), len, Dest::System)?;
             let t_sys = t.elapsed().as_secs_f64();
-            last.set(Some(Counters::between(s0, s1)));
-            last2.set(Some(Counters::between(s1, hm.stats())));
+            last.set(Some(s1.since(&s0)));
+            last2.set(Some(hm.stats().since(&s1)));
             to_system(&hm, b, &dev)?;
             to_dev.push(gbps(len, t_dev));
             to_sys.push(gbps(len, t_sys));
@@ -514,7 +514,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     black_box(buf[i * PAGE_SIZE]);
                     lat.push(t.elapsed().as_nanos() as u64);
                 }
-                last.set(Some(Counters::between(s0, hm1.stats())));
+                last.set(Some(hm1.stats().since(&s0)));
                 drop(buf);
                 Ok((
                     percentile(&mut lat, 50.0) as f64 / 1e3,
@@ -611,7 +611,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     acc.fetch_add(sum_u64(s), Ordering::Relaxed);
                 })?;
                 let secs = t.elapsed().as_secs_f64();
-                last.set(Some(Counters::between(s0, hm.stats())));
+                last.set(Some(hm.stats().since(&s0)));
                 drop(m);
                 ensure!(acc.into_inner() == expected, "file scan checksum mismatch");
                 Ok(gbps(len, secs))
@@ -676,7 +676,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 dev2.kernel_write(m.addr(), flen, |_, s| inc_u64(s))?;
                 m.flush()?;
                 let secs = t.elapsed().as_secs_f64();
-                last.set(Some(Counters::between(s0, hm2.stats())));
+                last.set(Some(hm2.stats().since(&s0)));
                 drop(m);
                 incs.set(incs.get() + 1);
                 // Untimed: the next run starts with a clean page cache, as the baseline's does.

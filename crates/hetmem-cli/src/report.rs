@@ -61,37 +61,16 @@ impl Target {
     }
 }
 
-/// Runtime counters (`Hetmem::stats`) over the timed part of one hetmem run.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct Counters {
-    pub cpu_faults: u64,
-    pub device_faults: u64,
-    pub pages_to_device: u64,
-    pub pages_to_system: u64,
-    pub pages_evicted: u64,
-    pub zero_fills: u64,
-    pub bytes_copied: u64,
-    pub pages_prefetched: u64,
-    pub pages_from_file: u64,
-    pub pages_written_back: u64,
+/// Runtime counters (`Hetmem::stats`) over the timed part of one hetmem run
+/// (`StatsSnapshot::since`).
+pub type Counters = hetmem::StatsSnapshot;
+
+/// One line of counters for the table.
+trait Show {
+    fn show(&self) -> String;
 }
 
-impl Counters {
-    pub fn between(a: hetmem::StatsSnapshot, b: hetmem::StatsSnapshot) -> Self {
-        Self {
-            cpu_faults: b.cpu_faults - a.cpu_faults,
-            device_faults: b.device_faults - a.device_faults,
-            pages_to_device: b.pages_to_device - a.pages_to_device,
-            pages_to_system: b.pages_to_system - a.pages_to_system,
-            pages_evicted: b.pages_evicted - a.pages_evicted,
-            zero_fills: b.zero_fills - a.zero_fills,
-            bytes_copied: b.bytes_copied - a.bytes_copied,
-            pages_prefetched: b.pages_prefetched - a.pages_prefetched,
-            pages_from_file: b.pages_from_file - a.pages_from_file,
-            pages_written_back: b.pages_written_back - a.pages_written_back,
-        }
-    }
-
+impl Show for Counters {
     fn show(&self) -> String {
         let file = if self.pages_from_file + self.pages_written_back > 0 {
             format!(

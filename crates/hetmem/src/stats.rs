@@ -85,6 +85,7 @@ impl Stats {
 
 /// What the runtime did since the context was built.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct StatsSnapshot {
     /// CPU faults served (userfaultfd page faults).
     pub cpu_faults: u64,
@@ -131,5 +132,57 @@ impl Stats {
             pages_written_back: self.pages_written_back.get(),
             lease_breaks: self.lease_breaks.get(),
         }
+    }
+}
+
+impl StatsSnapshot {
+    /// What happened between `earlier` and this snapshot (each counter's difference).
+    pub fn since(&self, earlier: &StatsSnapshot) -> StatsSnapshot {
+        StatsSnapshot {
+            cpu_faults: self.cpu_faults.saturating_sub(earlier.cpu_faults),
+            device_faults: self.device_faults.saturating_sub(earlier.device_faults),
+            pages_to_device: self.pages_to_device.saturating_sub(earlier.pages_to_device),
+            pages_to_system: self.pages_to_system.saturating_sub(earlier.pages_to_system),
+            pages_evicted: self.pages_evicted.saturating_sub(earlier.pages_evicted),
+            zero_fills: self.zero_fills.saturating_sub(earlier.zero_fills),
+            bytes_copied: self.bytes_copied.saturating_sub(earlier.bytes_copied),
+            errors: self.errors.saturating_sub(earlier.errors),
+            failed_transfers: self
+                .failed_transfers
+                .saturating_sub(earlier.failed_transfers),
+            pages_prefetched: self
+                .pages_prefetched
+                .saturating_sub(earlier.pages_prefetched),
+            pages_from_file: self.pages_from_file.saturating_sub(earlier.pages_from_file),
+            pages_written_back: self
+                .pages_written_back
+                .saturating_sub(earlier.pages_written_back),
+            lease_breaks: self.lease_breaks.saturating_sub(earlier.lease_breaks),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_is_each_counters_difference() {
+        let earlier = StatsSnapshot {
+            cpu_faults: 3,
+            errors: 1,
+            lease_breaks: 9,
+            ..StatsSnapshot::default()
+        };
+        let later = StatsSnapshot {
+            cpu_faults: 10,
+            errors: 1,
+            bytes_copied: 4096,
+            lease_breaks: 2, // a counter reset in between: no wrap
+            ..StatsSnapshot::default()
+        };
+        let d = later.since(&earlier);
+        assert_eq!((d.cpu_faults, d.errors, d.bytes_copied), (7, 0, 4096));
+        assert_eq!(d.lease_breaks, 0);
     }
 }
