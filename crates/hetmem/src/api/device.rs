@@ -214,14 +214,7 @@ impl Device {
                     }
                     break;
                 }
-                tries += 1;
-                if tries > 10_000 {
-                    return Err(Error::Fault("device fault did not converge"));
-                }
-                if tries == 1 {
-                    rounds.fetch_add(1, Ordering::Relaxed);
-                }
-                self.fault(p, access)?;
+                self.fault_again(p, access, &mut tries, rounds)?;
             }
         }
         Ok(())
@@ -250,17 +243,30 @@ impl Device {
                 if mapped {
                     break;
                 }
-                tries += 1;
-                if tries > 10_000 {
-                    return Err(Error::Fault("device fault did not converge"));
-                }
-                if tries == 1 {
-                    rounds.fetch_add(1, Ordering::Relaxed);
-                }
-                self.fault(p, access)?;
+                self.fault_again(p, access, &mut tries, rounds)?;
             }
         }
         Ok(())
+    }
+
+    /// One more device fault on a piece whose pages the device does not map yet: counts the
+    /// command's fault round on the first, and gives up after 10,000 (another thread keeps
+    /// taking the pages away).
+    fn fault_again(
+        &self,
+        p: &BlockSpan,
+        access: Access,
+        tries: &mut u32,
+        rounds: &AtomicU32,
+    ) -> Result<()> {
+        *tries += 1;
+        if *tries > 10_000 {
+            return Err(Error::Fault("device fault did not converge"));
+        }
+        if *tries == 1 {
+            rounds.fetch_add(1, Ordering::Relaxed);
+        }
+        self.fault(p, access)
     }
 
     /// A device fault on a piece, served by the protocol.
