@@ -211,7 +211,7 @@ pub fn available_bytes() -> u64 {
 /// overcommit, succeed and then have the process (or another) killed when touched. Checked
 /// before anything large is allocated for a caller's argument.
 pub fn fits_in_memory(bytes: usize) -> bool {
-    bytes as u64 <= available_bytes().min(memory_bytes())
+    bytes as u64 <= available_bytes()
 }
 
 /// An empty vector with room for exactly `n` values, or `None` when they cannot fit in the
