@@ -135,6 +135,7 @@ fn layer(m: &str) -> &'static str {
 
 /// The memory manager's data modules: they describe state and import nothing that acts on it.
 const MM_DATA: &[&str] = &[
+    "mm::completions",
     "mm::file_io",
     "mm::gate",
     "mm::kernel_runs",

@@ -5,7 +5,8 @@
 //!   validity lives in the protocol's planes, so a chunk's mapping stays put while pages come
 //!   and go.
 //! - Copies are submitted in batches and complete with a [`Fence`], as copies on a CUDA stream
-//!   complete with an event. The simulated backend completes them before `copy` returns.
+//!   complete with an event. A drive does not hold the block's engine lock while a batch runs
+//!   ([`DeviceBackend::is_done`]). The simulated backend completes them before `copy` returns.
 //! - Whether the device takes page faults is the backend's to say: a CUDA device cannot, so
 //!   the runtime establishes residency for a kernel's declared ranges before launching it.
 
@@ -94,4 +95,14 @@ pub trait DeviceBackend: Send + Sync + fmt::Debug {
 
     /// Waits for a batch.
     fn wait(&self, fence: Fence) -> Result<(), OpError>;
+
+    /// Whether a batch has finished, without waiting for it. A drive completes a finished
+    /// batch at once, under the block's engine lock; for one still running it releases the
+    /// lock, so other work on the block goes on while the copy runs (the protocol keeps the
+    /// copied pages busy meanwhile), waits for it (`wait`) outside the lock, and locks again to
+    /// report the completion. The default says no: always wait outside the lock.
+    fn is_done(&self, fence: Fence) -> bool {
+        let _ = fence;
+        false
+    }
 }

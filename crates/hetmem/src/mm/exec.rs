@@ -3,8 +3,9 @@
 //!
 //! A drive runs under the block's engine lock: hand the event to the engine, execute the
 //! synchronous actions in order, run the transfers the engine started, report their completions,
-//! and repeat until the engine starts nothing new. Simulated transfers are synchronous, so every
-//! request a drive starts has completed when the drive returns.
+//! and repeat until the engine starts nothing new. Copies on a device's engine that have not
+//! finished when submitted (`DeviceBackend::is_done`) are left running (`InFlight`): the drive's
+//! caller waits for them without the lock and comes back to report them (`Runtime::drive`).
 
 #![allow(unsafe_code)]
 
@@ -16,7 +17,7 @@ use hetmem_proto::{
 };
 
 use crate::budget::BudgetRef;
-use crate::device::{CopyOp, Endpoint};
+use crate::device::{CopyOp, Endpoint, Fence};
 use crate::error::Result;
 use crate::mm::region::{pte, Region};
 use crate::mm::runtime::Runtime;
@@ -69,22 +70,106 @@ fn pte_mode(mode: MapMode) -> u8 {
     }
 }
 
+/// A batch running on a device's copy engine for an op.
+#[derive(Debug)]
+struct Running {
+    op: OpId,
+    dev: DeviceId,
+    fence: Fence,
+    /// Reported once the batch has succeeded.
+    event: MemEvent<'static>,
+}
+
+/// The transfers of one round of a drive: results of those that finished (file I/O, copies
+/// that failed to start) and batches still running. A drive that leaves batches running
+/// releases the engine lock until they finish (`Runtime::drive`).
+#[derive(Debug, Default)]
+pub(crate) struct InFlight {
+    /// Per op, its result so far: the first error of its transfers.
+    results: Vec<(OpId, Result<(), OpError>)>,
+    running: Vec<Running>,
+    /// Zero fills, by op: their adopted pages keep their data until the op has succeeded.
+    zero_fills: Vec<(OpId, Mask)>,
+}
+
+impl InFlight {
+    fn merge(&mut self, op: OpId, r: Result<(), OpError>) {
+        match self.results.iter_mut().find(|(o, _)| *o == op) {
+            Some((_, acc)) => {
+                if acc.is_ok() {
+                    *acc = r;
+                }
+            }
+            None => self.results.push((op, r)),
+        }
+    }
+
+    /// Whether every batch has finished already.
+    fn done(&self, rt: &Runtime) -> bool {
+        self.running
+            .iter()
+            .all(|b| rt.devices[b.dev.index()].backend.is_done(b.fence))
+    }
+
+    /// Waits for every running batch (without the engine lock, unless they are done).
+    pub(crate) fn wait(&mut self, rt: &Runtime) {
+        for b in std::mem::take(&mut self.running) {
+            let r = rt.devices[b.dev.index()].backend.wait(b.fence);
+            if r.is_ok() {
+                rt.emit(b.event);
+            }
+            self.merge(b.op, r);
+        }
+    }
+}
+
 impl Runtime {
-    /// `Runtime::drive` with the block's engine already locked: hands `event` to the engine,
-    /// applies everything that follows from it, and repeats with the completions until the
-    /// engine starts nothing new.
+    /// `Runtime::drive` with the block's engine already locked: hands `event` to the engine and
+    /// applies everything that follows from it, repeating with the completions until the
+    /// engine starts nothing new, or until copies are left running (`InFlight`): the caller
+    /// then waits for them without the lock and reports them (`complete_locked`).
     pub(crate) fn drive_locked(
         &self,
         region: &Region,
         bi: usize,
         block: &mut Block2M,
         event: Event,
-    ) -> Result<Outcome, EventError> {
-        let mut out = Outcome::default();
-        let mut actions = Vec::new();
+        out: &mut Outcome,
+    ) -> Result<Option<InFlight>, EventError> {
         // What the kernel's CPU page table holds for this block, as far as our actions go.
-        let mut cpu_now = block.state().mapped_by(Proc::Cpu);
+        let cpu_now = block.state().mapped_by(Proc::Cpu);
+        let mut actions = Vec::new();
         self.feed(block, event, &mut actions)?;
+        self.run(region, bi, block, actions, cpu_now, out)
+    }
+
+    /// Reports the transfers of `done`, whose batches have all finished (`InFlight::wait`), to
+    /// the engine, and goes on as `drive_locked` does.
+    pub(crate) fn complete_locked(
+        &self,
+        region: &Region,
+        bi: usize,
+        block: &mut Block2M,
+        done: InFlight,
+        out: &mut Outcome,
+    ) -> Result<Option<InFlight>, EventError> {
+        let cpu_now = block.state().mapped_by(Proc::Cpu);
+        let mut actions = Vec::new();
+        self.report_completions(region, bi, block, done, &mut actions)?;
+        self.run(region, bi, block, actions, cpu_now, out)
+    }
+
+    /// Executes `actions` and what the engine says after their transfers complete, until it is
+    /// quiet or copies are left running.
+    fn run(
+        &self,
+        region: &Region,
+        bi: usize,
+        block: &mut Block2M,
+        mut actions: Vec<Action>,
+        mut cpu_now: Mask,
+        out: &mut Outcome,
+    ) -> Result<Option<InFlight>, EventError> {
         loop {
             let mut transfers = Vec::new();
             out.lone_map = actions
@@ -113,44 +198,70 @@ impl Runtime {
                         run,
                         writeback: Some(file_page),
                     }),
-                    other => self.apply(region, bi, block, other, &mut cpu_now, &mut out),
+                    other => self.apply(region, bi, block, other, &mut cpu_now, out),
                 }
             }
             if transfers.is_empty() {
-                return Ok(out);
+                return Ok(None);
             }
-            let mut results: Vec<(OpId, Result<(), OpError>)> = Vec::new();
+            let mut flight = InFlight::default();
             for t in &transfers {
                 let r = match t.writeback {
-                    Some(file_page) => self.write_back(region, bi, t, file_page),
+                    Some(file_page) => self.write_back(region, bi, t, file_page).map(|()| None),
                     None => self.transfer(region, bi, t),
                 };
-                match results.iter_mut().find(|(op, _)| *op == t.op) {
-                    Some((_, acc)) => {
-                        if acc.is_ok() {
-                            *acc = r;
-                        }
+                match r {
+                    Ok(Some((dev, fence, event))) => {
+                        flight.merge(t.op, Ok(()));
+                        flight.running.push(Running {
+                            op: t.op,
+                            dev,
+                            fence,
+                            event,
+                        });
                     }
-                    None => results.push((t.op, r)),
+                    Ok(None) => flight.merge(t.op, Ok(())),
+                    Err(e) => flight.merge(t.op, Err(e)),
+                }
+                if t.src == Source::Zero && t.writeback.is_none() {
+                    flight.zero_fills.push((t.op, mask_of(t.run)));
                 }
             }
-            // Zero fills of adopted pages kept their data: once their op succeeded, that data is
-            // the page's, and later fills start from what the protocol says.
-            let filled: Mask = transfers
-                .iter()
-                .filter(|t| t.src == Source::Zero && t.writeback.is_none())
-                .filter(|t| results.iter().any(|&(op, r)| op == t.op && r.is_ok()))
-                .fold(Mask::EMPTY, |m, t| m | mask_of(t.run));
-            if !filled.is_empty() {
-                *region.blocks[bi]
-                    .adopted
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) -= filled;
+            if !flight.done(self) {
+                return Ok(Some(flight));
             }
-            for (op, result) in results {
-                self.feed(block, Event::Complete { op, result }, &mut actions)?;
-            }
+            flight.wait(self);
+            self.report_completions(region, bi, block, flight, &mut actions)?;
         }
+    }
+
+    /// Feeds the engine the completion of every op of `done`.
+    fn report_completions(
+        &self,
+        region: &Region,
+        bi: usize,
+        block: &mut Block2M,
+        done: InFlight,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), EventError> {
+        debug_assert!(done.running.is_empty(), "batches still running");
+        // Zero fills of adopted pages kept their data: once their op succeeded, that data is
+        // the page's, and later fills start from what the protocol says.
+        let filled: Mask = done
+            .zero_fills
+            .iter()
+            .filter(|(op, _)| done.results.iter().any(|&(o, r)| o == *op && r.is_ok()))
+            .fold(Mask::EMPTY, |m, &(_, run)| m | run);
+        if !filled.is_empty() {
+            *region.blocks[bi]
+                .adopted
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) -= filled;
+        }
+        for (op, result) in done.results {
+            self.feed(block, Event::Complete { op, result }, actions)?;
+        }
+        Ok(())
     }
 
     /// Feeds one event to the engine, which appends its actions to `out`.
@@ -455,8 +566,19 @@ impl Runtime {
         self.write_protect(va, PAGE_SIZE, wp);
     }
 
-    /// Address of `mem`'s copy of `page`, and the guard that keeps it mapped.
-    fn transfer(&self, region: &Region, bi: usize, t: &Transfer) -> Result<(), OpError> {
+    /// Runs or starts transfer `t`. A copy on a device's engine is submitted and returned
+    /// with its fence and the event to report once it has succeeded; everything else (file
+    /// reads, hole punching, copies between aliased memory) is done on return.
+    ///
+    /// The device chunks are reached under their page-table read locks, held only while the
+    /// copy is submitted: the chunk stays bound while the copy runs because the protocol keeps
+    /// its frames for the busy pages until the op completes.
+    fn transfer(
+        &self,
+        region: &Region,
+        bi: usize,
+        t: &Transfer,
+    ) -> Result<Option<(DeviceId, Fence, MemEvent<'static>)>, OpError> {
         let bytes = t.run.len() * PAGE_SIZE;
         let off = t.run.start() * PAGE_SIZE;
         let slot = &region.blocks[bi];
@@ -506,11 +628,6 @@ impl Runtime {
         if self.transfer_faults.take(t.dst, t.src) {
             return Err(OpError::Device);
         }
-        // The copy engine of the device involved (the destination's if both are devices).
-        let engine = |m: Mem| match m {
-            Mem::Device(d) => Some(&*self.devices[d.index()].backend),
-            Mem::System => None,
-        };
         match t.src {
             Source::Zero => {
                 // Pages adopted by `register` come with data: their first fill keeps it. They
@@ -552,12 +669,20 @@ impl Runtime {
                                 len: r.len() * PAGE_SIZE,
                             })
                             .collect();
+                        let event = MemEvent::Filled {
+                            to: t.dst,
+                            pages: t.run.len() as u64,
+                            zeroed: fresh.count() as u64,
+                        };
                         if !ops.is_empty() {
                             // SAFETY: the backing pages hold the adopted data; the destination
-                            // frames are bound to this run and unmapped; the pages are busy.
+                            // frames are bound to this run and unmapped; the pages stay busy
+                            // until the op completes, after the fence.
                             let fence = unsafe { backend.copy(&ops) }?;
-                            backend.wait(fence)?;
+                            return Ok(Some((d, fence, event)));
                         }
+                        self.emit(event);
+                        return Ok(None);
                     }
                 }
                 self.emit(MemEvent::Filled {
@@ -574,30 +699,35 @@ impl Runtime {
                 if private(t.dst).is_none() {
                     *slot.populated.lock().unwrap_or_else(|e| e.into_inner()) |= mask_of(t.run);
                 }
-                if !aliased {
-                    let op = CopyOp {
-                        src,
-                        dst,
-                        len: bytes,
-                    };
-                    match engine(t.dst).or(engine(src_mem)) {
-                        Some(backend) => {
-                            // SAFETY: src holds the latest data and dst is a bound frame of the
-                            // run; the protocol marked the pages busy, so no processor writes
-                            // either side, and both ranges are `bytes` long inside memory that
-                            // stays mapped (chunk guards held, backing view owned).
-                            let fence = unsafe { backend.copy(&[op]) }?;
-                            backend.wait(fence)?;
-                        }
-                        None => return Err(OpError::Device),
-                    }
-                }
-                self.emit(MemEvent::Migrated {
+                let event = MemEvent::Migrated {
                     from: src_mem,
                     to: t.dst,
                     pages: t.run.len() as u64,
                     bytes: if aliased { 0 } else { bytes as u64 },
-                });
+                };
+                if aliased {
+                    self.emit(event);
+                    return Ok(None);
+                }
+                let op = CopyOp {
+                    src,
+                    dst,
+                    len: bytes,
+                };
+                // The copy engine of the device involved (the destination's if both are
+                // devices).
+                let dev = match (t.dst, src_mem) {
+                    (Mem::Device(d), _) | (Mem::System, Mem::Device(d)) => d,
+                    (Mem::System, Mem::System) => return Err(OpError::Device),
+                };
+                // SAFETY: src holds the latest data and dst is a bound frame of the run; the
+                // protocol keeps the pages busy until the op completes, after the fence, so no
+                // processor writes either side meanwhile, and both ranges are `bytes` long
+                // inside memory that stays mapped (the chunks stay bound while their frames
+                // are busy; the backing view lives as long as the region, which the drive's
+                // caller holds).
+                let fence = unsafe { self.devices[dev.index()].backend.copy(&[op]) }?;
+                return Ok(Some((dev, fence, event)));
             }
             Source::File { file_page } => {
                 let Some(f) = &region.file else {
@@ -648,7 +778,7 @@ impl Runtime {
                 });
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Writes `src`'s copy of the run to the file (`FileBacking::write_at`), from system memory

@@ -149,10 +149,10 @@ impl Runtime {
     pub(crate) fn release_registration(&self, region: &Arc<Region>) -> Result<()> {
         self.bring_home(region)?;
         let views = self.retire_region(region);
-        // Wait out drives that looked the region up before it was retired: from here on no
-        // drive maps a page of these views.
+        // Wait out drives that looked the region up before it was retired, copies they left
+        // running included: from here on no drive maps a page of these views.
         for slot in region.blocks.iter() {
-            drop(self.lock_block(slot));
+            self.quiesce(slot);
         }
         for v in &views {
             // Writers now fault and wait (their faults are stale: they are woken and fault

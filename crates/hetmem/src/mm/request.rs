@@ -19,6 +19,16 @@ impl Runtime {
     /// event and applies what it says until it is quiet (`drive_locked`), mirrors its frame
     /// counts for eviction, runs `after` under the lock, then wakes the CPU ranges it mapped.
     /// Every path that changes a block goes through here.
+    ///
+    /// Copies still running on a device's engine are waited for with the engine lock released,
+    /// so faults and requests on the block's other pages go on meanwhile; the lock is taken
+    /// again to report them. The drive stays inside the fork gate throughout, so a fork never
+    /// copies a block with copies in flight.
+    ///
+    /// A request the event made may be left queued behind another thread's copies: that
+    /// thread's drive finishes it and posts the result (`Completions`), which this drive then
+    /// waits for before it runs `after`. Results of other threads' requests that this drive
+    /// finished are posted for them.
     pub(crate) fn drive(
         &self,
         region: &Region,
@@ -27,22 +37,72 @@ impl Runtime {
         mut after: impl FnMut(&hetmem_proto::Block2M, &Outcome),
     ) -> std::result::Result<Outcome, hetmem_proto::EventError> {
         let slot = &region.blocks[bi];
-        let outcome = {
-            let mut block = self.lock_block(slot);
-            if self.poisoned.pending() {
-                self.unpoison_for(region, bi, &block, &event);
-            }
-            let outcome = self.drive_locked(region, bi, &mut block, event)?;
-            for d in self.topology.devices() {
-                slot.held[d.index()].store(block.frames_held(d), Ordering::Relaxed);
-            }
-            after(&block, &outcome);
-            outcome
+        let own = match event {
+            Event::Request { id, .. } | Event::Invalidate { id, .. } => Some(id),
+            Event::Advise { .. } | Event::Complete { .. } => None,
         };
+        let _gate = self.gate.enter();
+        let mut outcome = Outcome::default();
+        let mut released = false;
+        let mut block = self.lock_block(slot);
+        if self.poisoned.pending() {
+            self.unpoison_for(region, bi, &block, &event);
+        }
+        let mut flight = self.drive_locked(region, bi, &mut block, event, &mut outcome)?;
+        while let Some(mut running) = flight {
+            released = true;
+            // Eviction reads the mirror without the lock: it must see the frames the
+            // running copies use.
+            self.mirror_held(slot, &block);
+            drop(block);
+            running.wait(self);
+            block = self.lock_block(slot);
+            flight = self.complete_locked(region, bi, &mut block, running, &mut outcome)?;
+        }
+        let queued = own.filter(|&id| outcome.result_of(id).is_none());
+        self.mirror_held(slot, &block);
+        if queued.is_none() {
+            after(&block, &outcome);
+        }
+        drop(block);
         for &(va, len) in &outcome.wake {
             let _ = self.uffd.wake(va, len);
         }
+        let foreign: Vec<_> = outcome
+            .done
+            .iter()
+            .filter(|(id, _)| Some(*id) != own)
+            .copied()
+            .collect();
+        if released || !foreign.is_empty() {
+            self.completions.post(foreign);
+        }
+        if let Some(id) = queued {
+            let result = self.completions.wait(id);
+            outcome.done.push((id, result));
+            let block = self.lock_block(slot);
+            after(&block, &outcome);
+        }
         Ok(outcome)
+    }
+
+    /// Mirrors the block's frame counts for eviction, which picks victims without locking.
+    fn mirror_held(&self, slot: &crate::mm::region::BlockSlot, block: &hetmem_proto::Block2M) {
+        for d in self.topology.devices() {
+            slot.held[d.index()].store(block.frames_held(d), Ordering::Relaxed);
+        }
+    }
+
+    /// Waits until no copy of block `slot` is in flight: no drive that looked the block up
+    /// before now still has work running on it.
+    pub(crate) fn quiesce(&self, slot: &crate::mm::region::BlockSlot) {
+        loop {
+            let seen = self.completions.generation();
+            if self.lock_block(slot).ops_in_flight().next().is_none() {
+                return;
+            }
+            self.completions.wait_change(seen);
+        }
     }
 
     /// One request on one block, driven to its result; no eviction retry (`request` has it).
@@ -134,6 +194,9 @@ impl Runtime {
                 write_back: r.file.as_ref().is_some_and(|f| f.evict_to_file),
             };
             let mut freed = 0u64;
+            // Frames busy under a running copy cannot go: wait for the block's copies first,
+            // as a drive holding the lock through them would have made us wait.
+            self.quiesce(&r.blocks[bi]);
             for run in runs.iter().flatten() {
                 let before = r.blocks[bi].held[dev.index()].load(Ordering::Relaxed);
                 let _ = self.request_once(r, bi, *run, kind, |block, _| {

@@ -9,6 +9,7 @@ use hetmem_proto::{DeviceId, Mem, ReqId, Topology, PAGE_SIZE};
 use crate::budget::AtomicBudget;
 use crate::device::DeviceState;
 use crate::error::{Error, Result};
+use crate::mm::completions::Completions;
 use crate::mm::gate::{ForkGate, GateGuard};
 use crate::mm::kernel_runs::KernelRuns;
 use crate::mm::poison::PoisonList;
@@ -73,6 +74,8 @@ pub(crate) struct Runtime {
     pub(crate) orphaned: AtomicBool,
     /// CPU pages poisoned because a copy into them kept failing (`Runtime::poison_page`).
     pub(crate) poisoned: PoisonList,
+    /// Results of requests that finished in another thread's drive (`Runtime::drive`).
+    pub(crate) completions: Completions,
     /// Test hook: device transfers to fail (`crate::mm::testing`).
     pub(crate) transfer_faults: TransferFaults,
 }
@@ -151,6 +154,7 @@ impl Runtime {
             gate: ForkGate::default(),
             orphaned: AtomicBool::new(false),
             poisoned: PoisonList::default(),
+            completions: Completions::default(),
         });
         Ok(runtime)
     }

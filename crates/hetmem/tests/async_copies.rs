@@ -1,0 +1,271 @@
+//! Copies complete asynchronously: a drive submits a device copy, releases the block's engine
+//! lock while it runs, and reports it later (`Runtime::drive`). The backend here holds every
+//! copy at `wait` until the test lets it go, as a slow DMA would, so a test can act on the same
+//! block while a copy is in flight.
+
+#![allow(unsafe_code)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use hetmem::{
+    Chunk, CopyOp, DeviceBackend, DeviceId, DeviceKind, Endpoint, Fence, Hetmem, OpError,
+    SimConfig, Target, PAGE_SIZE,
+};
+
+const CHUNK: usize = 2 << 20;
+
+/// What the test and the backend share: whether copies are held, and how many were submitted.
+#[derive(Debug, Default)]
+struct Latch {
+    state: Mutex<(bool, u64)>,
+    cv: Condvar,
+}
+
+impl Latch {
+    fn hold(&self, on: bool) {
+        self.state.lock().unwrap().0 = on;
+        self.cv.notify_all();
+    }
+
+    /// Waits until `n` batches were submitted in all.
+    fn submitted(&self, n: u64) {
+        let s = self.state.lock().unwrap();
+        let (s, timeout) = self
+            .cv
+            .wait_timeout_while(s, Duration::from_secs(30), |s| s.1 < n)
+            .unwrap();
+        assert!(!timeout.timed_out(), "only {} batches submitted", s.1);
+    }
+}
+
+/// Device memory the host cannot address; a batch's copies are carried out at `wait`, which
+/// blocks while the latch holds copies.
+#[derive(Debug, Default)]
+struct HeldBackend {
+    chunks: Mutex<HashMap<u64, Box<[u8]>>>,
+    next: AtomicU64,
+    pending: Mutex<HashMap<u64, Vec<Copy>>>,
+    latch: Latch,
+}
+
+/// One submitted copy: source, destination, bytes.
+type Copy = (Side, Side, usize);
+
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    Host(usize),
+    Chunk(u64, usize),
+}
+
+fn side(e: Endpoint<'_>) -> Side {
+    match e {
+        Endpoint::Host(p) => Side::Host(p as usize),
+        Endpoint::Chunk(c, off) => Side::Chunk(c.handle, off),
+    }
+}
+
+impl DeviceBackend for HeldBackend {
+    fn kind(&self) -> DeviceKind {
+        DeviceKind::Private
+    }
+
+    fn demand_faults(&self) -> bool {
+        true
+    }
+
+    fn alloc_chunk(&self) -> std::io::Result<Chunk> {
+        let h = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        self.chunks
+            .lock()
+            .unwrap()
+            .insert(h, vec![0u8; CHUNK].into_boxed_slice());
+        Ok(Chunk::new(h))
+    }
+
+    fn free_chunk(&self, chunk: Chunk) {
+        self.chunks.lock().unwrap().remove(&chunk.handle);
+    }
+
+    fn discard(&self, chunk: &Chunk, offset: usize, len: usize) -> std::io::Result<()> {
+        if let Some(c) = self.chunks.lock().unwrap().get_mut(&chunk.handle) {
+            c[offset..offset + len].fill(0);
+        }
+        Ok(())
+    }
+
+    unsafe fn copy(&self, ops: &[CopyOp<'_>]) -> Result<Fence, OpError> {
+        let fence = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let batch = ops
+            .iter()
+            .map(|op| (side(op.src), side(op.dst), op.len))
+            .collect();
+        self.pending.lock().unwrap().insert(fence, batch);
+        self.latch.state.lock().unwrap().1 += 1;
+        self.latch.cv.notify_all();
+        Ok(Fence(fence))
+    }
+
+    fn wait(&self, fence: Fence) -> Result<(), OpError> {
+        {
+            let s = self.latch.state.lock().unwrap();
+            drop(self.latch.cv.wait_while(s, |s| s.0).unwrap());
+        }
+        let batch = self
+            .pending
+            .lock()
+            .unwrap()
+            .remove(&fence.0)
+            .ok_or(OpError::Device)?;
+        let mut chunks = self.chunks.lock().unwrap();
+        for (src, dst, len) in batch {
+            let mut buf = vec![0u8; len];
+            match src {
+                // SAFETY: `copy`'s contract: the host range is valid and stable until the
+                // fence completes, which is now.
+                Side::Host(p) => unsafe {
+                    std::ptr::copy_nonoverlapping(p as *const u8, buf.as_mut_ptr(), len)
+                },
+                Side::Chunk(h, off) => {
+                    buf.copy_from_slice(&chunks.get(&h).ok_or(OpError::Device)?[off..off + len])
+                }
+            }
+            match dst {
+                // SAFETY: as above, for the destination.
+                Side::Host(p) => unsafe {
+                    std::ptr::copy_nonoverlapping(buf.as_ptr(), p as *mut u8, len)
+                },
+                Side::Chunk(h, off) => {
+                    chunks.get_mut(&h).ok_or(OpError::Device)?[off..off + len].copy_from_slice(&buf)
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn context(backend: Arc<HeldBackend>) -> Hetmem {
+    let config = SimConfig {
+        kind: DeviceKind::Private,
+        capacity: 64 << 20,
+        workers: 1,
+    };
+    Hetmem::builder()
+        .device_with_backend(config, backend)
+        .build()
+        .expect("context")
+}
+
+fn d0() -> Target {
+    Target::Device(DeviceId::new(0).unwrap())
+}
+
+/// Reads one byte of managed memory on another thread and hands it back.
+fn read_on_thread(addr: usize) -> mpsc::Receiver<u8> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        // SAFETY: the address is inside a live managed buffer the test keeps until the
+        // thread has answered (or the test failed and the process ends).
+        let v = unsafe { std::ptr::read_volatile(addr as *const u8) };
+        let _ = tx.send(v);
+    });
+    rx
+}
+
+#[test]
+fn a_cpu_fault_on_the_same_block_is_served_while_a_copy_runs() -> anyhow::Result<()> {
+    common::watchdog(
+        "a_cpu_fault_on_the_same_block_is_served_while_a_copy_runs",
+        60,
+        || {
+            let backend = Arc::new(HeldBackend::default());
+            let h = context(backend.clone());
+            let buf = h.alloc(CHUNK).unwrap();
+            let half = CHUNK / 2;
+            // SAFETY: the first half of our buffer, written through its address.
+            unsafe { std::ptr::write_bytes(buf.addr() as *mut u8, 0x5a, half) };
+            backend.latch.hold(true);
+            let (addr, hh) = (buf.addr(), h.clone());
+            let migrating = std::thread::spawn(move || hh.migrate(addr, half, d0()));
+            backend.latch.submitted(1);
+            // The copy of the first half is running. A request on the second half needs the
+            // same block's engine: it must not wait for the copy.
+            let (tx, rx) = mpsc::channel();
+            let (addr, hh) = (buf.addr(), h.clone());
+            std::thread::spawn(move || {
+                let _ = tx.send(hh.migrate(addr + half, half, Target::System).is_ok());
+            });
+            let served = rx.recv_timeout(Duration::from_secs(10));
+            let still_running = !migrating.is_finished();
+            backend.latch.hold(false);
+            assert_eq!(
+                served,
+                Ok(true),
+                "a request on the block waited for a copy there: the engine lock was held"
+            );
+            assert!(still_running, "the migration did not wait for its copy");
+            migrating.join().unwrap()?;
+            assert_eq!(h.device(0).unwrap().used_pages() as usize, half / PAGE_SIZE);
+            // The data went to the device and comes back intact.
+            let back = read_on_thread(buf.addr() + half - 1).recv()?;
+            assert_eq!(back, 0x5a);
+            assert_eq!(h.stats().errors, 0);
+            Ok(())
+        },
+    )
+}
+
+#[test]
+fn a_request_queued_behind_a_running_copy_gets_its_own_result() -> anyhow::Result<()> {
+    common::watchdog(
+        "a_request_queued_behind_a_running_copy_gets_its_own_result",
+        60,
+        || {
+            let backend = Arc::new(HeldBackend::default());
+            let h = context(backend.clone());
+            let buf = h.alloc(CHUNK).unwrap();
+            for p in 0..CHUNK / PAGE_SIZE {
+                // SAFETY: page `p` of our buffer.
+                unsafe { *((buf.addr() + p * PAGE_SIZE) as *mut u8) = p as u8 };
+            }
+            backend.latch.hold(true);
+            let (addr, hh) = (buf.addr(), h.clone());
+            let migrating = std::thread::spawn(move || hh.migrate(addr, CHUNK, d0()));
+            backend.latch.submitted(1);
+            // The CPU writes a page whose copy to the device is running: its fault queues
+            // behind the copy, in the engine, and the migrating thread's drive finishes it.
+            let at = buf.addr() + 7 * PAGE_SIZE;
+            let faults = h.stats().cpu_faults;
+            let writer = std::thread::spawn(move || {
+                // SAFETY: page 7 of the test's live buffer.
+                unsafe { std::ptr::write_volatile(at as *mut u8, 0xee) };
+            });
+            // A migration of another busy page, from a third thread: also queued.
+            let (hh, addr) = (h.clone(), buf.addr());
+            let again =
+                std::thread::spawn(move || hh.migrate(addr + 9 * PAGE_SIZE, PAGE_SIZE, d0()));
+            // Both are on their way: the fault was taken (it then queues in the engine, which
+            // the test cannot see; the result is checked either way).
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while h.stats().cpu_faults == faults && std::time::Instant::now() < deadline {
+                std::thread::yield_now();
+            }
+            backend.latch.hold(false);
+            writer.join().unwrap();
+            again.join().unwrap()?;
+            migrating.join().unwrap()?;
+            for p in 0..CHUNK / PAGE_SIZE {
+                let v = read_on_thread(buf.addr() + p * PAGE_SIZE).recv()?;
+                let want = if p == 7 { 0xee } else { p as u8 };
+                assert_eq!(v, want, "page {p}");
+            }
+            assert_eq!(h.stats().errors, 0);
+            Ok(())
+        },
+    )
+}
