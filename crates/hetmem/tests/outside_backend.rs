@@ -38,6 +38,11 @@ impl Tables {
             tables: self.clone(),
         })
     }
+
+    /// The entries of the `i`th table made.
+    fn entries(&self, i: usize) -> Vec<Pte> {
+        self.made.lock().unwrap()[i].lock().unwrap().clone()
+    }
 }
 
 /// A page table as a vector of typed entries.
@@ -506,6 +511,64 @@ fn a_device_without_page_faults_launches_over_resident_memory_only() -> anyhow::
             resident_at_launch(no_faults(), 2 * CHUNK),
             Err(Error::NoMem)
         ));
+        Ok(())
+    })
+}
+
+#[test]
+fn the_device_page_table_is_the_backends() -> anyhow::Result<()> {
+    common::watchdog("the_device_page_table_is_the_backends", 60, || {
+        let backend = Arc::new(OnSim::new(true));
+        let tables = backend.tables.clone();
+        let config = SimConfig {
+            kind: DeviceKind::Private,
+            capacity: 64 << 20,
+            workers: 1,
+        };
+        let h = Hetmem::builder()
+            .device_with_backend(config, backend)
+            .build()?;
+        let mut buf = h.alloc(2 * CHUNK)?;
+        fill(&mut buf, 0x31);
+        assert!(
+            tables.made.lock().unwrap().is_empty(),
+            "no table before the device maps a page"
+        );
+        // A device read maps its pages: the runtime tells the backend's table, and finds the
+        // mapping there (the read would not converge otherwise).
+        let dev = h.device(0).unwrap();
+        let pages = 16;
+        check(&dev.read(buf.addr(), pages * PAGE_SIZE)?, 0x31);
+        assert_eq!(
+            tables.made.lock().unwrap().len(),
+            1,
+            "one table: one block mapped"
+        );
+        assert!(tables.maps.load(Ordering::Relaxed) > 0);
+        let entries = tables.entries(0);
+        assert!(
+            entries[..pages].iter().all(|e| e.mode.is_some()),
+            "{entries:?}"
+        );
+        let snap = dev.snapshot(buf.addr(), pages * PAGE_SIZE)?;
+        assert!(snap.iter().zip(&entries).all(|(s, e)| s.device == e.mode));
+        // A CPU write takes the device's mappings of those pages away, through the table.
+        buf[..pages * PAGE_SIZE].fill(0x77);
+        assert!(
+            tables.unmaps.load(Ordering::Relaxed) + tables.protects.load(Ordering::Relaxed) > 0
+        );
+        let entries = tables.entries(0);
+        assert!(
+            entries[..pages].iter().all(|e| e.mode.is_none()),
+            "{entries:?}"
+        );
+        // And the device maps them again, and reads what the CPU wrote.
+        assert!(dev
+            .read(buf.addr(), pages * PAGE_SIZE)?
+            .iter()
+            .all(|&b| b == 0x77));
+        assert!(tables.entries(0)[..pages].iter().all(|e| e.mode.is_some()));
+        assert_eq!(h.stats().errors, 0);
         Ok(())
     })
 }
