@@ -25,7 +25,9 @@ pub use api::buffer::{ManagedBuf, Registration};
 pub use api::device::{CpuProt, Device, Location, PageState};
 pub use api::file::{FileMapping, FileOptions};
 pub use api::hetmem::{Hetmem, HetmemBuilder, SimConfig, Target, MAX_SERVICE_THREADS};
-pub use device::{Chunk, CopyOp, DeviceBackend, DeviceCounters, Endpoint, Fence, SimBackend};
+pub use device::{
+    BlockPageTable, Chunk, CopyOp, DeviceBackend, DeviceCounters, Endpoint, Fence, Pte, SimBackend,
+};
 pub use error::{Error, Result};
 pub use hetmem_proto::{
     Advice, DeviceId, DeviceKind, MapMode, Mem, OpError, PageRun, PAGES_PER_BLOCK, PAGE_SIZE,

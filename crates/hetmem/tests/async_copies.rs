@@ -14,8 +14,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use hetmem::{
-    Chunk, CopyOp, DeviceBackend, DeviceId, DeviceKind, Endpoint, Fence, Hetmem, OpError,
-    SimConfig, Target, PAGE_SIZE,
+    BlockPageTable, Chunk, CopyOp, DeviceBackend, DeviceId, DeviceKind, Endpoint, Fence, Hetmem,
+    MapMode, OpError, Pte, SimConfig, Target, PAGE_SIZE,
 };
 
 const CHUNK: usize = 2 << 20;
@@ -41,6 +41,35 @@ impl Latch {
             .wait_timeout_while(s, Duration::from_secs(30), |s| s.1 < n)
             .unwrap();
         assert!(!timeout.timed_out(), "only {} batches submitted", s.1);
+    }
+}
+
+/// A block's page table: one entry per page.
+#[derive(Debug)]
+struct Table(Vec<Pte>);
+
+impl BlockPageTable for Table {
+    fn map(&mut self, pages: std::ops::Range<usize>, mode: MapMode, remote: bool) {
+        self.0[pages].fill(Pte {
+            mode: Some(mode),
+            remote,
+        });
+    }
+
+    fn protect(&mut self, pages: std::ops::Range<usize>) {
+        for e in &mut self.0[pages] {
+            if e.mode.is_some() {
+                e.mode = Some(MapMode::Read);
+            }
+        }
+    }
+
+    fn unmap(&mut self, pages: std::ops::Range<usize>) {
+        self.0[pages].fill(Pte::default());
+    }
+
+    fn entry(&self, page: usize) -> Pte {
+        self.0[page]
     }
 }
 
@@ -77,6 +106,10 @@ impl DeviceBackend for HeldBackend {
 
     fn demand_faults(&self) -> bool {
         true
+    }
+
+    fn page_table(&self) -> Box<dyn BlockPageTable> {
+        Box::new(Table(vec![Pte::default(); CHUNK / PAGE_SIZE]))
     }
 
     fn alloc_chunk(&self) -> std::io::Result<Chunk> {

@@ -1,22 +1,84 @@
 //! A device backend written outside the crate, against the public API only: the proof that
 //! `DeviceBackend` is a seam another crate (the CUDA backend) can implement. Its memory is not
 //! host-addressable (`Chunk::new`), and its copies complete at `wait`, as copies on a CUDA stream
-//! complete at their event.
+//! complete at their event. Its page tables are its own (`BlockPageTable`), as a driver's are.
 
 #![allow(unsafe_code)]
 
 mod common;
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hetmem::{
-    Chunk, CopyOp, DeviceBackend, DeviceKind, Endpoint, Error, Fence, Hetmem, OpError, SimConfig,
-    Target, PAGE_SIZE,
+    BlockPageTable, Chunk, CopyOp, DeviceBackend, DeviceKind, Endpoint, Error, Fence, Hetmem,
+    MapMode, OpError, Pte, SimConfig, Target, PAGES_PER_BLOCK, PAGE_SIZE,
 };
 
 const CHUNK: usize = 2 << 20;
+
+/// What a backend's page tables were told, shared with the test.
+#[derive(Debug, Default)]
+struct Tables {
+    /// Every table made, in order: its entries, as the backend keeps them.
+    made: Mutex<Vec<Arc<Mutex<Vec<Pte>>>>>,
+    maps: AtomicU64,
+    unmaps: AtomicU64,
+    protects: AtomicU64,
+}
+
+impl Tables {
+    fn table(self: &Arc<Self>) -> Box<dyn BlockPageTable> {
+        let entries = Arc::new(Mutex::new(vec![Pte::default(); PAGES_PER_BLOCK]));
+        self.made.lock().unwrap().push(entries.clone());
+        Box::new(VecTable {
+            entries,
+            tables: self.clone(),
+        })
+    }
+
+    /// The entries of the `i`th table made.
+    fn entries(&self, i: usize) -> Vec<Pte> {
+        self.made.lock().unwrap()[i].lock().unwrap().clone()
+    }
+}
+
+/// A page table as a vector of typed entries.
+#[derive(Debug)]
+struct VecTable {
+    entries: Arc<Mutex<Vec<Pte>>>,
+    tables: Arc<Tables>,
+}
+
+impl BlockPageTable for VecTable {
+    fn map(&mut self, pages: Range<usize>, mode: MapMode, remote: bool) {
+        self.tables.maps.fetch_add(1, Ordering::Relaxed);
+        self.entries.lock().unwrap()[pages].fill(Pte {
+            mode: Some(mode),
+            remote,
+        });
+    }
+
+    fn protect(&mut self, pages: Range<usize>) {
+        self.tables.protects.fetch_add(1, Ordering::Relaxed);
+        for e in &mut self.entries.lock().unwrap()[pages] {
+            if e.mode.is_some() {
+                e.mode = Some(MapMode::Read);
+            }
+        }
+    }
+
+    fn unmap(&mut self, pages: Range<usize>) {
+        self.tables.unmaps.fetch_add(1, Ordering::Relaxed);
+        self.entries.lock().unwrap()[pages].fill(Pte::default());
+    }
+
+    fn entry(&self, page: usize) -> Pte {
+        self.entries.lock().unwrap()[page]
+    }
+}
 
 /// Device memory as boxed arenas, one per chunk, known by handle; the host never gets a
 /// pointer into them.
@@ -29,6 +91,7 @@ struct ArenaBackend {
     copies: AtomicU64,
     /// Fail this many upcoming batches (a DMA error).
     fail: AtomicU32,
+    tables: Arc<Tables>,
 }
 
 /// A submitted copy, with raw endpoints: (host pointer | chunk handle + offset).
@@ -133,6 +196,10 @@ impl DeviceBackend for ArenaBackend {
             self.copies.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    fn page_table(&self) -> Box<dyn BlockPageTable> {
+        self.tables.table()
     }
 }
 
@@ -362,33 +429,51 @@ fn a_fork_child_gets_data_that_lived_only_in_such_memory() -> anyhow::Result<()>
     })
 }
 
-/// The simulated device's memory, declaring that the device takes no page faults (as a GPU
-/// without kernel HMM): launches must find their range resident before they start.
+/// The simulated device's memory with page tables of its own, declaring whether the device
+/// takes page faults. Without them (a GPU without kernel HMM), launches must find their range
+/// resident before they start.
 #[derive(Debug)]
-struct NoFaults(hetmem::SimBackend);
+struct OnSim {
+    sim: hetmem::SimBackend,
+    demand_faults: bool,
+    tables: Arc<Tables>,
+}
 
-impl DeviceBackend for NoFaults {
+impl OnSim {
+    fn new(demand_faults: bool) -> Self {
+        Self {
+            sim: hetmem::SimBackend::new(DeviceKind::Private),
+            demand_faults,
+            tables: Arc::default(),
+        }
+    }
+}
+
+impl DeviceBackend for OnSim {
     fn kind(&self) -> DeviceKind {
-        self.0.kind()
+        self.sim.kind()
     }
     fn demand_faults(&self) -> bool {
-        false
+        self.demand_faults
     }
     fn alloc_chunk(&self) -> std::io::Result<Chunk> {
-        self.0.alloc_chunk()
+        self.sim.alloc_chunk()
     }
     fn free_chunk(&self, chunk: Chunk) {
-        self.0.free_chunk(chunk)
+        self.sim.free_chunk(chunk)
     }
     fn discard(&self, chunk: &Chunk, offset: usize, len: usize) -> std::io::Result<()> {
-        self.0.discard(chunk, offset, len)
+        self.sim.discard(chunk, offset, len)
     }
     unsafe fn copy(&self, ops: &[CopyOp<'_>]) -> Result<Fence, OpError> {
         // SAFETY: the caller's contract, passed on.
-        unsafe { self.0.copy(ops) }
+        unsafe { self.sim.copy(ops) }
     }
     fn wait(&self, fence: Fence) -> Result<(), OpError> {
-        self.0.wait(fence)
+        self.sim.wait(fence)
+    }
+    fn page_table(&self) -> Box<dyn BlockPageTable> {
+        self.tables.table()
     }
 }
 
@@ -418,7 +503,7 @@ fn a_device_without_page_faults_launches_over_resident_memory_only() -> anyhow::
         let sim = Arc::new(hetmem::SimBackend::new(DeviceKind::Private));
         // A device that faults on demand starts with what its first run needs.
         assert!(resident_at_launch(sim, 64 << 20)? < all);
-        let no_faults = || Arc::new(NoFaults(hetmem::SimBackend::new(DeviceKind::Private)));
+        let no_faults = || Arc::new(OnSim::new(false));
         // One that cannot fault has the whole range before any run starts...
         assert_eq!(resident_at_launch(no_faults(), 64 << 20)?, all);
         // ...and refuses a range larger than itself, before anything runs.
@@ -426,6 +511,64 @@ fn a_device_without_page_faults_launches_over_resident_memory_only() -> anyhow::
             resident_at_launch(no_faults(), 2 * CHUNK),
             Err(Error::NoMem)
         ));
+        Ok(())
+    })
+}
+
+#[test]
+fn the_device_page_table_is_the_backends() -> anyhow::Result<()> {
+    common::watchdog("the_device_page_table_is_the_backends", 60, || {
+        let backend = Arc::new(OnSim::new(true));
+        let tables = backend.tables.clone();
+        let config = SimConfig {
+            kind: DeviceKind::Private,
+            capacity: 64 << 20,
+            workers: 1,
+        };
+        let h = Hetmem::builder()
+            .device_with_backend(config, backend)
+            .build()?;
+        let mut buf = h.alloc(2 * CHUNK)?;
+        fill(&mut buf, 0x31);
+        assert!(
+            tables.made.lock().unwrap().is_empty(),
+            "no table before the device maps a page"
+        );
+        // A device read maps its pages: the runtime tells the backend's table, and finds the
+        // mapping there (the read would not converge otherwise).
+        let dev = h.device(0).unwrap();
+        let pages = 16;
+        check(&dev.read(buf.addr(), pages * PAGE_SIZE)?, 0x31);
+        assert_eq!(
+            tables.made.lock().unwrap().len(),
+            1,
+            "one table: one block mapped"
+        );
+        assert!(tables.maps.load(Ordering::Relaxed) > 0);
+        let entries = tables.entries(0);
+        assert!(
+            entries[..pages].iter().all(|e| e.mode.is_some()),
+            "{entries:?}"
+        );
+        let snap = dev.snapshot(buf.addr(), pages * PAGE_SIZE)?;
+        assert!(snap.iter().zip(&entries).all(|(s, e)| s.device == e.mode));
+        // A CPU write takes the device's mappings of those pages away, through the table.
+        buf[..pages * PAGE_SIZE].fill(0x77);
+        assert!(
+            tables.unmaps.load(Ordering::Relaxed) + tables.protects.load(Ordering::Relaxed) > 0
+        );
+        let entries = tables.entries(0);
+        assert!(
+            entries[..pages].iter().all(|e| e.mode.is_none()),
+            "{entries:?}"
+        );
+        // And the device maps them again, and reads what the CPU wrote.
+        assert!(dev
+            .read(buf.addr(), pages * PAGE_SIZE)?
+            .iter()
+            .all(|&b| b == 0x77));
+        assert!(tables.entries(0)[..pages].iter().all(|e| e.mode.is_some()));
+        assert_eq!(h.stats().errors, 0);
         Ok(())
     })
 }

@@ -1,4 +1,5 @@
-//! Simulated devices with dmirror's semantics: a page table per block, memory of their own
+//! Simulated devices with dmirror's semantics: a page table per block (their backend's),
+//! memory of their own
 //! (private) or aliased with system memory (coherent), faults served through the protocol in
 //! batches, and kernels that run on worker threads over translated runs of pages.
 
@@ -10,9 +11,8 @@ use hetmem_proto::{
     PAGE_SIZE,
 };
 
-use crate::device::{Chunk, DeviceCounters};
+use crate::device::{Chunk, DeviceCounters, Pte};
 use crate::error::{Error, Result};
-use crate::mm::region::pte;
 use crate::mm::runtime::RuntimeHandle;
 use crate::mm::space::BlockSpan;
 use crate::policy::MemEvent;
@@ -78,12 +78,12 @@ pub struct Device {
     id: DeviceId,
 }
 
-fn satisfies(e: u8, access: Access) -> bool {
-    let m = e & pte::MODE;
-    match access {
-        Access::Read => m != pte::NONE,
-        Access::Write => m >= pte::WRITE,
-        Access::Atomic => m == pte::ATOMIC,
+fn satisfies(e: Pte, access: Access) -> bool {
+    match (access, e.mode) {
+        (_, None) => false,
+        (Access::Read, Some(_)) => true,
+        (Access::Write, Some(m)) => m != MapMode::Read,
+        (Access::Atomic, Some(m)) => m == MapMode::Exclusive,
     }
 }
 
@@ -151,18 +151,16 @@ impl Device {
                 let ran = {
                     let _gate = inner.gate.enter();
                     let db = slot.dev[d].read().unwrap_or_else(|e| e.into_inner());
-                    let entries = &db.pt[p.run.pages()];
+                    let entries: Vec<Pte> = p.run.pages().map(|i| db.entry(i)).collect();
                     if entries.iter().all(|&e| satisfies(e, access)) {
+                        let private = self.kind() == DeviceKind::Private;
                         let mut runs = Vec::new();
                         let mut i = 0;
                         while i < entries.len() {
-                            let local_private =
-                                entries[i] & pte::REMOTE == 0 && self.kind() == DeviceKind::Private;
+                            let local_private = !entries[i].remote && private;
                             let mut j = i + 1;
                             while j < entries.len()
-                                && (entries[j] & pte::REMOTE == 0
-                                    && self.kind() == DeviceKind::Private)
-                                    == local_private
+                                && (!entries[j].remote && private) == local_private
                             {
                                 j += 1;
                             }
@@ -238,7 +236,7 @@ impl Device {
                     let db = p.region.blocks[p.bi].dev[d]
                         .read()
                         .unwrap_or_else(|e| e.into_inner());
-                    db.pt[p.run.pages()].iter().all(|&e| satisfies(e, access))
+                    db.all(p.run.pages(), |e| satisfies(e, access))
                 };
                 if mapped {
                     break;
@@ -364,9 +362,7 @@ impl Device {
             let db = p.region.blocks[p.bi].dev[self.id.index()]
                 .read()
                 .unwrap_or_else(|e| e.into_inner());
-            db.pt[p.run.pages()]
-                .iter()
-                .all(|&e| e & pte::MODE == pte::ATOMIC)
+            db.all(p.run.pages(), |e| e.mode == Some(MapMode::Exclusive))
         }))
     }
 
@@ -420,7 +416,7 @@ impl Device {
             let e = slot.dev[self.id.index()]
                 .read()
                 .unwrap_or_else(|e| e.into_inner())
-                .pt[page];
+                .entry(page);
             let location = if v.is_valid_in(Mem::Device(self.id)) {
                 if topo.is_coherent(self.id) {
                     Location::CoherentLocal
@@ -451,12 +447,7 @@ impl Device {
                     Some(_) => CpuProt::Write,
                 },
                 location,
-                device: match e & pte::MODE {
-                    pte::READ => Some(MapMode::Read),
-                    pte::WRITE => Some(MapMode::ReadWrite),
-                    pte::ATOMIC => Some(MapMode::Exclusive),
-                    _ => None,
-                },
+                device: e.mode,
                 error: !v.managed || !accessible,
             });
             at += PAGE_SIZE;

@@ -363,7 +363,9 @@ impl Hetmem {
         self.inner().budget.used(dev)
     }
 
-    /// Protocol metadata bytes per managed page (engine state plus device page tables).
+    /// Protocol metadata bytes per managed page: engine state plus each device's slot per
+    /// block. The device page tables are the backends', made when a device first maps a page
+    /// of a block, and are not counted.
     pub fn metadata_bytes_per_page(&self) -> f64 {
         let engine = std::mem::size_of::<hetmem_proto::Block2M>() as f64;
         let dev = self.inner().devices.len() as f64

@@ -9,11 +9,14 @@
 //!   ([`DeviceBackend::is_done`]). The simulated backend completes them before `copy` returns.
 //! - Whether the device takes page faults is the backend's to say: a CUDA device cannot, so
 //!   the runtime establishes residency for a kernel's declared ranges before launching it.
+//! - The device's page tables are the backend's ([`BlockPageTable`]), as a Linux driver owns
+//!   its page tables and the core only tells it what to map (HMM mirror callbacks, dmirror).
 
 use std::fmt;
 use std::io;
+use std::ops::Range;
 
-use hetmem_proto::{DeviceKind, OpError};
+use hetmem_proto::{DeviceKind, MapMode, OpError};
 
 use crate::sys::mem::Mapping;
 
@@ -64,7 +67,46 @@ pub struct CopyOp<'a> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fence(pub u64);
 
-/// A device's memory and copy engine.
+/// One entry of a device page table, as the runtime reads it back. The default is unmapped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pte {
+    /// How the device maps the page; `None` when it does not.
+    pub mode: Option<MapMode>,
+    /// The entry maps system memory (over the link), not the device's own.
+    pub remote: bool,
+}
+
+/// One device's page table for one 2 MiB block, kept by its backend. Pages are the block's,
+/// `0..PAGES_PER_BLOCK`.
+///
+/// The runtime calls `map`, `protect` and `unmap` when the protocol's actions say so
+/// (`DeviceMap`, `DeviceProtect`, `DeviceUnmap`), under the block's page-table write lock, and
+/// reads entries back under the read lock before a device access. The table holds what the
+/// protocol decided and nothing else: it makes no decision of its own, so the protocol stays
+/// the one source of truth for coherence.
+pub trait BlockPageTable: Send + Sync + fmt::Debug {
+    /// The device maps `pages` with `mode`; `remote` when they map system memory over the
+    /// link rather than the device's own.
+    fn map(&mut self, pages: Range<usize>, mode: MapMode, remote: bool);
+
+    /// The mapped entries among `pages` become read-only, keeping where they point; unmapped
+    /// ones stay unmapped.
+    fn protect(&mut self, pages: Range<usize>);
+
+    /// The device no longer maps `pages`.
+    fn unmap(&mut self, pages: Range<usize>);
+
+    /// The entry of `page`.
+    fn entry(&self, page: usize) -> Pte;
+}
+
+/// A device's memory, copy engine and page tables.
+///
+/// The page tables are the backend's, as a Linux driver owns its device's page tables and the
+/// core only tells it what to map (HMM's mirror callbacks, dmirror): the runtime asks for a
+/// block's table the first time the device maps a page of it, and from then on tells it what
+/// the protocol decided. A simulated device keeps a byte per page; a CUDA backend can keep
+/// whatever its launches need.
 pub trait DeviceBackend: Send + Sync + fmt::Debug {
     /// Private or coherent.
     fn kind(&self) -> DeviceKind;
@@ -105,4 +147,9 @@ pub trait DeviceBackend: Send + Sync + fmt::Debug {
         let _ = fence;
         false
     }
+
+    /// A new, empty page table for one block. Called the first time the device maps a page
+    /// of the block, so blocks the device never maps cost no table.
+    /// It is called under the block's locks, so it must not call back into the runtime.
+    fn page_table(&self) -> Box<dyn BlockPageTable>;
 }

@@ -1,13 +1,71 @@
 //! The simulated device's memory: chunks are anonymous mappings, copies are `memcpy` on the
-//! calling thread, and freed frames are dropped with MADV_DONTNEED so they read zero.
+//! calling thread, and freed frames are dropped with MADV_DONTNEED so they read zero. Its page
+//! table is a byte per page.
 
 use std::io;
+use std::ops::Range;
 
-use hetmem_proto::{DeviceKind, OpError};
+use hetmem_proto::{DeviceKind, MapMode, OpError, BLOCK_BYTES, PAGES_PER_BLOCK};
 
-use super::backend::{Chunk, CopyOp, DeviceBackend, Endpoint, Fence};
+use super::backend::{BlockPageTable, Chunk, CopyOp, DeviceBackend, Endpoint, Fence, Pte};
 use crate::sys::mem::{self, Mapping};
-use hetmem_proto::BLOCK_BYTES;
+
+/// Simulated page-table entry: mode in bits 0-1, target in bit 2.
+mod pte {
+    pub const NONE: u8 = 0;
+    pub const READ: u8 = 1;
+    pub const WRITE: u8 = 2;
+    pub const ATOMIC: u8 = 3;
+    pub const MODE: u8 = 3;
+    /// The entry maps system memory (over the link), not the device's own.
+    pub const REMOTE: u8 = 4;
+}
+
+/// A simulated device's page table for one block: one byte per page.
+#[derive(Debug)]
+struct SimPageTable([u8; PAGES_PER_BLOCK]);
+
+impl Default for SimPageTable {
+    fn default() -> Self {
+        Self([pte::NONE; PAGES_PER_BLOCK])
+    }
+}
+
+impl BlockPageTable for SimPageTable {
+    fn map(&mut self, pages: Range<usize>, mode: MapMode, remote: bool) {
+        let mode = match mode {
+            MapMode::Read => pte::READ,
+            MapMode::ReadWrite => pte::WRITE,
+            MapMode::Exclusive => pte::ATOMIC,
+        };
+        self.0[pages].fill(mode | if remote { pte::REMOTE } else { 0 });
+    }
+
+    fn protect(&mut self, pages: Range<usize>) {
+        for e in &mut self.0[pages] {
+            if *e & pte::MODE != pte::NONE {
+                *e = (*e & pte::REMOTE) | pte::READ;
+            }
+        }
+    }
+
+    fn unmap(&mut self, pages: Range<usize>) {
+        self.0[pages].fill(pte::NONE);
+    }
+
+    fn entry(&self, page: usize) -> Pte {
+        let e = self.0[page];
+        Pte {
+            mode: match e & pte::MODE {
+                pte::READ => Some(MapMode::Read),
+                pte::WRITE => Some(MapMode::ReadWrite),
+                pte::ATOMIC => Some(MapMode::Exclusive),
+                _ => None,
+            },
+            remote: e & pte::REMOTE != 0,
+        }
+    }
+}
 
 /// Memory of a simulated device.
 #[derive(Debug)]
@@ -89,5 +147,33 @@ impl DeviceBackend for SimBackend {
     /// Copies are done when `copy` returns (unless told to pretend otherwise).
     fn is_done(&self, _fence: Fence) -> bool {
         !self.late
+    }
+
+    fn page_table(&self) -> Box<dyn BlockPageTable> {
+        Box::<SimPageTable>::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_byte_table_keeps_what_it_is_told() {
+        let mut t = SimPageTable::default();
+        assert_eq!(t.entry(0), Pte::default());
+        t.map(0..4, MapMode::ReadWrite, false);
+        t.map(4..6, MapMode::Exclusive, true);
+        t.protect(2..8);
+        let want = |mode, remote| Pte {
+            mode: Some(mode),
+            remote,
+        };
+        assert_eq!(t.entry(1), want(MapMode::ReadWrite, false));
+        assert_eq!(t.entry(3), want(MapMode::Read, false));
+        assert_eq!(t.entry(5), want(MapMode::Read, true));
+        assert_eq!(t.entry(7), Pte::default(), "protect maps nothing");
+        t.unmap(0..PAGES_PER_BLOCK);
+        assert!((0..PAGES_PER_BLOCK).all(|p| t.entry(p) == Pte::default()));
     }
 }

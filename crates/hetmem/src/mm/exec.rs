@@ -1,5 +1,6 @@
 //! Executes the protocol's actions for one block: userfaultfd ioctls on the CPU views, device
-//! page-table updates, frame binding and copies. It makes no decision of its own.
+//! page-table updates (told to the backend's tables), frame binding and copies. It makes no
+//! decision of its own.
 //!
 //! A drive runs under the block's engine lock: hand the event to the engine, execute the
 //! synchronous actions in order, run the transfers the engine started, report their completions,
@@ -19,7 +20,7 @@ use hetmem_proto::{
 use crate::budget::BudgetRef;
 use crate::device::{CopyOp, Endpoint, Fence};
 use crate::error::Result;
-use crate::mm::region::{pte, Region};
+use crate::mm::region::Region;
 use crate::mm::runtime::Runtime;
 use crate::policy::MemEvent;
 use crate::sys::mem;
@@ -60,14 +61,6 @@ struct Transfer {
 
 fn mask_of(run: PageRun) -> Mask {
     Mask::from_run(run)
-}
-
-fn pte_mode(mode: MapMode) -> u8 {
-    match mode {
-        MapMode::Read => pte::READ,
-        MapMode::ReadWrite => pte::WRITE,
-        MapMode::Exclusive => pte::ATOMIC,
-    }
 }
 
 /// A batch running on a device's copy engine for an op.
@@ -434,8 +427,11 @@ impl Runtime {
                 let mut db = region.blocks[bi].dev[dev.index()]
                     .write()
                     .unwrap_or_else(|e| e.into_inner());
-                let e = pte_mode(mode) | if remote { pte::REMOTE } else { 0 };
-                db.pt[run.pages()].fill(e);
+                // The block's table is made on the device's first map of it.
+                let backend = &self.devices[dev.index()].backend;
+                db.pt
+                    .get_or_insert_with(|| backend.page_table())
+                    .map(run.pages(), mode, remote);
                 if remote || self.topology.is_coherent(dev) {
                     // The device reaches the backing view, which allocates holes it touches.
                     *region.blocks[bi]
@@ -448,17 +444,17 @@ impl Runtime {
                 let mut db = region.blocks[bi].dev[dev.index()]
                     .write()
                     .unwrap_or_else(|e| e.into_inner());
-                for e in &mut db.pt[run.pages()] {
-                    if *e & pte::MODE != pte::NONE {
-                        *e = (*e & pte::REMOTE) | pte::READ;
-                    }
+                if let Some(pt) = db.pt.as_mut() {
+                    pt.protect(run.pages());
                 }
             }
             Action::DeviceUnmap { dev, run } => {
                 let mut db = region.blocks[bi].dev[dev.index()]
                     .write()
                     .unwrap_or_else(|e| e.into_inner());
-                db.pt[run.pages()].fill(pte::NONE);
+                if let Some(pt) = db.pt.as_mut() {
+                    pt.unmap(run.pages());
+                }
             }
             Action::Complete { id, result } => out.done.push((id, result)),
             Action::Transfer { .. } | Action::WriteBack { .. } => unreachable!("deferred by drive"),

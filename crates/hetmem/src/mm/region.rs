@@ -1,11 +1,12 @@
 //! A managed region: a memfd holding system memory, its views, and per 2 MiB block the
-//! protocol engine and each device's slice of page table and memory.
+//! protocol engine and each device's page table (its backend's) and memory.
 //!
 //! System memory is the memfd. The runtime reaches it through `backing`, a shared view nobody
 //! else uses; the CPU reaches it through one or more *views* registered with userfaultfd
 //! (MISSING | MINOR | WP). Blocks are keyed by file offset, not address, so an `mremap` only
 //! moves a view: data, device copies and device page tables stay put.
 
+use std::ops::Range;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::sync::{Mutex, RwLock};
@@ -14,26 +15,19 @@ use hetmem_proto::{
     Block2M, Layout, PageMask, BLOCK_BYTES, BLOCK_WORDS, PAGES_PER_BLOCK, PAGE_SIZE,
 };
 
+use crate::device::{BlockPageTable, Pte};
 use crate::error::{Error, Result};
 use crate::mm::file_io::FileBacking;
 use crate::policy::{PolicyBlock, PolicyRegion};
 use crate::sys::mem::{self, Mapping};
 
-/// Device page-table entry: mode in bits 0-1, target in bit 2.
-pub(crate) mod pte {
-    pub const NONE: u8 = 0;
-    pub const READ: u8 = 1;
-    pub const WRITE: u8 = 2;
-    pub const ATOMIC: u8 = 3;
-    pub const MODE: u8 = 3;
-    /// The entry maps system memory (over the link), not the device's own.
-    pub const REMOTE: u8 = 4;
-}
-
 /// One device's view of one block: its page table and, for private devices, its memory.
 #[derive(Debug)]
 pub(crate) struct DevBlock {
-    pub pt: [u8; PAGES_PER_BLOCK],
+    /// The device's page table for this block, its backend's (`DeviceBackend::page_table`),
+    /// made by the executor the first time the device maps a page of the block. Absent, every
+    /// entry is unmapped.
+    pub pt: Option<Box<dyn BlockPageTable>>,
     /// 2 MiB of device memory for this block, mapped lazily, as CUDA maps device memory at
     /// 2 MiB granularity. Only frames the protocol bound hold memory: free frames are
     /// MADV_DONTNEED'd, so they read zero when reused.
@@ -43,9 +37,21 @@ pub(crate) struct DevBlock {
 impl DevBlock {
     fn new() -> Self {
         Self {
-            pt: [pte::NONE; PAGES_PER_BLOCK],
+            pt: None,
             chunk: None,
         }
+    }
+
+    /// The device's entry for `page`.
+    pub fn entry(&self, page: usize) -> Pte {
+        self.pt
+            .as_ref()
+            .map_or_else(Pte::default, |t| t.entry(page))
+    }
+
+    /// Whether every entry of `pages` passes `f`.
+    pub fn all(&self, mut pages: Range<usize>, f: impl Fn(Pte) -> bool) -> bool {
+        pages.all(|p| f(self.entry(p)))
     }
 }
 
@@ -102,8 +108,9 @@ impl Region {
     pub const MAX_LEN: usize = i64::MAX as usize;
 
     /// Metadata bytes one block takes with `devices` devices: its slot (the protocol engine
-    /// inline), and per device its page table, LRU time and frame count. Device memory is
-    /// bound lazily and not counted.
+    /// inline), and per device its page-table slot, LRU time and frame count. Device memory
+    /// and the backends' page tables are made lazily, when a device first uses the block, and
+    /// are not counted.
     fn metadata_per_block(devices: usize) -> usize {
         let per_device = std::mem::size_of::<RwLock<DevBlock>>()
             + std::mem::size_of::<AtomicU64>()
