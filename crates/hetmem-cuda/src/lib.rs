@@ -23,6 +23,7 @@
 //! why it is sound.
 
 mod args;
+mod backend;
 mod context;
 mod error;
 mod host;
@@ -37,6 +38,7 @@ pub mod util;
 mod vmm;
 
 pub use args::{KernelArg, KernelArgs, LaunchConfig, MAX_THREADS_PER_BLOCK};
+pub use backend::{CudaBackend, CudaBuilderExt, CudaPageTable, MAX_PENDING};
 pub use context::{device_count, driver, driver_version, Cuda, DeviceInfo};
 pub use error::{Error, Result};
 pub use host::{HostMem, HostRegistration, MemfdView, PinnedBuffer, REGISTER_FLAGS};

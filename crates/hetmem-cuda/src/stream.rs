@@ -112,6 +112,66 @@ impl Stream {
         })
     }
 
+    /// Enqueues a copy of `n` bytes from host memory at `src` (pinned or pageable) to device
+    /// address `dst`, without bounds checks: the CUDA backend's copies, whose ranges the
+    /// runtime vouches for.
+    ///
+    /// # Safety
+    ///
+    /// `[src, src + n)` must stay mapped, and nobody may write it, until the work enqueued on
+    /// this stream so far has completed; `[dst, dst + n)` must be device memory the caller owns.
+    pub(crate) unsafe fn copy_h2d_raw(&self, dst: u64, src: *const u8, n: usize) -> Result<()> {
+        self.cuda.bind()?;
+        // SAFETY: the caller's contract: both ranges are valid and theirs until the stream's
+        // work completes (a pageable source is staged by the driver before the call returns).
+        check("cuMemcpyHtoDAsync_v2", unsafe {
+            sys::cuMemcpyHtoDAsync_v2(dst, src.cast::<c_void>(), n, self.raw)
+        })
+    }
+
+    /// Enqueues a copy of `n` bytes from device address `src` to host memory at `dst` (pinned
+    /// or pageable), without bounds checks.
+    ///
+    /// # Safety
+    ///
+    /// `[dst, dst + n)` must stay mapped, and nobody may touch it, until the work enqueued on
+    /// this stream so far has completed; `[src, src + n)` must be device memory the caller owns.
+    pub(crate) unsafe fn copy_d2h_raw(&self, dst: *mut u8, src: u64, n: usize) -> Result<()> {
+        self.cuda.bind()?;
+        // SAFETY: the caller's contract, as in copy_h2d_raw.
+        check("cuMemcpyDtoHAsync_v2", unsafe {
+            sys::cuMemcpyDtoHAsync_v2(dst.cast::<c_void>(), src, n, self.raw)
+        })
+    }
+
+    /// Enqueues a device-to-device copy of `n` bytes, without bounds checks.
+    ///
+    /// # Safety
+    ///
+    /// Both ranges must be device memory the caller owns, and stay mapped until the work
+    /// enqueued on this stream so far has completed.
+    pub(crate) unsafe fn copy_d2d_raw(&self, dst: u64, src: u64, n: usize) -> Result<()> {
+        self.cuda.bind()?;
+        // SAFETY: the caller's contract.
+        check("cuMemcpyDtoDAsync_v2", unsafe {
+            sys::cuMemcpyDtoDAsync_v2(dst, src, n, self.raw)
+        })
+    }
+
+    /// Enqueues setting `n` bytes at device address `dst` to `value`, without bounds checks.
+    ///
+    /// # Safety
+    ///
+    /// `[dst, dst + n)` must be device memory the caller owns, mapped until the work enqueued
+    /// on this stream so far has completed.
+    pub(crate) unsafe fn memset_d8_raw(&self, dst: u64, value: u8, n: usize) -> Result<()> {
+        self.cuda.bind()?;
+        // SAFETY: the caller's contract.
+        check("cuMemsetD8Async", unsafe {
+            sys::cuMemsetD8Async(dst, value, n, self.raw)
+        })
+    }
+
     /// Copies `src` (any host memory, pageable too) into `dst` and waits for the stream.
     pub fn copy_h2d_blocking(&self, dst: DeviceSpan<'_>, src: &[u8]) -> Result<()> {
         let n = same_len(dst.len(), src.len())?;
