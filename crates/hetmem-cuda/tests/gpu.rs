@@ -7,11 +7,13 @@
 // Kernel launches and raw device spans are unsafe by contract; each use says why it holds.
 #![allow(unsafe_code)]
 
-use std::io::Write;
+mod common;
+
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{assert_bytes_eq, note, open, pattern, skip};
 use hetmem_cuda::kernels::{self, names};
 use hetmem_cuda::util::{maps_overlapping, maps_show_shared_file, read_self_maps};
 use hetmem_cuda::{
@@ -20,59 +22,8 @@ use hetmem_cuda::{
     PhysicalChunk, PinnedBuffer, Reservation, SameAddressView, Stream, CHUNK_SIZE,
 };
 
-fn required() -> bool {
-    std::env::var("HETMEM_REQUIRE_CUDA").is_ok_and(|v| v == "1")
-}
-
-/// Prints the skip line, or fails under `HETMEM_REQUIRE_CUDA=1`.
-fn skip(test: &str, why: &str) {
-    assert!(!required(), "{test}: HETMEM_REQUIRE_CUDA=1, but {why}");
-    let _ = writeln!(std::io::stderr(), "skipped: {test}: {why}");
-}
-
-/// Device 0, or `None` after the skip line.
-fn open(test: &str) -> Option<Cuda> {
-    match Cuda::open(0) {
-        Ok(c) => Some(c),
-        Err(e) => {
-            skip(test, &e.to_string());
-            None
-        }
-    }
-}
-
-/// A line on stderr that `--nocapture` shows (facts the first GPU run should report).
-fn note(msg: impl AsRef<str>) {
-    let _ = writeln!(std::io::stderr(), "  note: {}", msg.as_ref());
-}
-
 fn test_kernels(cuda: &Cuda) -> Module {
     Module::from_ptx(cuda, kernels::PTX).expect("the shipped PTX loads")
-}
-
-/// Deterministic bytes that differ from page to page and from seed to seed.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
-/// Asserts two byte vectors are equal, naming the first difference.
-fn assert_bytes_eq(what: &str, got: &[u8], want: &[u8]) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
-    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-        let n = got.iter().zip(want).filter(|(a, b)| a != b).count();
-        panic!(
-            "{what}: {n} bytes differ, the first at {i:#x}: got {:#04x}, want {:#04x}",
-            got[i], want[i]
-        );
-    }
 }
 
 fn u64_at(bytes: &[u8], off: usize) -> u64 {

@@ -1,8 +1,16 @@
-// A fake libcuda.so for running tests/gpu.rs and the probe on a machine without a GPU:
-// scripts/fake-cuda-check.sh builds it and runs them against it. It checks the Rust side's logic
-// (arguments, lengths, offsets, lifetimes, error paths), not CUDA's behaviour: "device memory" is
-// host memory behind a translation table, copies are synchronous, kernels are C versions of
-// the shipped ones, and driver answers are guesses where the real driver was not probed.
+// A fake libcuda.so for running tests/gpu.rs, tests/backend.rs and the probe on a machine without
+// a GPU: scripts/fake-cuda-check.sh builds it and runs them against it. It checks the Rust side's
+// logic (arguments, lengths, offsets, lifetimes, error paths), not CUDA's behaviour: "device
+// memory" is host memory behind a translation table, copies and fills are synchronous (so a
+// missing fence or a wrong stream order goes unnoticed here), kernels are C versions of the
+// shipped ones, and driver answers are guesses where the real driver was not probed.
+//
+// What it does check: copies and fills reach only mapped device ranges (else INVALID_VALUE);
+// chunks are unmapped before they are released and reservations emptied before they are freed
+// (else it aborts); fresh chunks read 0x5a, so a zero fill that was skipped shows. Events answer
+// "not ready" now and then, so pollers must poll. One test hook, fakecuda_fail_next_event(),
+// makes the next event recorded report CUDA_ERROR_ILLEGAL_ADDRESS (as a faulting copy would);
+// unlike a real driver, the context stays usable afterwards.
 #define _GNU_SOURCE
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,7 +22,7 @@
 typedef int CUresult;
 typedef unsigned long long u64;
 enum { OK = 0, INVALID_VALUE = 1, OOM = 2, INVALID_IMAGE = 200, INVALID_PTX = 218, UNSUPPORTED_PTX = 222,
-       NOT_FOUND = 500, ALREADY_REGISTERED = 712, NOT_REGISTERED = 713, INVALID_HANDLE = 400 };
+       NOT_FOUND = 500, NOT_READY = 600, ILLEGAL_ADDRESS = 700, ALREADY_REGISTERED = 712, NOT_REGISTERED = 713, INVALID_HANDLE = 400 };
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 #define MB2 (2ull << 20)
 
@@ -161,10 +169,20 @@ CUresult cuStreamDestroy_v2(void* s) { free(s); return OK; }
 CUresult cuStreamSynchronize(void* s) { return OK; }
 CUresult cuStreamQuery(void* s) { return OK; }
 CUresult cuStreamWaitEvent(void* s, void* e, unsigned f) { return OK; }
-CUresult cuEventCreate(void** e, unsigned f) { *e = malloc(8); return OK; }
-CUresult cuEventRecord(void* e, void* s) { return OK; }
-CUresult cuEventQuery(void* e) { static int n; return (++n % 3) ? 600 : OK; }  // NOT_READY sometimes
-CUresult cuEventSynchronize(void* e) { return OK; }
+// An event is the status it reports once complete: OK, or the error the test hook put there.
+static int fail_next_event;
+void fakecuda_fail_next_event(void) { pthread_mutex_lock(&mu); fail_next_event = 1; pthread_mutex_unlock(&mu); }
+CUresult cuEventCreate(void** e, unsigned f) { int* x = malloc(sizeof *x); *x = OK; *e = x; return OK; }
+CUresult cuEventRecord(void* e, void* s) {
+  pthread_mutex_lock(&mu); *(int*)e = fail_next_event ? ILLEGAL_ADDRESS : OK; fail_next_event = 0; pthread_mutex_unlock(&mu);
+  return OK;
+}
+CUresult cuEventQuery(void* e) {  // NOT_READY two times in three
+  static int n;
+  if (__atomic_add_fetch(&n, 1, __ATOMIC_RELAXED) % 3) return NOT_READY;
+  pthread_mutex_lock(&mu); int r = *(int*)e; pthread_mutex_unlock(&mu); return r;
+}
+CUresult cuEventSynchronize(void* e) { pthread_mutex_lock(&mu); int r = *(int*)e; pthread_mutex_unlock(&mu); return r; }
 CUresult cuEventElapsedTime_v2(float* ms, void* a, void* b) { *ms = 0.001f; return OK; }
 CUresult cuEventDestroy_v2(void* e) { free(e); return OK; }
 

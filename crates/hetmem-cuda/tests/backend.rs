@@ -1,0 +1,429 @@
+//! `CudaBackend` under hetmem's runtime, on device 0: migration both ways with checksums, CPU
+//! fault-back, zero fills, eviction under a small cap, failed copies, copies from several
+//! threads, and the backend's own calls. Without CUDA each test prints one line,
+//! `skipped: <test>: <why>`, and passes, unless `HETMEM_REQUIRE_CUDA=1`, which makes that a
+//! failure.
+//!
+//! `scripts/gpu-check.sh` runs this binary on the GPU machine; `scripts/fake-cuda-check.sh` runs
+//! it against the fake driver (`tests/fake-cuda/fakecuda.c`), which checks the backend's logic
+//! but not CUDA's behaviour.
+
+// The backend's `copy` is unsafe by contract, and the fake driver's test hook is reached
+// through dlsym; each use says why it holds.
+#![allow(unsafe_code)]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{assert_bytes_eq, checksum, note, open, pattern, skip, watchdog};
+use hetmem::{
+    Chunk, CopyOp, DeviceBackend, DeviceId, DeviceKind, Endpoint, Hetmem, SimConfig, Target,
+    PAGE_SIZE,
+};
+use hetmem_cuda::{CudaBackend, CudaBuilderExt, Error, CHUNK_SIZE};
+
+const MIB: usize = 1 << 20;
+
+fn dev0() -> Target {
+    Target::Device(DeviceId::new(0).unwrap())
+}
+
+/// A context with device 0 as a CUDA device capped at `cap` bytes, and its backend; `None`
+/// after the skip line.
+fn context(test: &str, cap: usize) -> Option<(Hetmem, Arc<CudaBackend>)> {
+    let cuda = open(test)?;
+    let backend = Arc::new(CudaBackend::new(&cuda, cap).expect("a CUDA backend"));
+    let config = SimConfig {
+        kind: DeviceKind::Private,
+        capacity: backend.capacity(),
+        workers: 1,
+    };
+    let h = Hetmem::builder()
+        .device_with_backend(config, backend.clone())
+        .build()
+        .expect("a hetmem context");
+    Some((h, backend))
+}
+
+/// Writes `data` into the buffer through the CPU.
+fn fill(buf: &mut [u8], data: &[u8]) {
+    buf.copy_from_slice(data);
+}
+
+/// Checks the buffer against `want` through the CPU: the checksum first, then byte for byte.
+fn verify(what: &str, buf: &[u8], want: &[u8]) {
+    if checksum(buf) != checksum(want) {
+        assert_bytes_eq(what, buf, want);
+        panic!("{what}: checksums differ");
+    }
+}
+
+#[test]
+fn migrates_to_the_device_and_back() {
+    watchdog("migrates_to_the_device_and_back", 120, || {
+        let Some((h, backend)) = context("migrates_to_the_device_and_back", 64 * MIB) else {
+            return;
+        };
+        // Four whole blocks and part of a fifth.
+        let len = 8 * MIB + 64 * 1024;
+        let want = pattern(len, 1);
+        let mut buf = h.alloc(len).unwrap();
+        fill(&mut buf, &want);
+        h.migrate(buf.addr(), len, dev0()).unwrap();
+        assert_eq!(
+            h.device_pages_used(DeviceId::new(0).unwrap()) as usize,
+            len / PAGE_SIZE
+        );
+        assert_eq!(backend.chunks_mapped(), 5, "one chunk per block");
+        assert!(h.stats().pages_to_device >= (len / PAGE_SIZE) as u64);
+        h.migrate(buf.addr(), len, Target::System).unwrap();
+        assert!(h.stats().pages_to_system >= (len / PAGE_SIZE) as u64);
+        verify("after the round trip", &buf, &want);
+        assert_eq!(backend.pending_batches(), 0, "every batch was waited for");
+        assert_eq!(h.stats().errors, 0, "{:?}", backend.last_error());
+    });
+}
+
+#[test]
+fn cpu_reads_fault_the_data_back() {
+    watchdog("cpu_reads_fault_the_data_back", 120, || {
+        let Some((h, backend)) = context("cpu_reads_fault_the_data_back", 64 * MIB) else {
+            return;
+        };
+        let len = 6 * MIB;
+        let mut want = pattern(len, 2);
+        let mut buf = h.alloc(len).unwrap();
+        fill(&mut buf, &want);
+        h.migrate(buf.addr(), len, dev0()).unwrap();
+        let faults = h.stats().cpu_faults;
+        // Read through the buffer: CPU faults bring the data home.
+        verify("read through the buffer", &buf, &want);
+        assert!(h.stats().cpu_faults > faults, "the reads faulted");
+        assert!(h.stats().pages_to_system >= (len / PAGE_SIZE) as u64);
+        // A CPU write after another trip: the device's copy goes, the write stays.
+        h.migrate(buf.addr(), len, dev0()).unwrap();
+        buf[12345] ^= 0xff;
+        want[12345] ^= 0xff;
+        h.migrate(buf.addr(), len, dev0()).unwrap();
+        verify("after a write and another trip", &buf, &want);
+        assert_eq!(h.stats().errors, 0, "{:?}", backend.last_error());
+    });
+}
+
+#[test]
+fn untouched_memory_reads_zero_from_the_device() {
+    watchdog("untouched_memory_reads_zero_from_the_device", 120, || {
+        // One chunk: the second buffer's zero fill lands on the first one's old frames.
+        let Some((h, backend)) = context("untouched_memory_reads_zero_from_the_device", CHUNK_SIZE)
+        else {
+            return;
+        };
+        let want = pattern(CHUNK_SIZE, 3);
+        let mut a = h.alloc(CHUNK_SIZE).unwrap();
+        fill(&mut a, &want);
+        h.migrate(a.addr(), CHUNK_SIZE, dev0()).unwrap();
+        let b = h.alloc(CHUNK_SIZE).unwrap();
+        // Never touched: filled with zeros on the device (cuMemsetD8Async), evicting `a`.
+        h.migrate(b.addr(), CHUNK_SIZE, dev0()).unwrap();
+        assert!(h.stats().zero_fills >= (CHUNK_SIZE / PAGE_SIZE) as u64);
+        assert!(h.stats().pages_evicted >= (CHUNK_SIZE / PAGE_SIZE) as u64);
+        assert_eq!(backend.chunks_mapped(), 1);
+        assert!(b.iter().all(|&x| x == 0), "a zero fill leaked old data");
+        verify("the evicted buffer", &a, &want);
+        assert_eq!(h.stats().errors, 0, "{:?}", backend.last_error());
+    });
+}
+
+#[test]
+fn evicts_under_a_small_cap() {
+    watchdog("evicts_under_a_small_cap", 120, || {
+        let Some((h, backend)) = context("evicts_under_a_small_cap", 4 * MIB) else {
+            return;
+        };
+        let len = 16 * MIB;
+        let want = pattern(len, 4);
+        let mut buf = h.alloc(len).unwrap();
+        fill(&mut buf, &want);
+        for b in 0..len / CHUNK_SIZE {
+            h.migrate(buf.addr() + b * CHUNK_SIZE, CHUNK_SIZE, dev0())
+                .unwrap();
+            assert!(backend.chunks_mapped() <= 2, "over the cap");
+        }
+        // Six of the eight blocks made room for later ones.
+        assert!(h.stats().pages_evicted >= (6 * CHUNK_SIZE / PAGE_SIZE) as u64);
+        verify("after eviction", &buf, &want);
+        assert_eq!(h.stats().errors, 0, "{:?}", backend.last_error());
+    });
+}
+
+/// The fake driver's hook (`fakecuda_fail_next_event`): the next event recorded reports
+/// CUDA_ERROR_ILLEGAL_ADDRESS, as a copy that faulted would. `None` on a real driver.
+fn fake_driver_failure_hook() -> Option<unsafe extern "C" fn()> {
+    // SAFETY: RTLD_NOLOAD only looks the library up among those already loaded (cudarc loaded
+    // it as libcuda.so, its first candidate); the handle is never closed, so the symbol stays
+    // valid.
+    unsafe {
+        let lib = libc::dlopen(c"libcuda.so".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+        if lib.is_null() {
+            return None;
+        }
+        let f = libc::dlsym(lib, c"fakecuda_fail_next_event".as_ptr());
+        (!f.is_null()).then(|| std::mem::transmute::<*mut libc::c_void, unsafe extern "C" fn()>(f))
+    }
+}
+
+#[test]
+fn a_failed_copy_keeps_the_data() {
+    watchdog("a_failed_copy_keeps_the_data", 120, || {
+        let Some((h, backend)) = context("a_failed_copy_keeps_the_data", 64 * MIB) else {
+            return;
+        };
+        let len = 4 * MIB;
+        let want = pattern(len, 5);
+        let mut buf = h.alloc(len).unwrap();
+        fill(&mut buf, &want);
+        // Refused at submission (the backend's test hook): nothing moves.
+        backend.inject_copy_failures(1);
+        assert!(matches!(
+            h.migrate(buf.addr(), len, dev0()),
+            Err(hetmem::Error::Io(_))
+        ));
+        verify("after a refused copy", &buf, &want);
+        // Then it works both ways.
+        h.migrate(buf.addr(), len, dev0()).unwrap();
+        h.migrate(buf.addr(), len, Target::System).unwrap();
+        verify("after the retry", &buf, &want);
+        assert!(!backend.is_lost());
+
+        // A copy that fails on the device loses the context, as on a real GPU: the data in
+        // system memory stays, and the device refuses everything after.
+        let Some(fail_next_event) = fake_driver_failure_hook() else {
+            note("a_failed_copy_keeps_the_data: a real driver: no copy failure provoked on the device");
+            return;
+        };
+        // SAFETY: the fake's hook takes nothing and only sets a flag under its lock.
+        unsafe { fail_next_event() };
+        assert!(h.migrate(buf.addr(), len, dev0()).is_err());
+        assert!(backend.is_lost());
+        let why = backend.last_error().unwrap_or_default();
+        assert!(why.contains("ILLEGAL_ADDRESS"), "{why}");
+        verify("after a failed device copy", &buf, &want);
+        assert!(h.migrate(buf.addr(), len, dev0()).is_err());
+        verify("on a lost device", &buf, &want);
+    });
+}
+
+#[test]
+fn copies_from_several_threads() {
+    watchdog("copies_from_several_threads", 120, || {
+        let Some((h, backend)) = context("copies_from_several_threads", 64 * MIB) else {
+            return;
+        };
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let h = h.clone();
+                std::thread::spawn(move || {
+                    let len = 4 * MIB;
+                    let mut want = pattern(len, 10 + t);
+                    let mut buf = h.alloc(len).unwrap();
+                    fill(&mut buf, &want);
+                    for round in 0..5 {
+                        h.migrate(buf.addr(), len, dev0()).unwrap();
+                        if round % 2 == 0 {
+                            h.migrate(buf.addr(), len, Target::System).unwrap();
+                        }
+                        verify("a thread's buffer", &buf, &want);
+                        let at = (round * 4099) % len;
+                        buf[at] = buf[at].wrapping_add(1);
+                        want[at] = want[at].wrapping_add(1);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(backend.pending_batches(), 0);
+        assert_eq!(h.stats().errors, 0, "{:?}", backend.last_error());
+    });
+}
+
+#[test]
+fn the_builder_adds_a_cuda_device() {
+    watchdog("the_builder_adds_a_cuda_device", 120, || {
+        let h = match Hetmem::builder().cuda_device(0, 16 * MIB) {
+            Ok(b) => b.build().expect("a hetmem context"),
+            Err(e @ (Error::NoDriver(_) | Error::NoDevice { .. })) => {
+                return skip("the_builder_adds_a_cuda_device", &e.to_string());
+            }
+            Err(e) => panic!("cuda_device: {e}"),
+        };
+        let dev = h.device(0).unwrap();
+        assert_eq!(dev.kind(), DeviceKind::Private);
+        let len = 4 * MIB;
+        let want = pattern(len, 6);
+        let mut buf = h.alloc(len).unwrap();
+        fill(&mut buf, &want);
+        h.migrate(buf.addr(), len, dev0()).unwrap();
+        verify("through the builder's device", &buf, &want);
+        assert_eq!(h.stats().errors, 0);
+        // A cap below one chunk is refused, before anything is reserved.
+        assert!(matches!(
+            Hetmem::builder().cuda_device(0, MIB),
+            Err(Error::Invalid(_))
+        ));
+    });
+}
+
+/// Copies `ops` and waits for them.
+fn copy_and_wait(backend: &CudaBackend, ops: &[CopyOp<'_>]) -> Result<(), hetmem::OpError> {
+    // SAFETY: every caller's host ranges are vectors it owns and does not touch until this
+    // returns, after the wait; the device ranges are chunks it holds.
+    let fence = unsafe { backend.copy(ops) }?;
+    backend.wait(fence)
+}
+
+#[test]
+fn the_backend_alone() {
+    watchdog("the_backend_alone", 120, || {
+        let Some(cuda) = open("the_backend_alone") else {
+            return;
+        };
+        let backend = CudaBackend::new(&cuda, 2 * CHUNK_SIZE).unwrap();
+        assert_eq!(backend.capacity(), 2 * CHUNK_SIZE);
+        assert_eq!(backend.kind(), DeviceKind::Private);
+        assert!(!backend.demand_faults());
+        let a = backend.alloc_chunk().unwrap();
+        let b = backend.alloc_chunk().unwrap();
+        assert_ne!(a.handle, b.handle);
+        assert!(a.host_ptr().is_none(), "device memory has no host address");
+        // Beyond the cap: ENOMEM.
+        let e = backend.alloc_chunk().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOMEM));
+
+        // Host to a, a to b, b to host, in one batch each.
+        let mut src = pattern(CHUNK_SIZE, 7);
+        let mut out = vec![0u8; CHUNK_SIZE];
+        let half = CHUNK_SIZE / 2;
+        copy_and_wait(
+            &backend,
+            &[
+                CopyOp {
+                    src: Endpoint::Host(src.as_mut_ptr()),
+                    dst: Endpoint::Chunk(&a, 0),
+                    len: half,
+                },
+                CopyOp {
+                    src: Endpoint::Host(src.as_mut_ptr().wrapping_add(half)),
+                    dst: Endpoint::Chunk(&a, half),
+                    len: half,
+                },
+            ],
+        )
+        .unwrap();
+        // SAFETY: both chunks are ours, nothing else runs on them.
+        let fence = unsafe {
+            backend.copy(&[CopyOp {
+                src: Endpoint::Chunk(&a, 0),
+                dst: Endpoint::Chunk(&b, 0),
+                len: CHUNK_SIZE,
+            }])
+        }
+        .unwrap();
+        // is_done settles without a wait (the fake answers "not ready" now and then).
+        let mut polls = 0;
+        while !backend.is_done(fence) {
+            polls += 1;
+            assert!(polls < 1_000_000, "the copy never finished");
+            std::thread::yield_now();
+        }
+        backend.wait(fence).unwrap();
+        copy_and_wait(
+            &backend,
+            &[CopyOp {
+                src: Endpoint::Chunk(&b, 0),
+                dst: Endpoint::Host(out.as_mut_ptr()),
+                len: CHUNK_SIZE,
+            }],
+        )
+        .unwrap();
+        assert_bytes_eq("host -> a -> b -> host", &out, &src);
+
+        // discard zeroes a range, ordered before the next copy on the stream.
+        backend.discard(&b, PAGE_SIZE, 3 * PAGE_SIZE).unwrap();
+        copy_and_wait(
+            &backend,
+            &[CopyOp {
+                src: Endpoint::Chunk(&b, 0),
+                dst: Endpoint::Host(out.as_mut_ptr()),
+                len: CHUNK_SIZE,
+            }],
+        )
+        .unwrap();
+        let mut want = src.clone();
+        want[PAGE_SIZE..4 * PAGE_SIZE].fill(0);
+        assert_bytes_eq("after discard", &out, &want);
+
+        // Ranges outside a chunk, and chunks that are not this backend's, are refused before
+        // anything reaches the driver.
+        assert!(backend
+            .discard(&a, CHUNK_SIZE - PAGE_SIZE, 2 * PAGE_SIZE)
+            .is_err());
+        let foreign = Chunk::new(a.handle + 4096);
+        assert!(copy_and_wait(
+            &backend,
+            &[CopyOp {
+                src: Endpoint::Host(src.as_mut_ptr()),
+                dst: Endpoint::Chunk(&foreign, 0),
+                len: PAGE_SIZE,
+            }],
+        )
+        .is_err());
+        assert!(copy_and_wait(
+            &backend,
+            &[CopyOp {
+                src: Endpoint::Host(src.as_mut_ptr()),
+                dst: Endpoint::Chunk(&a, CHUNK_SIZE - PAGE_SIZE),
+                len: 2 * PAGE_SIZE,
+            }],
+        )
+        .is_err());
+        // A fence never handed out, or waited for already, is an error.
+        assert!(backend.wait(hetmem::Fence(u64::MAX)).is_err());
+
+        // A batch that fails part-way is drained before the error comes back.
+        backend.inject_copy_failures(1);
+        let r = copy_and_wait(
+            &backend,
+            &[
+                CopyOp {
+                    src: Endpoint::Host(src.as_mut_ptr()),
+                    dst: Endpoint::Chunk(&a, 0),
+                    len: PAGE_SIZE,
+                },
+                CopyOp {
+                    src: Endpoint::Host(src.as_mut_ptr()),
+                    dst: Endpoint::Chunk(&a, PAGE_SIZE),
+                    len: PAGE_SIZE,
+                },
+            ],
+        );
+        assert!(r.is_err());
+        assert_eq!(backend.pending_batches(), 0);
+        assert!(
+            !backend.is_lost(),
+            "a refused batch does not lose the device"
+        );
+
+        // Freeing makes room again.
+        backend.free_chunk(a);
+        assert_eq!(backend.chunks_mapped(), 1);
+        let c = backend.alloc_chunk().unwrap();
+        assert_eq!(backend.chunks_mapped(), 2);
+        backend.free_chunk(c);
+        backend.free_chunk(b);
+        assert_eq!(backend.chunks_mapped(), 0);
+        drop(src);
+    });
+}
