@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs hetmem-cuda's GPU tests and the probe against a fake libcuda (tests/fake-cuda/fakecuda.c)
+# Runs hetmem-cuda's GPU tests, the CudaBackend tests and the probe against a fake libcuda (tests/fake-cuda/fakecuda.c)
 # on a machine without a GPU. It checks the Rust side's logic, not CUDA: see the C file's header.
 # Needs a C compiler. NVRTC is used where the loader finds it (else the NVRTC test skips).
 set -euo pipefail
@@ -11,6 +11,7 @@ trap 'rm -rf "$dir"' EXIT
 cc -O2 -shared -fPIC -Wall -Werror -o "$dir/libcuda.so" crates/hetmem-cuda/tests/fake-cuda/fakecuda.c
 export LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 cargo test -p hetmem-cuda --test gpu -- --nocapture
+cargo test -p hetmem-cuda --test backend -- --nocapture
 cargo run -q -p hetmem-cuda --example probe > "$dir/probe.out"
 grep -q '"sums_ok":true' "$dir/probe.out" || { cat "$dir/probe.out"; exit 1; }
-echo "fake-cuda-check: the GPU tests and the probe ran against the fake driver"
+echo "fake-cuda-check: the GPU tests, the backend tests and the probe ran against the fake driver"

@@ -6,8 +6,9 @@
 #
 # Prints nvidia-smi -L, then runs each step under `timeout`: the hetmem-cuda unit tests, the NVRTC
 # tests and the GPU tests with HETMEM_REQUIRE_CUDA=1 (a missing driver or NVRTC fails instead of
-# skipping), then the probe. Logs and probe.json go to $OUT (or /tmp/hetmem-gpu-check). The whole
-# script stays under 4 minutes; it exits non-zero if any step failed.
+# skipping), the probe, then the CudaBackend tests under hetmem's runtime (tests/backend.rs, also
+# with HETMEM_REQUIRE_CUDA=1). Logs and probe.json go to $OUT (or /tmp/hetmem-gpu-check). The
+# whole script stays under 4 minutes; it exits non-zero if any step failed.
 set -u
 cd "$(dirname "$0")/.."
 bin=${GPU_BIN:-gpu-bin}
@@ -83,6 +84,7 @@ step unit-tests 30 "$bin/hetmem-cuda-unit" --test-threads=2
 step nvrtc-tests 30 "$bin/nvrtc-tests" --nocapture
 step gpu-tests 90 "$bin/gpu-tests" --nocapture --test-threads=4
 step probe 60 "$bin/probe" --json "$out/probe.json"
+step backend-tests 60 "$bin/backend-tests" --nocapture --test-threads=2
 
 echo "== nvidia-smi after"
 timeout 15 nvidia-smi --query-gpu=name,memory.used,utilization.gpu --format=csv 2>&1 | tee -a "$out/nvidia-smi.log"
