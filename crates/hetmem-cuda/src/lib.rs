@@ -1,8 +1,11 @@
-//! # hetmem-cuda: the GPU-facing layer of hetmem's CUDA backend
+//! # hetmem-cuda: hetmem's CUDA backend and the GPU-facing layer under it
 //!
-//! A small, safe layer over the CUDA driver API (cudarc 0.19, loaded at run time) with what the
-//! coming `CudaBackend: hetmem::DeviceBackend` needs (`docs/runtime.md` §4):
+//! A small, safe layer over the CUDA driver API (cudarc 0.19, loaded at run time), and
+//! hetmem's device backend on it (`docs/runtime.md` §4):
 //!
+//! - [`CudaBackend`]: `hetmem::DeviceBackend` on a CUDA device, and [`CudaBuilderExt`], which
+//!   adds one to a `hetmem::HetmemBuilder` (`cuda_device(ordinal, cap_bytes)`). Not yet run on
+//!   a GPU.
 //! - [`Cuda`]: the driver (a typed [`Error::NoDriver`] where `libcuda` is missing, never a
 //!   panic), a device, its primary context, made current on whichever thread uses it, and
 //!   [`DeviceInfo`].
