@@ -14,7 +14,7 @@
 
 mod common;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use common::{assert_bytes_eq, checksum, note, open, pattern, skip, watchdog};
 use hetmem::{
@@ -24,6 +24,18 @@ use hetmem::{
 use hetmem_cuda::{CudaBackend, CudaBuilderExt, Error, CHUNK_SIZE};
 
 const MIB: usize = 1 << 20;
+
+/// The fake driver's failure hook acts on the next event any thread records, so the test that
+/// arms it runs alone (`alone`); every other test holds this shared (`shared`).
+static DRIVER: RwLock<()> = RwLock::new(());
+
+fn shared() -> RwLockReadGuard<'static, ()> {
+    DRIVER.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn alone() -> RwLockWriteGuard<'static, ()> {
+    DRIVER.write().unwrap_or_else(|e| e.into_inner())
+}
 
 fn dev0() -> Target {
     Target::Device(DeviceId::new(0).unwrap())
@@ -62,6 +74,7 @@ fn verify(what: &str, buf: &[u8], want: &[u8]) {
 #[test]
 fn migrates_to_the_device_and_back() {
     watchdog("migrates_to_the_device_and_back", 120, || {
+        let _driver = shared();
         let Some((h, backend)) = context("migrates_to_the_device_and_back", 64 * MIB) else {
             return;
         };
@@ -88,6 +101,7 @@ fn migrates_to_the_device_and_back() {
 #[test]
 fn cpu_reads_fault_the_data_back() {
     watchdog("cpu_reads_fault_the_data_back", 120, || {
+        let _driver = shared();
         let Some((h, backend)) = context("cpu_reads_fault_the_data_back", 64 * MIB) else {
             return;
         };
@@ -114,6 +128,7 @@ fn cpu_reads_fault_the_data_back() {
 #[test]
 fn untouched_memory_reads_zero_from_the_device() {
     watchdog("untouched_memory_reads_zero_from_the_device", 120, || {
+        let _driver = shared();
         // One chunk: the second buffer's zero fill lands on the first one's old frames.
         let Some((h, backend)) = context("untouched_memory_reads_zero_from_the_device", CHUNK_SIZE)
         else {
@@ -138,6 +153,7 @@ fn untouched_memory_reads_zero_from_the_device() {
 #[test]
 fn evicts_under_a_small_cap() {
     watchdog("evicts_under_a_small_cap", 120, || {
+        let _driver = shared();
         let Some((h, backend)) = context("evicts_under_a_small_cap", 4 * MIB) else {
             return;
         };
@@ -176,6 +192,7 @@ fn fake_driver_failure_hook() -> Option<unsafe extern "C" fn()> {
 #[test]
 fn a_failed_copy_keeps_the_data() {
     watchdog("a_failed_copy_keeps_the_data", 120, || {
+        let _driver = alone();
         let Some((h, backend)) = context("a_failed_copy_keeps_the_data", 64 * MIB) else {
             return;
         };
@@ -217,6 +234,7 @@ fn a_failed_copy_keeps_the_data() {
 #[test]
 fn copies_from_several_threads() {
     watchdog("copies_from_several_threads", 120, || {
+        let _driver = shared();
         let Some((h, backend)) = context("copies_from_several_threads", 64 * MIB) else {
             return;
         };
@@ -252,6 +270,7 @@ fn copies_from_several_threads() {
 #[test]
 fn the_builder_adds_a_cuda_device() {
     watchdog("the_builder_adds_a_cuda_device", 120, || {
+        let _driver = shared();
         let h = match Hetmem::builder().cuda_device(0, 16 * MIB) {
             Ok(b) => b.build().expect("a hetmem context"),
             Err(e @ (Error::NoDriver(_) | Error::NoDevice { .. })) => {
@@ -287,6 +306,7 @@ fn copy_and_wait(backend: &CudaBackend, ops: &[CopyOp<'_>]) -> Result<(), hetmem
 #[test]
 fn the_backend_alone() {
     watchdog("the_backend_alone", 120, || {
+        let _driver = shared();
         let Some(cuda) = open("the_backend_alone") else {
             return;
         };
