@@ -11,14 +11,14 @@ use crate::mm::work::ServiceWork;
 use crate::sys::uffd::{self, Msg};
 
 impl Runtime {
-    /// Reads pending userfaultfd messages and applies unmap/remap to the address map at once.
-    pub(crate) fn read_events(&self) -> Vec<ServiceWork> {
+    /// Reads pending userfaultfd messages into `work` and applies unmap/remap to the address map
+    /// at once. `msgs` is scratch space, kept by the caller so a fault costs no allocation.
+    pub(crate) fn read_events(&self, msgs: &mut Vec<Msg>, work: &mut Vec<ServiceWork>) {
         let _gate = self.gate.enter();
         let _g = self.space.lock_events();
-        let mut msgs = Vec::new();
-        let mut work = Vec::new();
+        msgs.clear();
         loop {
-            match self.uffd.read(&mut msgs) {
+            match self.uffd.read(msgs) {
                 Ok(n) if n < 32 => break,
                 Ok(_) => {}
                 Err(e) => {
@@ -27,7 +27,7 @@ impl Runtime {
                 }
             }
         }
-        for m in msgs {
+        for m in msgs.drain(..) {
             match m {
                 Msg::PageFault {
                     addr,
@@ -50,12 +50,12 @@ impl Runtime {
                 Msg::Other => {}
             }
         }
-        work
     }
 
     /// Reads pending events into the backlog: userfaultfd answers EAGAIN until they are read.
     pub(crate) fn drain_events(&self) {
-        let work = self.read_events();
+        let mut work = Vec::new();
+        self.read_events(&mut Vec::new(), &mut work);
         if !work.is_empty() {
             self.work.push(work);
         }
@@ -63,38 +63,44 @@ impl Runtime {
     }
 
     /// A fault-service thread.
+    ///
+    /// Each round sleeps until the userfaultfd has messages or the backlog was kicked (the
+    /// wait returns at once while messages are pending), reads the messages, adds the backlog's
+    /// round, and serves them. Sleeping first, not reading again after a round, is what a raw
+    /// handler does: an isolated fault costs one `read` and the thread is asleep as soon as
+    /// the fault is served, leaving the CPU to the thread it just woke.
     pub(crate) fn serve(self: Arc<Self>) {
         let waiter = match uffd::Waiter::new(&self.uffd, self.work.wakeup_fd()) {
             Ok(w) => w,
             Err(e) => return self.note_error("epoll", &e),
         };
+        let mut msgs = Vec::with_capacity(32);
+        let mut work = Vec::with_capacity(32);
         loop {
+            let ready = match waiter.wait(self.poisoned.next_due()) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.note_error("poll userfaultfd", &e);
+                    return;
+                }
+            };
+            if self.work.is_shut_down() {
+                return;
+            }
+            if ready.kicked {
+                self.work.drain_wakeups();
+            }
             // Faults first: what is pending on the descriptor and in the backlog. Then at most
             // one read-ahead, so the other threads can share them and a fault never waits
             // behind a queue of them.
-            let mut work = self.read_events();
+            if ready.messages {
+                self.read_events(&mut msgs, &mut work);
+            }
             self.work.take_round(&mut work);
             if self.poisoned.pending() {
                 self.unpoison(|p| p.due <= std::time::Instant::now());
             }
-            if work.is_empty() {
-                match waiter.wait(self.poisoned.next_due()) {
-                    Ok(kicked) => {
-                        if self.work.is_shut_down() {
-                            return;
-                        }
-                        if kicked {
-                            self.work.drain_wakeups();
-                        }
-                    }
-                    Err(e) => {
-                        self.note_error("poll userfaultfd", &e);
-                        return;
-                    }
-                }
-                continue;
-            }
-            for w in work {
+            for w in work.drain(..) {
                 match w {
                     ServiceWork::Fault { addr, write, tid } => {
                         self.cpu_fault(addr & !(PAGE_SIZE - 1), write, tid)

@@ -500,8 +500,8 @@ impl Waiter {
     }
 
     /// Waits until the userfaultfd or the eventfd is readable, or `timeout` passed; returns
-    /// whether the eventfd fired.
-    pub fn wait(&self, timeout: Option<std::time::Duration>) -> io::Result<bool> {
+    /// which fired. It returns at once while the userfaultfd has messages (level-triggered).
+    pub fn wait(&self, timeout: Option<std::time::Duration>) -> io::Result<Ready> {
         let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 2];
         // Rounded up, so a wait never ends before the deadline it was given.
         let ms = timeout.map_or(-1, |t| {
@@ -517,9 +517,22 @@ impl Waiter {
                 }
                 return Err(e);
             }
-            return Ok(evs[..n as usize].iter().any(|e| e.u64 == 1));
+            let fired = &evs[..n as usize];
+            return Ok(Ready {
+                messages: fired.iter().any(|e| e.u64 == 0),
+                kicked: fired.iter().any(|e| e.u64 == 1),
+            });
         }
     }
+}
+
+/// What ended a `Waiter::wait`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ready {
+    /// The userfaultfd has messages.
+    pub messages: bool,
+    /// The wake-up eventfd fired.
+    pub kicked: bool,
 }
 
 impl AsFd for Uffd {
