@@ -2,7 +2,8 @@
 //! analogue), kept in step with the kernel's munmap/mremap events.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use hetmem_proto::{PageRun, BLOCK_BYTES, PAGES_PER_BLOCK, PAGE_SIZE};
 
@@ -34,6 +35,22 @@ pub(crate) struct AddressSpace {
     /// Held while reading events and applying them to the address map, so a `munmap` that
     /// returned has its view removed before anyone looks at views again.
     events: Mutex<()>,
+    /// Holders of `events`: a lookup waits for the lock only while someone holds it, so the
+    /// fault path takes no lock here when nobody is reading events.
+    events_held: AtomicUsize,
+}
+
+/// `events` held (`AddressSpace::lock_events`).
+pub(crate) struct EventsGuard<'a> {
+    _lock: MutexGuard<'a, ()>,
+    held: &'a AtomicUsize,
+}
+
+impl Drop for EventsGuard<'_> {
+    fn drop(&mut self) {
+        // Before the lock goes: a lookup that sees zero finds the messages applied.
+        self.held.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Address map entry: `[va, end)` shows `region` from file offset `off`.
@@ -50,7 +67,11 @@ impl AddressSpace {
     pub(crate) fn spans(&self, addr: usize, end: usize) -> Result<Vec<BlockSpan>> {
         // Wait for a reader that has taken an UNMAP/REMAP message but not yet applied it: the
         // munmap that sent it may already have returned.
-        drop(self.events.lock().unwrap_or_else(|e| e.into_inner()));
+        // One that starts reading after this check takes its messages after this lookup, as
+        // if it had taken the lock after us.
+        if self.events_held.load(Ordering::SeqCst) != 0 {
+            drop(self.events.lock().unwrap_or_else(|e| e.into_inner()));
+        }
         let space = self.map.read().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::new();
         let mut at = addr;
@@ -81,8 +102,13 @@ impl AddressSpace {
     }
 
     /// Held while userfaultfd messages are read and applied (`Runtime::read_events`).
-    pub(crate) fn lock_events(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.events.lock().unwrap_or_else(|e| e.into_inner())
+    pub(crate) fn lock_events(&self) -> EventsGuard<'_> {
+        let lock = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        self.events_held.fetch_add(1, Ordering::SeqCst);
+        EventsGuard {
+            _lock: lock,
+            held: &self.events_held,
+        }
     }
 
     /// The regions now, for walks that must not hold the list's lock.
