@@ -24,7 +24,9 @@ mod sys;
 pub use api::buffer::{ManagedBuf, Registration};
 pub use api::device::{CpuProt, Device, Location, PageState};
 pub use api::file::{FileMapping, FileOptions};
-pub use api::hetmem::{Hetmem, HetmemBuilder, SimConfig, Target, MAX_SERVICE_THREADS};
+pub use api::hetmem::{
+    default_service_threads, Hetmem, HetmemBuilder, SimConfig, Target, MAX_SERVICE_THREADS,
+};
 pub use device::{
     BlockPageTable, Chunk, CopyOp, DeviceBackend, DeviceCounters, Endpoint, Fence, Pte, SimBackend,
 };

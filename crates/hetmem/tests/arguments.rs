@@ -510,6 +510,51 @@ fn unbounded_service_threads_are_capped() -> Result<()> {
     })
 }
 
+/// Without `service_threads`, a context starts `HETMEM_SERVICE_THREADS` threads, or else one per
+/// CPU (at least 2): the fault service is sized to the machine.
+#[test]
+fn service_threads_follow_the_machine_or_the_environment() -> Result<()> {
+    isolated(
+        "service_threads_follow_the_machine_or_the_environment",
+        || {
+            // This child process runs this test alone, on one thread: changing the environment
+            // races with nobody.
+            std::env::remove_var("HETMEM_SERVICE_THREADS");
+            let cpus = std::thread::available_parallelism()?.get();
+            let want = cpus.clamp(2, 64);
+            ensure!(
+                hetmem::default_service_threads() == want,
+                "default {} threads on {cpus} CPUs, expected {want}",
+                hetmem::default_service_threads()
+            );
+            let before = threads()?;
+            let hm = Hetmem::builder().build()?;
+            let n = threads()? - before;
+            drop(hm);
+            ensure!(
+                n == want,
+                "{n} fault-service threads on {cpus} CPUs, expected {want}"
+            );
+            std::env::set_var("HETMEM_SERVICE_THREADS", "5");
+            let before = threads()?;
+            let hm = Hetmem::builder().build()?;
+            let n = threads()? - before;
+            drop(hm);
+            ensure!(
+                n == 5,
+                "{n} fault-service threads with HETMEM_SERVICE_THREADS=5"
+            );
+            // The builder's word wins over the environment.
+            let before = threads()?;
+            let hm = Hetmem::builder().service_threads(3).build()?;
+            let n = threads()? - before;
+            drop(hm);
+            ensure!(n == 3, "{n} fault-service threads with service_threads(3)");
+            Ok(())
+        },
+    )
+}
+
 // ---------------------------------------------------------------------------------------------
 // B6: calls in a fork child
 // ---------------------------------------------------------------------------------------------

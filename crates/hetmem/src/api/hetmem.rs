@@ -33,6 +33,22 @@ impl Target {
 /// The most fault-service threads a context runs (`HetmemBuilder::service_threads`).
 pub const MAX_SERVICE_THREADS: usize = 256;
 
+/// Fault-service threads a context starts when the builder is not told
+/// (`HetmemBuilder::service_threads`): `HETMEM_SERVICE_THREADS` if it holds a number (clamped to
+/// 1..=`MAX_SERVICE_THREADS`), otherwise one per CPU the process may run on
+/// (`std::thread::available_parallelism`), at least 2 and at most 64. Faults on distinct blocks
+/// are served in parallel, one per thread; an idle thread sleeps in `epoll_wait`, and a fault
+/// wakes one thread only (EPOLLEXCLUSIVE).
+pub fn default_service_threads() -> usize {
+    if let Some(n) = std::env::var("HETMEM_SERVICE_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+    {
+        return n.clamp(1, MAX_SERVICE_THREADS);
+    }
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 64))
+}
+
 /// Simulated device settings.
 #[derive(Clone, Copy, Debug)]
 pub struct SimConfig {
@@ -51,7 +67,8 @@ const MAX_READAHEAD_BLOCKS: usize = 1 << 20;
 #[derive(Debug)]
 pub struct HetmemBuilder {
     devices: Vec<(SimConfig, Arc<dyn DeviceBackend>)>,
-    service_threads: usize,
+    /// Set by `service_threads`; otherwise `HETMEM_SERVICE_THREADS`, otherwise the machine's.
+    service_threads: Option<usize>,
     fault_around: usize,
     readback_window: usize,
     readahead_blocks: usize,
@@ -62,7 +79,7 @@ impl Default for HetmemBuilder {
     fn default() -> Self {
         Self {
             devices: Vec::new(),
-            service_threads: 2,
+            service_threads: None,
             fault_around: PAGES_PER_BLOCK,
             readback_window: PAGES_PER_BLOCK,
             readahead_blocks: 4,
@@ -97,9 +114,11 @@ impl HetmemBuilder {
         self
     }
 
-    /// Threads that serve CPU faults (1 to `MAX_SERVICE_THREADS`, 256; default 2).
+    /// Threads that serve CPU faults (1 to `MAX_SERVICE_THREADS`, 256). Without this call,
+    /// `HETMEM_SERVICE_THREADS` says how many; without it, one per CPU the process may run on,
+    /// at least 2 and at most 64 ([`default_service_threads`]).
     pub fn service_threads(mut self, n: usize) -> Self {
-        self.service_threads = n.clamp(1, MAX_SERVICE_THREADS);
+        self.service_threads = Some(n.clamp(1, MAX_SERVICE_THREADS));
         self
     }
 
@@ -164,7 +183,8 @@ impl HetmemBuilder {
             }),
         )?;
         crate::mm::fork::track(&runtime);
-        let shared = RuntimeHandle::start(runtime, self.service_threads)?;
+        let threads = self.service_threads.unwrap_or_else(default_service_threads);
+        let shared = RuntimeHandle::start(runtime, threads)?;
         Ok(Hetmem(shared))
     }
 }
