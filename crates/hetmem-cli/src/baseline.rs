@@ -41,19 +41,53 @@ unsafe impl Send for AnonMap {}
 // SAFETY: shared access only hands out `&[u8]`.
 unsafe impl Sync for AnonMap {}
 
+/// What a baseline's memory is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backing {
+    /// Private anonymous memory: a read fault maps the shared zero page.
+    Anonymous,
+    /// A shared mapping of a memfd, as hetmem's CPU views are: a fault allocates and clears a
+    /// page in the page cache (shmem).
+    Memfd,
+}
+
 impl AnonMap {
     /// Maps `len` bytes (rounded up to pages), readable and writable, not populated.
     pub fn new(len: usize) -> io::Result<Self> {
+        Self::with_backing(len, Backing::Anonymous)
+    }
+
+    /// Like `new`, with the given backing.
+    pub fn with_backing(len: usize, backing: Backing) -> io::Result<Self> {
         let len = len.div_ceil(PAGE).max(1) * PAGE;
-        // SAFETY: a fresh private anonymous mapping at an address of the kernel's choice; it
-        // aliases nothing.
+        let (flags, fd) = match backing {
+            Backing::Anonymous => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, None),
+            Backing::Memfd => {
+                // SAFETY: memfd_create takes a C string and flags and returns a new fd or -1.
+                let fd =
+                    unsafe { libc::memfd_create(c"hetmem-baseline".as_ptr(), libc::MFD_CLOEXEC) };
+                if fd < 0 {
+                    return Err(errno());
+                }
+                // SAFETY: a fresh fd that nobody else owns.
+                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                // SAFETY: sets the size of our own memfd.
+                if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } < 0 {
+                    return Err(errno());
+                }
+                (libc::MAP_SHARED, Some(fd))
+            }
+        };
+        // SAFETY: a fresh mapping (private anonymous, or of our own memfd, which nothing else
+        // maps) at an address of the kernel's choice; it aliases nothing. The memfd may be
+        // closed once mapped.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
+                flags,
+                fd.as_ref().map_or(-1, |f| f.as_raw_fd()),
                 0,
             )
         };
@@ -254,13 +288,13 @@ fn handler(uffd: RawFd, stop: RawFd) -> u64 {
     }
 }
 
-/// Touches (reads one byte of) each of `pages` fresh pages of a private anonymous mapping
+/// Touches (reads one byte of) each of `pages` fresh pages of a mapping (`backing`)
 /// registered MISSING with a userfaultfd whose handler thread answers UFFDIO_ZEROPAGE, and
 /// returns each touch's latency in nanoseconds: one complete userfaultfd round trip.
-pub fn uffd_fault_latencies_ns(pages: usize) -> io::Result<Vec<u64>> {
+pub fn uffd_fault_latencies_ns(pages: usize, backing: Backing) -> io::Result<Vec<u64>> {
     let uffd = open_uffd()?;
     uffd_api(uffd.as_raw_fd())?;
-    let map = AnonMap::new(pages * PAGE)?;
+    let map = AnonMap::with_backing(pages * PAGE, backing)?;
     uffd_register_missing(uffd.as_raw_fd(), map.addr(), map.len())?;
     // SAFETY: eventfd takes a count and flags and returns a new fd or -1.
     let stop = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -294,4 +328,130 @@ pub fn uffd_fault_latencies_ns(pages: usize) -> io::Result<Vec<u64>> {
     }
     drop(map);
     Ok(lat)
+}
+
+/// A handler thread for the throughput baseline: its own epoll set with the userfaultfd added
+/// EPOLLEXCLUSIVE (a fault wakes one handler, not all) and the stop eventfd; reads messages and
+/// answers UFFDIO_ZEROPAGE. This is what a careful raw handler with several threads does.
+fn exclusive_handler(uffd: RawFd, stop: RawFd) -> io::Result<u64> {
+    // SAFETY: epoll_create1 returns a new fd or -1.
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if ep < 0 {
+        return Err(errno());
+    }
+    // SAFETY: a fresh fd that nobody else owns.
+    let ep = unsafe { OwnedFd::from_raw_fd(ep) };
+    for (fd, flags, tag) in [
+        (uffd, libc::EPOLLIN | libc::EPOLLEXCLUSIVE, 0u64),
+        (stop, libc::EPOLLIN, 1u64),
+    ] {
+        let mut ev = libc::epoll_event {
+            events: flags as u32,
+            u64: tag,
+        };
+        // SAFETY: registers a live fd with our epoll set, reading one epoll_event.
+        if unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+            return Err(errno());
+        }
+    }
+    let mut served = 0u64;
+    let mut buf = [0u8; MSG_LEN * 16];
+    loop {
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 2];
+        // SAFETY: epoll_wait writes at most 2 events into our stack array.
+        let n = unsafe { libc::epoll_wait(ep.as_raw_fd(), evs.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            if errno().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(errno());
+        }
+        if evs[..n as usize].iter().any(|e| e.u64 == 1) {
+            return Ok(served);
+        }
+        // SAFETY: reads at most `buf.len()` bytes into our stack buffer.
+        let got = unsafe { libc::read(uffd, buf.as_mut_ptr().cast(), buf.len()) };
+        if got <= 0 {
+            continue;
+        }
+        for msg in buf[..got as usize].chunks_exact(MSG_LEN) {
+            if u32::from(msg[0]) != uapi::UFFD_EVENT_PAGEFAULT {
+                continue;
+            }
+            let addr = u64::from_ne_bytes(msg[16..24].try_into().expect("8 bytes")) as usize;
+            serve_zeropage(uffd, addr & !(PAGE - 1));
+            served += 1;
+        }
+    }
+}
+
+/// Fault throughput of a raw userfaultfd with `threads` handler threads: `threads` application
+/// threads each read one byte of each of `pages` fresh pages of their own part of one private
+/// anonymous mapping, registered MISSING. Returns faults per second over the whole run (from
+/// the moment every thread is ready to the last touch).
+pub fn uffd_fault_throughput(threads: usize, pages: usize) -> io::Result<f64> {
+    let threads = threads.max(1);
+    let uffd = open_uffd()?;
+    uffd_api(uffd.as_raw_fd())?;
+    let map = AnonMap::new(threads * pages * PAGE)?;
+    uffd_register_missing(uffd.as_raw_fd(), map.addr(), map.len())?;
+    // SAFETY: eventfd takes a count and flags and returns a new fd or -1.
+    let stop = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if stop < 0 {
+        return Err(errno());
+    }
+    // SAFETY: a fresh fd that nobody else owns.
+    let stop = unsafe { OwnedFd::from_raw_fd(stop) };
+    let (ufd, sfd) = (uffd.as_raw_fd(), stop.as_raw_fd());
+    let start = std::sync::Barrier::new(threads + 1);
+    let (secs, served) = std::thread::scope(|s| -> io::Result<(f64, u64)> {
+        let handlers: Vec<_> = (0..threads)
+            .map(|i| {
+                std::thread::Builder::new()
+                    .name(format!("uffd-baseline-{i}"))
+                    .spawn_scoped(s, move || exclusive_handler(ufd, sfd))
+            })
+            .collect::<io::Result<_>>()?;
+        let mem = map.as_slice();
+        let start = &start;
+        let apps: Vec<_> = (0..threads)
+            .map(|t| {
+                let part = &mem[t * pages * PAGE..(t + 1) * pages * PAGE];
+                std::thread::Builder::new()
+                    .name(format!("uffd-app-{t}"))
+                    .spawn_scoped(s, move || {
+                        start.wait();
+                        for i in 0..pages {
+                            std::hint::black_box(part[i * PAGE]);
+                        }
+                    })
+            })
+            .collect::<io::Result<_>>()?;
+        start.wait();
+        let t0 = Instant::now();
+        for a in apps {
+            a.join()
+                .map_err(|_| io::Error::other("application thread panicked"))?;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from our stack to our eventfd (it stays readable: every
+        // handler sees it).
+        unsafe { libc::write(sfd, (&one as *const u64).cast(), 8) };
+        let mut served = 0;
+        for h in handlers {
+            served += h
+                .join()
+                .map_err(|_| io::Error::other("uffd handler panicked"))??;
+        }
+        Ok((secs, served))
+    })?;
+    let faults = (threads * pages) as u64;
+    if served < faults {
+        return Err(io::Error::other(format!(
+            "uffd handlers served {served} of {faults} faults"
+        )));
+    }
+    drop(map);
+    Ok(faults as f64 / secs)
 }
