@@ -13,9 +13,25 @@ use crate::sys::uffd::{self, Msg};
 impl Runtime {
     /// Reads pending userfaultfd messages into `work` and applies unmap/remap to the address map
     /// at once. `msgs` is scratch space, kept by the caller so a fault costs no allocation.
-    pub(crate) fn read_events(&self, msgs: &mut Vec<Msg>, work: &mut Vec<ServiceWork>) {
+    ///
+    /// With `wait` false, a thread that finds another reading returns at once without reading
+    /// (the other reads what is pending), so two service threads woken for one message do not
+    /// queue on the lock that lookups also wait for. Returns whether it read.
+    pub(crate) fn read_events(
+        &self,
+        msgs: &mut Vec<Msg>,
+        work: &mut Vec<ServiceWork>,
+        wait: bool,
+    ) -> bool {
         let _gate = self.gate.enter();
-        let _g = self.space.lock_events();
+        let _g = if wait {
+            self.space.lock_events()
+        } else {
+            match self.space.try_lock_events() {
+                Some(g) => g,
+                None => return false,
+            }
+        };
         msgs.clear();
         loop {
             match self.uffd.read(msgs) {
@@ -50,12 +66,13 @@ impl Runtime {
                 Msg::Other => {}
             }
         }
+        true
     }
 
     /// Reads pending events into the backlog: userfaultfd answers EAGAIN until they are read.
     pub(crate) fn drain_events(&self) {
         let mut work = Vec::new();
-        self.read_events(&mut Vec::new(), &mut work);
+        self.read_events(&mut Vec::new(), &mut work, true);
         if !work.is_empty() {
             self.work.push(work);
         }
@@ -93,8 +110,9 @@ impl Runtime {
             // Faults first: what is pending on the descriptor and in the backlog. Then at most
             // one read-ahead, so the other threads can share them and a fault never waits
             // behind a queue of them.
-            if ready.messages {
-                self.read_events(&mut msgs, &mut work);
+            if ready.messages && !self.read_events(&mut msgs, &mut work, false) {
+                // Another thread is reading: what is pending is its. Let it run.
+                std::thread::yield_now();
             }
             self.work.take_round(&mut work);
             if self.poisoned.pending() {

@@ -102,6 +102,20 @@ impl AddressSpace {
     }
 
     /// Held while userfaultfd messages are read and applied (`Runtime::read_events`).
+    /// Like `lock_events`, unless another thread holds the lock now.
+    pub(crate) fn try_lock_events(&self) -> Option<EventsGuard<'_>> {
+        let lock = match self.events.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        self.events_held.fetch_add(1, Ordering::SeqCst);
+        Some(EventsGuard {
+            _lock: lock,
+            held: &self.events_held,
+        })
+    }
+
     pub(crate) fn lock_events(&self) -> EventsGuard<'_> {
         let lock = self.events.lock().unwrap_or_else(|e| e.into_inner());
         self.events_held.fetch_add(1, Ordering::SeqCst);
