@@ -1,6 +1,7 @@
 //! File mappings (`Hetmem::map_file`) and their file leases: breaks that flush for another
 //! opener, breaks whose writebacks fail, a lease taken on a thread that has exited, breaks that
-//! race a drop, and a write lease the kernel turned into a read one.
+//! race a drop, a write lease the kernel turned into a read one, and a lease taken again after
+//! pages were cached without it.
 //!
 //! Shared with the other `tests/file_*.rs`: `common/file.rs` (the conventions: page stamps,
 //! other processes, no sleeping) and `common/fs.rs`. Each scenario runs under a watchdog
@@ -33,6 +34,7 @@ common::serial_tests!(
     lease_breaks_racing_a_drop,
     write_lease_turned_read_counts_as_lost,
     lease_break_with_failing_writeback,
+    a_retaken_lease_drops_what_was_cached_without_it,
 );
 
 mod scenarios {
@@ -427,6 +429,92 @@ mod scenarios {
         assert_same("CPU read", m.as_slice(), &new);
         drop(m);
         assert_same("file after the retry", &pread_file(&path)?, &new);
+        Ok(())
+    }
+
+    /// A page cached while another process had the file open (no lease) may be stale by the
+    /// time the lease is taken again: taking it back drops such pages, so `is_leased()` means
+    /// coherent. Without that, the stale page survived the retake, and a write to one byte of it
+    /// followed by `flush` wrote the whole stale page back over the other process's write
+    /// (`file-contract-review.md`, finding 1).
+    pub fn a_retaken_lease_drops_what_was_cached_without_it() -> Result<()> {
+        let dir = TempDir::new("a_retaken_lease_drops_what_was_cached_without_it")?;
+        let path = dir.path("data");
+        let len = 4 * MIB;
+        create_file(&path, &content(0, 0, len))?;
+        let hm = context(DeviceKind::Private, 16 * MIB)?;
+        let mut m = hm.map_file(&path, 0, len, FileMode::Shared)?;
+        ensure!(
+            m.is_leased(),
+            "no write lease on a file nobody else has open"
+        );
+        // Page P in block 0; page Q, whose fault takes the lease back, in block 1.
+        let (p, q) = (3, 512 + 7);
+
+        // Another process opens the file for writing: the break flushes, drops and releases.
+        let (mut opened_rx, opened_tx) = pipe();
+        let (go_rx, mut go_tx) = pipe();
+        let theirs = content(9, p, PAGE_SIZE);
+        let pth = path.clone();
+        let their_page = theirs.clone();
+        let pid = fork_child(|| {
+            let Ok(f) = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&pth)
+            else {
+                return 2;
+            };
+            let _ = (&opened_tx).write_all(&[1]);
+            let mut b = [0u8; 1];
+            let _ = (&go_rx).read(&mut b);
+            if f.write_all_at(&their_page, (p * PAGE_SIZE) as u64).is_err() {
+                return 3;
+            }
+            drop(f);
+            0
+        });
+        drop(opened_tx);
+        let mut b = [0u8; 1];
+        opened_rx
+            .read_exact(&mut b)
+            .context("the other process reported nothing")?;
+        // While it has the file open, we cannot hold a lease: reading P caches the old data.
+        let before = m.as_slice()[p * PAGE_SIZE + 100];
+        assert_same(
+            "P before the other process writes",
+            &m.as_slice()[p * PAGE_SIZE..(p + 1) * PAGE_SIZE],
+            &content(0, p, PAGE_SIZE),
+        );
+        ensure!(
+            !m.is_leased(),
+            "a lease while another process has the file open"
+        );
+        go_tx.write_all(&[0])?;
+        assert_eq!(wait_child(pid), 0, "writer process");
+
+        // It wrote P and closed the file. A fault elsewhere takes the lease back.
+        let _ = std::hint::black_box(m.as_slice()[q * PAGE_SIZE]);
+        ensure!(
+            m.is_leased(),
+            "the lease was not taken back once the file was free"
+        );
+        assert_same(
+            "P read with the lease held again",
+            &m.as_slice()[p * PAGE_SIZE..(p + 1) * PAGE_SIZE],
+            &theirs,
+        );
+        // One byte of ours on P, flushed: their other bytes stay.
+        let ours = before.wrapping_add(1);
+        m.as_mut_slice().expect("a shared mapping is writable")[p * PAGE_SIZE + 100] = ours;
+        m.flush()?;
+        let mut want = theirs.clone();
+        want[100] = ours;
+        assert_same(
+            "P in the file after our one-byte write and flush",
+            &pread_file(&path)?[p * PAGE_SIZE..(p + 1) * PAGE_SIZE],
+            &want,
+        );
         Ok(())
     }
 }

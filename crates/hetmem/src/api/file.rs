@@ -191,6 +191,8 @@ impl Hetmem {
             wb_seen: AtomicU64::new(errseq.sample()),
             errseq,
             leased: AtomicBool::new(false),
+            unleased_cache: AtomicBool::new(false),
+            retake: std::sync::Mutex::new(()),
             io: FileIo::new(offset, len, meta.len(), tmpfs),
         };
         let region = inner.new_region(len, Some(backing))?;

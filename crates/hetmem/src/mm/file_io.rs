@@ -42,8 +42,14 @@ pub(crate) struct FileBacking {
     pub faults: FileFaults,
     /// Coherence with other processes through a file lease (`FileOptions::lease`).
     pub lease_wanted: AtomicBool,
-    /// The lease is held now.
+    /// The lease is held now, and every page the mapping caches is coherent with the file.
     pub leased: AtomicBool,
+    /// Pages may have been cached while the lease was not held (it could not be taken, or was
+    /// broken): they may be stale, and taking the lease again drops them first
+    /// (`Runtime::retake_lease`).
+    pub unleased_cache: AtomicBool,
+    /// Serialises taking the lease back and dropping what was cached without it.
+    pub retake: std::sync::Mutex<()>,
     /// Dirty pages leave device memory by writeback (`FileOptions::evict_to_file`).
     pub evict_to_file: bool,
     /// Writeback errors of the file, shared by its mappings in this process.

@@ -111,6 +111,10 @@ fn broken(inner: &Runtime, region: &Region) {
     if !inner.is_owner() {
         return;
     }
+    // From here on pages may be cached without the lease (a fault after its block's drop and
+    // before the release reads the file while the other process waits): taking the lease back
+    // drops them (`Runtime::retake_lease`).
+    f.unleased_cache.store(true, Ordering::Release);
     if f.mode == FileMode::Shared {
         let _ = inner.flush_region(region);
     }

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use hetmem_proto::{Access, Invalidation, PageRun, PAGES_PER_BLOCK, PAGE_SIZE};
 
 use crate::error::{Error, Result};
-use crate::mm::file_io::FileMode;
+use crate::mm::file_io::{FileBacking, FileMode};
 use crate::mm::region::Region;
 use crate::mm::runtime::Runtime;
 use crate::mm::space::BlockSpan;
@@ -85,6 +85,35 @@ impl Runtime {
     /// `Invalidate { Truncate }` (their data is dropped, dirty or not) and are poisoned for the
     /// CPU, so an access raises SIGBUS as with mmap. Runs at every fault and flush of a file
     /// mapping: without leases, that is when hetmem notices another process's truncate.
+    /// Takes the lease of a mapping that does not hold it. Pages cached while it was not held
+    /// may be older than another process's writes, made before we could take it: they are
+    /// dropped first (dirty ones written back, as a break does), so a page read with the lease
+    /// held is the file's. Other checks wait meanwhile, and `leased` says true only once the
+    /// drop is done and the lease still held (a break may have come in between).
+    fn retake_lease(&self, region: &Region, f: &FileBacking, write: bool) {
+        let _one = f.retake.lock().unwrap_or_else(|e| e.into_inner());
+        if f.leased.load(Ordering::Acquire) {
+            return;
+        }
+        if !matches!(lease::take(f.file.as_fd(), write), Ok(true)) {
+            f.unleased_cache.store(true, Ordering::Release);
+            return;
+        }
+        if f.unleased_cache.swap(false, Ordering::AcqRel) {
+            for bi in 0..region.blocks.len() {
+                if let Some(all) = PageRun::new(0, region.block_pages(bi), PAGES_PER_BLOCK) {
+                    // Discard writes dirty data back first; a page whose writeback fails stays.
+                    let _ = self.invalidate(region, bi, all, Invalidation::Discard);
+                }
+            }
+        }
+        if lease::held(f.file.as_fd(), write) {
+            f.leased.store(true, Ordering::Release);
+        } else {
+            f.unleased_cache.store(true, Ordering::Release);
+        }
+    }
+
     pub(crate) fn check_eof(&self, region: &Region) {
         let Some(f) = &region.file else {
             return;
@@ -97,11 +126,10 @@ impl Runtime {
             // later check take it back before the drop; the drop follows, as without a lease.)
             let write = f.mode == FileMode::Shared;
             if f.leased.load(Ordering::Acquire) && !lease::held(f.file.as_fd(), write) {
+                f.unleased_cache.store(true, Ordering::Release);
                 f.leased.store(false, Ordering::Release);
             } else if !f.leased.load(Ordering::Acquire) {
-                if let Ok(true) = lease::take(f.file.as_fd(), write) {
-                    f.leased.store(true, Ordering::Release);
-                }
+                self.retake_lease(region, f, write);
             }
         }
         let Some(size) = f.size_limit() else {
