@@ -20,6 +20,7 @@ pub mod policy;
 mod raw;
 mod stats;
 mod sys;
+mod trace;
 
 pub use api::buffer::{ManagedBuf, Registration};
 pub use api::device::{CpuProt, Device, Location, PageState};

@@ -271,7 +271,8 @@ impl Device {
     fn fault(&self, p: &BlockSpan, access: Access) -> Result<()> {
         let inner = self.inner();
         inner.emit(MemEvent::DeviceFault { dev: self.id });
-        inner.request(
+        let start = std::time::Instant::now();
+        let r = inner.request(
             &p.region,
             p.bi,
             p.run,
@@ -279,7 +280,25 @@ impl Device {
                 proc: Proc::Device(self.id),
                 access,
             },
-        )
+        );
+        if let Some(t) = inner.trace() {
+            t.complete(
+                "fault",
+                "device fault",
+                start,
+                std::time::Instant::now(),
+                &[
+                    ("proc", crate::trace::mem_name(Mem::Device(self.id)).into()),
+                    ("region", p.region.id.into()),
+                    ("block", p.bi.into()),
+                    ("page", p.run.start().into()),
+                    ("pages", p.run.len().into()),
+                    ("write", u64::from(access != Access::Read).into()),
+                    ("result", if r.is_ok() { "ok" } else { "error" }.into()),
+                ],
+            );
+        }
+        r
     }
 
     /// Runs a command over `pieces`, which the caller got (and so checked) with
@@ -476,6 +495,29 @@ impl Device {
     }
 
     fn kernel(&self, addr: usize, len: usize, access: Access, f: &RunFn<'_>) -> Result<()> {
+        let start = std::time::Instant::now();
+        let r = self.launch_closure(addr, len, access, f);
+        if let Some(t) = self.inner().trace() {
+            t.complete(
+                "launch",
+                match access {
+                    Access::Read => "kernel_read",
+                    _ => "kernel_write",
+                },
+                start,
+                std::time::Instant::now(),
+                &[
+                    ("dev", crate::trace::mem_name(Mem::Device(self.id)).into()),
+                    ("addr", addr.into()),
+                    ("len", len.into()),
+                    ("result", if r.is_ok() { "ok" } else { "error" }.into()),
+                ],
+            );
+        }
+        r
+    }
+
+    fn launch_closure(&self, addr: usize, len: usize, access: Access, f: &RunFn<'_>) -> Result<()> {
         let pieces = self.inner().pieces(addr, len)?;
         self.inner().check_access(&pieces, access)?;
         let rounds = AtomicU32::new(0);

@@ -73,6 +73,7 @@ pub struct HetmemBuilder {
     readback_window: usize,
     readahead_blocks: usize,
     policy: Option<Arc<dyn PlacementPolicy>>,
+    trace: Option<std::path::PathBuf>,
 }
 
 impl Default for HetmemBuilder {
@@ -84,6 +85,7 @@ impl Default for HetmemBuilder {
             readback_window: PAGES_PER_BLOCK,
             readahead_blocks: 4,
             policy: None,
+            trace: None,
         }
     }
 }
@@ -154,6 +156,16 @@ impl HetmemBuilder {
         self
     }
 
+    /// Writes a trace of what the context does to `path`: faults, migrations, fills, evictions,
+    /// invalidations, policy decisions, launches and lease breaks, as Chrome trace events that
+    /// Perfetto and `chrome://tracing` open and `hetmem trace PATH --html OUT` renders. Without
+    /// this call, `HETMEM_TRACE=path` turns it on. The file is complete once the context is
+    /// dropped. Off, tracing costs nothing measurable; on, see `hetmem bench --trace`.
+    pub fn trace(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.trace = Some(path.into());
+        self
+    }
+
     pub fn build(self) -> Result<Hetmem> {
         if self.devices.iter().any(|(c, b)| c.kind != b.kind()) {
             return Err(Error::Invalid("a device's kind differs from its backend's"));
@@ -171,6 +183,17 @@ impl HetmemBuilder {
             .iter()
             .map(|(c, b)| DeviceState::new(c.capacity, c.workers, b.clone()))
             .collect();
+        let trace_path = self
+            .trace
+            .clone()
+            .or_else(|| std::env::var_os("HETMEM_TRACE").map(Into::into))
+            .filter(|p| !p.as_os_str().is_empty());
+        let tracer = match trace_path {
+            Some(p) => {
+                Some(crate::trace::Tracer::create(&p).map_err(Error::os("create trace file"))?)
+            }
+            None => None,
+        };
         let runtime = Runtime::new(
             topology,
             uffd,
@@ -181,6 +204,7 @@ impl HetmemBuilder {
                     self.readahead_blocks,
                 ))
             }),
+            tracer,
         )?;
         crate::mm::fork::track(&runtime);
         let threads = self.service_threads.unwrap_or_else(default_service_threads);

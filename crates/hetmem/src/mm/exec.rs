@@ -71,6 +71,20 @@ struct Running {
     fence: Fence,
     /// Reported once the batch has succeeded.
     event: MemEvent<'static>,
+    /// What the trace says of it once it completes, when tracing is on.
+    traced: Option<Traced>,
+}
+
+/// A transfer as the trace records it (`Runtime::trace_transfer`).
+#[derive(Clone, Copy, Debug)]
+struct Traced {
+    start: std::time::Instant,
+    region: u64,
+    bi: usize,
+    src: Source,
+    dst: Mem,
+    run: PageRun,
+    writeback: bool,
 }
 
 /// The transfers of one round of a drive: results of those that finished (file I/O, copies
@@ -110,6 +124,9 @@ impl InFlight {
             let r = rt.devices[b.dev.index()].backend.wait(b.fence);
             if r.is_ok() {
                 rt.emit(b.event);
+            }
+            if let Some(t) = b.traced {
+                rt.trace_transfer(&t, r);
             }
             self.merge(b.op, r);
         }
@@ -199,6 +216,15 @@ impl Runtime {
             }
             let mut flight = InFlight::default();
             for t in &transfers {
+                let traced = self.trace().map(|_| Traced {
+                    start: std::time::Instant::now(),
+                    region: region.id,
+                    bi,
+                    src: t.src,
+                    dst: t.dst,
+                    run: t.run,
+                    writeback: t.writeback.is_some(),
+                });
                 let r = match t.writeback {
                     Some(file_page) => self.write_back(region, bi, t, file_page).map(|()| None),
                     None => self.transfer(region, bi, t),
@@ -211,10 +237,21 @@ impl Runtime {
                             dev,
                             fence,
                             event,
+                            traced,
                         });
                     }
-                    Ok(None) => flight.merge(t.op, Ok(())),
-                    Err(e) => flight.merge(t.op, Err(e)),
+                    Ok(None) => {
+                        if let Some(tr) = &traced {
+                            self.trace_transfer(tr, Ok(()));
+                        }
+                        flight.merge(t.op, Ok(()))
+                    }
+                    Err(e) => {
+                        if let Some(tr) = &traced {
+                            self.trace_transfer(tr, Err(e));
+                        }
+                        flight.merge(t.op, Err(e))
+                    }
                 }
                 if t.src == Source::Zero && t.writeback.is_none() {
                     flight.zero_fills.push((t.op, mask_of(t.run)));
@@ -226,6 +263,40 @@ impl Runtime {
             flight.wait(self);
             self.report_completions(region, bi, block, flight, &mut actions)?;
         }
+    }
+
+    /// Records a finished transfer in the trace (`crate::trace`).
+    fn trace_transfer(&self, t: &Traced, r: Result<(), OpError>) {
+        let Some(tr) = self.trace() else {
+            return;
+        };
+        let (cat, name, from) = match (t.writeback, t.src) {
+            (true, Source::Mem(m)) => ("writeback", "writeback", crate::trace::mem_name(m)),
+            (_, Source::Mem(m)) => ("migrate", "migrate", crate::trace::mem_name(m)),
+            (_, Source::Zero) => ("fill", "zero fill", "zero"),
+            (_, Source::File { .. }) => ("fill", "file read", "file"),
+        };
+        let to = if t.writeback {
+            "file"
+        } else {
+            crate::trace::mem_name(t.dst)
+        };
+        tr.complete(
+            cat,
+            name,
+            t.start,
+            std::time::Instant::now(),
+            &[
+                ("region", t.region.into()),
+                ("block", t.bi.into()),
+                ("page", t.run.start().into()),
+                ("pages", t.run.len().into()),
+                ("bytes", (t.run.len() * PAGE_SIZE).into()),
+                ("from", from.into()),
+                ("to", to.into()),
+                ("result", if r.is_ok() { "ok" } else { "error" }.into()),
+            ],
+        );
     }
 
     /// Feeds the engine the completion of every op of `done`.

@@ -19,6 +19,33 @@ impl Runtime {
     /// message is stale (the range went away or changed protection meanwhile), the thread is
     /// woken to retry against the mappings as they are now.
     pub(crate) fn cpu_fault(&self, addr: usize, write: bool, tid: u32) {
+        match self.trace() {
+            None => self.serve_cpu_fault(addr, write, tid),
+            Some(t) => {
+                let start = std::time::Instant::now();
+                let at = self.pieces(addr, PAGE_SIZE).ok();
+                self.serve_cpu_fault(addr, write, tid);
+                let p = at.as_ref().map(|p| &p[0]);
+                t.complete(
+                    "fault",
+                    "cpu fault",
+                    start,
+                    std::time::Instant::now(),
+                    &[
+                        ("proc", "cpu".into()),
+                        ("addr", addr.into()),
+                        ("write", u64::from(write).into()),
+                        ("tid", u64::from(tid).into()),
+                        ("region", p.map_or(0, |p| p.region.id).into()),
+                        ("block", p.map_or(0, |p| p.bi).into()),
+                        ("page", p.map_or(0, |p| p.run.start()).into()),
+                    ],
+                );
+            }
+        }
+    }
+
+    fn serve_cpu_fault(&self, addr: usize, write: bool, tid: u32) {
         self.emit(MemEvent::CpuFault { write });
         let Ok(pieces) = self.pieces(addr, PAGE_SIZE) else {
             return self.stale_fault(addr);

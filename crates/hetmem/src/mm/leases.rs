@@ -115,6 +115,7 @@ fn broken(inner: &Runtime, region: &Region) {
     // before the release reads the file while the other process waits): taking the lease back
     // drops them (`Runtime::retake_lease`).
     f.unleased_cache.store(true, Ordering::Release);
+    let start = std::time::Instant::now();
     if f.mode == FileMode::Shared {
         let _ = inner.flush_region(region);
     }
@@ -125,6 +126,15 @@ fn broken(inner: &Runtime, region: &Region) {
         }
     }
     inner.emit(MemEvent::LeaseBroken);
+    if let Some(t) = inner.trace() {
+        t.complete(
+            "lease",
+            "lease break",
+            start,
+            std::time::Instant::now(),
+            &[("region", region.id.into())],
+        );
+    }
     f.leased.store(false, Ordering::Release);
     lease::release(f.file.as_fd());
 }

@@ -43,6 +43,7 @@ impl Runtime {
         let backing =
             Mapping::shared(memfd.as_fd(), 0, len).map_err(Error::os("mmap backing view"))?;
         Ok(Arc::new(Region::new(
+            id,
             memfd,
             backing,
             len,

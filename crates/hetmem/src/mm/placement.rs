@@ -50,6 +50,42 @@ impl Runtime {
             block: &slot.policy,
             region: &p.region.policy,
         });
+        if let Some(t) = self.trace() {
+            let (decision, reason) = match (&plan.read_ahead, plan.window, plan.bring_home) {
+                (Some(_), _, _) => (
+                    "read-ahead",
+                    "a sequential stream of CPU faults on data in private device memory",
+                ),
+                (None, Some(_), true) if only_private => (
+                    "read-back window",
+                    "the faulting page lives only in private device memory: bring its window home",
+                ),
+                (None, Some(w), _) if w.len() > 1 => (
+                    "map-around",
+                    "data the CPU can map without a copy: map the window, not one page",
+                ),
+                _ => ("", ""),
+            };
+            if !decision.is_empty() {
+                let ra = plan.read_ahead.clone();
+                t.instant(
+                    "policy",
+                    decision,
+                    &[
+                        ("region", p.region.id.into()),
+                        ("block", p.bi.into()),
+                        ("page", page.into()),
+                        ("window", plan.window.map_or(0, |w| w.len()).into()),
+                        (
+                            "read_ahead_from",
+                            ra.as_ref().map_or(0, |r| *r.start()).into(),
+                        ),
+                        ("read_ahead_to", ra.as_ref().map_or(0, |r| *r.end()).into()),
+                        ("reason", reason.into()),
+                    ],
+                );
+            }
+        }
         if let Some(blocks) = plan.read_ahead {
             let last = p.region.blocks.len().saturating_sub(1);
             let (from, to) = (*blocks.start(), (*blocks.end()).min(last));

@@ -87,6 +87,8 @@ pub(crate) struct View {
 /// A managed region.
 #[derive(Debug)]
 pub(crate) struct Region {
+    /// Its number in this context, for the trace (`crate::trace`).
+    pub id: u64,
     pub memfd: OwnedFd,
     /// The memfd's inode, to recognise its mappings in /proc/self/maps.
     pub inode: u64,
@@ -146,6 +148,7 @@ impl Region {
     /// A region over `memfd`, whose blocks go into `slots`, reserved for them by
     /// [`Region::reserve_blocks`].
     pub fn new(
+        id: u64,
         memfd: OwnedFd,
         backing: Mapping,
         len: usize,
@@ -179,6 +182,7 @@ impl Region {
         let blocks = slots.into_boxed_slice();
         let inode = mem::inode(memfd.as_fd()).unwrap_or(0);
         Self {
+            id,
             inode,
             memfd,
             backing,

@@ -208,7 +208,29 @@ impl Runtime {
         let mut freed = 0;
         for &(r, bi) in &victims {
             let all = PageRun::new(0, r.block_pages(bi), PAGES_PER_BLOCK);
-            freed += evict_runs(r, bi, &[all]);
+            let start = std::time::Instant::now();
+            let n = evict_runs(r, bi, &[all]);
+            freed += n;
+            if let Some(t) = self.trace() {
+                t.complete(
+                    "evict",
+                    "evict block",
+                    start,
+                    std::time::Instant::now(),
+                    &[
+                        (
+                            "dev",
+                            crate::trace::mem_name(hetmem_proto::Mem::Device(dev)).into(),
+                        ),
+                        ("region", r.id.into()),
+                        ("block", bi.into()),
+                        ("pages", n.into()),
+                        ("for_region", cur.id.into()),
+                        ("for_block", cur_bi.into()),
+                        ("reason", "device full: the policy's first victim".into()),
+                    ],
+                );
+            }
             if freed > 0 {
                 break;
             }
@@ -240,6 +262,23 @@ impl Runtime {
         kind: Invalidation,
     ) -> Result<()> {
         let id = self.next_req();
+        if let Some(t) = self.trace() {
+            t.instant(
+                "invalidate",
+                match kind {
+                    Invalidation::Unmap => "unmap",
+                    Invalidation::Truncate => "truncate",
+                    Invalidation::Discard => "discard",
+                    Invalidation::Protect { .. } => "protect",
+                },
+                &[
+                    ("region", region.id.into()),
+                    ("block", bi.into()),
+                    ("page", run.start().into()),
+                    ("pages", run.len().into()),
+                ],
+            );
+        }
         let event = Event::Invalidate {
             id,
             pages: run,

@@ -19,6 +19,7 @@ use crate::mm::work::ServiceQueue;
 use crate::policy::{MemEvent, PlacementPolicy};
 use crate::stats::Stats;
 use crate::sys::uffd::Uffd;
+use crate::trace::Tracer;
 
 /// Owns the service threads: stops them when the last handle goes.
 #[derive(Debug)]
@@ -37,6 +38,10 @@ impl Drop for RuntimeHandle {
             return;
         }
         self.inner.work.shut_down();
+        if let Some(t) = self.inner.trace() {
+            // The file is closed when the runtime goes; what the threads wrote is out now.
+            t.flush();
+        }
         for t in self
             .threads
             .get_mut()
@@ -76,6 +81,8 @@ pub(crate) struct Runtime {
     pub(crate) poisoned: PoisonList,
     /// Results of requests that finished in another thread's drive (`Runtime::drive`).
     pub(crate) completions: Completions,
+    /// The trace file, when tracing is on (`HetmemBuilder::trace`, `crate::trace`).
+    pub(crate) tracer: Option<Tracer>,
     /// Test hook: device transfers to fail (`crate::mm::testing`).
     pub(crate) transfer_faults: TransferFaults,
 }
@@ -132,6 +139,7 @@ impl Runtime {
         uffd: Uffd,
         devices: Vec<DeviceState>,
         policy: Arc<dyn PlacementPolicy>,
+        tracer: Option<Tracer>,
     ) -> Result<Arc<Self>> {
         let capacity: Vec<u32> = devices
             .iter()
@@ -155,6 +163,7 @@ impl Runtime {
             orphaned: AtomicBool::new(false),
             poisoned: PoisonList::default(),
             completions: Completions::default(),
+            tracer,
         });
         Ok(runtime)
     }
@@ -248,6 +257,14 @@ impl Runtime {
     pub(crate) fn pieces(&self, addr: usize, len: usize) -> Result<Vec<BlockSpan>> {
         let end = self.check_range(addr, len)?;
         self.space.spans(addr, end)
+    }
+
+    /// The tracer, when tracing is on: `if let Some(t) = self.trace() { t.instant(..) }` costs
+    /// one branch when it is off.
+    #[inline]
+    pub(crate) fn trace(&self) -> Option<&Tracer> {
+        // A fork child's copy shares the parent's file: only the parent writes it.
+        self.tracer.as_ref().filter(|_| self.is_owner())
     }
 
     pub(crate) fn next_req(&self) -> ReqId {
