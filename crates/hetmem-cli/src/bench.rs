@@ -52,6 +52,18 @@ pub struct BenchArgs {
     /// Exit with status 1 when a target is missed.
     #[arg(long)]
     pub strict: bool,
+    /// Run with tracing on, each context writing `PREFIX.<rows>.json` (what tracing costs:
+    /// compare with a run without it).
+    #[arg(long)]
+    pub trace: Option<String>,
+}
+
+/// `builder`, tracing to `PREFIX.<name>.json` when `--trace PREFIX` was given.
+fn traced(builder: hetmem::HetmemBuilder, a: &BenchArgs, name: &str) -> hetmem::HetmemBuilder {
+    match &a.trace {
+        Some(prefix) => builder.trace(format!("{prefix}.{name}.json")),
+        None => builder,
+    }
 }
 
 /// GB/s for `bytes` in `secs`.
@@ -351,7 +363,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     );
 
     // One context for a-d and f, with a private device that holds the whole buffer.
-    let hm = Hetmem::builder()
+    let hm = traced(Hetmem::builder(), a, "abcdf")
         .sim_device(DeviceKind::Private, len + (2 << 20))
         .build()
         .context("build the hetmem context (needs userfaultfd)")?;
@@ -561,7 +573,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if has('e') {
         pb.set_message("e: 4 KiB CPU fault latency");
         let pages = a.fault_pages.max(16);
-        let mut builder = Hetmem::builder().fault_around_pages(1);
+        let mut builder = traced(Hetmem::builder(), a, "e").fault_around_pages(1);
         if let Some(n) = a.fault_service_threads {
             builder = builder.service_threads(n);
         }
@@ -681,7 +693,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         let pages = a.fault_pages.max(hetmem::PAGES_PER_BLOCK);
         for n in counts {
             pb.set_message(format!("j: fault throughput, {n} threads"));
-            let hm = Hetmem::builder()
+            let hm = traced(Hetmem::builder(), a, &format!("j{n}"))
                 .fault_around_pages(1)
                 .service_threads(n)
                 .build()
@@ -824,7 +836,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         ));
         let dlen = a.update_device_mib << 20;
         let flen = 4 * dlen;
-        let hm2 = Hetmem::builder()
+        let hm2 = traced(Hetmem::builder(), a, &id.to_string())
             .sim_device(DeviceKind::Private, dlen)
             .build()
             .context("build the file-update context")?;

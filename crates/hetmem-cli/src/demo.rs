@@ -51,6 +51,10 @@ pub struct DemoArgs {
     /// content is the starting grid. The result is synced to the file and verified there.
     #[arg(long)]
     pub file: Option<PathBuf>,
+    /// Write a trace of the run here (Chrome trace JSON; `hetmem trace FILE --html OUT.html`
+    /// renders it).
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
 }
 
 #[inline]
@@ -180,12 +184,15 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         Kind::Private => DeviceKind::Private,
         Kind::Coherent => DeviceKind::Coherent,
     };
-    let hm = Hetmem::builder()
-        .sim_device_with(SimConfig {
-            kind,
-            capacity: a.device_mib << 20,
-            workers: a.workers.max(1),
-        })
+    let mut builder = Hetmem::builder().sim_device_with(SimConfig {
+        kind,
+        capacity: a.device_mib << 20,
+        workers: a.workers.max(1),
+    });
+    if let Some(t) = &a.trace {
+        builder = builder.trace(t);
+    }
+    let hm = builder
         .build()
         .context("build the hetmem context (needs userfaultfd)")?;
     let dev = hm.device(0).context("device 0")?;

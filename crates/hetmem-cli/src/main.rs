@@ -5,6 +5,7 @@ mod baseline;
 mod bench;
 mod demo;
 mod report;
+mod trace_html;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +27,10 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Benchmarks: every figure as a ratio against a native baseline measured in the same run.
     Bench(bench::BenchArgs),
+    /// Renders a trace file (`HetmemBuilder::trace`, `HETMEM_TRACE`, `demo --trace`) as one
+    /// self-contained HTML page: residency over time, migration traffic, faults per processor,
+    /// policy decisions.
+    Trace(trace_html::TraceArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -33,6 +38,7 @@ fn main() -> std::process::ExitCode {
     let r = match &cli.cmd {
         Cmd::Demo(a) => demo::run(a),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Trace(a) => trace_html::run(a),
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,
