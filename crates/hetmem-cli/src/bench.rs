@@ -16,7 +16,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::baseline::{self, AnonMap};
 use crate::report::{self, median, percentile, BenchReport, Counters, Row, Target};
 
-const ALL: [char; 10] = ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i', 'j'];
+const ALL: [char; 11] = ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i', 'j', 'k'];
 
 /// Chunk of the file baselines and of file creation.
 const CHUNK: usize = 2 << 20;
@@ -36,7 +36,8 @@ pub struct BenchArgs {
     /// device, c: device-fault migration, d: explicit migration, e: fault latency, f: metadata,
     /// g: device scan of a file in the page cache, h: device update + flush of a file larger
     /// than device memory, i: h with `FileOptions::evict_to_file`, j: fault throughput with
-    /// 1, 2, 4 (up to 16, as the CPUs allow) threads).
+    /// 1, 2, 4 (up to 16, as the CPUs allow) threads, k: CPU/device ping-pong with and without
+    /// thrashing mitigation).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Pages touched per run by the fault-latency measurement (e).
@@ -52,6 +53,9 @@ pub struct BenchArgs {
     /// Exit with status 1 when a target is missed.
     #[arg(long)]
     pub strict: bool,
+    /// Rounds of the ping-pong measurement (k).
+    #[arg(long, default_value_t = 1000)]
+    pub pingpong_rounds: u32,
     /// Run with tracing on, each context writing `PREFIX.<rows>.json` (what tracing costs:
     /// compare with a run without it).
     #[arg(long)]
@@ -337,7 +341,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             let s = s.trim().to_ascii_lowercase();
             match s.chars().next() {
                 Some(c) if s.len() == 1 && ALL.contains(&c) => v.push(c),
-                _ => bail!("--only takes letters a-j, got {s:?}"),
+                _ => bail!("--only takes letters a-k, got {s:?}"),
             }
         }
         v
@@ -753,6 +757,84 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 bs,
             ));
         }
+    }
+
+    if has('k') {
+        pb.set_message("k: ping-pong between the CPU and the device");
+        let rounds = a.pingpong_rounds.max(4);
+        let range = 8 << 20;
+        // One run: `rounds` rounds of the CPU, then the device, writing one byte of every
+        // page of 8 MiB. Returns rounds per second and the first round in which no page moved
+        // (mitigation engaged), if any.
+        let ping_pong = |thrashing: Option<hetmem::policy::ThrashingConfig>,
+                         name: &str|
+         -> Result<(f64, Option<u32>)> {
+            let hm = traced(Hetmem::builder(), a, name)
+                .sim_device(DeviceKind::Private, 64 << 20)
+                .thrashing(thrashing)
+                .build()
+                .context("build the ping-pong context")?;
+            let dev = hm.device(0).context("device 0")?;
+            let mut buf = hm.alloc(range)?;
+            let mut engaged = None;
+            let t0 = Instant::now();
+            for round in 0..rounds {
+                let before = hm.stats().pages_to_device;
+                for p in (0..range).step_by(PAGE_SIZE) {
+                    buf[p] = round as u8;
+                }
+                dev.kernel_write(buf.addr(), range, |_, b| {
+                    for p in (0..b.len()).step_by(PAGE_SIZE) {
+                        b[p + 1] = b[p];
+                    }
+                })?;
+                if engaged.is_none() && round > 0 && hm.stats().pages_to_device == before {
+                    engaged = Some(round);
+                }
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            ensure!(
+                (0..range).step_by(PAGE_SIZE).all(|p| buf[p + 1] == buf[p]),
+                "ping-pong: the device's writes are not all visible"
+            );
+            ensure!(hm.stats().errors == 0, "ping-pong: errors");
+            Ok((rounds as f64 / secs, engaged))
+        };
+        let (mut hs, mut bs, mut eng) = (Vec::new(), Vec::new(), Vec::new());
+        for r in 0..=runs {
+            let on = Some(hetmem::policy::ThrashingConfig::default());
+            let (h, b) = if r % 2 == 0 {
+                let h = ping_pong(on, "k")?;
+                (h, ping_pong(None, "k-always")?)
+            } else {
+                let b = ping_pong(None, "k-always")?;
+                (ping_pong(on, "k")?, b)
+            };
+            if r > 0 {
+                hs.push(h.0);
+                bs.push(b.0);
+                eng.push(f64::from(h.1.unwrap_or(u32::MAX)));
+            }
+            pb.inc(1);
+        }
+        rows.push(row(
+            "k1",
+            &format!("ping-pong: CPU and device write the same 8 MiB in turn, {rounds} rounds"),
+            "rounds/s",
+            "the same with thrashing mitigation off (migrate always)",
+            Target::AtLeast(5.0),
+            hs,
+            bs,
+        ));
+        rows.push(row(
+            "k2",
+            "ping-pong: first round in which nothing migrated (mitigation engaged)",
+            "round",
+            "",
+            Target::None,
+            eng,
+            Vec::new(),
+        ));
     }
 
     if has('f') {

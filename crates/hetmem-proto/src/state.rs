@@ -223,7 +223,9 @@ impl<const W: usize> BlockState<W> {
             .fold(PageMask::EMPTY, |acc, (_, &m)| acc | m)
     }
 
-    pub(crate) fn preferred_is(&self, loc: Option<Mem>) -> PageMask<W> {
+    /// Pages whose preferred location (`Advice::PreferredLocation`) is `loc` (`None`: no
+    /// preference).
+    pub fn preferred_is(&self, loc: Option<Mem>) -> PageMask<W> {
         let code = Self::location_code(loc);
         let mut m = PageMask::FULL;
         for (bit, plane) in self.preferred.iter().enumerate() {

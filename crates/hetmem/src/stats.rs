@@ -37,6 +37,7 @@ pub(crate) struct Stats {
     pub pages_from_file: Counter,
     pub pages_written_back: Counter,
     pub lease_breaks: Counter,
+    pub thrashing_pins: Counter,
 }
 
 impl Stats {
@@ -75,6 +76,7 @@ impl Stats {
             MemEvent::Prefetched { pages } => self.pages_prefetched.add(pages),
             MemEvent::TransferFailed => self.failed_transfers.add(1),
             MemEvent::LeaseBroken => self.lease_breaks.add(1),
+            MemEvent::ThrashingPinned { .. } => self.thrashing_pins.add(1),
             MemEvent::Error => self.errors.add(1),
             MemEvent::DeviceCommandFaulted { .. }
             | MemEvent::DeviceAccess { .. }
@@ -113,6 +115,9 @@ pub struct StatsSnapshot {
     pub pages_written_back: u64,
     /// File leases broken by other processes (flushed and dropped for them).
     pub lease_breaks: u64,
+    /// Blocks found thrashing between the CPU and a device and pinned to system memory
+    /// (devices then map them remotely for a while).
+    pub thrashing_pins: u64,
 }
 
 impl Stats {
@@ -131,6 +136,7 @@ impl Stats {
             pages_from_file: self.pages_from_file.get(),
             pages_written_back: self.pages_written_back.get(),
             lease_breaks: self.lease_breaks.get(),
+            thrashing_pins: self.thrashing_pins.get(),
         }
     }
 }
@@ -158,6 +164,7 @@ impl StatsSnapshot {
                 .pages_written_back
                 .saturating_sub(earlier.pages_written_back),
             lease_breaks: self.lease_breaks.saturating_sub(earlier.lease_breaks),
+            thrashing_pins: self.thrashing_pins.saturating_sub(earlier.thrashing_pins),
         }
     }
 }

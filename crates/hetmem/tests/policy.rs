@@ -273,3 +273,85 @@ fn a_hostile_policy_cannot_lose_data() -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+/// One round of ping-pong: the CPU writes one byte of every page of `buf`, then the device
+/// writes one byte of every page; each side checks what the other wrote. Returns the pages
+/// that moved to the device during the round.
+fn ping_pong_round(hm: &Hetmem, buf: &mut hetmem::ManagedBuf, round: u8) -> anyhow::Result<u64> {
+    let dev = hm.device(0).expect("one device");
+    let before = hm.stats();
+    for p in (0..buf.len()).step_by(PAGE_SIZE) {
+        anyhow::ensure!(
+            round == 0 || buf[p + 1] == round.wrapping_sub(1),
+            "round {round}: the CPU does not see the device's write at {p:#x}"
+        );
+        buf[p] = round;
+    }
+    let bad = AtomicU64::new(0);
+    dev.kernel_write(buf.addr(), buf.len(), |_, bytes| {
+        for p in (0..bytes.len()).step_by(PAGE_SIZE) {
+            if bytes[p] != round {
+                bad.fetch_add(1, Ordering::Relaxed);
+            }
+            bytes[p + 1] = round;
+        }
+    })?;
+    anyhow::ensure!(
+        bad.load(Ordering::Relaxed) == 0,
+        "round {round}: the device does not see the CPU's writes"
+    );
+    Ok(hm.stats().since(&before).pages_to_device)
+}
+
+/// The CPU and a device write the same pages in turn. Without mitigation every round migrates
+/// the whole range to the device and back; the default policy finds the blocks thrashing
+/// within two round trips and pins them to system memory, and from then on the device maps
+/// them remotely: no page moves, and both sides still see each other's writes.
+#[test]
+fn ping_pong_is_pinned_to_system_memory_within_two_round_trips() -> anyhow::Result<()> {
+    common::watchdog(
+        "ping_pong_is_pinned_to_system_memory_within_two_round_trips",
+        60,
+        || {
+            let build = |thrashing| {
+                Hetmem::builder()
+                    .sim_device(DeviceKind::Private, 64 << 20)
+                    .thrashing(thrashing)
+                    .build()
+            };
+            let config = hetmem::policy::ThrashingConfig {
+                // Long enough that this test's rounds never see the pin lifted.
+                pin: std::time::Duration::from_secs(60),
+                ..Default::default()
+            };
+            let hm = build(Some(config))?;
+            let mut buf = hm.alloc(8 << 20)?;
+            let mut moved = Vec::new();
+            for round in 0..8u8 {
+                moved.push(ping_pong_round(&hm, &mut buf, round)?);
+            }
+            let pins = hm.stats().thrashing_pins;
+            anyhow::ensure!(pins >= 4, "{pins} blocks pinned of 4: {moved:?}");
+            let engaged = moved.iter().position(|&m| m == 0);
+            anyhow::ensure!(
+                engaged.is_some_and(|r| r <= 3),
+                "pages moved to the device per round: {moved:?}"
+            );
+            anyhow::ensure!(moved[4..].iter().all(|&m| m == 0), "{moved:?}");
+            anyhow::ensure!(hm.stats().errors == 0);
+
+            // Migrate-always: every round moves the whole range.
+            let hm = build(None)?;
+            let mut buf = hm.alloc(8 << 20)?;
+            for round in 0..8u8 {
+                let m = ping_pong_round(&hm, &mut buf, round)?;
+                anyhow::ensure!(
+                    m == 2048,
+                    "round {round}: {m} pages moved without mitigation"
+                );
+            }
+            anyhow::ensure!(hm.stats().thrashing_pins == 0);
+            Ok(())
+        },
+    )
+}

@@ -271,6 +271,7 @@ impl Device {
     fn fault(&self, p: &BlockSpan, access: Access) -> Result<()> {
         let inner = self.inner();
         inner.emit(MemEvent::DeviceFault { dev: self.id });
+        inner.place_device_fault(p, self.id, access);
         let start = std::time::Instant::now();
         let r = inner.request(
             &p.region,

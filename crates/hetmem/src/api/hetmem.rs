@@ -74,6 +74,7 @@ pub struct HetmemBuilder {
     readahead_blocks: usize,
     policy: Option<Arc<dyn PlacementPolicy>>,
     trace: Option<std::path::PathBuf>,
+    thrashing: Option<crate::policy::ThrashingConfig>,
 }
 
 impl Default for HetmemBuilder {
@@ -86,6 +87,7 @@ impl Default for HetmemBuilder {
             readahead_blocks: 4,
             policy: None,
             trace: None,
+            thrashing: Some(crate::policy::ThrashingConfig::default()),
         }
     }
 }
@@ -156,6 +158,15 @@ impl HetmemBuilder {
         self
     }
 
+    /// The default policy's thrashing mitigation (`policy::thrashing`): a block whose data
+    /// moves between the CPU and a device `threshold` times within `window` is pinned to
+    /// system memory for `pin`, devices mapping it remotely. `None` turns it off: data then
+    /// migrates on every fault (migrate-always). Ignored with a policy of one's own.
+    pub fn thrashing(mut self, config: Option<crate::policy::ThrashingConfig>) -> Self {
+        self.thrashing = config;
+        self
+    }
+
     /// Writes a trace of what the context does to `path`: faults, migrations, fills, evictions,
     /// invalidations, policy decisions, launches and lease breaks, as Chrome trace events that
     /// Perfetto and `chrome://tracing` open and `hetmem trace PATH --html OUT` renders. Without
@@ -199,10 +210,10 @@ impl HetmemBuilder {
             uffd,
             devices,
             self.policy.unwrap_or_else(|| {
-                Arc::new(DefaultPolicy::new(
-                    self.readback_window,
-                    self.readahead_blocks,
-                ))
+                Arc::new(
+                    DefaultPolicy::new(self.readback_window, self.readahead_blocks)
+                        .with_thrashing(self.thrashing),
+                )
             }),
             tracer,
         )?;

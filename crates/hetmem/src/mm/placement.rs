@@ -5,14 +5,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use hetmem_proto::{
-    Access, Mem, PageRun, Proc, RequestKind, BLOCK_BYTES, PAGES_PER_BLOCK, PAGE_SIZE,
+    Access, Advice, DeviceId, Event, Mem, PageRun, Proc, RequestKind, BLOCK_BYTES, PAGES_PER_BLOCK,
+    PAGE_SIZE,
 };
 
 use crate::mm::region::Region;
 use crate::mm::runtime::Runtime;
 use crate::mm::space::BlockSpan;
 use crate::mm::work::ServiceWork;
-use crate::policy::{CpuFault, MemEvent};
+use crate::policy::{CpuFault, DeviceFault, DeviceFaultPlan, MemEvent};
 
 impl Runtime {
     /// Placement for a CPU fault on piece `p` (one page): gathers the facts the policy needs,
@@ -122,6 +123,71 @@ impl Runtime {
             return own;
         }
         self.map_around(p, window, access)
+    }
+
+    /// Placement for a device fault on piece `p`: gathers what the policy needs to know
+    /// (`PlacementPolicy::device_fault`) and carries out its plan as advice on the whole
+    /// block: pinned to system memory, devices map it remotely (the protocol's
+    /// `PreferredLocation(System)`), or unpinned. The fault itself is served after.
+    pub(crate) fn place_device_fault(&self, p: &BlockSpan, dev: DeviceId, access: Access) {
+        let slot = &p.region.blocks[p.bi];
+        let page = p.run.start();
+        let (to_device, advised) = {
+            let block = self.lock_block(slot);
+            let v = block.page(page);
+            let no_preference = block.state().preferred_is(None).contains(page);
+            (
+                v.is_valid_in(Mem::System) && !v.is_valid_in(Mem::Device(dev)),
+                !no_preference,
+            )
+        };
+        let plan = self.policy.device_fault(&DeviceFault {
+            dev,
+            block_index: p.bi,
+            write: access != Access::Read,
+            to_device,
+            advised,
+            block: &slot.policy,
+        });
+        let (advice, decision, reason) = match plan {
+            DeviceFaultPlan::Keep => return,
+            DeviceFaultPlan::PinToSystem { flips, within } => (
+                Some(Mem::System),
+                "thrashing: pin to system memory",
+                format!(
+                    "{flips} moves between the CPU and {} within {:.2} ms: devices map the block remotely",
+                    crate::trace::mem_name(Mem::Device(dev)),
+                    within.as_secs_f64() * 1e3
+                ),
+            ),
+            DeviceFaultPlan::Unpin => (
+                None,
+                "thrashing: unpin",
+                "the pin's time is up: the block migrates again, and is watched".to_string(),
+            ),
+        };
+        let Some(all) = PageRun::new(0, p.region.block_pages(p.bi), PAGES_PER_BLOCK) else {
+            return;
+        };
+        let event = Event::Advise {
+            pages: all,
+            advice: Advice::PreferredLocation(advice),
+        };
+        if self.drive(&p.region, p.bi, event, |_, _| {}).is_ok() && advice.is_some() {
+            self.emit(MemEvent::ThrashingPinned { dev });
+        }
+        if let Some(t) = self.trace() {
+            t.instant(
+                "policy",
+                decision,
+                &[
+                    ("region", p.region.id.into()),
+                    ("block", p.bi.into()),
+                    ("dev", crate::trace::mem_name(Mem::Device(dev)).into()),
+                    ("reason", reason.as_str().into()),
+                ],
+            );
+        }
     }
 
     /// A read fault on `run` on behalf of a neighbour's fault (placement): failures only mean

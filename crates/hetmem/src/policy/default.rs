@@ -1,12 +1,17 @@
-//! Today's placement rules: a read-back window for data that lives only in private device
-//! memory, map-around for resident data, sequential read-ahead of whole blocks, and LRU
-//! eviction at 2 MiB granularity (as UVM evicts root chunks).
+//! The default placement rules: a read-back window for data that lives only in private device
+//! memory, map-around for resident data, sequential read-ahead of whole blocks, LRU eviction at
+//! 2 MiB granularity (as UVM evicts root chunks), and thrashing mitigation (`thrashing.rs`:
+//! a block that ping-pongs between the CPU and a device is pinned to system memory for a
+//! while and mapped remotely).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use hetmem_proto::{DeviceId, PageRun, PAGES_PER_BLOCK};
 
-use super::{Candidate, CpuFault, CpuFaultPlan, MemEvent, PlacementPolicy};
+use super::thrashing::{self, Thrashing, ThrashingConfig, Verdict};
+use super::{
+    Candidate, CpuFault, CpuFaultPlan, DeviceFault, DeviceFaultPlan, MemEvent, PlacementPolicy,
+};
 
 /// Victims tried per eviction round before the rest of the faulting block.
 const VICTIMS_PER_ROUND: usize = 4;
@@ -18,6 +23,8 @@ pub struct DefaultPolicy {
     readahead: usize,
     /// Logical clock for LRU.
     clock: AtomicU64,
+    /// Thrashing detection, unless turned off (`with_thrashing(None)`: migrate always).
+    thrashing: Option<Thrashing>,
 }
 
 impl DefaultPolicy {
@@ -29,7 +36,15 @@ impl DefaultPolicy {
             readback_window: readback_window.clamp(1, PAGES_PER_BLOCK),
             readahead,
             clock: AtomicU64::new(1),
+            thrashing: Some(Thrashing::new(ThrashingConfig::default())),
         }
+    }
+
+    /// With thrashing mitigation set up by `config`, or without it (`None`: data migrates on
+    /// every fault, however often it ping-pongs).
+    pub fn with_thrashing(mut self, config: Option<ThrashingConfig>) -> Self {
+        self.thrashing = config.map(Thrashing::new);
+        self
     }
 
     /// A CPU read-back hit block `bi`. If the stream is sequential (the previous read-back was
@@ -76,6 +91,9 @@ impl PlacementPolicy for DefaultPolicy {
     }
 
     fn cpu_fault(&self, f: &CpuFault<'_>) -> CpuFaultPlan {
+        if let Some(t) = &self.thrashing {
+            t.cpu_fault(thrashing::state_of(f.block), f.only_on_private_device);
+        }
         let w = self.readback_window;
         if w <= 1 {
             return CpuFaultPlan::default();
@@ -98,6 +116,18 @@ impl PlacementPolicy for DefaultPolicy {
             window: Some(window),
             bring_home: f.only_on_private_device,
             read_ahead,
+        }
+    }
+
+    fn device_fault(&self, f: &DeviceFault<'_>) -> DeviceFaultPlan {
+        let Some(t) = &self.thrashing else {
+            return DeviceFaultPlan::Keep;
+        };
+        let b = thrashing::state_of(f.block);
+        match t.device_fault(b, f.dev.index(), f.to_device, f.advised) {
+            Verdict::Keep => DeviceFaultPlan::Keep,
+            Verdict::Pin { flips, within } => DeviceFaultPlan::PinToSystem { flips, within },
+            Verdict::Unpin => DeviceFaultPlan::Unpin,
         }
     }
 

@@ -10,6 +10,7 @@
 //! `HetmemBuilder::policy`.
 
 mod default;
+pub mod thrashing;
 
 use std::any::Any;
 use std::fmt;
@@ -20,6 +21,7 @@ use std::sync::OnceLock;
 use hetmem_proto::{DeviceId, Mem, PageRun};
 
 pub use default::DefaultPolicy;
+pub use thrashing::ThrashingConfig;
 
 /// One thing the memory manager did. The same stream feeds the context's statistics, the
 /// devices' counters and the policy (UVM's perf-event bus).
@@ -66,6 +68,9 @@ pub enum MemEvent<'a> {
     TransferFailed,
     /// A file lease was broken by another process.
     LeaseBroken,
+    /// A block found thrashing between the CPU and `dev` was pinned to system memory
+    /// (`DeviceFaultPlan::PinToSystem`).
+    ThrashingPinned { dev: DeviceId },
     /// A system call failed unexpectedly (`stats().errors`).
     Error,
 }
@@ -146,6 +151,38 @@ pub struct CpuFaultPlan {
     pub read_ahead: Option<RangeInclusive<usize>>,
 }
 
+/// A device fault on a block, as the policy sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceFault<'a> {
+    pub dev: DeviceId,
+    /// The block's index in its region.
+    pub block_index: usize,
+    pub write: bool,
+    /// The faulting page's data is in system memory and not on the device: without a change
+    /// of placement, the fault migrates it to the device.
+    pub to_device: bool,
+    /// The application gave the page a preferred location itself (`Hetmem::advise`).
+    pub advised: bool,
+    pub block: &'a PolicyBlock,
+}
+
+/// What to do about a device fault, before it is served.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeviceFaultPlan {
+    /// Serve it as the protocol says.
+    #[default]
+    Keep,
+    /// The block thrashes between the CPU and devices (`flips` moves within `within`): pin it
+    /// to system memory (advice `PreferredLocation(System)` on the whole block), so devices
+    /// map it remotely instead of migrating it.
+    PinToSystem {
+        flips: u32,
+        within: std::time::Duration,
+    },
+    /// Lift an earlier pin (the block's preferred location is cleared) and watch it again.
+    Unpin,
+}
+
 /// A block that holds frames of the device being evicted from.
 #[derive(Clone, Copy, Debug)]
 pub struct Candidate<'a> {
@@ -164,6 +201,13 @@ pub trait PlacementPolicy: Send + Sync + fmt::Debug {
 
     /// A CPU fault on a page: the window to treat with it and what to read ahead.
     fn cpu_fault(&self, fault: &CpuFault<'_>) -> CpuFaultPlan;
+
+    /// A device fault on a block, before it is served: whether to change the block's
+    /// placement (the default: never).
+    fn device_fault(&self, fault: &DeviceFault<'_>) -> DeviceFaultPlan {
+        let _ = fault;
+        DeviceFaultPlan::Keep
+    }
 
     /// Device `dev` is full: order `candidates` best victim first and keep those worth trying
     /// (the memory manager tries them in order until one frees frames, then the rest of the
