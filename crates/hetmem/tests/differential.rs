@@ -604,9 +604,14 @@ fn injected_failures(kinds: [DeviceKind; 2]) -> anyhow::Result<()> {
         capacity: DEV_PAGES * PAGE_SIZE,
         workers: KERNEL_WORKERS,
     };
+    // Migrate always: this test moves the same blocks back and forth between the CPU and the
+    // devices, which thrashing mitigation would pin to system memory, and a pinned block's
+    // device writes go to system memory remotely, without the transfer whose failure it
+    // injects. The failure handling under test is the mechanism's, whatever the policy.
     let hm = Hetmem::builder()
         .sim_device_with(dev(kinds[0]))
         .sim_device_with(dev(kinds[1]))
+        .thrashing(None)
         .build()?;
     let devs = hm.devices();
     // 3 MiB + 5 pages: block 0 has 512 pages, block 1 has 261.

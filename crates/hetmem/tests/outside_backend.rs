@@ -92,6 +92,8 @@ struct ArenaBackend {
     /// Fail this many upcoming batches (a DMA error).
     fail: AtomicU32,
     tables: Arc<Tables>,
+    /// At most this many chunks at once (0: no limit), as a CUDA backend's cap counts them.
+    max_chunks: std::sync::atomic::AtomicUsize,
 }
 
 /// A submitted copy, with raw endpoints: (host pointer | chunk handle + offset).
@@ -126,10 +128,12 @@ impl DeviceBackend for ArenaBackend {
 
     fn alloc_chunk(&self) -> std::io::Result<Chunk> {
         let h = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        self.chunks
-            .lock()
-            .unwrap()
-            .insert(h, vec![0u8; CHUNK].into_boxed_slice());
+        let mut chunks = self.chunks.lock().unwrap();
+        let max = self.max_chunks.load(Ordering::Relaxed);
+        if max > 0 && chunks.len() >= max {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOMEM));
+        }
+        chunks.insert(h, vec![0u8; CHUNK].into_boxed_slice());
         Ok(Chunk::new(h))
     }
 
@@ -571,4 +575,32 @@ fn the_device_page_table_is_the_backends() -> anyhow::Result<()> {
         assert_eq!(h.stats().errors, 0);
         Ok(())
     })
+}
+
+/// A backend whose chunks run out before the page budget does (blocks partly on the device
+/// each hold a whole chunk, as with CUDA's 2 MiB chunks under a cap): the request that finds no
+/// chunk is told the device is full and evicts, instead of failing with a device error.
+#[test]
+fn a_backend_out_of_chunks_is_a_full_device_and_evicts() -> anyhow::Result<()> {
+    common::watchdog(
+        "a_backend_out_of_chunks_is_a_full_device_and_evicts",
+        60,
+        || {
+            let backend = Arc::new(ArenaBackend::default());
+            backend.max_chunks.store(2, Ordering::Relaxed);
+            // 4 MiB of pages, 2 chunks: half-blocks fit the budget, not the chunks.
+            let h = context(backend.clone(), 2 * CHUNK);
+            let mut buf = h.alloc(4 * CHUNK)?;
+            fill(&mut buf, 0x30);
+            let d0 = Target::Device(hetmem::DeviceId::new(0).unwrap());
+            for b in 0..4 {
+                h.migrate(buf.addr() + b * CHUNK, CHUNK / 2, d0)?;
+            }
+            assert!(backend.chunks.lock().unwrap().len() <= 2);
+            assert!(h.stats().pages_evicted > 0, "nothing was evicted");
+            check(&buf, 0x30);
+            assert_eq!(h.stats().errors, 0);
+            Ok(())
+        },
+    )
 }

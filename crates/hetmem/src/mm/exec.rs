@@ -40,6 +40,8 @@ pub(crate) struct Outcome {
     pub cpu_mapped: Mask,
     /// This batch of actions maps the CPU once only, so a map may wake its waiters itself.
     lone_map: bool,
+    /// A device's backend had no chunk to give (ENOMEM) during the drive.
+    pub chunk_shortage: Option<DeviceId>,
 }
 
 impl Outcome {
@@ -364,7 +366,13 @@ impl Runtime {
                     if db.chunk.is_none() {
                         match self.devices[dev.index()].take_chunk() {
                             Ok(c) => db.chunk = Some(c),
-                            // Out of memory: the transfer into it fails cleanly.
+                            // The backend has no chunk left although the page budget has
+                            // room (blocks partly on the device each hold a whole chunk): the
+                            // transfer into it fails cleanly, and the request reports the
+                            // device full, so that eviction frees a chunk (`request_once`).
+                            Err(e) if e.raw_os_error() == Some(libc::ENOMEM) => {
+                                out.chunk_shortage = Some(dev);
+                            }
                             Err(e) => self.note_error("device chunk", &e),
                         }
                     }

@@ -120,10 +120,21 @@ impl Runtime {
             pages: run,
             kind,
         };
-        self.drive(region, bi, event, after)
-            .map_err(|_| RequestError::NoMapping)?
-            .result_of(id)
-            .unwrap_or(Err(RequestError::Op(hetmem_proto::OpError::Device)))
+        let outcome = self
+            .drive(region, bi, event, after)
+            .map_err(|_| RequestError::NoMapping)?;
+        match outcome.result_of(id) {
+            // A copy failed for want of a device chunk: the device is full in chunks, if not
+            // in pages, and eviction can make room (`request`).
+            Some(Err(RequestError::Op(hetmem_proto::OpError::Device))) => {
+                match outcome.chunk_shortage {
+                    Some(d) => Err(RequestError::DeviceFull(d)),
+                    None => Err(RequestError::Op(hetmem_proto::OpError::Device)),
+                }
+            }
+            Some(r) => r,
+            None => Err(RequestError::Op(hetmem_proto::OpError::Device)),
+        }
     }
 
     /// Like `request_once`, evicting other blocks when a device is full.
