@@ -16,7 +16,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::baseline::{self, AnonMap};
 use crate::report::{self, median, percentile, BenchReport, Counters, Row, Target};
 
-const ALL: [char; 11] = ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i', 'j', 'k'];
+const ALL: [char; 12] = ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i', 'j', 'k', 'l'];
 
 /// Chunk of the file baselines and of file creation.
 const CHUNK: usize = 2 << 20;
@@ -37,7 +37,7 @@ pub struct BenchArgs {
     /// g: device scan of a file in the page cache, h: device update + flush of a file larger
     /// than device memory, i: h with `FileOptions::evict_to_file`, j: fault throughput with
     /// 1, 2, 4 (up to 16, as the CPUs allow) threads, k: CPU/device ping-pong with and without
-    /// thrashing mitigation).
+    /// thrashing mitigation, l: sparse and dense device first touch with density prefetch).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Pages touched per run by the fault-latency measurement (e).
@@ -341,7 +341,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             let s = s.trim().to_ascii_lowercase();
             match s.chars().next() {
                 Some(c) if s.len() == 1 && ALL.contains(&c) => v.push(c),
-                _ => bail!("--only takes letters a-k, got {s:?}"),
+                _ => bail!("--only takes letters a-l, got {s:?}"),
             }
         }
         v
@@ -834,6 +834,67 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             Target::None,
             eng,
             Vec::new(),
+        ));
+    }
+
+    if has('l') {
+        pb.set_message("l: device first touch, sparse and dense");
+        let range = 64 << 20;
+        let pages = range / PAGE_SIZE;
+        // One run: the device reads the pages `pick` selects, one page per read. Returns
+        // (pages moved to the device, device faults, pages touched).
+        let touch = |density: bool, pick: &dyn Fn(usize) -> bool| -> Result<(u64, u64, u64)> {
+            let hm = traced(Hetmem::builder(), a, "l")
+                .sim_device(DeviceKind::Private, range + (2 << 20))
+                .density_prefetch(density.then(hetmem::policy::DensityConfig::default))
+                .build()
+                .context("build the first-touch context")?;
+            let dev = hm.device(0).context("device 0")?;
+            let buf = hm.alloc(range)?;
+            hm.migrate(buf.addr(), range, Dest::System)?; // resident in system memory first
+            let s0 = hm.stats();
+            let mut touched = 0u64;
+            for i in (0..pages).filter(|&i| pick(i)) {
+                black_box(dev.read(buf.addr() + i * PAGE_SIZE, PAGE_SIZE)?);
+                touched += 1;
+            }
+            let d = hm.stats().since(&s0);
+            ensure!(d.errors == 0, "first touch: errors");
+            Ok((d.pages_to_device, d.device_faults, touched))
+        };
+        let sparse = |i: usize| i % 8 == 0;
+        let dense = |i: usize| i % 4 != 3;
+        let (mut moved, mut touched, mut f_on, mut f_off) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for r in 0..=runs {
+            let (m, _, t) = touch(true, &sparse)?;
+            let (_, on, _) = touch(true, &dense)?;
+            let (_, off, _) = touch(false, &dense)?;
+            if r > 0 {
+                moved.push(m as f64);
+                touched.push(t as f64);
+                f_on.push(on as f64);
+                f_off.push(off as f64);
+            }
+            pb.inc(1);
+        }
+        rows.push(row(
+            "l1",
+            "device touches 1 page in 8 of 64 MiB: pages moved (density prefetch on)",
+            "pages",
+            "pages touched",
+            Target::AtMost(2.0),
+            moved,
+            touched,
+        ));
+        rows.push(row(
+            "l2",
+            "device touches 3 pages in 4 of 64 MiB: device faults with density prefetch",
+            "faults",
+            "the same without prefetch",
+            Target::None,
+            f_on,
+            f_off,
         ));
     }
 

@@ -355,3 +355,60 @@ fn ping_pong_is_pinned_to_system_memory_within_two_round_trips() -> anyhow::Resu
         },
     )
 }
+
+/// Device reads of single pages: `pattern` says which pages of 4 MiB are read, in order.
+/// Returns (pages moved to the device, device faults).
+fn device_touches(density: bool, pattern: impl Fn(usize) -> bool) -> anyhow::Result<(u64, u64)> {
+    let hm = Hetmem::builder()
+        .sim_device(DeviceKind::Private, 64 << 20)
+        .density_prefetch(density.then(hetmem::policy::DensityConfig::default))
+        .build()?;
+    let dev = hm.device(0).expect("one device");
+    let mut buf = hm.alloc(4 << 20)?;
+    for (i, page) in buf.chunks_mut(PAGE_SIZE).enumerate() {
+        page[0] = i as u8;
+    }
+    let before = hm.stats();
+    for i in (0..buf.len() / PAGE_SIZE).filter(|&i| pattern(i)) {
+        let got = dev.read(buf.addr() + i * PAGE_SIZE, PAGE_SIZE)?;
+        anyhow::ensure!(got[0] == i as u8, "page {i}: {}", got[0]);
+    }
+    let d = hm.stats().since(&before);
+    anyhow::ensure!(d.errors == 0);
+    Ok((d.pages_to_device, d.device_faults))
+}
+
+/// Density prefetch: a device reading one page in eight moves only those pages; one reading
+/// three pages in four stops faulting page by page once a region is dense, and brings it whole.
+#[test]
+fn density_prefetch_follows_dense_faults_and_leaves_sparse_ones() -> anyhow::Result<()> {
+    common::watchdog(
+        "density_prefetch_follows_dense_faults_and_leaves_sparse_ones",
+        60,
+        || {
+            let sparse = |i: usize| i % 8 == 0;
+            let (moved, faults) = device_touches(true, sparse)?;
+            let touched = (0..1024).filter(|&i| sparse(i)).count() as u64;
+            anyhow::ensure!(
+                moved <= 2 * touched,
+                "sparse: {moved} pages moved for {touched} touched"
+            );
+            anyhow::ensure!(faults >= touched, "sparse: {faults} faults");
+
+            let dense = |i: usize| i % 4 != 3;
+            let touched = (0..1024).filter(|&i| dense(i)).count() as u64;
+            let (moved_on, faults_on) = device_touches(true, dense)?;
+            let (moved_off, faults_off) = device_touches(false, dense)?;
+            anyhow::ensure!(
+                faults_off >= touched && moved_off == touched,
+                "without prefetch: {moved_off} moved, {faults_off} faults, {touched} touched"
+            );
+            anyhow::ensure!(
+                faults_on * 4 < faults_off,
+                "dense: {faults_on} faults with prefetch, {faults_off} without"
+            );
+            anyhow::ensure!(moved_on >= touched, "dense: {moved_on} moved with prefetch");
+            Ok(())
+        },
+    )
+}

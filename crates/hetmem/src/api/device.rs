@@ -271,7 +271,7 @@ impl Device {
     fn fault(&self, p: &BlockSpan, access: Access) -> Result<()> {
         let inner = self.inner();
         inner.emit(MemEvent::DeviceFault { dev: self.id });
-        inner.place_device_fault(p, self.id, access);
+        let prefetch = inner.place_device_fault(p, self.id, access);
         let start = std::time::Instant::now();
         let r = inner.request(
             &p.region,
@@ -298,6 +298,9 @@ impl Device {
                     ("result", if r.is_ok() { "ok" } else { "error" }.into()),
                 ],
             );
+        }
+        if let (Ok(()), Some(run)) = (&r, prefetch) {
+            inner.prefetch_for_device(p, self.id, run, access);
         }
         r
     }

@@ -75,6 +75,7 @@ pub struct HetmemBuilder {
     policy: Option<Arc<dyn PlacementPolicy>>,
     trace: Option<std::path::PathBuf>,
     thrashing: Option<crate::policy::ThrashingConfig>,
+    density: Option<crate::policy::DensityConfig>,
 }
 
 impl Default for HetmemBuilder {
@@ -88,6 +89,7 @@ impl Default for HetmemBuilder {
             policy: None,
             trace: None,
             thrashing: Some(crate::policy::ThrashingConfig::default()),
+            density: Some(crate::policy::DensityConfig::default()),
         }
     }
 }
@@ -167,6 +169,15 @@ impl HetmemBuilder {
         self
     }
 
+    /// The default policy's density prefetch for device faults (`policy::density`): when more
+    /// than `threshold` (51%) of an aligned region around a device fault has faulted, the rest
+    /// of it comes with the fault. `None` turns it off: a device fault brings only its pages.
+    /// Ignored with a policy of one's own.
+    pub fn density_prefetch(mut self, config: Option<crate::policy::DensityConfig>) -> Self {
+        self.density = config;
+        self
+    }
+
     /// Writes a trace of what the context does to `path`: faults, migrations, fills, evictions,
     /// invalidations, policy decisions, launches and lease breaks, as Chrome trace events that
     /// Perfetto and `chrome://tracing` open and `hetmem trace PATH --html OUT` renders. Without
@@ -212,7 +223,8 @@ impl HetmemBuilder {
             self.policy.unwrap_or_else(|| {
                 Arc::new(
                     DefaultPolicy::new(self.readback_window, self.readahead_blocks)
-                        .with_thrashing(self.thrashing),
+                        .with_thrashing(self.thrashing)
+                        .with_density(self.density),
                 )
             }),
             tracer,

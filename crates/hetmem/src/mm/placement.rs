@@ -13,7 +13,7 @@ use crate::mm::region::Region;
 use crate::mm::runtime::Runtime;
 use crate::mm::space::BlockSpan;
 use crate::mm::work::ServiceWork;
-use crate::policy::{CpuFault, DeviceFault, DeviceFaultPlan, MemEvent};
+use crate::policy::{CpuFault, DeviceFault, MemEvent, Placement};
 
 impl Runtime {
     /// Placement for a CPU fault on piece `p` (one page): gathers the facts the policy needs,
@@ -126,10 +126,16 @@ impl Runtime {
     }
 
     /// Placement for a device fault on piece `p`: gathers what the policy needs to know
-    /// (`PlacementPolicy::device_fault`) and carries out its plan as advice on the whole
-    /// block: pinned to system memory, devices map it remotely (the protocol's
-    /// `PreferredLocation(System)`), or unpinned. The fault itself is served after.
-    pub(crate) fn place_device_fault(&self, p: &BlockSpan, dev: DeviceId, access: Access) {
+    /// (`PlacementPolicy::device_fault`) and carries out its plan. A change of placement is
+    /// advice on the whole block: pinned to system memory, devices map it remotely (the
+    /// protocol's `PreferredLocation(System)`), or unpinned. Returns the pages to prefetch to
+    /// the device once the fault is served (density prefetch, `prefetch_for_device`).
+    pub(crate) fn place_device_fault(
+        &self,
+        p: &BlockSpan,
+        dev: DeviceId,
+        access: Access,
+    ) -> Option<PageRun> {
         let slot = &p.region.blocks[p.bi];
         let page = p.run.start();
         let (to_device, advised) = {
@@ -144,14 +150,16 @@ impl Runtime {
         let plan = self.policy.device_fault(&DeviceFault {
             dev,
             block_index: p.bi,
+            run: p.run,
+            pages: p.region.block_pages(p.bi),
             write: access != Access::Read,
             to_device,
             advised,
             block: &slot.policy,
         });
-        let (advice, decision, reason) = match plan {
-            DeviceFaultPlan::Keep => return,
-            DeviceFaultPlan::PinToSystem { flips, within } => (
+        let (advice, decision, reason) = match plan.placement {
+            Placement::Keep => return plan.prefetch,
+            Placement::PinToSystem { flips, within } => (
                 Some(Mem::System),
                 "thrashing: pin to system memory",
                 format!(
@@ -160,14 +168,14 @@ impl Runtime {
                     within.as_secs_f64() * 1e3
                 ),
             ),
-            DeviceFaultPlan::Unpin => (
+            Placement::Unpin => (
                 None,
                 "thrashing: unpin",
                 "the pin's time is up: the block migrates again, and is watched".to_string(),
             ),
         };
         let Some(all) = PageRun::new(0, p.region.block_pages(p.bi), PAGES_PER_BLOCK) else {
-            return;
+            return None;
         };
         let event = Event::Advise {
             pages: all,
@@ -187,6 +195,51 @@ impl Runtime {
                     ("reason", reason.as_str().into()),
                 ],
             );
+        }
+        plan.prefetch
+    }
+
+    /// Density prefetch: brings `run` of piece `p`'s block to device `dev` and maps it there
+    /// for `access`, as the fault that found the region dense did (a device fault request:
+    /// the next accesses find the pages mapped). Like read-ahead it evicts nothing: a full
+    /// device takes what fits, and the rest faults on its own.
+    pub(crate) fn prefetch_for_device(
+        &self,
+        p: &BlockSpan,
+        dev: DeviceId,
+        run: PageRun,
+        access: Access,
+    ) {
+        if let Some(t) = self.trace() {
+            t.instant(
+                "policy",
+                "density prefetch",
+                &[
+                    ("region", p.region.id.into()),
+                    ("block", p.bi.into()),
+                    ("page", run.start().into()),
+                    ("pages", run.len().into()),
+                    ("dev", crate::trace::mem_name(Mem::Device(dev)).into()),
+                    (
+                        "reason",
+                        "more than 51% of the aligned region around the fault has faulted".into(),
+                    ),
+                ],
+            );
+        }
+        let before = p.region.blocks[p.bi].held[dev.index()].load(Ordering::Relaxed);
+        let fault = RequestKind::Fault {
+            proc: Proc::Device(dev),
+            access,
+        };
+        if self
+            .request_once(&p.region, p.bi, run, fault, |_, _| {})
+            .is_ok()
+        {
+            let after = p.region.blocks[p.bi].held[dev.index()].load(Ordering::Relaxed);
+            self.emit(MemEvent::Prefetched {
+                pages: u64::from(after.saturating_sub(before)),
+            });
         }
     }
 

@@ -8,10 +8,28 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use hetmem_proto::{DeviceId, PageRun, PAGES_PER_BLOCK};
 
-use super::thrashing::{self, Thrashing, ThrashingConfig, Verdict};
+use super::density::{self, DensityBlock, DensityConfig};
+use super::thrashing::{Thrashing, ThrashingBlock, ThrashingConfig, Verdict};
 use super::{
-    Candidate, CpuFault, CpuFaultPlan, DeviceFault, DeviceFaultPlan, MemEvent, PlacementPolicy,
+    Candidate, CpuFault, CpuFaultPlan, DeviceFault, DeviceFaultPlan, MemEvent, Placement,
+    PlacementPolicy, PolicyBlock,
 };
+
+/// The default policy's state of a block, in its `PolicyBlock::extra` slot.
+#[derive(Debug, Default)]
+struct DefaultBlock {
+    thrashing: ThrashingBlock,
+    density: DensityBlock,
+}
+
+/// `block`'s state, made on first use.
+fn state_of(block: &PolicyBlock) -> &DefaultBlock {
+    block
+        .extra
+        .get_or_init(|| Box::new(DefaultBlock::default()))
+        .downcast_ref::<DefaultBlock>()
+        .expect("the block's policy slot holds the default policy's state")
+}
 
 /// Victims tried per eviction round before the rest of the faulting block.
 const VICTIMS_PER_ROUND: usize = 4;
@@ -25,6 +43,8 @@ pub struct DefaultPolicy {
     clock: AtomicU64,
     /// Thrashing detection, unless turned off (`with_thrashing(None)`: migrate always).
     thrashing: Option<Thrashing>,
+    /// Density prefetch for device faults, unless turned off (`with_density(None)`).
+    density: Option<DensityConfig>,
 }
 
 impl DefaultPolicy {
@@ -37,7 +57,15 @@ impl DefaultPolicy {
             readahead,
             clock: AtomicU64::new(1),
             thrashing: Some(Thrashing::new(ThrashingConfig::default())),
+            density: Some(DensityConfig::default()),
         }
+    }
+
+    /// With density prefetch set up by `config`, or without it (`None`: a device fault brings
+    /// the faulting pages only).
+    pub fn with_density(mut self, config: Option<DensityConfig>) -> Self {
+        self.density = config;
+        self
     }
 
     /// With thrashing mitigation set up by `config`, or without it (`None`: data migrates on
@@ -92,7 +120,11 @@ impl PlacementPolicy for DefaultPolicy {
 
     fn cpu_fault(&self, f: &CpuFault<'_>) -> CpuFaultPlan {
         if let Some(t) = &self.thrashing {
-            t.cpu_fault(thrashing::state_of(f.block), f.only_on_private_device);
+            t.cpu_fault(&state_of(f.block).thrashing, f.only_on_private_device);
+        }
+        if f.only_on_private_device && self.density.is_some() {
+            // The data comes home: what the device faulted there is history.
+            state_of(f.block).density.clear();
         }
         let w = self.readback_window;
         if w <= 1 {
@@ -120,14 +152,27 @@ impl PlacementPolicy for DefaultPolicy {
     }
 
     fn device_fault(&self, f: &DeviceFault<'_>) -> DeviceFaultPlan {
-        let Some(t) = &self.thrashing else {
-            return DeviceFaultPlan::Keep;
+        let state = state_of(f.block);
+        let placement = match &self.thrashing {
+            None => Placement::Keep,
+            Some(t) => {
+                match t.device_fault(&state.thrashing, f.dev.index(), f.to_device, f.advised) {
+                    Verdict::Keep => Placement::Keep,
+                    Verdict::Pin { flips, within } => Placement::PinToSystem { flips, within },
+                    Verdict::Unpin => Placement::Unpin,
+                }
+            }
         };
-        let b = thrashing::state_of(f.block);
-        match t.device_fault(b, f.dev.index(), f.to_device, f.advised) {
-            Verdict::Keep => DeviceFaultPlan::Keep,
-            Verdict::Pin { flips, within } => DeviceFaultPlan::PinToSystem { flips, within },
-            Verdict::Unpin => DeviceFaultPlan::Unpin,
+        // Prefetch only what would migrate: not a pinned block's, nor data already there.
+        let prefetch = match (&self.density, placement) {
+            (Some(c), Placement::Keep) if f.to_device && !f.advised => {
+                density::on_fault(&state.density, c, f.run, f.pages)
+            }
+            _ => None,
+        };
+        DeviceFaultPlan {
+            placement,
+            prefetch,
         }
     }
 

@@ -10,6 +10,7 @@
 //! `HetmemBuilder::policy`.
 
 mod default;
+pub mod density;
 pub mod thrashing;
 
 use std::any::Any;
@@ -21,6 +22,7 @@ use std::sync::OnceLock;
 use hetmem_proto::{DeviceId, Mem, PageRun};
 
 pub use default::DefaultPolicy;
+pub use density::DensityConfig;
 pub use thrashing::ThrashingConfig;
 
 /// One thing the memory manager did. The same stream feeds the context's statistics, the
@@ -69,7 +71,7 @@ pub enum MemEvent<'a> {
     /// A file lease was broken by another process.
     LeaseBroken,
     /// A block found thrashing between the CPU and `dev` was pinned to system memory
-    /// (`DeviceFaultPlan::PinToSystem`).
+    /// (`Placement::PinToSystem`).
     ThrashingPinned { dev: DeviceId },
     /// A system call failed unexpectedly (`stats().errors`).
     Error,
@@ -157,6 +159,9 @@ pub struct DeviceFault<'a> {
     pub dev: DeviceId,
     /// The block's index in its region.
     pub block_index: usize,
+    /// The faulting pages, and the block's pages (before the file's end).
+    pub run: PageRun,
+    pub pages: usize,
     pub write: bool,
     /// The faulting page's data is in system memory and not on the device: without a change
     /// of placement, the fault migrates it to the device.
@@ -168,8 +173,17 @@ pub struct DeviceFault<'a> {
 
 /// What to do about a device fault, before it is served.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum DeviceFaultPlan {
-    /// Serve it as the protocol says.
+pub struct DeviceFaultPlan {
+    /// A change of the block's placement.
+    pub placement: Placement,
+    /// Pages of the block to bring to the device with the fault (density prefetch).
+    pub prefetch: Option<PageRun>,
+}
+
+/// A change of a block's placement (`DeviceFaultPlan::placement`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Placement {
+    /// As the protocol says.
     #[default]
     Keep,
     /// The block thrashes between the CPU and devices (`flips` moves within `within`): pin it
@@ -206,7 +220,7 @@ pub trait PlacementPolicy: Send + Sync + fmt::Debug {
     /// placement (the default: never).
     fn device_fault(&self, fault: &DeviceFault<'_>) -> DeviceFaultPlan {
         let _ = fault;
-        DeviceFaultPlan::Keep
+        DeviceFaultPlan::default()
     }
 
     /// Device `dev` is full: order `candidates` best victim first and keep those worth trying

@@ -13,8 +13,6 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
-use super::PolicyBlock;
-
 /// The side a block's data was last moved to.
 const NOBODY: u8 = 0;
 const CPU: u8 = 1;
@@ -151,15 +149,6 @@ impl Thrashing {
     pub fn is_pinned(&self, b: &ThrashingBlock) -> bool {
         b.pinned_at.load(Ordering::Acquire) != 0
     }
-}
-
-/// The detector's state of `block`, made on first use.
-pub fn state_of(block: &PolicyBlock) -> &ThrashingBlock {
-    block
-        .extra
-        .get_or_init(|| Box::new(ThrashingBlock::default()))
-        .downcast_ref::<ThrashingBlock>()
-        .expect("the block's policy slot holds the default policy's state")
 }
 
 #[cfg(test)]
