@@ -174,9 +174,7 @@ impl Runtime {
                 "the pin's time is up: the block migrates again, and is watched".to_string(),
             ),
         };
-        let Some(all) = PageRun::new(0, p.region.block_pages(p.bi), PAGES_PER_BLOCK) else {
-            return None;
-        };
+        let all = PageRun::new(0, p.region.block_pages(p.bi), PAGES_PER_BLOCK)?;
         let event = Event::Advise {
             pages: all,
             advice: Advice::PreferredLocation(advice),
