@@ -26,7 +26,8 @@ pub use api::buffer::{ManagedBuf, Registration};
 pub use api::device::{CpuProt, Device, Location, PageState};
 pub use api::file::{FileMapping, FileOptions};
 pub use api::hetmem::{
-    default_service_threads, Hetmem, HetmemBuilder, SimConfig, Target, MAX_SERVICE_THREADS,
+    default_service_threads, Hetmem, HetmemBuilder, Prefetch, SimConfig, Target,
+    MAX_SERVICE_THREADS,
 };
 pub use device::{
     BlockPageTable, Chunk, CopyOp, DeviceBackend, DeviceCounters, Endpoint, Fence, Pte, SimBackend,

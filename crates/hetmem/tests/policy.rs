@@ -412,3 +412,90 @@ fn density_prefetch_follows_dense_faults_and_leaves_sparse_ones() -> anyhow::Res
         },
     )
 }
+
+/// `AccessedBy(d)` pre-maps what is in system memory for the device: its first read does not
+/// fault, and nothing moves (the device reads system memory remotely). Without the advice, the
+/// same read faults and migrates.
+#[test]
+fn accessed_by_premaps_so_the_first_access_does_not_fault() -> anyhow::Result<()> {
+    common::watchdog(
+        "accessed_by_premaps_so_the_first_access_does_not_fault",
+        60,
+        || {
+            for advise in [true, false] {
+                let hm = Hetmem::builder()
+                    .sim_device(DeviceKind::Private, 64 << 20)
+                    .build()?;
+                let dev = hm.device(0).expect("one device");
+                let mut buf = hm.alloc(4 << 20)?;
+                fill(&mut buf, 0x61);
+                if advise {
+                    hm.advise(
+                        buf.addr(),
+                        buf.len(),
+                        hetmem::Advice::AccessedBy(d0(), true),
+                    )?;
+                }
+                let before = hm.stats();
+                let sum = std::sync::atomic::AtomicU64::new(0);
+                dev.kernel_read(buf.addr(), buf.len(), |_, b| {
+                    sum.fetch_add(b.iter().map(|&x| u64::from(x)).sum(), Ordering::Relaxed);
+                })?;
+                let d = hm.stats().since(&before);
+                let want: u64 = buf.iter().map(|&x| u64::from(x)).sum();
+                anyhow::ensure!(sum.load(Ordering::Relaxed) == want, "advise {advise}: data");
+                if advise {
+                    anyhow::ensure!(
+                        d.device_faults == 0 && d.pages_to_device == 0,
+                        "advised: {} device faults, {} pages moved",
+                        d.device_faults,
+                        d.pages_to_device
+                    );
+                } else {
+                    anyhow::ensure!(d.device_faults > 0 && d.pages_to_device > 0, "{d:?}");
+                }
+            }
+            Ok(())
+        },
+    )
+}
+
+/// `prefetch` returns a handle at once and migrates in the background; `wait` gives the
+/// result. Bad ranges are refused before anything runs, and a context dropped with prefetches
+/// queued tells their waiters instead of leaving them waiting.
+#[test]
+fn prefetch_migrates_in_the_background() -> anyhow::Result<()> {
+    common::watchdog("prefetch_migrates_in_the_background", 60, || {
+        let hm = Hetmem::builder()
+            .sim_device(DeviceKind::Private, 64 << 20)
+            .build()?;
+        let dev = hm.device(0).expect("one device");
+        let mut buf = hm.alloc(16 << 20)?;
+        fill(&mut buf, 0x21);
+        let p = hm.prefetch(buf.addr(), buf.len(), Target::Device(d0()))?;
+        p.wait()?;
+        anyhow::ensure!(dev.used_pages() as usize == buf.len() / PAGE_SIZE);
+        let states = dev.snapshot(buf.addr(), buf.len())?;
+        anyhow::ensure!(states.iter().all(|s| s.location == Location::PrivateLocal));
+        let back = hm.prefetch(buf.addr(), buf.len(), Target::System)?;
+        back.wait()?;
+        anyhow::ensure!(dev.used_pages() == 0);
+        check(&buf, 0x21)?;
+        anyhow::ensure!(matches!(
+            hm.prefetch(buf.addr() + 1, PAGE_SIZE, Target::System),
+            Err(hetmem::Error::Invalid(_))
+        ));
+        anyhow::ensure!(hm.stats().errors == 0);
+
+        // Queued when the context goes: the waiter hears of it.
+        let hm2 = Hetmem::builder()
+            .sim_device(DeviceKind::Private, 64 << 20)
+            .build()?;
+        let buf2 = hm2.alloc(64 << 20)?;
+        let p2 = hm2.prefetch(buf2.addr(), buf2.len(), Target::Device(d0()))?;
+        drop(buf2);
+        drop(hm2);
+        let _ = p2.wait(); // Ok or Invalid; it must return
+        Ok(())
+    })
+}

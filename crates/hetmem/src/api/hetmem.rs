@@ -386,6 +386,20 @@ impl Hetmem {
         self.inner().migrate(addr, len, target.mem())
     }
 
+    /// Migrates `[addr, addr + len)` to `target` in the background, as `cudaMemPrefetchAsync`:
+    /// returns at once, once the range is checked, with a handle to wait on. The fault-service
+    /// threads run it block by block, after the faults they serve. Dropping the handle does not
+    /// cancel it.
+    ///
+    /// # Errors
+    /// As [`Hetmem::migrate`] for the range, before anything runs; the migration's own errors
+    /// come from [`Prefetch::wait`].
+    pub fn prefetch(&self, addr: usize, len: usize, target: Target) -> Result<Prefetch> {
+        Ok(Prefetch {
+            done: self.inner().prefetch_range(addr, len, target.mem())?,
+        })
+    }
+
     /// Drops the data of a range: allocated and registered memory reads zero afterwards, as
     /// after MADV_DONTNEED on private anonymous memory; a file mapping's dirty pages are written
     /// back first (Shared), and the range then reads the file again (`docs/file-contract.md`
@@ -438,5 +452,27 @@ impl Hetmem {
         let dev = self.inner().devices.len() as f64
             * (std::mem::size_of::<crate::mm::region::DevBlock>() + 16) as f64;
         (engine + dev + 64.0) / PAGES_PER_BLOCK as f64
+    }
+}
+
+/// A migration running in the background (`Hetmem::prefetch`).
+#[derive(Debug)]
+pub struct Prefetch {
+    done: Arc<crate::mm::work::Background>,
+}
+
+impl Prefetch {
+    /// Whether every block of it has been migrated (or has failed).
+    pub fn is_done(&self) -> bool {
+        self.done.is_done()
+    }
+
+    /// Waits until it has finished.
+    ///
+    /// # Errors
+    /// The first block's error, as `Hetmem::migrate` gives it (`NoMem`, `Io`, ...); `Invalid`
+    /// if the context was dropped before it ran.
+    pub fn wait(self) -> Result<()> {
+        self.done.wait()
     }
 }

@@ -5,6 +5,7 @@ use hetmem_proto::{Access, Advice, Event, Invalidation, Mem, RequestKind};
 
 use crate::error::{Error, Result};
 use crate::mm::runtime::Runtime;
+use crate::mm::work::{Background, ServiceWork};
 use crate::sys::mem;
 
 impl Runtime {
@@ -21,6 +22,34 @@ impl Runtime {
             self.request(&p.region, p.bi, p.run, RequestKind::Migrate { dst })?;
         }
         Ok(())
+    }
+
+    /// `migrate` in the background (`Hetmem::prefetch`): the range is checked now, each block's
+    /// part is queued for the service threads (after faults, as read-ahead is), and the
+    /// returned state says when all are done.
+    pub(crate) fn prefetch_range(
+        &self,
+        addr: usize,
+        len: usize,
+        dst: Mem,
+    ) -> Result<std::sync::Arc<Background>> {
+        if let Mem::Device(d) = dst {
+            if self.topology.kind(d).is_none() {
+                return Err(Error::Invalid("no such device"));
+            }
+        }
+        let pieces = self.pieces(addr, len)?;
+        self.check_access(&pieces, Access::Read)?;
+        let done = std::sync::Arc::new(Background::new(pieces.len()));
+        self.work
+            .push(pieces.into_iter().map(|p| ServiceWork::Migrate {
+                region: p.region,
+                bi: p.bi,
+                run: p.run,
+                dst,
+                done: done.clone(),
+            }));
+        Ok(done)
     }
 
     /// Drops the data of a range (`Hetmem::discard`).
@@ -64,7 +93,8 @@ impl Runtime {
         if named.is_some_and(|d| self.topology.kind(d).is_none()) {
             return Err(Error::Invalid("no such device"));
         }
-        for p in self.pieces(addr, len)? {
+        let pieces = self.pieces(addr, len)?;
+        for p in &pieces {
             let event = Event::Advise {
                 pages: p.run,
                 advice,
@@ -72,6 +102,33 @@ impl Runtime {
             self.drive(&p.region, p.bi, event, |_, _| {})
                 .map_err(|_| Error::Invalid("page run outside its block"))?;
         }
+        if let Advice::AccessedBy(d, true) = advice {
+            for p in &pieces {
+                self.premap(p, d);
+            }
+        }
         Ok(())
+    }
+
+    /// `AccessedBy(d)` pre-maps: the pages of `p` in system memory are mapped for device `d`
+    /// now (remotely, as the advice makes the protocol do), so its first read does not fault.
+    /// Pages elsewhere, or that may not be read, are left to fault as usual.
+    fn premap(&self, p: &crate::mm::space::BlockSpan, d: hetmem_proto::DeviceId) {
+        let runs: Vec<hetmem_proto::PageRun> = {
+            let block = self.lock_block(&p.region.blocks[p.bi]);
+            let st = block.state();
+            (hetmem_proto::PageMask::from_run(p.run)
+                & st.valid_in(Mem::System)
+                & st.accessible(Access::Read))
+            .runs()
+            .collect()
+        };
+        let read = RequestKind::Fault {
+            proc: hetmem_proto::Proc::Device(d),
+            access: Access::Read,
+        };
+        for run in runs {
+            let _ = self.request_once(&p.region, p.bi, run, read, |_, _| {});
+        }
     }
 }

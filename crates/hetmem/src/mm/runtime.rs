@@ -50,6 +50,7 @@ impl Drop for RuntimeHandle {
         {
             let _ = t.join();
         }
+        self.inner.work.abandon();
     }
 }
 

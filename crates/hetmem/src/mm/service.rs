@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use hetmem_proto::{Invalidation, PageRun, BLOCK_BYTES, PAGES_PER_BLOCK, PAGE_SIZE};
+use hetmem_proto::{Invalidation, PageRun, RequestKind, BLOCK_BYTES, PAGES_PER_BLOCK, PAGE_SIZE};
 
 use crate::mm::region::Region;
 use crate::mm::runtime::Runtime;
@@ -124,6 +124,13 @@ impl Runtime {
                         self.cpu_fault(addr & !(PAGE_SIZE - 1), write, tid)
                     }
                     ServiceWork::Prefetch { region, bi } => self.prefetch(&region, bi),
+                    ServiceWork::Migrate {
+                        region,
+                        bi,
+                        run,
+                        dst,
+                        done,
+                    } => done.finish(self.request(&region, bi, run, RequestKind::Migrate { dst })),
                     ServiceWork::Unmapped { region, off, len } => {
                         self.invalidate_file_range(&region, off, len, Invalidation::Unmap)
                     }

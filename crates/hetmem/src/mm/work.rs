@@ -1,10 +1,14 @@
-//! Work for the fault-service threads beside what the userfaultfd says: read-ahead, file ranges
-//! to invalidate, and the wake-up that tells them of it (or of shutdown).
+//! Work for the fault-service threads beside what the userfaultfd says: read-ahead, background
+//! migrations (`Hetmem::prefetch`), file ranges to invalidate, and the wake-up that tells them
+//! of it (or of shutdown).
 
 use std::os::fd::BorrowedFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
+use hetmem_proto::{Mem, PageRun};
+
+use crate::error::{Error, Result};
 use crate::mm::region::Region;
 use crate::sys::mem;
 
@@ -13,6 +17,14 @@ use crate::sys::mem;
 pub(crate) enum ServiceWork {
     /// Read-ahead: bring block `bi` home and map it for the CPU.
     Prefetch { region: Arc<Region>, bi: usize },
+    /// One block's part of a background migration (`Hetmem::prefetch`).
+    Migrate {
+        region: Arc<Region>,
+        bi: usize,
+        run: PageRun,
+        dst: Mem,
+        done: Arc<Background>,
+    },
     Fault {
         addr: usize,
         write: bool,
@@ -68,10 +80,12 @@ impl ServiceQueue {
         let mut rest = Vec::new();
         for w in queue.drain(..) {
             match w {
-                ServiceWork::Prefetch { .. } if prefetch.is_none() && work.is_empty() => {
+                ServiceWork::Prefetch { .. } | ServiceWork::Migrate { .. }
+                    if prefetch.is_none() && work.is_empty() =>
+                {
                     prefetch = Some(w)
                 }
-                ServiceWork::Prefetch { .. } => rest.push(w),
+                ServiceWork::Prefetch { .. } | ServiceWork::Migrate { .. } => rest.push(w),
                 _ => work.push(w),
             }
         }
@@ -100,5 +114,66 @@ impl ServiceQueue {
 
     pub(crate) fn is_shut_down(&self) -> bool {
         self.shutdown.load(Ordering::SeqCst)
+    }
+
+    /// Once the service threads are gone: what they left in the queue. A background
+    /// migration's waiter is told it did not run, instead of waiting for ever.
+    pub(crate) fn abandon(&self) {
+        let left = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()));
+        for w in left {
+            if let ServiceWork::Migrate { done, .. } = w {
+                done.finish(Err(Error::Invalid(
+                    "the context was dropped before the prefetch ran",
+                )));
+            }
+        }
+    }
+}
+
+/// A background migration (`Hetmem::prefetch`): its blocks' parts still to run, and the first
+/// error.
+#[derive(Debug)]
+pub(crate) struct Background {
+    left: AtomicUsize,
+    state: Mutex<(bool, Option<Error>)>,
+    cv: Condvar,
+}
+
+impl Background {
+    /// One of `parts` parts.
+    pub fn new(parts: usize) -> Self {
+        Self {
+            left: AtomicUsize::new(parts),
+            state: Mutex::new((parts == 0, None)),
+            cv: Condvar::new(),
+        }
+    }
+
+    /// One part finished with `r`.
+    pub fn finish(&self, r: Result<()>) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = r {
+            st.1.get_or_insert(e);
+        }
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            st.0 = true;
+            self.cv.notify_all();
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+
+    /// Waits for every part; the first error, if any.
+    pub fn wait(&self) -> Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while !st.0 {
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        match st.1.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }
