@@ -16,7 +16,9 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::baseline::{self, AnonMap};
 use crate::report::{self, median, percentile, BenchReport, Counters, Row, Target};
 
-const ALL: [char; 12] = ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i', 'j', 'k', 'l'];
+const ALL: [char; 13] = [
+    'a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i', 'j', 'k', 'l', 'm',
+];
 
 /// Chunk of the file baselines and of file creation.
 const CHUNK: usize = 2 << 20;
@@ -37,7 +39,8 @@ pub struct BenchArgs {
     /// g: device scan of a file in the page cache, h: device update + flush of a file larger
     /// than device memory, i: h with `FileOptions::evict_to_file`, j: fault throughput with
     /// 1, 2, 4 (up to 16, as the CPUs allow) threads, k: CPU/device ping-pong with and without
-    /// thrashing mitigation, l: sparse and dense device first touch with density prefetch).
+    /// thrashing mitigation, l: sparse and dense device first touch with density prefetch, m:
+    /// hot/cold over 4x device memory with access counters).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Pages touched per run by the fault-latency measurement (e).
@@ -341,7 +344,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             let s = s.trim().to_ascii_lowercase();
             match s.chars().next() {
                 Some(c) if s.len() == 1 && ALL.contains(&c) => v.push(c),
-                _ => bail!("--only takes letters a-l, got {s:?}"),
+                _ => bail!("--only takes letters a-m, got {s:?}"),
             }
         }
         v
@@ -895,6 +898,96 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             Target::None,
             f_on,
             f_off,
+        ));
+    }
+
+    if has('m') {
+        pb.set_message("m: hot/cold over 4x device memory");
+        let cap = 16 << 20;
+        let range = 4 * cap;
+        let blocks = range / (2 << 20);
+        let hot = (blocks / 10).max(1);
+        let accesses = 600u64;
+        // One run: `accesses` device kernels over one 2 MiB block each, 90% of them on the
+        // first `hot` blocks. Returns (pages moved to the device, seconds).
+        let hot_cold = |smart: bool| -> Result<(f64, f64)> {
+            let mut b = traced(Hetmem::builder(), a, if smart { "m" } else { "m-always" })
+                .sim_device(DeviceKind::Private, cap);
+            if !smart {
+                b = b
+                    .thrashing(None)
+                    .density_prefetch(None)
+                    .access_counters(None);
+            }
+            let hm = b.build().context("build the hot/cold context")?;
+            let dev = hm.device(0).context("device 0")?;
+            let mut buf = hm.alloc(range)?;
+            fill_pattern(&mut buf);
+            if smart {
+                // The application's hint: the device reaches this range (cudaMemAdviseSetAccessedBy).
+                hm.advise(
+                    buf.addr(),
+                    range,
+                    hetmem::Advice::AccessedBy(dev.id(), true),
+                )?;
+            }
+            let s0 = hm.stats();
+            let mut x = 0x2545_f491_4f6c_dd1du64;
+            let t0 = Instant::now();
+            for _ in 0..accesses {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let bi = if x % 10 < 9 {
+                    (x >> 8) as usize % hot
+                } else {
+                    hot + (x >> 8) as usize % (blocks - hot)
+                };
+                let sum = AtomicU64::new(0);
+                dev.kernel_read(buf.addr() + bi * (2 << 20), 2 << 20, |_, bytes| {
+                    sum.fetch_add(sum_u64(bytes), Ordering::Relaxed);
+                })?;
+                black_box(sum.load(Ordering::Relaxed));
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            let d = hm.stats().since(&s0);
+            ensure!(d.errors == 0, "hot/cold: errors");
+            Ok((d.pages_to_device as f64, secs))
+        };
+        let (mut hp, mut bp, mut ht, mut bt) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for r in 0..=runs {
+            let (h, b) = if r % 2 == 0 {
+                let h = hot_cold(true)?;
+                (h, hot_cold(false)?)
+            } else {
+                let b = hot_cold(false)?;
+                (hot_cold(true)?, b)
+            };
+            if r > 0 {
+                hp.push(h.0);
+                bp.push(b.0);
+                ht.push(h.1 * 1e3);
+                bt.push(b.1 * 1e3);
+            }
+            pb.inc(1);
+        }
+        rows.push(row(
+            "m1",
+            "hot/cold: 600 device kernels over data 4x device memory, 90% on 10% of the blocks: pages moved (AccessedBy + access counters)",
+            "pages",
+            "migrate always + LRU, no advice",
+            Target::AtMost(0.5),
+            hp,
+            bp,
+        ));
+        rows.push(row(
+            "m2",
+            "hot/cold: the same, time",
+            "ms",
+            "migrate always + LRU, no advice",
+            Target::None,
+            ht,
+            bt,
         ));
     }
 

@@ -499,3 +499,56 @@ fn prefetch_migrates_in_the_background() -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+/// Access counters: with `AccessedBy` advice a device reads system memory remotely; a block it
+/// keeps reading migrates to it once past the threshold, a block it reads once stays. Without
+/// counters, nothing moves.
+#[test]
+fn access_counters_bring_hot_remote_blocks_to_the_device() -> anyhow::Result<()> {
+    common::watchdog(
+        "access_counters_bring_hot_remote_blocks_to_the_device",
+        60,
+        || {
+            for counters in [true, false] {
+                let hm = Hetmem::builder()
+                    .sim_device(DeviceKind::Private, 64 << 20)
+                    .access_counters(
+                        counters
+                            .then(|| hetmem::policy::AccessCounterConfig { threshold: 4 * 512 }),
+                    )
+                    .build()?;
+                let dev = hm.device(0).expect("one device");
+                let mut buf = hm.alloc(4 << 20)?;
+                fill(&mut buf, 0x44);
+                hm.advise(
+                    buf.addr(),
+                    buf.len(),
+                    hetmem::Advice::AccessedBy(d0(), true),
+                )?;
+                let hot = buf.addr();
+                let cold = buf.addr() + (2 << 20);
+                dev.kernel_read(cold, 2 << 20, |_, _| {})?;
+                for _ in 0..6 {
+                    dev.kernel_read(hot, 2 << 20, |_, _| {})?;
+                }
+                let at = |addr| -> anyhow::Result<Location> {
+                    Ok(dev.snapshot(addr, PAGE_SIZE)?[0].location)
+                };
+                anyhow::ensure!(at(cold)? == Location::System, "the cold block moved");
+                let want = if counters {
+                    Location::PrivateLocal
+                } else {
+                    Location::System
+                };
+                anyhow::ensure!(
+                    at(hot)? == want,
+                    "counters {counters}: hot block at {:?}",
+                    at(hot)?
+                );
+                check(&buf, 0x44)?;
+                anyhow::ensure!(hm.stats().errors == 0);
+            }
+            Ok(())
+        },
+    )
+}

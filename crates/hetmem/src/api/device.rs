@@ -147,6 +147,7 @@ impl Device {
         for p in pieces {
             let slot = &p.region.blocks[p.bi];
             let mut tries = 0u32;
+            let mut remote = 0u64;
             loop {
                 let ran = {
                     let _gate = inner.gate.enter();
@@ -196,9 +197,11 @@ impl Device {
                             inner.kernel_runs.enter(p, self.id, &spans)
                         });
                         f(p, &runs);
+                        remote = entries.iter().filter(|e| e.remote).count() as u64;
                         inner.emit(MemEvent::DeviceAccess {
                             dev: self.id,
                             pages: p.run.len() as u64,
+                            remote,
                             block: &slot.policy,
                         });
                         Some(registered)
@@ -209,6 +212,10 @@ impl Device {
                 if let Some(registered) = ran {
                     if let (Some(r), Some(k)) = (registered, kernel) {
                         inner.settle_kernel_run(p, r, k == Kernel::Write)?;
+                    }
+                    if remote > 0 {
+                        // Access counters: the policy may want the block here now.
+                        inner.after_remote_access(p, self.id, remote);
                     }
                     break;
                 }

@@ -76,6 +76,7 @@ pub struct HetmemBuilder {
     trace: Option<std::path::PathBuf>,
     thrashing: Option<crate::policy::ThrashingConfig>,
     density: Option<crate::policy::DensityConfig>,
+    counters: Option<crate::policy::AccessCounterConfig>,
 }
 
 impl Default for HetmemBuilder {
@@ -90,6 +91,7 @@ impl Default for HetmemBuilder {
             trace: None,
             thrashing: Some(crate::policy::ThrashingConfig::default()),
             density: Some(crate::policy::DensityConfig::default()),
+            counters: Some(crate::policy::AccessCounterConfig::default()),
         }
     }
 }
@@ -178,6 +180,15 @@ impl HetmemBuilder {
         self
     }
 
+    /// The default policy's access counters: a block a device keeps reaching remotely (it is
+    /// in system memory, mapped there because of `AccessedBy` or `PreferredLocation` advice)
+    /// migrates to that device past `threshold` pages (8 × 512 by default). `None` turns them
+    /// off. Ignored with a policy of one's own.
+    pub fn access_counters(mut self, config: Option<crate::policy::AccessCounterConfig>) -> Self {
+        self.counters = config;
+        self
+    }
+
     /// Writes a trace of what the context does to `path`: faults, migrations, fills, evictions,
     /// invalidations, policy decisions, launches and lease breaks, as Chrome trace events that
     /// Perfetto and `chrome://tracing` open and `hetmem trace PATH --html OUT` renders. Without
@@ -224,7 +235,8 @@ impl HetmemBuilder {
                 Arc::new(
                     DefaultPolicy::new(self.readback_window, self.readahead_blocks)
                         .with_thrashing(self.thrashing)
-                        .with_density(self.density),
+                        .with_density(self.density)
+                        .with_access_counters(self.counters),
                 )
             }),
             tracer,

@@ -13,7 +13,7 @@ use crate::mm::region::Region;
 use crate::mm::runtime::Runtime;
 use crate::mm::space::BlockSpan;
 use crate::mm::work::ServiceWork;
-use crate::policy::{CpuFault, DeviceFault, MemEvent, Placement};
+use crate::policy::{CpuFault, DeviceAccessed, DeviceFault, MemEvent, Placement};
 
 impl Runtime {
     /// Placement for a CPU fault on piece `p` (one page): gathers the facts the policy needs,
@@ -239,6 +239,49 @@ impl Runtime {
                 pages: u64::from(after.saturating_sub(before)),
             });
         }
+    }
+
+    /// Access counters: device `dev` reached `remote` pages of piece `p`'s block in system
+    /// memory. If the policy says the block is worth having there now
+    /// (`PlacementPolicy::device_accessed`), it migrates to the device whole, evicting as a
+    /// migration does.
+    pub(crate) fn after_remote_access(&self, p: &BlockSpan, dev: DeviceId, remote: u64) {
+        let slot = &p.region.blocks[p.bi];
+        let migrate = self.policy.device_accessed(&DeviceAccessed {
+            dev,
+            block_index: p.bi,
+            remote,
+            block: &slot.policy,
+        });
+        if !migrate {
+            return;
+        }
+        let Some(all) = PageRun::new(0, p.region.block_pages(p.bi), PAGES_PER_BLOCK) else {
+            return;
+        };
+        if let Some(t) = self.trace() {
+            t.instant(
+                "policy",
+                "access counters: migrate",
+                &[
+                    ("region", p.region.id.into()),
+                    ("block", p.bi.into()),
+                    ("dev", crate::trace::mem_name(Mem::Device(dev)).into()),
+                    (
+                        "reason",
+                        "the device reached the block remotely past the threshold".into(),
+                    ),
+                ],
+            );
+        }
+        let _ = self.request(
+            &p.region,
+            p.bi,
+            all,
+            RequestKind::Migrate {
+                dst: Mem::Device(dev),
+            },
+        );
     }
 
     /// A read fault on `run` on behalf of a neighbour's fault (placement): failures only mean

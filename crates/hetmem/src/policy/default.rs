@@ -11,8 +11,8 @@ use hetmem_proto::{DeviceId, PageRun, PAGES_PER_BLOCK};
 use super::density::{self, DensityBlock, DensityConfig};
 use super::thrashing::{Thrashing, ThrashingBlock, ThrashingConfig, Verdict};
 use super::{
-    Candidate, CpuFault, CpuFaultPlan, DeviceFault, DeviceFaultPlan, MemEvent, Placement,
-    PlacementPolicy, PolicyBlock,
+    Candidate, CpuFault, CpuFaultPlan, DeviceAccessed, DeviceFault, DeviceFaultPlan, MemEvent,
+    Placement, PlacementPolicy, PolicyBlock,
 };
 
 /// The default policy's state of a block, in its `PolicyBlock::extra` slot.
@@ -20,6 +20,24 @@ use super::{
 struct DefaultBlock {
     thrashing: ThrashingBlock,
     density: DensityBlock,
+    /// Access counters: pages each device reached remotely since the block last migrated.
+    remote: [AtomicU64; 8],
+}
+
+/// Access counters (UVM's): a block a device keeps reaching remotely, `threshold` pages in all
+/// (by default 8 times the block's 512), migrates to that device, unless it is pinned to system
+/// memory for thrashing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AccessCounterConfig {
+    pub threshold: u64,
+}
+
+impl Default for AccessCounterConfig {
+    fn default() -> Self {
+        Self {
+            threshold: 8 * PAGES_PER_BLOCK as u64,
+        }
+    }
 }
 
 /// `block`'s state, made on first use.
@@ -45,6 +63,8 @@ pub struct DefaultPolicy {
     thrashing: Option<Thrashing>,
     /// Density prefetch for device faults, unless turned off (`with_density(None)`).
     density: Option<DensityConfig>,
+    /// Access counters, unless turned off (`with_access_counters(None)`).
+    counters: Option<AccessCounterConfig>,
 }
 
 impl DefaultPolicy {
@@ -58,7 +78,15 @@ impl DefaultPolicy {
             clock: AtomicU64::new(1),
             thrashing: Some(Thrashing::new(ThrashingConfig::default())),
             density: Some(DensityConfig::default()),
+            counters: Some(AccessCounterConfig::default()),
         }
+    }
+
+    /// With access counters set up by `config`, or without them (`None`: remotely mapped
+    /// blocks stay where they are).
+    pub fn with_access_counters(mut self, config: Option<AccessCounterConfig>) -> Self {
+        self.counters = config;
+        self
     }
 
     /// With density prefetch set up by `config`, or without it (`None`: a device fault brings
@@ -109,9 +137,16 @@ impl DefaultPolicy {
 impl PlacementPolicy for DefaultPolicy {
     fn observe(&self, event: &MemEvent<'_>) {
         match *event {
-            MemEvent::DeviceAccess { dev, block, .. } => {
+            MemEvent::DeviceAccess {
+                dev, block, remote, ..
+            } => {
                 let now = self.clock.fetch_add(1, Ordering::Relaxed);
                 block.stamps[dev.index()].store(now, Ordering::Relaxed);
+                if remote > 0 && self.counters.is_some() {
+                    if let Some(c) = state_of(block).remote.get(dev.index()) {
+                        c.fetch_add(remote, Ordering::Relaxed);
+                    }
+                }
             }
             MemEvent::ReadAheadDone { block } => block.marked.store(true, Ordering::Release),
             _ => {}
@@ -174,6 +209,25 @@ impl PlacementPolicy for DefaultPolicy {
             placement,
             prefetch,
         }
+    }
+
+    fn device_accessed(&self, a: &DeviceAccessed<'_>) -> bool {
+        let Some(config) = &self.counters else {
+            return false;
+        };
+        let state = state_of(a.block);
+        let Some(counter) = state.remote.get(a.dev.index()) else {
+            return false;
+        };
+        if counter.load(Ordering::Relaxed) < config.threshold {
+            return false;
+        }
+        counter.store(0, Ordering::Relaxed);
+        // A block pinned for thrashing is reached remotely on purpose.
+        !self
+            .thrashing
+            .as_ref()
+            .is_some_and(|t| t.is_pinned(&state.thrashing))
     }
 
     fn victims(&self, dev: DeviceId, candidates: &mut Vec<Candidate<'_>>) {

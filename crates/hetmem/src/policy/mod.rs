@@ -21,7 +21,7 @@ use std::sync::OnceLock;
 
 use hetmem_proto::{DeviceId, Mem, PageRun};
 
-pub use default::DefaultPolicy;
+pub use default::{AccessCounterConfig, DefaultPolicy};
 pub use density::DensityConfig;
 pub use thrashing::ThrashingConfig;
 
@@ -39,10 +39,12 @@ pub enum MemEvent<'a> {
     DeviceFault { dev: DeviceId },
     /// A command or kernel of `dev` had to fault at least once (the device's fault rounds).
     DeviceCommandFaulted { dev: DeviceId },
-    /// A command or kernel of `dev` ran over `pages` pages of a block mapped for it.
+    /// A command or kernel of `dev` ran over `pages` pages of a block mapped for it, `remote`
+    /// of them in system memory over the link.
     DeviceAccess {
         dev: DeviceId,
         pages: u64,
+        remote: u64,
         /// The block's policy slot.
         block: &'a PolicyBlock,
     },
@@ -197,6 +199,17 @@ pub enum Placement {
     Unpin,
 }
 
+/// A device's command or kernel finished with a block, some of it mapped remotely, as the
+/// policy sees it (`PlacementPolicy::device_accessed`).
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceAccessed<'a> {
+    pub dev: DeviceId,
+    pub block_index: usize,
+    /// Pages it reached in system memory, remotely.
+    pub remote: u64,
+    pub block: &'a PolicyBlock,
+}
+
 /// A block that holds frames of the device being evicted from.
 #[derive(Clone, Copy, Debug)]
 pub struct Candidate<'a> {
@@ -221,6 +234,13 @@ pub trait PlacementPolicy: Send + Sync + fmt::Debug {
     fn device_fault(&self, fault: &DeviceFault<'_>) -> DeviceFaultPlan {
         let _ = fault;
         DeviceFaultPlan::default()
+    }
+
+    /// A device reached pages of a block remotely (access counters): whether to migrate the
+    /// whole block to that device now (the default: never).
+    fn device_accessed(&self, access: &DeviceAccessed<'_>) -> bool {
+        let _ = access;
+        false
     }
 
     /// Device `dev` is full: order `candidates` best victim first and keep those worth trying
