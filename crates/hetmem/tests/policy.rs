@@ -514,7 +514,7 @@ fn access_counters_bring_hot_remote_blocks_to_the_device() -> anyhow::Result<()>
                     .sim_device(DeviceKind::Private, 64 << 20)
                     .access_counters(
                         counters
-                            .then(|| hetmem::policy::AccessCounterConfig { threshold: 4 * 512 }),
+                            .then_some(hetmem::policy::AccessCounterConfig { threshold: 4 * 512 }),
                     )
                     .build()?;
                 let dev = hm.device(0).expect("one device");
