@@ -49,9 +49,20 @@ impl DensityBlock {
             .sum()
     }
 
+    /// Marks `run`: one atomic OR per 64-page word it touches (a whole block is 8).
     fn mark(&self, run: PageRun) {
-        for p in run.pages() {
-            self.faulted[p / 64].fetch_or(1 << (p % 64), Ordering::AcqRel);
+        let (mut p, end) = (run.start(), run.end());
+        while p < end {
+            let w = p / 64;
+            let to = end.min((w + 1) * 64);
+            let n = to - p;
+            let bits = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << (p % 64)
+            };
+            self.faulted[w].fetch_or(bits, Ordering::AcqRel);
+            p = to;
         }
     }
 
@@ -132,6 +143,18 @@ mod tests {
         }
         let r = last.unwrap();
         assert_eq!((r.start(), r.len()), (0, PAGES_PER_BLOCK));
+    }
+
+    #[test]
+    fn marking_a_run_sets_exactly_its_pages() {
+        for (start, len) in [(0, 512), (3, 1), (60, 10), (64, 64), (100, 300), (511, 1)] {
+            let b = DensityBlock::default();
+            b.mark(PageRun::new(start, len, PAGES_PER_BLOCK).unwrap());
+            assert_eq!(b.count(0, PAGES_PER_BLOCK), len, "{start}+{len}");
+            // The first page's word holds the run's first bits, and nothing before them.
+            let w = b.faulted[start / 64].load(Ordering::Relaxed);
+            assert_eq!(w.trailing_zeros() as usize, start % 64, "{start}+{len}");
+        }
     }
 
     #[test]
