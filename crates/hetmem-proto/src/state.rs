@@ -214,6 +214,14 @@ impl<const W: usize> BlockState<W> {
         self.valid.iter().fold(PageMask::EMPTY, |acc, &m| acc | m)
     }
 
+    /// Pages of `dev`'s copy that evicting it must copy home first: its sole copies, less
+    /// clean file pages (the file has them). The rest of its frames go without a copy.
+    pub fn evict_copies(&self, dev: DeviceId) -> PageMask<W> {
+        let mem = Mem::Device(dev);
+        (self.valid[mem.index()] - self.valid_elsewhere(mem))
+            - (self.file - self.dirty - self.writeback)
+    }
+
     /// Pages with a valid copy in some memory other than `mem`.
     pub(crate) fn valid_elsewhere(&self, mem: Mem) -> PageMask<W> {
         self.valid

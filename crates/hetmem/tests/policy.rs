@@ -552,3 +552,51 @@ fn access_counters_bring_hot_remote_blocks_to_the_device() -> anyhow::Result<()>
         },
     )
 }
+
+/// Eviction prefers clean blocks among the coldest: a device full with an older block of its
+/// own writes (sole copies) and a newer block of a file it only read (clean) makes room by
+/// dropping the file's block, which costs no copy, not by copying the older one home.
+#[test]
+fn eviction_prefers_a_clean_block_among_the_coldest() -> anyhow::Result<()> {
+    common::watchdog(
+        "eviction_prefers_a_clean_block_among_the_coldest",
+        60,
+        || {
+            let dir =
+                std::env::temp_dir().join(format!("hetmem-evict-clean-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let path = dir.join("clean");
+            std::fs::write(&path, vec![0x5au8; 2 << 20])?;
+            let hm = Hetmem::builder()
+                .sim_device(DeviceKind::Private, 4 << 20) // two blocks
+                .build()?;
+            let dev = hm.device(0).expect("one device");
+            let buf = hm.alloc(4 << 20)?;
+            let file = hm.map_file(&path, 0, 2 << 20, hetmem::FileMode::ReadOnly)?;
+            // Oldest: the device writes block 0 of `buf` (its only copy is then the device's).
+            dev.kernel_write(buf.addr(), 2 << 20, |_, b| b.fill(0x11))?;
+            // Newer: the device reads the file's block (clean: the file has it).
+            dev.kernel_read(file.addr(), 2 << 20, |_, _| {})?;
+            let before = hm.stats();
+            // The device needs a third block.
+            dev.kernel_write(buf.addr() + (2 << 20), 2 << 20, |_, b| b.fill(0x22))?;
+            let d = hm.stats().since(&before);
+            anyhow::ensure!(d.pages_evicted > 0, "nothing was evicted");
+            anyhow::ensure!(
+                d.pages_to_system == 0,
+                "{} pages were copied home: the dirty block was evicted, not the clean one",
+                d.pages_to_system
+            );
+            anyhow::ensure!(
+                dev.snapshot(buf.addr(), PAGE_SIZE)?[0].location == Location::PrivateLocal,
+                "the dirty block left the device"
+            );
+            anyhow::ensure!(buf[0] == 0x11 && buf[(2 << 20) + 5] == 0x22, "data");
+            anyhow::ensure!(file.as_slice()[7] == 0x5a, "file data");
+            drop(file);
+            drop(buf);
+            std::fs::remove_dir_all(&dir)?;
+            Ok(())
+        },
+    )
+}

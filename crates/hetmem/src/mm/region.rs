@@ -66,6 +66,9 @@ pub(crate) struct BlockSlot {
     /// Per device: frames the block holds, mirrored after every drive so eviction can pick a
     /// victim without locking every block.
     pub held: Box<[AtomicU32]>,
+    /// Per device: pages evicting the block would have to copy home (its sole copies, less
+    /// clean file pages), mirrored with `held`, so eviction can prefer clean blocks.
+    pub evict_copies: Box<[AtomicU32]>,
     /// Pages adopted by `register` whose first fill must keep the data they came with.
     pub adopted: Mutex<PageMask<BLOCK_WORDS>>,
     /// Pages that may be in the memfd's page cache. The others are holes: a CPU map fills
@@ -174,6 +177,7 @@ impl Region {
                 engine: Mutex::new(Block2M::new(layout)),
                 dev: (0..devices).map(|_| RwLock::new(DevBlock::new())).collect(),
                 held: (0..devices).map(|_| AtomicU32::new(0)).collect(),
+                evict_copies: (0..devices).map(|_| AtomicU32::new(0)).collect(),
                 adopted: Mutex::new(PageMask::EMPTY),
                 populated: Mutex::new(PageMask::EMPTY),
                 policy: PolicyBlock::new(devices),

@@ -89,7 +89,14 @@ impl Runtime {
     /// Mirrors the block's frame counts for eviction, which picks victims without locking.
     fn mirror_held(&self, slot: &crate::mm::region::BlockSlot, block: &hetmem_proto::Block2M) {
         for d in self.topology.devices() {
-            slot.held[d.index()].store(block.frames_held(d), Ordering::Relaxed);
+            let held = block.frames_held(d);
+            slot.held[d.index()].store(held, Ordering::Relaxed);
+            let copies = if held == 0 {
+                0
+            } else {
+                block.state().evict_copies(d).count() as u32
+            };
+            slot.evict_copies[d.index()].store(copies, Ordering::Relaxed);
         }
     }
 
@@ -190,6 +197,7 @@ impl Runtime {
             .enumerate()
             .map(|(index, &(r, bi))| Candidate {
                 block: &r.blocks[bi].policy,
+                copies: r.blocks[bi].evict_copies[dev.index()].load(Ordering::Relaxed),
                 index,
             })
             .collect();

@@ -1,6 +1,6 @@
 //! The default placement rules: a read-back window for data that lives only in private device
 //! memory, map-around for resident data, sequential read-ahead of whole blocks, LRU eviction at
-//! 2 MiB granularity (as UVM evicts root chunks), and thrashing mitigation (`thrashing.rs`:
+//! 2 MiB granularity (as UVM evicts root chunks; clean blocks first among the coldest), and thrashing mitigation (`thrashing.rs`:
 //! a block that ping-pongs between the CPU and a device is pinned to system memory for a
 //! while and mapped remotely).
 
@@ -230,8 +230,12 @@ impl PlacementPolicy for DefaultPolicy {
             .is_some_and(|t| t.is_pinned(&state.thrashing))
     }
 
+    /// Least recently used first, and among the coldest (twice as many as are tried), clean
+    /// blocks before dirty ones: a clean block's frames go without a copy.
     fn victims(&self, dev: DeviceId, candidates: &mut Vec<Candidate<'_>>) {
         candidates.sort_by_key(|c| c.block.stamps[dev.index()].load(Ordering::Relaxed));
+        candidates.truncate(2 * VICTIMS_PER_ROUND);
+        candidates.sort_by_key(|c| c.copies > 0);
         candidates.truncate(VICTIMS_PER_ROUND);
     }
 }

@@ -214,6 +214,9 @@ pub struct DeviceAccessed<'a> {
 #[derive(Clone, Copy, Debug)]
 pub struct Candidate<'a> {
     pub block: &'a PolicyBlock,
+    /// Pages evicting it would copy home (its sole copies on the device, less clean file
+    /// pages, which the file has): 0 for a clean block, whose frames just go.
+    pub copies: u32,
     /// The memory manager's own reference; the policy passes it through.
     pub index: usize,
 }
