@@ -94,7 +94,7 @@ impl Runtime {
             let copies = if held == 0 {
                 0
             } else {
-                block.state().evict_copies(d).count() as u32
+                block.state().evict_copies(d).count()
             };
             slot.evict_copies[d.index()].store(copies, Ordering::Relaxed);
         }
