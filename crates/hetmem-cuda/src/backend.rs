@@ -27,13 +27,12 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use hetmem::{
     BlockPageTable, Chunk, CopyOp, DeviceBackend, DeviceKind, Endpoint, Fence, HetmemBuilder,
-    MapMode, OpError, Pte, SimConfig, PAGES_PER_BLOCK,
+    OpError, SimConfig,
 };
 
 use crate::context::Cuda;
@@ -413,59 +412,9 @@ impl Drop for CudaBackend {
     }
 }
 
-/// What a CUDA device maps, per page of one block: a byte per page (bits 0-1 the mode, bit 2
-/// remote), as the simulated backend keeps. Launches with declared ranges will read it.
-#[derive(Debug)]
-pub struct CudaPageTable([u8; PAGES_PER_BLOCK]);
-
-const NONE: u8 = 0;
-const READ: u8 = 1;
-const WRITE: u8 = 2;
-const ATOMIC: u8 = 3;
-const MODE: u8 = 3;
-const REMOTE: u8 = 4;
-
-impl Default for CudaPageTable {
-    fn default() -> Self {
-        Self([NONE; PAGES_PER_BLOCK])
-    }
-}
-
-impl BlockPageTable for CudaPageTable {
-    fn map(&mut self, pages: Range<usize>, mode: MapMode, remote: bool) {
-        let mode = match mode {
-            MapMode::Read => READ,
-            MapMode::ReadWrite => WRITE,
-            MapMode::Exclusive => ATOMIC,
-        };
-        self.0[pages].fill(mode | if remote { REMOTE } else { 0 });
-    }
-
-    fn protect(&mut self, pages: Range<usize>) {
-        for e in &mut self.0[pages] {
-            if *e & MODE != NONE {
-                *e = (*e & REMOTE) | READ;
-            }
-        }
-    }
-
-    fn unmap(&mut self, pages: Range<usize>) {
-        self.0[pages].fill(NONE);
-    }
-
-    fn entry(&self, page: usize) -> Pte {
-        let e = self.0[page];
-        Pte {
-            mode: match e & MODE {
-                READ => Some(MapMode::Read),
-                WRITE => Some(MapMode::ReadWrite),
-                ATOMIC => Some(MapMode::Exclusive),
-                _ => None,
-            },
-            remote: e & REMOTE != 0,
-        }
-    }
-}
+/// What a CUDA device maps, per page of one block: hetmem's byte table (mode and remote bit
+/// per page), which launches with declared ranges will read.
+pub type CudaPageTable = hetmem::BytePageTable;
 
 /// Adds a CUDA device to a [`HetmemBuilder`].
 pub trait CudaBuilderExt: Sized {
@@ -492,25 +441,6 @@ impl CudaBuilderExt for HetmemBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_byte_table_keeps_what_it_is_told() {
-        let mut t = CudaPageTable::default();
-        assert_eq!(t.entry(0), Pte::default());
-        t.map(0..4, MapMode::ReadWrite, false);
-        t.map(4..6, MapMode::Exclusive, true);
-        t.protect(2..8);
-        let want = |mode, remote| Pte {
-            mode: Some(mode),
-            remote,
-        };
-        assert_eq!(t.entry(1), want(MapMode::ReadWrite, false));
-        assert_eq!(t.entry(3), want(MapMode::Read, false));
-        assert_eq!(t.entry(5), want(MapMode::Read, true));
-        assert_eq!(t.entry(7), Pte::default(), "protect maps nothing");
-        t.unmap(0..PAGES_PER_BLOCK);
-        assert!((0..PAGES_PER_BLOCK).all(|p| t.entry(p) == Pte::default()));
-    }
 
     #[test]
     fn errors_keep_their_errno() {

@@ -30,7 +30,8 @@ pub use api::hetmem::{
     MAX_SERVICE_THREADS,
 };
 pub use device::{
-    BlockPageTable, Chunk, CopyOp, DeviceBackend, DeviceCounters, Endpoint, Fence, Pte, SimBackend,
+    BlockPageTable, BytePageTable, Chunk, CopyOp, DeviceBackend, DeviceCounters, Endpoint, Fence,
+    Pte, SimBackend,
 };
 pub use error::{Error, Result};
 pub use hetmem_proto::{

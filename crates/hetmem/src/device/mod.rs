@@ -7,6 +7,6 @@ mod sim;
 mod state;
 
 pub use backend::{BlockPageTable, Chunk, CopyOp, DeviceBackend, Endpoint, Fence, Pte};
-pub use sim::SimBackend;
+pub use sim::{BytePageTable, SimBackend};
 pub use state::DeviceCounters;
 pub(crate) use state::DeviceState;

@@ -21,17 +21,19 @@ mod pte {
     pub const REMOTE: u8 = 4;
 }
 
-/// A simulated device's page table for one block: one byte per page.
+/// A page table for one block kept as one byte per page (mode and remote bit), for backends
+/// whose device reads its entries from host memory or that only need to know what is mapped:
+/// the simulated backend's, and CUDA's (whose launches read it).
 #[derive(Debug)]
-struct SimPageTable([u8; PAGES_PER_BLOCK]);
+pub struct BytePageTable([u8; PAGES_PER_BLOCK]);
 
-impl Default for SimPageTable {
+impl Default for BytePageTable {
     fn default() -> Self {
         Self([pte::NONE; PAGES_PER_BLOCK])
     }
 }
 
-impl BlockPageTable for SimPageTable {
+impl BlockPageTable for BytePageTable {
     fn map(&mut self, pages: Range<usize>, mode: MapMode, remote: bool) {
         let mode = match mode {
             MapMode::Read => pte::READ,
@@ -150,7 +152,7 @@ impl DeviceBackend for SimBackend {
     }
 
     fn page_table(&self) -> Box<dyn BlockPageTable> {
-        Box::<SimPageTable>::default()
+        Box::<BytePageTable>::default()
     }
 }
 
@@ -160,7 +162,7 @@ mod tests {
 
     #[test]
     fn the_byte_table_keeps_what_it_is_told() {
-        let mut t = SimPageTable::default();
+        let mut t = BytePageTable::default();
         assert_eq!(t.entry(0), Pte::default());
         t.map(0..4, MapMode::ReadWrite, false);
         t.map(4..6, MapMode::Exclusive, true);
