@@ -600,3 +600,56 @@ fn eviction_prefers_a_clean_block_among_the_coldest() -> anyhow::Result<()> {
         },
     )
 }
+
+/// The rest of the advice, at the runtime: `ReadMostly` duplicates pages on read (the device
+/// gets a copy, system memory keeps its own, and the CPU reads without a fault back) and a
+/// write collapses the copies; `PreferredLocation(System)` keeps the data home while the device
+/// reads it remotely.
+#[test]
+fn read_mostly_duplicates_and_preferred_system_maps_remotely() -> anyhow::Result<()> {
+    common::watchdog(
+        "read_mostly_duplicates_and_preferred_system_maps_remotely",
+        60,
+        || {
+            let hm = Hetmem::builder()
+                .sim_device(DeviceKind::Private, 64 << 20)
+                .build()?;
+            let dev = hm.device(0).expect("one device");
+            let mut buf = hm.alloc(4 << 20)?;
+            fill(&mut buf, 0x71);
+            let (rm, pref) = (buf.addr(), buf.addr() + (2 << 20));
+            hm.advise(rm, 2 << 20, hetmem::Advice::ReadMostly(true))?;
+            hm.advise(
+                pref,
+                2 << 20,
+                hetmem::Advice::PreferredLocation(Some(hetmem::Mem::System)),
+            )?;
+            dev.kernel_read(buf.addr(), buf.len(), |_, _| {})?;
+            // Read-mostly: a copy on the device, system memory's kept: the CPU reads it with
+            // no copy back.
+            anyhow::ensure!(dev.snapshot(rm, PAGE_SIZE)?[0].location == Location::PrivateLocal);
+            let before = hm.stats();
+            check(&buf[..2 << 20], 0x71)?;
+            anyhow::ensure!(
+                hm.stats().since(&before).pages_to_system == 0,
+                "a copy came back"
+            );
+            // Preferred in system memory: still there, mapped by the device remotely.
+            let s = dev.snapshot(pref, PAGE_SIZE)?[0];
+            anyhow::ensure!(
+                s.location == Location::System && s.device.is_some(),
+                "{s:?}"
+            );
+            // A CPU write collapses the read-mostly copies: the device's goes.
+            buf[5] = 0x99;
+            let s = dev.snapshot(rm, PAGE_SIZE)?[0];
+            anyhow::ensure!(
+                s.location == Location::System && s.device.is_none(),
+                "{s:?}"
+            );
+            anyhow::ensure!(dev.read(rm, PAGE_SIZE)?[5] == 0x99);
+            anyhow::ensure!(hm.stats().errors == 0);
+            Ok(())
+        },
+    )
+}
