@@ -33,6 +33,7 @@ common::serial_tests!(
     writeback_while_a_writer_holds_the_inode_lock,
     private_mapping_reads_the_file_once_per_window,
     bytes_past_eof_never_reach_the_file,
+    a_shrink_drops_the_stale_tail_of_the_last_page,
     discard_of_a_file_mapping,
     partial_munmap_writes_back,
     sibling_drop_lets_the_lease_be_taken_again,
@@ -642,6 +643,53 @@ mod scenarios {
         hm.discard(m.addr(), 16 * PAGE_SIZE)?;
         assert_same("page 0 after discard", &cpu_page(&m, 0), &page_of(1, 0));
         drop(m);
+        ensure!(hm.stats().errors == 0, "errors: {}", hm.stats().errors);
+        Ok(())
+    }
+
+    /// A shrink to the middle of a page that hetmem sees drops its copy of that page: the
+    /// kernel zeroed the page's tail in the page cache, and when the file grows back the
+    /// mapping shows those zeros, not the bytes from before the shrink; a write to the page
+    /// then writes them back as zeros (review finding 5). Without a lease.
+    pub fn a_shrink_drops_the_stale_tail_of_the_last_page() -> Result<()> {
+        let dir = TempDir::new("shrink_tail")?;
+        let hm = Hetmem::builder()
+            .sim_device(DeviceKind::Private, 8 * MIB)
+            .build()?;
+        let path = dir.path("tail");
+        let len = 2 * PAGE_SIZE;
+        let old = content(0, 0, len);
+        create_file(&path, &old)?;
+        let mut m = hm.map_file_with(&path, 0, len, unleased(FileMode::Shared))?;
+        assert_same(
+            "page 1 before",
+            &m.as_slice()[PAGE_SIZE..],
+            &old[PAGE_SIZE..],
+        );
+        let other = std::fs::OpenOptions::new().write(true).open(&path)?;
+        let end = PAGE_SIZE + 904;
+        other.set_len(end as u64)?;
+        m.flush()?; // sees the shrink
+        other.set_len(len as u64)?;
+        let mut want = old.clone();
+        want[end..].fill(0);
+        assert_same(
+            "page 1 after the file shrank and grew back",
+            &m.as_slice()[PAGE_SIZE..],
+            &want[PAGE_SIZE..],
+        );
+        m.as_mut_slice().expect("writable")[PAGE_SIZE + 4] = 0xee;
+        m.flush()?;
+        want[PAGE_SIZE + 4] = 0xee;
+        assert_same(
+            "the file after a write to page 1",
+            &pread_file(&path)?[..end],
+            &want[..end],
+        );
+        ensure!(
+            pread_file(&path)?[end..].iter().all(|&b| b == 0),
+            "the old tail came back into the file"
+        );
         ensure!(hm.stats().errors == 0, "errors: {}", hm.stats().errors);
         Ok(())
     }

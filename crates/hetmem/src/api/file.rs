@@ -193,6 +193,7 @@ impl Hetmem {
             leased: AtomicBool::new(false),
             unleased_cache: AtomicBool::new(false),
             retake: std::sync::Mutex::new(()),
+            tail_checked: AtomicU64::new(meta.len()),
             io: FileIo::new(offset, len, meta.len(), tmpfs),
         };
         let region = inner.new_region(len, Some(backing))?;

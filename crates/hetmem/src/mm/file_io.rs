@@ -50,6 +50,9 @@ pub(crate) struct FileBacking {
     pub unleased_cache: AtomicBool,
     /// Serialises taking the lease back and dropping what was cached without it.
     pub retake: std::sync::Mutex<()>,
+    /// The smallest file size whose partial last page was dropped from the cache (the size at
+    /// map time to begin with): a shrink below it drops the new partial page (`check_eof`).
+    pub tail_checked: AtomicU64,
     /// Dirty pages leave device memory by writeback (`FileOptions::evict_to_file`).
     pub evict_to_file: bool,
     /// Writeback errors of the file, shared by its mappings in this process.

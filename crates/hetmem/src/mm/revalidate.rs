@@ -136,6 +136,23 @@ impl Runtime {
             return;
         };
         let total = region.len / PAGE_SIZE;
+        if size < f.tail_checked.fetch_min(size, Ordering::AcqRel) && size % PAGE_SIZE as u64 != 0 {
+            // The file shrank to the middle of a page: the kernel zeroed that page's tail in
+            // the page cache, and our copy of it would show the old bytes again if the file
+            // grows back. Drop it (its dirty bytes before the new end written back first, as
+            // a writeback clips at the smallest size seen), so it is read from the file again.
+            let page = size / PAGE_SIZE as u64;
+            if let Some(i) = page
+                .checked_sub(f.first_page)
+                .map(|i| i as usize)
+                .filter(|&i| i < total)
+            {
+                if let Some(run) = PageRun::new(i % PAGES_PER_BLOCK, 1, PAGES_PER_BLOCK) {
+                    let _ =
+                        self.invalidate(region, i / PAGES_PER_BLOCK, run, Invalidation::Discard);
+                }
+            }
+        }
         let file_pages = size.div_ceil(PAGE_SIZE as u64);
         let eof = file_pages.saturating_sub(f.first_page).min(total as u64) as usize;
         let old = f.eof_page.fetch_min(eof, Ordering::AcqRel);
