@@ -7,18 +7,15 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use common::arena::{Arenas, CHUNK};
 use hetmem::{
-    BlockPageTable, Chunk, CopyOp, DeviceBackend, DeviceId, DeviceKind, Endpoint, Fence, Hetmem,
-    MapMode, OpError, Pte, SimConfig, Target, PAGE_SIZE,
+    BlockPageTable, Chunk, CopyOp, DeviceBackend, DeviceId, DeviceKind, Fence, Hetmem, MapMode,
+    OpError, Pte, SimConfig, Target, PAGE_SIZE,
 };
-
-const CHUNK: usize = 2 << 20;
 
 /// What the test and the backend share: whether copies are held, and how many were submitted.
 #[derive(Debug, Default)]
@@ -77,26 +74,8 @@ impl BlockPageTable for Table {
 /// blocks while the latch holds copies.
 #[derive(Debug, Default)]
 struct HeldBackend {
-    chunks: Mutex<HashMap<u64, Box<[u8]>>>,
-    next: AtomicU64,
-    pending: Mutex<HashMap<u64, Vec<Copy>>>,
+    mem: Arenas,
     latch: Latch,
-}
-
-/// One submitted copy: source, destination, bytes.
-type Copy = (Side, Side, usize);
-
-#[derive(Debug, Clone, Copy)]
-enum Side {
-    Host(usize),
-    Chunk(u64, usize),
-}
-
-fn side(e: Endpoint<'_>) -> Side {
-    match e {
-        Endpoint::Host(p) => Side::Host(p as usize),
-        Endpoint::Chunk(c, off) => Side::Chunk(c.handle, off),
-    }
 }
 
 impl DeviceBackend for HeldBackend {
@@ -113,35 +92,24 @@ impl DeviceBackend for HeldBackend {
     }
 
     fn alloc_chunk(&self) -> std::io::Result<Chunk> {
-        let h = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        self.chunks
-            .lock()
-            .unwrap()
-            .insert(h, vec![0u8; CHUNK].into_boxed_slice());
-        Ok(Chunk::new(h))
+        self.mem.alloc(0)
     }
 
     fn free_chunk(&self, chunk: Chunk) {
-        self.chunks.lock().unwrap().remove(&chunk.handle);
+        self.mem.free(chunk);
     }
 
     fn discard(&self, chunk: &Chunk, offset: usize, len: usize) -> std::io::Result<()> {
-        if let Some(c) = self.chunks.lock().unwrap().get_mut(&chunk.handle) {
-            c[offset..offset + len].fill(0);
-        }
+        self.mem.discard(chunk, offset, len);
         Ok(())
     }
 
     unsafe fn copy(&self, ops: &[CopyOp<'_>]) -> Result<Fence, OpError> {
-        let fence = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        let batch = ops
-            .iter()
-            .map(|op| (side(op.src), side(op.dst), op.len))
-            .collect();
-        self.pending.lock().unwrap().insert(fence, batch);
+        // SAFETY: our caller's contract, passed on.
+        let fence = unsafe { self.mem.submit(ops) };
         self.latch.state.lock().unwrap().1 += 1;
         self.latch.cv.notify_all();
-        Ok(Fence(fence))
+        Ok(fence)
     }
 
     fn wait(&self, fence: Fence) -> Result<(), OpError> {
@@ -149,36 +117,7 @@ impl DeviceBackend for HeldBackend {
             let s = self.latch.state.lock().unwrap();
             drop(self.latch.cv.wait_while(s, |s| s.0).unwrap());
         }
-        let batch = self
-            .pending
-            .lock()
-            .unwrap()
-            .remove(&fence.0)
-            .ok_or(OpError::Device)?;
-        let mut chunks = self.chunks.lock().unwrap();
-        for (src, dst, len) in batch {
-            let mut buf = vec![0u8; len];
-            match src {
-                // SAFETY: `copy`'s contract: the host range is valid and stable until the
-                // fence completes, which is now.
-                Side::Host(p) => unsafe {
-                    std::ptr::copy_nonoverlapping(p as *const u8, buf.as_mut_ptr(), len)
-                },
-                Side::Chunk(h, off) => {
-                    buf.copy_from_slice(&chunks.get(&h).ok_or(OpError::Device)?[off..off + len])
-                }
-            }
-            match dst {
-                // SAFETY: as above, for the destination.
-                Side::Host(p) => unsafe {
-                    std::ptr::copy_nonoverlapping(buf.as_ptr(), p as *mut u8, len)
-                },
-                Side::Chunk(h, off) => {
-                    chunks.get_mut(&h).ok_or(OpError::Device)?[off..off + len].copy_from_slice(&buf)
-                }
-            }
-        }
-        Ok(())
+        self.mem.complete(fence)
     }
 }
 

@@ -7,17 +7,16 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hetmem::{
-    BlockPageTable, Chunk, CopyOp, DeviceBackend, DeviceKind, Endpoint, Error, Fence, Hetmem,
-    MapMode, OpError, Pte, SimConfig, Target, PAGES_PER_BLOCK, PAGE_SIZE,
+    BlockPageTable, Chunk, CopyOp, DeviceBackend, DeviceKind, Error, Fence, Hetmem, MapMode,
+    OpError, Pte, SimConfig, Target, PAGES_PER_BLOCK, PAGE_SIZE,
 };
 
-const CHUNK: usize = 2 << 20;
+use common::arena::{Arenas, CHUNK};
 
 /// What a backend's page tables were told, shared with the test.
 #[derive(Debug, Default)]
@@ -84,37 +83,12 @@ impl BlockPageTable for VecTable {
 /// pointer into them.
 #[derive(Debug, Default)]
 struct ArenaBackend {
-    chunks: Mutex<HashMap<u64, Box<[u8]>>>,
-    next: AtomicU64,
-    /// Copies submitted and not yet waited for, by fence.
-    pending: Mutex<HashMap<u64, Vec<Copy>>>,
-    copies: AtomicU64,
+    mem: Arenas,
     /// Fail this many upcoming batches (a DMA error).
     fail: AtomicU32,
     tables: Arc<Tables>,
     /// At most this many chunks at once (0: no limit), as a CUDA backend's cap counts them.
     max_chunks: std::sync::atomic::AtomicUsize,
-}
-
-/// A submitted copy, with raw endpoints: (host pointer | chunk handle + offset).
-#[derive(Debug, Clone, Copy)]
-enum Side {
-    Host(usize),
-    Chunk(u64, usize),
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Copy {
-    src: Side,
-    dst: Side,
-    len: usize,
-}
-
-fn side(e: Endpoint<'_>) -> Side {
-    match e {
-        Endpoint::Host(p) => Side::Host(p as usize),
-        Endpoint::Chunk(c, off) => Side::Chunk(c.handle, off),
-    }
 }
 
 impl DeviceBackend for ArenaBackend {
@@ -127,24 +101,15 @@ impl DeviceBackend for ArenaBackend {
     }
 
     fn alloc_chunk(&self) -> std::io::Result<Chunk> {
-        let h = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut chunks = self.chunks.lock().unwrap();
-        let max = self.max_chunks.load(Ordering::Relaxed);
-        if max > 0 && chunks.len() >= max {
-            return Err(std::io::Error::from_raw_os_error(libc::ENOMEM));
-        }
-        chunks.insert(h, vec![0u8; CHUNK].into_boxed_slice());
-        Ok(Chunk::new(h))
+        self.mem.alloc(self.max_chunks.load(Ordering::Relaxed))
     }
 
     fn free_chunk(&self, chunk: Chunk) {
-        self.chunks.lock().unwrap().remove(&chunk.handle);
+        self.mem.free(chunk);
     }
 
     fn discard(&self, chunk: &Chunk, offset: usize, len: usize) -> std::io::Result<()> {
-        if let Some(c) = self.chunks.lock().unwrap().get_mut(&chunk.handle) {
-            c[offset..offset + len].fill(0);
-        }
+        self.mem.discard(chunk, offset, len);
         Ok(())
     }
 
@@ -156,50 +121,12 @@ impl DeviceBackend for ArenaBackend {
         {
             return Err(OpError::Device);
         }
-        let fence = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        let batch = ops
-            .iter()
-            .map(|op| Copy {
-                src: side(op.src),
-                dst: side(op.dst),
-                len: op.len,
-            })
-            .collect();
-        self.pending.lock().unwrap().insert(fence, batch);
-        Ok(Fence(fence))
+        // SAFETY: our caller's contract, passed on.
+        Ok(unsafe { self.mem.submit(ops) })
     }
 
     fn wait(&self, fence: Fence) -> Result<(), OpError> {
-        let batch = self
-            .pending
-            .lock()
-            .unwrap()
-            .remove(&fence.0)
-            .ok_or(OpError::Device)?;
-        let mut chunks = self.chunks.lock().unwrap();
-        for c in batch {
-            let mut buf = vec![0u8; c.len];
-            match c.src {
-                // SAFETY: `copy`'s contract: the host range is valid and stable until the
-                // fence completes, which is now.
-                Side::Host(p) => unsafe {
-                    std::ptr::copy_nonoverlapping(p as *const u8, buf.as_mut_ptr(), c.len)
-                },
-                Side::Chunk(h, off) => {
-                    buf.copy_from_slice(&chunks.get(&h).ok_or(OpError::Device)?[off..off + c.len])
-                }
-            }
-            match c.dst {
-                // SAFETY: as above, for the destination.
-                Side::Host(p) => unsafe {
-                    std::ptr::copy_nonoverlapping(buf.as_ptr(), p as *mut u8, c.len)
-                },
-                Side::Chunk(h, off) => chunks.get_mut(&h).ok_or(OpError::Device)?[off..off + c.len]
-                    .copy_from_slice(&buf),
-            }
-            self.copies.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(())
+        self.mem.complete(fence)
     }
 
     fn page_table(&self) -> Box<dyn BlockPageTable> {
@@ -251,8 +178,8 @@ fn migrates_both_ways_through_an_outside_backend() -> anyhow::Result<()> {
         .unwrap();
         let dev = h.device(0).unwrap();
         assert_eq!(dev.used_pages() as usize, buf.len() / PAGE_SIZE);
-        assert!(backend.copies.load(Ordering::Relaxed) > 0);
-        let in_arenas: usize = backend.chunks.lock().unwrap().len();
+        assert!(backend.mem.copies.load(Ordering::Relaxed) > 0);
+        let in_arenas: usize = backend.mem.chunk_count();
         assert_eq!(in_arenas, buf.len() / CHUNK, "one chunk per 2 MiB block");
         // The CPU's reads fault the data home through the backend's copies.
         check(&buf, 0x10);
@@ -357,12 +284,7 @@ fn file_pages_reach_memory_the_host_cannot_address_through_the_backend() -> anyh
             h.device(0).unwrap().used_pages() as usize,
             CHUNK / PAGE_SIZE
         );
-        let arena_has_it = backend
-            .chunks
-            .lock()
-            .unwrap()
-            .values()
-            .any(|c| c[..] == content[..]);
+        let arena_has_it = backend.mem.any_chunk(|c| c == &content[..]);
         assert!(arena_has_it, "the device's arena holds the file's data");
         check(m.as_slice(), 0x5a);
         assert_eq!(h.stats().errors, 0);
@@ -383,10 +305,10 @@ fn dirty_pages_on_such_memory_are_written_back_through_the_backend() -> anyhow::
         let d0 = Target::Device(hetmem::DeviceId::new(0).unwrap());
         h.migrate(m.addr(), CHUNK, d0)?;
         // The dirty pages live only in the arena now; flush writes them from there.
-        let copies = backend.copies.load(Ordering::Relaxed);
+        let copies = backend.mem.copies.load(Ordering::Relaxed);
         m.flush()?;
         assert!(
-            backend.copies.load(Ordering::Relaxed) > copies,
+            backend.mem.copies.load(Ordering::Relaxed) > copies,
             "read out by the backend"
         );
         let on_disk = std::fs::read(&path)?;
@@ -596,7 +518,7 @@ fn a_backend_out_of_chunks_is_a_full_device_and_evicts() -> anyhow::Result<()> {
             for b in 0..4 {
                 h.migrate(buf.addr() + b * CHUNK, CHUNK / 2, d0)?;
             }
-            assert!(backend.chunks.lock().unwrap().len() <= 2);
+            assert!(backend.mem.chunk_count() <= 2);
             assert!(h.stats().pages_evicted > 0, "nothing was evicted");
             check(&buf, 0x30);
             assert_eq!(h.stats().errors, 0);

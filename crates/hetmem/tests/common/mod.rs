@@ -1,7 +1,8 @@
 //! Shared by the integration tests: hang detection (a test that never finishes must fail, not
 //! stall CI) and scenarios that run one at a time (`serial_tests!`), CPU reads in a process of
 //! their own, which a signal may kill, `assert_err!`, and the seeded random generator of the
-//! randomized tests. `file` and `fs` serve the file-mapping tests, `mem` plain memory,
+//! randomized tests. `file` and `fs` serve the file-mapping tests, `mem` plain memory, `arena`
+//! device memory the host cannot address (test backends),
 //! `process` forked children.
 
 // Each test binary uses part of this.
@@ -9,6 +10,7 @@
 // `read_in_clone` starts and reaps a process that shares our memory.
 #![allow(unsafe_code)]
 
+pub mod arena;
 pub mod file;
 pub mod fs;
 pub mod mem;
