@@ -239,6 +239,38 @@ fn serve_zeropage(fd: RawFd, page: usize) {
     }
 }
 
+/// Reads the pending messages (at most `buf`'s worth) and serves each page fault with
+/// UFFDIO_ZEROPAGE. Returns the faults served.
+fn read_and_serve(uffd: RawFd, buf: &mut [u8; MSG_LEN * 16]) -> u64 {
+    // SAFETY: reads at most `buf.len()` bytes into the caller's buffer.
+    let n = unsafe { libc::read(uffd, buf.as_mut_ptr().cast(), buf.len()) };
+    if n <= 0 {
+        return 0;
+    }
+    let mut served = 0;
+    for msg in buf[..n as usize].chunks_exact(MSG_LEN) {
+        // struct uffd_msg: u8 event at 0; for page faults, u64 flags at 8, u64 address at 16.
+        if u32::from(msg[0]) != uapi::UFFD_EVENT_PAGEFAULT {
+            continue;
+        }
+        let addr = u64::from_ne_bytes(msg[16..24].try_into().expect("8 bytes")) as usize;
+        serve_zeropage(uffd, addr & !(PAGE - 1));
+        served += 1;
+    }
+    served
+}
+
+/// The eventfd that tells handler threads to stop (it stays readable once written).
+fn stop_eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd takes a count and flags and returns a new fd or -1.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(errno());
+    }
+    // SAFETY: a fresh fd that nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// The handler thread: poll the userfaultfd and the stop eventfd, read messages, serve page
 /// faults with UFFDIO_ZEROPAGE. Returns the number of faults served.
 fn handler(uffd: RawFd, stop: RawFd) -> u64 {
@@ -271,20 +303,7 @@ fn handler(uffd: RawFd, stop: RawFd) -> u64 {
         if fds[0].revents & libc::POLLIN == 0 {
             continue;
         }
-        // SAFETY: reads at most `buf.len()` bytes into our stack buffer.
-        let n = unsafe { libc::read(uffd, buf.as_mut_ptr().cast(), buf.len()) };
-        if n <= 0 {
-            continue;
-        }
-        for msg in buf[..n as usize].chunks_exact(MSG_LEN) {
-            // struct uffd_msg: u8 event at 0; for page faults, u64 flags at 8, u64 address at 16.
-            if u32::from(msg[0]) != uapi::UFFD_EVENT_PAGEFAULT {
-                continue;
-            }
-            let addr = u64::from_ne_bytes(msg[16..24].try_into().expect("8 bytes")) as usize;
-            serve_zeropage(uffd, addr & !(PAGE - 1));
-            served += 1;
-        }
+        served += read_and_serve(uffd, &mut buf);
     }
 }
 
@@ -296,13 +315,7 @@ pub fn uffd_fault_latencies_ns(pages: usize, backing: Backing) -> io::Result<Vec
     uffd_api(uffd.as_raw_fd())?;
     let map = AnonMap::with_backing(pages * PAGE, backing)?;
     uffd_register_missing(uffd.as_raw_fd(), map.addr(), map.len())?;
-    // SAFETY: eventfd takes a count and flags and returns a new fd or -1.
-    let stop = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if stop < 0 {
-        return Err(errno());
-    }
-    // SAFETY: a fresh fd that nobody else owns.
-    let stop = unsafe { OwnedFd::from_raw_fd(stop) };
+    let stop = stop_eventfd()?;
     let (ufd, sfd) = (uffd.as_raw_fd(), stop.as_raw_fd());
     let mut lat = Vec::with_capacity(pages);
     let served = std::thread::scope(|s| {
@@ -369,19 +382,7 @@ fn exclusive_handler(uffd: RawFd, stop: RawFd) -> io::Result<u64> {
         if evs[..n as usize].iter().any(|e| e.u64 == 1) {
             return Ok(served);
         }
-        // SAFETY: reads at most `buf.len()` bytes into our stack buffer.
-        let got = unsafe { libc::read(uffd, buf.as_mut_ptr().cast(), buf.len()) };
-        if got <= 0 {
-            continue;
-        }
-        for msg in buf[..got as usize].chunks_exact(MSG_LEN) {
-            if u32::from(msg[0]) != uapi::UFFD_EVENT_PAGEFAULT {
-                continue;
-            }
-            let addr = u64::from_ne_bytes(msg[16..24].try_into().expect("8 bytes")) as usize;
-            serve_zeropage(uffd, addr & !(PAGE - 1));
-            served += 1;
-        }
+        served += read_and_serve(uffd, &mut buf);
     }
 }
 
@@ -395,13 +396,7 @@ pub fn uffd_fault_throughput(threads: usize, pages: usize) -> io::Result<f64> {
     uffd_api(uffd.as_raw_fd())?;
     let map = AnonMap::new(threads * pages * PAGE)?;
     uffd_register_missing(uffd.as_raw_fd(), map.addr(), map.len())?;
-    // SAFETY: eventfd takes a count and flags and returns a new fd or -1.
-    let stop = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if stop < 0 {
-        return Err(errno());
-    }
-    // SAFETY: a fresh fd that nobody else owns.
-    let stop = unsafe { OwnedFd::from_raw_fd(stop) };
+    let stop = stop_eventfd()?;
     let (ufd, sfd) = (uffd.as_raw_fd(), stop.as_raw_fd());
     let start = std::sync::Barrier::new(threads + 1);
     let (secs, served) = std::thread::scope(|s| -> io::Result<(f64, u64)> {
