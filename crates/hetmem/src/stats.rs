@@ -107,7 +107,8 @@ pub struct StatsSnapshot {
     pub errors: u64,
     /// CPU faults whose copy back failed and was retried (device errors).
     pub failed_transfers: u64,
-    /// Pages brought home by sequential read-ahead.
+    /// Pages brought home by sequential read-ahead, or to a device with a fault by density
+    /// prefetch.
     pub pages_prefetched: u64,
     /// Pages read from files (first touch of file mappings).
     pub pages_from_file: u64,

@@ -3,7 +3,7 @@
 //! of it (or of shutdown).
 
 use std::os::fd::BorrowedFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use hetmem_proto::{Mem, PageRun};
@@ -134,8 +134,7 @@ impl ServiceQueue {
 /// error.
 #[derive(Debug)]
 pub(crate) struct Background {
-    left: AtomicUsize,
-    state: Mutex<(bool, Option<Error>)>,
+    state: Mutex<(usize, Option<Error>)>,
     cv: Condvar,
 }
 
@@ -143,8 +142,7 @@ impl Background {
     /// One of `parts` parts.
     pub fn new(parts: usize) -> Self {
         Self {
-            left: AtomicUsize::new(parts),
-            state: Mutex::new((parts == 0, None)),
+            state: Mutex::new((parts, None)),
             cv: Condvar::new(),
         }
     }
@@ -155,20 +153,20 @@ impl Background {
         if let Err(e) = r {
             st.1.get_or_insert(e);
         }
-        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
-            st.0 = true;
+        st.0 = st.0.saturating_sub(1);
+        if st.0 == 0 {
             self.cv.notify_all();
         }
     }
 
     pub fn is_done(&self) -> bool {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).0
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0 == 0
     }
 
     /// Waits for every part; the first error, if any.
     pub fn wait(&self) -> Result<()> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        while !st.0 {
+        while st.0 > 0 {
             st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
         }
         match st.1.take() {

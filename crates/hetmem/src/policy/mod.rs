@@ -63,7 +63,7 @@ pub enum MemEvent<'a> {
     WrittenBack { pages: u64 },
     /// `pages` frames of `dev` were freed by eviction.
     Evicted { dev: DeviceId, pages: u64 },
-    /// Read-ahead brought `pages` pages home.
+    /// Read-ahead brought `pages` pages home, or density prefetch brought them to a device.
     Prefetched { pages: u64 },
     /// Read-ahead of a block finished; its first page was left unmapped so that touching it
     /// continues the stream.
