@@ -29,6 +29,7 @@ pub use api::hetmem::{
     default_service_threads, Hetmem, HetmemBuilder, Prefetch, SimConfig, Target,
     MAX_SERVICE_THREADS,
 };
+pub use api::launch::{DeclaredAccess, HostRuns, Launch, LaunchRun, LaunchTarget, Resident};
 pub use device::{
     BlockPageTable, BytePageTable, Chunk, CopyOp, DeviceBackend, DeviceCounters, Endpoint, Fence,
     Pte, SimBackend,
@@ -38,4 +39,5 @@ pub use hetmem_proto::{
     Advice, DeviceId, DeviceKind, MapMode, Mem, OpError, PageRun, PAGES_PER_BLOCK, PAGE_SIZE,
 };
 pub use mm::file_io::FileMode;
+pub use mm::launch::LaunchCompletion;
 pub use stats::StatsSnapshot;

@@ -38,6 +38,7 @@ pub(crate) struct Stats {
     pub pages_written_back: Counter,
     pub lease_breaks: Counter,
     pub thrashing_pins: Counter,
+    pub launch_waits: Counter,
 }
 
 impl Stats {
@@ -77,6 +78,7 @@ impl Stats {
             MemEvent::TransferFailed => self.failed_transfers.add(1),
             MemEvent::LeaseBroken => self.lease_breaks.add(1),
             MemEvent::ThrashingPinned { .. } => self.thrashing_pins.add(1),
+            MemEvent::LaunchWaited { .. } => self.launch_waits.add(1),
             MemEvent::Error => self.errors.add(1),
             MemEvent::DeviceCommandFaulted { .. }
             | MemEvent::DeviceAccess { .. }
@@ -119,6 +121,9 @@ pub struct StatsSnapshot {
     /// Blocks found thrashing between the CPU and a device and pinned to system memory
     /// (devices then map them remotely for a while).
     pub thrashing_pins: u64,
+    /// Changes of device mappings that had to wait for a running launch using them
+    /// (`Device::launch`).
+    pub launch_waits: u64,
 }
 
 impl Stats {
@@ -138,6 +143,7 @@ impl Stats {
             pages_written_back: self.pages_written_back.get(),
             lease_breaks: self.lease_breaks.get(),
             thrashing_pins: self.thrashing_pins.get(),
+            launch_waits: self.launch_waits.get(),
         }
     }
 }
@@ -166,6 +172,7 @@ impl StatsSnapshot {
                 .saturating_sub(earlier.pages_written_back),
             lease_breaks: self.lease_breaks.saturating_sub(earlier.lease_breaks),
             thrashing_pins: self.thrashing_pins.saturating_sub(earlier.thrashing_pins),
+            launch_waits: self.launch_waits.saturating_sub(earlier.launch_waits),
         }
     }
 }

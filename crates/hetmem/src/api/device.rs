@@ -74,11 +74,11 @@ pub struct PageState {
 /// A simulated device (dmirror-like). Clones share it.
 #[derive(Clone, Debug)]
 pub struct Device {
-    shared: Arc<RuntimeHandle>,
+    pub(super) shared: Arc<RuntimeHandle>,
     id: DeviceId,
 }
 
-fn satisfies(e: Pte, access: Access) -> bool {
+pub(super) fn satisfies(e: Pte, access: Access) -> bool {
     match (access, e.mode) {
         (_, None) => false,
         (Access::Read, Some(_)) => true,
@@ -227,7 +227,7 @@ impl Device {
 
     /// Faults `pieces` in for `access` until the device maps all of them, running nothing: a
     /// launch's residency on a device that cannot take page faults.
-    fn make_resident(
+    pub(super) fn make_resident(
         &self,
         pieces: &[BlockSpan],
         access: Access,

@@ -20,7 +20,8 @@ use hetmem_proto::{
 use crate::budget::BudgetRef;
 use crate::device::{CopyOp, Endpoint, Fence};
 use crate::error::Result;
-use crate::mm::region::Region;
+use crate::mm::launch::Change;
+use crate::mm::region::{DevBlock, Region};
 use crate::mm::runtime::Runtime;
 use crate::policy::MemEvent;
 use crate::sys::mem;
@@ -503,9 +504,13 @@ impl Runtime {
                 remote,
                 mode,
             } => {
-                let mut db = region.blocks[bi].dev[dev.index()]
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner());
+                // A map that moves pages between the device's memory and system memory
+                // changes what a running launch reads: it waits, as an unmap does.
+                let mut db = self.dev_write_unpinned(region, bi, dev, run, |db| {
+                    run.pages()
+                        .any(|i| db.entry(i).mode.is_some() && db.entry(i).remote != remote)
+                        .then_some(Change::Unmap)
+                });
                 // The block's table is made on the device's first map of it.
                 let backend = &self.devices[dev.index()].backend;
                 db.pt
@@ -520,23 +525,70 @@ impl Runtime {
                 }
             }
             Action::DeviceProtect { dev, run } => {
-                let mut db = region.blocks[bi].dev[dev.index()]
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner());
+                let mut db =
+                    self.dev_write_unpinned(region, bi, dev, run, |_| Some(Change::Protect));
                 if let Some(pt) = db.pt.as_mut() {
                     pt.protect(run.pages());
                 }
             }
             Action::DeviceUnmap { dev, run } => {
-                let mut db = region.blocks[bi].dev[dev.index()]
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner());
+                let mut db = self.dev_write_unpinned(region, bi, dev, run, |_| Some(Change::Unmap));
                 if let Some(pt) = db.pt.as_mut() {
                     pt.unmap(run.pages());
                 }
             }
             Action::Complete { id, result } => out.done.push((id, result)),
             Action::Transfer { .. } | Action::WriteBack { .. } => unreachable!("deferred by drive"),
+        }
+    }
+
+    /// The write lock of `dev`'s page table for block `bi`, once no running launch pins what
+    /// the change `change` (given the table as it is) would make of `run`: a launch's pages
+    /// stay mapped, and writable if it writes them, until it completes (`mm/launch.rs`). The
+    /// pins are checked under the write lock, so none can be added between the check and the
+    /// change; the lock is dropped while waiting, so the launch's own pinning never waits on
+    /// it. The engine lock stays held: completing a launch takes no runtime lock.
+    fn dev_write_unpinned<'a>(
+        &self,
+        region: &'a Region,
+        bi: usize,
+        dev: DeviceId,
+        run: PageRun,
+        change: impl Fn(&DevBlock) -> Option<Change>,
+    ) -> std::sync::RwLockWriteGuard<'a, DevBlock> {
+        let lock = &region.blocks[bi].dev[dev.index()];
+        loop {
+            let db = lock.write().unwrap_or_else(|e| e.into_inner());
+            let Some(c) = change(&db) else {
+                return db;
+            };
+            let blocking = db.pins.blocking(run, c);
+            if blocking.is_empty() {
+                return db;
+            }
+            drop(db);
+            // Counted before the wait, so a test can see that something waits.
+            self.emit(MemEvent::LaunchWaited { dev });
+            let waited = std::time::Instant::now();
+            for l in &blocking {
+                // Its error is the launch's owner's to report; here it only had to end.
+                let _ = l.wait();
+            }
+            if let Some(t) = self.trace() {
+                t.complete(
+                    "launch",
+                    "wait for launch",
+                    waited,
+                    std::time::Instant::now(),
+                    &[
+                        ("dev", crate::trace::mem_name(Mem::Device(dev)).into()),
+                        ("region", region.id.into()),
+                        ("block", bi.into()),
+                        ("page", run.start().into()),
+                        ("pages", run.len().into()),
+                    ],
+                );
+            }
         }
     }
 

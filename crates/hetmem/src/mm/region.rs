@@ -18,6 +18,7 @@ use hetmem_proto::{
 use crate::device::{BlockPageTable, Pte};
 use crate::error::{Error, Result};
 use crate::mm::file_io::FileBacking;
+use crate::mm::launch::Pins;
 use crate::policy::{PolicyBlock, PolicyRegion};
 use crate::sys::mem::{self, Mapping};
 
@@ -32,6 +33,9 @@ pub(crate) struct DevBlock {
     /// 2 MiB granularity. Only frames the protocol bound hold memory: free frames are
     /// MADV_DONTNEED'd, so they read zero when reused.
     pub chunk: Option<crate::device::Chunk>,
+    /// Launches using the device's entries for this block: changing those entries waits for
+    /// them (`mm/launch.rs`). Added to under the read lock, checked under the write lock.
+    pub pins: Pins,
 }
 
 impl DevBlock {
@@ -39,6 +43,7 @@ impl DevBlock {
         Self {
             pt: None,
             chunk: None,
+            pins: Pins::default(),
         }
     }
 

@@ -188,6 +188,16 @@ impl Runtime {
                 {
                     continue;
                 }
+                // A running launch's pages stay until it completes: evicting them would wait
+                // for it, while another block may be free at once.
+                let launched = slot.dev[dev.index()]
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .pins
+                    .any_running();
+                if launched {
+                    continue;
+                }
                 blocks.push((r, bi));
             }
         }

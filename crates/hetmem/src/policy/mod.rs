@@ -75,6 +75,8 @@ pub enum MemEvent<'a> {
     /// A block found thrashing between the CPU and `dev` was pinned to system memory
     /// (`Placement::PinToSystem`).
     ThrashingPinned { dev: DeviceId },
+    /// A change of `dev`'s mappings waited for a launch using the pages (`Device::launch`).
+    LaunchWaited { dev: DeviceId },
     /// A system call failed unexpectedly (`stats().errors`).
     Error,
 }
