@@ -139,6 +139,7 @@ const MM_DATA: &[&str] = &[
     "mm::file_io",
     "mm::gate",
     "mm::kernel_runs",
+    "mm::launch",
     "mm::poison",
     "mm::region",
     "mm::space",
