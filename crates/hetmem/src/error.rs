@@ -22,7 +22,7 @@ pub enum Error {
     #[error("device memory exhausted (ENOMEM)")]
     NoMem,
     /// A transfer, a writeback or the device failed; the data stayed where it was, dirty data
-    /// stayed dirty (EIO, or ENOSPC for a full file system).
+    /// stayed dirty (EIO; ENOSPC for a full file system, EDQUOT for an exhausted quota).
     #[error("transfer failed: {0}")]
     Io(OpError),
     /// The kernel refused a system call.
@@ -48,6 +48,7 @@ impl Error {
             Error::Invalid(_) => libc::EINVAL,
             Error::NoMem => libc::ENOMEM,
             Error::Io(OpError::NoSpace) => libc::ENOSPC,
+            Error::Io(OpError::Quota) => libc::EDQUOT,
             Error::Io(_) => libc::EIO,
             Error::Os { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::Unsupported(_) => libc::ENOSYS,

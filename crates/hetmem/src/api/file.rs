@@ -12,12 +12,12 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use hetmem_proto::{OpError, PAGE_SIZE};
+use hetmem_proto::PAGE_SIZE;
 
 use crate::api::buffer::RegionHandle;
 use crate::api::hetmem::Hetmem;
 use crate::error::{Error, Result};
-use crate::mm::file_io::{ErrSeq, FileBacking, FileIo, FileMode};
+use crate::mm::file_io::{ErrSeq, FileBacking, FileIo, FileMode, Unsynced};
 use crate::mm::lifecycle::{KeptMapping, KEPT};
 use crate::mm::region::Region;
 use crate::mm::runtime::Runtime;
@@ -195,6 +195,7 @@ impl Hetmem {
             retake: std::sync::Mutex::new(()),
             tail_checked: AtomicU64::new(meta.len()),
             io: FileIo::new(offset, len, meta.len(), tmpfs),
+            unsynced: Unsynced::new(pages),
         };
         let region = inner.new_region(len, Some(backing))?;
         let cpu = inner.map_cpu_view(&region)?;
@@ -289,49 +290,73 @@ impl FileMapping {
     }
 
     /// Writes every dirty page back to the file and waits, like msync(MS_SYNC). A writeback
-    /// error (EIO, ENOSPC) is reported once; the pages stay dirty and a later flush retries.
-    /// Like the kernel's errseq_t, each mapping reports, once, an error that any writeback of
-    /// the file in this process met since this mapping last reported one (or was made): its
-    /// own, one of another mapping of the file, or one no flush waited for (drop, eviction,
-    /// lease break). Read-only mappings have nothing to write but report those errors, as
-    /// fsync does on a read-only descriptor; private mappings, like msync, report nothing.
+    /// error (EIO, ENOSPC, EDQUOT) is reported once; the pages stay dirty and a later flush
+    /// retries. Like the kernel's errseq_t, each mapping reports, once, an error that any
+    /// writeback of the file in this process met since this mapping last reported one (or was
+    /// made; or before it was made, if nobody was told of it): its own, one of another mapping
+    /// of the file, or one no flush waited for (drop, eviction, lease break). Read-only mappings
+    /// have nothing to write but report those errors, as fsync does on a read-only descriptor;
+    /// private mappings, like msync, report nothing. A Shared mapping also reports an error of
+    /// the kernel's own writeback of the page cache that its descriptor has not reported yet
+    /// (what `fdatasync` would say, learnt without writing anything), and then makes the pages
+    /// it wrote since its last good [`FileMapping::sync`] dirty again, so they are written once
+    /// more (`docs/file-contract.md` §8).
     pub fn flush(&self) -> Result<()> {
         if !self.handle.runtime().is_owner() {
             return Err(Error::Invalid("the context belongs to the parent process"));
         }
         let own = self.handle.runtime().flush_region(&self.handle.region);
-        let f = self.handle.region.file.as_ref().expect("a file mapping");
+        let f = self.backing();
         if self.mode == FileMode::Private {
             return own;
         }
         // Writeback errors are reported through the errseq alone: every one is recorded
         // there, and the protocol's own report of it may come a flush later than the errseq's.
-        let now = f.errseq.sample();
-        let seen = f.wb_seen.swap(now, Ordering::AcqRel);
+        let reported = f.errseq.check_and_advance(&f.wb_seen);
         match own {
-            Ok(()) | Err(Error::Io(_)) if seen != now => Err(Error::Io(f.errseq.last())),
-            Ok(()) | Err(Error::Io(_)) => Ok(()),
+            Ok(()) | Err(Error::Io(_)) => match reported {
+                Some(e) => Err(Error::Io(e)),
+                // Asked only when nothing else is reported: the kernel reports its error once
+                // to this descriptor, and a second error here would be lost.
+                None if self.mode == FileMode::Shared => self.kernel_writeback_errors(),
+                None => Ok(()),
+            },
             r => r,
         }
     }
 
-    /// `flush`, then fdatasync: the data is durable when this returns.
+    /// The kernel's writeback of the page cache failed since this descriptor last heard: the
+    /// pages this mapping handed over since its last good sync may not be on the disk, and
+    /// are made dirty again.
+    fn kernel_writeback_errors(&self) -> Result<()> {
+        let f = self.backing();
+        f.kernel_writeback_errors().map_err(|e| {
+            let pages = f.unsynced.take();
+            self.handle.runtime().redirty(&self.handle.region, &pages);
+            Error::Io(e)
+        })
+    }
+
+    /// `flush`, then fdatasync: the data is durable when this returns `Ok`. fdatasync runs
+    /// even when the flush failed, so what was written is made durable; the first error is
+    /// returned. If fdatasync fails (the kernel's writeback failed: EIO, ENOSPC, EDQUOT, as it
+    /// reports them, once), the pages this mapping wrote since its last good sync are made
+    /// dirty again, so the next `flush` or `sync` writes them once more instead of treating
+    /// them as safely in the file.
     pub fn sync(&self) -> Result<()> {
-        self.flush()?;
-        if self.mode == FileMode::Shared {
-            let file = &self
-                .handle
-                .region
-                .file
-                .as_ref()
-                .expect("a file mapping")
-                .file;
-            file.sync_data().map_err(|e| match e.raw_os_error() {
-                Some(libc::ENOSPC) => Error::Io(OpError::NoSpace),
-                _ => Error::Io(OpError::Io),
-            })?;
+        let flushed = self.flush();
+        if self.mode != FileMode::Shared || !self.handle.runtime().is_owner() {
+            return flushed;
         }
-        Ok(())
+        let f = self.backing();
+        // Taken before the fdatasync: a page written back while it runs may miss it, and
+        // stays in the set for the next one.
+        let pages = f.unsynced.take();
+        let synced = f.data_sync().map_err(|e| {
+            self.handle.runtime().redirty(&self.handle.region, &pages);
+            Error::Io(e)
+        });
+        flushed.and(synced)
     }
 
     /// The file behind the mapping.

@@ -387,6 +387,34 @@ pub fn write_out_and_drop(fd: BorrowedFd<'_>, offset: u64, len: usize) -> Result
     Ok(())
 }
 
+/// The errors of the kernel's own writeback of the file since this descriptor last reported
+/// one: `sync_file_range(SYNC_FILE_RANGE_WAIT_AFTER)` waits for the writeback of
+/// `[offset, offset + len)` already in flight (it starts none) and reports the file's error
+/// sequence for this open file description, once (`file_fdatawait_range`, Linux 4.14), as
+/// `fdatasync` would, without writing anything. No inode lock. `Ok` where the file system or
+/// the system refuses the call: nothing could be learned. Errors are errnos.
+pub fn writeback_errors(fd: BorrowedFd<'_>, offset: u64, len: usize) -> Result<(), i32> {
+    let off = libc::off64_t::try_from(offset).map_err(|_| libc::EOVERFLOW)?;
+    let n = libc::off64_t::try_from(len).map_err(|_| libc::EOVERFLOW)?;
+    loop {
+        // SAFETY: integers only, on a descriptor the caller borrows.
+        let r = unsafe {
+            libc::sync_file_range(fd.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WAIT_AFTER)
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        match io::Error::last_os_error().raw_os_error() {
+            Some(libc::EINTR) => continue,
+            // Not an error of the file's data: the call itself is not available here.
+            Some(libc::EINVAL | libc::ESPIPE | libc::ENOSYS | libc::EPERM | libc::EBADF) | None => {
+                return Ok(())
+            }
+            Some(e) => return Err(e),
+        }
+    }
+}
+
 /// Drops clean pages of `[offset, offset + len)` from the page cache (`POSIX_FADV_DONTNEED`;
 /// no inode lock).
 pub fn drop_cached(fd: BorrowedFd<'_>, offset: u64, len: usize) {
