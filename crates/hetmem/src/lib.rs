@@ -38,4 +38,5 @@ pub use hetmem_proto::{
     Advice, DeviceId, DeviceKind, MapMode, Mem, OpError, PageRun, PAGES_PER_BLOCK, PAGE_SIZE,
 };
 pub use mm::file_io::FileMode;
+pub use mm::fs_caps::{FileCapabilities, Filesystem, LeaseProbe};
 pub use stats::StatsSnapshot;

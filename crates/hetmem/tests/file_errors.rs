@@ -320,11 +320,7 @@ mod scenarios {
         let new = content(1, 0, len);
         dev.write(a.addr(), &new)?;
         a.inject_writeback_failures(1, libc::EIO);
-        assert_err!(
-            hm.discard(a.addr(), len),
-            Error::Io(OpError::Io),
-            libc::EIO
-        );
+        assert_err!(hm.discard(a.addr(), len), Error::Io(OpError::Io), libc::EIO);
         let b = hm.map_file_with(&path, 0, len, unleased(FileMode::Shared))?;
         assert_err!(b.flush(), Error::Io(OpError::Io), libc::EIO);
         b.flush().context("b: the error was reported twice")?;
@@ -333,7 +329,8 @@ mod scenarios {
         a.flush().context("a: the error was reported twice")?;
         // Seen now: a mapping made after that is not told.
         let c = hm.map_file_with(&path, 0, len, unleased(FileMode::Shared))?;
-        c.flush().context("c, made after the error was seen, was told of it")?;
+        c.flush()
+            .context("c, made after the error was seen, was told of it")?;
         drop((a, b, c));
         assert_same("file", &pread_file(&path)?, &new);
 
@@ -356,7 +353,8 @@ mod scenarios {
         e.flush().context("e: the error was reported twice")?;
         drop(e);
         let f = hm.map_file_with(&path, 0, len, unleased(FileMode::Shared))?;
-        f.flush().context("f, made after the error was seen, was told of it")?;
+        f.flush()
+            .context("f, made after the error was seen, was told of it")?;
         Ok(())
     }
 
@@ -372,7 +370,10 @@ mod scenarios {
         let hm = context(DeviceKind::Private, 16 * MIB)?;
         let dev = hm.device(0).expect("one device");
         let m = hm.map_file_with(&path, 0, len, unleased(FileMode::Shared))?;
-        for (tag, errno, op) in [(1, libc::EIO, OpError::Io), (2, libc::EDQUOT, OpError::Quota)] {
+        for (tag, errno, op) in [
+            (1, libc::EIO, OpError::Io),
+            (2, libc::EDQUOT, OpError::Quota),
+        ] {
             let what = format!("errno {errno}");
             let new = content(tag, 0, len);
             dev.write(m.addr(), &new)?;

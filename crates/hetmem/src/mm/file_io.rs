@@ -67,6 +67,8 @@ pub(crate) struct FileBacking {
     /// one `flush` learns of) makes them dirty again, so they are written once more
     /// (`FileMapping::sync`).
     pub unsynced: Unsynced,
+    /// What `map_file` learnt about the file system (`FileMapping::capabilities`).
+    pub caps: crate::mm::fs_caps::FileCapabilities,
 }
 
 /// A set of a mapping's pages, one bit each (`FileBacking::unsynced`).

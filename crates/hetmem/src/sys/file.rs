@@ -445,9 +445,11 @@ pub fn set_o_direct(fd: BorrowedFd<'_>, on: bool) -> bool {
     rustix::fs::fcntl_setfl(fd, flags).is_ok()
 }
 
-/// Whether `fd`'s file lives on tmpfs (or shmem), whose page cache is the file's only copy
-/// (fstatfs).
-pub fn on_tmpfs(fd: BorrowedFd<'_>) -> bool {
-    const TMPFS_MAGIC: u64 = 0x0102_1994;
-    rustix::fs::fstatfs(fd).is_ok_and(|s| s.f_type as u64 == TMPFS_MAGIC)
+/// The `statfs` magic (`f_type`) of the file system holding `fd`'s file; `None` if
+/// `fstatfs` fails.
+pub fn fs_magic(fd: BorrowedFd<'_>) -> Option<u64> {
+    // f_type is a signed word: on a 32-bit system, magics such as 0xff534d42 read negative.
+    rustix::fs::fstatfs(fd)
+        .ok()
+        .map(|s| s.f_type as u64 & 0xffff_ffff)
 }
