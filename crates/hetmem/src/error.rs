@@ -39,7 +39,7 @@ pub enum Error {
     /// no leases on this file system; EACCES: not the file's owner), or EBUSY (the application
     /// uses the lease signal).
     #[error("no file lease: {0}")]
-    NoLease(crate::mm::fs_caps::LeaseProbe),
+    NoLease(crate::fs_caps::LeaseProbe),
     /// The kernel lacks a userfaultfd feature hetmem needs.
     #[error("this kernel lacks userfaultfd features {0:?}; hetmem needs Linux 5.19 or later")]
     Unsupported(Vec<&'static str>),

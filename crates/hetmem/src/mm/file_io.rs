@@ -57,7 +57,8 @@ pub(crate) struct FileBacking {
     pub evict_to_file: bool,
     /// Writeback errors of the file, shared by its mappings in this process.
     pub errseq: std::sync::Arc<crate::mm::file_io::ErrSeq>,
-    /// The `errseq` value this mapping's `flush` last reported (or saw at map time).
+    /// The `errseq` value this mapping's `flush` last reported (at first, `ErrSeq::sample`'s:
+    /// before an error nobody has reported yet).
     pub wb_seen: AtomicU64,
     /// How the file is read and written without waiting for its inode lock, and the smallest
     /// size seen (`crate::mm::file_io::FileIo`).
@@ -68,7 +69,7 @@ pub(crate) struct FileBacking {
     /// (`FileMapping::sync`).
     pub unsynced: Unsynced,
     /// What `map_file` learnt about the file system (`FileMapping::capabilities`).
-    pub caps: crate::mm::fs_caps::FileCapabilities,
+    pub caps: crate::fs_caps::FileCapabilities,
 }
 
 /// A set of a mapping's pages, one bit each (`FileBacking::unsynced`).

@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex, Weak};
 
 use hetmem_proto::{Invalidation, PageRun, PAGES_PER_BLOCK};
 
+use crate::fs_caps::LeaseProbe;
 use crate::mm::file_io::FileMode;
-use crate::mm::fs_caps::LeaseProbe;
 use crate::mm::region::Region;
 use crate::mm::runtime::Runtime;
 use crate::policy::MemEvent;

@@ -6,7 +6,6 @@ pub(crate) mod exec;
 pub(crate) mod fault;
 pub(crate) mod file_io;
 pub(crate) mod fork;
-pub(crate) mod fs_caps;
 pub(crate) mod gate;
 pub(crate) mod kernel_cpu;
 pub(crate) mod kernel_runs;

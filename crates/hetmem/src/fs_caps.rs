@@ -1,6 +1,7 @@
 //! What a file mapping learnt about its file system at `map_file`: which file system it is
-//! (`statfs` f_type), and what trying the file lease gave (`docs/file-contract.md` §6,
-//! "File systems"). The capability table of the contract says what each one gives hetmem.
+//! (`statfs` f_type), and what trying the file lease gave (`docs/file-contract.md` §6, "File
+//! systems"). The capability table of the contract says what each one gives hetmem. A leaf of
+//! plain data: it imports nothing of the crate, so that `error` can name `LeaseProbe`.
 
 /// A file system, by its `statfs` magic (`f_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
