@@ -99,6 +99,10 @@ pub enum OpError {
     /// No space left on the file system (ENOSPC).
     #[error("no space left on device (ENOSPC)")]
     NoSpace,
+    /// The writer's disk quota is exhausted (EDQUOT). Kept apart from `NoSpace`: freeing
+    /// space on the file system does not help, raising the quota does.
+    #[error("disk quota exceeded (EDQUOT)")]
+    Quota,
 }
 
 /// One input to a block.

@@ -22,7 +22,7 @@ pub enum Error {
     #[error("device memory exhausted (ENOMEM)")]
     NoMem,
     /// A transfer, a writeback or the device failed; the data stayed where it was, dirty data
-    /// stayed dirty (EIO, or ENOSPC for a full file system).
+    /// stayed dirty (EIO; ENOSPC for a full file system, EDQUOT for an exhausted quota).
     #[error("transfer failed: {0}")]
     Io(OpError),
     /// The kernel refused a system call.
@@ -33,6 +33,13 @@ pub enum Error {
         /// The error.
         source: std::io::Error,
     },
+    /// `FileOptions::require_lease`: the file lease could not be had, so `map_file` refused
+    /// to map the file without coherence with other processes (nothing was allocated). What
+    /// trying it gave; the errno is EAGAIN (in use elsewhere), the kernel's refusal (EINVAL:
+    /// no leases on this file system; EACCES: not the file's owner), or EBUSY (the application
+    /// uses the lease signal).
+    #[error("no file lease: {0}")]
+    NoLease(crate::fs_caps::LeaseProbe),
     /// The kernel lacks a userfaultfd feature hetmem needs.
     #[error("this kernel lacks userfaultfd features {0:?}; hetmem needs Linux 5.19 or later")]
     Unsupported(Vec<&'static str>),
@@ -48,9 +55,11 @@ impl Error {
             Error::Invalid(_) => libc::EINVAL,
             Error::NoMem => libc::ENOMEM,
             Error::Io(OpError::NoSpace) => libc::ENOSPC,
+            Error::Io(OpError::Quota) => libc::EDQUOT,
             Error::Io(_) => libc::EIO,
             Error::Os { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::Unsupported(_) => libc::ENOSYS,
+            Error::NoLease(probe) => probe.errno(),
         }
     }
 

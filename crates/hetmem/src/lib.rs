@@ -15,6 +15,7 @@ mod api;
 mod budget;
 mod device;
 mod error;
+mod fs_caps;
 mod mm;
 pub mod policy;
 mod raw;
@@ -35,6 +36,7 @@ pub use device::{
     Pte, SimBackend,
 };
 pub use error::{Error, Result};
+pub use fs_caps::{FileCapabilities, Filesystem, LeaseProbe};
 pub use hetmem_proto::{
     Advice, DeviceId, DeviceKind, MapMode, Mem, OpError, PageRun, PAGES_PER_BLOCK, PAGE_SIZE,
 };

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 mod common;
 
 use anyhow::{bail, ensure, Context, Result};
-use common::file::{assert_same, content, create_file, pread_file, stamp_page, unleased, MIB};
+use common::file::{
+    assert_same, content, create_file, hetmem_memfds, pread_file, stamp_page, unleased, MIB,
+};
 use common::fs::{Mount, TempDir};
 use common::process::{fork_child, last_os_error};
 use hetmem::{DeviceKind, Error, FileMapping, FileMode, Hetmem, PAGE_SIZE};
@@ -79,19 +81,6 @@ fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 fn wchan(pid: libc::pid_t) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default()
-}
-
-/// The memfds hetmem made (`/memfd:hetmem-N`) that this process maps now: one per region.
-fn hetmem_memfds() -> usize {
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
-    let mut seen: Vec<&str> = maps
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(5))
-        .filter(|n| n.starts_with("/memfd:hetmem-"))
-        .collect();
-    seen.sort_unstable();
-    seen.dedup();
-    seen.len()
 }
 
 /// Whether a configuration ("ext4, direct true", ...) runs: all of them, or those containing

@@ -883,6 +883,7 @@ enum Ek {
     Io,
     Os,
     Unsupported,
+    NoLease,
 }
 
 fn kind(e: &Error) -> Ek {
@@ -895,6 +896,7 @@ fn kind(e: &Error) -> Ek {
         Error::Io(_) => Ek::Io,
         Error::Os { .. } => Ek::Os,
         Error::Unsupported(_) => Ek::Unsupported,
+        Error::NoLease(_) => Ek::NoLease,
     }
 }
 

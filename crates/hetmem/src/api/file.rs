@@ -12,12 +12,13 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use hetmem_proto::{OpError, PAGE_SIZE};
+use hetmem_proto::PAGE_SIZE;
 
 use crate::api::buffer::RegionHandle;
 use crate::api::hetmem::Hetmem;
 use crate::error::{Error, Result};
-use crate::mm::file_io::{ErrSeq, FileBacking, FileIo, FileMode};
+use crate::fs_caps::{FileCapabilities, Filesystem, LeaseProbe};
+use crate::mm::file_io::{ErrSeq, FileBacking, FileIo, FileMode, Unsynced};
 use crate::mm::lifecycle::{KeptMapping, KEPT};
 use crate::mm::region::Region;
 use crate::mm::runtime::Runtime;
@@ -63,6 +64,15 @@ pub struct FileOptions {
     /// system memory, but a page evicted twice is written twice, and a later CPU write to it
     /// takes a write-protect fault again. Shared mappings only.
     pub evict_to_file: bool,
+    /// Refuse to map without the lease: `map_file` fails with `Error::NoLease`, before
+    /// anything is allocated, when the lease cannot be taken (the file is open elsewhere, the
+    /// file system has no leases, the process may not lease the file), instead of mapping it
+    /// without coherence with other processes. Implies `lease`. Not for Private mappings,
+    /// which take no lease (`Error::Invalid`). A lease taken this way still breaks when
+    /// another process opens the file, as any lease does (`docs/file-contract.md` §6); and on
+    /// a file system whose writers bypass this kernel (NFS, FUSE, ...) a lease does not see
+    /// them: see [`FileMapping::capabilities`].
+    pub require_lease: bool,
 }
 
 impl FileOptions {
@@ -73,7 +83,17 @@ impl FileOptions {
             direct: false,
             lease: true,
             evict_to_file: false,
+            require_lease: false,
         }
+    }
+
+    /// With or without `require_lease` (on implies `lease(true)`).
+    pub fn require_lease(mut self, on: bool) -> Self {
+        self.require_lease = on;
+        if on {
+            self.lease = true;
+        }
+        self
     }
 
     /// With or without writeback as the way dirty pages leave device memory.
@@ -82,9 +102,12 @@ impl FileOptions {
         self
     }
 
-    /// With or without a file lease.
+    /// With or without a file lease (without one, `require_lease` is off too).
     pub fn lease(mut self, lease: bool) -> Self {
         self.lease = lease;
+        if !lease {
+            self.require_lease = false;
+        }
         self
     }
 
@@ -131,6 +154,11 @@ impl Hetmem {
             // Before the open: a fork child's open of the file would break the parent's lease.
             return Err(Error::Invalid("the context belongs to the parent process"));
         }
+        if options.require_lease && (mode == FileMode::Private || !options.lease) {
+            return Err(Error::Invalid(
+                "require_lease: a private mapping, or one without a lease, takes no lease",
+            ));
+        }
         if len == 0 || len % PAGE_SIZE != 0 || offset % PAGE_SIZE as u64 != 0 {
             return Err(Error::Invalid(
                 "offset and length must be page-aligned, length non-zero",
@@ -169,7 +197,27 @@ impl Hetmem {
         .map_err(open_error)?;
         drop(pinned);
         let meta = file.metadata().map_err(Error::os("stat file"))?;
-        let tmpfs = sys_file::on_tmpfs(std::os::fd::AsFd::as_fd(&file));
+        let magic = sys_file::fs_magic(std::os::fd::AsFd::as_fd(&file)).unwrap_or(0);
+        let filesystem = Filesystem::from_magic(magic);
+        let tmpfs = filesystem == Filesystem::Tmpfs;
+        // Tried before anything is allocated, so that `require_lease` refuses cheaply. Taken,
+        // the lease is kept: the region's registration and first check take it over.
+        let lease = if options.lease && mode != FileMode::Private {
+            crate::mm::leases::probe(&file, write)
+        } else {
+            LeaseProbe::NotAsked
+        };
+        if options.require_lease && lease != LeaseProbe::Taken {
+            // Dropping the file closes it, and with it any lease.
+            return Err(Error::NoLease(lease));
+        }
+        let caps = FileCapabilities {
+            filesystem,
+            magic,
+            lease,
+            coherent_with_other_writers: lease == LeaseProbe::Taken
+                && filesystem.leases_see_every_writer(),
+        };
         if direct && tmpfs {
             // tmpfs takes O_DIRECT (Linux 6.6) but its page cache is its storage: there is
             // nothing to bypass, and the pages would be cached all the same.
@@ -186,7 +234,8 @@ impl Hetmem {
             mode,
             eof_page: AtomicUsize::new(pages),
             faults: FileFaults::default(),
-            lease_wanted: AtomicBool::new(options.lease && mode != FileMode::Private),
+            // Not again where the kernel refused it for good, or nobody would serve breaks.
+            lease_wanted: AtomicBool::new(matches!(lease, LeaseProbe::Taken | LeaseProbe::InUse)),
             evict_to_file: options.evict_to_file && mode == FileMode::Shared,
             wb_seen: AtomicU64::new(errseq.sample()),
             errseq,
@@ -195,6 +244,8 @@ impl Hetmem {
             retake: std::sync::Mutex::new(()),
             tail_checked: AtomicU64::new(meta.len()),
             io: FileIo::new(offset, len, meta.len(), tmpfs),
+            unsynced: Unsynced::new(pages),
+            caps,
         };
         let region = inner.new_region(len, Some(backing))?;
         let cpu = inner.map_cpu_view(&region)?;
@@ -265,6 +316,13 @@ impl FileMapping {
             .is_some_and(|f| f.leased.load(Ordering::Acquire))
     }
 
+    /// What `map_file` found out about the file's file system: which one it is (`statfs`),
+    /// what trying the lease gave, and so whether the lease made the mapping coherent with
+    /// every writer of the file (`docs/file-contract.md` §6, "File systems").
+    pub fn capabilities(&self) -> FileCapabilities {
+        self.backing().caps
+    }
+
     /// Whether file I/O bypasses the page cache (O_DIRECT asked for, and supported by the
     /// file system).
     pub fn is_direct(&self) -> bool {
@@ -289,49 +347,73 @@ impl FileMapping {
     }
 
     /// Writes every dirty page back to the file and waits, like msync(MS_SYNC). A writeback
-    /// error (EIO, ENOSPC) is reported once; the pages stay dirty and a later flush retries.
-    /// Like the kernel's errseq_t, each mapping reports, once, an error that any writeback of
-    /// the file in this process met since this mapping last reported one (or was made): its
-    /// own, one of another mapping of the file, or one no flush waited for (drop, eviction,
-    /// lease break). Read-only mappings have nothing to write but report those errors, as
-    /// fsync does on a read-only descriptor; private mappings, like msync, report nothing.
+    /// error (EIO, ENOSPC, EDQUOT) is reported once; the pages stay dirty and a later flush
+    /// retries. Like the kernel's errseq_t, each mapping reports, once, an error that any
+    /// writeback of the file in this process met since this mapping last reported one (or was
+    /// made; or before it was made, if nobody was told of it): its own, one of another mapping
+    /// of the file, or one no flush waited for (drop, eviction, lease break). Read-only mappings
+    /// have nothing to write but report those errors, as fsync does on a read-only descriptor;
+    /// private mappings, like msync, report nothing. A Shared mapping also reports an error of
+    /// the kernel's own writeback of the page cache that its descriptor has not reported yet
+    /// (what `fdatasync` would say, learnt without writing anything), and then makes the pages
+    /// it wrote since its last good [`FileMapping::sync`] dirty again, so they are written once
+    /// more (`docs/file-contract.md` §8).
     pub fn flush(&self) -> Result<()> {
         if !self.handle.runtime().is_owner() {
             return Err(Error::Invalid("the context belongs to the parent process"));
         }
         let own = self.handle.runtime().flush_region(&self.handle.region);
-        let f = self.handle.region.file.as_ref().expect("a file mapping");
+        let f = self.backing();
         if self.mode == FileMode::Private {
             return own;
         }
         // Writeback errors are reported through the errseq alone: every one is recorded
         // there, and the protocol's own report of it may come a flush later than the errseq's.
-        let now = f.errseq.sample();
-        let seen = f.wb_seen.swap(now, Ordering::AcqRel);
+        let reported = f.errseq.check_and_advance(&f.wb_seen);
         match own {
-            Ok(()) | Err(Error::Io(_)) if seen != now => Err(Error::Io(f.errseq.last())),
-            Ok(()) | Err(Error::Io(_)) => Ok(()),
+            Ok(()) | Err(Error::Io(_)) => match reported {
+                Some(e) => Err(Error::Io(e)),
+                // Asked only when nothing else is reported: the kernel reports its error once
+                // to this descriptor, and a second error here would be lost.
+                None if self.mode == FileMode::Shared => self.kernel_writeback_errors(),
+                None => Ok(()),
+            },
             r => r,
         }
     }
 
-    /// `flush`, then fdatasync: the data is durable when this returns.
+    /// The kernel's writeback of the page cache failed since this descriptor last heard: the
+    /// pages this mapping handed over since its last good sync may not be on the disk, and
+    /// are made dirty again.
+    fn kernel_writeback_errors(&self) -> Result<()> {
+        let f = self.backing();
+        f.kernel_writeback_errors().map_err(|e| {
+            let pages = f.unsynced.take();
+            self.handle.runtime().redirty(&self.handle.region, &pages);
+            Error::Io(e)
+        })
+    }
+
+    /// `flush`, then fdatasync: the data is durable when this returns `Ok`. fdatasync runs
+    /// even when the flush failed, so what was written is made durable; the first error is
+    /// returned. If fdatasync fails (the kernel's writeback failed: EIO, ENOSPC, EDQUOT, as it
+    /// reports them, once), the pages this mapping wrote since its last good sync are made
+    /// dirty again, so the next `flush` or `sync` writes them once more instead of treating
+    /// them as safely in the file.
     pub fn sync(&self) -> Result<()> {
-        self.flush()?;
-        if self.mode == FileMode::Shared {
-            let file = &self
-                .handle
-                .region
-                .file
-                .as_ref()
-                .expect("a file mapping")
-                .file;
-            file.sync_data().map_err(|e| match e.raw_os_error() {
-                Some(libc::ENOSPC) => Error::Io(OpError::NoSpace),
-                _ => Error::Io(OpError::Io),
-            })?;
+        let flushed = self.flush();
+        if self.mode != FileMode::Shared || !self.handle.runtime().is_owner() {
+            return flushed;
         }
-        Ok(())
+        let f = self.backing();
+        // Taken before the fdatasync: a page written back while it runs may miss it, and
+        // stays in the set for the next one.
+        let pages = f.unsynced.take();
+        let synced = f.data_sync().map_err(|e| {
+            self.handle.runtime().redirty(&self.handle.region, &pages);
+            Error::Io(e)
+        });
+        flushed.and(synced)
     }
 
     /// The file behind the mapping.

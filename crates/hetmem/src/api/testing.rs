@@ -18,9 +18,16 @@ impl FileMapping {
         self.backing().faults.arm_reads(n, errno);
     }
 
-    /// Test hook: the next `n` writebacks fail with `errno` (EIO or ENOSPC), as a failing disk
-    /// would.
+    /// Test hook: the next `n` writebacks fail with `errno` (EIO, ENOSPC or EDQUOT), as a
+    /// failing disk would.
     pub fn inject_writeback_failures(&self, n: u32, errno: i32) {
         self.backing().faults.arm_writebacks(n, errno);
+    }
+
+    /// Test hook: the next `n` `fdatasync`s of [`FileMapping::sync`] fail with `errno` (EIO,
+    /// ENOSPC or EDQUOT) after the real one ran, as when the kernel's own writeback of the page
+    /// cache fails.
+    pub fn inject_sync_failures(&self, n: u32, errno: i32) {
+        self.backing().faults.arm_syncs(n, errno);
     }
 }

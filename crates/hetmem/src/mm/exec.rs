@@ -925,8 +925,12 @@ impl Runtime {
             return Ok(());
         }
         let r = self.write_back_run(region, bi, t, file_page, f);
-        if let Err(e) = r {
-            f.errseq.record(e);
+        match r {
+            // In the page cache now, on the disk only after an fdatasync that succeeds.
+            Ok(()) => f
+                .unsynced
+                .add((file_page - f.first_page) as usize, t.run.len()),
+            Err(e) => f.errseq.record(e),
         }
         r
     }

@@ -2,8 +2,8 @@
 //! reads and writes that never wait for the file's inode lock (`sys::file`, contract §12).
 
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use hetmem_proto::{OpError, PAGE_SIZE};
 
@@ -57,25 +57,104 @@ pub(crate) struct FileBacking {
     pub evict_to_file: bool,
     /// Writeback errors of the file, shared by its mappings in this process.
     pub errseq: std::sync::Arc<crate::mm::file_io::ErrSeq>,
-    /// The `errseq` value this mapping's `flush` last reported (or saw at map time).
+    /// The `errseq` value this mapping's `flush` last reported (at first, `ErrSeq::sample`'s:
+    /// before an error nobody has reported yet).
     pub wb_seen: AtomicU64,
     /// How the file is read and written without waiting for its inode lock, and the smallest
     /// size seen (`crate::mm::file_io::FileIo`).
     pub io: crate::mm::file_io::FileIo,
+    /// Pages written back since the last `fdatasync` that succeeded: in the page cache, not yet
+    /// known to be on the disk. A failure of the kernel's writeback (`fdatasync`'s error, or
+    /// one `flush` learns of) makes them dirty again, so they are written once more
+    /// (`FileMapping::sync`).
+    pub unsynced: Unsynced,
+    /// What `map_file` learnt about the file system (`FileMapping::capabilities`).
+    pub caps: crate::fs_caps::FileCapabilities,
 }
 
-/// Writeback errors of one file in this process, in the manner of the kernel's `errseq_t`: a
-/// sequence that moves at every error, and the last error. Each mapping remembers the value it
-/// last reported (`FileBacking::wb_seen`), so each reports a new error once.
+/// A set of a mapping's pages, one bit each (`FileBacking::unsynced`).
+#[derive(Debug)]
+pub(crate) struct Unsynced(Box<[AtomicU64]>);
+
+impl Unsynced {
+    /// Empty, for a mapping of `pages` pages.
+    pub(crate) fn new(pages: usize) -> Self {
+        Self((0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    /// Adds pages `[first, first + n)` of the mapping.
+    pub(crate) fn add(&self, first: usize, n: usize) {
+        for p in first..first + n {
+            if let Some(w) = self.0.get(p / 64) {
+                w.fetch_or(1 << (p % 64), Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Empties the set; the pages it held, in order.
+    pub(crate) fn take(&self) -> Vec<usize> {
+        let mut pages = Vec::new();
+        for (i, w) in self.0.iter().enumerate() {
+            let mut bits = w.swap(0, Ordering::AcqRel);
+            while bits != 0 {
+                pages.push(i * 64 + bits.trailing_zeros() as usize);
+                bits &= bits - 1;
+            }
+        }
+        pages
+    }
+}
+
+impl FileBacking {
+    /// `fdatasync` of the file (the injected failure, if one is armed, after the real call):
+    /// the error of the kernel's writeback, reported once to this descriptor, with its errno
+    /// kept (EIO, ENOSPC, EDQUOT).
+    pub(crate) fn data_sync(&self) -> Result<(), OpError> {
+        let r = loop {
+            match self.file.sync_data() {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                r => break r,
+            }
+        };
+        if let Some(errno) = self.faults.take_sync() {
+            return Err(errno_to_op(errno));
+        }
+        r.map_err(|e| errno_to_op(e.raw_os_error().unwrap_or(libc::EIO)))
+    }
+
+    /// Errors of the kernel's own writeback of the file since this descriptor last learned of
+    /// one, without writing anything (`sys::file::writeback_errors`).
+    pub(crate) fn kernel_writeback_errors(&self) -> Result<(), OpError> {
+        sys_file::writeback_errors(self.file.as_fd(), self.io.offset, self.io.len)
+            .map_err(errno_to_op)
+    }
+}
+
+/// Writeback errors of one file in this process, in the manner of the kernel's `errseq_t`
+/// (`lib/errseq.c`): a sequence that moves at every error, the last error, and whether anyone
+/// has been told of it. Each mapping keeps the value it last reported (`FileBacking::wb_seen`),
+/// so each reports a new error once. An error nobody has been told of yet (`seen` false) is
+/// reported also to a mapping made after it ([`ErrSeq::sample`]), and the sequence outlives
+/// the file's last mapping until someone is told ([`ErrSeq::of_file`]): an error of a writeback
+/// no flush waited for (a drop, an eviction, a lease break) is never lost.
 #[derive(Debug, Default)]
 pub(crate) struct ErrSeq {
-    seq: AtomicU64,
-    /// ENOSPC for `NoSpace`, else EIO.
-    errno: AtomicI32,
+    state: Mutex<SeqState>,
 }
 
-/// Every file's `ErrSeq`, by device and inode.
-pub(crate) type Files = Vec<((u64, u64), Weak<ErrSeq>)>;
+#[derive(Debug, Default, Clone, Copy)]
+struct SeqState {
+    /// Errors recorded so far.
+    seq: u64,
+    /// The errno of the last one: EIO, ENOSPC or EDQUOT.
+    errno: i32,
+    /// A mapping has reported the last error (`check_and_advance`).
+    seen: bool,
+}
+
+/// Every file's `ErrSeq`, by device and inode. An entry lives while a mapping of the file
+/// holds it, or while the file has an error nobody was told of.
+pub(crate) type Files = Vec<((u64, u64), Arc<ErrSeq>)>;
 static FILES: Mutex<Files> = Mutex::new(Vec::new());
 
 /// Every file's `ErrSeq`, locked (fork's prepare handler holds it, `mm/fork.rs`).
@@ -84,41 +163,63 @@ pub(crate) fn lock_files() -> std::sync::MutexGuard<'static, Files> {
 }
 
 impl ErrSeq {
-    /// The one for the file `meta` describes, shared with its other mappings in this process.
+    /// The one for the file `meta` describes, shared with its other mappings in this process,
+    /// and with the mappings it had before, if an error of theirs was never reported.
     pub(crate) fn of_file(meta: &std::fs::Metadata) -> Arc<Self> {
         use std::os::unix::fs::MetadataExt;
         let key = (meta.dev(), meta.ino());
-        let mut files = FILES.lock().unwrap_or_else(|e| e.into_inner());
-        files.retain(|(_, w)| w.strong_count() > 0);
-        if let Some(e) = files
-            .iter()
-            .find(|(k, _)| *k == key)
-            .and_then(|(_, w)| w.upgrade())
-        {
-            return e;
+        let mut files = lock_files();
+        // Kept only by this list: no mapping left. Forgotten unless it holds an unseen error.
+        files.retain(|(_, e)| Arc::strong_count(e) > 1 || e.unseen());
+        if let Some((_, e)) = files.iter().find(|(k, _)| *k == key) {
+            return e.clone();
         }
         let e = Arc::new(Self::default());
-        files.push((key, Arc::downgrade(&e)));
+        files.push((key, e.clone()));
         e
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SeqState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Every failed writeback of the file comes here (`Runtime::write_back` in `mm/exec.rs`).
     pub(crate) fn record(&self, e: OpError) {
-        let errno = if e == OpError::NoSpace {
-            libc::ENOSPC
-        } else {
-            libc::EIO
-        };
-        self.errno.store(errno, Ordering::Release);
-        self.seq.fetch_add(1, Ordering::AcqRel);
+        let mut s = self.lock();
+        s.errno = op_to_errno(e);
+        s.seq += 1;
+        s.seen = false;
     }
 
+    /// The value a new mapping starts from: the current one if its last error was reported,
+    /// else 0 (before every error), so that the new mapping reports it, as the kernel's
+    /// `errseq_sample` lets a file opened after an unseen error report it.
     pub(crate) fn sample(&self) -> u64 {
-        self.seq.load(Ordering::Acquire)
+        let s = self.lock();
+        if s.seen {
+            s.seq
+        } else {
+            0
+        }
     }
 
-    pub(crate) fn last(&self) -> OpError {
-        errno_to_op(self.errno.load(Ordering::Acquire))
+    /// The error to report to a mapping whose last reported value is `cursor`, if an error was
+    /// recorded since; the cursor moves to now, and the error counts as seen
+    /// (`errseq_check_and_advance`).
+    pub(crate) fn check_and_advance(&self, cursor: &AtomicU64) -> Option<OpError> {
+        let mut s = self.lock();
+        if cursor.load(Ordering::Acquire) == s.seq {
+            return None;
+        }
+        cursor.store(s.seq, Ordering::Release);
+        s.seen = true;
+        Some(errno_to_op(s.errno))
+    }
+
+    /// An error was recorded that no mapping has reported yet.
+    fn unseen(&self) -> bool {
+        let s = self.lock();
+        s.seq > 0 && !s.seen
     }
 }
 
@@ -512,10 +613,21 @@ impl FileBacking {
     }
 }
 
-fn errno_to_op(errno: i32) -> OpError {
+/// A file I/O errno as the protocol's error: ENOSPC and EDQUOT keep their meaning (the cure
+/// differs: free space, or a larger quota), anything else is EIO.
+pub(crate) fn errno_to_op(errno: i32) -> OpError {
     match errno {
-        libc::ENOSPC | libc::EDQUOT => OpError::NoSpace,
+        libc::ENOSPC => OpError::NoSpace,
+        libc::EDQUOT => OpError::Quota,
         _ => OpError::Io,
+    }
+}
+
+fn op_to_errno(e: OpError) -> i32 {
+    match e {
+        OpError::NoSpace => libc::ENOSPC,
+        OpError::Quota => libc::EDQUOT,
+        OpError::Io | OpError::Device => libc::EIO,
     }
 }
 

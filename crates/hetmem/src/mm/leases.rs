@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use hetmem_proto::{Invalidation, PageRun, PAGES_PER_BLOCK};
 
+use crate::fs_caps::LeaseProbe;
 use crate::mm::file_io::FileMode;
 use crate::mm::region::Region;
 use crate::mm::runtime::Runtime;
@@ -23,13 +24,13 @@ pub(super) static REGISTRY: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
 /// inert eventfd meanwhile.
 pub(super) static RETIRING: Mutex<Vec<(RawFd, Arc<Region>)>> = Mutex::new(Vec::new());
 
-/// Serves lease breaks for `region` from now on, and takes the lease if it can.
-pub fn register(inner: &Arc<Runtime>, region: &Arc<Region>) {
-    let f = region.file.as_ref().expect("a file mapping");
+/// Makes this process ready to serve lease breaks: the signal handler, its pipe and the lease
+/// thread (once per process, and again in a fork child). Must come before any lease is taken:
+/// a break signalled before the handler is installed would kill the process (the signal's
+/// default action). False if the application uses the signal itself: then no leases.
+pub fn prepare() -> bool {
     let Ok((read_end, fresh)) = lease::install() else {
-        // The signal belongs to the application: no leases, as nobody would serve them.
-        f.lease_wanted.store(false, Ordering::Release);
-        return;
+        return false;
     };
     if fresh {
         // First use in this process (or in a fork child, which has no thread of ours and
@@ -43,11 +44,43 @@ pub fn register(inner: &Arc<Runtime>, region: &Arc<Region>) {
             .name("hetmem-lease".into())
             .spawn(move || serve(read_end));
     }
+    true
+}
+
+/// Serves lease breaks for `region` from now on; its next fault or flush takes the lease if
+/// it can (`Runtime::check_eof`). If the lease taken at `map_file` (`probe`) broke before
+/// the region was registered, the break found nobody: it is given up here, so the opener
+/// waiting on it proceeds at once (nothing was cached yet, there is nothing to write back).
+pub fn register(inner: &Arc<Runtime>, region: &Arc<Region>) {
+    let f = region.file.as_ref().expect("a file mapping");
+    if !prepare() {
+        // The signal belongs to the application: no leases, as nobody would serve them.
+        f.lease_wanted.store(false, Ordering::Release);
+        return;
+    }
     REGISTRY.lock().unwrap_or_else(|e| e.into_inner()).push((
         f.file.as_raw_fd(),
         Arc::downgrade(inner),
         Arc::downgrade(region),
     ));
+    let write = f.mode == FileMode::Shared;
+    if !lease::held(f.file.as_fd(), write) {
+        lease::release(f.file.as_fd());
+    }
+}
+
+/// Tries the lease on a file `map_file` just opened, before anything is allocated for the
+/// mapping: taken (and kept: the region's registration and first check take it over), or why
+/// not.
+pub fn probe(file: &std::fs::File, write: bool) -> LeaseProbe {
+    if !prepare() {
+        return LeaseProbe::SignalInUse;
+    }
+    match lease::take(file.as_fd(), write) {
+        Ok(true) => LeaseProbe::Taken,
+        Ok(false) => LeaseProbe::InUse,
+        Err(e) => LeaseProbe::Refused(e.raw_os_error().unwrap_or(libc::EINVAL)),
+    }
 }
 
 /// Stops serving `region` and gives its lease up.

@@ -47,47 +47,72 @@ impl TransferFaults {
     }
 }
 
-/// Test hook: reads of the file and writebacks to it that are to fail with an errno, as on a
-/// failing disk (`FileMapping::inject_read_failures`, `inject_writeback_failures`). Owned by
-/// the file backing.
-#[derive(Debug)]
+/// Test hook: reads of the file, writebacks to it and `fdatasync`s of it that are to fail with
+/// an errno, as on a failing disk (`FileMapping::inject_read_failures`,
+/// `inject_writeback_failures`, `inject_sync_failures`). Owned by the file backing.
+#[derive(Debug, Default)]
 pub(crate) struct FileFaults {
-    read: AtomicU32,
-    writeback: AtomicU32,
-    /// The errno both fail with (the last one armed).
+    read: Armed,
+    writeback: Armed,
+    sync: Armed,
+}
+
+/// How many of the next calls of one kind fail, and with which errno.
+#[derive(Debug)]
+struct Armed {
+    n: AtomicU32,
     errno: AtomicI32,
 }
 
-impl Default for FileFaults {
+impl Default for Armed {
     fn default() -> Self {
         Self {
-            read: AtomicU32::new(0),
-            writeback: AtomicU32::new(0),
+            n: AtomicU32::new(0),
             errno: AtomicI32::new(libc::EIO),
         }
+    }
+}
+
+impl Armed {
+    fn arm(&self, n: u32, errno: i32) {
+        self.errno.store(errno, Ordering::Release);
+        self.n.store(n, Ordering::Release);
+    }
+
+    fn take(&self) -> Option<i32> {
+        take(&self.n).then(|| self.errno.load(Ordering::Acquire))
     }
 }
 
 impl FileFaults {
     /// The next `n` reads of the file fail with `errno`.
     pub fn arm_reads(&self, n: u32, errno: i32) {
-        self.errno.store(errno, Ordering::Release);
-        self.read.store(n, Ordering::Release);
+        self.read.arm(n, errno);
     }
 
     /// The next `n` writebacks fail with `errno`.
     pub fn arm_writebacks(&self, n: u32, errno: i32) {
-        self.errno.store(errno, Ordering::Release);
-        self.writeback.store(n, Ordering::Release);
+        self.writeback.arm(n, errno);
+    }
+
+    /// The next `n` `fdatasync`s fail with `errno` (after the real one ran: the error is the
+    /// kernel's writeback's, the data may or may not be on the disk).
+    pub fn arm_syncs(&self, n: u32, errno: i32) {
+        self.sync.arm(n, errno);
     }
 
     /// The errno this read is to fail with, if one is armed (and it counts).
     pub fn take_read(&self) -> Option<i32> {
-        take(&self.read).then(|| self.errno.load(Ordering::Acquire))
+        self.read.take()
     }
 
     /// The errno this writeback is to fail with, if one is armed (and it counts).
     pub fn take_writeback(&self) -> Option<i32> {
-        take(&self.writeback).then(|| self.errno.load(Ordering::Acquire))
+        self.writeback.take()
+    }
+
+    /// The errno this `fdatasync` is to fail with, if one is armed (and it counts).
+    pub fn take_sync(&self) -> Option<i32> {
+        self.sync.take()
     }
 }

@@ -1,6 +1,6 @@
 //! Writeback of a file region's dirty pages (msync's analogue).
 
-use hetmem_proto::{PageRun, RequestKind, PAGES_PER_BLOCK};
+use hetmem_proto::{Access, PageRun, Proc, RequestKind, PAGES_PER_BLOCK};
 
 use crate::error::Result;
 use crate::mm::file_io::FileMode;
@@ -31,5 +31,54 @@ impl Runtime {
             }
         }
         first
+    }
+
+    /// Makes `pages` of a Shared file mapping dirty again, after the kernel's writeback of them
+    /// failed (an `fdatasync` error): hetmem had marked them clean when `pwrite` handed them
+    /// to the page cache, and clean pages are dropped (eviction, a lease break) and read
+    /// again from a file that may not hold them. A page hetmem no longer caches has nothing to
+    /// make dirty: its data is whatever the page cache kept. A CPU write fault on the page
+    /// marks it dirty without changing its data (and maps it writable for the CPU).
+    pub(crate) fn redirty(&self, region: &Region, pages: &[usize]) {
+        let mut i = 0;
+        while i < pages.len() {
+            let bi = pages[i] / PAGES_PER_BLOCK;
+            let mut end = i;
+            while end < pages.len() && pages[end] / PAGES_PER_BLOCK == bi {
+                end += 1;
+            }
+            let wanted: Vec<usize> = {
+                let Some(slot) = region.blocks.get(bi) else {
+                    break;
+                };
+                let block = self.lock_block(slot);
+                pages[i..end]
+                    .iter()
+                    .map(|&p| p % PAGES_PER_BLOCK)
+                    .filter(|&p| {
+                        let v = block.page(p);
+                        v.file && v.valid != 0 && !v.dirty && !v.beyond_eof
+                    })
+                    .collect()
+            };
+            // One request per run of consecutive pages.
+            let mut j = 0;
+            while j < wanted.len() {
+                let mut k = j + 1;
+                while k < wanted.len() && wanted[k] == wanted[k - 1] + 1 {
+                    k += 1;
+                }
+                if let Some(run) = PageRun::new(wanted[j], k - j, PAGES_PER_BLOCK) {
+                    let fault = RequestKind::Fault {
+                        proc: Proc::Cpu,
+                        access: Access::Write,
+                    };
+                    // A page gone meanwhile (evicted clean, truncated) is not made dirty.
+                    let _ = self.request(region, bi, run, fault);
+                }
+                j = k;
+            }
+            i = end;
+        }
     }
 }

@@ -387,6 +387,34 @@ pub fn write_out_and_drop(fd: BorrowedFd<'_>, offset: u64, len: usize) -> Result
     Ok(())
 }
 
+/// The errors of the kernel's own writeback of the file since this descriptor last reported
+/// one: `sync_file_range(SYNC_FILE_RANGE_WAIT_AFTER)` waits for the writeback of
+/// `[offset, offset + len)` already in flight (it starts none) and reports the file's error
+/// sequence for this open file description, once (`file_fdatawait_range`, Linux 4.14), as
+/// `fdatasync` would, without writing anything. No inode lock. `Ok` where the file system or
+/// the system refuses the call: nothing could be learned. Errors are errnos.
+pub fn writeback_errors(fd: BorrowedFd<'_>, offset: u64, len: usize) -> Result<(), i32> {
+    let off = libc::off64_t::try_from(offset).map_err(|_| libc::EOVERFLOW)?;
+    let n = libc::off64_t::try_from(len).map_err(|_| libc::EOVERFLOW)?;
+    loop {
+        // SAFETY: integers only, on a descriptor the caller borrows.
+        let r = unsafe {
+            libc::sync_file_range(fd.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WAIT_AFTER)
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        match io::Error::last_os_error().raw_os_error() {
+            Some(libc::EINTR) => continue,
+            // Not an error of the file's data: the call itself is not available here.
+            Some(libc::EINVAL | libc::ESPIPE | libc::ENOSYS | libc::EPERM | libc::EBADF) | None => {
+                return Ok(())
+            }
+            Some(e) => return Err(e),
+        }
+    }
+}
+
 /// Drops clean pages of `[offset, offset + len)` from the page cache (`POSIX_FADV_DONTNEED`;
 /// no inode lock).
 pub fn drop_cached(fd: BorrowedFd<'_>, offset: u64, len: usize) {
@@ -417,9 +445,11 @@ pub fn set_o_direct(fd: BorrowedFd<'_>, on: bool) -> bool {
     rustix::fs::fcntl_setfl(fd, flags).is_ok()
 }
 
-/// Whether `fd`'s file lives on tmpfs (or shmem), whose page cache is the file's only copy
-/// (fstatfs).
-pub fn on_tmpfs(fd: BorrowedFd<'_>) -> bool {
-    const TMPFS_MAGIC: u64 = 0x0102_1994;
-    rustix::fs::fstatfs(fd).is_ok_and(|s| s.f_type as u64 == TMPFS_MAGIC)
+/// The `statfs` magic (`f_type`) of the file system holding `fd`'s file; `None` if
+/// `fstatfs` fails.
+pub fn fs_magic(fd: BorrowedFd<'_>) -> Option<u64> {
+    // f_type is a signed word: on a 32-bit system, magics such as 0xff534d42 read negative.
+    rustix::fs::fstatfs(fd)
+        .ok()
+        .map(|s| s.f_type as u64 & 0xffff_ffff)
 }

@@ -294,3 +294,16 @@ pub fn wait_lease_breaking(path: &Path) -> Result<()> {
         thread::yield_now();
     }
 }
+
+/// The memfds hetmem made (`/memfd:hetmem-N`) that this process maps now: one per region.
+pub fn hetmem_memfds() -> usize {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let mut seen: Vec<&str> = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter(|n| n.starts_with("/memfd:hetmem-"))
+        .collect();
+    seen.sort_unstable();
+    seen.dedup();
+    seen.len()
+}
