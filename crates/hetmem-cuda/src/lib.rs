@@ -16,6 +16,8 @@
 //!   VMM API, torn down in order; [`DeviceBuffer`] for a plain range of chunks.
 //! - [`Stream`] and [`Event`]: asynchronous copies (H2D, D2H, D2D), `cuMemsetD8Async`, kernel
 //!   launches, fences that can be polled.
+//! - [`CudaLauncher`]: kernels launched over ranges they declare (`hetmem::Device::launch`):
+//!   resident and pinned on the device until the kernel's event fires. Not yet run on a GPU.
 //! - [`Module`] from PTX or CUBIN, [`nvrtc`] to compile CUDA C at run time ([`Error::NoNvrtc`]
 //!   without it), [`KernelArgs`] to pack arguments.
 //! - [`SameAddressView`]: one address for CPU and GPU (the memfd for the CPU, device chunks for
@@ -31,6 +33,7 @@ mod context;
 mod error;
 mod host;
 pub mod kernels;
+mod launch;
 mod managed;
 mod module;
 pub mod nvrtc;
@@ -45,6 +48,7 @@ pub use backend::{CudaBackend, CudaBuilderExt, CudaPageTable, MAX_PENDING};
 pub use context::{device_count, driver, driver_version, Cuda, DeviceInfo};
 pub use error::{Error, Result};
 pub use host::{HostMem, HostRegistration, MemfdView, PinnedBuffer, REGISTER_FLAGS};
+pub use launch::{contiguous, device_ptr, CudaLauncher};
 pub use managed::{Location, ManagedBuffer, MAX_FREE_FRACTION};
 pub use module::{Function, Module};
 pub use same_va::SameAddressView;

@@ -447,3 +447,76 @@ fn the_backend_alone() {
         drop(src);
     });
 }
+
+/// A kernel launched over a declared range (`CudaLauncher`, `hetmem::Device::launch`): the range
+/// is made resident on the device first, the kernel gets its device address, and the CPU then
+/// faults back what the kernel wrote. A range the kernel cannot get as one address is refused
+/// before anything is launched.
+#[test]
+fn a_declared_launch_runs_over_resident_pages_and_the_cpu_sees_its_writes() {
+    let name = "a_declared_launch_runs_over_resident_pages_and_the_cpu_sees_its_writes";
+    watchdog(name, 120, move || {
+        let _driver = shared();
+        let Some((h, backend)) = context(name, 16 * MIB) else {
+            return;
+        };
+        let module = hetmem_cuda::Module::from_ptx(backend.cuda(), hetmem_cuda::kernels::PTX)
+            .expect("the shipped PTX loads");
+        let add = module
+            .function(hetmem_cuda::kernels::names::ADD_U8)
+            .expect("add_u8");
+        let launcher = hetmem_cuda::CudaLauncher::new(backend.cuda()).expect("a launcher");
+        let dev = h.device(0).expect("device 0");
+        let len = 2 * CHUNK_SIZE;
+        let mut want = pattern(len, 5);
+        let mut buf = h.alloc(len).unwrap();
+        fill(&mut buf, &want);
+        let block = CHUNK_SIZE;
+        let config = hetmem_cuda::LaunchConfig::for_elements(block as u64, 256, 1024);
+        // SAFETY: add_u8 takes (u8*, u64, u8) and touches exactly the declared block.
+        let launch = unsafe {
+            launcher.launch(
+                &dev,
+                &add,
+                &config,
+                &[hetmem::DeclaredAccess::write(buf.addr(), block)],
+                |resident, args| {
+                    let p = hetmem_cuda::contiguous(resident, 0)
+                        .ok_or(hetmem::Error::Invalid("not one run"))?;
+                    args.ptr(p).arg(block as u64).arg(3u8);
+                    Ok(())
+                },
+            )
+        }
+        .expect("the launch");
+        launch.wait().expect("the kernel");
+        for b in &mut want[..block] {
+            *b = b.wrapping_add(3);
+        }
+        assert_eq!(
+            h.device_pages_used(DeviceId::new(0).unwrap()) as usize,
+            block / PAGE_SIZE,
+            "the declared block, and only it, went to the device"
+        );
+        verify("after the kernel", &buf, &want);
+        // Two blocks are two runs in device memory: not one address for the kernel.
+        // SAFETY: as above; this launch is refused before the kernel runs.
+        let refused = unsafe {
+            launcher.launch(
+                &dev,
+                &add,
+                &config,
+                &[hetmem::DeclaredAccess::write(buf.addr(), len)],
+                |resident, args| {
+                    let p = hetmem_cuda::contiguous(resident, 0)
+                        .ok_or(hetmem::Error::Invalid("not one run"))?;
+                    args.ptr(p).arg(len as u64).arg(1u8);
+                    Ok(())
+                },
+            )
+        };
+        assert!(matches!(refused, Err(hetmem::Error::Invalid(_))));
+        verify("after the refused launch", &buf, &want);
+        assert_eq!(h.stats().errors, 0, "{:?}", backend.last_error());
+    });
+}
