@@ -14,4 +14,6 @@ cargo test -p hetmem-cuda --test gpu -- --nocapture
 cargo test -p hetmem-cuda --test backend -- --nocapture
 cargo run -q -p hetmem-cuda --example probe > "$dir/probe.out"
 grep -q '"sums_ok":true' "$dir/probe.out" || { cat "$dir/probe.out"; exit 1; }
-echo "fake-cuda-check: the GPU tests, the backend tests and the probe ran against the fake driver"
+cargo run -q -p hetmem-cli -- info > "$dir/info.out"
+grep -q '^  cuda:0: Fake GPU' "$dir/info.out" || { cat "$dir/info.out"; exit 1; }
+echo "fake-cuda-check: the GPU tests, the backend tests, the probe and hetmem info ran against the fake driver"

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Builds, on a machine without a GPU, what scripts/gpu-check.sh runs on the GPU machine: the
-# hetmem-cuda test binaries (the CudaBackend's included) and the probe, in release mode, stripped, in gpu-bin/ (git-ignored).
+# hetmem-cuda test binaries (the CudaBackend's included), the probe and the hetmem command, in release mode, stripped, in gpu-bin/ (git-ignored).
 # Carry gpu-bin to the GPU machine; it needs no Rust toolchain there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=gpu-bin
 log=$(cargo test --release -p hetmem-cuda --no-run 2>&1) || { echo "$log"; exit 1; }
 cargo build --release -q -p hetmem-cuda --examples
-rm -f "$out"/{hetmem-cuda-unit,gpu-tests,backend-tests,nvrtc-tests,probe,BUILD.txt}
+cargo build --release -q -p hetmem-cli
+rm -f "$out"/{hetmem-cuda-unit,gpu-tests,backend-tests,nvrtc-tests,probe,hetmem,BUILD.txt}
 mkdir -p "$out"
 # cargo names each test binary: "Executable tests/gpu.rs (target/release/deps/gpu-0123abcd)".
 while IFS='|' read -r what path; do
@@ -19,7 +20,8 @@ while IFS='|' read -r what path; do
   strip -o "$out/$name" "$path"
 done < <(printf '%s\n' "$log" | sed -n 's/^ *Executable \(.*\) (\(.*\))$/\1|\2/p')
 strip -o "$out/probe" target/release/examples/probe
-for b in hetmem-cuda-unit gpu-tests backend-tests nvrtc-tests probe; do
+strip -o "$out/hetmem" target/release/hetmem
+for b in hetmem-cuda-unit gpu-tests backend-tests nvrtc-tests probe hetmem; do
   [ -x "$out/$b" ] || { echo "gpu-build: $out/$b is missing" >&2; exit 1; }
 done
 {

@@ -4,7 +4,7 @@
 #
 #   bash scripts/gpu-check.sh
 #
-# Prints nvidia-smi -L, then runs each step under `timeout`: the hetmem-cuda unit tests, the NVRTC
+# Prints nvidia-smi -L, then runs each step under `timeout`: `hetmem info`, the hetmem-cuda unit tests, the NVRTC
 # tests and the GPU tests with HETMEM_REQUIRE_CUDA=1 (a missing driver or NVRTC fails instead of
 # skipping), the probe, then the CudaBackend tests under hetmem's runtime (tests/backend.rs, also
 # with HETMEM_REQUIRE_CUDA=1). Logs and probe.json go to $OUT (or /tmp/hetmem-gpu-check). The
@@ -80,6 +80,7 @@ ldconfig -p 2>/dev/null | grep -E 'libcuda\.so|libnvrtc\.so' | head -6
 
 export HETMEM_REQUIRE_CUDA=1
 export RUST_BACKTRACE=1
+step info 20 "$bin/hetmem" info
 step unit-tests 30 "$bin/hetmem-cuda-unit" --test-threads=2
 step nvrtc-tests 30 "$bin/nvrtc-tests" --nocapture
 step gpu-tests 90 "$bin/gpu-tests" --nocapture --test-threads=4

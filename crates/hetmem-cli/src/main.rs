@@ -1,9 +1,11 @@
 //! `hetmem`: the demo (a stencil over managed memory larger than device memory, verified against
-//! a CPU-only run) and the benchmarks (ratios against native baselines).
+//! a CPU-only run), the benchmarks (ratios against native baselines), trace pages, and `info`
+//! (what this machine gives hetmem).
 
 mod baseline;
 mod bench;
 mod demo;
+mod info;
 mod report;
 mod trace_html;
 
@@ -31,6 +33,9 @@ enum Cmd {
     /// self-contained HTML page: residency over time, migration traffic, faults per processor,
     /// policy decisions.
     Trace(trace_html::TraceArgs),
+    /// What this machine gives hetmem: kernel, userfaultfd features, kernel HMM, the fault
+    /// service's size, simulated and CUDA devices (name, memory, driver and NVRTC versions).
+    Info(info::InfoArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -39,6 +44,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Demo(a) => demo::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Trace(a) => trace_html::run(a),
+        Cmd::Info(a) => info::run(a),
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,
