@@ -16,4 +16,9 @@ cargo run -q -p hetmem-cuda --example probe > "$dir/probe.out"
 grep -q '"sums_ok":true' "$dir/probe.out" || { cat "$dir/probe.out"; exit 1; }
 cargo run -q -p hetmem-cli -- info > "$dir/info.out"
 grep -q '^  cuda:0: Fake GPU' "$dir/info.out" || { cat "$dir/info.out"; exit 1; }
-echo "fake-cuda-check: the GPU tests, the backend tests, the probe and hetmem info ran against the fake driver"
+# The demo on the "GPU": launches per block over a grid 4 times the cap, anonymous and file-backed.
+cargo run -q -p hetmem-cli -- demo --device cuda --size-mib 16 --device-mib 4 --iters 2 > "$dir/demo.out"
+grep -q '^verified: OK' "$dir/demo.out" || { cat "$dir/demo.out"; exit 1; }
+cargo run -q -p hetmem-cli -- demo --device cuda --size-mib 16 --device-mib 4 --iters 2 --file "$dir/grid" > "$dir/demo-file.out"
+grep -q '^verified: OK' "$dir/demo-file.out" || { cat "$dir/demo-file.out"; exit 1; }
+echo "fake-cuda-check: the GPU tests, the backend tests, the probe, hetmem info and the CUDA demo ran against the fake driver"

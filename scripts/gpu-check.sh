@@ -7,15 +7,15 @@
 # Prints nvidia-smi -L, then runs each step under `timeout`: `hetmem info`, the hetmem-cuda unit tests, the NVRTC
 # tests and the GPU tests with HETMEM_REQUIRE_CUDA=1 (a missing driver or NVRTC fails instead of
 # skipping), the probe, then the CudaBackend tests under hetmem's runtime (tests/backend.rs, also
-# with HETMEM_REQUIRE_CUDA=1). Logs and probe.json go to $OUT (or /tmp/hetmem-gpu-check). The
-# whole script stays under 4 minutes; it exits non-zero if any step failed.
+# with HETMEM_REQUIRE_CUDA=1), then `hetmem demo --device cuda` (anonymous and on a file). Logs and probe.json go to $OUT (or /tmp/hetmem-gpu-check). The
+# whole script stays under 5 minutes (280 s of steps); it exits non-zero if any step failed.
 set -u
 cd "$(dirname "$0")/.."
 bin=${GPU_BIN:-gpu-bin}
 out=${OUT:-/tmp/hetmem-gpu-check}
 mkdir -p "$out"
 start=$SECONDS
-budget=230
+budget=280
 passed=0
 failed=0
 summary=()
@@ -86,6 +86,10 @@ step nvrtc-tests 30 "$bin/nvrtc-tests" --nocapture
 step gpu-tests 90 "$bin/gpu-tests" --nocapture --test-threads=4
 step probe 60 "$bin/probe" --json "$out/probe.json"
 step backend-tests 60 "$bin/backend-tests" --nocapture --test-threads=2
+# The demo on the GPU: a 512 MiB grid, 4 times the cap, through launches per block; verified
+# byte for byte against the CPU. Then the same on a file.
+step demo-cuda 60 "$bin/hetmem" demo --device cuda --size-mib 512 --device-mib 128 --iters 3
+step demo-cuda-file 60 "$bin/hetmem" demo --device cuda --size-mib 512 --device-mib 128 --iters 2 --file "$out/demo-grid.bin"
 
 echo "== nvidia-smi after"
 timeout 15 nvidia-smi --query-gpu=name,memory.used,utilization.gpu --format=csv 2>&1 | tee -a "$out/nvidia-smi.log"

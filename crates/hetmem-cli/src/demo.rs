@@ -9,12 +9,25 @@
 //! With `--file PATH` the grid is a file mapped `Shared` instead of anonymous memory: pages come
 //! from the file on first touch, the result is `sync`ed back, and the file itself (read back
 //! with `std::fs::read`) is what gets verified.
+//!
+//! With `--device cuda` the device pass runs on a CUDA GPU: one kernel launch per 2 MiB block
+//! (512 rows), each declaring its block (`Device::launch` through `hetmem_cuda::CudaLauncher`),
+//! a few in flight at once, so blocks stream through a device smaller than the grid. `--launch`
+//! runs the simulated device the same way (`Device::launch_host`) instead of with a closure
+//! kernel over the whole grid.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use std::collections::VecDeque;
+use std::sync::Arc;
+
 use anyhow::{bail, Context as _, Result};
-use hetmem::{DeviceKind, FileMode, Hetmem, SimConfig, StatsSnapshot, PAGE_SIZE};
+use hetmem::{
+    DeclaredAccess, Device, DeviceKind, FileMode, Hetmem, Launch, SimConfig, StatsSnapshot,
+    PAGE_SIZE,
+};
+use hetmem_cuda::{kernels, CudaBackend, CudaLauncher, Function, LaunchConfig, Module};
 
 use crate::report::{fmt_bytes, fmt_count};
 
@@ -29,14 +42,35 @@ pub enum Kind {
     Coherent,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceArg {
+    /// A simulated device (`--kind`, `--workers`).
+    Sim,
+    /// CUDA device 0, capped at --device-mib: kernels launched per block over declared ranges.
+    Cuda,
+}
+
+/// Bytes per launch of the device pass: one block, which is one run of device memory.
+const BLOCK: usize = 2 << 20;
+
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
     /// Grid size in MiB (managed memory).
     #[arg(long, default_value_t = 64)]
     pub size_mib: usize,
-    /// Simulated device memory in MiB.
+    /// Device memory hetmem may use, in MiB.
     #[arg(long, default_value_t = 16)]
     pub device_mib: usize,
+    /// The device: simulated, or a CUDA GPU.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Sim)]
+    pub device: DeviceArg,
+    /// On a simulated device, run the device pass as launches with declared ranges, one per
+    /// block, as on a GPU (always so with --device cuda).
+    #[arg(long)]
+    pub launch: bool,
+    /// Launches of the device pass in flight at once (at most the device's capacity in blocks).
+    #[arg(long, default_value_t = 3)]
+    pub in_flight: usize,
     /// Stencil iterations (device kernel + CPU pass each).
     #[arg(long, default_value_t = 8)]
     pub iters: u32,
@@ -131,6 +165,102 @@ fn device_pass_reference(grid: &mut [u8], iter: u32) {
     }
 }
 
+/// How the device pass runs.
+enum DevicePass {
+    /// A closure kernel over the whole grid on the simulated device's workers.
+    Closure,
+    /// Launches with declared access per block on the simulated device (`launch_host`).
+    HostLaunch,
+    /// Launches of the row stencil per block on a CUDA device.
+    Cuda {
+        launcher: CudaLauncher,
+        function: Function,
+    },
+}
+
+/// Launches in flight: what was asked, within the device's capacity in blocks (a launch's
+/// block stays on the device until it completes).
+fn in_flight(asked: usize, dev: &Device) -> usize {
+    let blocks = dev.capacity_pages() as usize * PAGE_SIZE / BLOCK;
+    asked.min(blocks).max(1)
+}
+
+impl DevicePass {
+    /// One device pass over the grid at `base`: every row through `device_row` (or the CUDA
+    /// kernel doing the same).
+    fn run(
+        &self,
+        dev: &Device,
+        base: usize,
+        len: usize,
+        it: u32,
+        in_flight_asked: usize,
+    ) -> Result<()> {
+        if let DevicePass::Closure = self {
+            dev.kernel_write(base, len, |run_addr, bytes| {
+                let r0 = (run_addr - base) / PAGE_SIZE;
+                for (k, row) in bytes.chunks_exact_mut(PAGE_SIZE).enumerate() {
+                    device_row(row, r0 + k, it);
+                }
+            })?;
+            return Ok(());
+        }
+        let window = in_flight(in_flight_asked, dev);
+        let mut running: VecDeque<Launch> = VecDeque::with_capacity(window);
+        for start in (0..len).step_by(BLOCK) {
+            let n = BLOCK.min(len - start);
+            if running.len() == window {
+                running.pop_front().map(Launch::wait).transpose()?;
+            }
+            running.push_back(self.launch_block(dev, base, start, n, it)?);
+        }
+        for l in running {
+            l.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Launches the pass over the `n` bytes at `start` of the grid (one block).
+    fn launch_block(
+        &self,
+        dev: &Device,
+        base: usize,
+        start: usize,
+        n: usize,
+        it: u32,
+    ) -> Result<Launch> {
+        let declared = [DeclaredAccess::write(base + start, n)];
+        let first_row = start / PAGE_SIZE;
+        let rows = n / PAGE_SIZE;
+        Ok(match self {
+            DevicePass::Closure => unreachable!("closure passes launch nothing"),
+            DevicePass::HostLaunch => dev.launch_host(&declared, move |runs| {
+                for (va, bytes) in runs.write(0).unwrap_or_default() {
+                    let r0 = (va - base) / PAGE_SIZE;
+                    for (k, row) in bytes.chunks_exact_mut(PAGE_SIZE).enumerate() {
+                        device_row(row, r0 + k, it);
+                    }
+                }
+            })?,
+            DevicePass::Cuda { launcher, function } => {
+                let config = LaunchConfig::linear(rows.min(4096) as u32, 256);
+                // SAFETY: the row stencil takes (u32*, u64, u64, u32) and touches the `rows`
+                // rows at the pointer given, which is the declared block.
+                #[allow(unsafe_code)]
+                unsafe {
+                    launcher.launch(dev, function, &config, &declared, |resident, args| {
+                        let p = hetmem_cuda::contiguous(resident, 0).ok_or(
+                            hetmem::Error::Invalid("a block is not one run on the device"),
+                        )?;
+                        args.ptr(p).arg(rows as u64).arg(first_row as u64).arg(it);
+                        Ok(())
+                    })?
+                }
+            }
+        })
+    }
+}
+
 /// The file's starting grid: read back if it exists (it must be `len` bytes), else created
 /// with the initial grid and made durable, so the timed part does not race the first
 /// writeback. Returns the content and whether the file was created.
@@ -184,11 +314,28 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         Kind::Private => DeviceKind::Private,
         Kind::Coherent => DeviceKind::Coherent,
     };
-    let mut builder = Hetmem::builder().sim_device_with(SimConfig {
-        kind,
-        capacity: a.device_mib << 20,
-        workers: a.workers.max(1),
-    });
+    let mut builder = Hetmem::builder();
+    let mut cuda = None;
+    match a.device {
+        DeviceArg::Sim => {
+            builder = builder.sim_device_with(SimConfig {
+                kind,
+                capacity: a.device_mib << 20,
+                workers: a.workers.max(1),
+            });
+        }
+        DeviceArg::Cuda => {
+            let backend =
+                Arc::new(CudaBackend::open(0, a.device_mib << 20).context("open CUDA device 0")?);
+            let config = SimConfig {
+                kind: DeviceKind::Private,
+                capacity: backend.capacity(),
+                workers: 1,
+            };
+            builder = builder.device_with_backend(config, backend.clone());
+            cuda = Some(backend);
+        }
+    }
     if let Some(t) = &a.trace {
         builder = builder.trace(t);
     }
@@ -196,13 +343,32 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         .build()
         .context("build the hetmem context (needs userfaultfd)")?;
     let dev = hm.device(0).context("device 0")?;
+    let pass = match &cuda {
+        Some(backend) => {
+            let module =
+                Module::from_ptx(backend.cuda(), kernels::PTX).context("load the demo's kernel")?;
+            let function = module
+                .function(kernels::names::ROW_STENCIL)
+                .context("the row stencil kernel")?;
+            DevicePass::Cuda {
+                launcher: CudaLauncher::new(backend.cuda()).context("a launch stream")?,
+                function,
+            }
+        }
+        None if a.launch => DevicePass::HostLaunch,
+        None => DevicePass::Closure,
+    };
+    let device_desc = match &cuda {
+        Some(b) => format!("CUDA device 0 ({})", b.cuda().info().name),
+        None => format!("simulated {:?} device", a.kind),
+    };
 
     println!(
-        "hetmem demo: {} grid of u32 ({} rows x {} words, one row per page), {:?} device with {}, {} iterations",
+        "hetmem demo: {} grid of u32 ({} rows x {} words, one row per page), {} with {}, {} iterations",
         fmt_bytes(len as u64),
         rows,
         ROW_WORDS,
-        a.kind,
+        device_desc,
         fmt_bytes((a.device_mib << 20) as u64),
         a.iters
     );
@@ -254,13 +420,8 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     let t0 = Instant::now();
     for it in 0..a.iters {
         let t = Instant::now();
-        dev.kernel_write(base, len, |run_addr, bytes| {
-            let r0 = (run_addr - base) / PAGE_SIZE;
-            for (k, row) in bytes.chunks_exact_mut(PAGE_SIZE).enumerate() {
-                device_row(row, r0 + k, it);
-            }
-        })
-        .with_context(|| format!("device kernel, iteration {it}"))?;
+        pass.run(&dev, base, len, it, a.in_flight)
+            .with_context(|| format!("device pass, iteration {it}"))?;
         t_dev += t.elapsed();
         let t = Instant::now();
         sums.push(cpu_pass(grid, it));
@@ -303,6 +464,8 @@ pub fn run(a: &DemoArgs) -> Result<()> {
             len,
             rows,
             dev: &dev,
+            device_desc: &device_desc,
+            launches: !matches!(pass, DevicePass::Closure),
             dc,
             s0,
             st,
@@ -364,6 +527,9 @@ struct ReportIn<'a> {
     len: usize,
     rows: usize,
     dev: &'a hetmem::Device,
+    device_desc: &'a str,
+    /// The device pass ran as launches over declared blocks.
+    launches: bool,
     dc: hetmem::DeviceCounters,
     s0: StatsSnapshot,
     /// After the iterations.
@@ -393,13 +559,23 @@ fn report(a: &DemoArgs, r: &ReportIn<'_>) {
     );
     line(
         "device capacity",
-        format!(
-            "{} ({} pages, {:?}, {} kernel workers)",
-            fmt_bytes((a.device_mib << 20) as u64),
-            dev.capacity_pages(),
-            a.kind,
-            a.workers.max(1)
-        ),
+        if r.launches {
+            format!(
+                "{} ({} pages, {}; one launch per 2 MiB block, {} in flight)",
+                fmt_bytes((a.device_mib << 20) as u64),
+                dev.capacity_pages(),
+                r.device_desc,
+                in_flight(a.in_flight, dev)
+            )
+        } else {
+            format!(
+                "{} ({} pages, {}, {} kernel workers)",
+                fmt_bytes((a.device_mib << 20) as u64),
+                dev.capacity_pages(),
+                r.device_desc,
+                a.workers.max(1)
+            )
+        },
     );
     line("iterations", a.iters.to_string());
     line(

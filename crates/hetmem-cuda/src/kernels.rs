@@ -27,8 +27,19 @@ pub mod names {
     pub const WRITE_U64: &str = "hetmem_write_u64";
     /// `(Node* head, u64* count)`: walks a list of `{next, value, out}` nodes.
     pub const WALK_LIST: &str = "hetmem_walk_list";
+    /// `(u32* rows, u64 nrows, u64 first_row, u32 iter)`: the demo's row stencil, in place,
+    /// one 1024-word row per thread block.
+    pub const ROW_STENCIL: &str = "hetmem_row_stencil";
     /// All of them.
-    pub const ALL: &[&str] = &[EMPTY, ADD_U8, FILL_U32, SUM_U64, WRITE_U64, WALK_LIST];
+    pub const ALL: &[&str] = &[
+        EMPTY,
+        ADD_U8,
+        FILL_U32,
+        SUM_U64,
+        WRITE_U64,
+        WALK_LIST,
+        ROW_STENCIL,
+    ];
 }
 
 #[cfg(test)]

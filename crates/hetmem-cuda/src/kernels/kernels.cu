@@ -54,3 +54,28 @@ extern "C" __global__ void hetmem_walk_list(HetmemNode* head, unsigned long long
   }
   *count = c;
 }
+
+// The demo's device pass (`hetmem demo --device cuda`): a 3-point horizontal stencil with
+// wrap-around inside each row of 1024 u32 (one 4 KiB page), for `nrows` rows starting at row
+// `first_row` of the grid. One thread block per row (grid-stride over rows), 1024 threads or fewer;
+// the old row is read into shared memory first, so the update is in place. The same arithmetic
+// as the CLI's `device_row`: new[j] = old[j] * 3 + (old[j-1] ^ rotl(old[j+1], 7)) + salt, with
+// salt = row * 0x01000193 ^ iter * 0x9E3779B9, all modulo 2^32.
+extern "C" __global__ void hetmem_row_stencil(unsigned int* rows, unsigned long long nrows,
+                                              unsigned long long first_row, unsigned int iter) {
+  __shared__ unsigned int old[1024];
+  for (unsigned long long r = blockIdx.x; r < nrows; r += gridDim.x) {
+    unsigned int* row = rows + r * 1024;
+    for (unsigned int j = threadIdx.x; j < 1024; j += blockDim.x) old[j] = row[j];
+    __syncthreads();
+    unsigned int salt =
+        (unsigned int)(first_row + r) * 0x01000193u ^ iter * 0x9E3779B9u;
+    for (unsigned int j = threadIdx.x; j < 1024; j += blockDim.x) {
+      unsigned int l = old[(j + 1023) & 1023];
+      unsigned int c = old[j];
+      unsigned int rr = old[(j + 1) & 1023];
+      row[j] = c * 3u + (l ^ ((rr << 7) | (rr >> 25))) + salt;
+    }
+    __syncthreads();
+  }
+}

@@ -213,7 +213,7 @@ CUresult cuModuleLoadDataEx(void** m, const void* image, unsigned n, int* opts, 
   *m = calloc(1, sizeof(struct module)); return OK;
 }
 CUresult cuModuleUnload(void* m) { free(m); return OK; }
-static const char* known[] = {"hetmem_empty", "hetmem_add_u8", "hetmem_fill_u32", "hetmem_sum_u64", "hetmem_write_u64", "hetmem_walk_list", "axpb", "k"};
+static const char* known[] = {"hetmem_empty", "hetmem_add_u8", "hetmem_fill_u32", "hetmem_sum_u64", "hetmem_write_u64", "hetmem_walk_list", "hetmem_row_stencil", "axpb", "k"};
 CUresult cuModuleGetFunction(void** f, void* m, const char* name) {
   for (unsigned i = 0; i < sizeof known / sizeof *known; i++) if (!strcmp(name, known[i])) { *f = (void*)known[i]; return OK; }
   return NOT_FOUND;
@@ -231,6 +231,16 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
     u64 c = 0; u64 node = P(0, u64);
     while (node) { u64* nd = (u64*)tr(node, 24); if (!nd) return 700; u64* out = (u64*)tr(nd[2], 8); if (!out) return 700; *out = nd[1] * 2 + 1; nd[1] += 1; c++; node = nd[0]; }
     u64* cnt = (u64*)tr(P(1, u64), 8); if (!cnt) return 700; *cnt = c; return OK;
+  }
+  if (!strcmp(n, "hetmem_row_stencil")) {
+    u64 nrows = P(1, u64), first = P(2, u64); unsigned iter = P(3, unsigned);
+    unsigned* p = (unsigned*)gather(P(0, u64), nrows * 4096); if (!p) return 700;
+    for (u64 r = 0; r < nrows; r++) {
+      unsigned old[1024], *row = p + r * 1024; memcpy(old, row, sizeof old);
+      unsigned salt = (unsigned)(first + r) * 0x01000193u ^ iter * 0x9E3779B9u;
+      for (unsigned j = 0; j < 1024; j++) { unsigned l = old[(j + 1023) & 1023], c = old[j], rr = old[(j + 1) & 1023]; row[j] = c * 3u + (l ^ ((rr << 7) | (rr >> 25))) + salt; }
+    }
+    scatter(P(0, u64), (char*)p, nrows * 4096); return OK;
   }
   if (!strcmp(n, "axpb")) { u64 cnt = P(1, u64); float* x = (float*)gather(P(0, u64), cnt * 4); if (!x) return 700; for (u64 i = 0; i < cnt; i++) x[i] = x[i] * P(2, float) + P(3, float); scatter(P(0, u64), (char*)x, cnt * 4); return OK; }
   return 98;

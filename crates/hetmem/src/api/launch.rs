@@ -401,6 +401,8 @@ impl Device {
             guards.get(i)
         };
         let mut ranges = Vec::with_capacity(declared.len());
+        // Per piece, in `spans` order: its pages the device maps in system memory.
+        let mut remote_pages = Vec::new();
         let mut pins: Vec<(PageMask<BLOCK_WORDS>, bool)> =
             vec![(PageMask::EMPTY, false); blocks.len()];
         for (decl, pieces) in declared.iter().zip(spans) {
@@ -410,6 +412,7 @@ impl Device {
                 if !db.all(p.run.pages(), |e| satisfies(e, decl.access)) {
                     return None;
                 }
+                remote_pages.push(p.run.pages().filter(|&i| db.entry(i).remote).count() as u64);
                 for page in p.run.pages() {
                     let e = db.entry(page);
                     let va = p.va + (page - p.run.start()) * PAGE_SIZE;
@@ -446,6 +449,16 @@ impl Device {
             });
         }
         drop(guards);
+        // The device's counters and the access counters see a launch's pages as accessed, as
+        // a kernel's (`MemEvent::DeviceAccess`).
+        for (p, remote) in spans.iter().flatten().zip(&remote_pages) {
+            inner.emit(MemEvent::DeviceAccess {
+                dev: self.id(),
+                pages: p.run.len() as u64,
+                remote: *remote,
+                block: &p.region.blocks[p.bi].policy,
+            });
+        }
         let pinned = blocks.iter().map(|&(r, bi)| (r.clone(), bi)).collect();
         Some((shared, pinned, Resident { ranges }))
     }
