@@ -26,12 +26,14 @@ use common::file::{
 use common::fs::{Mount, TempDir};
 use common::process::last_os_error;
 use hetmem::{DeviceKind, Error, FileMode, PAGE_SIZE};
+use hetmem_proto::OpError;
 
 common::serial_tests!(
     DEFAULT_TIMEOUT_S;
     range_arguments_are_checked_first,
     flush_range_writes_only_the_range,
     invalidate_range_writes_back_then_drops,
+    invalidate_range_with_a_failing_writeback,
     invalidate_range_shows_a_punched_hole_and_others_writes,
     collapse_range_under_an_unleased_mapping,
     ofd_locked_round_trips_keep_both_writers_updates,
@@ -216,6 +218,48 @@ mod scenarios {
         let mut want = with_pages(&old, 3, &[3, 4]);
         want = with_pages(&want, 2, &[5]);
         assert_same("file after flush", &pread_file(&path)?, &want);
+        Ok(())
+    }
+
+    /// A writeback that fails during `invalidate_range`: the call returns the error (once: the
+    /// next flush does not report it again), the page keeps our write, dirty and cached, the
+    /// rest of the range is dropped all the same (another writer's page shows), and the next
+    /// flush writes the kept page.
+    pub fn invalidate_range_with_a_failing_writeback() -> Result<()> {
+        let dir = TempDir::new("invalidate_range_with_a_failing_writeback")?;
+        let path = dir.path("data");
+        // Two blocks: the failure is in the first, the other writer's page in the second.
+        let len = 4 * MIB;
+        let theirs = 2 * MIB / PAGE_SIZE;
+        let old = content(0, 0, len);
+        create_file(&path, &old)?;
+        let hm = context(DeviceKind::Private, 16 * MIB)?;
+        let mut m = hm.map_file_with(&path, 0, len, unleased(FileMode::Shared))?;
+        assert_same("first read", m.as_slice(), &old);
+        m.as_mut_slice().expect("shared")[PAGE_SIZE..2 * PAGE_SIZE].copy_from_slice(&page_of(1, 1));
+        let other = std::fs::OpenOptions::new().write(true).open(&path)?;
+        other.write_all_at(&page_of(2, theirs), (theirs * PAGE_SIZE) as u64)?;
+        let file = with_pages(&old, 2, &[theirs]);
+
+        m.inject_writeback_failures(1, libc::EIO);
+        match m.invalidate_range(0, len) {
+            Err(Error::Io(OpError::Io)) => {}
+            r => bail!("invalidate_range with a failing writeback: {r:?}"),
+        }
+        assert_same("the file: page 1 not written", &pread_file(&path)?, &file);
+        assert_same("page 1, kept", page(m.as_slice(), 1), &page_of(1, 1));
+        assert_same(
+            "the other writer's page, dropped and read again",
+            page(m.as_slice(), theirs),
+            &page_of(2, theirs),
+        );
+        // Reported once: the flush that writes the page succeeds.
+        m.flush()?;
+        assert_same(
+            "the file after flush",
+            &pread_file(&path)?,
+            &with_pages(&file, 1, &[1]),
+        );
         Ok(())
     }
 
