@@ -6,7 +6,9 @@
 //! straight from device memory), never waiting for the file's inode lock (`sys::file`, contract
 //! §12). `flush` is msync(MS_SYNC), `sync` adds fdatasync, `close` writes dirty pages back and
 //! unmaps, reporting errors, and dropping the mapping writes them back first too, keeping the
-//! mapping if it cannot (contract §13).
+//! mapping if it cannot (contract §13). `flush_range` and `invalidate_range` do a flush and a
+//! drop for a range, for applications that share the file with other writers by file locks
+//! instead of the lease (contract §6, "Extent operations and file locks").
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
