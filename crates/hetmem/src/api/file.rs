@@ -6,7 +6,9 @@
 //! straight from device memory), never waiting for the file's inode lock (`sys::file`, contract
 //! §12). `flush` is msync(MS_SYNC), `sync` adds fdatasync, `close` writes dirty pages back and
 //! unmaps, reporting errors, and dropping the mapping writes them back first too, keeping the
-//! mapping if it cannot (contract §13).
+//! mapping if it cannot (contract §13). `flush_range` and `invalidate_range` do a flush and a
+//! drop for a range, for applications that share the file with other writers by file locks
+//! instead of the lease (contract §6, "Extent operations and file locks").
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -363,12 +365,85 @@ impl FileMapping {
             return Err(Error::Invalid("the context belongs to the parent process"));
         }
         let own = self.handle.runtime().flush_region(&self.handle.region);
+        self.report(own)
+    }
+
+    /// [`FileMapping::flush`] for the pages of `[offset, offset + len)`, bytes from the start
+    /// of the mapping (file offset minus the mapping's offset): writes back the dirty pages of
+    /// the range and waits; dirty pages outside it stay dirty, in hetmem only. Like msync of a
+    /// range, it reports what `flush` reports: an error of any writeback of the file not yet
+    /// reported to this mapping, in the range or not (the kernel's error sequence is per file
+    /// too). It writes back only: nothing is made durable (call [`FileMapping::sync`] for
+    /// that). With [`FileMapping::invalidate_range`], this is how an application that
+    /// coordinates with other writers by file locks (POSIX, OFD, flock) keeps the mapping
+    /// coherent: invalidate after taking the lock, flush the range before releasing it
+    /// (`docs/file-contract.md` §6, "Extent operations and file locks").
+    ///
+    /// # Errors
+    /// `Invalid` (EINVAL), before anything is written, for an empty range, an `offset` or
+    /// `len` that is not page-aligned, a range that does not lie inside the mapping, and in a
+    /// fork child; then as `flush`.
+    pub fn flush_range(&self, offset: usize, len: usize) -> Result<()> {
+        let (first, n) = self.page_range(offset, len)?;
+        let own = self
+            .handle
+            .runtime()
+            .flush_pages(&self.handle.region, first, n);
+        self.report(own)
+    }
+
+    /// Writes back the dirty pages of `[offset, offset + len)` (bytes from the start of the
+    /// mapping) and drops every copy hetmem has of the range, in system and device memory, so
+    /// that the next access by the CPU or a device reads the file again: it then shows what
+    /// other writers put there, hole punches, extent shifts and reflinks included. What NFS
+    /// does when it takes a lock: an application that shares the file with other writers by
+    /// file locks takes its lock, calls this, reads and writes through the mapping, calls
+    /// [`FileMapping::flush_range`], and unlocks (`docs/file-contract.md` §6, "Extent
+    /// operations and file locks"). A page whose writeback fails keeps its data, dirty and
+    /// cached; the rest of the range is dropped all the same, and the error is reported as
+    /// `flush` reports it. A Private mapping's written pages are dropped, as
+    /// [`Hetmem::discard`] drops them: its writes to the range are lost.
+    ///
+    /// # Errors
+    /// `Invalid` (EINVAL), before anything is written or dropped, for an empty range, an
+    /// `offset` or `len` that is not page-aligned, a range that does not lie inside the
+    /// mapping, and in a fork child; `Io` when a writeback failed (now, or since this mapping
+    /// last reported an error), as `flush`.
+    pub fn invalidate_range(&self, offset: usize, len: usize) -> Result<()> {
+        let (first, n) = self.page_range(offset, len)?;
+        let own = self
+            .handle
+            .runtime()
+            .invalidate_pages(&self.handle.region, first, n);
+        self.report(own)
+    }
+
+    /// The pages of `[offset, offset + len)` of the mapping, checked: non-empty, page-aligned,
+    /// inside the mapping; in the process that made the mapping.
+    fn page_range(&self, offset: usize, len: usize) -> Result<(usize, usize)> {
+        if !self.handle.runtime().is_owner() {
+            return Err(Error::Invalid("the context belongs to the parent process"));
+        }
+        if len == 0 || offset % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+            return Err(Error::Invalid(
+                "offset and length must be page-aligned, length non-zero",
+            ));
+        }
+        if offset.checked_add(len).is_none_or(|end| end > self.len()) {
+            return Err(Error::Invalid("the range is not inside the mapping"));
+        }
+        Ok((offset / PAGE_SIZE, len / PAGE_SIZE))
+    }
+
+    /// What a flush reports, given the result of its own requests: writeback errors through
+    /// the errseq alone (every one is recorded there, and the protocol's own report of it may
+    /// come a flush later than the errseq's), then the kernel's writeback errors. Private
+    /// mappings report only their own requests' errors.
+    fn report(&self, own: Result<()>) -> Result<()> {
         let f = self.backing();
         if self.mode == FileMode::Private {
             return own;
         }
-        // Writeback errors are reported through the errseq alone: every one is recorded
-        // there, and the protocol's own report of it may come a flush later than the errseq's.
         let reported = f.errseq.check_and_advance(&f.wb_seen);
         match own {
             Ok(()) | Err(Error::Io(_)) => match reported {

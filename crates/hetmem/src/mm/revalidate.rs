@@ -11,6 +11,7 @@ use crate::mm::file_io::{FileBacking, FileMode};
 use crate::mm::region::Region;
 use crate::mm::runtime::Runtime;
 use crate::mm::space::BlockSpan;
+use crate::mm::writeback::block_runs;
 use crate::sys::lease;
 use crate::sys::mem;
 
@@ -112,6 +113,25 @@ impl Runtime {
         } else {
             f.unleased_cache.store(true, Ordering::Release);
         }
+    }
+
+    /// Drops every copy of pages `[first, first + n)` of a file mapping, so the next access
+    /// reads the file again (`FileMapping::invalidate_range`): the protocol's
+    /// `Invalidate { Discard }` over each block's part of the range, as a lease break drops a
+    /// whole mapping. Discard writes a Shared mapping's dirty pages back before it drops them;
+    /// a page whose writeback fails keeps its data, dirty and cached, and the first such error
+    /// is returned after the rest of the range was dropped. The size check comes first, so a
+    /// file that shrank truncates the pages past its end instead of having them written back.
+    pub(crate) fn invalidate_pages(&self, region: &Region, first: usize, n: usize) -> Result<()> {
+        self.check_eof(region);
+        let mut result = Ok(());
+        for (bi, run) in block_runs(first, n) {
+            let r = self.invalidate(region, bi, run, Invalidation::Discard);
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
     }
 
     pub(crate) fn check_eof(&self, region: &Region) {

@@ -1,6 +1,6 @@
 //! Writeback of a file region's dirty pages (msync's analogue).
 
-use hetmem_proto::{Access, PageRun, Proc, RequestKind, PAGES_PER_BLOCK};
+use hetmem_proto::{Access, PageRun, Proc, RequestKind, PAGES_PER_BLOCK, PAGE_SIZE};
 
 use crate::error::Result;
 use crate::mm::file_io::FileMode;
@@ -12,6 +12,14 @@ impl Runtime {
     /// read-only) mappings issue no Flush: it would mark their written pages clean, and the
     /// protocol drops clean file pages on eviction, to be read from the file again.
     pub(crate) fn flush_region(&self, region: &Region) -> Result<()> {
+        self.flush_pages(region, 0, region.len / PAGE_SIZE)
+    }
+
+    /// `flush_region` for pages `[first, first + n)` of the mapping (`FileMapping::flush_range`):
+    /// the protocol's Flush over each block's part of the range, so pages outside it stay dirty.
+    /// The size check comes first, as for every flush: pages past a new end of file are
+    /// truncated, not written back.
+    pub(crate) fn flush_pages(&self, region: &Region, first: usize, n: usize) -> Result<()> {
         self.check_eof(region);
         if region
             .file
@@ -20,17 +28,14 @@ impl Runtime {
         {
             return Ok(());
         }
-        let mut first = Ok(());
-        for bi in 0..region.blocks.len() {
-            let Some(all) = PageRun::new(0, region.block_pages(bi), PAGES_PER_BLOCK) else {
-                continue;
-            };
-            let r = self.request(region, bi, all, RequestKind::Flush);
-            if first.is_ok() {
-                first = r;
+        let mut result = Ok(());
+        for (bi, run) in block_runs(first, n) {
+            let r = self.request(region, bi, run, RequestKind::Flush);
+            if result.is_ok() {
+                result = r;
             }
         }
-        first
+        result
     }
 
     /// Makes `pages` of a Shared file mapping dirty again, after the kernel's writeback of them
@@ -81,4 +86,21 @@ impl Runtime {
             i = end;
         }
     }
+}
+
+/// Pages `[first, first + n)` of a region as (block, run within the block), in order.
+pub(crate) fn block_runs(first: usize, n: usize) -> impl Iterator<Item = (usize, PageRun)> {
+    let end = first.saturating_add(n);
+    let mut page = first;
+    std::iter::from_fn(move || {
+        while page < end {
+            let (bi, start) = (page / PAGES_PER_BLOCK, page % PAGES_PER_BLOCK);
+            let len = (PAGES_PER_BLOCK - start).min(end - page);
+            page += len;
+            if let Some(run) = PageRun::new(start, len, PAGES_PER_BLOCK) {
+                return Some((bi, run));
+            }
+        }
+        None
+    })
 }
