@@ -27,7 +27,9 @@ use hetmem::{
     DeclaredAccess, Device, DeviceKind, FileMode, Hetmem, Launch, SimConfig, StatsSnapshot,
     PAGE_SIZE,
 };
-use hetmem_cuda::{kernels, CudaBackend, CudaLauncher, Function, LaunchConfig, Module};
+use hetmem_cuda::{
+    kernels, CudaBackend, CudaBuilderExt, CudaLauncher, Function, LaunchConfig, Module,
+};
 
 use crate::report::{fmt_bytes, fmt_count};
 
@@ -325,14 +327,13 @@ pub fn run(a: &DemoArgs) -> Result<()> {
             });
         }
         DeviceArg::Cuda => {
-            let backend =
-                Arc::new(CudaBackend::open(0, a.device_mib << 20).context("open CUDA device 0")?);
-            let config = SimConfig {
-                kind: DeviceKind::Private,
-                capacity: backend.capacity(),
-                workers: 1,
-            };
-            builder = builder.device_with_backend(config, backend.clone());
+            // Registered backing views: migrations copy at the link's speed, no staging.
+            let backend = Arc::new(
+                CudaBackend::open(0, a.device_mib << 20)
+                    .context("open CUDA device 0")?
+                    .register_host_memory(true),
+            );
+            builder = builder.cuda_backend(backend.clone());
             cuda = Some(backend);
         }
     }

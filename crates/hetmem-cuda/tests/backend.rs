@@ -520,3 +520,48 @@ fn a_declared_launch_runs_over_resident_pages_and_the_cpu_sees_its_writes() {
         assert_eq!(h.stats().errors, 0, "{:?}", backend.last_error());
     });
 }
+
+/// With `register_host_memory`, each region's backing view is registered while the region
+/// lives (copies then run from pinned memory) and unregistered when it goes; the data makes
+/// the round trip as without.
+#[test]
+fn registered_backing_views_round_trip_and_unregister() {
+    let name = "registered_backing_views_round_trip_and_unregister";
+    watchdog(name, 120, move || {
+        let _driver = shared();
+        let Some(cuda) = open(name) else {
+            return;
+        };
+        let backend = Arc::new(
+            CudaBackend::new(&cuda, 16 * MIB)
+                .expect("a CUDA backend")
+                .register_host_memory(true),
+        );
+        let h = Hetmem::builder()
+            .cuda_backend(backend.clone())
+            .build()
+            .expect("a hetmem context");
+        let len = 6 * MIB;
+        let want = pattern(len, 7);
+        let mut buf = h.alloc(len).unwrap();
+        assert_eq!(
+            backend.host_registrations(),
+            1,
+            "the region's view is registered"
+        );
+        fill(&mut buf, &want);
+        h.migrate(buf.addr(), len, dev0()).unwrap();
+        h.discard(buf.addr(), 2 * MIB).unwrap();
+        h.migrate(buf.addr(), len, dev0()).unwrap();
+        let mut want = want;
+        want[..2 * MIB].fill(0);
+        verify("after the round trip and a discard", &buf, &want);
+        drop(buf);
+        assert_eq!(
+            backend.host_registrations(),
+            0,
+            "unregistered with its region"
+        );
+        assert_eq!(h.stats().errors, 0, "{:?}", backend.last_error());
+    });
+}

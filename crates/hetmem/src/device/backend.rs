@@ -148,6 +148,33 @@ pub trait DeviceBackend: Send + Sync + fmt::Debug {
         false
     }
 
+    /// A region's backing view of system memory, `[ptr, ptr + len)`, was just mapped: the
+    /// backend may register it with its device (`cuMemHostRegister`) so that copies to and
+    /// from it run at the link's speed instead of being staged. Returns whether it did; the
+    /// default does nothing.
+    ///
+    /// Registration pins every page of the range at once, so the runtime then keeps the pages
+    /// for the region's life: it never punches a hole in a registered region (a punched page
+    /// would leave the memfd while the registration still pins it, and copies through the
+    /// registration would miss the data); data that goes for good is zeroed in place instead.
+    /// [`DeviceBackend::unregister_host`] comes before the view is unmapped, after the
+    /// region's last copy.
+    ///
+    /// # Safety
+    /// The caller (the runtime) keeps `[ptr, ptr + len)` mapped, neither remapped nor punched,
+    /// until it calls `unregister_host(ptr)`, and touches it only as DMA memory meanwhile.
+    #[allow(unsafe_code)]
+    unsafe fn register_host(&self, ptr: *mut u8, len: usize) -> io::Result<bool> {
+        let _ = (ptr, len);
+        Ok(false)
+    }
+
+    /// Undoes a [`DeviceBackend::register_host`] that returned true, for the range starting
+    /// at `ptr`.
+    fn unregister_host(&self, ptr: *mut u8) {
+        let _ = ptr;
+    }
+
     /// A new, empty page table for one block. Called the first time the device maps a page
     /// of the block, so blocks the device never maps cost no table.
     /// It is called under the block's locks, so it must not call back into the runtime.

@@ -614,9 +614,33 @@ impl Runtime {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let drop = (mask_of(run) & *pop) - keep;
-        *pop -= drop;
-        for r in drop.runs() {
-            self.punch(region, bi, r);
+        if region.registered.is_empty() {
+            *pop -= drop;
+            for r in drop.runs() {
+                self.punch(region, bi, r);
+            }
+        }
+        // A registered region keeps its pages: what they held is garbage now, and the next
+        // fill writes them whole (a zero fill zeroes them: they stay `populated`).
+    }
+
+    /// Makes the `stale` pages of system memory read zero: a hole punched in the memfd, or,
+    /// in a region registered with a device, zeros written in place (its pages must stay the
+    /// memfd's: `Region::registered`). `pop` loses the punched pages.
+    fn zero_system(&self, region: &Region, bi: usize, stale: Mask, pop: &mut Mask) {
+        if region.registered.is_empty() {
+            *pop -= stale;
+            for r in stale.runs() {
+                self.punch(region, bi, r);
+            }
+            return;
+        }
+        for r in stale.runs() {
+            // SAFETY: the pages are busy filling under this drive (the protocol holds them):
+            // no processor maps them and no copy uses them; the backing view covers them.
+            unsafe {
+                std::ptr::write_bytes(region.backing_ptr(bi, r.start()), 0, r.len() * PAGE_SIZE)
+            };
         }
     }
 
@@ -767,15 +791,9 @@ impl Runtime {
                     None => {
                         // Zeros are what a hole reads: punch only pages that may hold old data.
                         // The CPU map then fills the holes with UFFDIO_ZEROPAGE.
-                        let stale = {
-                            let mut pop = slot.populated.lock().unwrap_or_else(|e| e.into_inner());
-                            let stale = *pop & fresh;
-                            *pop -= fresh;
-                            stale
-                        };
-                        for r in stale.runs() {
-                            self.punch(region, bi, r);
-                        }
+                        let mut pop = slot.populated.lock().unwrap_or_else(|e| e.into_inner());
+                        let stale = *pop & fresh;
+                        self.zero_system(region, bi, stale, &mut pop);
                     }
                     Some(d) => {
                         let backend = &*self.devices[d.index()].backend;

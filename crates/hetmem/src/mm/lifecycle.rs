@@ -30,6 +30,7 @@ pub(crate) struct KeptMapping {
 pub(crate) static KEPT: Mutex<Vec<KeptMapping>> = Mutex::new(Vec::new());
 
 impl Runtime {
+    #[allow(unsafe_code)]
     pub(crate) fn new_region(
         &self,
         len: usize,
@@ -42,15 +43,28 @@ impl Runtime {
         let memfd = mem::memfd(&format!("hetmem-{id}"), len).map_err(Error::os("memfd_create"))?;
         let backing =
             Mapping::shared(memfd.as_fd(), 0, len).map_err(Error::os("mmap backing view"))?;
-        Ok(Arc::new(Region::new(
-            id,
-            memfd,
-            backing,
-            len,
-            slots,
-            self.devices.len(),
-            file,
-        )))
+        let mut region = Region::new(id, memfd, backing, len, slots, self.devices.len(), file);
+        // Backends that copy faster from registered memory register the backing view now.
+        // Registration pins (and so populates) every page: the region's pages are then all
+        // in the memfd for good, never holes (`Region::registered`).
+        for d in &self.devices {
+            // SAFETY: the backing view stays mapped, and is never punched once registered
+            // (`Region::registered`), until the region's drop unregisters it.
+            let registered = unsafe { d.backend.register_host(region.backing.as_ptr(), len) }
+                .map_err(Error::os("register host memory with a device"))?;
+            if registered {
+                region.registered.push(d.backend.clone());
+            }
+        }
+        if !region.registered.is_empty() {
+            for (bi, slot) in region.blocks.iter().enumerate() {
+                slot.populated
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert_range(0, region.block_pages(bi));
+            }
+        }
+        Ok(Arc::new(region))
     }
 
     /// A CPU view of the whole region, 2 MiB-aligned, not registered yet.

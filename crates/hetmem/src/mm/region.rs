@@ -9,13 +9,13 @@
 use std::ops::Range;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use hetmem_proto::{
     Block2M, Layout, PageMask, BLOCK_BYTES, BLOCK_WORDS, PAGES_PER_BLOCK, PAGE_SIZE,
 };
 
-use crate::device::{BlockPageTable, Pte};
+use crate::device::{BlockPageTable, DeviceBackend, Pte};
 use crate::error::{Error, Result};
 use crate::mm::file_io::FileBacking;
 use crate::mm::launch::Pins;
@@ -111,6 +111,20 @@ pub(crate) struct Region {
     pub policy: PolicyRegion,
     /// The CPU views. Normally one; `mremap` and partial `munmap` split or move them.
     pub views: RwLock<Vec<View>>,
+    /// Backends that registered the backing view with their device
+    /// (`DeviceBackend::register_host`): its pages stay for the region's life, never punched,
+    /// and are unregistered when the region goes, before the view is unmapped.
+    pub registered: Vec<Arc<dyn DeviceBackend>>,
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // The last reference: no copy can use the backing view any more, and it is unmapped
+        // right after this (a field of ours).
+        for b in &self.registered {
+            b.unregister_host(self.backing.as_ptr());
+        }
+    }
 }
 
 impl Region {
@@ -199,6 +213,7 @@ impl Region {
             file,
             blocks,
             views: RwLock::new(Vec::new()),
+            registered: Vec::new(),
             policy: PolicyRegion::default(),
         }
     }
