@@ -287,6 +287,7 @@ impl Runtime {
                 match kind {
                     Invalidation::Unmap => "unmap",
                     Invalidation::Truncate => "truncate",
+                    Invalidation::Extend => "extend",
                     Invalidation::Discard => "discard",
                     Invalidation::Protect { .. } => "protect",
                 },
