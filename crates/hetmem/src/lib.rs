@@ -29,6 +29,7 @@ pub use api::hetmem::{
     default_service_threads, Hetmem, HetmemBuilder, Prefetch, SimConfig, Target,
     MAX_SERVICE_THREADS,
 };
+pub use api::pin::Pin;
 pub use device::{
     BlockPageTable, BytePageTable, Chunk, CopyOp, DeviceBackend, DeviceCounters, Endpoint, Fence,
     Pte, SimBackend,

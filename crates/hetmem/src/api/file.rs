@@ -368,13 +368,15 @@ impl FileMapping {
     }
 }
 
-/// Dirty pages of a region (file pages newer than the file).
+/// Dirty pages of a region (file pages newer than the file), but for pinned ones: those are
+/// dirty again after every writeback, for DMA may write them (`mm/pin.rs`).
 fn dirty_pages(inner: &Runtime, region: &Region) -> usize {
     let mut n = 0;
     for (bi, slot) in region.blocks.iter().enumerate() {
+        let pinned = region.pins.in_block(bi);
         let block = inner.lock_block(slot);
         n += (0..region.block_pages(bi))
-            .filter(|&i| block.page(i).dirty)
+            .filter(|&i| block.page(i).dirty && !pinned.contains(i))
             .count();
     }
     n

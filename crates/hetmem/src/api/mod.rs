@@ -5,4 +5,5 @@ pub(crate) mod buffer;
 pub(crate) mod device;
 pub(crate) mod file;
 pub(crate) mod hetmem;
+pub(crate) mod pin;
 pub(crate) mod testing;

@@ -12,6 +12,7 @@ pub(crate) mod kernel_runs;
 pub(crate) mod leases;
 pub(crate) mod lifecycle;
 pub(crate) mod ops;
+pub(crate) mod pin;
 pub(crate) mod placement;
 pub(crate) mod poison;
 pub(crate) mod region;

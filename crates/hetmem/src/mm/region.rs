@@ -106,6 +106,8 @@ pub(crate) struct Region {
     pub policy: PolicyRegion,
     /// The CPU views. Normally one; `mremap` and partial `munmap` split or move them.
     pub views: RwLock<Vec<View>>,
+    /// Pages pinned for DMA by others (`Hetmem::pin`, `mm/pin.rs`).
+    pub pins: crate::mm::pin::PinTable,
 }
 
 impl Region {
@@ -195,6 +197,7 @@ impl Region {
             blocks,
             views: RwLock::new(Vec::new()),
             policy: PolicyRegion::default(),
+            pins: Default::default(),
         }
     }
 

@@ -1,6 +1,6 @@
 //! Writeback of a file region's dirty pages (msync's analogue).
 
-use hetmem_proto::{PageRun, RequestKind, PAGES_PER_BLOCK};
+use hetmem_proto::{Access, PageRun, Proc, RequestKind, PAGES_PER_BLOCK};
 
 use crate::error::Result;
 use crate::mm::file_io::FileMode;
@@ -28,6 +28,16 @@ impl Runtime {
             let r = self.request(region, bi, all, RequestKind::Flush);
             if first.is_ok() {
                 first = r;
+            }
+            // A pinned page is written by DMA with no fault we see: it counts as written again
+            // as soon as its writeback is done (a CPU write fault marks it dirty), so every
+            // flush that starts after a DMA write writes it (`mm/pin.rs`).
+            for run in region.pins.in_block(bi).runs() {
+                let write = RequestKind::Fault {
+                    proc: Proc::Cpu,
+                    access: Access::Write,
+                };
+                let _ = self.request(region, bi, run, write);
             }
         }
         first
