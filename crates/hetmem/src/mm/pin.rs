@@ -17,9 +17,6 @@
 //!   may have written it since) is dirty and written at the next flush, then the advice each
 //!   page had before its first pin.
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
-
 use hetmem_proto::{
     Access, Advice, Event, Mem, PageMask, PageRun, Proc, RequestKind, BLOCK_WORDS, PAGES_PER_BLOCK,
 };
@@ -28,38 +25,6 @@ use crate::error::{Error, Result};
 use crate::mm::region::Region;
 use crate::mm::runtime::Runtime;
 use crate::mm::space::BlockSpan;
-
-/// The pinned pages of a region, by page index in the region: how many pins hold each, and the
-/// preferred location it had before the first of them (restored when the last one goes).
-#[derive(Debug, Default)]
-pub(crate) struct PinTable {
-    pages: Mutex<BTreeMap<usize, (u32, Option<Mem>)>>,
-}
-
-impl PinTable {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<usize, (u32, Option<Mem>)>> {
-        self.pages.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The pinned pages among block `bi`'s.
-    pub(crate) fn in_block(&self, bi: usize) -> PageMask<BLOCK_WORDS> {
-        let first = bi * PAGES_PER_BLOCK;
-        let mut mask = PageMask::EMPTY;
-        for (&page, _) in self.lock().range(first..first + PAGES_PER_BLOCK) {
-            mask.insert(page - first);
-        }
-        mask
-    }
-
-    /// Whether any page of block `bi`'s `run` is pinned.
-    pub(crate) fn any(&self, bi: usize, run: PageRun) -> bool {
-        let first = bi * PAGES_PER_BLOCK;
-        self.lock()
-            .range(first + run.start()..first + run.end())
-            .next()
-            .is_some()
-    }
-}
 
 /// `run`'s pages minus `pinned`, as runs.
 pub(crate) fn unpinned_runs(run: PageRun, pinned: PageMask<BLOCK_WORDS>) -> Vec<PageRun> {
