@@ -39,8 +39,9 @@ pub(crate) struct FileBacking {
     /// Pages of the region at or beyond this one are past the file's end (truncated, and not
     /// extended again since).
     pub eof_page: AtomicUsize,
-    /// Serialises the checks of the file's size against the mapping (`Runtime::check_eof`), so
-    /// that shrinks and growths are applied in the order their `fstat`s saw them.
+    /// Held by the check of the file's size against the mapping in progress
+    /// (`Runtime::check_eof`), so that shrinks and growths are applied in the order their
+    /// `fstat`s saw them; a check that finds it held skips.
     pub eof_lock: Mutex<()>,
     /// Test hook: reads and writebacks to fail (`crate::mm::testing`).
     pub faults: FileFaults,

@@ -135,8 +135,16 @@ impl Runtime {
             }
         }
         // One check at a time per mapping, so that shrinks and growths apply in the order
-        // their fstats saw them, and a fault waits for the check in progress to finish.
-        let _serial = f.eof_lock.lock().unwrap_or_else(|e| e.into_inner());
+        // their fstats saw them. A check that finds another one running skips its own rather
+        // than wait: the other may be waiting (in a truncation's device unmap) for a device
+        // kernel whose closure faults on this mapping, and whose fault is this check. The
+        // protocol already holds what the running check applied so far, and the next check
+        // looks at the size again.
+        let _serial = match f.eof_lock.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
         let Some((before, now)) = f.observe_size() else {
             return;
         };
