@@ -15,8 +15,9 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 mod common;
 
 use anyhow::{bail, ensure, Context, Result};
-use common::file::{assert_same, content, create_file, pread_file, unleased, MIB};
+use common::file::{assert_same, content, create_file, pread_file, unleased, wait_child, MIB};
 use common::fs::TempDir;
+use common::process::{exit_code, fork_child};
 use hetmem::{Advice, DeviceKind, Error, FileMode, Hetmem, Location, Mem, PAGE_SIZE};
 
 const DEFAULT_TIMEOUT_S: u64 = 60;
@@ -26,6 +27,7 @@ common::serial_tests!(
     pin_refuses_bad_input_before_doing_anything,
     o_direct_read_into_a_pinned_buffer,
     dma_into_a_pinned_file_mapping_reaches_the_file,
+    a_lease_break_keeps_pinned_pages,
 );
 
 /// Where each page of `[addr, addr + len)` is, as the device sees it.
@@ -337,6 +339,64 @@ mod scenarios {
         );
         m.close().map_err(|(_, e)| e).context("close")?;
         assert_same("the file after close", &pread_file(&path)?, &want);
+        ensure!(hm.stats().errors == 0, "errors: {}", hm.stats().errors);
+        Ok(())
+    }
+
+    /// With the default lease: another process's open breaks it, and the break writes the DMA
+    /// data of the pinned pages back (the opener reads it) but does not drop those pages, as it
+    /// drops the others: DMA after the break lands in the page hetmem keeps, and the next flush
+    /// writes it (fails without the runtime's discards leaving pinned pages alone: the page is
+    /// dropped, and the later DMA write lands in memory hetmem no longer counts as the page).
+    pub fn a_lease_break_keeps_pinned_pages() -> Result<()> {
+        let dir = TempDir::new("pin_lease")?;
+        let path = dir.path("data");
+        let len = 4 * PAGE_SIZE;
+        let mut want = content(0, 0, len);
+        create_file(&path, &want)?;
+        let hm = Hetmem::builder()
+            .sim_device(DeviceKind::Private, 8 * MIB)
+            .build()?;
+        let dev = hm.device(0).expect("one device");
+        let m = hm.map_file(&path, 0, len, FileMode::Shared)?;
+        ensure!(m.is_leased(), "no lease to begin with");
+        let a = m.addr();
+        let pin = hm.pin(a, 2 * PAGE_SIZE)?;
+        let Some(alias) = Alias::of(a, 2 * PAGE_SIZE)? else {
+            return Ok(());
+        };
+        let dma = content(8, 0, PAGE_SIZE);
+        alias.write(0, &dma);
+        want[..PAGE_SIZE].copy_from_slice(&dma);
+        let breaks = hm.stats().lease_breaks;
+
+        // Another process opens the file (the lease breaks) and reads it.
+        let opener_path = path.clone();
+        let expect = want.clone();
+        let pid = fork_child(move || match std::fs::read(&opener_path) {
+            Ok(got) if got == expect => 0,
+            Ok(_) => 1,
+            Err(_) => 2,
+        });
+        ensure!(
+            exit_code(wait_child(pid)) == 0,
+            "the opener did not read the DMA data"
+        );
+        ensure!(hm.stats().lease_breaks > breaks, "the open broke no lease");
+        let at = locations(&dev, a, 2 * PAGE_SIZE)?;
+        ensure!(
+            at.iter().all(|&l| l == Location::System),
+            "pinned pages were dropped by the lease break: {at:?}"
+        );
+        // DMA after the break: the next flush writes it.
+        let dma = content(8, 1, PAGE_SIZE);
+        alias.write(PAGE_SIZE, &dma);
+        want[PAGE_SIZE..2 * PAGE_SIZE].copy_from_slice(&dma);
+        m.flush()?;
+        drop(alias);
+        drop(pin);
+        drop(m);
+        assert_same("the file", &pread_file(&path)?, &want);
         ensure!(hm.stats().errors == 0, "errors: {}", hm.stats().errors);
         Ok(())
     }
