@@ -77,6 +77,8 @@ enum Work {
     Release(DeviceId),
     /// The data half of an unmap, discard or truncate.
     Drop(Invalidation),
+    /// Pages beyond the end of the file are inside it again, once no earlier request covers them.
+    Extend,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -285,6 +287,18 @@ impl<const W: usize> Block<W> {
             }
             Invalidation::Truncate => s.eof |= pages,
             Invalidation::Discard => {}
+            Invalidation::Extend => {
+                // Nothing beyond the end is mapped (invariant), so nothing to tear down; the
+                // pages become the file's again in arrival order (`Work::Extend`).
+                return self.requests.push(Pending {
+                    id,
+                    work: Work::Extend,
+                    pages,
+                    extra: PageMask::EMPTY,
+                    written: PageMask::EMPTY,
+                    error: None,
+                });
+            }
             Invalidation::Protect { read, write } => {
                 toggle(&mut s.prot_read, pages, read);
                 toggle(&mut s.prot_write, pages, write);
@@ -453,6 +467,18 @@ impl<const W: usize> Block<W> {
                     Some(e) => Err(e),
                     None => Ok(()),
                 })
+            }
+            Work::Extend => {
+                // After every earlier request on the pages (the truncation's drop, a flush
+                // that skips them as beyond the end), and with no transfer or writeback on
+                // them: otherwise a dirty page truncated but not yet dropped would count as
+                // the file's again, and be written over what the file grew with.
+                let extend_at_once = env.topology.mutated(Mutation::ExtendAtOnce);
+                if free != req.pages && !extend_at_once {
+                    return None;
+                }
+                self.state.eof -= req.pages;
+                Some(Ok(()))
             }
             Work::Drop(kind) => {
                 // All or nothing: the range's data goes at one instant, as with zap_page_range.

@@ -37,6 +37,9 @@ pub enum Mutation {
     SkipInvalidation,
     /// On eviction, free the device frame of a dirty page even when it holds the only copy.
     DropDirtyOnEvict,
+    /// Let `Invalidate { Extend }` clear the end of file at once, without waiting for earlier
+    /// requests (a truncation's drop, a flush) on its pages.
+    ExtendAtOnce,
 }
 
 /// Devices and policy.

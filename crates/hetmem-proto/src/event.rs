@@ -53,8 +53,9 @@ pub enum RequestKind {
     },
 }
 
-/// How a range stops being what it was. Mappings are torn down at once, when the event is
-/// handled, as an MMU notifier does; dropping data waits for transfers in flight.
+/// How a range stops being what it was (or, for `Extend`, becomes a file's pages again).
+/// Mappings are torn down at once, when the event is handled, as an MMU notifier does; dropping
+/// data waits for transfers in flight.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum Invalidation {
     /// munmap: the range stops being managed. Dirty file data is written back first.
@@ -65,6 +66,13 @@ pub enum Invalidation {
     /// The file shrank: pages are beyond its end. Their data, dirty or not, is discarded and any
     /// later access is an error (SIGBUS on the CPU).
     Truncate,
+    /// The file grew again over pages beyond its end (`Truncate`): they are the file's pages
+    /// once more, read from the file at their next access, as a `MAP_SHARED` page past EOF
+    /// becomes valid when the file grows. Mappings are untouched (no page beyond the end is
+    /// mapped). It waits behind every earlier request and invalidation of its pages, so the
+    /// truncation's drop (and any flush that still skips the pages) is over before they count
+    /// as inside the file again, and completes then. Pages not beyond the end are left alone.
+    Extend,
     /// mprotect. Mappings beyond the new protection are revoked.
     Protect {
         /// Reads allowed.

@@ -75,6 +75,33 @@ fn file_pages_writeback_truncate_discard_unmap_protect() {
     run("file lifecycle", cfg);
 }
 
+/// The file shrinks and grows back: truncation of the last page and `Invalidate { Extend }` at any
+/// point after it (while its drop waits for a writeback or a fill, too), with flushes, writes and
+/// failed writebacks around them. Two requests outstanding, so the growth can arrive while the
+/// truncation's drop or a flush is still pending. After the growth the page holds what the file
+/// grew with: a stale copy, or a stale dirty page written back over it, is a violation.
+#[test]
+fn file_shrinks_and_grows_back() {
+    let cfg = Config {
+        topology: private_and_coherent(),
+        layout: layout(&[0, 1]),
+        pages: 2,
+        capacity: vec![1, 1],
+        max_outstanding: 2,
+        max_writes: 2,
+        max_failures: 1,
+        moves: Moves {
+            flush: true,
+            truncate: true,
+            extend: true,
+            ..Moves::default()
+        },
+        max_states: max_states(),
+    };
+    let r = run("file growth", cfg);
+    assert!(r.states > 1000, "the growth moves were explored");
+}
+
 #[test]
 fn advice_and_atomics() {
     let cfg = Config {

@@ -63,3 +63,27 @@ fn skipped_invalidation_is_caught() {
 fn dirty_page_dropped_on_eviction_is_caught() {
     caught(Mutation::DropDirtyOnEvict, true, "");
 }
+
+/// A growth that does not wait for the truncation's drop lets a stale (dirty) copy of the page
+/// count as the file's again.
+#[test]
+fn extend_before_the_truncation_is_over_is_caught() {
+    let mut cfg = small(Mutation::ExtendAtOnce, true);
+    cfg.layout.file_backed = PageMask::FULL;
+    cfg.max_outstanding = 2;
+    cfg.moves = Moves {
+        flush: true,
+        truncate: true,
+        extend: true,
+        ..Moves::default()
+    };
+    let report = explore(&cfg);
+    let (violation, trace) = report
+        .counterexample
+        .unwrap_or_else(|| panic!("ExtendAtOnce was not caught in {} states", report.states));
+    println!(
+        "ExtendAtOnce caught after {} states: {}",
+        report.states, violation.what
+    );
+    println!("counterexample ({} moves): {trace:?}", trace.len());
+}

@@ -18,6 +18,10 @@ pub enum Error {
     /// Unaligned, not fully mapped, or otherwise malformed input (EINVAL).
     #[error("invalid argument: {0} (EINVAL)")]
     Invalid(&'static str),
+    /// The range is pinned for DMA (`Hetmem::pin`): it may not move to a device, be
+    /// discarded, or get advice that would move it, until the pin is dropped (EBUSY).
+    #[error("range is pinned: {0} (EBUSY)")]
+    Busy(&'static str),
     /// A device is full and nothing on it can be evicted (ENOMEM).
     #[error("device memory exhausted (ENOMEM)")]
     NoMem,
@@ -54,6 +58,7 @@ impl Error {
             Error::NoEnt(_) => libc::ENOENT,
             Error::Invalid(_) => libc::EINVAL,
             Error::NoMem => libc::ENOMEM,
+            Error::Busy(_) => libc::EBUSY,
             Error::Io(OpError::NoSpace) => libc::ENOSPC,
             Error::Io(OpError::Quota) => libc::EDQUOT,
             Error::Io(_) => libc::EIO,

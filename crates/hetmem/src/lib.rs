@@ -31,6 +31,7 @@ pub use api::hetmem::{
     MAX_SERVICE_THREADS,
 };
 pub use api::launch::{DeclaredAccess, HostRuns, Launch, LaunchRun, LaunchTarget, Resident};
+pub use api::pin::Pin;
 pub use device::{
     BlockPageTable, BytePageTable, Chunk, CopyOp, DeviceBackend, DeviceCounters, Endpoint, Fence,
     Pte, SimBackend,

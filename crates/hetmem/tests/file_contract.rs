@@ -36,6 +36,7 @@ common::serial_tests!(
     private_mapping_reads_the_file_once_per_window,
     bytes_past_eof_never_reach_the_file,
     a_shrink_drops_the_stale_tail_of_the_last_page,
+    growth_is_followed,
     discard_of_a_file_mapping,
     partial_munmap_writes_back,
     sibling_drop_lets_the_lease_be_taken_again,
@@ -679,6 +680,129 @@ mod scenarios {
             pread_file(&path)?[end..].iter().all(|&b| b == 0),
             "the old tail came back into the file"
         );
+        ensure!(hm.stats().errors == 0, "errors: {}", hm.stats().errors);
+        Ok(())
+    }
+
+    /// §7: pages past the end of the file come back when the file grows, as a `MAP_SHARED`
+    /// mapping's do. A file of one page and 100 bytes, mapped over 4 pages: a CPU read of page
+    /// 2 raises SIGBUS, a device read fails with `Fault`. Another process grows the file to 4
+    /// pages and writes page 2. Then a CPU read of page 2 (the first access of this process
+    /// since the growth: nothing else looked at the size) shows that process's data, at the
+    /// latest once its SIGBUS marker has lapsed (`POISON_RETRY_AFTER`, 10 ms; polled up to a
+    /// deadline, never slept on), and a device read of page 3 reads zeros. The bytes stored
+    /// past the old end in page 1 while it was past it never reach the file, while the byte
+    /// stored before the end does, and a CPU write to page 1's regrown part, to page 2 and a
+    /// device write to page 3 all reach it at `flush`: the end writebacks stop at moved up
+    /// with the growth. With the default lease (the grower's open breaks it) and without.
+    pub fn growth_is_followed() -> Result<()> {
+        for (what, opts) in [
+            ("default lease", hetmem::FileOptions::new(FileMode::Shared)),
+            ("no lease", unleased(FileMode::Shared)),
+        ] {
+            growth_is_followed_with(opts).with_context(|| what)?;
+        }
+        Ok(())
+    }
+
+    fn growth_is_followed_with(opts: hetmem::FileOptions) -> Result<()> {
+        use common::file::{clone_vm_read, is_sigbus, read_outcome};
+        let dir = TempDir::new("growth")?;
+        let hm = Hetmem::builder()
+            .sim_device(DeviceKind::Private, 8 * MIB)
+            .build()?;
+        let dev = hm.device(0).expect("one device");
+        let path = dir.path("data");
+        let len = 4 * PAGE_SIZE;
+        let end = PAGE_SIZE + 100;
+        let old = content(0, 0, end);
+        create_file(&path, &old)?;
+        let mut m = hm.map_file_with(&path, 0, len, opts)?;
+        let page2 = m.addr() + 2 * PAGE_SIZE;
+
+        // Past the end: EFAULT, and SIGBUS (last: a device access would clear its marker).
+        match dev.read(page2, PAGE_SIZE) {
+            Err(Error::Fault(_)) => {}
+            r => bail!("a device read of page 2, past the end: {r:?}"),
+        }
+        let status = clone_vm_read(page2, &[0u8; PAGE_SIZE]);
+        ensure!(
+            is_sigbus(status),
+            "a CPU read of page 2, past the end, {}; expected SIGBUS",
+            read_outcome(status)
+        );
+        // Page 1 holds the end: a byte before it, and bytes past it (as with mmap, stores past
+        // the end of the file are never written to it).
+        {
+            let s = m.as_mut_slice().expect("writable");
+            s[PAGE_SIZE + 50] = 0x5a;
+            s[end..2 * PAGE_SIZE].fill(0xab);
+        }
+
+        // Another process grows the file to 4 pages and writes page 2.
+        let theirs = page_of(2, 2);
+        let grower = path.clone();
+        let their_page = theirs.clone();
+        let pid = fork_child(move || {
+            let Ok(f) = std::fs::OpenOptions::new().write(true).open(&grower) else {
+                return 1;
+            };
+            if f.set_len(len as u64).is_err()
+                || f.write_all_at(&their_page, 2 * PAGE_SIZE as u64).is_err()
+            {
+                return 2;
+            }
+            0
+        });
+        let status = wait_child(pid);
+        ensure!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the grower failed: status {status:#x}"
+        );
+
+        // The first access since the growth: a CPU read of page 2.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut sigbus = 0u32;
+        loop {
+            let status = clone_vm_read(page2, &theirs);
+            match status {
+                common::Reading::Wanted => break,
+                r if is_sigbus(r) && Instant::now() < deadline => sigbus += 1,
+                r => bail!(
+                    "a CPU read of page 2 after the file grew over it {} (after {sigbus} \
+                     SIGBUS); expected the grower's data",
+                    read_outcome(r)
+                ),
+            }
+        }
+        eprintln!("page 2 readable after the growth, {sigbus} SIGBUS before");
+        assert_same(
+            "device read of page 3 (grown)",
+            &dev.read(m.addr() + 3 * PAGE_SIZE, PAGE_SIZE)?,
+            &[0u8; PAGE_SIZE],
+        );
+        let mut want = old.clone();
+        want[PAGE_SIZE + 50] = 0x5a;
+        want.resize(len, 0);
+        want[2 * PAGE_SIZE..3 * PAGE_SIZE].copy_from_slice(&theirs);
+        assert_same("the mapping after the growth", m.as_slice(), &want);
+
+        // Writes after the growth reach the file, up to its new end.
+        let ours2 = page_of(3, 2);
+        let ours3 = page_of(3, 3);
+        {
+            let s = m.as_mut_slice().expect("writable");
+            s[end + 10] = 0x77;
+            s[2 * PAGE_SIZE..3 * PAGE_SIZE].copy_from_slice(&ours2);
+        }
+        dev.write(m.addr() + 3 * PAGE_SIZE, &ours3)?;
+        m.flush()?;
+        want[end + 10] = 0x77;
+        want[2 * PAGE_SIZE..3 * PAGE_SIZE].copy_from_slice(&ours2);
+        want[3 * PAGE_SIZE..].copy_from_slice(&ours3);
+        assert_same("the file after flush", &pread_file(&path)?, &want);
+        drop(m);
+        assert_same("the file after drop", &pread_file(&path)?, &want);
         ensure!(hm.stats().errors == 0, "errors: {}", hm.stats().errors);
         Ok(())
     }

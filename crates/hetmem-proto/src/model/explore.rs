@@ -33,6 +33,9 @@ pub struct Moves {
     pub unmap: bool,
     /// Truncation of the last page.
     pub truncate: bool,
+    /// The file growing back over the last page while it is beyond the end of the file
+    /// (`Invalidate { Extend }`), at any point after its truncation: while its drop waits, too.
+    pub extend: bool,
     /// mprotect read-only and back.
     pub protect: bool,
     /// Read-mostly and preferred-location advice.
@@ -238,6 +241,9 @@ fn moves(cfg: &Config, s: &State) -> Vec<Move> {
                 page(cfg.pages - 1),
                 Invalidation::Truncate,
             ));
+        }
+        if cfg.moves.extend && w.blocks[0].page(cfg.pages - 1).beyond_eof {
+            v.push(Move::Invalidate(page(cfg.pages - 1), Invalidation::Extend));
         }
     }
     if cfg.moves.advise {

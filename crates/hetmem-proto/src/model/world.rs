@@ -10,6 +10,9 @@ use crate::error::RequestError;
 use crate::event::{Access, Event, Invalidation, OpError, RequestKind};
 use crate::ids::{OpId, PageRun, Proc, ReqId};
 
+/// What a page holds after the file grew back over it (`Outstanding::Extend`).
+pub const GROWN: u32 = u32::MAX - 1;
+
 /// What the world remembers about a request until it completes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum Outstanding {
@@ -26,6 +29,14 @@ pub enum Outstanding {
     },
     /// A discard; on completion anonymous pages read zero again.
     Discard {
+        /// Block index.
+        block: usize,
+        /// Pages.
+        run: PageRun,
+    },
+    /// The file grew back over pages beyond its end; on completion they hold what the file
+    /// grew with (a new version, as another process's `ftruncate` and `write` would put there).
+    Extend {
         /// Block index.
         block: usize,
         /// Pages.
@@ -129,6 +140,7 @@ impl<const W: usize> World<W> {
         let slot = self.free_slot();
         let note = match kind {
             Invalidation::Discard => Outstanding::Discard { block, run },
+            Invalidation::Extend => Outstanding::Extend { block, run },
             _ => Outstanding::Other,
         };
         if matches!(kind, Invalidation::Unmap | Invalidation::Truncate) {
@@ -289,6 +301,30 @@ impl<const W: usize> World<W> {
                 for p in run.pages().take_while(|&p| p < n) {
                     if !self.blocks[b].page(p).file {
                         self.machines[b].latest[p] = 0;
+                    }
+                }
+            }
+            Outstanding::Extend { block: b, run } if result.is_ok() => {
+                // Pages truncated (not unmapped) and now inside the file again: the engine must
+                // hold nothing of them by now, so what they show next is the file's, which
+                // another process wrote while it grew the file.
+                let n = self.machines[b].pages();
+                for p in run.pages().take_while(|&p| p < n) {
+                    let view = self.blocks[b].page(p);
+                    if self.machines[b].gone[p] && view.managed && !view.beyond_eof {
+                        // One value for every growth, so that shrinking and growing again and
+                        // again does not make the state space infinite; it differs from every
+                        // version a write stores and from the file's first contents.
+                        let v = GROWN;
+                        if let Some(log) = &mut self.log {
+                            log.push(format!(
+                                "b{b}: the file grows back over page {p}, holding {v}"
+                            ));
+                        }
+                        let m = &mut self.machines[b];
+                        m.gone[p] = false;
+                        m.file[p] = v;
+                        m.latest[p] = v;
                     }
                 }
             }

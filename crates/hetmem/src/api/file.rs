@@ -136,14 +136,15 @@ impl Hetmem {
     /// Maps `len` bytes of the file at `path`, from byte `offset` (both page-aligned), as
     /// managed memory. Pages are read from the file on first touch by the CPU or a device.
     /// Pages past the file's end are like an mmap's: a CPU access raises SIGBUS, a device
-    /// access fails with `Fault`.
+    /// access fails with `Fault`, while the file is that short; when it grows, they show what
+    /// it grew with (`docs/file-contract.md` §7).
     ///
     /// `Error::Invalid`, before anything is opened or allocated, for what cannot work: a path
     /// that is not a regular file (FIFO, device, socket, directory: checked without opening
     /// it, so nothing blocks and no driver sees an open), a file of a pseudo file system
     /// (procfs, sysfs, ...), a range that starts at or past the end of the file (none of its
-    /// pages could be read: a mapping does not follow a file that grows), or one that ends past
-    /// the largest file offset (`docs/file-contract.md` §2.14).
+    /// pages can be read now), or one that ends past the largest file offset
+    /// (`docs/file-contract.md` §2.14).
     pub fn map_file_with(
         &self,
         path: impl AsRef<Path>,
@@ -181,8 +182,7 @@ impl Hetmem {
         let pinned = sys_file::Pinned::new(path).map_err(open_error)?;
         if offset >= pinned.size() {
             return Err(Error::Invalid(
-                "the mapping starts at or past the end of the file: none of its pages could \
-                 ever be read (a mapping does not follow a file that grows)",
+                "the mapping starts at or past the end of the file: none of its pages can be read",
             ));
         }
         // One descriptor for all I/O, O_DIRECT included: a second one would rule the write
@@ -235,6 +235,7 @@ impl Hetmem {
             first_page: offset / PAGE_SIZE as u64,
             mode,
             eof_page: AtomicUsize::new(pages),
+            eof_lock: std::sync::Mutex::new(()),
             faults: FileFaults::default(),
             // Not again where the kernel refused it for good, or nobody would serve breaks.
             lease_wanted: AtomicBool::new(matches!(lease, LeaseProbe::Taken | LeaseProbe::InUse)),
@@ -524,13 +525,15 @@ impl FileMapping {
     }
 }
 
-/// Dirty pages of a region (file pages newer than the file).
+/// Dirty pages of a region (file pages newer than the file), but for pinned ones: those are
+/// dirty again after every writeback, for DMA may write them (`mm/pin.rs`).
 fn dirty_pages(inner: &Runtime, region: &Region) -> usize {
     let mut n = 0;
     for (bi, slot) in region.blocks.iter().enumerate() {
+        let pinned = region.pins.in_block(bi);
         let block = inner.lock_block(slot);
         n += (0..region.block_pages(bi))
-            .filter(|&i| block.page(i).dirty)
+            .filter(|&i| block.page(i).dirty && !pinned.contains(i))
             .count();
     }
     n

@@ -6,4 +6,5 @@ pub(crate) mod device;
 pub(crate) mod file;
 pub(crate) mod hetmem;
 pub(crate) mod launch;
+pub(crate) mod pin;
 pub(crate) mod testing;

@@ -10,6 +10,17 @@ use crate::mm::runtime::Runtime;
 use crate::mm::space::BlockSpan;
 use crate::policy::MemEvent;
 
+/// Why a CPU page raises SIGBUS (`Runtime::poison_page`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Poison {
+    /// Its data could not be brought to the CPU, which may pass: retried later.
+    Retry,
+    /// It is past the end of the file: until the file grows, looked at again later.
+    BeyondEof,
+    /// Until something else changes it (a bug the fault path cannot explain).
+    ForGood,
+}
+
 impl Runtime {
     /// Serves one CPU fault message. Placement first (read-back window, read-ahead, map-around),
     /// then the fault itself, which only the faulting page decides: a window that cannot be
@@ -119,12 +130,15 @@ impl Runtime {
         };
         match r {
             Ok(()) => {}
-            // Past the end of the file: SIGBUS, as with mmap.
-            Err(RequestError::BeyondEof) => self.poison_page(p, false),
+            // Past the end of the file: SIGBUS, as with mmap, and only while the file is that
+            // short. A SIGBUS marker takes no fault, so it goes after `POISON_RETRY_AFTER` (or
+            // at once when a check sees the file grow, `check_eof`): the next access faults
+            // again and the size is looked at again.
+            Err(RequestError::BeyondEof) => self.poison_page(p, Poison::BeyondEof),
             // A copy that keeps failing (a file that cannot be read, a dead device) is a memory
             // error: SIGBUS, as the kernel gives for an unreadable page, rather than a thread
             // stuck for ever. The data stays where it was; the next access retries.
-            Err(RequestError::Op(_)) => self.poison_page(p, true),
+            Err(RequestError::Op(_)) => self.poison_page(p, Poison::Retry),
             // The mapping changed since the thread faulted: unmapped (the page is no longer
             // managed memory) or protected (a raw mprotect, re-checked above). Woken, the
             // thread retries against the mapping as it is now: the kernel then gives it
@@ -136,7 +150,7 @@ impl Runtime {
                 // request makes no sense for a CPU: a bug. SIGBUS rather than a stale page or a
                 // hang.
                 self.note_error("cpu fault", &std::io::Error::other(e.to_string()));
-                self.poison_page(p, false);
+                self.poison_page(p, Poison::ForGood);
             }
         }
         if !woken {
@@ -170,9 +184,15 @@ impl Runtime {
     /// region meanwhile. With `retry`, the data could not be copied there, which may pass: the
     /// marker goes after `POISON_RETRY_AFTER`, or when another request covers the page, and the
     /// next access tries again.
-    pub(crate) fn poison_page(&self, p: &BlockSpan, retry: bool) {
+    pub(crate) fn poison_page(&self, p: &BlockSpan, why: Poison) {
         let page = p.run.start();
-        let _block = self.lock_block(&p.region.blocks[p.bi]);
+        let retry = why != Poison::ForGood;
+        let block = self.lock_block(&p.region.blocks[p.bi]);
+        if why == Poison::BeyondEof && !block.page(page).beyond_eof {
+            // The file grew and the growth was followed since the fault was refused: woken,
+            // the thread retries and finds the page inside the file.
+            return;
+        }
         let mut ranges = Vec::new();
         p.region.cpu_ranges(
             p.bi * BLOCK_BYTES + page * PAGE_SIZE,

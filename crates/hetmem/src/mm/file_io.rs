@@ -36,8 +36,13 @@ pub(crate) struct FileBacking {
     /// File offset of the region's first byte, in pages.
     pub first_page: u64,
     pub mode: FileMode,
-    /// Pages of the region at or beyond this one are past the file's end (already truncated).
+    /// Pages of the region at or beyond this one are past the file's end (truncated, and not
+    /// extended again since).
     pub eof_page: AtomicUsize,
+    /// Held by the check of the file's size against the mapping in progress
+    /// (`Runtime::check_eof`), so that shrinks and growths are applied in the order their
+    /// `fstat`s saw them; a check that finds it held skips.
+    pub eof_lock: Mutex<()>,
     /// Test hook: reads and writebacks to fail (`crate::mm::testing`).
     pub faults: FileFaults,
     /// Coherence with other processes through a file lease (`FileOptions::lease`).
@@ -51,7 +56,8 @@ pub(crate) struct FileBacking {
     /// Serialises taking the lease back and dropping what was cached without it.
     pub retake: std::sync::Mutex<()>,
     /// The smallest file size whose partial last page was dropped from the cache (the size at
-    /// map time to begin with): a shrink below it drops the new partial page (`check_eof`).
+    /// map time, or at the last growth, to begin with): a shrink below it drops the new partial
+    /// page (`check_eof`).
     pub tail_checked: AtomicU64,
     /// Dirty pages leave device memory by writeback (`FileOptions::evict_to_file`).
     pub evict_to_file: bool,
@@ -237,8 +243,10 @@ pub(crate) struct FileIo {
     /// `RWF_NOWAIT` reads (writes) are worth trying: cleared where the file system has none.
     nowait_read: AtomicBool,
     nowait_write: AtomicBool,
-    /// The smallest size of the file seen since the mapping was made: writebacks never write
-    /// at or past it, even after the file grows again (§7).
+    /// The mapping's end of file: the smallest size of the file seen since the mapping was made
+    /// or, after the file grew, since that growth was followed (`Runtime::check_eof`, which
+    /// first drops the page that held the old end). Writebacks never write at or past it, so
+    /// no page is written past the smallest size seen since it was filled (§7).
     min_size: AtomicU64,
     /// The file system's reads take no inode lock (tmpfs: `shmem_file_read_iter`), so a
     /// plain `pread` cannot deadlock; and a read through the window would allocate holes.
@@ -285,9 +293,26 @@ impl FileBacking {
     /// mapping was made: the end of the file as far as the mapping is concerned (§7, §11.2).
     /// `None` if `fstat` fails.
     pub(crate) fn size_limit(&self) -> Option<u64> {
+        self.observe_size().map(|(before, now)| before.min(now))
+    }
+
+    /// Notes the file's current size (`fstat`) as `size_limit` does, and returns the mapping's
+    /// end of file before this look and the size now; `now > before` means the file grew.
+    pub(crate) fn observe_size(&self) -> Option<(u64, u64)> {
         let now = self.file.metadata().ok()?.len();
         let before = self.io.min_size.fetch_min(now, Ordering::AcqRel);
-        Some(before.min(now))
+        Some((before, now))
+    }
+
+    /// Moves the mapping's end of file up from `from` to `to` (a growth being followed), unless
+    /// a writeback saw a smaller size meanwhile: then it stays, and whether the change succeeded
+    /// is returned. Only `Runtime::check_eof`, under `eof_lock`, after dropping the page that
+    /// held `from`.
+    pub(crate) fn raise_end(&self, from: u64, to: u64) -> bool {
+        self.io
+            .min_size
+            .compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
     }
 
     /// A window, made at first use: reading ahead (`sequential`) or not; `None` if the file

@@ -13,6 +13,7 @@ pub(crate) mod launch;
 pub(crate) mod leases;
 pub(crate) mod lifecycle;
 pub(crate) mod ops;
+pub(crate) mod pin;
 pub(crate) mod placement;
 pub(crate) mod poison;
 pub(crate) mod region;

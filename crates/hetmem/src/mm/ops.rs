@@ -18,6 +18,9 @@ impl Runtime {
         }
         let pieces = self.pieces(addr, len)?;
         self.check_access(&pieces, Access::Read)?;
+        if dst != Mem::System {
+            self.refuse_pinned(&pieces, "it may not move to a device")?;
+        }
         for p in pieces {
             self.request(&p.region, p.bi, p.run, RequestKind::Migrate { dst })?;
         }
@@ -40,6 +43,9 @@ impl Runtime {
         }
         let pieces = self.pieces(addr, len)?;
         self.check_access(&pieces, Access::Read)?;
+        if dst != Mem::System {
+            self.refuse_pinned(&pieces, "it may not move to a device")?;
+        }
         let done = std::sync::Arc::new(Background::new(pieces.len()));
         self.work
             .push(pieces.into_iter().map(|p| ServiceWork::Migrate {
@@ -54,7 +60,9 @@ impl Runtime {
 
     /// Drops the data of a range (`Hetmem::discard`).
     pub(crate) fn discard(&self, addr: usize, len: usize) -> Result<()> {
-        for p in self.pieces(addr, len)? {
+        let pieces = self.pieces(addr, len)?;
+        self.refuse_pinned(&pieces, "its data may not be dropped")?;
+        for p in pieces {
             self.invalidate(&p.region, p.bi, p.run, Invalidation::Discard)?;
         }
         Ok(())
@@ -94,6 +102,10 @@ impl Runtime {
             return Err(Error::Invalid("no such device"));
         }
         let pieces = self.pieces(addr, len)?;
+        if let Advice::PreferredLocation(_) = advice {
+            // A pin keeps its pages' preference at system memory; the advice would undo that.
+            self.refuse_pinned(&pieces, "its preferred location is system memory")?;
+        }
         for p in &pieces {
             let event = Event::Advise {
                 pages: p.run,

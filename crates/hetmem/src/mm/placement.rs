@@ -182,6 +182,10 @@ impl Runtime {
         if self.drive(&p.region, p.bi, event, |_, _| {}).is_ok() && advice.is_some() {
             self.emit(MemEvent::ThrashingPinned { dev });
         }
+        if advice.is_none() {
+            // The policy's unpinning covers the whole block: pages pinned for DMA stay home.
+            self.keep_pins_home(&p.region, p.bi);
+        }
         if let Some(t) = self.trace() {
             t.instant(
                 "policy",
@@ -274,14 +278,18 @@ impl Runtime {
                 ],
             );
         }
-        let _ = self.request(
-            &p.region,
-            p.bi,
-            all,
-            RequestKind::Migrate {
-                dst: Mem::Device(dev),
-            },
-        );
+        // Pages pinned for DMA stay in system memory (`mm/pin.rs`).
+        let pinned = p.region.pins.in_block(p.bi);
+        for run in crate::mm::pin::unpinned_runs(all, pinned) {
+            let _ = self.request(
+                &p.region,
+                p.bi,
+                run,
+                RequestKind::Migrate {
+                    dst: Mem::Device(dev),
+                },
+            );
+        }
     }
 
     /// A read fault on `run` on behalf of a neighbour's fault (placement): failures only mean

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::sync::{Arc, Mutex, RwLock};
 
 use hetmem_proto::{
-    Block2M, Layout, PageMask, BLOCK_BYTES, BLOCK_WORDS, PAGES_PER_BLOCK, PAGE_SIZE,
+    Block2M, Layout, Mem, PageMask, PageRun, BLOCK_BYTES, BLOCK_WORDS, PAGES_PER_BLOCK, PAGE_SIZE,
 };
 
 use crate::device::{BlockPageTable, DeviceBackend, Pte};
@@ -111,6 +111,8 @@ pub(crate) struct Region {
     pub policy: PolicyRegion,
     /// The CPU views. Normally one; `mremap` and partial `munmap` split or move them.
     pub views: RwLock<Vec<View>>,
+    /// Pages pinned for DMA by others (`Hetmem::pin`, `mm/pin.rs`).
+    pub pins: PinTable,
     /// Backends that registered the backing view with their device
     /// (`DeviceBackend::register_host`): its pages stay for the region's life, never punched,
     /// and are unregistered when the region goes, before the view is unmapped.
@@ -215,6 +217,7 @@ impl Region {
             views: RwLock::new(Vec::new()),
             registered: Vec::new(),
             policy: PolicyRegion::default(),
+            pins: Default::default(),
         }
     }
 
@@ -250,5 +253,41 @@ impl Region {
                 f(v.va + (s - v.off), s, e - s);
             }
         }
+    }
+}
+
+/// The pinned pages of a region, by page index in the region: how many pins hold each, and the
+/// preferred location it had before the first of them (restored when the last one goes).
+#[derive(Debug, Default)]
+pub(crate) struct PinTable {
+    pages: PinPages,
+}
+
+/// Pin count and the preferred location before the first pin, by page index in the region.
+type PinMap = std::collections::BTreeMap<usize, (u32, Option<Mem>)>;
+type PinPages = Mutex<PinMap>;
+
+impl PinTable {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, PinMap> {
+        self.pages.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The pinned pages among block `bi`'s.
+    pub(crate) fn in_block(&self, bi: usize) -> PageMask<BLOCK_WORDS> {
+        let first = bi * PAGES_PER_BLOCK;
+        let mut mask = PageMask::EMPTY;
+        for (&page, _) in self.lock().range(first..first + PAGES_PER_BLOCK) {
+            mask.insert(page - first);
+        }
+        mask
+    }
+
+    /// Whether any page of block `bi`'s `run` is pinned.
+    pub(crate) fn any(&self, bi: usize, run: PageRun) -> bool {
+        let first = bi * PAGES_PER_BLOCK;
+        self.lock()
+            .range(first + run.start()..first + run.end())
+            .next()
+            .is_some()
     }
 }

@@ -283,7 +283,30 @@ impl Runtime {
         freed > 0
     }
 
+    /// Sends `Invalidate { kind }` for block `bi`'s `run` and waits for it. A `Discard` leaves
+    /// pinned pages alone (`mm/pin.rs`): DMA may be writing them, and their data must stay
+    /// where it is; the others are discarded.
     pub(crate) fn invalidate(
+        &self,
+        region: &Region,
+        bi: usize,
+        run: PageRun,
+        kind: Invalidation,
+    ) -> Result<()> {
+        if kind == Invalidation::Discard && region.pins.any(bi, run) {
+            let mut first = Ok(());
+            for part in crate::mm::pin::unpinned_runs(run, region.pins.in_block(bi)) {
+                let r = self.invalidate_run(region, bi, part, kind);
+                if first.is_ok() {
+                    first = r;
+                }
+            }
+            return first;
+        }
+        self.invalidate_run(region, bi, run, kind)
+    }
+
+    fn invalidate_run(
         &self,
         region: &Region,
         bi: usize,
@@ -297,6 +320,7 @@ impl Runtime {
                 match kind {
                     Invalidation::Unmap => "unmap",
                     Invalidation::Truncate => "truncate",
+                    Invalidation::Extend => "extend",
                     Invalidation::Discard => "discard",
                     Invalidation::Protect { .. } => "protect",
                 },

@@ -82,10 +82,6 @@ impl Runtime {
         }
     }
 
-    /// Compares a file mapping with the file's current size: pages past a new end of file get
-    /// `Invalidate { Truncate }` (their data is dropped, dirty or not) and are poisoned for the
-    /// CPU, so an access raises SIGBUS as with mmap. Runs at every fault and flush of a file
-    /// mapping: without leases, that is when hetmem notices another process's truncate.
     /// Takes the lease of a mapping that does not hold it. Pages cached while it was not held
     /// may be older than another process's writes, made before we could take it: they are
     /// dropped first (dirty ones written back, as a break does), so a page read with the lease
@@ -134,6 +130,12 @@ impl Runtime {
         result
     }
 
+    /// Compares a file mapping with the file's current size: pages past a new end of file get
+    /// `Invalidate { Truncate }` (their data is dropped, dirty or not), so a CPU access raises
+    /// SIGBUS as with mmap; pages past an old end come back when the file grows
+    /// (`Invalidate { Extend }`). Runs at every fault, device access and flush of a file
+    /// mapping: without leases, that is when hetmem notices another process's truncate.
+    /// Takes the lease of a mapping that does not hold it first (`retake_lease`).
     pub(crate) fn check_eof(&self, region: &Region) {
         let Some(f) = &region.file else {
             return;
@@ -152,47 +154,114 @@ impl Runtime {
                 self.retake_lease(region, f, write);
             }
         }
-        let Some(size) = f.size_limit() else {
+        // One check at a time per mapping, so that shrinks and growths apply in the order
+        // their fstats saw them. A check that finds another one running skips its own rather
+        // than wait: the other may be waiting (in a truncation's device unmap) for a device
+        // kernel whose closure faults on this mapping, and whose fault is this check. The
+        // protocol already holds what the running check applied so far, and the next check
+        // looks at the size again.
+        let _serial = match f.eof_lock.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
+        let Some((before, now)) = f.observe_size() else {
             return;
         };
+        // A shrink first: one a writeback saw (`before`) but no check applied yet, or this one.
+        self.follow_shrink(region, f, before.min(now));
+        if now > before {
+            self.follow_growth(region, f, before, now);
+        }
+    }
+
+    /// Applies a file size at or below the mapping's end of file: pages past it get
+    /// `Invalidate { Truncate }`, and a new partial last page is dropped.
+    fn follow_shrink(&self, region: &Region, f: &FileBacking, size: u64) {
         let total = region.len / PAGE_SIZE;
         if size < f.tail_checked.fetch_min(size, Ordering::AcqRel) && size % PAGE_SIZE as u64 != 0 {
             // The file shrank to the middle of a page: the kernel zeroed that page's tail in
             // the page cache, and our copy of it would show the old bytes again if the file
             // grows back. Drop it (its dirty bytes before the new end written back first, as
             // a writeback clips at the smallest size seen), so it is read from the file again.
-            let page = size / PAGE_SIZE as u64;
-            if let Some(i) = page
-                .checked_sub(f.first_page)
-                .map(|i| i as usize)
-                .filter(|&i| i < total)
-            {
-                if let Some(run) = PageRun::new(i % PAGES_PER_BLOCK, 1, PAGES_PER_BLOCK) {
-                    let _ =
-                        self.invalidate(region, i / PAGES_PER_BLOCK, run, Invalidation::Discard);
-                }
-            }
+            self.drop_page_of(region, f, size);
         }
         let file_pages = size.div_ceil(PAGE_SIZE as u64);
         let eof = file_pages.saturating_sub(f.first_page).min(total as u64) as usize;
         let old = f.eof_page.fetch_min(eof, Ordering::AcqRel);
-        if eof >= old {
+        // No SIGBUS marker is set here: the truncation unmaps the pages, so the next access
+        // faults, and the fault sets one that goes again (`Poison::BeyondEof`), so that a
+        // growth is seen.
+        for_runs(eof, old, |bi, run| {
+            let _ = self.invalidate(region, bi, run, Invalidation::Truncate);
+        });
+    }
+
+    /// Follows a file that grew from the mapping's end of file `before` to `now`, as a
+    /// `MAP_SHARED` mapping does: pages past the old end come back (`Invalidate { Extend }`),
+    /// and read the file at their next access. The page that held the old end is dropped first
+    /// (its dirty bytes before that end written back): its copy holds zeros past the old end,
+    /// or bytes stored there while it was past the end, neither of which is the file's now;
+    /// only then does the end move up, so no writeback writes a page past the smallest size
+    /// seen since it was filled.
+    fn follow_growth(&self, region: &Region, f: &FileBacking, before: u64, now: u64) {
+        if before % PAGE_SIZE as u64 != 0 {
+            self.drop_page_of(region, f, before);
+        }
+        if !f.raise_end(before, now) {
+            // A writeback saw the file shorter meanwhile: the next check applies that first.
             return;
         }
-        let mut page = eof;
-        while page < old {
-            let bi = page / PAGES_PER_BLOCK;
-            let start = page % PAGES_PER_BLOCK;
-            let n = (PAGES_PER_BLOCK - start).min(old - page);
-            if let Some(run) = PageRun::new(start, n, PAGES_PER_BLOCK) {
-                let _ = self.invalidate(region, bi, run, Invalidation::Truncate);
+        f.tail_checked.store(now, Ordering::Release);
+        let total = region.len / PAGE_SIZE;
+        let file_pages = now.div_ceil(PAGE_SIZE as u64);
+        let eof = file_pages.saturating_sub(f.first_page).min(total as u64) as usize;
+        let old = f.eof_page.load(Ordering::Acquire);
+        if eof <= old {
+            return;
+        }
+        for_runs(old, eof, |bi, run| {
+            let _ = self.invalidate(region, bi, run, Invalidation::Extend);
+        });
+        // The pages' SIGBUS markers go now, after the protocol counts them inside the file:
+        // the next access faults and is served. (A marker set in between, by a fault refused
+        // before the growth was followed, goes with them or, on the retry list, soon after.)
+        self.zap_cpu(
+            region,
+            old * PAGE_SIZE,
+            (eof - old) * PAGE_SIZE,
+            "clear SIGBUS markers past the old end of file",
+        );
+        f.eof_page.store(eof, Ordering::Release);
+    }
+
+    /// Drops the cached copy of the page that holds byte `size` of the file, if the mapping
+    /// shows it (dirty bytes are written back first, clipped at the mapping's end of file).
+    fn drop_page_of(&self, region: &Region, f: &FileBacking, size: u64) {
+        let total = region.len / PAGE_SIZE;
+        let page = size / PAGE_SIZE as u64;
+        if let Some(i) = page
+            .checked_sub(f.first_page)
+            .map(|i| i as usize)
+            .filter(|&i| i < total)
+        {
+            if let Some(run) = PageRun::new(i % PAGES_PER_BLOCK, 1, PAGES_PER_BLOCK) {
+                let _ = self.invalidate(region, i / PAGES_PER_BLOCK, run, Invalidation::Discard);
             }
-            page += n;
         }
-        let mut ranges = Vec::new();
-        region.cpu_ranges(eof * PAGE_SIZE, (old - eof) * PAGE_SIZE, &mut ranges);
-        for (va, len) in ranges {
-            self.poison(va, len);
+    }
+}
+
+/// Calls `each` with the block and run of every piece of pages `[from, to)` of a region.
+fn for_runs(from: usize, to: usize, mut each: impl FnMut(usize, PageRun)) {
+    let mut page = from;
+    while page < to {
+        let bi = page / PAGES_PER_BLOCK;
+        let start = page % PAGES_PER_BLOCK;
+        let n = (PAGES_PER_BLOCK - start).min(to - page);
+        if let Some(run) = PageRun::new(start, n, PAGES_PER_BLOCK) {
+            each(bi, run);
         }
+        page += n;
     }
 }

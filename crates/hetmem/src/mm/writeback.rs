@@ -34,6 +34,16 @@ impl Runtime {
             if result.is_ok() {
                 result = r;
             }
+            // A pinned page is written by DMA with no fault we see: it counts as written again
+            // as soon as its writeback is done (a CPU write fault marks it dirty), so every
+            // flush that starts after a DMA write writes it (`mm/pin.rs`).
+            for run in region.pins.in_block(bi).runs() {
+                let write = RequestKind::Fault {
+                    proc: Proc::Cpu,
+                    access: Access::Write,
+                };
+                let _ = self.request(region, bi, run, write);
+            }
         }
         result
     }
