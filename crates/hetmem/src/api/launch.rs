@@ -12,7 +12,7 @@ use hetmem_proto::{Access, DeviceId, Mem, PageMask, BLOCK_WORDS, PAGE_SIZE};
 
 use crate::api::device::{satisfies, Device};
 use crate::error::{Error, Result};
-use crate::mm::launch::{LaunchCompletion, LaunchShared, Pin};
+use crate::mm::launch::{LaunchCompletion, LaunchPin, LaunchShared};
 use crate::mm::region::Region;
 use crate::mm::runtime::RuntimeHandle;
 use crate::mm::space::BlockSpan;
@@ -158,7 +158,7 @@ impl Launch {
             region.blocks[bi].dev[self.dev.index()]
                 .read()
                 .unwrap_or_else(|e| e.into_inner())
-                .pins
+                .launches
                 .remove(&self.shared);
         }
         r.map_err(Error::Io)
@@ -442,7 +442,7 @@ impl Device {
         }
         let shared = LaunchShared::new();
         for (g, &(pages, write)) in guards.iter().zip(&pins) {
-            g.pins.add(Pin {
+            g.launches.add(LaunchPin {
                 launch: shared.clone(),
                 pages,
                 write,

@@ -562,7 +562,7 @@ impl Runtime {
             let Some(c) = change(&db) else {
                 return db;
             };
-            let blocking = db.pins.blocking(run, c);
+            let blocking = db.launches.blocking(run, c);
             if blocking.is_empty() {
                 return db;
             }

@@ -6,7 +6,7 @@
 //! A GPU without kernel HMM cannot fault: what it touches must be resident and stay so while it
 //! runs. The launch makes its ranges resident through the protocol's device faults, then pins
 //! them (`Runtime::pin_launch`) all at once, under the read locks of their page tables, after
-//! checking that every entry still satisfies the declared access. Pins are added only under a
+//! checking that every entry still satisfies the declared access. LaunchPins are added only under a
 //! page table's read lock and checked under its write lock, which every entry change takes
 //! (`Runtime::dev_write_unpinned`): so a change either happens before the pin, and the check
 //! sees it and the launch faults again, or after it, and waits for the launch.
@@ -130,7 +130,7 @@ impl LaunchShared {
 
 /// One launch's pin on one device page table of one block.
 #[derive(Debug, Clone)]
-pub(crate) struct Pin {
+pub(crate) struct LaunchPin {
     pub launch: Arc<LaunchShared>,
     /// The pinned pages.
     pub pages: PageMask<BLOCK_WORDS>,
@@ -140,7 +140,7 @@ pub(crate) struct Pin {
 
 /// The pins on one device page table of one block.
 #[derive(Debug, Default)]
-pub(crate) struct Pins(Mutex<Vec<Pin>>);
+pub(crate) struct LaunchPins(Mutex<Vec<LaunchPin>>);
 
 /// What a page-table change does to pinned pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,12 +151,12 @@ pub(crate) enum Change {
     Protect,
 }
 
-impl Pins {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Pin>> {
+impl LaunchPins {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<LaunchPin>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn add(&self, pin: Pin) {
+    pub fn add(&self, pin: LaunchPin) {
         let mut v = self.lock();
         v.retain(|p| !p.launch.finished());
         v.push(pin);
@@ -212,18 +212,18 @@ mod tests {
 
     #[test]
     fn a_change_waits_only_for_launches_it_conflicts_with() {
-        let pins = Pins::default();
+        let pins = LaunchPins::default();
         let (reader, writer) = (LaunchShared::new(), LaunchShared::new());
         let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
         for l in [&reader, &writer] {
             l.submitted(Box::new(Flag(flag.clone(), Ok(()))));
         }
-        pins.add(Pin {
+        pins.add(LaunchPin {
             launch: reader.clone(),
             pages: PageMask::from_run(run(0, 4)),
             write: false,
         });
-        pins.add(Pin {
+        pins.add(LaunchPin {
             launch: writer.clone(),
             pages: PageMask::from_run(run(8, 4)),
             write: true,

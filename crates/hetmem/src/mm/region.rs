@@ -18,7 +18,7 @@ use hetmem_proto::{
 use crate::device::{BlockPageTable, DeviceBackend, Pte};
 use crate::error::{Error, Result};
 use crate::mm::file_io::FileBacking;
-use crate::mm::launch::Pins;
+use crate::mm::launch::LaunchPins;
 use crate::policy::{PolicyBlock, PolicyRegion};
 use crate::sys::mem::{self, Mapping};
 
@@ -35,7 +35,7 @@ pub(crate) struct DevBlock {
     pub chunk: Option<crate::device::Chunk>,
     /// Launches using the device's entries for this block: changing those entries waits for
     /// them (`mm/launch.rs`). Added to under the read lock, checked under the write lock.
-    pub pins: Pins,
+    pub launches: LaunchPins,
 }
 
 impl DevBlock {
@@ -43,7 +43,7 @@ impl DevBlock {
         Self {
             pt: None,
             chunk: None,
-            pins: Pins::default(),
+            launches: LaunchPins::default(),
         }
     }
 

@@ -193,7 +193,7 @@ impl Runtime {
                 let launched = slot.dev[dev.index()]
                     .read()
                     .unwrap_or_else(|e| e.into_inner())
-                    .pins
+                    .launches
                     .any_running();
                 if launched {
                     continue;
