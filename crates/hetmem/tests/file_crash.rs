@@ -11,7 +11,8 @@
 #![allow(unsafe_code, clippy::undocumented_unsafe_blocks)]
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 
 mod common;
@@ -19,7 +20,7 @@ mod common;
 use anyhow::{bail, ensure, Context, Result};
 use common::file::{content, create_file, page_is, pread_file, stamp_page, wait_child, MIB};
 use common::fs::{Mount, TempDir};
-use common::process::{describe_status, fork_child};
+use common::process::{describe_status, fork_child, pipe};
 use hetmem::{DeviceKind, FileMapping, FileMode, FileOptions, Hetmem, PAGE_SIZE};
 
 common::serial_tests!(
@@ -46,33 +47,46 @@ const CPU_WRITTEN: std::ops::Range<usize> = 0..256;
 const FLUSHED: std::ops::Range<usize> = 128..640;
 /// Pages written with `LATER` after the `flush_range` (CPU and device).
 const REWRITTEN: std::ops::Range<usize> = 200..300;
+/// The configuration in which another process opens the file after the script: the lease
+/// break hands every dirty page over.
+const BROKEN: &str = "Shared, default lease, broken by another process's open";
+/// Written after that break (CPU `[0, 64)`, device `[300, 364)`): never handed over.
+const BROKEN_LATER: u32 = 4;
 
 /// The script every scenario runs on a Shared mapping, up to the point of the crash: the
 /// sync point, writes after it, a `flush_range` of part of them, and writes after that.
 fn writes_and_hand_overs(hm: &Hetmem, m: &mut FileMapping) -> Result<(), i32> {
-    let dev = hm.device(0).ok_or(20)?;
-    let base = m.addr();
-    let stamp = |m: &mut FileMapping, pages: std::ops::Range<usize>, tag: u32| -> Result<(), i32> {
-        let view = m.as_mut_slice().ok_or(21)?;
-        for p in pages {
-            stamp_page(&mut view[p * PAGE_SIZE..(p + 1) * PAGE_SIZE], tag, p);
-        }
-        Ok(())
-    };
-    let device = |pages: std::ops::Range<usize>, tag: u32| -> Result<(), i32> {
-        let bytes = content(tag, pages.start, pages.len() * PAGE_SIZE);
-        dev.write(base + pages.start * PAGE_SIZE, &bytes)
-            .map_err(|_| 22)
-    };
-    stamp(m, 0..PAGES, SYNCED)?;
+    stamp_range(m, 0..PAGES, SYNCED)?;
     m.sync().map_err(|_| 23)?;
-    stamp(m, CPU_WRITTEN, AFTER)?;
-    device(CPU_WRITTEN.end..WRITTEN.end, AFTER)?;
+    stamp_range(m, CPU_WRITTEN, AFTER)?;
+    device_range(hm, m, CPU_WRITTEN.end..WRITTEN.end, AFTER)?;
     m.flush_range(FLUSHED.start * PAGE_SIZE, FLUSHED.len() * PAGE_SIZE)
         .map_err(|_| 24)?;
-    stamp(m, REWRITTEN.start..CPU_WRITTEN.end, LATER)?;
-    device(CPU_WRITTEN.end..REWRITTEN.end, LATER)?;
+    stamp_range(m, REWRITTEN.start..CPU_WRITTEN.end, LATER)?;
+    device_range(hm, m, CPU_WRITTEN.end..REWRITTEN.end, LATER)?;
     Ok(())
+}
+
+/// CPU writes of `tag`'s contents to `pages` of the mapping.
+fn stamp_range(m: &mut FileMapping, pages: std::ops::Range<usize>, tag: u32) -> Result<(), i32> {
+    let view = m.as_mut_slice().ok_or(21)?;
+    for p in pages {
+        stamp_page(&mut view[p * PAGE_SIZE..(p + 1) * PAGE_SIZE], tag, p);
+    }
+    Ok(())
+}
+
+/// Device writes of `tag`'s contents to `pages` of the mapping.
+fn device_range(
+    hm: &Hetmem,
+    m: &FileMapping,
+    pages: std::ops::Range<usize>,
+    tag: u32,
+) -> Result<(), i32> {
+    let dev = hm.device(0).ok_or(20)?;
+    let bytes = content(tag, pages.start, pages.len() * PAGE_SIZE);
+    dev.write(m.addr() + pages.start * PAGE_SIZE, &bytes)
+        .map_err(|_| 22)
 }
 
 /// The values page `p` may hold after a crash of kind `power_loss` (else a process death), by
@@ -142,7 +156,8 @@ mod scenarios {
     pub fn process_death_keeps_what_was_handed_over() -> Result<()> {
         const CODES: &str = "10: build, 11: map_file, 12: not direct, 13: not leased, \
                              2x: the script (20 device, 21 view, 22 device write, 23 sync, \
-                             24 flush_range), 30: private flush, 31: private sync, 32: raise";
+                             24 flush_range), 30: private flush, 31: private sync, 32: raise, \
+                             33: pipes, 34: writes after the break";
         let dir = TempDir::new("process_death_keeps_what_was_handed_over")?;
         let path = dir.path("data");
         let configs = [
@@ -155,9 +170,15 @@ mod scenarios {
                 "Shared, O_DIRECT",
                 FileOptions::new(FileMode::Shared).direct(true),
             ),
+            (BROKEN, FileOptions::new(FileMode::Shared)),
             ("Private", FileOptions::new(FileMode::Private)),
         ];
         for (what, opts) in configs {
+            // For BROKEN: the child says when the script is done, the parent opens the file
+            // (its open waits for the lease break) and says so, the child writes again.
+            let (mut done_rd, done_wr) = pipe();
+            let (opened_rd, mut opened_wr) = pipe();
+            let (done_fd, opened_fd) = (done_wr.as_raw_fd(), opened_rd.as_raw_fd());
             create_file(&path, &content(ORIGINAL, 0, PAGES * PAGE_SIZE))?;
             let direct_wanted = what.contains("O_DIRECT");
             let shared = what.starts_with("Shared");
@@ -176,7 +197,7 @@ mod scenarios {
                 if direct_wanted && !m.is_direct() {
                     return 12;
                 }
-                if what == "Shared, default lease" && !m.is_leased() {
+                if what.contains("default lease") && !m.is_leased() {
                     return 13;
                 }
                 let r = if shared {
@@ -194,11 +215,37 @@ mod scenarios {
                 if let Err(code) = r {
                     return code;
                 }
+                if what == BROKEN {
+                    let mut b = [0u8; 1];
+                    if unsafe { libc::write(done_fd, [1u8].as_ptr().cast(), 1) } != 1
+                        || unsafe { libc::read(opened_fd, b.as_mut_ptr().cast(), 1) } != 1
+                    {
+                        return 33;
+                    }
+                    // After the break, with the parent holding the file open (no lease to
+                    // take back): these are never handed over.
+                    if stamp_range(&mut m, 0..64, BROKEN_LATER).is_err()
+                        || device_range(&hm, &m, 300..364, BROKEN_LATER).is_err()
+                    {
+                        return 34;
+                    }
+                }
                 // The crash: nothing of hetmem runs after this (no drop, no flush).
                 unsafe { libc::raise(libc::SIGKILL) };
                 32
             });
+            drop((done_wr, opened_rd));
+            let mut opener = None;
+            if what == BROKEN {
+                let mut b = [0u8; 1];
+                if done_rd.read_exact(&mut b).is_ok() {
+                    // Returns once the child's lease break has handed every dirty page over.
+                    opener = Some(File::open(&path)?);
+                    opened_wr.write_all(&[1])?;
+                }
+            }
             let status = wait_child(pid);
+            drop(opener);
             if direct_wanted && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 12 {
                 eprintln!("SKIPPED: {what}: no O_DIRECT under {}", dir.0.display());
                 continue;
@@ -209,7 +256,18 @@ mod scenarios {
                 describe_status(status)
             );
             let file = pread_file(&path)?;
-            let per_tag = if shared {
+            let per_tag = if what == BROKEN {
+                // The break handed over every page as it was then: the later writes too.
+                check_pages(what, &file, |p| {
+                    if REWRITTEN.contains(&p) {
+                        vec![LATER]
+                    } else if WRITTEN.contains(&p) {
+                        vec![AFTER]
+                    } else {
+                        vec![SYNCED]
+                    }
+                })?
+            } else if shared {
                 check_pages(what, &file, |p| allowed(p, false))?
             } else {
                 check_pages(what, &file, |_| vec![ORIGINAL])?
