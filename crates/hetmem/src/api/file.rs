@@ -8,7 +8,9 @@
 //! unmaps, reporting errors, and dropping the mapping writes them back first too, keeping the
 //! mapping if it cannot (contract §13). `flush_range` and `invalidate_range` do a flush and a
 //! drop for a range, for applications that share the file with other writers by file locks
-//! instead of the lease (contract §6, "Extent operations and file locks").
+//! instead of the lease (contract §6, "Extent operations and file locks"). Other paths write
+//! the file too (a lease break, eviction with `evict_to_file`, a partial munmap): every one,
+//! and what each kind of crash leaves of the file, is in contract §5.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -33,6 +35,13 @@ use crate::sys::file::{self as sys_file};
 /// Dropping it writes dirty pages back and unmaps; if a page cannot be written, the mapping is
 /// kept instead, for [`Hetmem::take_kept_file_mappings`]. [`FileMapping::close`] is the drop
 /// that reports (`docs/file-contract.md` §13).
+///
+/// A Shared mapping's writes reach the file only when written back, and not only by `flush`
+/// and `sync`: also by a lease break (any other open of the file), eviction with
+/// `evict_to_file`, a partial unmap, `discard` and `invalidate_range` (every path: contract
+/// §5.1). What the process's death keeps is what was written back; what a power loss keeps is
+/// what the last [`FileMapping::sync`] that returned `Ok` covered, and possibly some of what was
+/// written back since (§5).
 #[derive(Debug)]
 pub struct FileMapping {
     handle: RegionHandle,

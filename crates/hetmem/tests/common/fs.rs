@@ -67,6 +67,17 @@ impl Mount {
     /// `dir` through a loop device. Prints SKIPPED and returns None where that cannot be done
     /// here (no mkfs for it, no loop devices).
     pub fn image(image: &Path, dir: &Path, fs: &str, mib: u64) -> Result<Option<Self>> {
+        Self::image_with(image, dir, fs, mib, "")
+    }
+
+    /// `image` with mount options `opts` (none if empty).
+    pub fn image_with(
+        image: &Path,
+        dir: &Path,
+        fs: &str,
+        mib: u64,
+        opts: &str,
+    ) -> Result<Option<Self>> {
         File::create(image)?.set_len(mib << 20)?;
         let mkfs = format!("mkfs.{fs}");
         let force = if fs == "xfs" { "-f" } else { "-F" };
@@ -82,8 +93,19 @@ impl Mount {
                 return Ok(None);
             }
         }
+        Self::existing_image(image, dir, fs, opts)
+    }
+
+    /// Mounts the `fs` file system in `image` at `dir` through a loop device, with mount
+    /// options `opts` (none if empty). Prints SKIPPED and returns None if the mount is refused.
+    pub fn existing_image(image: &Path, dir: &Path, fs: &str, opts: &str) -> Result<Option<Self>> {
+        let opts = if opts.is_empty() {
+            "loop".to_string()
+        } else {
+            format!("loop,{opts}")
+        };
         let out = std::process::Command::new("mount")
-            .args(["-t", fs, "-o", "loop"])
+            .args(["-t", fs, "-o", &opts])
             .arg(image)
             .arg(dir)
             .output()
