@@ -156,6 +156,9 @@ impl Device {
                     if entries.iter().all(|&e| satisfies(e, access)) {
                         let private = self.kind() == DeviceKind::Private;
                         let mut runs = Vec::new();
+                        // Staging buffers of runs the host cannot address: (chunk, first
+                        // page, bytes), written back after `f` for a write.
+                        let mut staged: Vec<(&Chunk, usize, Vec<u8>)> = Vec::new();
                         let mut i = 0;
                         while i < entries.len() {
                             let local_private = !entries[i].remote && private;
@@ -167,9 +170,21 @@ impl Device {
                             }
                             let page = p.run.start() + i;
                             let ptr = if local_private {
-                                match db.chunk.as_ref().and_then(Chunk::host_ptr) {
-                                    Some(c) => c.wrapping_add(page * PAGE_SIZE),
-                                    None => {
+                                let chunk = db.chunk.as_ref();
+                                match (chunk.and_then(Chunk::host_ptr), chunk, kernel) {
+                                    (Some(c), _, _) => c.wrapping_add(page * PAGE_SIZE),
+                                    // A command (`read`, `write`, `exclusive`) on memory the
+                                    // host cannot address goes through a staging buffer and
+                                    // the backend's copies, as file I/O does.
+                                    (None, Some(chunk), None) => {
+                                        let len = (j - i) * PAGE_SIZE;
+                                        let mut buf = mem::try_zeroed(len).ok_or(Error::NoMem)?;
+                                        self.stage(chunk, page, &mut buf, false)?;
+                                        let ptr = buf.as_mut_ptr();
+                                        staged.push((chunk, page, buf));
+                                        ptr
+                                    }
+                                    _ => {
                                         return Err(Error::Invalid(
                                             "device memory is not host-addressable",
                                         ))
@@ -197,6 +212,11 @@ impl Device {
                             inner.kernel_runs.enter(p, self.id, &spans)
                         });
                         f(p, &runs);
+                        if access != Access::Read {
+                            for (chunk, page, buf) in &mut staged {
+                                self.stage(chunk, *page, buf, true)?;
+                            }
+                        }
                         remote = entries.iter().filter(|e| e.remote).count() as u64;
                         inner.emit(MemEvent::DeviceAccess {
                             dev: self.id,
@@ -223,6 +243,28 @@ impl Device {
             }
         }
         Ok(())
+    }
+
+    /// Copies between `buf` and the chunk's bytes from `page` on, through the backend's copy
+    /// engine: into the chunk when `to_device`, else out of it. The caller holds the block's
+    /// page-table read lock with the pages mapped for this device, so they stay put.
+    #[allow(unsafe_code)]
+    fn stage(&self, chunk: &Chunk, page: usize, buf: &mut [u8], to_device: bool) -> Result<()> {
+        let backend = &self.inner().devices[self.id.index()].backend;
+        let (host, dev) = (
+            crate::device::Endpoint::Host(buf.as_mut_ptr()),
+            crate::device::Endpoint::Chunk(chunk, page * PAGE_SIZE),
+        );
+        let op = crate::device::CopyOp {
+            src: if to_device { host } else { dev },
+            dst: if to_device { dev } else { host },
+            len: buf.len(),
+        };
+        // SAFETY: `buf` is ours and lives until the copy is waited for below; the chunk's
+        // pages are mapped for this device and the page-table read lock keeps every change
+        // of them out meanwhile.
+        let fence = unsafe { backend.copy(&[op]) }.map_err(Error::Io)?;
+        backend.wait(fence).map_err(Error::Io)
     }
 
     /// Faults `pieces` in for `access` until the device maps all of them, running nothing: a
