@@ -12,6 +12,7 @@ cc -O2 -shared -fPIC -Wall -Werror -o "$dir/libcuda.so" crates/hetmem-cuda/tests
 export LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 cargo test -p hetmem-cuda --test gpu -- --nocapture
 cargo test -p hetmem-cuda --test backend -- --nocapture
+cargo test -p hetmem-cuda --test hmm_gpu -- --nocapture
 cargo run -q -p hetmem-cuda --example probe > "$dir/probe.out"
 grep -q '"sums_ok":true' "$dir/probe.out" || { cat "$dir/probe.out"; exit 1; }
 cargo run -q -p hetmem-cli -- info > "$dir/info.out"
@@ -21,4 +22,4 @@ cargo run -q -p hetmem-cli -- demo --device cuda --size-mib 16 --device-mib 4 --
 grep -q '^verified: OK' "$dir/demo.out" || { cat "$dir/demo.out"; exit 1; }
 cargo run -q -p hetmem-cli -- demo --device cuda --size-mib 16 --device-mib 4 --iters 2 --file "$dir/grid" > "$dir/demo-file.out"
 grep -q '^verified: OK' "$dir/demo-file.out" || { cat "$dir/demo-file.out"; exit 1; }
-echo "fake-cuda-check: the GPU tests, the backend tests, the probe, hetmem info and the CUDA demo ran against the fake driver"
+echo "fake-cuda-check: the GPU tests, the backend tests, the hmm ports and stress test, the probe, hetmem info and the CUDA demo ran against the fake driver"

@@ -8,7 +8,7 @@ out=gpu-bin
 log=$(cargo test --release -p hetmem-cuda --no-run 2>&1) || { echo "$log"; exit 1; }
 cargo build --release -q -p hetmem-cuda --examples
 cargo build --release -q -p hetmem-cli
-rm -f "$out"/{hetmem-cuda-unit,gpu-tests,backend-tests,nvrtc-tests,probe,hetmem,BUILD.txt}
+rm -f "$out"/{hetmem-cuda-unit,gpu-tests,backend-tests,hmm_gpu-tests,nvrtc-tests,probe,hetmem,BUILD.txt}
 mkdir -p "$out"
 # cargo names each test binary: "Executable tests/gpu.rs (target/release/deps/gpu-0123abcd)".
 while IFS='|' read -r what path; do
@@ -21,7 +21,7 @@ while IFS='|' read -r what path; do
 done < <(printf '%s\n' "$log" | sed -n 's/^ *Executable \(.*\) (\(.*\))$/\1|\2/p')
 strip -o "$out/probe" target/release/examples/probe
 strip -o "$out/hetmem" target/release/hetmem
-for b in hetmem-cuda-unit gpu-tests backend-tests nvrtc-tests probe hetmem; do
+for b in hetmem-cuda-unit gpu-tests backend-tests hmm_gpu-tests nvrtc-tests probe hetmem; do
   [ -x "$out/$b" ] || { echo "gpu-build: $out/$b is missing" >&2; exit 1; }
 done
 {

@@ -7,7 +7,7 @@
 # Prints nvidia-smi -L, then runs each step under `timeout`: `hetmem info`, the hetmem-cuda unit tests, the NVRTC
 # tests and the GPU tests with HETMEM_REQUIRE_CUDA=1 (a missing driver or NVRTC fails instead of
 # skipping), the probe, then the CudaBackend tests under hetmem's runtime (tests/backend.rs, also
-# with HETMEM_REQUIRE_CUDA=1), then `hetmem demo --device cuda` (anonymous and on a file). Logs and probe.json go to $OUT (or /tmp/hetmem-gpu-check). The
+# with HETMEM_REQUIRE_CUDA=1), the hmm-tests ports and the stress test (tests/hmm_gpu.rs), then `hetmem demo --device cuda` (anonymous and on a file). Logs and probe.json go to $OUT (or /tmp/hetmem-gpu-check). The
 # whole script stays under 5 minutes (280 s of steps); it exits non-zero if any step failed.
 set -u
 cd "$(dirname "$0")/.."
@@ -86,6 +86,7 @@ step nvrtc-tests 30 "$bin/nvrtc-tests" --nocapture
 step gpu-tests 90 "$bin/gpu-tests" --nocapture --test-threads=4
 step probe 60 "$bin/probe" --json "$out/probe.json"
 step backend-tests 60 "$bin/backend-tests" --nocapture --test-threads=2
+step hmm-gpu-tests 60 "$bin/hmm_gpu-tests" --nocapture --test-threads=2
 # The demo on the GPU: a 512 MiB grid, 4 times the cap, through launches per block; verified
 # byte for byte against the CPU. Then the same on a file.
 step demo-cuda 60 "$bin/hetmem" demo --device cuda --size-mib 512 --device-mib 128 --iters 3
