@@ -13,6 +13,18 @@ use hetmem::{Advice, DeclaredAccess, DeviceKind, Error, Hetmem, Location, Manage
 
 const BLOCK: usize = 2 << 20;
 
+/// Fork waits for every launch of the process: the fork test runs alone (`alone`), every other
+/// test holds this shared (`shared`), so no test's held kernel stalls another's fork.
+static FORK: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
+    FORK.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn alone() -> std::sync::RwLockWriteGuard<'static, ()> {
+    FORK.write().unwrap_or_else(|e| e.into_inner())
+}
+
 fn context(capacity: usize) -> anyhow::Result<Hetmem> {
     Ok(Hetmem::builder()
         .sim_device(DeviceKind::Private, capacity)
@@ -41,6 +53,7 @@ fn alloc(hm: &Hetmem, len: usize, seed: u8) -> anyhow::Result<ManagedBuf> {
 
 #[test]
 fn a_launch_finds_its_ranges_on_the_device_and_leaves_its_writes_there() -> anyhow::Result<()> {
+    let _fork = shared();
     let hm = context(16 << 20)?;
     let dev = hm.device(0).expect("device 0");
     let src = alloc(&hm, BLOCK + 8 * PAGE_SIZE, 1)?;
@@ -86,6 +99,7 @@ fn a_launch_finds_its_ranges_on_the_device_and_leaves_its_writes_there() -> anyh
 
 #[test]
 fn a_cpu_write_waits_for_the_launch_writing_the_page() -> anyhow::Result<()> {
+    let _fork = shared();
     let hm = Arc::new(context(16 << 20)?);
     let dev = hm.device(0).expect("device 0");
     let buf = alloc(&hm, 4 * PAGE_SIZE, 0)?;
@@ -125,6 +139,7 @@ fn a_cpu_write_waits_for_the_launch_writing_the_page() -> anyhow::Result<()> {
 
 #[test]
 fn a_cpu_read_of_read_mostly_pages_goes_ahead_of_a_reading_launch() -> anyhow::Result<()> {
+    let _fork = shared();
     let hm = context(16 << 20)?;
     let dev = hm.device(0).expect("device 0");
     let buf = alloc(&hm, 4 * PAGE_SIZE, 3)?;
@@ -152,6 +167,7 @@ fn a_cpu_read_of_read_mostly_pages_goes_ahead_of_a_reading_launch() -> anyhow::R
 
 #[test]
 fn freeing_a_buffer_waits_for_the_launch_using_it() -> anyhow::Result<()> {
+    let _fork = shared();
     let hm = Arc::new(context(16 << 20)?);
     let dev = hm.device(0).expect("device 0");
     let buf = alloc(&hm, BLOCK, 5)?;
@@ -196,6 +212,7 @@ fn freeing_a_buffer_waits_for_the_launch_using_it() -> anyhow::Result<()> {
 
 #[test]
 fn eviction_passes_over_the_blocks_a_running_launch_pins() -> anyhow::Result<()> {
+    let _fork = shared();
     // Room for two blocks: one pinned by a launch, one that must make room for a third.
     let hm = context(2 * BLOCK)?;
     let dev = hm.device(0).expect("device 0");
@@ -231,6 +248,7 @@ fn eviction_passes_over_the_blocks_a_running_launch_pins() -> anyhow::Result<()>
 #[test]
 fn a_launch_that_cannot_fit_or_is_malformed_is_refused_before_anything_moves() -> anyhow::Result<()>
 {
+    let _fork = shared();
     let hm = context(2 * BLOCK)?;
     let dev = hm.device(0).expect("device 0");
     let big = alloc(&hm, 3 * BLOCK, 1)?;
@@ -271,6 +289,7 @@ fn a_launch_that_cannot_fit_or_is_malformed_is_refused_before_anything_moves() -
 
 #[test]
 fn a_failing_launch_reports_its_error_and_keeps_the_data_it_did_not_write() -> anyhow::Result<()> {
+    let _fork = shared();
     let hm = context(16 << 20)?;
     let dev = hm.device(0).expect("device 0");
     let buf = alloc(&hm, 4 * PAGE_SIZE, 9)?;
@@ -288,5 +307,61 @@ fn a_failing_launch_reports_its_error_and_keeps_the_data_it_did_not_write() -> a
     })?;
     drop(dropped);
     assert_eq!(hm.stats().errors, 1);
+    Ok(())
+}
+
+#[test]
+fn fork_waits_for_the_launches_running() -> anyhow::Result<()> {
+    let _fork = alone();
+    let hm = Arc::new(context(16 << 20)?);
+    let dev = hm.device(0).expect("device 0");
+    let buf = alloc(&hm, 4 * PAGE_SIZE, 0)?;
+    let (go, wait_go) = mpsc::channel::<()>();
+    let launch = dev.launch_host(
+        &[DeclaredAccess::write(buf.addr(), buf.len())],
+        move |runs| {
+            wait_go.recv().expect("the test's word");
+            runs.write(0).expect("writable")[0].1[0] = 0xAA;
+        },
+    )?;
+    let addr = buf.addr();
+    let go = go;
+    // The child reads the first byte: the launch's write must be in its copy, so fork waited
+    // for the launch instead of copying pages a kernel was still writing.
+    let forker = std::thread::spawn(move || {
+        // SAFETY: the child only reads its own copy of the buffer and leaves with _exit.
+        #[allow(unsafe_code)]
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: the child's private copy of the managed view, made by the fork handler.
+            #[allow(unsafe_code)]
+            let b = unsafe { (addr as *const u8).read_volatile() };
+            // SAFETY: leaves the child without running the parent's destructors.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::_exit(if b == 0xAA { 0 } else { 1 })
+            };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::waitpid(pid, &mut status, 0)
+        };
+        status
+    });
+    until("fork waits for the launch", || hm.stats().launch_waits >= 1)?;
+    assert!(
+        !forker.is_finished(),
+        "fork went ahead of the running launch"
+    );
+    go.send(())?;
+    let status = forker.join().expect("forker");
+    launch.wait()?;
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the child saw a copy without the launch's write (status {status:#x})"
+    );
+    assert_eq!(buf[0], 0xAA);
     Ok(())
 }

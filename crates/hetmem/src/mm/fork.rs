@@ -5,7 +5,8 @@
 //! lose whatever lives in device memory (the userfaultfd registration is not inherited without
 //! `EVENT_FORK`). Instead, `pthread_atfork` handlers:
 //! - **prepare** (parent, before fork): close every context's [`ForkGate`], which waits for
-//!   drives, event handling and device kernels in progress and holds new ones off; then
+//!   drives, event handling and device kernels in progress and holds new ones off; wait for
+//!   launches still running (`Device::launch`: their kernels may be writing pages); then
 //!   write-protect every CPU view, so the parent's threads cannot change data while the child
 //!   copies it (their writes fault and wait).
 //! - **child**: for each view, build a private anonymous copy from wherever each page's latest
@@ -22,6 +23,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use hetmem_proto::{Mem, PageMask, Proc, BLOCK_BYTES, BLOCK_WORDS, PAGES_PER_BLOCK, PAGE_SIZE};
 
+use crate::mm::launch::Change;
 use crate::mm::region::{Region, View};
 use crate::mm::runtime::Runtime;
 use crate::sys::atfork::{self, Handshake};
@@ -127,6 +129,7 @@ extern "C" fn prepare() {
     for inner in live {
         inner.gate.close();
         let regions = inner.space.regions();
+        wait_for_launches(&inner, &regions);
         for r in &regions {
             for v in r.views.read().unwrap_or_else(|e| e.into_inner()).iter() {
                 let _ = inner.uffd.write_protect(v.va, v.len, true, false);
@@ -143,6 +146,35 @@ extern "C" fn prepare() {
     let contexts = CONTEXTS.lock().unwrap_or_else(|e| e.into_inner());
     CONTEXTS_HELD.with(|h| *h.borrow_mut() = Some(contexts));
     hold_file_locks();
+}
+
+/// Waits for every launch still running over managed memory (`Device::launch`): a kernel
+/// writing pages while the child copies them would leave it torn data. The gate is closed, so
+/// no launch pins anything new; one pinned but not yet submitted takes no lock of ours to be
+/// submitted, so waiting for it cannot deadlock.
+fn wait_for_launches(inner: &Runtime, regions: &[Arc<Region>]) {
+    let all = hetmem_proto::PageRun::new(0, PAGES_PER_BLOCK, PAGES_PER_BLOCK).expect("non-empty");
+    for r in regions {
+        for slot in r.blocks.iter() {
+            for (d, dev) in slot.dev.iter().enumerate() {
+                let running = dev
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .launches
+                    .blocking(all, Change::Unmap);
+                if running.is_empty() {
+                    continue;
+                }
+                if let Some(dev) = hetmem_proto::DeviceId::new(d) {
+                    inner.emit(crate::policy::MemEvent::LaunchWaited { dev });
+                }
+                for l in running {
+                    // The launch's error is its owner's to see; fork only needs it ended.
+                    let _ = l.wait();
+                }
+            }
+        }
+    }
 }
 
 thread_local! {
