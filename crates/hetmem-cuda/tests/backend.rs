@@ -565,3 +565,63 @@ fn registered_backing_views_round_trip_and_unregister() {
         assert_eq!(h.stats().errors, 0, "{:?}", backend.last_error());
     });
 }
+
+/// A kernel that fails (the fake driver's hook makes its completion event report
+/// CUDA_ERROR_ILLEGAL_ADDRESS, as a kernel that faulted would): `Launch::wait` reports `Io`,
+/// nothing hangs, and data in system memory is kept. On a real GPU the context is lost with
+/// it, and pages whose only copy was on the device are lost (`docs/runtime.md` §4); the fake
+/// keeps its context, so only the report is checked here. Skips where the hook is missing.
+#[test]
+fn a_failing_launch_is_reported_and_system_memory_kept() {
+    let name = "a_failing_launch_is_reported_and_system_memory_kept";
+    watchdog(name, 120, move || {
+        let _driver = alone();
+        let Some((h, backend)) = context(name, 16 * MIB) else {
+            return;
+        };
+        let Some(fail_next_event) = fake_driver_failure_hook() else {
+            note("no failure hook in this driver: only the fake driver can fail a kernel here");
+            return;
+        };
+        let module = hetmem_cuda::Module::from_ptx(backend.cuda(), hetmem_cuda::kernels::PTX)
+            .expect("the shipped PTX loads");
+        let add = module
+            .function(hetmem_cuda::kernels::names::ADD_U8)
+            .expect("add_u8");
+        let launcher = hetmem_cuda::CudaLauncher::new(backend.cuda()).expect("a launcher");
+        let dev = h.device(0).expect("device 0");
+        let len = 2 * CHUNK_SIZE;
+        let want = pattern(len, 9);
+        let mut buf = h.alloc(len).unwrap();
+        fill(&mut buf, &want);
+        // The launch's block is resident already, so its completion event is the next one
+        // recorded: the one the hook fails.
+        h.migrate(buf.addr(), CHUNK_SIZE, dev0()).unwrap();
+        // SAFETY: the fake driver's test hook; it takes no arguments.
+        unsafe { fail_next_event() };
+        let config = hetmem_cuda::LaunchConfig::for_elements(CHUNK_SIZE as u64, 256, 1024);
+        // SAFETY: add_u8 takes (u8*, u64, u8) and touches exactly the declared block.
+        let launch = unsafe {
+            launcher.launch(
+                &dev,
+                &add,
+                &config,
+                &[hetmem::DeclaredAccess::write(buf.addr(), CHUNK_SIZE)],
+                |resident, args| {
+                    let p = hetmem_cuda::contiguous(resident, 0)
+                        .ok_or(hetmem::Error::Invalid("not one run"))?;
+                    args.ptr(p).arg(CHUNK_SIZE as u64).arg(1u8);
+                    Ok(())
+                },
+            )
+        }
+        .expect("the launch is submitted");
+        assert!(matches!(launch.wait(), Err(hetmem::Error::Io(_))));
+        // The second block never left system memory.
+        verify(
+            "system memory after a failed kernel",
+            &buf[CHUNK_SIZE..],
+            &want[CHUNK_SIZE..],
+        );
+    });
+}
