@@ -163,6 +163,16 @@ impl CudaBackend {
         lock(&self.registrations).len()
     }
 
+    /// The device's address of host byte `host`, when it lies in a registered backing view
+    /// (device-mapped): how a kernel reaches a page placed remotely, in system memory.
+    pub fn host_device_ptr(&self, host: *const u8) -> Option<crate::span::DevicePtr> {
+        let at = host as usize;
+        lock(&self.registrations).iter().find_map(|(&base, r)| {
+            let len = crate::host::HostMem::len(r);
+            (at >= base && at < base + len).then(|| r.device_ptr().offset(at - base))
+        })
+    }
+
     /// The device.
     pub fn cuda(&self) -> &Cuda {
         &self.cuda

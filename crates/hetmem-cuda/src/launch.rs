@@ -21,8 +21,9 @@ use crate::module::Function;
 use crate::span::DevicePtr;
 use crate::stream::{Event, Stream};
 
-/// The device address of a run of a launch's pages: `None` for a run in system memory, which
-/// a CUDA device reaches only through a registered view (not built yet: `docs/runtime.md` §4).
+/// The device address of a run of a launch's pages in device memory: `None` for a run in
+/// system memory, which a CUDA device reaches only through a registered view
+/// ([`CudaLauncher::address`] resolves those).
 pub fn device_ptr(run: &LaunchRun) -> Option<DevicePtr> {
     match run.target {
         LaunchTarget::Device { handle, offset, .. } => Some(DevicePtr(handle + offset as u64)),
@@ -58,6 +59,8 @@ impl LaunchCompletion for Completion {
 /// Launches kernels on one stream of a CUDA device that a hetmem context manages.
 pub struct CudaLauncher {
     stream: Mutex<Stream>,
+    /// The device's backend, to reach pages placed remotely through its registered views.
+    backend: Option<std::sync::Arc<crate::CudaBackend>>,
 }
 
 impl std::fmt::Debug for CudaLauncher {
@@ -85,7 +88,41 @@ impl CudaLauncher {
     pub fn new(cuda: &Cuda) -> Result<CudaLauncher> {
         Ok(CudaLauncher {
             stream: Mutex::new(Stream::new(cuda)?),
+            backend: None,
         })
+    }
+
+    /// A launcher for `backend`'s device that can also give kernels the addresses of pages
+    /// placed remotely (`hetmem::LaunchPlacement::Remote`): system memory reached through the
+    /// backend's registered backing views (`CudaBackend::register_host_memory`).
+    ///
+    /// # Errors
+    /// The driver's, when it cannot make a stream.
+    pub fn for_backend(backend: &std::sync::Arc<crate::CudaBackend>) -> Result<CudaLauncher> {
+        Ok(CudaLauncher {
+            stream: Mutex::new(Stream::new(backend.cuda())?),
+            backend: Some(backend.clone()),
+        })
+    }
+
+    /// The device address of a run: its device memory, or for a run in system memory its
+    /// registered view's device address (with a launcher made by
+    /// [`CudaLauncher::for_backend`] over registered memory); `None` when the device cannot
+    /// reach it.
+    pub fn address(&self, run: &LaunchRun) -> Option<DevicePtr> {
+        match run.target {
+            LaunchTarget::System { host } => self.backend.as_ref()?.host_device_ptr(host),
+            LaunchTarget::Device { .. } => device_ptr(run),
+        }
+    }
+
+    /// The device address of declared range `i` when all of it is one run the device can
+    /// reach ([`CudaLauncher::address`]); `None` otherwise.
+    pub fn range_address(&self, resident: &Resident, i: usize) -> Option<DevicePtr> {
+        match resident.range(i)? {
+            (_, [run]) => self.address(run),
+            _ => None,
+        }
     }
 
     /// Launches `function` over the `declared` ranges on `device` (a CUDA device of the same

@@ -625,3 +625,64 @@ fn a_failing_launch_is_reported_and_system_memory_kept() {
         );
     });
 }
+
+/// Remote placement (`hetmem::LaunchPlacement::Remote`): a kernel reads and writes system
+/// memory in place, through the registered backing view's device address
+/// (`CudaLauncher::for_backend`), over a range twice the cap: nothing migrates, and the CPU
+/// sees the kernel's writes.
+#[test]
+fn a_remote_launch_works_in_system_memory_in_place() {
+    let name = "a_remote_launch_works_in_system_memory_in_place";
+    watchdog(name, 120, move || {
+        let _driver = shared();
+        let Some(cuda) = open(name) else {
+            return;
+        };
+        let backend = Arc::new(
+            CudaBackend::new(&cuda, 4 * MIB)
+                .expect("a CUDA backend")
+                .register_host_memory(true),
+        );
+        let h = Hetmem::builder()
+            .cuda_backend(backend.clone())
+            .build()
+            .expect("a hetmem context");
+        let module = hetmem_cuda::Module::from_ptx(backend.cuda(), hetmem_cuda::kernels::PTX)
+            .expect("the shipped PTX loads");
+        let add = module
+            .function(hetmem_cuda::kernels::names::ADD_U8)
+            .expect("add_u8");
+        let launcher = hetmem_cuda::CudaLauncher::for_backend(&backend).expect("a launcher");
+        let dev = h.device(0).expect("device 0");
+        let len = 8 * MIB;
+        let mut want = pattern(len, 13);
+        let mut buf = h.alloc(len).unwrap();
+        fill(&mut buf, &want);
+        let config = hetmem_cuda::LaunchConfig::for_elements(len as u64, 256, 4096);
+        let declared =
+            [hetmem::DeclaredAccess::write(buf.addr(), len)
+                .placed(hetmem::LaunchPlacement::Remote)];
+        // SAFETY: add_u8 takes (u8*, u64, u8) and touches exactly the declared range.
+        let launch = unsafe {
+            launcher.launch(&dev, &add, &config, &declared, |resident, args| {
+                let p = launcher
+                    .range_address(resident, 0)
+                    .ok_or(hetmem::Error::Invalid("not one reachable run"))?;
+                args.ptr(p).arg(len as u64).arg(2u8);
+                Ok(())
+            })
+        }
+        .expect("the launch");
+        launch.wait().expect("the kernel");
+        assert_eq!(
+            h.device_pages_used(DeviceId::new(0).unwrap()),
+            0,
+            "nothing migrated"
+        );
+        for b in &mut want {
+            *b = b.wrapping_add(2);
+        }
+        verify("after the remote kernel", &buf, &want);
+        assert_eq!(h.stats().errors, 0, "{:?}", backend.last_error());
+    });
+}

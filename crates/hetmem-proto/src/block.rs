@@ -70,6 +70,9 @@ impl<const W: usize> Layout<W> {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 enum Work {
     Fault(Proc, Access),
+    /// A device fault whose pages are mapped in system memory unless already local
+    /// (`RequestKind::MapRemote`).
+    MapRemote(DeviceId, Access),
     Migrate(Mem),
     /// The device, and whether dirty file pages are written back rather than copied.
     Evict(DeviceId, bool),
@@ -245,6 +248,7 @@ impl<const W: usize> Block<W> {
                 }
                 Work::Fault(proc, access)
             }
+            RequestKind::MapRemote { dev, access } if known(dev) => Work::MapRemote(dev, access),
             RequestKind::Migrate { dst } if known_mem(dst) => Work::Migrate(dst),
             RequestKind::Evict {
                 dev,
@@ -414,7 +418,12 @@ impl<const W: usize> Block<W> {
         let blocked = s.busy | s.writeback;
         let free = req.pages - claimed - blocked;
         match req.work {
-            Work::Fault(proc, access) => self.step_fault(env, req, proc, access, claimed, out),
+            Work::Fault(proc, access) => {
+                self.step_fault(env, req, proc, access, false, claimed, out)
+            }
+            Work::MapRemote(d, access) => {
+                self.step_fault(env, req, Proc::Device(d), access, true, claimed, out)
+            }
             Work::Migrate(dst) => {
                 if let Some(e) = req.error.or(self.access_error(req.pages, Access::Read)) {
                     return Some(Err(e));
@@ -537,12 +546,15 @@ impl<const W: usize> Block<W> {
         }
     }
 
+    /// A fault, or with `remote` a `MapRemote` (a device only).
+    #[allow(clippy::too_many_arguments)]
     fn step_fault(
         &mut self,
         env: &mut Env<'_>,
         req: &mut Pending<W>,
         proc: Proc,
         access: Access,
+        remote: bool,
         claimed: PageMask<W>,
         out: &mut Vec<Action>,
     ) -> Step {
@@ -559,7 +571,7 @@ impl<const W: usize> Block<W> {
             Proc::Cpu => self
                 .cpu_fault(env, req, main, access, claimed, out)
                 .and_then(|()| self.cpu_fault(env, req, extra, Access::Read, claimed, out)),
-            Proc::Device(d) => self.device_fault(env, req.id, d, main, access, out),
+            Proc::Device(d) => self.device_fault(env, req.id, d, main, access, remote, out),
         };
         if let Err(e) = result {
             return Some(Err(e));
@@ -616,8 +628,10 @@ impl<const W: usize> Block<W> {
         self.fill(env, req.id, Mem::System, rest | around, out)
     }
 
-    /// Device fault: map the local copy, or system memory remotely when advice says so; fill the
-    /// target first if it has no copy.
+    /// Device fault: map the local copy, or system memory remotely when advice says so (or,
+    /// with `remote_placement`, whenever the device holds no copy); fill the target first if it
+    /// has no copy.
+    #[allow(clippy::too_many_arguments)]
     fn device_fault(
         &mut self,
         env: &mut Env<'_>,
@@ -625,6 +639,7 @@ impl<const W: usize> Block<W> {
         d: DeviceId,
         todo: PageMask<W>,
         access: Access,
+        remote_placement: bool,
         out: &mut Vec<Action>,
     ) -> Result<(), RequestError> {
         if todo.is_empty() {
@@ -632,7 +647,11 @@ impl<const W: usize> Block<W> {
         }
         let s = &self.state;
         let sys = s.valid[Mem::System.index()];
-        let remote = todo & (s.preferred_is(Some(Mem::System)) | s.accessed_by[d.index()] & sys);
+        let remote = if remote_placement {
+            todo - s.valid[Mem::Device(d).index()]
+        } else {
+            todo & (s.preferred_is(Some(Mem::System)) | s.accessed_by[d.index()] & sys)
+        };
         let local = todo - remote;
         let p = Proc::Device(d);
         for (target, pages) in [(Mem::System, remote), (Mem::Device(d), local)] {

@@ -26,6 +26,16 @@ pub enum RequestKind {
         /// What it needs.
         access: Access,
     },
+    /// `dev` maps the pages for `access` without migrating them to itself: a page already in
+    /// its memory is mapped there, any other is mapped in system memory, remotely over the
+    /// link (filled there first if it has no copy in system memory). A launch's remote
+    /// placement: data larger than the device, or touched once.
+    MapRemote {
+        /// The device.
+        dev: DeviceId,
+        /// What it needs.
+        access: Access,
+    },
     /// Move the pages to `dst` (prefetch, explicit migration). Read-mostly pages are duplicated
     /// instead. Pages without data are populated there (zero or file).
     Migrate {

@@ -103,6 +103,32 @@ fn file_shrinks_and_grows_back() {
 }
 
 #[test]
+fn remote_maps_with_faults_migrations_evictions_discards() {
+    let cfg = Config {
+        topology: private_and_coherent(),
+        layout: layout(&[1]),
+        pages: 2,
+        capacity: vec![1, 1],
+        max_outstanding: 2,
+        max_writes: 1,
+        max_failures: 0,
+        moves: Moves {
+            remote_map: true,
+            migrate: true,
+            evict: true,
+            discard: true,
+            ..Moves::default()
+        },
+        max_states: std::env::var("HETMEM_MC_MAX")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20_000_000),
+    };
+    let r = run("remote maps", cfg);
+    assert!(r.states > 1000, "the remote maps were explored");
+}
+
+#[test]
 fn advice_and_atomics() {
     let cfg = Config {
         topology: private_and_coherent(),

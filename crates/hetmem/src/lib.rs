@@ -30,7 +30,9 @@ pub use api::hetmem::{
     default_service_threads, Hetmem, HetmemBuilder, Prefetch, SimConfig, Target,
     MAX_SERVICE_THREADS,
 };
-pub use api::launch::{DeclaredAccess, HostRuns, Launch, LaunchRun, LaunchTarget, Resident};
+pub use api::launch::{
+    DeclaredAccess, HostRuns, Launch, LaunchPlacement, LaunchRun, LaunchTarget, Resident,
+};
 pub use api::pin::Pin;
 pub use device::{
     BlockPageTable, BytePageTable, Chunk, CopyOp, DeviceBackend, DeviceCounters, Endpoint, Fence,

@@ -9,7 +9,10 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hetmem::{Advice, DeclaredAccess, DeviceKind, Error, Hetmem, Location, ManagedBuf, PAGE_SIZE};
+use hetmem::{
+    Advice, DeclaredAccess, DeviceKind, Error, Hetmem, LaunchPlacement, Location, ManagedBuf,
+    PAGE_SIZE,
+};
 
 const BLOCK: usize = 2 << 20;
 
@@ -363,5 +366,61 @@ fn fork_waits_for_the_launches_running() -> anyhow::Result<()> {
         "the child saw a copy without the launch's write (status {status:#x})"
     );
     assert_eq!(buf[0], 0xAA);
+    Ok(())
+}
+
+#[test]
+fn remote_and_auto_placement_leave_the_data_where_it_is() -> anyhow::Result<()> {
+    let _fork = shared();
+    let hm = context(2 * BLOCK)?;
+    let dev = hm.device(0).expect("device 0");
+    // Twice the device: only remote placement can run over it.
+    let big = alloc(&hm, 4 * BLOCK, 1)?;
+    let out = alloc(&hm, 4 * PAGE_SIZE, 0)?;
+    let migrate = [DeclaredAccess::read(big.addr(), big.len())];
+    assert_eq!(
+        dev.launch_host(&migrate, |_| {}).unwrap_err().errno(),
+        libc::ENOMEM
+    );
+    let (sum, got) = mpsc::channel();
+    let launch = dev.launch_host(
+        &[
+            DeclaredAccess::read(big.addr(), big.len()).placed(LaunchPlacement::Auto),
+            DeclaredAccess::write(out.addr(), out.len()).placed(LaunchPlacement::Remote),
+        ],
+        move |runs| {
+            let total: u64 = runs
+                .read(0)
+                .expect("range 0")
+                .iter()
+                .flat_map(|(_, b)| b.iter())
+                .map(|&b| u64::from(b))
+                .sum();
+            runs.write(1).expect("range 1")[0].1[..8].copy_from_slice(&total.to_ne_bytes());
+            sum.send(total).expect("test");
+        },
+    )?;
+    launch.wait()?;
+    let want: u64 = big.iter().map(|&b| u64::from(b)).sum();
+    assert_eq!(got.recv()?, want);
+    // The kernel read and wrote system memory in place: nothing moved to the device.
+    assert_eq!(dev.counters().migrated_in, 0);
+    let snap = dev.snapshot(big.addr(), big.len())?;
+    assert!(snap.iter().all(|p| p.location == Location::System));
+    assert_eq!(u64::from_ne_bytes(out[..8].try_into()?), want);
+    // Auto migrates what fits.
+    let fits = dev.launch_host(
+        &[DeclaredAccess::read(big.addr(), BLOCK).placed(LaunchPlacement::Auto)],
+        |_| {},
+    )?;
+    fits.wait()?;
+    assert_eq!(dev.counters().migrated_in as usize, BLOCK / PAGE_SIZE);
+    // Atomics over the link are not offered.
+    let atomic = [DeclaredAccess::atomic(out.addr(), PAGE_SIZE).placed(LaunchPlacement::Remote)];
+    assert_eq!(
+        dev.launch_host(&atomic, |_| {}).unwrap_err().errno(),
+        libc::EINVAL
+    );
+    assert_eq!(hm.stats().errors, 0);
     Ok(())
 }

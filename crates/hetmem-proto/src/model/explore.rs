@@ -42,6 +42,9 @@ pub struct Moves {
     pub advise: bool,
     /// Atomic device faults.
     pub atomics: bool,
+    /// Device maps in place (`RequestKind::MapRemote`: a launch's remote placement), read and
+    /// write.
+    pub remote_map: bool,
     /// Another process writes a file page (a version of its own), after a lease break: only
     /// when hetmem holds no copy of the page and nothing is in flight for it.
     pub external_writes: bool,
@@ -196,6 +199,16 @@ fn moves(cfg: &Config, s: &State) -> Vec<Move> {
                 };
                 for &access in accesses {
                     v.push(Move::Request(page(p), RequestKind::Fault { proc, access }));
+                }
+            }
+            if cfg.moves.remote_map {
+                for dev in topo.devices() {
+                    for access in [Access::Read, Access::Write] {
+                        v.push(Move::Request(
+                            page(p),
+                            RequestKind::MapRemote { dev, access },
+                        ));
+                    }
                 }
             }
             if cfg.moves.migrate {

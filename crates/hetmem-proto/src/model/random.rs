@@ -311,7 +311,13 @@ impl Driver {
             &self.topo,
             b,
             run,
-            RequestKind::Fault { proc, access },
+            match proc {
+                // Now and then a device maps in place instead (a launch's remote placement).
+                Proc::Device(dev) if access != Access::Atomic && self.rng.below(4) == 0 => {
+                    RequestKind::MapRemote { dev, access }
+                }
+                _ => RequestKind::Fault { proc, access },
+            },
             &mut done,
         )?;
         self.intents.push(Intent {

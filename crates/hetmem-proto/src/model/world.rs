@@ -112,6 +112,13 @@ impl<const W: usize> World<W> {
                 proc,
                 access,
             },
+            // Done means mapped for the access, wherever the device maps it.
+            RequestKind::MapRemote { dev, access } => Outstanding::Fault {
+                block,
+                run,
+                proc: Proc::Device(dev),
+                access,
+            },
             _ => Outstanding::Other,
         };
         let id = self.remember(slot, note);

@@ -18,6 +18,21 @@ use crate::mm::runtime::RuntimeHandle;
 use crate::mm::space::BlockSpan;
 use crate::policy::MemEvent;
 
+/// Where a declared range lives while the launch runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LaunchPlacement {
+    /// In the device's memory: the pages migrate there first (the default).
+    #[default]
+    Migrate,
+    /// Where they are: pages already in the device's memory are used there, all others in
+    /// system memory, which the device reaches over the link (the protocol's `MapRemote`):
+    /// for data larger than the device, or touched once.
+    Remote,
+    /// `Migrate` when the launch's migrating and automatic ranges fit in the device together,
+    /// `Remote` otherwise.
+    Auto,
+}
+
 /// One range a launch touches, and how.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeclaredAccess {
@@ -28,6 +43,8 @@ pub struct DeclaredAccess {
     /// What the launch does there. A write is served as a read-write: the pages are brought
     /// with their data, so a kernel that writes part of a page keeps the rest.
     pub access: Access,
+    /// Where the range lives while the launch runs.
+    pub placement: LaunchPlacement,
 }
 
 impl DeclaredAccess {
@@ -37,6 +54,7 @@ impl DeclaredAccess {
             addr,
             len,
             access: Access::Read,
+            placement: LaunchPlacement::Migrate,
         }
     }
 
@@ -46,16 +64,24 @@ impl DeclaredAccess {
             addr,
             len,
             access: Access::Write,
+            placement: LaunchPlacement::Migrate,
         }
     }
 
-    /// The launch uses device atomics on `[addr, addr + len)`: mapped exclusively.
+    /// The launch uses device atomics on `[addr, addr + len)`: mapped exclusively, in the
+    /// device's memory (atomics over the link are not offered).
     pub fn atomic(addr: usize, len: usize) -> Self {
         Self {
             addr,
             len,
             access: Access::Atomic,
+            placement: LaunchPlacement::Migrate,
         }
+    }
+
+    /// The same range with another placement.
+    pub fn placed(self, placement: LaunchPlacement) -> Self {
+        Self { placement, ..self }
     }
 }
 
@@ -350,19 +376,50 @@ impl Device {
         if sorted.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
             return Err(Error::Invalid("declared ranges overlap"));
         }
-        let pages: usize = declared.iter().map(|d| d.len / PAGE_SIZE).sum();
-        if pages > self.capacity_pages() as usize {
+        if declared
+            .iter()
+            .any(|d| d.access == Access::Atomic && d.placement != LaunchPlacement::Migrate)
+        {
+            return Err(Error::Invalid(
+                "atomics need the range in the device's memory",
+            ));
+        }
+        // What migrates: the `Migrate` ranges, and the `Auto` ones if all fit with them.
+        let pages_of = |p: LaunchPlacement| -> usize {
+            declared
+                .iter()
+                .filter(|d| d.placement == p)
+                .map(|d| d.len / PAGE_SIZE)
+                .sum()
+        };
+        let capacity = self.capacity_pages() as usize;
+        let migrating = pages_of(LaunchPlacement::Migrate);
+        if migrating > capacity {
             return Err(Error::NoMem);
         }
+        let auto_migrates = migrating + pages_of(LaunchPlacement::Auto) <= capacity;
+        let remote: Vec<bool> = declared
+            .iter()
+            .map(|d| match d.placement {
+                LaunchPlacement::Migrate => false,
+                LaunchPlacement::Remote => true,
+                LaunchPlacement::Auto => !auto_migrates,
+            })
+            .collect();
         // Faulting one range in may evict another's pages: fault all in, then pin all at
         // once if all are still there; otherwise again, a few times, before calling the
         // device too small for this launch next to the others running.
         let rounds = AtomicU32::new(0);
         for _ in 0..8 {
-            for (d, pieces) in declared.iter().zip(&spans) {
-                self.make_resident(pieces, d.access, &rounds)?;
+            for ((d, pieces), &remote) in declared.iter().zip(&spans).zip(&remote) {
+                if remote {
+                    self.map_remote(pieces, d.access)?;
+                } else {
+                    self.bring_home_to_device(pieces)?;
+                    self.make_resident(pieces, d.access, &rounds)?;
+                }
             }
-            if let Some(pinned) = self.try_pin(declared, &spans) {
+            if let Some(pinned) = self.try_pin(declared, &spans, &remote) {
                 if rounds.load(Ordering::Relaxed) > 0 {
                     inner.emit(MemEvent::DeviceCommandFaulted { dev: self.id() });
                 }
@@ -372,10 +429,65 @@ impl Device {
         Err(Error::NoMem)
     }
 
+    /// Migrates to the device the pages of `pieces` it maps remotely (in system memory): a
+    /// `Migrate` range must be in its memory, and a remote mapping satisfies a device fault.
+    fn bring_home_to_device(&self, pieces: &[BlockSpan]) -> Result<()> {
+        let inner = self.inner();
+        let d = self.id().index();
+        for p in pieces {
+            let any_remote = !p.region.blocks[p.bi].dev[d]
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .all(p.run.pages(), |e| !e.remote);
+            if any_remote {
+                let kind = hetmem_proto::RequestKind::Migrate {
+                    dst: Mem::Device(self.id()),
+                };
+                inner.request(&p.region, p.bi, p.run, kind)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Maps `pieces` for `access` where their data is (`RequestKind::MapRemote`): pages not in
+    /// the device's memory are mapped in system memory, over the link.
+    fn map_remote(&self, pieces: &[BlockSpan], access: Access) -> Result<()> {
+        let inner = self.inner();
+        let d = self.id().index();
+        for p in pieces {
+            for tries in 0.. {
+                let mapped = {
+                    let _gate = inner.gate.enter();
+                    p.region.blocks[p.bi].dev[d]
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .all(p.run.pages(), |e| satisfies(e, access))
+                };
+                if mapped {
+                    break;
+                }
+                if tries == 10_000 {
+                    return Err(Error::Fault("device mapping did not converge"));
+                }
+                let kind = hetmem_proto::RequestKind::MapRemote {
+                    dev: self.id(),
+                    access,
+                };
+                inner.request(&p.region, p.bi, p.run, kind)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Pins the declared pieces if the device still maps every page as declared: under the
     /// read locks of all their page tables at once, so no change can come between the check
     /// and the pins.
-    fn try_pin(&self, declared: &[DeclaredAccess], spans: &[Vec<BlockSpan>]) -> Option<Pinned> {
+    fn try_pin(
+        &self,
+        declared: &[DeclaredAccess],
+        spans: &[Vec<BlockSpan>],
+        remote: &[bool],
+    ) -> Option<Pinned> {
         let inner = self.inner();
         let d = self.id().index();
         let _gate = inner.gate.enter();
@@ -405,11 +517,14 @@ impl Device {
         let mut remote_pages = Vec::new();
         let mut pins: Vec<(PageMask<BLOCK_WORDS>, bool)> =
             vec![(PageMask::EMPTY, false); blocks.len()];
-        for (decl, pieces) in declared.iter().zip(spans) {
+        for ((decl, pieces), &remote_ok) in declared.iter().zip(spans).zip(remote) {
             let mut runs = Vec::new();
             for p in pieces {
                 let db = guard_of(p)?;
-                if !db.all(p.run.pages(), |e| satisfies(e, decl.access)) {
+                // A migrating range must be in the device's memory, not mapped over the link.
+                if !db.all(p.run.pages(), |e| {
+                    satisfies(e, decl.access) && (remote_ok || !e.remote)
+                }) {
                     return None;
                 }
                 remote_pages.push(p.run.pages().filter(|&i| db.entry(i).remote).count() as u64);
