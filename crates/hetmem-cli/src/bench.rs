@@ -71,7 +71,7 @@ pub struct BenchArgs {
     /// CUDA: data size in MiB of rows 1-3 (first access, read-back, migration); hetmem's
     /// device use for them is capped at this plus 4 MiB, and each CUDA managed allocation must
     /// stay under a quarter of the device's free memory.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 2048)]
     pub gpu_mib: usize,
     /// CUDA: hetmem's device memory cap in MiB for the streaming row 4, which streams 4 times
     /// as much.
