@@ -14,7 +14,8 @@
 //!    prefetches.
 //! 4. The GPU streams data 4 times hetmem's device cap (read, then read-write): eviction and
 //!    migration under launches per block, against a double-buffered pinned pipeline (two device
-//!    buffers, two streams: copy in, kernel, copy out, overlapped).
+//!    buffers, two streams: copy in, kernel, copy out, overlapped). 4c repeats the read with
+//!    `Advice::ReadMostly`, under which an evicted block is dropped instead of copied back.
 //! 5. Random 4 KiB touches over 4 times the cap: not built (remote placement is not), reported
 //!    so.
 //! 6. Launch overhead with a resident 2 MiB declared range against a plain launch.
@@ -35,9 +36,9 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{bail, ensure, Context as _, Result};
 use hetmem::{DeclaredAccess, Device, Hetmem, Launch, ManagedBuf, Target as Dest, PAGE_SIZE};
 use hetmem_cuda::{
-    kernels, Cuda, CudaBackend, CudaBuilderExt, CudaLauncher, DeviceBuffer, DevicePtr,
-    DeviceSpan, Function, HostMem, KernelArgs, LaunchConfig, Location, ManagedBuffer, Module,
-    PinnedBuffer, Stream, MAX_FREE_FRACTION,
+    kernels, Cuda, CudaBackend, CudaBuilderExt, CudaLauncher, DeviceBuffer, DevicePtr, DeviceSpan,
+    Function, HostMem, KernelArgs, LaunchConfig, Location, ManagedBuffer, Module, PinnedBuffer,
+    Stream, MAX_FREE_FRACTION,
 };
 use indicatif::ProgressBar;
 use serde::Serialize;
@@ -141,7 +142,10 @@ impl Gpu {
 
     /// The address of the first of `n` sum slots (checked: the rest follow it).
     fn slots(&self, n: usize) -> Result<DevicePtr> {
-        ensure!(n <= SUM_SLOTS, "{n} blocks in one pass: at most {SUM_SLOTS}");
+        ensure!(
+            n <= SUM_SLOTS,
+            "{n} blocks in one pass: at most {SUM_SLOTS}"
+        );
         Ok(self.sums.span(0, n.max(1) * 8)?.ptr())
     }
 
@@ -685,7 +689,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     })?;
                     let secs = t.elapsed().as_secs_f64();
                     last.set(Some(hm.stats().since(&st)));
-                    ensure!(g.read_sums(blocks)? == expected, "row 1: hetmem sums differ");
+                    ensure!(
+                        g.read_sums(blocks)? == expected,
+                        "row 1: hetmem sums differ"
+                    );
                     Ok(vec![gbps(len, secs)])
                 };
                 let mut p = || -> Result<Vec<f64>> {
@@ -700,7 +707,13 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     managed.write(0, &src)?; // the CPU writes the data
                     g.zero_sums()?;
                     let t = Instant::now();
-                    enqueue_sum(&g, s0, &whole_cfg(words), managed.whole(), g.sums.span(0, 8)?)?;
+                    enqueue_sum(
+                        &g,
+                        s0,
+                        &whole_cfg(words),
+                        managed.whole(),
+                        g.sums.span(0, 8)?,
+                    )?;
                     s0.synchronize()?;
                     let secs = t.elapsed().as_secs_f64();
                     ensure!(g.read_sums(1)? == expected, "row 1: managed sum differs");
@@ -758,7 +771,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     let s = sum_u64(&buf);
                     let secs = t.elapsed().as_secs_f64();
                     last.set(Some(hm.stats().since(&st)));
-                    ensure!(s == words.wrapping_mul(v), "row 2: hetmem read-back differs");
+                    ensure!(
+                        s == words.wrapping_mul(v),
+                        "row 2: hetmem read-back differs"
+                    );
                     Ok(vec![gbps(len, secs)])
                 };
                 let mut m = || -> Result<Vec<f64>> {
@@ -769,7 +785,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     let t = Instant::now();
                     let s = sum_u64(host_bytes(&g, &managed)?);
                     let secs = t.elapsed().as_secs_f64();
-                    ensure!(s == words.wrapping_mul(v), "row 2: managed read-back differs");
+                    ensure!(
+                        s == words.wrapping_mul(v),
+                        "row 2: managed read-back differs"
+                    );
                     Ok(vec![gbps(len, secs)])
                 };
                 let mut p = || -> Result<Vec<f64>> {
@@ -782,7 +801,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     s0.synchronize()?;
                     let s = sum_u64(host_bytes(&g, &pinned)?);
                     let secs = t.elapsed().as_secs_f64();
-                    ensure!(s == words.wrapping_mul(v), "row 2: pinned read-back differs");
+                    ensure!(
+                        s == words.wrapping_mul(v),
+                        "row 2: pinned read-back differs"
+                    );
                     Ok(vec![gbps(len, secs)])
                 };
                 let s = sample(runs, deadline, &mut [&mut h, &mut m, &mut p])?;
@@ -962,6 +984,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 pinned.write(off, &chunk)?;
             }
             let base = buf.addr();
+            // Two variants reset the buffer (to_system needs it mutably): shared by a RefCell.
+            let buf = std::cell::RefCell::new(buf);
             let dbufs = [
                 DeviceBuffer::new(&cuda, BLOCK)?,
                 DeviceBuffer::new(&cuda, BLOCK)?,
@@ -970,10 +994,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             let last: Cell<Option<Counters>> = Cell::new(None);
             let last2: Cell<Option<Counters>> = Cell::new(None);
             let (k_h, k_p) = (Cell::new(0u8), Cell::new(0u8));
+            let rm_counters;
             let (read_s, rw_s) = {
                 // Read: a sum per block.
                 let mut h = || -> Result<Vec<f64>> {
-                    to_system(&hm, &mut buf, &dev)?;
+                    to_system(&hm, &mut buf.borrow_mut(), &dev)?;
                     g.zero_sums()?;
                     let st = hm.stats();
                     let t = Instant::now();
@@ -982,7 +1007,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     })?;
                     let secs = t.elapsed().as_secs_f64();
                     last.set(Some(hm.stats().since(&st)));
-                    ensure!(g.read_sums(blocks)? == expected, "row 4: hetmem sums differ");
+                    ensure!(
+                        g.read_sums(blocks)? == expected,
+                        "row 4: hetmem sums differ"
+                    );
                     Ok(vec![gbps(stream_len, secs)])
                 };
                 let mut p = || -> Result<Vec<f64>> {
@@ -1001,10 +1029,33 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     );
                     Ok(vec![gbps(stream_len, secs)])
                 };
-                let read_s = sample(runs, deadline, &mut [&mut h, &mut p])?;
+                // The same read with ReadMostly advice (cudaMemAdviseSetReadMostly): the device
+                // gets read copies, so evicting a block drops it instead of copying it back.
+                let last3: Cell<Option<Counters>> = Cell::new(None);
+                let mut h_rm = || -> Result<Vec<f64>> {
+                    to_system(&hm, &mut buf.borrow_mut(), &dev)?;
+                    hm.advise(base, stream_len, hetmem::Advice::ReadMostly(true))?;
+                    g.zero_sums()?;
+                    let st = hm.stats();
+                    let t = Instant::now();
+                    let r = hetmem_pass(&g, &dev, base, stream_len, window, |i| {
+                        BlockKernel::Sum(slot0.offset(8 * i))
+                    });
+                    let secs = t.elapsed().as_secs_f64();
+                    last3.set(Some(hm.stats().since(&st)));
+                    hm.advise(base, stream_len, hetmem::Advice::ReadMostly(false))?;
+                    r?;
+                    ensure!(
+                        g.read_sums(blocks)? == expected,
+                        "row 4: hetmem sums differ (ReadMostly)"
+                    );
+                    Ok(vec![gbps(stream_len, secs)])
+                };
+                let read_s = sample(runs, deadline, &mut [&mut h, &mut p, &mut h_rm])?;
+                rm_counters = last3.take();
                 // Read-write: +1 on every byte, and everything back in system memory.
                 let mut h = || -> Result<Vec<f64>> {
-                    to_system(&hm, &mut buf, &dev)?;
+                    to_system(&hm, &mut buf.borrow_mut(), &dev)?;
                     let st = hm.stats();
                     let t = Instant::now();
                     hetmem_pass(&g, &dev, base, stream_len, window, |_| BlockKernel::Add(1))?;
@@ -1033,9 +1084,15 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             };
             // Every byte went up by one per read-write pass, on either side.
             let host = host_bytes(&g, &pinned)?;
+            let buf = buf.into_inner();
             for off in (0..stream_len).step_by(BLOCK) {
                 check_added(&buf[off..off + BLOCK], off / 8, k_h.get(), "row 4 (hetmem)")?;
-                check_added(&host[off..off + BLOCK], off / 8, k_p.get(), "row 4 (pipeline)")?;
+                check_added(
+                    &host[off..off + BLOCK],
+                    off / 8,
+                    k_p.get(),
+                    "row 4 (pipeline)",
+                )?;
             }
             let what = format!(
                 "GPU streams {} MiB, 4x a {} MiB cap: launch per 2 MiB block, {window} in flight",
@@ -1067,6 +1124,19 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     Target::AtLeast(0.7),
                     col(&rw_s, 0, 0),
                     col(&rw_s, 1, 0),
+                ),
+            ));
+            rows.push(with(
+                rm_counters,
+                row_vs(
+                    "4c",
+                    &format!("{what}, read (sum) with ReadMostly advice"),
+                    "GB/s",
+                    base_name,
+                    "pipeline",
+                    Target::None,
+                    col(&read_s, 2, 0),
+                    col(&read_s, 1, 0),
                 ),
             ));
         }
@@ -1175,13 +1245,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         println!("JSON written to {path}");
     }
     if let Some(path) = &a.plot {
-        crate::plot::write(
-            path,
-            TITLE,
-            &subtitle,
-            &rows,
-            fake.then_some(FAKE_WARNING),
-        )?;
+        crate::plot::write(path, TITLE, &subtitle, &rows, fake.then_some(FAKE_WARNING))?;
         println!("plot written to {}", path.display());
     }
     if a.strict && !all_pass {

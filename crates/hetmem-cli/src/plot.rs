@@ -329,7 +329,8 @@ pub fn svg(title: &str, subtitle: &str, rows: &[PlotRow], warning: Option<&str>)
             esc(&format!(
                 "hetmem {:.3} {u}, baseline {} ({} runs)",
                 r.hetmem,
-                r.baseline.map_or("-".into(), |b| format!("{b:.3} {}", r.unit)),
+                r.baseline
+                    .map_or("-".into(), |b| format!("{b:.3} {}", r.unit)),
                 r.runs,
                 u = r.unit
             ))
@@ -416,8 +417,7 @@ fn write_rows(
 
 /// `--plot OUT --from REPORT.json`: the chart of a saved report (either bench's).
 pub fn from_json(from: &Path, out: &Path) -> Result<()> {
-    let text =
-        std::fs::read_to_string(from).with_context(|| format!("read {}", from.display()))?;
+    let text = std::fs::read_to_string(from).with_context(|| format!("read {}", from.display()))?;
     let v: Value =
         serde_json::from_str(&text).with_context(|| format!("parse {}", from.display()))?;
     let rows: Vec<PlotRow> = v
