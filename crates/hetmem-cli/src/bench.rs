@@ -1256,7 +1256,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     }
     if let Some(path) = &a.plot {
         let title = "hetmem bench (simulated device): hetmem against native baselines";
-        let sub = format!("{header}").trim().to_string();
+        let sub = header.trim().to_string();
         crate::plot::write(path, title, &sub, &report.rows, None)?;
         println!("plot written to {}", path.display());
     }

@@ -1149,7 +1149,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             "5",
             "random 4 KiB GPU touches over data 4x the device cap: remote placement (and auto) vs migrate-on-demand",
             Target::AtLeast(100.0),
-            "remote placement is not built: a launch's runs in system memory (LaunchTarget::System) \
+            "hetmem has no remote placement yet: a launch's runs in system memory (LaunchTarget::System) \
              cannot be given to a CUDA kernel (hetmem_cuda::device_ptr returns None for them), so \
              hetmem can only migrate a whole block per touch (docs/runtime.md §4, Launches: not yet)",
         ));

@@ -209,10 +209,9 @@ pub fn svg(title: &str, subtitle: &str, rows: &[PlotRow], warning: Option<&str>)
     );
     let sub = wrap(subtitle, 150, 3);
     for (i, l) in sub.iter().enumerate() {
-        let _ = write!(
+        let _ = writeln!(
             s,
-            r##"<text x="20" y="{}" fill="#444">{}</text>
-"##,
+            r##"<text x="20" y="{}" fill="#444">{}</text>"##,
             48.0 + 15.0 * i as f64,
             esc(l)
         );
@@ -233,10 +232,9 @@ pub fn svg(title: &str, subtitle: &str, rows: &[PlotRow], warning: Option<&str>)
     // Legend.
     let mut lx = 20.0;
     for (_, c, what) in KINDS {
-        let _ = write!(
+        let _ = writeln!(
             s,
-            r##"<rect x="{lx}" y="{}" width="14" height="12" fill="{c}"/><text x="{}" y="{}">{}</text>
-"##,
+            r##"<rect x="{lx}" y="{}" width="14" height="12" fill="{c}"/><text x="{}" y="{}">{}</text>"##,
             y + 4.0,
             lx + 19.0,
             y + 14.0,
@@ -244,10 +242,9 @@ pub fn svg(title: &str, subtitle: &str, rows: &[PlotRow], warning: Option<&str>)
         );
         lx += 40.0 + what.chars().count() as f64 * 7.2;
     }
-    let _ = write!(
+    let _ = writeln!(
         s,
-        r##"<line x1="{lx}" y1="{}" x2="{lx}" y2="{}" stroke="#000" stroke-width="2.5"/><text x="{}" y="{}">target</text>
-"##,
+        r##"<line x1="{lx}" y1="{}" x2="{lx}" y2="{}" stroke="#000" stroke-width="2.5"/><text x="{}" y="{}">target</text>"##,
         y + 2.0,
         y + 18.0,
         lx + 6.0,
@@ -265,27 +262,24 @@ pub fn svg(title: &str, subtitle: &str, rows: &[PlotRow], warning: Option<&str>)
         } else {
             format!("{v:.0}×")
         };
-        let _ = write!(
+        let _ = writeln!(
             s,
-            r##"<line x1="{xv}" y1="{}" x2="{xv}" y2="{bottom}" stroke="{stroke}" stroke-width="{sw}"/><text x="{xv}" y="{axis_y}" text-anchor="middle" fill="#444">{label}</text>
-"##,
+            r##"<line x1="{xv}" y1="{}" x2="{xv}" y2="{bottom}" stroke="{stroke}" stroke-width="{sw}"/><text x="{xv}" y="{axis_y}" text-anchor="middle" fill="#444">{label}</text>"##,
             axis_y + 4.0
         );
     }
-    let _ = write!(
+    let _ = writeln!(
         s,
-        r##"<text x="{}" y="{}" text-anchor="middle" fill="#444" font-size="11">hetmem ÷ baseline, log scale, longer to the right is better (lower-is-better rows inverted)</text>
-"##,
+        r##"<text x="{}" y="{}" text-anchor="middle" fill="#444" font-size="11">hetmem ÷ baseline, log scale, longer to the right is better (lower-is-better rows inverted)</text>"##,
         (x0 + x1) / 2.0,
         bottom + 18.0
     );
     for (i, r) in rows.iter().enumerate() {
         let ry = top + row_h * i as f64;
         if i % 2 == 1 {
-            let _ = write!(
+            let _ = writeln!(
                 s,
-                r##"<rect x="10" y="{ry}" width="{}" height="{row_h}" fill="#f6f6f6"/>
-"##,
+                r##"<rect x="10" y="{ry}" width="{}" height="{row_h}" fill="#f6f6f6"/>"##,
                 w - 20.0
             );
         }
@@ -307,10 +301,9 @@ pub fn svg(title: &str, subtitle: &str, rows: &[PlotRow], warning: Option<&str>)
         }
         s.push_str("</text>\n");
         if let Some(why) = &r.not_built {
-            let _ = write!(
+            let _ = writeln!(
                 s,
-                r##"<text x="{x0}" y="{}" fill="#888" font-style="italic" font-size="11"><title>{}</title>{}</text>
-"##,
+                r##"<text x="{x0}" y="{}" fill="#888" font-style="italic" font-size="11"><title>{}</title>{}</text>"##,
                 ry + 21.0,
                 esc(why),
                 esc(&cut(&format!("not built: {why}"), 78))
@@ -319,10 +312,9 @@ pub fn svg(title: &str, subtitle: &str, rows: &[PlotRow], warning: Option<&str>)
         }
         let Some(v) = r.score() else { continue };
         let (a, b) = (x(1.0).min(x(v)), x(1.0).max(x(v)));
-        let _ = write!(
+        let _ = writeln!(
             s,
-            r##"<rect x="{a}" y="{}" width="{}" height="14" fill="{}"><title>{}</title></rect>
-"##,
+            r##"<rect x="{a}" y="{}" width="{}" height="14" fill="{}"><title>{}</title></rect>"##,
             ry + 10.0,
             (b - a).max(1.0),
             colour(&r.against),
@@ -337,10 +329,9 @@ pub fn svg(title: &str, subtitle: &str, rows: &[PlotRow], warning: Option<&str>)
         );
         if let Some(t) = r.target_score() {
             let tx = x(t);
-            let _ = write!(
+            let _ = writeln!(
                 s,
-                r##"<line x1="{tx}" y1="{}" x2="{tx}" y2="{}" stroke="#000" stroke-width="2.5"/>
-"##,
+                r##"<line x1="{tx}" y1="{}" x2="{tx}" y2="{}" stroke="#000" stroke-width="2.5"/>"##,
                 ry + 5.0,
                 ry + 29.0
             );
@@ -350,10 +341,9 @@ pub fn svg(title: &str, subtitle: &str, rows: &[PlotRow], warning: Option<&str>)
             Some(false) => ("miss", "#c62828"),
             None => ("info", "#666"),
         };
-        let _ = write!(
+        let _ = writeln!(
             s,
-            r##"<text x="{}" y="{}">{}</text><text x="{}" y="{}" fill="{}" font-weight="bold">{}</text>
-"##,
+            r##"<text x="{}" y="{}">{}</text><text x="{}" y="{}" fill="{}" font-weight="bold">{}</text>"##,
             x1 + 12.0,
             ry + 21.0,
             if v >= 100.0 {
@@ -370,10 +360,9 @@ pub fn svg(title: &str, subtitle: &str, rows: &[PlotRow], warning: Option<&str>)
         );
     }
     if rows.is_empty() {
-        let _ = write!(
+        let _ = writeln!(
             s,
-            r##"<text x="{x0}" y="{}" fill="#888">no rows with a ratio</text>
-"##,
+            r##"<text x="{x0}" y="{}" fill="#888">no rows with a ratio</text>"##,
             top + 18.0
         );
     }
