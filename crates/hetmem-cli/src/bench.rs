@@ -14,7 +14,16 @@ use hetmem::{DeviceKind, FileMode, FileOptions, Hetmem, ManagedBuf, Target as De
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::baseline::{self, AnonMap};
-pub(crate) use crate::demo::DeviceArg;
+
+/// The device `hetmem bench` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceArg {
+    /// A simulated device: rows a-m against native baselines.
+    Sim,
+    /// CUDA device 0: rows 1-7 against pinned copies, CUDA managed memory, a pinned pipeline
+    /// and plain launches (`--gpu-mib`, `--device-mib`, `--budget-s`).
+    Cuda,
+}
 use crate::report::{self, median, percentile, BenchReport, Counters, Row, Target};
 
 const ALL: [char; 13] = [
@@ -41,7 +50,10 @@ pub struct BenchArgs {
     /// than device memory, i: h with `FileOptions::evict_to_file`, j: fault throughput with
     /// 1, 2, 4 (up to 16, as the CPUs allow) threads, k: CPU/device ping-pong with and without
     /// thrashing mitigation, l: sparse and dense device first touch with density prefetch, m:
-    /// hot/cold over 4x device memory with access counters).
+    /// hot/cold over 4x device memory with access counters). With `--device cuda`, row
+    /// numbers: `--only 1,4` (1: GPU first access, 2: CPU read-back, 3: migration, 4:
+    /// streaming 4x the cap, 5: random touches, not built, 6: launch overhead, 7: CPU fault
+    /// throughput).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Pages touched per run by the fault-latency measurement (e).
@@ -64,8 +76,8 @@ pub struct BenchArgs {
     /// compare with a run without it).
     #[arg(long)]
     pub trace: Option<String>,
-    /// The device: simulated (rows a-m), or CUDA device 0 (rows 1-7 against pinned copies and
-    /// CUDA managed memory measured in the same run: `crate::bench_cuda`).
+    /// The device: simulated (rows a-m), or CUDA device 0 (rows 1-7, each against the CUDA way
+    /// of doing the same work, measured in the same run).
     #[arg(long, value_enum, default_value_t = DeviceArg::Sim)]
     pub device: DeviceArg,
     /// CUDA: data size in MiB of rows 1-3 (first access, read-back, migration); hetmem's

@@ -306,7 +306,14 @@ pub fn svg(title: &str, subtitle: &str, rows: &[PlotRow], warning: Option<&str>)
                 r##"<text x="{x0}" y="{}" fill="#888" font-style="italic" font-size="11"><title>{}</title>{}</text>"##,
                 ry + 21.0,
                 esc(why),
-                esc(&cut(&format!("not built: {why}"), 78))
+                esc(&cut(
+                    &if why.starts_with("not run") {
+                        why.clone()
+                    } else {
+                        format!("not built: {why}")
+                    },
+                    78
+                ))
             );
             continue;
         }

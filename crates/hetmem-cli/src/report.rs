@@ -215,7 +215,10 @@ pub fn table(rows: &[Row]) -> String {
                     "-".into(),
                     "-".into(),
                     r.target.show(&r.unit),
-                    "not built".into(),
+                    match &r.not_built {
+                        Some(why) if why.starts_with("not run") => "not run".into(),
+                        _ => "not built".into(),
+                    },
                 ];
             }
             [
