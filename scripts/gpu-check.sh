@@ -9,7 +9,7 @@
 # skipping), the probe, then the CudaBackend tests under hetmem's runtime (tests/backend.rs, also
 # with HETMEM_REQUIRE_CUDA=1), then `hetmem demo --device cuda` (anonymous and on a file), then
 # `hetmem bench --device cuda` (issue 13: bench-cuda.json and bench-cuda.svg). Logs and probe.json go to $OUT (or /tmp/hetmem-gpu-check). The
-# whole script stays under 6 minutes (340 s of steps; it was 280 before the bench step, which
+# whole script stays under 6 minutes (330 s of steps; it was 280 before the bench step, which
 # takes at most 190 s of them); it exits non-zero if any step failed.
 set -u
 cd "$(dirname "$0")/.."
@@ -17,9 +17,9 @@ bin=${GPU_BIN:-gpu-bin}
 out=${OUT:-/tmp/hetmem-gpu-check}
 mkdir -p "$out"
 start=$SECONDS
-# 280 s before the CUDA bench (issue 13); raised by 60 s for it, so the script stays under 6
+# 280 s before the CUDA bench (issue 13); raised by 50 s for it, so the script stays under 6
 # minutes with nvidia-smi and the summary.
-budget=340
+budget=330
 passed=0
 failed=0
 summary=()
