@@ -14,6 +14,16 @@ use hetmem::{DeviceKind, FileMode, FileOptions, Hetmem, ManagedBuf, Target as De
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::baseline::{self, AnonMap};
+
+/// The device `hetmem bench` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceArg {
+    /// A simulated device: rows a-m against native baselines.
+    Sim,
+    /// CUDA device 0: rows 1-7 against pinned copies, CUDA managed memory, a pinned pipeline
+    /// and plain launches (`--gpu-mib`, `--device-mib`, `--budget-s`).
+    Cuda,
+}
 use crate::report::{self, median, percentile, BenchReport, Counters, Row, Target};
 
 const ALL: [char; 13] = [
@@ -40,7 +50,10 @@ pub struct BenchArgs {
     /// than device memory, i: h with `FileOptions::evict_to_file`, j: fault throughput with
     /// 1, 2, 4 (up to 16, as the CPUs allow) threads, k: CPU/device ping-pong with and without
     /// thrashing mitigation, l: sparse and dense device first touch with density prefetch, m:
-    /// hot/cold over 4x device memory with access counters).
+    /// hot/cold over 4x device memory with access counters). With `--device cuda`, row
+    /// numbers: `--only 1,4` (1: GPU first access, 2: CPU read-back, 3: migration, 4:
+    /// streaming 4x the cap, 5: random touches, not built, 6: launch overhead, 7: CPU fault
+    /// throughput).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Pages touched per run by the fault-latency measurement (e).
@@ -63,6 +76,37 @@ pub struct BenchArgs {
     /// compare with a run without it).
     #[arg(long)]
     pub trace: Option<String>,
+    /// The device: simulated (rows a-m), or CUDA device 0 (rows 1-7, each against the CUDA way
+    /// of doing the same work, measured in the same run).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Sim)]
+    pub device: DeviceArg,
+    /// CUDA: data size in MiB of rows 1-3 (first access, read-back, migration); hetmem's
+    /// device use for them is capped at this plus 4 MiB, and each CUDA managed allocation must
+    /// stay under a quarter of the device's free memory.
+    #[arg(long, default_value_t = 2048)]
+    pub gpu_mib: usize,
+    /// CUDA: hetmem's device memory cap in MiB for the streaming row 4, which streams 4 times
+    /// as much.
+    #[arg(long, default_value_t = 512)]
+    pub device_mib: usize,
+    /// CUDA: hetmem launches in flight at once (at most the cap's 2 MiB blocks less one).
+    #[arg(long, default_value_t = 4)]
+    pub in_flight: usize,
+    /// CUDA: launches per run of the launch-overhead row 6.
+    #[arg(long, default_value_t = 2000)]
+    pub launches: usize,
+    /// CUDA: the whole bench's time budget in seconds. Each row gets a share; past it a row
+    /// stops after one measured run, and a row started after the budget is spent is reported
+    /// as not run. 0: no budget.
+    #[arg(long, default_value_t = 170.0)]
+    pub budget_s: f64,
+    /// Draw the ratios per row (against managed memory, the PCIe limit and the other
+    /// baselines) as a self-contained SVG, or an HTML page when the name ends in `.html`.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// With --plot: draw from this saved `--json` file instead of measuring.
+    #[arg(long, requires = "plot")]
+    pub from: Option<PathBuf>,
 }
 
 /// `builder`, tracing to `PREFIX.<name>.json` when `--trace PREFIX` was given.
@@ -74,19 +118,19 @@ fn traced(builder: hetmem::HetmemBuilder, a: &BenchArgs, name: &str) -> hetmem::
 }
 
 /// GB/s for `bytes` in `secs`.
-fn gbps(bytes: usize, secs: f64) -> f64 {
+pub(crate) fn gbps(bytes: usize, secs: f64) -> f64 {
     bytes as f64 / secs / 1e9
 }
 
 /// Sum of the buffer as native-endian u64s (what "the CPU reads the whole buffer" means here).
-fn sum_u64(bytes: &[u8]) -> u64 {
+pub(crate) fn sum_u64(bytes: &[u8]) -> u64 {
     bytes.chunks_exact(8).fold(0u64, |s, c| {
         s.wrapping_add(u64::from_ne_bytes(c.try_into().expect("8 bytes")))
     })
 }
 
 /// Word `i` of the pattern.
-fn pattern_word(i: usize) -> u64 {
+pub(crate) fn pattern_word(i: usize) -> u64 {
     (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
@@ -96,7 +140,7 @@ fn fill_pattern(bytes: &mut [u8]) {
 }
 
 /// The pattern from word `first` on.
-fn fill_pattern_at(bytes: &mut [u8], first: usize) {
+pub(crate) fn fill_pattern_at(bytes: &mut [u8], first: usize) {
     for (i, c) in bytes.chunks_exact_mut(8).enumerate() {
         c.copy_from_slice(&pattern_word(first + i).to_ne_bytes());
     }
@@ -217,7 +261,7 @@ fn sampled(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn row(
+pub(crate) fn row(
     id: &str,
     name: &str,
     unit: &str,
@@ -237,15 +281,17 @@ fn row(
         baseline: b,
         ratio,
         target,
-        pass: target.check(ratio),
+        pass: target.check_values(h, b),
         baseline_name: baseline_name.into(),
         hetmem_samples: hs,
         baseline_samples: bs,
         counters: None,
+        against: None,
+        not_built: None,
     }
 }
 
-fn with(counters: Option<Counters>, mut r: Row) -> Row {
+pub(crate) fn with(counters: Option<Counters>, mut r: Row) -> Row {
     r.counters = counters;
     r
 }
@@ -319,7 +365,7 @@ fn touch_pages(bytes: &mut [u8]) {
 }
 
 /// Makes `buf` resident in system memory only, with no device copy left.
-fn to_system(hm: &Hetmem, buf: &mut ManagedBuf, dev: &hetmem::Device) -> Result<()> {
+pub(crate) fn to_system(hm: &Hetmem, buf: &mut ManagedBuf, dev: &hetmem::Device) -> Result<()> {
     hm.migrate(buf.addr(), buf.len(), Dest::System)?;
     if dev.used_pages() != 0 {
         // A read-only device copy survived: a CPU write invalidates it.
@@ -335,7 +381,97 @@ fn to_system(hm: &Hetmem, buf: &mut ManagedBuf, dev: &hetmem::Device) -> Result<
     Ok(())
 }
 
+/// j: 4 KiB CPU fault throughput with 1, 2, 4, 8, 16 threads faulting distinct blocks (as many
+/// as the CPUs allow, at least 4), each against a raw userfaultfd handler with as many threads.
+/// No device is involved. Past `deadline`, each count stops after one measured run.
+pub(crate) fn fault_throughput_rows(
+    a: &BenchArgs,
+    runs: usize,
+    pb: &ProgressBar,
+    deadline: Option<Instant>,
+) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let max = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let counts: Vec<usize> = [1, 2, 4, 8, 16]
+        .into_iter()
+        .filter(|&n| n <= max.max(4))
+        .collect();
+    let pages = a.fault_pages.max(hetmem::PAGES_PER_BLOCK);
+    for n in counts {
+        pb.set_message(format!("j: fault throughput, {n} threads"));
+        let hm = traced(Hetmem::builder(), a, &format!("j{n}"))
+            .fault_around_pages(1)
+            .service_threads(n)
+            .build()
+            .context("build the fault-throughput context")?;
+        let (mut hs, mut bs) = (Vec::new(), Vec::new());
+        for r in 0..=runs {
+            if r > 1 && deadline.is_some_and(|d| Instant::now() >= d) {
+                break;
+            }
+            let hetmem_sample = || -> Result<f64> {
+                let buf = hm.alloc(n * pages * PAGE_SIZE)?;
+                let start = std::sync::Barrier::new(n + 1);
+                let secs = std::thread::scope(|s| {
+                    for t in 0..n {
+                        let part = &buf[t * pages * PAGE_SIZE..(t + 1) * pages * PAGE_SIZE];
+                        let start = &start;
+                        s.spawn(move || {
+                            start.wait();
+                            for i in 0..pages {
+                                black_box(part[i * PAGE_SIZE]);
+                            }
+                        });
+                    }
+                    start.wait();
+                    let t0 = Instant::now();
+                    // The scope joins the threads before it returns.
+                    t0
+                })
+                .elapsed()
+                .as_secs_f64();
+                drop(buf);
+                Ok((n * pages) as f64 / secs)
+            };
+            let base_sample = || -> Result<f64> {
+                baseline::uffd_fault_throughput(n, pages)
+                    .context("raw userfaultfd throughput baseline")
+            };
+            let (h, b) = if r % 2 == 0 {
+                let h = hetmem_sample()?;
+                (h, base_sample()?)
+            } else {
+                let b = base_sample()?;
+                (hetmem_sample()?, b)
+            };
+            if r > 0 {
+                hs.push(h / 1e6);
+                bs.push(b / 1e6);
+            }
+        }
+        pb.inc(1);
+        rows.push(row(
+            &format!("j{n}"),
+            &format!(
+                "4 KiB CPU fault throughput, {n} threads faulting distinct blocks, {n} service threads"
+            ),
+            "M faults/s",
+            &format!("raw userfaultfd with {n} handler threads (epoll, EPOLLEXCLUSIVE)"),
+            Target::AtLeast(0.8),
+            hs,
+            bs,
+        ));
+    }
+    Ok(rows)
+}
+
 pub fn run(a: &BenchArgs) -> Result<()> {
+    if let (Some(from), Some(plot)) = (&a.from, &a.plot) {
+        return crate::plot::from_json(from, plot);
+    }
+    if a.device == DeviceArg::Cuda {
+        return crate::bench_cuda::run(a);
+    }
     let sel: Vec<char> = if a.only.is_empty() {
         ALL.to_vec()
     } else {
@@ -692,74 +828,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     }
 
     if has('j') {
-        let max = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let counts: Vec<usize> = [1, 2, 4, 8, 16]
-            .into_iter()
-            .filter(|&n| n <= max.max(4))
-            .collect();
-        let pages = a.fault_pages.max(hetmem::PAGES_PER_BLOCK);
-        for n in counts {
-            pb.set_message(format!("j: fault throughput, {n} threads"));
-            let hm = traced(Hetmem::builder(), a, &format!("j{n}"))
-                .fault_around_pages(1)
-                .service_threads(n)
-                .build()
-                .context("build the fault-throughput context")?;
-            let (mut hs, mut bs) = (Vec::new(), Vec::new());
-            for r in 0..=runs {
-                let hetmem_sample = || -> Result<f64> {
-                    let buf = hm.alloc(n * pages * PAGE_SIZE)?;
-                    let start = std::sync::Barrier::new(n + 1);
-                    let secs = std::thread::scope(|s| {
-                        for t in 0..n {
-                            let part = &buf[t * pages * PAGE_SIZE..(t + 1) * pages * PAGE_SIZE];
-                            let start = &start;
-                            s.spawn(move || {
-                                start.wait();
-                                for i in 0..pages {
-                                    black_box(part[i * PAGE_SIZE]);
-                                }
-                            });
-                        }
-                        start.wait();
-                        let t0 = Instant::now();
-                        // The scope joins the threads before it returns.
-                        t0
-                    })
-                    .elapsed()
-                    .as_secs_f64();
-                    drop(buf);
-                    Ok((n * pages) as f64 / secs)
-                };
-                let base_sample = || -> Result<f64> {
-                    baseline::uffd_fault_throughput(n, pages)
-                        .context("raw userfaultfd throughput baseline")
-                };
-                let (h, b) = if r % 2 == 0 {
-                    let h = hetmem_sample()?;
-                    (h, base_sample()?)
-                } else {
-                    let b = base_sample()?;
-                    (hetmem_sample()?, b)
-                };
-                if r > 0 {
-                    hs.push(h / 1e6);
-                    bs.push(b / 1e6);
-                }
-            }
-            pb.inc(1);
-            rows.push(row(
-                &format!("j{n}"),
-                &format!(
-                    "4 KiB CPU fault throughput, {n} threads faulting distinct blocks, {n} service threads"
-                ),
-                "M faults/s",
-                &format!("raw userfaultfd with {n} handler threads (epoll, EPOLLEXCLUSIVE)"),
-                Target::AtLeast(0.8),
-                hs,
-                bs,
-            ));
-        }
+        rows.extend(fault_throughput_rows(a, runs, &pb, None)?);
     }
 
     if has('k') {
@@ -1196,6 +1265,12 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             println!("JSON written to {path}");
         }
         None => print!("{text}"),
+    }
+    if let Some(path) = &a.plot {
+        let title = "hetmem bench (simulated device): hetmem against native baselines";
+        let sub = header.trim().to_string();
+        crate::plot::write(path, title, &sub, &report.rows, None)?;
+        println!("plot written to {}", path.display());
     }
     if a.strict && !all_pass {
         bail!("some targets were missed");

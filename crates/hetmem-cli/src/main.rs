@@ -4,8 +4,10 @@
 
 mod baseline;
 mod bench;
+mod bench_cuda;
 mod demo;
 mod info;
+mod plot;
 mod report;
 mod trace_html;
 

@@ -1,6 +1,6 @@
 //! Formatting: byte sizes, counts, the benchmark table and its JSON form.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// `1.5 GiB`, `64 MiB`, `12 KiB`, `100 B`.
 pub fn fmt_bytes(b: u64) -> String {
@@ -32,13 +32,16 @@ pub fn fmt_count(n: u64) -> String {
 }
 
 /// What a ratio must satisfy.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", content = "value", rename_all = "snake_case")]
 pub enum Target {
     /// Higher is better: ratio >= value.
     AtLeast(f64),
     /// Lower is better: ratio <= value.
     AtMost(f64),
+    /// Lower is better, as a difference: hetmem - baseline <= value, in the row's unit (a
+    /// launch's overhead: "at most 10 us more").
+    AtMostAbove(f64),
     /// Reported only.
     None,
 }
@@ -52,10 +55,24 @@ impl Target {
         }
     }
 
-    fn show(self) -> String {
+    /// [`Target::check`], and for a difference target the difference of the medians.
+    pub fn check_values(self, hetmem: f64, baseline: Option<f64>) -> Option<bool> {
+        match (self, baseline) {
+            (Target::AtMostAbove(t), Some(b)) => Some(hetmem - b <= t),
+            (_, b) => self.check(b.map(|b| hetmem / b)),
+        }
+    }
+
+    /// Whether lower values are better.
+    pub fn lower_is_better(self) -> bool {
+        matches!(self, Target::AtMost(_) | Target::AtMostAbove(_))
+    }
+
+    fn show(self, unit: &str) -> String {
         match self {
             Target::AtLeast(t) => format!(">= {t}"),
             Target::AtMost(t) => format!("<= {t}"),
+            Target::AtMostAbove(t) => format!("<= +{t} {unit}"),
             Target::None => "-".into(),
         }
     }
@@ -122,6 +139,36 @@ pub struct Row {
     /// hetmem's counters during the last measured run, where they say something.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub counters: Option<Counters>,
+    /// What the baseline is, as a kind, for the plot: `pinned` (a pinned copy: the PCIe
+    /// limit), `managed` (CUDA managed memory), or another word.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub against: Option<String>,
+    /// Why the row has no figures: not built, or not run (then `hetmem` is 0 and the samples
+    /// are empty).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_built: Option<String>,
+}
+
+impl Row {
+    /// A row with no figures, and why.
+    pub fn not_built(id: &str, name: &str, target: Target, why: &str) -> Row {
+        Row {
+            id: id.into(),
+            name: name.into(),
+            unit: String::new(),
+            hetmem: 0.0,
+            baseline: None,
+            ratio: None,
+            target,
+            pass: None,
+            baseline_name: String::new(),
+            hetmem_samples: Vec::new(),
+            baseline_samples: Vec::new(),
+            counters: None,
+            against: None,
+            not_built: Some(why.into()),
+        }
+    }
 }
 
 /// The whole benchmark report.
@@ -161,13 +208,26 @@ pub fn table(rows: &[Row]) -> String {
     let cells: Vec<[String; 6]> = rows
         .iter()
         .map(|r| {
+            if r.not_built.is_some() {
+                return [
+                    format!("{} {}", r.id, r.name),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    r.target.show(&r.unit),
+                    match &r.not_built {
+                        Some(why) if why.starts_with("not run") => "not run".into(),
+                        _ => "not built".into(),
+                    },
+                ];
+            }
             [
                 format!("{} {}", r.id, r.name),
                 fmt_val(r.hetmem, &r.unit),
                 r.baseline
                     .map_or_else(|| "-".into(), |b| fmt_val(b, &r.unit)),
                 r.ratio.map_or_else(|| "-".into(), |x| format!("{x:.2}")),
-                r.target.show(),
+                r.target.show(&r.unit),
                 match r.pass {
                     Some(true) => "pass".into(),
                     Some(false) => "FAIL".into(),
@@ -211,6 +271,18 @@ pub fn table(rows: &[Row]) -> String {
     if !notes.is_empty() {
         out.push_str("\nhetmem counters during the last timed run:\n");
         notes.iter().for_each(|n| out.push_str(n));
+    }
+    let missing: Vec<String> = rows
+        .iter()
+        .filter_map(|r| {
+            r.not_built
+                .as_ref()
+                .map(|why| format!("  {:<3} {why}\n", r.id))
+        })
+        .collect();
+    if !missing.is_empty() {
+        out.push_str("\nrows without figures:\n");
+        missing.iter().for_each(|n| out.push_str(n));
     }
     out
 }
