@@ -43,6 +43,7 @@ common::serial_tests!(
     sigio_at_the_lease_thread_is_survived,
     an_application_handler_for_the_lease_signal,
     unlink_and_rename_keep_the_inode,
+    first_maps_on_two_threads_are_both_leased,
 );
 
 mod scenarios {
@@ -834,6 +835,53 @@ mod scenarios {
                 _ => pread_file(Path::new(&format!("/proc/self/fd/{fd}")))?,
             };
             assert_same(&format!("{case}: the mapping's inode after sync"), &got, &want);
+        }
+        Ok(())
+    }
+    /// The first `map_file`s of a process, on two threads at once: both mappings are leased.
+    /// The second must wait until the lease thread of the first runs (its tid owns every
+    /// lease); taking the lease before would fail, and the probe would say `Refused` for good.
+    /// 20 fork children (each a first use), two threads each, started together.
+    pub fn first_maps_on_two_threads_are_both_leased() -> Result<()> {
+        let dir = TempDir::new("first_maps_on_two_threads_are_both_leased")?;
+        let paths = [dir.path("a"), dir.path("b")];
+        for p in &paths {
+            create_file(p, &content(0, 0, MIB))?;
+        }
+        for round in 0..20 {
+            let ps = paths.clone();
+            let pid = fork_child(|| {
+                let Ok(hm) = context(DeviceKind::Private, 16 * MIB) else {
+                    return 2;
+                };
+                let go = std::sync::Barrier::new(2);
+                let leased = std::thread::scope(|s| {
+                    let maps: Vec<_> = ps
+                        .iter()
+                        .map(|p| {
+                            let (hm, go) = (&hm, &go);
+                            s.spawn(move || {
+                                go.wait();
+                                hm.map_file(p, 0, MIB, FileMode::Shared)
+                                    .map(|m| m.capabilities().lease)
+                            })
+                        })
+                        .collect();
+                    maps.into_iter()
+                        .map(|t| t.join().ok().and_then(|r| r.ok()))
+                        .collect::<Vec<_>>()
+                });
+                if leased.iter().all(|l| *l == Some(LeaseProbe::Taken)) {
+                    0
+                } else {
+                    eprintln!("child: {leased:?}");
+                    3
+                }
+            });
+            ensure!(
+                exit_code(wait_child(pid)) == 0,
+                "round {round}: a first map_file was not leased"
+            );
         }
         Ok(())
     }

@@ -30,10 +30,7 @@ pub(super) static RETIRING: Mutex<Vec<(RawFd, Arc<Region>)>> = Mutex::new(Vec::n
 /// signal is free (the application uses every real-time signal), or the thread could not
 /// start: then no leases.
 pub fn prepare() -> bool {
-    let Ok((read_end, fresh)) = lease::install() else {
-        return false;
-    };
-    if fresh {
+    lease::install(|read_end| {
         // First use in this process (or in a fork child, which has no thread of ours and
         // must not serve its parent's mappings).
         REGISTRY.lock().unwrap_or_else(|e| e.into_inner()).clear();
@@ -41,8 +38,7 @@ pub fn prepare() -> bool {
         std::mem::forget(std::mem::take(
             &mut *RETIRING.lock().unwrap_or_else(|e| e.into_inner()),
         ));
-        // The thread blocks the signals and publishes its tid before it answers, so no lease
-        // is taken before there is an owner to direct its breaks to.
+        // The thread blocks the signals and publishes its tid before it answers.
         let (tx, rx) = std::sync::mpsc::channel();
         let spawned = std::thread::Builder::new()
             .name("hetmem-lease".into())
@@ -55,9 +51,9 @@ pub fn prepare() -> bool {
                     let _ = tx.send(false);
                 }
             });
-        return spawned.is_ok() && rx.recv() == Ok(true);
-    }
-    lease::signal().is_some()
+        spawned.is_ok() && rx.recv() == Ok(true)
+    })
+    .is_ok()
 }
 
 /// The lease signal of this process and whether a SIGIO of real-time queue overflow is

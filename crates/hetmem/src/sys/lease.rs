@@ -134,13 +134,19 @@ fn choose_signal() -> Option<libc::c_int> {
 }
 
 /// Installs the handlers and this process's pipe (again after a fork), choosing the lease
-/// signal. Returns the pipe's read end, and whether it is new (the lease thread must be
-/// started: `Listener::new` on it), or EBUSY if the application uses every real-time signal.
-pub fn install() -> io::Result<(RawFd, bool)> {
+/// signal, and has `start` start the lease thread on the pipe's read end (`Listener::new`
+/// there), all under one lock: a second caller, or a fork, waits until the thread runs, so no
+/// lease is taken before there is an owner to direct its breaks to. EBUSY if the application
+/// uses every real-time signal; EAGAIN if the lease thread did not start.
+pub fn install(start: impl FnOnce(RawFd) -> bool) -> io::Result<()> {
     let _g = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
     let pid = std::process::id();
     if OWNER.load(Ordering::Acquire) == pid {
-        return Ok((READ_END.load(Ordering::Acquire), false));
+        return if LEASE_TID.load(Ordering::Acquire) != 0 {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(libc::EAGAIN))
+        };
     }
     let Some(sig) = choose_signal() else {
         return Err(io::Error::from_raw_os_error(libc::EBUSY));
@@ -179,7 +185,11 @@ pub fn install() -> io::Result<(RawFd, bool)> {
     SERVE_SIGIO.store(serve_sigio, Ordering::Release);
     LEASE_TID.store(0, Ordering::Release);
     OWNER.store(pid, Ordering::Release);
-    Ok((r, true))
+    if start(r) && LEASE_TID.load(Ordering::Acquire) != 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(libc::EAGAIN))
+    }
 }
 
 /// Holds off `install` (for fork: see `file::fork_prepare`).
