@@ -13,9 +13,9 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 mod common;
 
@@ -553,9 +553,7 @@ mod scenarios {
             };
             let mut interrupted = 0;
             loop {
-                let r = unsafe {
-                    libc::ppoll(&mut pfd, 1, std::ptr::null(), std::ptr::null())
-                };
+                let r = unsafe { libc::ppoll(&mut pfd, 1, std::ptr::null(), std::ptr::null()) };
                 if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
                     interrupted += 1;
                     continue;
@@ -570,7 +568,9 @@ mod scenarios {
         });
         drop(ready_tx);
         let mut ready = [0u8; 1];
-        ready_rx.read_exact(&mut ready).context("the child reported nothing")?;
+        ready_rx
+            .read_exact(&mut ready)
+            .context("the child reported nothing")?;
         ensure!(ready[0] == 1, "the child could not map with a lease");
         wait_in_ppoll(pid)?;
         assert_same(
@@ -639,7 +639,9 @@ mod scenarios {
         });
         drop(ready_tx);
         let mut ready = [0u8; 1];
-        ready_rx.read_exact(&mut ready).context("the child reported nothing")?;
+        ready_rx
+            .read_exact(&mut ready)
+            .context("the child reported nothing")?;
         ensure!(ready[0] == 1, "the child could not set up ({})", ready[0]);
         assert_same(
             "the child's unflushed device writes, seen through a lease whose signal overflowed",
@@ -648,8 +650,15 @@ mod scenarios {
         );
         done_tx.write_all(&[0])?;
         let code = exit_code(wait_child(pid));
-        ensure!(code != 6, "the re-check broke the lease of a file nobody opened");
-        ensure!(code == 0, "the child served {} lease breaks, not 1", code - 20);
+        ensure!(
+            code != 6,
+            "the re-check broke the lease of a file nobody opened"
+        );
+        ensure!(
+            code == 0,
+            "the child served {} lease breaks, not 1",
+            code - 20
+        );
         Ok(())
     }
 
@@ -688,7 +697,9 @@ mod scenarios {
         });
         drop(ready_tx);
         let mut ready = [0u8; 1];
-        ready_rx.read_exact(&mut ready).context("the child reported nothing")?;
+        ready_rx
+            .read_exact(&mut ready)
+            .context("the child reported nothing")?;
         ensure!(ready[0] == 1, "the child could not set up ({})", ready[0]);
         assert_same(
             "the child's unflushed device writes, after a SIGIO at its lease thread",
@@ -751,7 +762,9 @@ mod scenarios {
         });
         drop(ready_tx);
         let mut ready = [0u8; 1];
-        ready_rx.read_exact(&mut ready).context("the child reported nothing")?;
+        ready_rx
+            .read_exact(&mut ready)
+            .context("the child reported nothing")?;
         ensure!(ready[0] == 1, "the child could not set up ({})", ready[0]);
         assert_same(
             "the child's unflushed device writes, leased with SIGRTMIN+8",
@@ -759,7 +772,11 @@ mod scenarios {
             &content(1, 0, MIB),
         );
         done_tx.write_all(&[0])?;
-        assert_eq!(exit_code(wait_child(pid)), 0, "the child with its own handlers");
+        assert_eq!(
+            exit_code(wait_child(pid)),
+            0,
+            "the child with its own handlers"
+        );
 
         let p = path.clone();
         let pid = fork_child(|| {
@@ -803,7 +820,10 @@ mod scenarios {
             let path = dir.path(case);
             create_file(&path, &content(0, 0, len))?;
             let mut m = hm.map_file(&path, 0, len, FileMode::Shared)?;
-            ensure!(m.is_leased(), "{case}: no lease on a file nobody else has open");
+            ensure!(
+                m.is_leased(),
+                "{case}: no lease on a file nobody else has open"
+            );
             let fd = fd_of(&path)?;
             let breaks = hm.stats().lease_breaks;
             let moved = dir.path(&format!("{case}-moved"));
@@ -834,7 +854,11 @@ mod scenarios {
                 }
                 _ => pread_file(Path::new(&format!("/proc/self/fd/{fd}")))?,
             };
-            assert_same(&format!("{case}: the mapping's inode after sync"), &got, &want);
+            assert_same(
+                &format!("{case}: the mapping's inode after sync"),
+                &got,
+                &want,
+            );
         }
         Ok(())
     }
@@ -889,7 +913,10 @@ mod scenarios {
 
 /// In a fork child: a context, a leased Shared mapping of `path` (1 MiB), and a device write
 /// of `content(tag)` over it, not flushed.
-fn leased_with_device_writes(path: &Path, tag: u32) -> Result<(hetmem::Hetmem, hetmem::FileMapping)> {
+fn leased_with_device_writes(
+    path: &Path,
+    tag: u32,
+) -> Result<(hetmem::Hetmem, hetmem::FileMapping)> {
     let hm = context(DeviceKind::Private, 16 * MIB)?;
     let m = hm.map_file(path, 0, MIB, FileMode::Shared)?;
     ensure!(m.is_leased(), "no lease");

@@ -329,7 +329,10 @@ impl Listener {
             }
             OwnedFd::from_raw_fd(fd)
         };
-        LEASE_TID.store(rustix::thread::gettid().as_raw_nonzero().get(), Ordering::Release);
+        LEASE_TID.store(
+            rustix::thread::gettid().as_raw_nonzero().get(),
+            Ordering::Release,
+        );
         Ok(Self {
             signals: fd,
             pipe: read_end,
@@ -418,4 +421,3 @@ impl Listener {
         Ok(())
     }
 }
-
