@@ -40,8 +40,8 @@ pub enum Error {
     /// `FileOptions::require_lease`: the file lease could not be had, so `map_file` refused
     /// to map the file without coherence with other processes (nothing was allocated). What
     /// trying it gave; the errno is EAGAIN (in use elsewhere), the kernel's refusal (EINVAL:
-    /// no leases on this file system; EACCES: not the file's owner), or EBUSY (the application
-    /// uses the lease signal).
+    /// no leases on this file system; EACCES: not the file's owner), or EBUSY (no real-time
+    /// signal is free for leases: the application handles or ignores every one).
     #[error("no file lease: {0}")]
     NoLease(crate::fs_caps::LeaseProbe),
     /// The kernel lacks a userfaultfd feature hetmem needs.

@@ -123,8 +123,9 @@ pub enum LeaseProbe {
     /// system has none (NFSv3, GFS2, `fs.leases-enable` = 0), EACCES for a file the process
     /// does not own without CAP_LEASE. The mapping stays unleased and does not try again.
     Refused(i32),
-    /// The application uses the lease signal (SIGRTMIN+7) itself: hetmem takes no leases in
-    /// this process.
+    /// No real-time signal is free for leases: the application handles or ignores every one
+    /// (hetmem takes the first at its default disposition, from SIGRTMIN+7 on). hetmem takes
+    /// no leases in this process.
     SignalInUse,
 }
 
@@ -154,7 +155,7 @@ impl std::fmt::Display for LeaseProbe {
             ),
             LeaseProbe::SignalInUse => write!(
                 f,
-                "the application uses the lease signal (SIGRTMIN+7) itself (EBUSY)"
+                "the application uses every real-time signal, none is free for leases (EBUSY)"
             ),
         }
     }
@@ -174,4 +175,13 @@ pub struct FileCapabilities {
     /// ([`Filesystem::leases_see_every_writer`]). False means the mapping is coherent only
     /// with what its own `flush` and `sync` write (contract §6, "Without a lease").
     pub coherent_with_other_writers: bool,
+    /// The real-time signal lease breaks arrive with in this process (read by hetmem's lease
+    /// thread only: contract §6), where leases can be had: SIGRTMIN+7 unless the application
+    /// handles or ignores it. `None` with [`LeaseProbe::SignalInUse`] and without a probe.
+    pub lease_signal: Option<i32>,
+    /// Whether hetmem serves the plain SIGIO the kernel sends instead of the lease signal when
+    /// the real-time signal queue is full (it then re-checks every lease). False where the
+    /// application has a SIGIO handler of its own: hetmem leaves SIGIO to it, and a break
+    /// whose signal overflowed waits for lease-break-time (contract §11.2).
+    pub overflow_served: bool,
 }

@@ -1,7 +1,8 @@
 //! File mappings (`Hetmem::map_file`) and their file leases: breaks that flush for another
 //! opener, breaks whose writebacks fail, a lease taken on a thread that has exited, breaks that
-//! race a drop, a write lease the kernel turned into a read one, and a lease taken again after
-//! pages were cached without it.
+//! race a drop, a write lease the kernel turned into a read one, a lease taken again after
+//! pages were cached without it; the lease signal's path (only the lease thread gets it, a
+//! SIGIO of a full signal queue, an application's own handler); unlink and rename.
 //!
 //! Shared with the other `tests/file_*.rs`: `common/file.rs` (the conventions: page stamps,
 //! other processes, no sleeping) and `common/fs.rs`. Each scenario runs under a watchdog
@@ -11,8 +12,10 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 mod common;
 
@@ -23,7 +26,7 @@ use common::file::{
 };
 use common::fs::TempDir;
 use common::process::{exit_code, fork_child, pipe};
-use hetmem::{DeviceKind, Error, FileMode, PAGE_SIZE};
+use hetmem::{DeviceKind, Error, FileMode, FileOptions, LeaseProbe, PAGE_SIZE};
 use hetmem_proto::OpError;
 use libc::c_int;
 
@@ -35,6 +38,12 @@ common::serial_tests!(
     write_lease_turned_read_counts_as_lost,
     lease_break_with_failing_writeback,
     a_retaken_lease_drops_what_was_cached_without_it,
+    lease_signals_go_to_the_lease_thread_only,
+    sigio_of_a_full_signal_queue_is_served,
+    sigio_at_the_lease_thread_is_survived,
+    an_application_handler_for_the_lease_signal,
+    unlink_and_rename_keep_the_inode,
+    first_maps_on_two_threads_are_both_leased,
 );
 
 mod scenarios {
@@ -516,5 +525,428 @@ mod scenarios {
             &want,
         );
         Ok(())
+    }
+
+    /// Item 1 of the signal path: a lease break is signalled to hetmem's lease thread, never
+    /// to an application thread. A fork child maps a file with a lease, writes to it from a
+    /// device, and its main thread (the thread-group leader, which the kernel picks first for
+    /// a signal directed at the process) waits in `ppoll(2)`. Another process opens the file:
+    /// it sees the unflushed writes, and the child's `ppoll` was never interrupted (EINTR,
+    /// which a handler run on that thread gives even with SA_RESTART).
+    pub fn lease_signals_go_to_the_lease_thread_only() -> Result<()> {
+        let dir = TempDir::new("lease_signals_go_to_the_lease_thread_only")?;
+        let path = dir.path("data");
+        create_file(&path, &content(0, 0, MIB))?;
+        let (mut ready_rx, ready_tx) = pipe();
+        let (done_rx, mut done_tx) = pipe();
+        let p = path.clone();
+        let pid = fork_child(|| {
+            let Ok((hm, m)) = leased_with_device_writes(&p, 1) else {
+                let _ = (&ready_tx).write_all(&[2]);
+                return 2;
+            };
+            let _ = (&ready_tx).write_all(&[1]);
+            let mut pfd = libc::pollfd {
+                fd: done_rx.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let mut interrupted = 0;
+            loop {
+                let r = unsafe { libc::ppoll(&mut pfd, 1, std::ptr::null(), std::ptr::null()) };
+                if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                    interrupted += 1;
+                    continue;
+                }
+                break;
+            }
+            if hm.stats().lease_breaks == 0 {
+                return 3;
+            }
+            drop(m);
+            10 + interrupted.min(100)
+        });
+        drop(ready_tx);
+        let mut ready = [0u8; 1];
+        ready_rx
+            .read_exact(&mut ready)
+            .context("the child reported nothing")?;
+        ensure!(ready[0] == 1, "the child could not map with a lease");
+        wait_in_ppoll(pid)?;
+        assert_same(
+            "the child's unflushed device writes, seen through its lease",
+            &pread_file(&path)?,
+            &content(1, 0, MIB),
+        );
+        done_tx.write_all(&[0])?;
+        let code = exit_code(wait_child(pid));
+        ensure!(code != 3, "the child served no lease break");
+        ensure!(
+            code == 10,
+            "the lease break interrupted the child's main thread ({} EINTR)",
+            code - 10
+        );
+        Ok(())
+    }
+
+    /// Item 2: when the kernel cannot queue the lease signal it sends a plain SIGIO, whose
+    /// default action ends the process. A fork child lowers RLIMIT_SIGPENDING to 0, so that no
+    /// real-time signal can be queued to it (a real overflow, `__sigqueue_alloc`), maps two
+    /// files with leases and writes to both from a device. Another process opens the first:
+    /// it sees the child's unflushed writes (the SIGIO made the lease thread re-check every
+    /// lease and serve the breaking one), the child lives on, and the second file's lease,
+    /// held, was left alone (one break served, still leased, the kernel shows it active).
+    pub fn sigio_of_a_full_signal_queue_is_served() -> Result<()> {
+        let dir = TempDir::new("sigio_of_a_full_signal_queue_is_served")?;
+        let (a, b) = (dir.path("a"), dir.path("b"));
+        create_file(&a, &content(0, 0, MIB))?;
+        create_file(&b, &content(0, 0, MIB))?;
+        let (mut ready_rx, ready_tx) = pipe();
+        let (done_rx, mut done_tx) = pipe();
+        let (pa, pb) = (a.clone(), b.clone());
+        let pid = fork_child(|| {
+            let none = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if unsafe { libc::setrlimit(libc::RLIMIT_SIGPENDING, &none) } != 0 {
+                let _ = (&ready_tx).write_all(&[2]);
+                return 2;
+            }
+            let Ok((hm, ma)) = leased_with_device_writes(&pa, 1) else {
+                let _ = (&ready_tx).write_all(&[3]);
+                return 3;
+            };
+            let Ok(mb) = hm.map_file(&pb, 0, MIB, FileMode::Shared) else {
+                let _ = (&ready_tx).write_all(&[4]);
+                return 4;
+            };
+            if !mb.is_leased() || !ma.capabilities().overflow_served {
+                let _ = (&ready_tx).write_all(&[5]);
+                return 5;
+            }
+            let _ = (&ready_tx).write_all(&[1]);
+            let mut byte = [0u8; 1];
+            let _ = (&done_rx).read(&mut byte);
+            let breaks = hm.stats().lease_breaks;
+            if breaks != 1 {
+                return 20 + breaks.min(50) as c_int;
+            }
+            if !mb.is_leased() || !matches!(common::file::write_lease_active(&pb), Ok(true)) {
+                return 6;
+            }
+            0
+        });
+        drop(ready_tx);
+        let mut ready = [0u8; 1];
+        ready_rx
+            .read_exact(&mut ready)
+            .context("the child reported nothing")?;
+        ensure!(ready[0] == 1, "the child could not set up ({})", ready[0]);
+        assert_same(
+            "the child's unflushed device writes, seen through a lease whose signal overflowed",
+            &pread_file(&a)?,
+            &content(1, 0, MIB),
+        );
+        done_tx.write_all(&[0])?;
+        let code = exit_code(wait_child(pid));
+        ensure!(
+            code != 6,
+            "the re-check broke the lease of a file nobody opened"
+        );
+        ensure!(
+            code == 0,
+            "the child served {} lease breaks, not 1",
+            code - 20
+        );
+        Ok(())
+    }
+
+    /// Item 2, the handler's path: a SIGIO sent straight at the lease thread (tgkill), with no
+    /// break pending, neither ends the process nor loses a break that comes with it. A fork
+    /// child maps a file with a lease and writes to it from a device, sends the SIGIO, and
+    /// another process's open then sees the writes; the child exits normally.
+    pub fn sigio_at_the_lease_thread_is_survived() -> Result<()> {
+        let dir = TempDir::new("sigio_at_the_lease_thread_is_survived")?;
+        let path = dir.path("data");
+        create_file(&path, &content(0, 0, MIB))?;
+        let (mut ready_rx, ready_tx) = pipe();
+        let (done_rx, mut done_tx) = pipe();
+        let p = path.clone();
+        let pid = fork_child(|| {
+            let Ok((hm, m)) = leased_with_device_writes(&p, 1) else {
+                let _ = (&ready_tx).write_all(&[2]);
+                return 2;
+            };
+            let Some(tid) = lease_thread() else {
+                let _ = (&ready_tx).write_all(&[3]);
+                return 3;
+            };
+            if unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGIO) } != 0 {
+                let _ = (&ready_tx).write_all(&[4]);
+                return 4;
+            }
+            let _ = (&ready_tx).write_all(&[1]);
+            let mut byte = [0u8; 1];
+            let _ = (&done_rx).read(&mut byte);
+            if hm.stats().lease_breaks == 0 {
+                return 5;
+            }
+            drop(m);
+            0
+        });
+        drop(ready_tx);
+        let mut ready = [0u8; 1];
+        ready_rx
+            .read_exact(&mut ready)
+            .context("the child reported nothing")?;
+        ensure!(ready[0] == 1, "the child could not set up ({})", ready[0]);
+        assert_same(
+            "the child's unflushed device writes, after a SIGIO at its lease thread",
+            &pread_file(&path)?,
+            &content(1, 0, MIB),
+        );
+        done_tx.write_all(&[0])?;
+        assert_eq!(exit_code(wait_child(pid)), 0, "the child");
+        Ok(())
+    }
+
+    /// Item 3: an application that handles SIGRTMIN+7 (hetmem's first choice) and SIGIO
+    /// itself. A fork child installs both handlers, then maps a file: the lease is taken with
+    /// the next free signal (SIGRTMIN+8), SIGIO is left to the application
+    /// (`overflow_served` false); another process's open sees the child's unflushed writes,
+    /// and the application's handlers never ran. A second child handles every real-time
+    /// signal: the probe says `SignalInUse`, the mapping is unleased, and `require_lease`
+    /// fails with `NoLease(SignalInUse)` (EBUSY).
+    pub fn an_application_handler_for_the_lease_signal() -> Result<()> {
+        static CALLS: AtomicUsize = AtomicUsize::new(0);
+        extern "C" fn count(_: c_int) {
+            CALLS.fetch_add(1, Ordering::Relaxed);
+        }
+        fn handle(sig: c_int) -> bool {
+            let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+            sa.sa_sigaction = count as extern "C" fn(c_int) as usize;
+            unsafe { libc::sigaction(sig, &sa, std::ptr::null_mut()) == 0 }
+        }
+        let dir = TempDir::new("an_application_handler_for_the_lease_signal")?;
+        let path = dir.path("data");
+        create_file(&path, &content(0, 0, MIB))?;
+        let (mut ready_rx, ready_tx) = pipe();
+        let (done_rx, mut done_tx) = pipe();
+        let p = path.clone();
+        let pid = fork_child(|| {
+            if !handle(libc::SIGRTMIN() + 7) || !handle(libc::SIGIO) {
+                let _ = (&ready_tx).write_all(&[2]);
+                return 2;
+            }
+            let Ok((hm, m)) = leased_with_device_writes(&p, 1) else {
+                let _ = (&ready_tx).write_all(&[3]);
+                return 3;
+            };
+            let caps = m.capabilities();
+            if caps.lease_signal != Some(libc::SIGRTMIN() + 8) || caps.overflow_served {
+                eprintln!("child: {caps:?}");
+                let _ = (&ready_tx).write_all(&[4]);
+                return 4;
+            }
+            let _ = (&ready_tx).write_all(&[1]);
+            let mut byte = [0u8; 1];
+            let _ = (&done_rx).read(&mut byte);
+            if hm.stats().lease_breaks == 0 {
+                return 5;
+            }
+            if CALLS.load(Ordering::Relaxed) != 0 {
+                return 6;
+            }
+            0
+        });
+        drop(ready_tx);
+        let mut ready = [0u8; 1];
+        ready_rx
+            .read_exact(&mut ready)
+            .context("the child reported nothing")?;
+        ensure!(ready[0] == 1, "the child could not set up ({})", ready[0]);
+        assert_same(
+            "the child's unflushed device writes, leased with SIGRTMIN+8",
+            &pread_file(&path)?,
+            &content(1, 0, MIB),
+        );
+        done_tx.write_all(&[0])?;
+        assert_eq!(
+            exit_code(wait_child(pid)),
+            0,
+            "the child with its own handlers"
+        );
+
+        let p = path.clone();
+        let pid = fork_child(|| {
+            if !(libc::SIGRTMIN()..=libc::SIGRTMAX()).all(handle) {
+                return 2;
+            }
+            let Ok(hm) = context(DeviceKind::Private, 16 * MIB) else {
+                return 3;
+            };
+            match hm.map_file(&p, 0, MIB, FileMode::Shared) {
+                Ok(m) if !m.is_leased() && m.capabilities().lease == LeaseProbe::SignalInUse => {}
+                _ => return 4,
+            }
+            let opts = FileOptions::new(FileMode::Shared).require_lease(true);
+            match hm.map_file_with(&p, 0, MIB, opts) {
+                Err(e @ Error::NoLease(LeaseProbe::SignalInUse)) if e.errno() == libc::EBUSY => 0,
+                _ => 5,
+            }
+        });
+        assert_eq!(
+            exit_code(wait_child(pid)),
+            0,
+            "the child that handles every real-time signal"
+        );
+        Ok(())
+    }
+
+    /// Item 4: neither unlink nor rename breaks a lease (`break_deleg` is for delegations,
+    /// not leases); the mapping follows the inode. (1) A leased mapping whose file is unlinked
+    /// keeps its lease, takes CPU and device writes, and `sync` writes them to the unlinked
+    /// inode: an open of it through `/proc/self/fd` reads them. (2) One whose file is renamed
+    /// does the same, read through the new name. (3) One whose file is replaced by a rename
+    /// over its name (the atomic-replace pattern) writes to the old inode: the name shows the
+    /// replacement, `/proc/self/fd` our data.
+    pub fn unlink_and_rename_keep_the_inode() -> Result<()> {
+        let dir = TempDir::new("unlink_and_rename_keep_the_inode")?;
+        let hm = context(DeviceKind::Private, 16 * MIB)?;
+        let dev = hm.device(0).expect("one device");
+        let len = MIB;
+        for case in ["unlink", "rename", "replace"] {
+            let path = dir.path(case);
+            create_file(&path, &content(0, 0, len))?;
+            let mut m = hm.map_file(&path, 0, len, FileMode::Shared)?;
+            ensure!(
+                m.is_leased(),
+                "{case}: no lease on a file nobody else has open"
+            );
+            let fd = fd_of(&path)?;
+            let breaks = hm.stats().lease_breaks;
+            let moved = dir.path(&format!("{case}-moved"));
+            let other = content(7, 0, len);
+            match case {
+                "unlink" => std::fs::remove_file(&path)?,
+                "rename" => std::fs::rename(&path, &moved)?,
+                _ => {
+                    create_file(&moved, &other)?;
+                    std::fs::rename(&moved, &path)?;
+                }
+            }
+            let want = content(1, 0, len);
+            dev.write(m.addr(), &want[..len / 2])?;
+            let cpu = m.as_mut_slice().context("a Shared mapping is writable")?;
+            cpu[len / 2..].copy_from_slice(&want[len / 2..]);
+            m.sync()?;
+            ensure!(
+                m.is_leased() && hm.stats().lease_breaks == breaks,
+                "{case}: the lease broke"
+            );
+            let got = match case {
+                "rename" => pread_file(&moved)?,
+                "replace" => {
+                    // The name holds the replacement; hetmem's descriptor the old inode.
+                    assert_same("the replaced name", &pread_file(&path)?, &other);
+                    pread_file(Path::new(&format!("/proc/self/fd/{fd}")))?
+                }
+                _ => pread_file(Path::new(&format!("/proc/self/fd/{fd}")))?,
+            };
+            assert_same(
+                &format!("{case}: the mapping's inode after sync"),
+                &got,
+                &want,
+            );
+        }
+        Ok(())
+    }
+    /// The first `map_file`s of a process, on two threads at once: both mappings are leased.
+    /// The second must wait until the lease thread of the first runs (its tid owns every
+    /// lease); taking the lease before would fail, and the probe would say `Refused` for good.
+    /// 20 fork children (each a first use), two threads each, started together.
+    pub fn first_maps_on_two_threads_are_both_leased() -> Result<()> {
+        let dir = TempDir::new("first_maps_on_two_threads_are_both_leased")?;
+        let paths = [dir.path("a"), dir.path("b")];
+        for p in &paths {
+            create_file(p, &content(0, 0, MIB))?;
+        }
+        for round in 0..20 {
+            let ps = paths.clone();
+            let pid = fork_child(|| {
+                let Ok(hm) = context(DeviceKind::Private, 16 * MIB) else {
+                    return 2;
+                };
+                let go = std::sync::Barrier::new(2);
+                let leased = std::thread::scope(|s| {
+                    let maps: Vec<_> = ps
+                        .iter()
+                        .map(|p| {
+                            let (hm, go) = (&hm, &go);
+                            s.spawn(move || {
+                                go.wait();
+                                hm.map_file(p, 0, MIB, FileMode::Shared)
+                                    .map(|m| m.capabilities().lease)
+                            })
+                        })
+                        .collect();
+                    maps.into_iter()
+                        .map(|t| t.join().ok().and_then(|r| r.ok()))
+                        .collect::<Vec<_>>()
+                });
+                if leased.iter().all(|l| *l == Some(LeaseProbe::Taken)) {
+                    0
+                } else {
+                    eprintln!("child: {leased:?}");
+                    3
+                }
+            });
+            ensure!(
+                exit_code(wait_child(pid)) == 0,
+                "round {round}: a first map_file was not leased"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// In a fork child: a context, a leased Shared mapping of `path` (1 MiB), and a device write
+/// of `content(tag)` over it, not flushed.
+fn leased_with_device_writes(
+    path: &Path,
+    tag: u32,
+) -> Result<(hetmem::Hetmem, hetmem::FileMapping)> {
+    let hm = context(DeviceKind::Private, 16 * MIB)?;
+    let m = hm.map_file(path, 0, MIB, FileMode::Shared)?;
+    ensure!(m.is_leased(), "no lease");
+    hm.device(0)
+        .context("one device")?
+        .write(m.addr(), &content(tag, 0, MIB))?;
+    Ok((hm, m))
+}
+
+/// The tid of this process's `hetmem-lease` thread.
+fn lease_thread() -> Option<c_int> {
+    std::fs::read_dir("/proc/self/task").ok()?.find_map(|e| {
+        let e = e.ok()?;
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        (comm.trim() == "hetmem-lease").then(|| e.file_name().to_str()?.parse().ok())?
+    })
+}
+
+/// Waits until the main thread of process `pid` is inside `ppoll(2)` (`/proc/PID/syscall`).
+fn wait_in_ppoll(pid: libc::pid_t) -> Result<()> {
+    let deadline = std::time::Instant::now() + common::file::QUICK;
+    loop {
+        let now = std::fs::read_to_string(format!("/proc/{pid}/syscall"))?;
+        if now.split_whitespace().next() == Some(&libc::SYS_ppoll.to_string()) {
+            return Ok(());
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the child is not in ppoll: {now}"
+        );
+        std::thread::yield_now();
     }
 }

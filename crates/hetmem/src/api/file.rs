@@ -222,12 +222,18 @@ impl Hetmem {
             // Dropping the file closes it, and with it any lease.
             return Err(Error::NoLease(lease));
         }
+        let (lease_signal, overflow_served) = match lease {
+            LeaseProbe::NotAsked | LeaseProbe::SignalInUse => (None, false),
+            _ => crate::mm::leases::signals(),
+        };
         let caps = FileCapabilities {
             filesystem,
             magic,
             lease,
             coherent_with_other_writers: lease == LeaseProbe::Taken
                 && filesystem.leases_see_every_writer(),
+            lease_signal,
+            overflow_served,
         };
         if direct && tmpfs {
             // tmpfs takes O_DIRECT (Linux 6.6) but its page cache is its storage: there is

@@ -24,15 +24,13 @@ pub(super) static REGISTRY: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
 /// inert eventfd meanwhile.
 pub(super) static RETIRING: Mutex<Vec<(RawFd, Arc<Region>)>> = Mutex::new(Vec::new());
 
-/// Makes this process ready to serve lease breaks: the signal handler, its pipe and the lease
-/// thread (once per process, and again in a fork child). Must come before any lease is taken:
-/// a break signalled before the handler is installed would kill the process (the signal's
-/// default action). False if the application uses the signal itself: then no leases.
+/// Makes this process ready to serve lease breaks: the lease signal, the safety-net handlers,
+/// their pipe and the lease thread (once per process, and again in a fork child). Must come
+/// before any lease is taken: the thread's tid is each lease's owner. False if no lease
+/// signal is free (the application uses every real-time signal), or the thread could not
+/// start: then no leases.
 pub fn prepare() -> bool {
-    let Ok((read_end, fresh)) = lease::install() else {
-        return false;
-    };
-    if fresh {
+    lease::install(|read_end| {
         // First use in this process (or in a fork child, which has no thread of ours and
         // must not serve its parent's mappings).
         REGISTRY.lock().unwrap_or_else(|e| e.into_inner()).clear();
@@ -40,11 +38,28 @@ pub fn prepare() -> bool {
         std::mem::forget(std::mem::take(
             &mut *RETIRING.lock().unwrap_or_else(|e| e.into_inner()),
         ));
-        let _ = std::thread::Builder::new()
+        // The thread blocks the signals and publishes its tid before it answers.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
             .name("hetmem-lease".into())
-            .spawn(move || serve(read_end));
-    }
-    true
+            .spawn(move || match lease::Listener::new(read_end) {
+                Ok(listener) => {
+                    let _ = tx.send(true);
+                    serve(listener);
+                }
+                Err(_) => {
+                    let _ = tx.send(false);
+                }
+            });
+        spawned.is_ok() && rx.recv() == Ok(true)
+    })
+    .is_ok()
+}
+
+/// The lease signal of this process and whether a SIGIO of real-time queue overflow is
+/// served (`FileCapabilities::lease_signal`, `overflow_served`).
+pub fn signals() -> (Option<i32>, bool) {
+    (lease::signal(), lease::overflow_served())
 }
 
 /// Serves lease breaks for `region` from now on; its next fault or flush takes the lease if
@@ -54,7 +69,7 @@ pub fn prepare() -> bool {
 pub fn register(inner: &Arc<Runtime>, region: &Arc<Region>) {
     let f = region.file.as_ref().expect("a file mapping");
     if !prepare() {
-        // The signal belongs to the application: no leases, as nobody would serve them.
+        // No lease signal is free, or no lease thread: no leases, as nobody would serve them.
         f.lease_wanted.store(false, Ordering::Release);
         return;
     }
@@ -107,9 +122,8 @@ pub fn unregister(region: &Arc<Region>) {
     }
 }
 
-fn serve(read_end: RawFd) {
-    lease::unblock_here();
-    while let Ok(event) = lease::next_event(read_end) {
+fn serve(mut listener: lease::Listener) {
+    while let Ok(event) = listener.next() {
         let fd = match event {
             lease::Event::Break(fd) => fd,
             lease::Event::Retired(fd) => {
@@ -122,6 +136,10 @@ fn serve(read_end: RawFd) {
                 drop(gone);
                 continue;
             }
+            lease::Event::Recheck => {
+                recheck();
+                continue;
+            }
         };
         let found = REGISTRY
             .lock()
@@ -130,6 +148,27 @@ fn serve(read_end: RawFd) {
             .find(|(f, _, _)| *f == fd)
             .and_then(|(_, i, r)| Some((i.upgrade()?, r.upgrade()?)));
         if let Some((inner, region)) = found {
+            broken(&inner, &region);
+        }
+    }
+}
+
+/// A SIGIO came instead of a lease signal (the kernel could not queue it): it names no
+/// descriptor, so every registered mapping whose lease is not held intact is served as broken.
+/// F_GETLEASE cannot tell a lease breaking to F_UNLCK (a writer's open) from no lease, so a
+/// mapping that holds none is flushed and dropped too: a needless cost, never a loss.
+fn recheck() {
+    let all: Vec<_> = REGISTRY
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter_map(|(_, i, r)| Some((i.upgrade()?, r.upgrade()?)))
+        .collect();
+    for (inner, region) in all {
+        let Some(f) = &region.file else {
+            continue;
+        };
+        if !lease::held(f.file.as_fd(), f.mode == FileMode::Shared) {
             broken(&inner, &region);
         }
     }
