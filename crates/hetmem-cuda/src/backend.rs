@@ -40,7 +40,7 @@ use crate::context::Cuda;
 use crate::error::{Error, Result};
 use crate::host::HostRegistration;
 use crate::stream::{Event, Stream};
-use crate::vmm::{chunk_size, Mapping, PhysicalChunk, Reservation};
+use crate::vmm::{chunk_size, Alias, Mapping, PhysicalChunk, Reservation};
 
 /// The most batches that may be submitted and not yet waited for. The runtime waits for every
 /// batch it submits, so this only bounds a caller that does not.
@@ -89,6 +89,19 @@ pub struct CudaBackend {
     register: bool,
     /// The backing views registered, by address.
     registrations: Mutex<HashMap<usize, HostRegistration>>,
+    /// Map regions at the CPU's addresses (`DeviceBackend::reserve_address`).
+    same_address: bool,
+    /// The regions' device address ranges, by address, and the chunks mapped in them (by
+    /// chunk handle).
+    regions: Mutex<SameAddress>,
+}
+
+/// What the same-address layout holds: each region's reservation, and each bound chunk's
+/// second mapping at its block's address.
+#[derive(Default)]
+struct SameAddress {
+    reservations: HashMap<usize, Arc<Reservation>>,
+    aliases: HashMap<u64, Alias>,
 }
 
 impl fmt::Debug for CudaBackend {
@@ -144,7 +157,28 @@ impl CudaBackend {
             fail: AtomicU32::new(0),
             register: false,
             registrations: Mutex::new(HashMap::new()),
+            same_address: false,
+            regions: Mutex::new(SameAddress::default()),
         })
+    }
+
+    /// Maps every region at the CPU's addresses on the device too (`alloc` and `map_file`):
+    /// the device range is reserved first, the CPU view mapped over CUDA's placeholder there,
+    /// and each block's chunk mapped at the block's address as well as in the pool. A kernel
+    /// then dereferences the pointers the CPU uses, pointers stored in the data included, and
+    /// a declared range of many blocks is one pointer (`hetmem::Resident::at_cpu_address`).
+    /// Costs a `cuMemMap` + `cuMemSetAccess` (about 34 µs on the H200) each time a chunk is
+    /// bound to a block. Memory adopted by `Hetmem::register` keeps its own address, which the
+    /// device cannot share: its runs are reached through their pool addresses. Off by default.
+    pub fn same_address(mut self, on: bool) -> CudaBackend {
+        self.same_address = on;
+        self
+    }
+
+    /// Region address ranges reserved now, and chunks mapped at their blocks' addresses.
+    pub fn same_address_counts(&self) -> (usize, usize) {
+        let r = lock(&self.regions);
+        (r.reservations.len(), r.aliases.len())
     }
 
     /// Registers every region's backing view with the device (`cuMemHostRegister`, portable
@@ -319,6 +353,9 @@ impl DeviceBackend for CudaBackend {
                 self.note(&e);
             }
         }
+        // A second mapping at a block's address goes before the chunk's own (the runtime
+        // unmaps it when it unbinds the chunk; this is the backstop).
+        drop(lock(&self.regions).aliases.remove(&chunk.handle));
         let slot = ((addr - self.reservation.ptr().0) as usize) / self.chunk;
         let mapping = {
             let mut slots = lock(&self.slots);
@@ -446,6 +483,67 @@ impl DeviceBackend for CudaBackend {
         Ok(true)
     }
 
+    fn reserve_address(&self, len: usize) -> io::Result<Option<usize>> {
+        if !self.same_address {
+            return Ok(None);
+        }
+        let size = len.div_ceil(self.chunk) * self.chunk;
+        let r = Reservation::new(&self.cuda, size).map_err(|e| {
+            self.note(&e);
+            io_error(e)
+        })?;
+        let addr = r.ptr().0 as usize;
+        lock(&self.regions).reservations.insert(addr, r);
+        Ok(Some(addr))
+    }
+
+    fn release_address(&self, addr: usize) {
+        let mut regions = lock(&self.regions);
+        let Some(r) = regions.reservations.remove(&addr) else {
+            return;
+        };
+        // Every chunk should be unbound by now; unmap any left, as freeing a reservation with
+        // chunks mapped in it is not allowed.
+        let (start, end) = (addr as u64, addr as u64 + r.size() as u64);
+        regions
+            .aliases
+            .retain(|_, a| !(a.ptr().0 >= start && a.ptr().0 < end));
+        drop(regions);
+        // Dropping it frees the addresses (and unmaps the runtime's placeholder there).
+        drop(r);
+    }
+
+    fn map_chunk_at(&self, chunk: &Chunk, addr: usize) -> io::Result<()> {
+        let invalid = || io::Error::from_raw_os_error(libc::EINVAL);
+        let mut regions = lock(&self.regions);
+        let (&base, res) = regions
+            .reservations
+            .iter()
+            .find(|(&b, r)| addr >= b && addr < b + r.size())
+            .ok_or_else(invalid)?;
+        let res = res.clone();
+        let slot = self
+            .device_range(chunk, 0, self.chunk)
+            .map(|d| ((d - self.reservation.ptr().0) / self.chunk as u64) as usize)
+            .ok_or_else(invalid)?;
+        let alias = {
+            let slots = lock(&self.slots);
+            let mapping = slots.mapped[slot].as_ref().ok_or_else(invalid)?;
+            mapping.alias(&res, addr - base)
+        }
+        .map_err(|e| {
+            self.note(&e);
+            io_error(e)
+        })?;
+        regions.aliases.insert(chunk.handle, alias);
+        Ok(())
+    }
+
+    fn unmap_chunk_at(&self, chunk: &Chunk, _addr: usize) {
+        let alias = lock(&self.regions).aliases.remove(&chunk.handle);
+        drop(alias);
+    }
+
     fn unregister_host(&self, ptr: *mut u8) {
         let r = lock(&self.registrations).remove(&(ptr as usize));
         // Dropping it drains the context, then unpins the pages.
@@ -462,6 +560,8 @@ impl Drop for CudaBackend {
         // Nothing queued may outlive the chunks, then the chunks go before the reservation
         // (each mapping holds it, so it goes last in any case).
         let _ = lock(&self.engine).stream.synchronize();
+        // Second mappings at blocks' addresses before the chunks themselves.
+        lock(&self.regions).aliases.clear();
         lock(&self.slots).mapped.clear();
     }
 }

@@ -32,8 +32,12 @@ pub fn device_ptr(run: &LaunchRun) -> Option<DevicePtr> {
 }
 
 /// The device address of declared range `i` when all of it is one run in device memory (a
-/// range within one 2 MiB block is); `None` otherwise.
+/// range within one 2 MiB block is), or all of it is at the CPU's addresses (same-address
+/// memory); `None` otherwise.
 pub fn contiguous(resident: &Resident, i: usize) -> Option<DevicePtr> {
+    if resident.at_cpu_address(i) {
+        return Some(DevicePtr(resident.range(i)?.0.addr as u64));
+    }
     match resident.range(i)? {
         (_, [run]) => device_ptr(run),
         _ => None,
@@ -119,6 +123,12 @@ impl CudaLauncher {
     /// The device address of declared range `i` when all of it is one run the device can
     /// reach ([`CudaLauncher::address`]); `None` otherwise.
     pub fn range_address(&self, resident: &Resident, i: usize) -> Option<DevicePtr> {
+        if resident.at_cpu_address(i) {
+            // Same-address memory (`CudaBackend::same_address`): the CPU's pointer, whatever
+            // the number of runs.
+            let (d, _) = resident.range(i)?;
+            return Some(DevicePtr(d.addr as u64));
+        }
         match resident.range(i)? {
             (_, [run]) => self.address(run),
             _ => None,

@@ -54,7 +54,7 @@ pub use module::{Function, Module};
 pub use same_va::SameAddressView;
 pub use span::{DevicePtr, DeviceSpan, HostSpan};
 pub use stream::{Event, Stream};
-pub use vmm::{chunk_size, DeviceBuffer, Mapping, PhysicalChunk, Reservation, CHUNK_SIZE};
+pub use vmm::{chunk_size, Alias, DeviceBuffer, Mapping, PhysicalChunk, Reservation, CHUNK_SIZE};
 
 /// The raw driver bindings, for calls this crate does not wrap (bind the context first).
 pub use cudarc::driver::sys as driver_sys;

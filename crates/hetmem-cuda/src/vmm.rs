@@ -330,6 +330,47 @@ impl Mapping {
         DeviceSpan::within(self.ptr, self.size, 0, self.size).expect("a mapping is never empty")
     }
 
+    /// Maps the same chunk a second time, at `offset` of `reservation`, read-write for the
+    /// device: the chunk then has two device addresses (hetmem's same-address layout maps a
+    /// block's chunk at the block's CPU address as well as in the pool). The alias must be
+    /// dropped before this mapping.
+    pub fn alias(&self, reservation: &Arc<Reservation>, offset: usize) -> Result<Alias> {
+        let chunk = self
+            .chunk
+            .as_ref()
+            .expect("a mapped Mapping owns its chunk");
+        let g = granularity(&reservation.cuda)?;
+        if offset % g != 0 {
+            return Err(Error::Invalid(format!(
+                "alias offset {offset:#x} is not a multiple of {g:#x}"
+            )));
+        }
+        crate::util::check_range("alias", offset, self.size, reservation.size)?;
+        let cuda = &reservation.cuda;
+        cuda.bind()?;
+        let ptr = reservation.ptr.offset(offset);
+        // SAFETY: [ptr, ptr + size) lies inside the reservation; the handle is live (this
+        // mapping owns it) and is the chunk's whole size. A mapped range is refused.
+        check("cuMemMap", unsafe {
+            sys::cuMemMap(ptr.0, self.size, 0, chunk.handle, 0)
+        })?;
+        let alias = Alias {
+            reservation: reservation.clone(),
+            ptr,
+            size: self.size,
+        };
+        let desc = sys::CUmemAccessDesc {
+            location: location(cuda.location_id()),
+            flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+        };
+        // SAFETY: the range is mapped (just above); one valid descriptor. On failure,
+        // `alias`'s Drop unmaps it.
+        check("cuMemSetAccess", unsafe {
+            sys::cuMemSetAccess(ptr.0, self.size, &desc, 1)
+        })?;
+        Ok(alias)
+    }
+
     /// Unmaps and hands the chunk back (to map it elsewhere). Work still queued on the range
     /// must have completed: a late access faults on the device.
     pub fn unmap(mut self) -> Result<PhysicalChunk> {
@@ -351,6 +392,37 @@ impl Drop for Mapping {
         if let Some(chunk) = self.chunk.take() {
             let _ = self.unmap_now();
             drop(chunk);
+        }
+    }
+}
+
+/// A second device address of a [`Mapping`]'s chunk ([`Mapping::alias`]); dropping it unmaps
+/// that address only.
+pub struct Alias {
+    reservation: Arc<Reservation>,
+    ptr: DevicePtr,
+    size: usize,
+}
+
+impl fmt::Debug for Alias {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Alias({:#x}, {:#x})", self.ptr.0, self.size)
+    }
+}
+
+impl Alias {
+    /// The alias's device address.
+    pub fn ptr(&self) -> DevicePtr {
+        self.ptr
+    }
+}
+
+impl Drop for Alias {
+    fn drop(&mut self) {
+        if self.reservation.cuda.bind().is_ok() {
+            // SAFETY: exactly the range `Mapping::alias` mapped, still mapped; the chunk itself
+            // stays mapped (and owned) where its Mapping is.
+            let _ = unsafe { sys::cuMemUnmap(self.ptr.0, self.size) };
         }
     }
 }

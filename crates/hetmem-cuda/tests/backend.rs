@@ -686,3 +686,119 @@ fn a_remote_launch_works_in_system_memory_in_place() {
         assert_eq!(h.stats().errors, 0, "{:?}", backend.last_error());
     });
 }
+
+/// Same-address memory (`CudaBackend::same_address`): the region's CPU view is at its device
+/// reservation, each bound chunk is mapped at its block's address too, and a kernel given the
+/// CPU's own pointer reaches the data over several blocks, and follows pointers stored in it
+/// (a linked list built by the CPU). Teardown unmaps every chunk and frees the reservation.
+#[test]
+fn same_address_memory_takes_the_cpus_pointers() {
+    let name = "same_address_memory_takes_the_cpus_pointers";
+    watchdog(name, 120, move || {
+        let _driver = shared();
+        let Some(cuda) = open(name) else {
+            return;
+        };
+        let backend = Arc::new(
+            CudaBackend::new(&cuda, 16 * MIB)
+                .expect("a CUDA backend")
+                .same_address(true),
+        );
+        let h = Hetmem::builder()
+            .cuda_backend(backend.clone())
+            .build()
+            .expect("a hetmem context");
+        let module = hetmem_cuda::Module::from_ptx(backend.cuda(), hetmem_cuda::kernels::PTX)
+            .expect("the shipped PTX loads");
+        let add = module
+            .function(hetmem_cuda::kernels::names::ADD_U8)
+            .expect("add_u8");
+        let walk = module
+            .function(hetmem_cuda::kernels::names::WALK_LIST)
+            .expect("walk_list");
+        let launcher = hetmem_cuda::CudaLauncher::for_backend(&backend).expect("a launcher");
+        let dev = h.device(0).expect("device 0");
+        let len = 3 * CHUNK_SIZE;
+        let mut want = pattern(len, 17);
+        let mut buf = h.alloc(len).unwrap();
+        assert_eq!(
+            backend.same_address_counts().0,
+            1,
+            "the region's addresses are reserved"
+        );
+        fill(&mut buf, &want);
+        // One pointer, the CPU's, over three blocks.
+        let config = hetmem_cuda::LaunchConfig::for_elements(len as u64, 256, 4096);
+        let declared = [hetmem::DeclaredAccess::write(buf.addr(), len)];
+        // SAFETY: add_u8 takes (u8*, u64, u8) and touches exactly the declared range.
+        let launch = unsafe {
+            launcher.launch(&dev, &add, &config, &declared, |resident, args| {
+                assert!(
+                    resident.at_cpu_address(0),
+                    "device memory at the CPU's addresses"
+                );
+                let p = launcher
+                    .range_address(resident, 0)
+                    .ok_or(hetmem::Error::Invalid("no address"))?;
+                assert_eq!(p.0 as usize, buf.addr(), "the CPU's pointer");
+                args.ptr(p).arg(len as u64).arg(5u8);
+                Ok(())
+            })
+        }
+        .expect("the launch");
+        launch.wait().expect("the kernel");
+        assert_eq!(
+            backend.same_address_counts().1,
+            3,
+            "each block's chunk at its address"
+        );
+        for b in &mut want {
+            *b = b.wrapping_add(5);
+        }
+        verify("after the kernel over three blocks", &buf, &want);
+        // A linked list built by the CPU, with CPU pointers, walked by the GPU: node i at
+        // block i (24-byte nodes: next, value, out), outputs in block 0's second page.
+        let base = buf.addr();
+        let node = |i: usize| base + i * CHUNK_SIZE;
+        let out = |i: usize| base + PAGE_SIZE + 8 * i;
+        let count_at = base + 2 * PAGE_SIZE;
+        for i in 0..3 {
+            let next = if i < 2 { node(i + 1) as u64 } else { 0 };
+            let words = [next, 10 * i as u64 + 1, out(i) as u64];
+            for (k, w) in words.iter().enumerate() {
+                let at = node(i) - base + 8 * k;
+                buf[at..at + 8].copy_from_slice(&w.to_ne_bytes());
+            }
+        }
+        let declared = [hetmem::DeclaredAccess::write(base, len)];
+        // SAFETY: walk_list takes (Node*, u64*) and touches the nodes, their outputs and the
+        // count, all inside the declared range.
+        let launch = unsafe {
+            launcher.launch(
+                &dev,
+                &walk,
+                &hetmem_cuda::LaunchConfig::single(),
+                &declared,
+                |resident, args| {
+                    assert!(resident.at_cpu_address(0));
+                    args.ptr(hetmem_cuda::DevicePtr(node(0) as u64))
+                        .ptr(hetmem_cuda::DevicePtr(count_at as u64));
+                    Ok(())
+                },
+            )
+        }
+        .expect("the list walk");
+        launch.wait().expect("the walk");
+        let word = |at: usize| {
+            let o = at - base;
+            u64::from_ne_bytes(buf[o..o + 8].try_into().unwrap())
+        };
+        assert_eq!(word(count_at), 3, "the GPU followed the CPU's pointers");
+        for i in 0..3 {
+            assert_eq!(word(out(i)), (10 * i as u64 + 1) * 2 + 1);
+        }
+        drop(buf);
+        assert_eq!(backend.same_address_counts(), (0, 0), "all torn down");
+        assert_eq!(h.stats().errors, 0, "{:?}", backend.last_error());
+    });
+}

@@ -98,6 +98,9 @@ pub enum LaunchTarget {
         offset: usize,
         /// The bytes as host memory, if the host can address them.
         host: Option<*mut u8>,
+        /// The run's device address when the backend maps the region at the CPU's addresses
+        /// (`DeviceBackend::reserve_address`): then it equals the run's `va`.
+        same_address: bool,
     },
     /// In system memory, which the device maps over the link: the runtime's view of it.
     System {
@@ -146,6 +149,23 @@ impl Resident {
     /// Declared range `i` and its runs, in address order; `None` past the last.
     pub fn range(&self, i: usize) -> Option<(DeclaredAccess, &[LaunchRun])> {
         self.ranges.get(i).map(|(d, r)| (*d, r.as_slice()))
+    }
+
+    /// Whether all of declared range `i` is in device memory mapped at the CPU's addresses:
+    /// the device then reaches it through the very pointer the CPU uses (`addr`), however many
+    /// blocks it spans.
+    pub fn at_cpu_address(&self, i: usize) -> bool {
+        self.range(i).is_some_and(|(_, runs)| {
+            runs.iter().all(|r| {
+                matches!(
+                    r.target,
+                    LaunchTarget::Device {
+                        same_address: true,
+                        ..
+                    }
+                )
+            })
+        })
     }
 }
 
@@ -512,6 +532,8 @@ impl Device {
                 .ok()?;
             guards.get(i)
         };
+        // The region's addresses are this device's too (`DeviceBackend::reserve_address`).
+        let backend = &inner.devices[d].backend;
         let mut ranges = Vec::with_capacity(declared.len());
         // Per piece, in `spans` order: its pages the device maps in system memory.
         let mut remote_pages = Vec::new();
@@ -520,6 +542,11 @@ impl Device {
         for ((decl, pieces), &remote_ok) in declared.iter().zip(spans).zip(remote) {
             let mut runs = Vec::new();
             for p in pieces {
+                let same_address = p
+                    .region
+                    .same_address
+                    .as_ref()
+                    .is_some_and(|(_, b)| Arc::ptr_eq(b, backend));
                 let db = guard_of(p)?;
                 // A migrating range must be in the device's memory, not mapped over the link.
                 if !db.all(p.run.pages(), |e| {
@@ -541,6 +568,13 @@ impl Device {
                             handle: chunk.handle,
                             offset: page * PAGE_SIZE,
                             host: chunk.host_ptr().map(|h| h.wrapping_add(page * PAGE_SIZE)),
+                            same_address: same_address
+                                && p.region.same_address.as_ref().is_some_and(|(addr, _)| {
+                                    // The view still where the region was reserved (an
+                                    // `mremap` moves only the CPU's side).
+                                    *addr + p.bi * hetmem_proto::BLOCK_BYTES + page * PAGE_SIZE
+                                        == va
+                                }),
                         }
                     };
                     push_page(&mut runs, va, target);

@@ -175,6 +175,40 @@ pub trait DeviceBackend: Send + Sync + fmt::Debug {
         let _ = ptr;
     }
 
+    /// A region of `len` bytes is being made: the backend may reserve `len` bytes of its
+    /// device's virtual addresses, at an address whose host side is free for the runtime's
+    /// CPU view (CUDA keeps a `PROT_NONE` placeholder there, which the view replaces with
+    /// `MAP_FIXED`). Then the CPU and the device use the same addresses for the region: a
+    /// block's chunk is also mapped at the block's address ([`DeviceBackend::map_chunk_at`]),
+    /// so pointers stored in the data mean the same on both sides. Returns the address, or
+    /// `None` (the default) for no such reservation.
+    fn reserve_address(&self, len: usize) -> io::Result<Option<usize>> {
+        let _ = len;
+        Ok(None)
+    }
+
+    /// Frees a reservation [`DeviceBackend::reserve_address`] made at `addr`. Called when the
+    /// region goes, after the runtime has put a `PROT_NONE` placeholder over its CPU view
+    /// (freeing the reservation unmaps whatever the host has there) and after every chunk
+    /// mapped in it was unmapped.
+    fn release_address(&self, addr: usize) {
+        let _ = addr;
+    }
+
+    /// `chunk` now holds the frames of the block at device address `addr` (inside a range
+    /// [`DeviceBackend::reserve_address`] gave): map it there too. Called under the block's
+    /// page-table write lock, before any frame of it is used.
+    fn map_chunk_at(&self, chunk: &Chunk, addr: usize) -> io::Result<()> {
+        let _ = (chunk, addr);
+        Ok(())
+    }
+
+    /// `chunk` no longer holds the block at `addr`'s frames: unmap it there (it goes back to
+    /// the pool, or is freed).
+    fn unmap_chunk_at(&self, chunk: &Chunk, addr: usize) {
+        let _ = (chunk, addr);
+    }
+
     /// A new, empty page table for one block. Called the first time the device maps a page
     /// of the block, so blocks the device never maps cost no table.
     /// It is called under the block's locks, so it must not call back into the runtime.

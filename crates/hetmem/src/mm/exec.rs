@@ -366,7 +366,23 @@ impl Runtime {
                         .unwrap_or_else(|e| e.into_inner());
                     if db.chunk.is_none() {
                         match self.devices[dev.index()].take_chunk() {
-                            Ok(c) => db.chunk = Some(c),
+                            Ok(c) => match self.same_address_of(region, bi, dev) {
+                                // The chunk also goes at the block's own address on the
+                                // device: the address the CPU uses for it.
+                                Some(addr) => {
+                                    let backend = &self.devices[dev.index()].backend;
+                                    match backend.map_chunk_at(&c, addr) {
+                                        Ok(()) => db.chunk = Some(c),
+                                        Err(e) => {
+                                            // No chunk: the transfer into it fails, and the
+                                            // data stays where it is.
+                                            self.note_error("map a chunk at its block", &e);
+                                            self.devices[dev.index()].put_chunk(c);
+                                        }
+                                    }
+                                }
+                                None => db.chunk = Some(c),
+                            },
                             // The backend has no chunk left although the page budget has
                             // room (blocks partly on the device each hold a whole chunk): the
                             // transfer into it fails cleanly, and the request reports the
@@ -402,6 +418,9 @@ impl Runtime {
                         .write()
                         .unwrap_or_else(|e| e.into_inner());
                     if let Some(c) = db.chunk.take() {
+                        if let Some(addr) = self.same_address_of(region, bi, d) {
+                            self.devices[d.index()].backend.unmap_chunk_at(&c, addr);
+                        }
                         self.devices[d.index()].put_chunk(c);
                     }
                 }
@@ -540,6 +559,14 @@ impl Runtime {
             Action::Complete { id, result } => out.done.push((id, result)),
             Action::Transfer { .. } | Action::WriteBack { .. } => unreachable!("deferred by drive"),
         }
+    }
+
+    /// The device address of block `bi` when `dev`'s backend reserved the region's addresses
+    /// (`Region::same_address`): where its chunk is mapped too.
+    fn same_address_of(&self, region: &Region, bi: usize, dev: DeviceId) -> Option<usize> {
+        let (addr, backend) = region.same_address.as_ref()?;
+        std::sync::Arc::ptr_eq(backend, &self.devices[dev.index()].backend)
+            .then(|| addr + bi * BLOCK_BYTES)
     }
 
     /// The write lock of `dev`'s page table for block `bi`, once no running launch pins what

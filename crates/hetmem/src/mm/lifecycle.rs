@@ -56,6 +56,18 @@ impl Runtime {
                 region.registered.push(d.backend.clone());
             }
         }
+        // The first backend that wants the region at one address for CPU and device reserves
+        // it now; `map_cpu_view` maps the CPU view there.
+        for d in &self.devices {
+            if let Some(addr) = d
+                .backend
+                .reserve_address(len)
+                .map_err(Error::os("reserve device addresses"))?
+            {
+                region.same_address = Some((addr, d.backend.clone()));
+                break;
+            }
+        }
         if !region.registered.is_empty() {
             for (bi, slot) in region.blocks.iter().enumerate() {
                 slot.populated
@@ -68,9 +80,17 @@ impl Runtime {
     }
 
     /// A CPU view of the whole region, 2 MiB-aligned, not registered yet.
+    #[allow(unsafe_code)]
     pub(crate) fn map_cpu_view(&self, region: &Region) -> Result<Mapping> {
-        Mapping::shared_aligned(region.memfd.as_fd(), region.len, BLOCK_BYTES)
-            .map_err(Error::os("mmap cpu view"))
+        match &region.same_address {
+            // SAFETY: the backend reserved `[addr, addr + len)` for this region; what the host
+            // has there is its placeholder, nothing of anyone else's.
+            Some((addr, _)) => unsafe {
+                Mapping::shared_fixed(*addr, region.memfd.as_fd(), 0, region.len)
+            },
+            None => Mapping::shared_aligned(region.memfd.as_fd(), region.len, BLOCK_BYTES),
+        }
+        .map_err(Error::os("mmap cpu view"))
     }
 
     #[allow(unsafe_code)]
@@ -229,9 +249,16 @@ impl Runtime {
         self.detach_views(region, &views);
         self.drop_all_copies(region);
         for v in views {
-            // SAFETY: the view belonged to this region, whose buffer is being dropped, so no
-            // reference into it remains; it is no longer registered.
-            let _ = unsafe { mem::unmap(v.va, v.len) };
+            let _ = match &region.same_address {
+                // The reservation is freed with the region, and freeing it unmaps whatever the
+                // host has there: a placeholder keeps the range ours until then, so nobody
+                // else's mapping can land in it and be lost.
+                // SAFETY: the view belonged to this region, whose buffer is being dropped, so
+                // no reference into it remains; it is no longer registered.
+                Some(_) => unsafe { mem::placeholder(v.va, v.len) },
+                // SAFETY: as above.
+                None => unsafe { mem::unmap(v.va, v.len) },
+            };
         }
     }
 }

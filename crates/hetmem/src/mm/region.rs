@@ -117,6 +117,10 @@ pub(crate) struct Region {
     /// (`DeviceBackend::register_host`): its pages stay for the region's life, never punched,
     /// and are unregistered when the region goes, before the view is unmapped.
     pub registered: Vec<Arc<dyn DeviceBackend>>,
+    /// The device address range a backend reserved for the region
+    /// (`DeviceBackend::reserve_address`): the CPU view is mapped at the same address, and
+    /// each block's chunk on that device at the block's address. Freed with the region.
+    pub same_address: Option<(usize, Arc<dyn DeviceBackend>)>,
 }
 
 impl Drop for Region {
@@ -125,6 +129,11 @@ impl Drop for Region {
         // right after this (a field of ours).
         for b in &self.registered {
             b.unregister_host(self.backing.as_ptr());
+        }
+        // `free_region` left a placeholder over the CPU view (freeing the reservation unmaps
+        // it) and unbound every chunk; a region never published has no view there yet.
+        if let Some((addr, b)) = &self.same_address {
+            b.release_address(*addr);
         }
     }
 }
@@ -216,6 +225,7 @@ impl Region {
             blocks,
             views: RwLock::new(Vec::new()),
             registered: Vec::new(),
+            same_address: None,
             policy: PolicyRegion::default(),
             pins: Default::default(),
         }

@@ -312,6 +312,25 @@ pub unsafe fn protect(addr: usize, len: usize, prot: Prot) -> io::Result<()> {
     Ok(())
 }
 
+/// Replaces `[addr, addr + len)` with an inaccessible anonymous mapping (`PROT_NONE`,
+/// `MAP_FIXED`, no reserve): the range stays the caller's, so no other `mmap` can land in it,
+/// until its owner (a device reservation, whose release unmaps it) lets it go.
+///
+/// # Safety
+/// As [`unmap`]: the range must be memory the caller owns, that nothing will use again.
+pub unsafe fn placeholder(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: the caller's contract; MAP_FIXED replaces only the caller's own range.
+    unsafe {
+        mm::mmap_anonymous(
+            addr as *mut c_void,
+            len,
+            ProtFlags::empty(),
+            MapFlags::PRIVATE | MapFlags::FIXED | MapFlags::NORESERVE,
+        )
+    }?;
+    Ok(())
+}
+
 /// Unmaps `[addr, addr + len)` (munmap).
 ///
 /// # Safety
