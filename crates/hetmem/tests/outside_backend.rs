@@ -89,6 +89,11 @@ struct ArenaBackend {
     tables: Arc<Tables>,
     /// At most this many chunks at once (0: no limit), as a CUDA backend's cap counts them.
     max_chunks: std::sync::atomic::AtomicUsize,
+    /// Register backing views (`DeviceBackend::register_host`), as CUDA's pinned memory.
+    register: std::sync::atomic::AtomicBool,
+    /// The views registered, and the host side of every copy, to check staging.
+    registered: std::sync::Mutex<Vec<(usize, usize)>>,
+    host_sides: std::sync::Mutex<Vec<usize>>,
 }
 
 impl DeviceBackend for ArenaBackend {
@@ -121,8 +126,25 @@ impl DeviceBackend for ArenaBackend {
         {
             return Err(OpError::Device);
         }
+        let mut sides = self.host_sides.lock().unwrap();
+        for op in ops {
+            for e in [op.src, op.dst] {
+                if let hetmem::Endpoint::Host(p) = e {
+                    sides.push(p as usize);
+                }
+            }
+        }
+        drop(sides);
         // SAFETY: our caller's contract, passed on.
         Ok(unsafe { self.mem.submit(ops) })
+    }
+
+    unsafe fn register_host(&self, ptr: *mut u8, len: usize) -> std::io::Result<bool> {
+        let on = self.register.load(Ordering::Relaxed);
+        if on {
+            self.registered.lock().unwrap().push((ptr as usize, len));
+        }
+        Ok(on)
     }
 
     fn wait(&self, fence: Fence) -> Result<(), OpError> {
@@ -543,6 +565,56 @@ fn a_backend_out_of_chunks_is_a_full_device_and_evicts() -> anyhow::Result<()> {
             assert!(h.stats().pages_evicted > 0, "nothing was evicted");
             check(&buf, 0x30);
             assert_eq!(h.stats().errors, 0);
+            Ok(())
+        },
+    )
+}
+
+/// File pages go to and from memory the host cannot address: through a host staging buffer,
+/// or, when the backend registered the region's backing view (pinned for DMA, as CUDA's
+/// `register_host_memory`), through the run's own backing pages, which run at the link's speed.
+/// Both ways the data is right; with registration every host side of those copies lies in the
+/// registered view, and without it none does.
+#[test]
+fn file_transfers_stage_in_registered_backing_pages() -> anyhow::Result<()> {
+    common::watchdog(
+        "file_transfers_stage_in_registered_backing_pages",
+        60,
+        || {
+            for register in [false, true] {
+                let dir = common::fs::TempDir::new("outside_backend_registered_staging")?;
+                let path = dir.path("data");
+                let mut content = vec![0u8; CHUNK];
+                fill(&mut content, 0x3c);
+                std::fs::write(&path, &content)?;
+                let backend = Arc::new(ArenaBackend::default());
+                backend.register.store(register, Ordering::Relaxed);
+                let h = file_context(backend.clone(), 64 << 20);
+                let mut m = h.map_file(&path, 0, CHUNK, hetmem::FileMode::Shared)?;
+                let d0 = Target::Device(hetmem::DeviceId::new(0).unwrap());
+                // A CPU write to the first page; the rest goes from the file to the device;
+                // the dirty page goes there too and is written back from there.
+                m.as_mut_slice().expect("shared")[..PAGE_SIZE].fill(0x77);
+                h.migrate(m.addr(), CHUNK, d0)?;
+                m.flush()?;
+                let on_disk = std::fs::read(&path)?;
+                assert!(on_disk[..PAGE_SIZE].iter().all(|&b| b == 0x77));
+                assert_eq!(&on_disk[PAGE_SIZE..], &content[PAGE_SIZE..]);
+                let views = backend.registered.lock().unwrap().clone();
+                let sides = backend.host_sides.lock().unwrap().clone();
+                assert!(!sides.is_empty());
+                let inside = |p: usize| views.iter().any(|&(b, l)| p >= b && p < b + l);
+                if register {
+                    assert_eq!(views.len(), 1);
+                    assert!(
+                        sides.iter().all(|&p| inside(p)),
+                        "a copy staged outside the view"
+                    );
+                } else {
+                    assert!(views.is_empty());
+                }
+                assert_eq!(h.stats().errors, 0);
+            }
             Ok(())
         },
     )

@@ -561,6 +561,24 @@ impl Runtime {
         }
     }
 
+    /// The run's own backing pages, when `dev`'s backend registered the region's backing
+    /// view (`Region::registered`): pinned host memory for staging a file transfer to or
+    /// from the device at the link's speed, instead of a pageable buffer.
+    fn registered_staging(
+        &self,
+        region: &Region,
+        bi: usize,
+        run: PageRun,
+        dev: DeviceId,
+    ) -> Option<*mut u8> {
+        let backend = &self.devices[dev.index()].backend;
+        region
+            .registered
+            .iter()
+            .any(|b| std::sync::Arc::ptr_eq(b, backend))
+            .then(|| region.backing_ptr(bi, run.start()))
+    }
+
     /// The device address of block `bi` when `dev`'s backend reserved the region's addresses
     /// (`Region::same_address`): where its chunk is mapped too.
     fn same_address_of(&self, region: &Region, bi: usize, dev: DeviceId) -> Option<usize> {
@@ -922,18 +940,33 @@ impl Runtime {
                     }
                     (Some(d), None) => {
                         let chunk = chunk.ok_or(OpError::Device)?;
-                        let mut staging = mem::try_zeroed(bytes).ok_or(OpError::Device)?;
-                        f.read_at(&mut staging, at)?;
                         let backend = &*self.devices[d.index()].backend;
+                        let mut staging = Vec::new();
+                        let host = match self.registered_staging(region, bi, t.run, d) {
+                            // The run's own pages of the backing view, registered (pinned)
+                            // with the device: the copy runs at the link's speed. System
+                            // memory holds no copy of these pages (the fill is from the
+                            // file), so they are free to stage in.
+                            Some(p) => p,
+                            None => {
+                                staging = mem::try_zeroed(bytes).ok_or(OpError::Device)?;
+                                staging.as_mut_ptr()
+                            }
+                        };
+                        // SAFETY: `host` is `bytes` long: the staging buffer, or the run's
+                        // backing pages, which hold no valid copy and which the protocol keeps
+                        // busy (nobody maps or copies them meanwhile).
+                        f.read_at(unsafe { std::slice::from_raw_parts_mut(host, bytes) }, at)?;
                         let op = CopyOp {
-                            src: Endpoint::Host(staging.as_mut_ptr()),
+                            src: Endpoint::Host(host),
                             dst: Endpoint::Chunk(chunk, off),
                             len: bytes,
                         };
-                        // SAFETY: the staging buffer is ours and outlives the wait below; the
-                        // destination frames are bound to this run and busy.
+                        // SAFETY: the staging memory outlives the wait below; the destination
+                        // frames are bound to this run and busy.
                         let fence = unsafe { backend.copy(&[op]) }?;
                         backend.wait(fence)?;
+                        drop(staging);
                     }
                     (None, _) => {
                         *slot.populated.lock().unwrap_or_else(|e| e.into_inner()) |= mask_of(t.run);
@@ -1004,11 +1037,20 @@ impl Runtime {
                 match chunk.host_ptr() {
                     Some(p) => p.wrapping_add(off),
                     None => {
-                        staging = mem::try_zeroed(bytes).ok_or(OpError::Device)?;
+                        // The run's backing pages when registered with the device (pinned:
+                        // the copy runs at the link's speed); they hold no newer data than
+                        // the device's (the writeback's source), so they may take its copy.
+                        let host = match self.registered_staging(region, bi, t.run, d) {
+                            Some(p) => p,
+                            None => {
+                                staging = mem::try_zeroed(bytes).ok_or(OpError::Device)?;
+                                staging.as_mut_ptr()
+                            }
+                        };
                         let backend = &*self.devices[d.index()].backend;
                         let op = CopyOp {
                             src: Endpoint::Chunk(chunk, off),
-                            dst: Endpoint::Host(staging.as_mut_ptr()),
+                            dst: Endpoint::Host(host),
                             len: bytes,
                         };
                         // SAFETY: the staging buffer is ours and outlives the wait below; the
@@ -1016,7 +1058,7 @@ impl Runtime {
                         // protocol during writeback.
                         let fence = unsafe { backend.copy(&[op]) }?;
                         backend.wait(fence)?;
-                        staging.as_mut_ptr()
+                        host
                     }
                 }
             }
