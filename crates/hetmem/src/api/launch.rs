@@ -436,7 +436,7 @@ impl Device {
                     self.map_remote(pieces, d.access)?;
                 } else {
                     self.bring_home_to_device(pieces)?;
-                    self.make_resident(pieces, d.access, &rounds)?;
+                    self.make_resident_parallel(pieces, d.access, &rounds)?;
                 }
             }
             if let Some(pinned) = self.try_pin(declared, &spans, &remote) {
@@ -447,6 +447,47 @@ impl Device {
             }
         }
         Err(Error::NoMem)
+    }
+
+    /// `make_resident` over the pieces from a few threads at once, so that the copies of
+    /// several blocks are in flight together (a device's copy engine then runs back to back,
+    /// instead of idling while this thread takes each block's fault in turn). One piece, or
+    /// one worker, runs here.
+    fn make_resident_parallel(
+        &self,
+        pieces: &[BlockSpan],
+        access: Access,
+        rounds: &AtomicU32,
+    ) -> Result<()> {
+        const WORKERS: usize = 4;
+        let workers = WORKERS.min(pieces.len());
+        if workers <= 1 {
+            return self.make_resident(pieces, access, rounds);
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let first_err = std::sync::Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(p) = pieces.get(i) else {
+                        return;
+                    };
+                    if let Err(e) = self.make_resident(std::slice::from_ref(p), access, rounds) {
+                        first_err
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get_or_insert(e);
+                        next.store(pieces.len(), Ordering::Relaxed);
+                        return;
+                    }
+                });
+            }
+        });
+        match first_err.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// Migrates to the device the pages of `pieces` it maps remotely (in system memory): a
