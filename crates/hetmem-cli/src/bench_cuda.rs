@@ -334,10 +334,10 @@ fn touch_sum(
     threads: u64,
     seed: u64,
     word: &(impl Fn(u64) -> u64 + Sync),
-) -> u64 {
+) -> Result<u64> {
     let pages = words >> 9;
     if pages == 0 {
-        return 0;
+        return Ok(0);
     }
     let threads = threads.min(touches);
     let one = |t: u64| {
@@ -360,7 +360,7 @@ fn touch_sum(
         std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
     };
     if workers == 1 {
-        return (0..threads).fold(0u64, |s, t| s.wrapping_add(one(t)));
+        return Ok((0..threads).fold(0u64, |s, t| s.wrapping_add(one(t))));
     }
     let per = threads.div_ceil(workers).max(1);
     std::thread::scope(|sc| {
@@ -372,10 +372,11 @@ fn touch_sum(
                 })
             })
             .collect();
-        parts
-            .into_iter()
-            .map(|h| h.join().unwrap_or(0))
-            .fold(0u64, u64::wrapping_add)
+        parts.into_iter().try_fold(0u64, |s, h| {
+            h.join()
+                .map(|x| s.wrapping_add(x))
+                .map_err(|_| anyhow::anyhow!("a touch replay thread panicked"))
+        })
     })
 }
 
@@ -1422,7 +1423,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     d.pages_to_device
                 );
                 last_r.set(Some(d));
-                let want = touch_sum(words, n, threads, seed, &|i| pattern_word(i as usize));
+                let want = touch_sum(words, n, threads, seed, &|i| pattern_word(i as usize))?;
                 let got = g.read_sums(1)?;
                 ensure!(
                     got == want,
@@ -1473,16 +1474,17 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     d.pages_to_device
                 );
                 last_m.set(Some(d));
-                let want = order.iter().enumerate().fold(0u64, |s, (j, &b)| {
+                let mut want = 0u64;
+                for (j, &b) in order.iter().enumerate() {
                     let first = (b * BLOCK / 8) as u64;
-                    s.wrapping_add(touch_sum(
+                    want = want.wrapping_add(touch_sum(
                         (BLOCK / 8) as u64,
                         1,
                         1,
                         seed.wrapping_add(j as u64),
                         &|i| pattern_word((first + i) as usize),
-                    ))
-                });
+                    )?);
+                }
                 let got = g.read_sums(1)?;
                 ensure!(
                     got == want,
@@ -1585,6 +1587,61 @@ mod tests {
         assert!((s(d4) - 100.0).abs() < 0.01);
         assert!(!b.spent());
         assert!(Budget::new(0.0, &[1]).row(1).is_none());
+    }
+
+    /// The kernel's loop as kernels.cu writes it, one thread after the other, calling `read`
+    /// with each word index.
+    fn kernel_loop(words: u64, touches: u64, threads: u64, seed: u64, read: &mut dyn FnMut(u64)) {
+        let pages = words >> 9;
+        for t in 0..threads {
+            let mut z = seed.wrapping_add(t).wrapping_add(0x9E37_79B9_7F4A_7C15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            let mut x = (z ^ (z >> 31)) | 1;
+            let mut i = t;
+            while i < touches {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                read((x % pages) * 512 + (x >> 55));
+                i += threads;
+            }
+        }
+    }
+
+    #[test]
+    fn the_touch_replay_is_the_kernels_sequence_over_whole_pages() {
+        // 1000 whole pages and a remainder the kernel must never read.
+        let words = 1000 * 512 + 100;
+        for (touches, threads) in [(1u64, 1u64), (37, 8), (1 << 17, 1000), (1 << 17, 262_144)] {
+            let mut want = 0u64;
+            let mut pages = std::collections::HashSet::new();
+            kernel_loop(words, touches, threads, 42, &mut |i| {
+                assert!(i < 1000 * 512, "word {i} is past the whole pages");
+                pages.insert(i / 512);
+                want = want.wrapping_add(pattern_word(i as usize));
+            });
+            let got = touch_sum(words, touches, threads, 42, &|i| pattern_word(i as usize))
+                .expect("the replay");
+            assert_eq!(got, want, "{touches} touches over {threads} threads");
+            // Random pages: a large run reaches nearly all 1000 of them.
+            if touches > 10_000 {
+                assert!(pages.len() > 990, "only {} pages touched", pages.len());
+            }
+        }
+        // Another seed, another sum; no whole page, nothing read.
+        let sum = |seed| touch_sum(words, 1 << 17, 1000, seed, &|i| pattern_word(i as usize));
+        assert_ne!(sum(42).expect("seed 42"), sum(43).expect("seed 43"));
+        assert_eq!(touch_sum(511, 100, 4, 1, &|_| 1).expect("no page"), 0);
+    }
+
+    #[test]
+    fn touch_counts_scale_to_the_run_time() {
+        // Twice the time wanted: half the count; bounded both ways.
+        let n = (1000.0 * TOUCH_RUN_S / (2.0 * TOUCH_RUN_S)) as u64;
+        assert_eq!(rescale(1000, 2.0 * TOUCH_RUN_S, 1, 1 << 20), n);
+        assert_eq!(rescale(1000, 0.0, 1, 5000), 5000);
+        assert_eq!(rescale(1000, 1e6, 16, 5000), 16);
     }
 
     #[test]
