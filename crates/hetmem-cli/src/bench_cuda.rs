@@ -29,7 +29,7 @@
 //!
 //! Managed allocations stay under a quarter of the device's free memory (`ManagedBuffer`
 //! refuses more): oversubscribed managed memory can hang the GPU. hetmem's own device use is
-//! capped by its backends: `--gpu-mib` + 4 MiB for rows 1-3 and 6, `--device-mib` for row 4.
+//! capped by its backends: `--gpu-mib` + 4 MiB for rows 1-3 and 6, `--device-mib` for rows 4 and 5.
 
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -675,7 +675,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let date = date_utc();
     let subtitle = format!(
-        "{} (driver {}, sm {}), {date}; rows 1-3 over {} MiB, row 4 over {} MiB through a {} MiB cap; median of up to {runs} runs after a warm-up; {cpus} CPUs",
+        "{} (driver {}, sm {}), {date}; rows 1-3 over {} MiB, rows 4-5 over {} MiB through a {} MiB cap; median of up to {runs} runs after a warm-up; {cpus} CPUs",
         info.name,
         info.driver_version,
         info.compute_capability_string(),
