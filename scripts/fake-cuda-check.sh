@@ -22,8 +22,9 @@ cargo run -q -p hetmem-cli -- demo --device cuda --size-mib 16 --device-mib 4 --
 grep -q '^verified: OK' "$dir/demo.out" || { cat "$dir/demo.out"; exit 1; }
 cargo run -q -p hetmem-cli -- demo --device cuda --size-mib 16 --device-mib 4 --iters 2 --file "$dir/grid" > "$dir/demo-file.out"
 grep -q '^verified: OK' "$dir/demo-file.out" || { cat "$dir/demo-file.out"; exit 1; }
-# The CUDA bench, small: every row must print (row 5 as "not built"), the JSON and the plot be
-# written. Its figures are the fake's, not a GPU's: the bench says so itself.
+# The CUDA bench, small: every row must print with figures (row 5's random-touch sums checked
+# against the CPU's), the JSON and the plot be written. Its figures are the fake's, not a GPU's:
+# the bench says so itself.
 cargo run -q -p hetmem-cli -- bench --device cuda --gpu-mib 16 --device-mib 4 --runs 1 --launches 100 \
   --json "$dir/bench-cuda.json" --plot "$dir/bench-cuda.svg" > "$dir/bench-cuda.out" 2> "$dir/bench-cuda.err" \
   || { cat "$dir/bench-cuda.out" "$dir/bench-cuda.err"; exit 1; }
@@ -31,6 +32,8 @@ for id in 1a 1b 2a 2b 3a 3b 3c 3d 4a 4b 4c '5 ' '6 ' 7-j1; do
   grep -q "^$id" "$dir/bench-cuda.out" || { echo "bench row $id missing"; cat "$dir/bench-cuda.out"; exit 1; }
 done
 grep -q 'no figure here is a GPU measurement' "$dir/bench-cuda.out" || { cat "$dir/bench-cuda.out"; exit 1; }
+grep -q '^5 random 4 KiB GPU touches.*k touches/s' "$dir/bench-cuda.out" || { echo "bench row 5 has no figures"; cat "$dir/bench-cuda.out"; exit 1; }
+if grep -q 'not built\|not run' "$dir/bench-cuda.out"; then echo "a bench row was not built or not run"; cat "$dir/bench-cuda.out"; exit 1; fi
 grep -q '"complete": true' "$dir/bench-cuda.json" || { cat "$dir/bench-cuda.json"; exit 1; }
 grep -q '^<svg' "$dir/bench-cuda.svg" || { echo "no SVG"; exit 1; }
 cargo test -q -p hetmem-cli --test bench_cuda

@@ -52,8 +52,8 @@ pub struct BenchArgs {
     /// thrashing mitigation, l: sparse and dense device first touch with density prefetch, m:
     /// hot/cold over 4x device memory with access counters). With `--device cuda`, row
     /// numbers: `--only 1,4` (1: GPU first access, 2: CPU read-back, 3: migration, 4:
-    /// streaming 4x the cap, 5: random touches, not built, 6: launch overhead, 7: CPU fault
-    /// throughput).
+    /// streaming 4x the cap, 5: random touches over 4x the cap, remote against migrate, 6:
+    /// launch overhead, 7: CPU fault throughput).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Pages touched per run by the fault-latency measurement (e).
@@ -86,7 +86,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 2048)]
     pub gpu_mib: usize,
     /// CUDA: hetmem's device memory cap in MiB for the streaming row 4, which streams 4 times
-    /// as much.
+    /// as much, and the random-touch row 5, over 4 times as much.
     #[arg(long, default_value_t = 512)]
     pub device_mib: usize,
     /// CUDA: hetmem launches in flight at once (at most the cap's 2 MiB blocks less one).

@@ -16,8 +16,11 @@
 //!    migration under launches per block, against a double-buffered pinned pipeline (two device
 //!    buffers, two streams: copy in, kernel, copy out, overlapped). 4c repeats the read with
 //!    `Advice::ReadMostly`, under which an evicted block is dropped instead of copied back.
-//! 5. Random 4 KiB touches over 4 times the cap: not built (remote placement is not), reported
-//!    so.
+//! 5. Random 4 KiB GPU touches over data 4 times the cap (`hetmem_touch_random`, one 8-byte
+//!    read per random page): one launch over the whole range placed `Remote` (read in system
+//!    memory over the link, nothing migrates), against migrate-on-demand: a launch per touch
+//!    over its random 2 MiB block placed `Migrate` (the block migrates in, evicting). Both sums
+//!    are checked against the CPU's replay of the same random sequence.
 //! 6. Launch overhead with a resident 2 MiB declared range against a plain launch.
 //! 7. CPU fault service throughput with 1..16 threads (no GPU: the simulated bench's j rows).
 //!
@@ -26,7 +29,7 @@
 //!
 //! Managed allocations stay under a quarter of the device's free memory (`ManagedBuffer`
 //! refuses more): oversubscribed managed memory can hang the GPU. hetmem's own device use is
-//! capped by its backends: `--gpu-mib` + 4 MiB for rows 1-3 and 6, `--device-mib` for row 4.
+//! capped by its backends: `--gpu-mib` + 4 MiB for rows 1-3 and 6, `--device-mib` for rows 4 and 5.
 
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -61,7 +64,7 @@ const ROWS: [(u32, f64); 7] = [
     (2, 2.0),
     (3, 2.0),
     (4, 4.0),
-    (5, 0.0),
+    (5, 2.0),
     (6, 0.5),
     (7, 2.0),
 ];
@@ -73,6 +76,7 @@ struct Kernels {
     sum: Function,
     write: Function,
     add: Function,
+    touch: Function,
 }
 
 /// A kernel over one block of hetmem's, launched over a declared range.
@@ -114,6 +118,7 @@ impl Gpu {
             sum: f(kernels::names::SUM_U64)?,
             write: f(kernels::names::WRITE_U64)?,
             add: f(kernels::names::ADD_U8)?,
+            touch: f(kernels::names::TOUCH_RANDOM)?,
             _module: module,
         };
         Ok(Gpu {
@@ -304,6 +309,124 @@ fn hetmem_pass(
     Ok(())
 }
 
+/// Row 5's remote launch shape: enough threads to keep many reads over the link in flight.
+const TOUCH_GRID: (u32, u32) = (1024, 256);
+
+/// Row 5 sizes each run's touch count from the run before, so that a run takes about this
+/// long whatever the link does (the rate is unknown: a few million to hundreds of millions of
+/// touches per second).
+const TOUCH_RUN_S: f64 = 0.5;
+
+/// splitmix64: the kernels' seed mixer, and the bench's own random numbers.
+fn splitmix64(v: u64) -> u64 {
+    let mut z = v.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The sum `hetmem_touch_random(p, words, touches, seed, out)` adds into `*out` with `threads`
+/// threads, replayed on the CPU (the same sequence as kernels.cu; `word(i)` is word `i` of `p`),
+/// split over the CPUs.
+fn touch_sum(
+    words: u64,
+    touches: u64,
+    threads: u64,
+    seed: u64,
+    word: &(impl Fn(u64) -> u64 + Sync),
+) -> Result<u64> {
+    let pages = words >> 9;
+    if pages == 0 {
+        return Ok(0);
+    }
+    let threads = threads.min(touches);
+    let one = |t: u64| {
+        let mut x = splitmix64(seed.wrapping_add(t)) | 1;
+        let mut s = 0u64;
+        let mut i = t;
+        while i < touches {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            s = s.wrapping_add(word((x % pages) * 512 + (x >> 55)));
+            i += threads;
+        }
+        s
+    };
+    // Small replays (row 5's one-touch launches) on this thread; large ones over the CPUs.
+    let workers = if touches < 1 << 16 {
+        1
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
+    };
+    if workers == 1 {
+        return Ok((0..threads).fold(0u64, |s, t| s.wrapping_add(one(t))));
+    }
+    let per = threads.div_ceil(workers).max(1);
+    std::thread::scope(|sc| {
+        let parts: Vec<_> = (0..threads)
+            .step_by(per as usize)
+            .map(|t0| {
+                sc.spawn(move || {
+                    (t0..(t0 + per).min(threads)).fold(0u64, |s, t| s.wrapping_add(one(t)))
+                })
+            })
+            .collect();
+        parts.into_iter().try_fold(0u64, |s, h| {
+            h.join()
+                .map(|x| s.wrapping_add(x))
+                .map_err(|_| anyhow::anyhow!("a touch replay thread panicked"))
+        })
+    })
+}
+
+/// The next run's count: `n` scaled so that a run takes about [`TOUCH_RUN_S`] at the rate just
+/// measured, within `[lo, hi]`.
+fn rescale(n: u64, secs: f64, lo: u64, hi: u64) -> u64 {
+    ((n as f64 * TOUCH_RUN_S / secs.max(1e-6)) as u64).clamp(lo, hi)
+}
+
+/// Launches `hetmem_touch_random` with `touches` touches over the `len` bytes at `addr`,
+/// declared read and placed as `placement`, adding into the u64 at `out`.
+#[allow(unsafe_code, clippy::too_many_arguments)]
+fn touch_launch(
+    g: &Gpu,
+    launcher: &CudaLauncher,
+    dev: &Device,
+    (addr, len): (usize, usize),
+    placement: hetmem::LaunchPlacement,
+    cfg: &LaunchConfig,
+    (touches, seed): (u64, u64),
+    out: DevicePtr,
+) -> Result<Launch> {
+    let declared = [DeclaredAccess::read(addr, len).placed(placement)];
+    // SAFETY: hetmem_touch_random takes (const u64*, u64, u64, u64, u64*), packed so. It reads
+    // only words below (len / 8) / 512 * 512 from the one pointer it is given: the declared
+    // range's address on the device (its registered backing view for a remote run, one
+    // contiguous run; its device memory for a migrated block), read as declared. It writes
+    // only the u64 at `out`, in the bench's sums buffer, a device buffer that outlives every
+    // launch.
+    let launch = unsafe {
+        launcher
+            .launch(dev, &g.k.touch, cfg, &declared, |resident, args| {
+                let p = launcher
+                    .range_address(resident, 0)
+                    .or_else(|| hetmem_cuda::contiguous(resident, 0))
+                    .ok_or(hetmem::Error::Invalid(
+                        "the touched range is not one run the device can reach",
+                    ))?;
+                args.ptr(p)
+                    .arg((len / 8) as u64)
+                    .arg(touches)
+                    .arg(seed)
+                    .ptr(out);
+                Ok(())
+            })
+            .context("a random-touch launch")?
+    };
+    Ok(launch)
+}
+
 /// The bytes of CPU-addressable CUDA memory (managed or pinned), after waiting for all work
 /// in the context, so that no kernel or copy touches them while the slice is read.
 #[allow(unsafe_code)]
@@ -461,6 +584,9 @@ struct CudaReport<'a> {
     all_pass: bool,
 }
 
+/// Row 5's reference line: a figure from another machine, not measured by this bench.
+const MANAGED_RANDOM_REFERENCE: &str = "CUDA managed memory oversubscribed (8 GiB of random 4 KiB touches on 6 GiB free) on an H100 did 0.08 M (80 k) touches/s (issue 13; shared/reference/peers-uvm-svm-umap.md)";
+
 const TITLE: &str = "hetmem bench --device cuda: hetmem against the CUDA ways, same run";
 
 const FAKE_WARNING: &str =
@@ -549,7 +675,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let date = date_utc();
     let subtitle = format!(
-        "{} (driver {}, sm {}), {date}; rows 1-3 over {} MiB, row 4 over {} MiB through a {} MiB cap; median of up to {runs} runs after a warm-up; {cpus} CPUs",
+        "{} (driver {}, sm {}), {date}; rows 1-3 over {} MiB, rows 4-5 over {} MiB through a {} MiB cap; median of up to {runs} runs after a warm-up; {cpus} CPUs",
         info.name,
         info.driver_version,
         info.compute_capability_string(),
@@ -1217,15 +1343,184 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     }
 
     if has(5) {
+        eprintln!(
+            "row 5: random 4 KiB GPU touches over {} MiB, 4x a {} MiB cap",
+            4 * a.device_mib,
+            a.device_mib
+        );
+        let deadline = budget.row(5);
         let from = rows.len();
-        rows.push(Row::not_built(
-            "5",
-            "random 4 KiB GPU touches over data 4x the device cap: remote placement (and auto) vs migrate-on-demand",
-            Target::AtLeast(100.0),
-            "hetmem has no remote placement yet: a launch's runs in system memory (LaunchTarget::System) \
-             cannot be given to a CUDA kernel (hetmem_cuda::device_ptr returns None for them), so \
-             hetmem can only migrate a whole block per touch (docs/runtime.md §4, Launches: not yet)",
-        ));
+        if budget.spent() {
+            over(
+                &mut rows,
+                "5",
+                "random 4 KiB GPU touches over data 4x the device cap",
+            );
+        } else {
+            // A context of its own, capped as row 4's; its backing views registered, which is
+            // how a CUDA kernel reaches a remote range (CudaLauncher::for_backend).
+            let backend = Arc::new(
+                CudaBackend::new(&cuda, cap)
+                    .context("hetmem's CUDA backend for row 5")?
+                    .register_host_memory(true),
+            );
+            let hm = Hetmem::builder()
+                .cuda_backend(backend.clone())
+                .build()
+                .context("build the random-touch context")?;
+            let dev = hm.device(0).context("device 0")?;
+            let launcher =
+                CudaLauncher::for_backend(&backend).context("a launcher for remote ranges")?;
+            let blocks = stream_len / BLOCK;
+            let window = a.in_flight.min(cap / BLOCK - 1).max(1);
+            let mut buf = hm.alloc(stream_len).context("hetmem buffer")?;
+            let mut chunk = vec![0u8; BLOCK];
+            for off in (0..stream_len).step_by(BLOCK) {
+                fill_pattern_at(&mut chunk, off / 8);
+                buf[off..off + BLOCK].copy_from_slice(&chunk);
+            }
+            let base = buf.addr();
+            let buf = std::cell::RefCell::new(buf);
+            let out = g.slots(1)?;
+            let remote_cfg = LaunchConfig::linear(TOUCH_GRID.0, TOUCH_GRID.1);
+            let threads = u64::from(TOUCH_GRID.0) * u64::from(TOUCH_GRID.1);
+            let words = (stream_len / 8) as u64;
+            // Each run's count is sized from the run before (see TOUCH_RUN_S); the warm-up
+            // starts small.
+            let n_remote = Cell::new(1u64 << 20);
+            let n_migrate = Cell::new(2 * blocks as u64);
+            let runs_done = Cell::new(0u64);
+            let next_seed = || {
+                runs_done.set(runs_done.get() + 1);
+                splitmix64(0x5eed_0005 ^ runs_done.get())
+            };
+            let (last_r, last_m): (Cell<Option<Counters>>, Cell<Option<Counters>>) =
+                (Cell::new(None), Cell::new(None));
+            let mut h = || -> Result<Vec<f64>> {
+                // Remote means system memory: start with nothing on the device (a page there
+                // would be mapped there, splitting the range into runs).
+                to_system(&hm, &mut buf.borrow_mut(), &dev)?;
+                g.zero_sums()?;
+                let (n, seed) = (n_remote.get(), next_seed());
+                let st = hm.stats();
+                let t = Instant::now();
+                touch_launch(
+                    &g,
+                    &launcher,
+                    &dev,
+                    (base, stream_len),
+                    hetmem::LaunchPlacement::Remote,
+                    &remote_cfg,
+                    (n, seed),
+                    out,
+                )?
+                .wait()?;
+                let secs = t.elapsed().as_secs_f64();
+                let d = hm.stats().since(&st);
+                ensure!(
+                    d.pages_to_device == 0 && dev.used_pages() == 0,
+                    "row 5: the remote launch moved {} pages to the device",
+                    d.pages_to_device
+                );
+                last_r.set(Some(d));
+                let want = touch_sum(words, n, threads, seed, &|i| pattern_word(i as usize))?;
+                let got = g.read_sums(1)?;
+                ensure!(
+                    got == want,
+                    "row 5: the remote kernel's sum {got:#x} is not the CPU's {want:#x}"
+                );
+                n_remote.set(rescale(n, secs, 1 << 16, 1 << 31));
+                Ok(vec![n as f64 / secs / 1e3])
+            };
+            let mut m = || -> Result<Vec<f64>> {
+                to_system(&hm, &mut buf.borrow_mut(), &dev)?;
+                g.zero_sums()?;
+                let (n, seed) = (n_migrate.get(), next_seed());
+                // The blocks in the order the touches demand them: each touch a random page of
+                // a random block, so about 3 in 4 find their block gone (4x the cap, LRU).
+                let order: Vec<usize> = (0..n)
+                    .map(|j| (splitmix64(seed ^ (j << 32)) % blocks as u64) as usize)
+                    .collect();
+                let st = hm.stats();
+                let t = Instant::now();
+                let mut running: VecDeque<Launch> = VecDeque::with_capacity(window);
+                for (j, &b) in order.iter().enumerate() {
+                    if running.len() >= window {
+                        running.pop_front().map(Launch::wait).transpose()?;
+                    }
+                    running.push_back(touch_launch(
+                        &g,
+                        &launcher,
+                        &dev,
+                        (base + b * BLOCK, BLOCK),
+                        hetmem::LaunchPlacement::Migrate,
+                        &LaunchConfig::single(),
+                        (1, seed.wrapping_add(j as u64)),
+                        out,
+                    )?);
+                }
+                for l in running {
+                    l.wait()?;
+                }
+                let secs = t.elapsed().as_secs_f64();
+                let d = hm.stats().since(&st);
+                // Every block touched came in at least once (it started in system memory).
+                let mut seen = vec![false; blocks];
+                order.iter().for_each(|&b| seen[b] = true);
+                let distinct = seen.iter().filter(|&&x| x).count() as u64;
+                ensure!(
+                    d.pages_to_device >= distinct * (BLOCK / PAGE_SIZE) as u64,
+                    "row 5: {distinct} blocks touched but {} pages migrated",
+                    d.pages_to_device
+                );
+                last_m.set(Some(d));
+                let mut want = 0u64;
+                for (j, &b) in order.iter().enumerate() {
+                    let first = (b * BLOCK / 8) as u64;
+                    want = want.wrapping_add(touch_sum(
+                        (BLOCK / 8) as u64,
+                        1,
+                        1,
+                        seed.wrapping_add(j as u64),
+                        &|i| pattern_word((first + i) as usize),
+                    )?);
+                }
+                let got = g.read_sums(1)?;
+                ensure!(
+                    got == want,
+                    "row 5: the migrate-on-demand sums {got:#x} are not the CPU's {want:#x}"
+                );
+                n_migrate.set(rescale(n, secs, 16, 1 << 20));
+                Ok(vec![n as f64 / secs / 1e3])
+            };
+            let s = sample(runs, deadline, &mut [&mut h, &mut m])?;
+            eprintln!(
+                "  row 5: next counts {} remote touches, {} migrate-on-demand launches; the last migrate run moved {} pages to the device",
+                n_remote.get(),
+                n_migrate.get(),
+                last_m.take().map_or(0, |c| c.pages_to_device)
+            );
+            rows.push(with(
+                last_r.take(),
+                row_vs(
+                    "5",
+                    &format!(
+                        "random 4 KiB GPU touches (an 8-byte read per random page) over {} MiB, 4x a {} MiB cap: one launch over the whole range placed Remote (read in system memory over the link)",
+                        4 * a.device_mib,
+                        a.device_mib
+                    ),
+                    "k touches/s",
+                    &format!(
+                        "migrate-on-demand: a launch per touch over its random 2 MiB block placed Migrate (it migrates in, evicting the LRU block), {window} in flight; \
+                         reference, not measured here: {MANAGED_RANDOM_REFERENCE}"
+                    ),
+                    "migrate",
+                    Target::AtLeast(100.0),
+                    col(&s, 0, 0),
+                    col(&s, 1, 0),
+                ),
+            ));
+        }
         done(&rows, from, &budget)?;
     }
 
@@ -1236,6 +1531,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         "\nhetmem bench --device cuda: {subtitle}; {elapsed:.0} s in all\n{}",
         report::table(&rows)
     );
+    if rows.iter().any(|r| r.id == "5" && r.not_built.is_none()) {
+        text.push_str(&format!(
+            "row 5 reference, not measured here: {MANAGED_RANDOM_REFERENCE}\n"
+        ));
+    }
     if fake {
         text.push_str(&format!("\nwarning: {FAKE_WARNING}\n"));
     }
@@ -1287,6 +1587,61 @@ mod tests {
         assert!((s(d4) - 100.0).abs() < 0.01);
         assert!(!b.spent());
         assert!(Budget::new(0.0, &[1]).row(1).is_none());
+    }
+
+    /// The kernel's loop as kernels.cu writes it, one thread after the other, calling `read`
+    /// with each word index.
+    fn kernel_loop(words: u64, touches: u64, threads: u64, seed: u64, read: &mut dyn FnMut(u64)) {
+        let pages = words >> 9;
+        for t in 0..threads {
+            let mut z = seed.wrapping_add(t).wrapping_add(0x9E37_79B9_7F4A_7C15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            let mut x = (z ^ (z >> 31)) | 1;
+            let mut i = t;
+            while i < touches {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                read((x % pages) * 512 + (x >> 55));
+                i += threads;
+            }
+        }
+    }
+
+    #[test]
+    fn the_touch_replay_is_the_kernels_sequence_over_whole_pages() {
+        // 1000 whole pages and a remainder the kernel must never read.
+        let words = 1000 * 512 + 100;
+        for (touches, threads) in [(1u64, 1u64), (37, 8), (1 << 17, 1000), (1 << 17, 262_144)] {
+            let mut want = 0u64;
+            let mut pages = std::collections::HashSet::new();
+            kernel_loop(words, touches, threads, 42, &mut |i| {
+                assert!(i < 1000 * 512, "word {i} is past the whole pages");
+                pages.insert(i / 512);
+                want = want.wrapping_add(pattern_word(i as usize));
+            });
+            let got = touch_sum(words, touches, threads, 42, &|i| pattern_word(i as usize))
+                .expect("the replay");
+            assert_eq!(got, want, "{touches} touches over {threads} threads");
+            // Random pages: a large run reaches nearly all 1000 of them.
+            if touches > 10_000 {
+                assert!(pages.len() > 990, "only {} pages touched", pages.len());
+            }
+        }
+        // Another seed, another sum; no whole page, nothing read.
+        let sum = |seed| touch_sum(words, 1 << 17, 1000, seed, &|i| pattern_word(i as usize));
+        assert_ne!(sum(42).expect("seed 42"), sum(43).expect("seed 43"));
+        assert_eq!(touch_sum(511, 100, 4, 1, &|_| 1).expect("no page"), 0);
+    }
+
+    #[test]
+    fn touch_counts_scale_to_the_run_time() {
+        // Twice the time wanted: half the count; bounded both ways.
+        let n = (1000.0 * TOUCH_RUN_S / (2.0 * TOUCH_RUN_S)) as u64;
+        assert_eq!(rescale(1000, 2.0 * TOUCH_RUN_S, 1, 1 << 20), n);
+        assert_eq!(rescale(1000, 0.0, 1, 5000), 5000);
+        assert_eq!(rescale(1000, 1e6, 16, 5000), 16);
     }
 
     #[test]

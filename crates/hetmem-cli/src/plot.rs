@@ -160,7 +160,7 @@ const KINDS: [(&str, &str, &str); 3] = [
     (
         "",
         "#8c8c8c",
-        "other baseline (pipeline, plain launch, raw userfaultfd, memcpy)",
+        "other baseline (pipeline, plain launch, raw userfaultfd, memcpy, migrate-on-demand)",
     ),
 ];
 

@@ -30,6 +30,9 @@ pub mod names {
     /// `(u32* rows, u64 nrows, u64 first_row, u32 iter)`: the demo's row stencil, in place,
     /// one 1024-word row per thread block.
     pub const ROW_STENCIL: &str = "hetmem_row_stencil";
+    /// `(const u64* p, u64 words, u64 touches, u64 seed, u64* out)`: `touches` 8-byte reads at
+    /// random 4 KiB pages of `p` (a per-thread xorshift64, see the source), `*out += sum`.
+    pub const TOUCH_RANDOM: &str = "hetmem_touch_random";
     /// All of them.
     pub const ALL: &[&str] = &[
         EMPTY,
@@ -39,6 +42,7 @@ pub mod names {
         WRITE_U64,
         WALK_LIST,
         ROW_STENCIL,
+        TOUCH_RANDOM,
     ];
 }
 

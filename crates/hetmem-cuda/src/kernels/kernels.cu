@@ -79,3 +79,30 @@ extern "C" __global__ void hetmem_row_stencil(unsigned int* rows, unsigned long 
     __syncthreads();
   }
 }
+
+// Random 4 KiB-page touches (the CUDA bench's row 5): thread t of T (gridDim.x * blockDim.x)
+// makes touches t, t + T, ... < `touches`, each one 8-byte read of a random page of p's
+// `words` (whole 512-word pages; a remainder is never read): a xorshift64 state seeded from
+// splitmix64(seed + t) (forced odd, so never 0) steps once per touch; the page is x % pages and
+// the word in it x >> 55 (9 bits). One atomicAdd of the thread's sum into *out. The fake driver
+// and the bench's CPU check replay the same sequence.
+extern "C" __global__ void hetmem_touch_random(const unsigned long long* p, unsigned long long words,
+                                               unsigned long long touches, unsigned long long seed,
+                                               unsigned long long* out) {
+  unsigned long long pages = words >> 9;
+  if (pages == 0) return;
+  unsigned long long t = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+  unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+  unsigned long long z = seed + t + 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  unsigned long long x = (z ^ (z >> 31)) | 1;
+  unsigned long long s = 0;
+  for (unsigned long long i = t; i < touches; i += stride) {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    s += p[(x % pages) * 512 + (x >> 55)];
+  }
+  if (s != 0) atomicAdd(out, s);
+}

@@ -213,7 +213,7 @@ CUresult cuModuleLoadDataEx(void** m, const void* image, unsigned n, int* opts, 
   *m = calloc(1, sizeof(struct module)); return OK;
 }
 CUresult cuModuleUnload(void* m) { free(m); return OK; }
-static const char* known[] = {"hetmem_empty", "hetmem_add_u8", "hetmem_fill_u32", "hetmem_sum_u64", "hetmem_write_u64", "hetmem_walk_list", "hetmem_row_stencil", "axpb", "k"};
+static const char* known[] = {"hetmem_empty", "hetmem_add_u8", "hetmem_fill_u32", "hetmem_sum_u64", "hetmem_write_u64", "hetmem_walk_list", "hetmem_row_stencil", "hetmem_touch_random", "axpb", "k"};
 CUresult cuModuleGetFunction(void** f, void* m, const char* name) {
   for (unsigned i = 0; i < sizeof known / sizeof *known; i++) if (!strcmp(name, known[i])) { *f = (void*)known[i]; return OK; }
   return NOT_FOUND;
@@ -241,6 +241,25 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
       for (unsigned j = 0; j < 1024; j++) { unsigned l = old[(j + 1023) & 1023], c = old[j], rr = old[(j + 1) & 1023]; row[j] = c * 3u + (l ^ ((rr << 7) | (rr >> 25))) + salt; }
     }
     scatter(P(0, u64), (char*)p, nrows * 4096); return OK;
+  }
+  if (!strcmp(n, "hetmem_touch_random")) {
+    // The same sequence as kernels.cu, thread by thread over a 1-D grid; each read translated
+    // on its own, so a range need not be one entry and a read outside the mapped ones fails.
+    if (gy != 1 || gz != 1 || by != 1 || bz != 1) return INVALID_VALUE;
+    u64 p = P(0, u64), pages = P(1, u64) >> 9, touches = P(2, u64), seed = P(3, u64), threads = (u64)gx * bx, sum = 0;
+    u64* o = (u64*)tr(P(4, u64), 8); if (!o) return 700;
+    if (pages == 0) return OK;
+    for (u64 t = 0; t < threads && t < touches; t++) {
+      u64 z = seed + t + 0x9E3779B97F4A7C15ull;
+      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull; z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+      u64 x = (z ^ (z >> 31)) | 1;
+      for (u64 i = t; i < touches; i += threads) {
+        x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+        u64* w = (u64*)tr(p + 8 * ((x % pages) * 512 + (x >> 55)), 8); if (!w) return 700;
+        sum += *w;
+      }
+    }
+    *o += sum; return OK;
   }
   if (!strcmp(n, "axpb")) { u64 cnt = P(1, u64); float* x = (float*)gather(P(0, u64), cnt * 4); if (!x) return 700; for (u64 i = 0; i < cnt; i++) x[i] = x[i] * P(2, float) + P(3, float); scatter(P(0, u64), (char*)x, cnt * 4); return OK; }
   return 98;
