@@ -39,6 +39,7 @@ pub(crate) struct Stats {
     pub lease_breaks: Counter,
     pub thrashing_pins: Counter,
     pub launch_waits: Counter,
+    pub blocks_flushed: Counter,
 }
 
 impl Stats {
@@ -124,6 +125,10 @@ pub struct StatsSnapshot {
     /// Changes of device mappings that had to wait for a running launch using them
     /// (`Device::launch`).
     pub launch_waits: u64,
+    /// Blocks of file mappings that a flush, sync or drop sent a writeback request to: only
+    /// those that may hold dirty pages (and those with pinned pages), not every block of the
+    /// mapping (`docs/file-contract.md` §2.8).
+    pub blocks_flushed: u64,
 }
 
 impl Stats {
@@ -144,6 +149,7 @@ impl Stats {
             lease_breaks: self.lease_breaks.get(),
             thrashing_pins: self.thrashing_pins.get(),
             launch_waits: self.launch_waits.get(),
+            blocks_flushed: self.blocks_flushed.get(),
         }
     }
 }
@@ -173,6 +179,7 @@ impl StatsSnapshot {
             lease_breaks: self.lease_breaks.saturating_sub(earlier.lease_breaks),
             thrashing_pins: self.thrashing_pins.saturating_sub(earlier.thrashing_pins),
             launch_waits: self.launch_waits.saturating_sub(earlier.launch_waits),
+            blocks_flushed: self.blocks_flushed.saturating_sub(earlier.blocks_flushed),
         }
     }
 }

@@ -48,19 +48,22 @@ impl Runtime {
         if self.poisoned.pending() {
             self.unpoison_for(region, bi, &block, &event);
         }
-        let mut flight = self.drive_locked(region, bi, &mut block, event, &mut outcome)?;
+        let first = self.drive_locked(region, bi, &mut block, event, &mut outcome);
+        // An engine error may come after it changed the state: the mirrors follow it anyway.
+        let mut flight = first.inspect_err(|_| self.mirror_held(region, bi, &block))?;
         while let Some(mut running) = flight {
             released = true;
             // Eviction reads the mirror without the lock: it must see the frames the
             // running copies use.
-            self.mirror_held(slot, &block);
+            self.mirror_held(region, bi, &block);
             drop(block);
             running.wait(self);
             block = self.lock_block(slot);
-            flight = self.complete_locked(region, bi, &mut block, running, &mut outcome)?;
+            let next = self.complete_locked(region, bi, &mut block, running, &mut outcome);
+            flight = next.inspect_err(|_| self.mirror_held(region, bi, &block))?;
         }
         let queued = own.filter(|&id| outcome.result_of(id).is_none());
-        self.mirror_held(slot, &block);
+        self.mirror_held(region, bi, &block);
         if queued.is_none() {
             after(&block, &outcome);
         }
@@ -86,8 +89,12 @@ impl Runtime {
         Ok(outcome)
     }
 
-    /// Mirrors the block's frame counts for eviction, which picks victims without locking.
-    fn mirror_held(&self, slot: &crate::mm::region::BlockSlot, block: &hetmem_proto::Block2M) {
+    /// Mirrors the block's frame counts for eviction, which picks victims without locking, and
+    /// whether a flush has work in it (`Region::dirty`). Called under the engine lock whenever
+    /// a drive lets it go, so the mirrors never lag a state someone else could act on.
+    fn mirror_held(&self, region: &Region, bi: usize, block: &hetmem_proto::Block2M) {
+        let slot = &region.blocks[bi];
+        region.dirty.record(bi, block);
         for d in self.topology.devices() {
             let held = block.frames_held(d);
             slot.held[d.index()].store(held, Ordering::Relaxed);
