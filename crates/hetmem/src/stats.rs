@@ -40,6 +40,7 @@ pub(crate) struct Stats {
     pub thrashing_pins: Counter,
     pub launch_waits: Counter,
     pub blocks_flushed: Counter,
+    pub blocks_reclaimed: Counter,
 }
 
 impl Stats {
@@ -129,6 +130,9 @@ pub struct StatsSnapshot {
     /// those that may hold dirty pages (and those with pinned pages), not every block of the
     /// mapping (`docs/file-contract.md` §2.8).
     pub blocks_flushed: u64,
+    /// Clean blocks of file mappings whose copies were dropped (and memfd pages punched) to
+    /// keep a mapping under its `FileOptions::cache_limit`.
+    pub blocks_reclaimed: u64,
 }
 
 impl Stats {
@@ -150,6 +154,7 @@ impl Stats {
             thrashing_pins: self.thrashing_pins.get(),
             launch_waits: self.launch_waits.get(),
             blocks_flushed: self.blocks_flushed.get(),
+            blocks_reclaimed: self.blocks_reclaimed.get(),
         }
     }
 }
@@ -180,6 +185,9 @@ impl StatsSnapshot {
             thrashing_pins: self.thrashing_pins.saturating_sub(earlier.thrashing_pins),
             launch_waits: self.launch_waits.saturating_sub(earlier.launch_waits),
             blocks_flushed: self.blocks_flushed.saturating_sub(earlier.blocks_flushed),
+            blocks_reclaimed: self
+                .blocks_reclaimed
+                .saturating_sub(earlier.blocks_reclaimed),
         }
     }
 }

@@ -1,11 +1,15 @@
-//! File mappings larger than what is touched (`docs/file-contract.md` §2.8): a flush visits only
-//! the blocks that may hold dirty pages (the dirty-block index), and random writes followed by
-//! `flush`, `flush_range` or `sync` always reach the file.
+//! File mappings larger than what is touched, or than memory (`docs/file-contract.md` §2.8): a
+//! flush visits only the blocks that may hold dirty pages (the dirty-block index); random
+//! writes followed by `flush`, `flush_range` or `sync` always reach the file; and a CPU scan of
+//! a mapping with a cache limit (`FileOptions::cache_limit`) keeps the memfd's resident size
+//! under it.
 //!
 //! The files are sparse: a 64 GiB mapping costs the file system nothing and hetmem its block
 //! metadata only (about 5 KiB per 2 MiB block, `docs/runtime.md` §5). Shares `common/file.rs`'s
 //! conventions (page stamps, no sleeping). `HETMEM_BIG_GIB` changes the size of the large
 //! mapping; `HETMEM_DIFF_SEED` replays one seed of the differential test.
+
+#![allow(unsafe_code, clippy::undocumented_unsafe_blocks)]
 
 mod common;
 
@@ -29,6 +33,9 @@ common::serial_tests!(
     flush_visits_only_dirty_blocks,
     random_writes_reach_the_file,
     flush_time_of_a_mostly_clean_mapping,
+    cpu_scan_stays_under_cache_limit,
+    cache_limit_keeps_dirty_blocks,
+    cache_limit_refused_where_it_cannot_work,
 );
 
 /// A sparse file of `len` bytes at `path`, or `None` (said on stderr) where the file system
@@ -50,6 +57,51 @@ fn file_page(path: &Path, page: usize) -> Result<Vec<u8>> {
     let mut v = vec![0u8; PAGE_SIZE];
     f.read_exact_at(&mut v, (page * PAGE_SIZE) as u64)?;
     Ok(v)
+}
+
+/// Bytes resident in the memfds hetmem made (`/memfd:hetmem-N`) that this process has open:
+/// the data parts `lseek(SEEK_DATA/SEEK_HOLE)` finds (shmem reports each page in its page
+/// cache or swap as data).
+fn memfd_resident() -> Result<u64> {
+    let mut total = 0u64;
+    for e in std::fs::read_dir("/proc/self/fd")? {
+        let e = e?;
+        let Ok(link) = std::fs::read_link(e.path()) else {
+            continue;
+        };
+        if !link.to_string_lossy().starts_with("/memfd:hetmem-") {
+            continue;
+        }
+        let Ok(f) = File::open(e.path()) else {
+            continue;
+        };
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+        let mut at: libc::off_t = 0;
+        loop {
+            let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+            if data < 0 {
+                break; // ENXIO: no data past `at`.
+            }
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            ensure!(hole >= data, "SEEK_HOLE after {data}");
+            total += (hole - data) as u64;
+            at = hole;
+        }
+    }
+    Ok(total)
+}
+
+/// A file of `len` bytes of page stamps (tag 0) at `path`, written a block at a time.
+fn stamped_file(path: &Path, len: usize) -> Result<()> {
+    let f = File::create(path)?;
+    let mut buf = vec![0u8; BLOCK];
+    for bi in 0..len / BLOCK {
+        for (i, p) in buf.chunks_mut(PAGE_SIZE).enumerate() {
+            stamp_page(p, 0, bi * PAGES_PER_BLOCK + i);
+        }
+        f.write_all_at(&buf, (bi * BLOCK) as u64)?;
+    }
+    Ok(())
 }
 
 fn cpu_context() -> Result<Hetmem> {
@@ -132,17 +184,18 @@ mod scenarios {
         Ok(())
     }
 
-    /// Differential: random CPU and device writes over a sparse mapping (a device smaller
-    /// than what is written, so dirty pages are evicted home), then `flush`, `flush_range`
-    /// or `sync`: every page written reaches the file with its latest data (the whole mapping
-    /// after `flush`/`sync`, the range after `flush_range`), and pages never written read
-    /// zero. The oracle is a map from page to its last tag.
+    /// Differential: random CPU and device writes and reads over a sparse mapping (a device
+    /// smaller than what is written, so dirty pages are evicted home; odd seeds with a cache
+    /// limit of 4 blocks, so reads drop clean blocks), then `flush`, `flush_range` or `sync`:
+    /// every read shows the latest data, every page written reaches the file with it (the
+    /// whole mapping after `flush`/`sync`, the range after `flush_range`), and pages never
+    /// written read zero. The oracle is a map from page to its last tag.
     pub fn random_writes_reach_the_file() -> Result<()> {
         let dir = TempDir::new("random_writes_sync")?;
         let len: usize = 1 << 30;
         let npages = len / PAGE_SIZE;
         let seeds: Vec<u64> =
-            env_seed("HETMEM_DIFF_SEED").map_or_else(|| vec![1, 2, 3], |s| vec![s]);
+            env_seed("HETMEM_DIFF_SEED").map_or_else(|| vec![1, 2, 3, 5], |s| vec![s]);
         for seed in seeds {
             // A fresh file per seed: the oracle starts from a hole everywhere.
             let path = dir.path(&format!("big-{seed}"));
@@ -157,7 +210,10 @@ mod scenarios {
                 })
                 .build()?;
             let dev = hm.device(0).context("one device")?;
-            let mut m = hm.map_file_with(&path, 0, len, unleased(FileMode::Shared))?;
+            // Odd seeds with a cache limit of 4 blocks: the reads below drop clean blocks.
+            let limit = (seed % 2 == 1).then_some(4 * BLOCK);
+            let opts = unleased(FileMode::Shared).cache_limit(limit);
+            let mut m = hm.map_file_with(&path, 0, len, opts)?;
             let mut rng = Rng::new(seed);
             // Last tag written per page, and what the file must hold.
             let mut mem = std::collections::BTreeMap::<usize, u32>::new();
@@ -180,6 +236,27 @@ mod scenarios {
                         s[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].copy_from_slice(&page);
                     }
                     mem.insert(p, tag);
+                }
+                // Reads, by the CPU or the device, of written pages and of holes.
+                for _ in 0..rng.below(12) {
+                    let p = match (rng.one_in(2), mem.keys().nth(rng.below(mem.len().max(1)))) {
+                        (true, Some(&p)) => p,
+                        _ => rng.below(npages),
+                    };
+                    let got = if rng.one_in(4) {
+                        dev.read(m.addr() + p * PAGE_SIZE, PAGE_SIZE)?
+                    } else {
+                        m.as_slice()[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].to_vec()
+                    };
+                    let ok = match mem.get(&p) {
+                        Some(&t) => page_is(&got, t, p),
+                        None => got.iter().all(|&x| x == 0),
+                    };
+                    ensure!(
+                        ok,
+                        "seed {seed} round {round}: page {p} reads wrong (want tag {:?})",
+                        mem.get(&p)
+                    );
                 }
                 let (check, what): (std::ops::Range<usize>, &str) = match rng.below(3) {
                     0 => {
@@ -213,6 +290,12 @@ mod scenarios {
                     );
                 }
             }
+            let reclaimed = hm.stats().blocks_reclaimed;
+            eprintln!("seed {seed}: limit {limit:?}, {reclaimed} blocks dropped for it");
+            ensure!(
+                limit.is_none() || reclaimed > 0,
+                "seed {seed}: the cache limit dropped nothing"
+            );
             m.sync()?;
             for (&p, &t) in &mem {
                 ensure!(
@@ -251,4 +334,158 @@ mod scenarios {
         ensure!(File::open(&path)?.metadata()?.len() == len);
         Ok(())
     }
+
+    /// A CPU scan of a 256 MiB file through a mapping limited to 16 MiB: every page reads
+    /// the file's data, the memfd never holds more than the limit (a fault past it drops the
+    /// oldest block before it fills), and a second scan reads the file again.
+    pub fn cpu_scan_stays_under_cache_limit() -> Result<()> {
+        let dir = TempDir::new("cache_limit_scan")?;
+        let path = dir.path("data");
+        let len = 256 << 20;
+        let limit = 16 << 20;
+        stamped_file(&path, len)?;
+        for mode in [FileMode::ReadOnly, FileMode::Shared] {
+            let hm = cpu_context()?;
+            let m = hm.map_file_with(&path, 0, len, unleased(mode).cache_limit(Some(limit)))?;
+            let s0 = hm.stats();
+            let mut most = 0u64;
+            for pass in 0..2 {
+                for p in 0..len / PAGE_SIZE {
+                    let page = &m.as_slice()[p * PAGE_SIZE..(p + 1) * PAGE_SIZE];
+                    ensure!(
+                        page_is(page, 0, p),
+                        "{mode:?} pass {pass}: page {p} is wrong"
+                    );
+                    if p % PAGES_PER_BLOCK == 0 {
+                        most = most.max(memfd_resident()?);
+                    }
+                }
+            }
+            let d = hm.stats().since(&s0);
+            eprintln!(
+                "{mode:?}: most resident {} MiB (limit {} MiB), {d:?}",
+                most >> 20,
+                limit >> 20
+            );
+            ensure!(
+                most <= limit as u64,
+                "{mode:?}: {most} bytes resident in the memfd, limit {limit}"
+            );
+            ensure!(
+                d.pages_from_file >= 2 * (len / PAGE_SIZE) as u64,
+                "{mode:?}: the second scan did not read the file again: {d:?}"
+            );
+            ensure!(memfd_resident()? <= limit as u64);
+        }
+        Ok(())
+    }
+
+    /// Dirty blocks are not dropped, whatever the limit: their data is nowhere else. After a
+    /// flush they are clean, and the next fault past the limit drops them.
+    pub fn cache_limit_keeps_dirty_blocks() -> Result<()> {
+        let dir = TempDir::new("cache_limit_dirty")?;
+        let path = dir.path("data");
+        let len = 32 << 20;
+        stamped_file(&path, len)?;
+        let hm = cpu_context()?;
+        let mut m = hm.map_file_with(
+            &path,
+            0,
+            len,
+            unleased(FileMode::Shared).cache_limit(Some(2 * BLOCK)),
+        )?;
+        let nblocks = len / BLOCK;
+        // Write one page in each of the first 8 blocks, then read the rest.
+        let mem = m.as_mut_slice().context("writable")?;
+        for bi in 0..8 {
+            let p = bi * PAGES_PER_BLOCK + 3;
+            stamp_page(&mut mem[p * PAGE_SIZE..(p + 1) * PAGE_SIZE], 7, p);
+        }
+        for bi in 8..nblocks {
+            let p = bi * PAGES_PER_BLOCK;
+            ensure!(page_is(
+                &m.as_slice()[p * PAGE_SIZE..(p + 1) * PAGE_SIZE],
+                0,
+                p
+            ));
+        }
+        // The writes are still there (not dropped, not in the file yet).
+        for bi in 0..8 {
+            let p = bi * PAGES_PER_BLOCK + 3;
+            ensure!(
+                page_is(&m.as_slice()[p * PAGE_SIZE..(p + 1) * PAGE_SIZE], 7, p),
+                "block {bi}'s write was lost"
+            );
+            ensure!(
+                page_is(&file_page(&path, p)?, 0, p),
+                "written back before a flush"
+            );
+        }
+        ensure!(
+            memfd_resident()? >= (8 * BLOCK) as u64,
+            "the dirty blocks' memory went"
+        );
+        m.flush()?;
+        for bi in 8..nblocks {
+            let p = bi * PAGES_PER_BLOCK + 1;
+            ensure!(page_is(
+                &m.as_slice()[p * PAGE_SIZE..(p + 1) * PAGE_SIZE],
+                0,
+                p
+            ));
+        }
+        let left = memfd_resident()?;
+        ensure!(
+            left <= (2 * BLOCK) as u64,
+            "{left} bytes resident after the flush and a scan, limit {}",
+            2 * BLOCK
+        );
+        for bi in 0..8 {
+            let p = bi * PAGES_PER_BLOCK + 3;
+            ensure!(
+                page_is(&file_page(&path, p)?, 7, p),
+                "block {bi} not flushed"
+            );
+            ensure!(page_is(
+                &m.as_slice()[p * PAGE_SIZE..(p + 1) * PAGE_SIZE],
+                7,
+                p
+            ));
+        }
+        Ok(())
+    }
+
+    /// A limit under one block, or on a Private mapping, is refused before anything is opened.
+    pub fn cache_limit_refused_where_it_cannot_work() -> Result<()> {
+        let dir = TempDir::new("cache_limit_refused")?;
+        let path = dir.path("data");
+        stamped_file(&path, 4 << 20)?;
+        let hm = cpu_context()?;
+        for (mode, limit) in [
+            (FileMode::Shared, BLOCK - PAGE_SIZE),
+            (FileMode::ReadOnly, 0),
+            (FileMode::Private, 64 << 20),
+        ] {
+            let r = hm.map_file_with(&path, 0, 4 << 20, unleased(mode).cache_limit(Some(limit)));
+            ensure!(
+                matches!(r, Err(hetmem::Error::Invalid(_))),
+                "{mode:?} with a limit of {limit}: {:?}",
+                r.err()
+            );
+        }
+        ensure!(hetmem_files_open() == 0, "a refused mapping left its memfd");
+        Ok(())
+    }
+}
+
+/// Memfds of hetmem's this process has open.
+fn hetmem_files_open() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter(|l| l.to_string_lossy().starts_with("/memfd:hetmem-"))
+                .count()
+        })
+        .unwrap_or(0)
 }

@@ -76,6 +76,9 @@ pub(crate) struct FileBacking {
     pub unsynced: Unsynced,
     /// What `map_file` learnt about the file system (`FileMapping::capabilities`).
     pub caps: crate::fs_caps::FileCapabilities,
+    /// The limit on system memory for blocks the CPU filled, and their order
+    /// (`FileOptions::cache_limit`, `mm/cache.rs`).
+    pub cache: Option<crate::mm::cache::FileCache>,
 }
 
 /// A set of a mapping's pages, one bit each (`FileBacking::unsynced`).

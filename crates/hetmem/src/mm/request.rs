@@ -34,8 +34,24 @@ impl Runtime {
         region: &Region,
         bi: usize,
         event: Event,
-        mut after: impl FnMut(&hetmem_proto::Block2M, &Outcome),
+        after: impl FnMut(&hetmem_proto::Block2M, &Outcome),
     ) -> std::result::Result<Outcome, hetmem_proto::EventError> {
+        self.drive_if(region, bi, event, |_| true, after)
+            .map(Option::unwrap_or_default)
+    }
+
+    /// `drive`, if `check` passes on the block's state under the same hold of its lock as the
+    /// event's handling: for a decision no other thread may change in between (the cache
+    /// limit drops a block only if it is still clean, `mm/cache.rs`). `Ok(None)` when it does
+    /// not pass: nothing was done.
+    pub(crate) fn drive_if(
+        &self,
+        region: &Region,
+        bi: usize,
+        event: Event,
+        check: impl FnOnce(&hetmem_proto::Block2M) -> bool,
+        mut after: impl FnMut(&hetmem_proto::Block2M, &Outcome),
+    ) -> std::result::Result<Option<Outcome>, hetmem_proto::EventError> {
         let slot = &region.blocks[bi];
         let own = match event {
             Event::Request { id, .. } | Event::Invalidate { id, .. } => Some(id),
@@ -45,6 +61,9 @@ impl Runtime {
         let mut outcome = Outcome::default();
         let mut released = false;
         let mut block = self.lock_block(slot);
+        if !check(&block) {
+            return Ok(None);
+        }
         if self.poisoned.pending() {
             self.unpoison_for(region, bi, &block, &event);
         }
@@ -86,7 +105,7 @@ impl Runtime {
             let block = self.lock_block(slot);
             after(&block, &outcome);
         }
-        Ok(outcome)
+        Ok(Some(outcome))
     }
 
     /// Mirrors the block's frame counts for eviction, which picks victims without locking, and
