@@ -36,7 +36,113 @@ common::serial_tests!(
     cpu_scan_stays_under_cache_limit,
     cache_limit_keeps_dirty_blocks,
     cache_limit_refused_where_it_cannot_work,
+    scan_in_a_memory_cgroup,
 );
+
+/// The child of `scan_in_a_memory_cgroup`: does nothing unless `HETMEM_CGROUP_CHILD` names a
+/// cgroup directory. Then it moves itself into that cgroup and scans `HETMEM_CGROUP_FILE`
+/// through the CPU, with a cache limit of `HETMEM_CGROUP_LIMIT` bytes (0: none), checking
+/// every page.
+#[test]
+fn cgroup_scan_child() -> Result<()> {
+    let Ok(cgroup) = std::env::var("HETMEM_CGROUP_CHILD") else {
+        return Ok(());
+    };
+    let path = std::env::var("HETMEM_CGROUP_FILE")?;
+    let limit: usize = std::env::var("HETMEM_CGROUP_LIMIT")?.parse()?;
+    std::fs::write(Path::new(&cgroup).join("cgroup.procs"), "0").context("join the cgroup")?;
+    let len = std::fs::metadata(&path)?.len() as usize;
+    let hm = cpu_context()?;
+    let m = hm.map_file_with(
+        &path,
+        0,
+        len,
+        unleased(FileMode::ReadOnly).cache_limit((limit > 0).then_some(limit)),
+    )?;
+    for p in 0..len / PAGE_SIZE {
+        let page = &m.as_slice()[p * PAGE_SIZE..(p + 1) * PAGE_SIZE];
+        ensure!(page_is(page, 0, p), "page {p} is wrong");
+    }
+    eprintln!("scanned {len} bytes in the cgroup: {:?}", hm.stats());
+    Ok(())
+}
+
+/// A memory cgroup of our own, below the one this process is in (v1 `memory` hierarchy, or
+/// v2 where the memory controller is enabled for children), with `limit` bytes of memory and
+/// no swap; removed on drop. `None`, said on stderr, where none can be made.
+struct Cgroup(std::path::PathBuf);
+
+impl Cgroup {
+    fn new(limit: usize) -> Option<Self> {
+        let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        let name = format!("hetmem-file-big-{}", std::process::id());
+        let v1 = own.lines().find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, ctl, path) = (f.next()?, f.next()?, f.next()?);
+            ctl.split(',')
+                .any(|c| c == "memory")
+                .then(|| path.to_string())
+        });
+        let (dir, files): (std::path::PathBuf, [&str; 2]) = match v1 {
+            Some(path) => (
+                Path::new("/sys/fs/cgroup/memory")
+                    .join(path.trim_start_matches('/'))
+                    .join(&name),
+                ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"],
+            ),
+            None => {
+                let path = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+                let parent = Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+                let ctl = std::fs::read_to_string(parent.join("cgroup.subtree_control")).ok()?;
+                if !ctl.split_whitespace().any(|c| c == "memory") {
+                    eprintln!("SKIPPED: the memory controller is not enabled for child cgroups");
+                    return None;
+                }
+                (parent.join(&name), ["memory.max", "memory.swap.max"])
+            }
+        };
+        if let Err(e) = std::fs::create_dir(&dir) {
+            eprintln!("SKIPPED: cannot make cgroup {}: {e}", dir.display());
+            return None;
+        }
+        let cg = Cgroup(dir);
+        if let Err(e) = std::fs::write(cg.0.join(files[0]), limit.to_string()) {
+            eprintln!("SKIPPED: cannot limit cgroup {}: {e}", cg.0.display());
+            return None;
+        }
+        // No swap: memsw (v1) is memory plus swap, swap.max (v2) swap alone. Without swap
+        // accounting the file is absent; the machine may have no swap anyway.
+        let swap = if files[1] == "memory.swap.max" {
+            0
+        } else {
+            limit
+        };
+        let _ = std::fs::write(cg.0.join(files[1]), swap.to_string());
+        Some(cg)
+    }
+
+    /// Runs `cgroup_scan_child` in this cgroup over `file` with `cache_limit` (0: none).
+    fn scan(&self, file: &Path, cache_limit: usize) -> Result<std::process::Output> {
+        Ok(std::process::Command::new(std::env::current_exe()?)
+            .args([
+                "cgroup_scan_child",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("HETMEM_CGROUP_CHILD", &self.0)
+            .env("HETMEM_CGROUP_FILE", file)
+            .env("HETMEM_CGROUP_LIMIT", cache_limit.to_string())
+            .output()?)
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // Its processes have exited (`scan` waits for them).
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
 
 /// A sparse file of `len` bytes at `path`, or `None` (said on stderr) where the file system
 /// cannot hold one that large.
@@ -474,6 +580,45 @@ mod scenarios {
             );
         }
         ensure!(hetmem_files_open() == 0, "a refused mapping left its memfd");
+        Ok(())
+    }
+
+    /// The issue's ask: a file four times what a memory cgroup allows (no swap), scanned by
+    /// the CPU through a mapping with a cache limit, in a child process in that cgroup: it
+    /// finishes, every page right. The same scan without the limit is killed (OOM): the
+    /// memfd's pages are shmem, which nothing but swap could reclaim; that it is shows the
+    /// cgroup's limit bites. Skipped, loudly, where no memory cgroup can be made.
+    pub fn scan_in_a_memory_cgroup() -> Result<()> {
+        let dir = TempDir::new("cgroup_scan")?;
+        let path = dir.path("data");
+        let len = 256 << 20;
+        let memory = 64 << 20;
+        stamped_file(&path, len)?;
+        let Some(cg) = Cgroup::new(memory) else {
+            return Ok(());
+        };
+        let out = cg.scan(&path, 16 << 20)?;
+        ensure!(
+            out.status.success(),
+            "the scan with a 16 MiB cache limit in a {} MiB cgroup failed: {:?}\n{}",
+            memory >> 20,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(
+            String::from_utf8_lossy(&out.stderr).contains("scanned"),
+            "the child did not scan: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = cg.scan(&path, 0)?;
+        eprintln!("without a cache limit: {:?}", out.status);
+        ensure!(
+            !out.status.success(),
+            "a scan of {} MiB with no cache limit finished in a {} MiB cgroup: the cgroup does \
+             not limit memory, and the test shows nothing",
+            len >> 20,
+            memory >> 20
+        );
         Ok(())
     }
 }
