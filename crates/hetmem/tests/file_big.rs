@@ -210,6 +210,18 @@ fn stamped_file(path: &Path, len: usize) -> Result<()> {
     Ok(())
 }
 
+/// This process's resident memory, KiB (`VmRSS`), 0 where unknown.
+fn vm_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 fn cpu_context() -> Result<Hetmem> {
     Ok(Hetmem::builder().build()?)
 }
@@ -423,7 +435,16 @@ mod scenarios {
             return Ok(());
         }
         let hm = cpu_context()?;
+        let (rss0, t) = (vm_rss_kib(), Instant::now());
         let mut m = hm.map_file_with(&path, 0, len as usize, unleased(FileMode::Shared))?;
+        eprintln!(
+            "map_file of 16 GiB: {:?}, VmRSS +{} MiB; metadata_bytes_per_page {} ({} bytes per \
+             2 MiB block, no device)",
+            t.elapsed(),
+            (vm_rss_kib().saturating_sub(rss0)) >> 10,
+            hm.metadata_bytes_per_page(),
+            (hm.metadata_bytes_per_page() * PAGES_PER_BLOCK as f64) as u64
+        );
         let mem = m.as_mut_slice().context("writable")?;
         mem[0] = 1;
         mem[len as usize / 2] = 1;
