@@ -17,94 +17,10 @@
 //! be waiting for this very fault thread), no pinned page. Blocks that are not clean go to the
 //! back of the order: dirty data is not bounded by the limit (a flush makes it clean).
 
-use std::collections::VecDeque;
-use std::sync::Mutex;
-
 use hetmem_proto::{Event, Invalidation, PageRun, Proc, PAGES_PER_BLOCK};
 
 use crate::mm::region::Region;
 use crate::mm::runtime::Runtime;
-
-/// The blocks a file mapping's CPU faults filled, oldest first, and how many it may keep.
-#[derive(Debug)]
-pub(crate) struct FileCache {
-    /// Blocks kept at most.
-    limit: usize,
-    order: Mutex<Order>,
-}
-
-#[derive(Debug)]
-struct Order {
-    /// Noted blocks, oldest first; each at most once.
-    queue: VecDeque<usize>,
-    /// One bit per block of the region: in `queue`.
-    noted: Box<[u64]>,
-}
-
-impl Order {
-    fn contains(&self, bi: usize) -> bool {
-        self.noted
-            .get(bi / 64)
-            .is_some_and(|w| w & (1 << (bi % 64)) != 0)
-    }
-
-    fn set(&mut self, bi: usize, on: bool) {
-        if let Some(w) = self.noted.get_mut(bi / 64) {
-            if on {
-                *w |= 1 << (bi % 64);
-            } else {
-                *w &= !(1 << (bi % 64));
-            }
-        }
-    }
-}
-
-impl FileCache {
-    /// A limit of `limit` blocks (at least one) for a region of `nblocks` blocks.
-    pub(crate) fn new(limit: usize, nblocks: usize) -> Self {
-        Self {
-            limit: limit.max(1),
-            order: Mutex::new(Order {
-                queue: VecDeque::new(),
-                noted: vec![0; nblocks.div_ceil(64)].into_boxed_slice(),
-            }),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Order> {
-        self.order.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Notes block `bi` as filled now, if it is not noted yet. Returns how many blocks are
-    /// over the limit.
-    fn note(&self, bi: usize) -> usize {
-        let mut o = self.lock();
-        if !o.contains(bi) {
-            o.queue.push_back(bi);
-            o.set(bi, true);
-        }
-        o.queue.len().saturating_sub(self.limit)
-    }
-
-    /// Takes the oldest noted block other than `keep`.
-    fn take_oldest(&self, keep: usize) -> Option<usize> {
-        let mut o = self.lock();
-        let at = o.queue.iter().position(|&b| b != keep)?;
-        let bi = o.queue.remove(at)?;
-        o.set(bi, false);
-        Some(bi)
-    }
-
-    /// Notes `bi` again, as the newest (a block that could not be dropped), unless a fault
-    /// noted it meanwhile.
-    fn note_again(&self, bi: usize) {
-        let mut o = self.lock();
-        if !o.contains(bi) {
-            o.queue.push_back(bi);
-            o.set(bi, true);
-        }
-    }
-}
 
 impl Runtime {
     /// Before a CPU fault on block `bi` of `region` is served: notes the block and, past the mapping's

@@ -43,8 +43,11 @@ impl Runtime {
         for bi in todo {
             let start = (bi * PAGES_PER_BLOCK).max(first);
             let stop = ((bi + 1) * PAGES_PER_BLOCK).min(end);
-            let Some(run) = PageRun::new(start % PAGES_PER_BLOCK, stop - start, PAGES_PER_BLOCK)
-            else {
+            let Some(run) = PageRun::new(
+                start % PAGES_PER_BLOCK,
+                stop.saturating_sub(start),
+                PAGES_PER_BLOCK,
+            ) else {
                 continue;
             };
             self.stats.blocks_flushed.add(1);
