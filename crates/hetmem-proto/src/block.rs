@@ -162,6 +162,15 @@ impl<const W: usize> Block<W> {
             .map(|(i, _)| OpId(i as u16))
     }
 
+    /// Whether a Flush of the block could write or report anything: a dirty page (beyond the
+    /// end of the file too), a writeback in flight, or a writeback error not yet reported. A
+    /// block for which this is false answers a Flush at once with `Ok` and changes nothing,
+    /// so a runtime may skip it (its dirty-block index).
+    pub fn may_need_flush(&self) -> bool {
+        let s = &self.state;
+        !s.dirty.is_empty() || !s.writeback.is_empty() || self.wb_error.is_some()
+    }
+
     /// Frames of `dev` this block holds.
     pub fn frames_held(&self, dev: DeviceId) -> u32 {
         self.state.frames[dev.index()].count()

@@ -39,6 +39,8 @@ pub(crate) struct Stats {
     pub lease_breaks: Counter,
     pub thrashing_pins: Counter,
     pub launch_waits: Counter,
+    pub blocks_flushed: Counter,
+    pub blocks_reclaimed: Counter,
 }
 
 impl Stats {
@@ -124,6 +126,13 @@ pub struct StatsSnapshot {
     /// Changes of device mappings that had to wait for a running launch using them
     /// (`Device::launch`).
     pub launch_waits: u64,
+    /// Blocks of file mappings that a flush, sync or drop sent a writeback request to: only
+    /// those that may hold dirty pages (and those with pinned pages), not every block of the
+    /// mapping (`docs/file-contract.md` §2.8).
+    pub blocks_flushed: u64,
+    /// Clean blocks of file mappings whose copies were dropped (and memfd pages punched) to
+    /// keep a mapping under its `FileOptions::cache_limit`.
+    pub blocks_reclaimed: u64,
 }
 
 impl Stats {
@@ -144,6 +153,8 @@ impl Stats {
             lease_breaks: self.lease_breaks.get(),
             thrashing_pins: self.thrashing_pins.get(),
             launch_waits: self.launch_waits.get(),
+            blocks_flushed: self.blocks_flushed.get(),
+            blocks_reclaimed: self.blocks_reclaimed.get(),
         }
     }
 }
@@ -173,6 +184,10 @@ impl StatsSnapshot {
             lease_breaks: self.lease_breaks.saturating_sub(earlier.lease_breaks),
             thrashing_pins: self.thrashing_pins.saturating_sub(earlier.thrashing_pins),
             launch_waits: self.launch_waits.saturating_sub(earlier.launch_waits),
+            blocks_flushed: self.blocks_flushed.saturating_sub(earlier.blocks_flushed),
+            blocks_reclaimed: self
+                .blocks_reclaimed
+                .saturating_sub(earlier.blocks_reclaimed),
         }
     }
 }

@@ -16,13 +16,13 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use hetmem_proto::PAGE_SIZE;
+use hetmem_proto::{BLOCK_BYTES, PAGE_SIZE};
 
 use crate::api::buffer::RegionHandle;
 use crate::api::hetmem::Hetmem;
 use crate::error::{Error, Result};
 use crate::fs_caps::{FileCapabilities, Filesystem, LeaseProbe};
-use crate::mm::file_io::{ErrSeq, FileBacking, FileIo, FileMode, Unsynced};
+use crate::mm::file_io::{ErrSeq, FileBacking, FileCache, FileIo, FileMode, Unsynced};
 use crate::mm::lifecycle::{KeptMapping, KEPT};
 use crate::mm::region::Region;
 use crate::mm::runtime::Runtime;
@@ -84,6 +84,17 @@ pub struct FileOptions {
     /// a file system whose writers bypass this kernel (NFS, FUSE, ...) a lease does not see
     /// them: see [`FileMapping::capabilities`].
     pub require_lease: bool,
+    /// The most system memory (memfd pages, in whole 2 MiB blocks, rounded down) the mapping
+    /// keeps for the blocks the CPU faulted on: past it, a CPU fault on a new block first
+    /// drops the clean copies of the block noted longest ago, and punches its memfd pages; the
+    /// next access reads the file again. So a CPU scan of a file larger than memory runs in
+    /// bounded memory, as a kernel mmap does by reclaiming its page cache. Blocks holding
+    /// dirty pages, device copies or pinned pages are not dropped (a `flush` makes dirty
+    /// blocks clean, and droppable). `None` (the default): no limit, system copies stay until
+    /// unmap, `invalidate_range` or a lease break. At least one block (2 MiB); not for Private
+    /// mappings, whose written pages exist nowhere else (`Error::Invalid`, checked before
+    /// anything is opened). `docs/file-contract.md` §2.8.
+    pub cache_limit: Option<usize>,
 }
 
 impl FileOptions {
@@ -95,7 +106,15 @@ impl FileOptions {
             lease: true,
             evict_to_file: false,
             require_lease: false,
+            cache_limit: None,
         }
+    }
+
+    /// With a limit on the system memory the mapping keeps for file pages the CPU read
+    /// ([`FileOptions::cache_limit`]), or without one (`None`).
+    pub fn cache_limit(mut self, bytes: Option<usize>) -> Self {
+        self.cache_limit = bytes;
+        self
     }
 
     /// With or without `require_lease` (on implies `lease(true)`).
@@ -171,6 +190,18 @@ impl Hetmem {
                 "require_lease: a private mapping, or one without a lease, takes no lease",
             ));
         }
+        let cache_blocks = match options.cache_limit {
+            None => None,
+            Some(_) if mode == FileMode::Private => {
+                return Err(Error::Invalid(
+                    "cache_limit: a private mapping's written pages cannot be dropped",
+                ))
+            }
+            Some(bytes) if bytes < BLOCK_BYTES => {
+                return Err(Error::Invalid("cache_limit: less than one 2 MiB block"))
+            }
+            Some(bytes) => Some(bytes / BLOCK_BYTES),
+        };
         if len == 0 || len % PAGE_SIZE != 0 || offset % PAGE_SIZE as u64 != 0 {
             return Err(Error::Invalid(
                 "offset and length must be page-aligned, length non-zero",
@@ -264,6 +295,7 @@ impl Hetmem {
             io: FileIo::new(offset, len, meta.len(), tmpfs),
             unsynced: Unsynced::new(pages),
             caps,
+            cache: cache_blocks.map(|limit| FileCache::new(limit, len.div_ceil(BLOCK_BYTES))),
         };
         let region = inner.new_region(len, Some(backing))?;
         let cpu = inner.map_cpu_view(&region)?;

@@ -68,6 +68,10 @@ impl Runtime {
         let page = p.run.start();
         let access = if write { Access::Write } else { Access::Read };
         self.check_eof(&p.region);
+        // Before anything is filled (the placement's map-around fills too): with a cache limit,
+        // room for this block is made first, so the limit holds at every instant for a reader
+        // that faults one page at a time (`mm/cache.rs`).
+        self.note_cpu_fill(&p.region, p.bi);
         let mut fault_run = self.place_cpu_fault(p, access);
         let mut woken = false;
         let mut rechecked = false;

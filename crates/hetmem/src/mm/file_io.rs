@@ -1,6 +1,7 @@
 //! The file behind a file-backed region: its one descriptor, writeback errors (errseq), and
 //! reads and writes that never wait for the file's inode lock (`sys::file`, contract §12).
 
+use std::collections::VecDeque;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -76,6 +77,91 @@ pub(crate) struct FileBacking {
     pub unsynced: Unsynced,
     /// What `map_file` learnt about the file system (`FileMapping::capabilities`).
     pub caps: crate::fs_caps::FileCapabilities,
+    /// The limit on system memory for blocks the CPU filled, and their order
+    /// (`FileOptions::cache_limit`, `mm/cache.rs`).
+    pub cache: Option<FileCache>,
+}
+
+/// The blocks a file mapping's CPU faults filled, oldest first, and how many it may keep
+/// (`FileOptions::cache_limit`; what is done with it: `mm/cache.rs`).
+#[derive(Debug)]
+pub(crate) struct FileCache {
+    /// Blocks kept at most.
+    pub(crate) limit: usize,
+    order: Mutex<Order>,
+}
+
+#[derive(Debug)]
+struct Order {
+    /// Noted blocks, oldest first; each at most once.
+    queue: VecDeque<usize>,
+    /// One bit per block of the region: in `queue`.
+    noted: Box<[u64]>,
+}
+
+impl Order {
+    fn contains(&self, bi: usize) -> bool {
+        self.noted
+            .get(bi / 64)
+            .is_some_and(|w| w & (1 << (bi % 64)) != 0)
+    }
+
+    fn set(&mut self, bi: usize, on: bool) {
+        if let Some(w) = self.noted.get_mut(bi / 64) {
+            if on {
+                *w |= 1 << (bi % 64);
+            } else {
+                *w &= !(1 << (bi % 64));
+            }
+        }
+    }
+}
+
+impl FileCache {
+    /// A limit of `limit` blocks (at least one) for a region of `nblocks` blocks.
+    pub(crate) fn new(limit: usize, nblocks: usize) -> Self {
+        Self {
+            limit: limit.max(1),
+            order: Mutex::new(Order {
+                queue: VecDeque::new(),
+                noted: vec![0; nblocks.div_ceil(64)].into_boxed_slice(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Order> {
+        self.order.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Notes block `bi` as filled now, if it is not noted yet. Returns how many blocks are
+    /// over the limit.
+    pub(crate) fn note(&self, bi: usize) -> usize {
+        let mut o = self.lock();
+        if !o.contains(bi) {
+            o.queue.push_back(bi);
+            o.set(bi, true);
+        }
+        o.queue.len().saturating_sub(self.limit)
+    }
+
+    /// Takes the oldest noted block other than `keep`.
+    pub(crate) fn take_oldest(&self, keep: usize) -> Option<usize> {
+        let mut o = self.lock();
+        let at = o.queue.iter().position(|&b| b != keep)?;
+        let bi = o.queue.remove(at)?;
+        o.set(bi, false);
+        Some(bi)
+    }
+
+    /// Notes `bi` again, as the newest (a block that could not be dropped), unless a fault
+    /// noted it meanwhile.
+    pub(crate) fn note_again(&self, bi: usize) {
+        let mut o = self.lock();
+        if !o.contains(bi) {
+            o.queue.push_back(bi);
+            o.set(bi, true);
+        }
+    }
 }
 
 /// A set of a mapping's pages, one bit each (`FileBacking::unsynced`).

@@ -1,6 +1,7 @@
 //! The memory manager: mechanism only. It serves faults and requests by driving each block's
 //! protocol engine and executing what it says; placement comes from `crate::policy`.
 
+pub(crate) mod cache;
 pub(crate) mod completions;
 pub(crate) mod exec;
 pub(crate) mod fault;

@@ -8,7 +8,7 @@
 
 use std::ops::Range;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use hetmem_proto::{
@@ -113,6 +113,9 @@ pub(crate) struct Region {
     pub views: RwLock<Vec<View>>,
     /// Pages pinned for DMA by others (`Hetmem::pin`, `mm/pin.rs`).
     pub pins: PinTable,
+    /// Blocks a Flush may have work in (`Block2M::may_need_flush`), so a flush of a large,
+    /// mostly clean file mapping visits only those (`mm/writeback.rs`).
+    pub dirty: DirtyBlocks,
     /// Backends that registered the backing view with their device
     /// (`DeviceBackend::register_host`): its pages stay for the region's life, never punched,
     /// and are unregistered when the region goes, before the view is unmapped.
@@ -228,6 +231,7 @@ impl Region {
             same_address: None,
             policy: PolicyRegion::default(),
             pins: Default::default(),
+            dirty: DirtyBlocks::new(nblocks),
         }
     }
 
@@ -292,6 +296,20 @@ impl PinTable {
         mask
     }
 
+    /// The blocks in `blocks` with a pinned page, in order.
+    pub(crate) fn blocks(&self, blocks: Range<usize>) -> Vec<usize> {
+        let pages = blocks.start.saturating_mul(PAGES_PER_BLOCK)
+            ..blocks.end.saturating_mul(PAGES_PER_BLOCK);
+        let mut out: Vec<usize> = Vec::new();
+        for (&page, _) in self.lock().range(pages) {
+            let bi = page / PAGES_PER_BLOCK;
+            if out.last() != Some(&bi) {
+                out.push(bi);
+            }
+        }
+        out
+    }
+
     /// Whether any page of block `bi`'s `run` is pinned.
     pub(crate) fn any(&self, bi: usize, run: PageRun) -> bool {
         let first = bi * PAGES_PER_BLOCK;
@@ -299,5 +317,66 @@ impl PinTable {
             .range(first + run.start()..first + run.end())
             .next()
             .is_some()
+    }
+}
+
+/// One bit per block of a region: set while the block may hold a dirty file page, a writeback
+/// in flight or an unreported writeback error (`Block2M::may_need_flush`). Written only under
+/// the block's engine lock, at the end of each drive and whenever a drive releases the lock
+/// (`Runtime::drive`), which is the only way a block's state changes; so once the drive that
+/// marked a page dirty has returned, and before the write it allowed can happen, the bit is set.
+/// A superset of the blocks a flush must visit, never less: a set bit whose block turned clean
+/// is cleared by the next drive of that block.
+#[derive(Debug)]
+pub(crate) struct DirtyBlocks {
+    words: Box<[AtomicU64]>,
+}
+
+impl DirtyBlocks {
+    fn new(nblocks: usize) -> Self {
+        Self {
+            words: (0..nblocks.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        }
+    }
+
+    /// Records whether block `bi` may need a flush. Called under the block's engine lock.
+    pub(crate) fn record(&self, bi: usize, block: &Block2M) {
+        let Some(word) = self.words.get(bi / 64) else {
+            return;
+        };
+        let bit = 1u64 << (bi % 64);
+        // Release: a flush that sees the bit (Acquire) sees the block it was set for; the
+        // engine lock orders the block's own readers.
+        if block.may_need_flush() {
+            if word.load(Ordering::Relaxed) & bit == 0 {
+                word.fetch_or(bit, Ordering::Release);
+            }
+        } else if word.load(Ordering::Relaxed) & bit != 0 {
+            word.fetch_and(!bit, Ordering::Release);
+        }
+    }
+
+    /// The blocks in `range` whose bit is set, in order.
+    pub(crate) fn in_range(&self, range: Range<usize>) -> Vec<usize> {
+        let mut out = Vec::new();
+        let (start, end) = (range.start, range.end.min(self.words.len() * 64));
+        let mut w = start / 64;
+        while w * 64 < end {
+            let Some(word) = self.words.get(w) else {
+                break;
+            };
+            let mut bits = word.load(Ordering::Acquire);
+            while bits != 0 {
+                let bi = w * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                if (start..end).contains(&bi) {
+                    out.push(bi);
+                }
+            }
+            w += 1;
+        }
+        out
     }
 }

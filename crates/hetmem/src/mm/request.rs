@@ -34,8 +34,24 @@ impl Runtime {
         region: &Region,
         bi: usize,
         event: Event,
-        mut after: impl FnMut(&hetmem_proto::Block2M, &Outcome),
+        after: impl FnMut(&hetmem_proto::Block2M, &Outcome),
     ) -> std::result::Result<Outcome, hetmem_proto::EventError> {
+        self.drive_if(region, bi, event, |_| true, after)
+            .map(Option::unwrap_or_default)
+    }
+
+    /// `drive`, if `check` passes on the block's state under the same hold of its lock as the
+    /// event's handling: for a decision no other thread may change in between (the cache
+    /// limit drops a block only if it is still clean, `mm/cache.rs`). `Ok(None)` when it does
+    /// not pass: nothing was done.
+    pub(crate) fn drive_if(
+        &self,
+        region: &Region,
+        bi: usize,
+        event: Event,
+        check: impl FnOnce(&hetmem_proto::Block2M) -> bool,
+        mut after: impl FnMut(&hetmem_proto::Block2M, &Outcome),
+    ) -> std::result::Result<Option<Outcome>, hetmem_proto::EventError> {
         let slot = &region.blocks[bi];
         let own = match event {
             Event::Request { id, .. } | Event::Invalidate { id, .. } => Some(id),
@@ -45,22 +61,28 @@ impl Runtime {
         let mut outcome = Outcome::default();
         let mut released = false;
         let mut block = self.lock_block(slot);
+        if !check(&block) {
+            return Ok(None);
+        }
         if self.poisoned.pending() {
             self.unpoison_for(region, bi, &block, &event);
         }
-        let mut flight = self.drive_locked(region, bi, &mut block, event, &mut outcome)?;
+        let first = self.drive_locked(region, bi, &mut block, event, &mut outcome);
+        // An engine error may come after it changed the state: the mirrors follow it anyway.
+        let mut flight = first.inspect_err(|_| self.mirror_held(region, bi, &block))?;
         while let Some(mut running) = flight {
             released = true;
             // Eviction reads the mirror without the lock: it must see the frames the
             // running copies use.
-            self.mirror_held(slot, &block);
+            self.mirror_held(region, bi, &block);
             drop(block);
             running.wait(self);
             block = self.lock_block(slot);
-            flight = self.complete_locked(region, bi, &mut block, running, &mut outcome)?;
+            let next = self.complete_locked(region, bi, &mut block, running, &mut outcome);
+            flight = next.inspect_err(|_| self.mirror_held(region, bi, &block))?;
         }
         let queued = own.filter(|&id| outcome.result_of(id).is_none());
-        self.mirror_held(slot, &block);
+        self.mirror_held(region, bi, &block);
         if queued.is_none() {
             after(&block, &outcome);
         }
@@ -83,11 +105,15 @@ impl Runtime {
             let block = self.lock_block(slot);
             after(&block, &outcome);
         }
-        Ok(outcome)
+        Ok(Some(outcome))
     }
 
-    /// Mirrors the block's frame counts for eviction, which picks victims without locking.
-    fn mirror_held(&self, slot: &crate::mm::region::BlockSlot, block: &hetmem_proto::Block2M) {
+    /// Mirrors the block's frame counts for eviction, which picks victims without locking, and
+    /// whether a flush has work in it (`Region::dirty`). Called under the engine lock whenever
+    /// a drive lets it go, so the mirrors never lag a state someone else could act on.
+    fn mirror_held(&self, region: &Region, bi: usize, block: &hetmem_proto::Block2M) {
+        let slot = &region.blocks[bi];
+        region.dirty.record(bi, block);
         for d in self.topology.devices() {
             let held = block.frames_held(d);
             slot.held[d.index()].store(held, Ordering::Relaxed);

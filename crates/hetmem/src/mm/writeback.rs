@@ -29,7 +29,28 @@ impl Runtime {
             return Ok(());
         }
         let mut result = Ok(());
-        for (bi, run) in block_runs(first, n) {
+        // Only blocks a Flush has work in (the dirty-block index, `Region::dirty`) and blocks
+        // with pinned pages, which DMA may have written with no fault we saw. A block skipped
+        // here had, when we looked, no dirty page, no writeback in flight and no error to
+        // report, so its Flush would have been an immediate `Ok`; a write that dirties it
+        // after we looked is not one this flush had to cover.
+        let end = first.saturating_add(n);
+        let blocks = first / PAGES_PER_BLOCK..end.div_ceil(PAGES_PER_BLOCK);
+        let mut todo = region.dirty.in_range(blocks.clone());
+        todo.extend(region.pins.blocks(blocks));
+        todo.sort_unstable();
+        todo.dedup();
+        for bi in todo {
+            let start = (bi * PAGES_PER_BLOCK).max(first);
+            let stop = ((bi + 1) * PAGES_PER_BLOCK).min(end);
+            let Some(run) = PageRun::new(
+                start % PAGES_PER_BLOCK,
+                stop.saturating_sub(start),
+                PAGES_PER_BLOCK,
+            ) else {
+                continue;
+            };
+            self.stats.blocks_flushed.add(1);
             let r = self.request(region, bi, run, RequestKind::Flush);
             if result.is_ok() {
                 result = r;
