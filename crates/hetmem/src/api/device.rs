@@ -441,7 +441,7 @@ impl Device {
     /// Migrates the range into this device's memory.
     ///
     /// # Errors
-    /// As [`Hetmem::migrate`].
+    /// As [`Hetmem::migrate`](crate::Hetmem::migrate).
     pub fn migrate_to_device(&self, addr: usize, len: usize) -> Result<()> {
         self.inner().migrate(addr, len, Mem::Device(self.id))
     }
@@ -449,7 +449,7 @@ impl Device {
     /// Migrates the range to system memory.
     ///
     /// # Errors
-    /// As [`Hetmem::migrate`].
+    /// As [`Hetmem::migrate`](crate::Hetmem::migrate).
     pub fn migrate_to_system(&self, addr: usize, len: usize) -> Result<()> {
         self.inner().migrate(addr, len, Mem::System)
     }

@@ -1,16 +1,17 @@
 //! File mappings: a file's pages as managed memory (`docs/file-contract.md`).
 //!
-//! hetmem keeps its own cache of the file's pages above the kernel's page cache: a region like
-//! an allocation, whose blocks are file-backed in the protocol. First touches read the file
-//! (`pread`, straight into device memory for a device fault); writebacks write it (`pwrite`,
-//! straight from device memory), never waiting for the file's inode lock (`sys::file`, contract
-//! §12). `flush` is msync(MS_SYNC), `sync` adds fdatasync, `close` writes dirty pages back and
-//! unmaps, reporting errors, and dropping the mapping writes them back first too, keeping the
-//! mapping if it cannot (contract §13). `flush_range` and `invalidate_range` do a flush and a
-//! drop for a range, for applications that share the file with other writers by file locks
-//! instead of the lease (contract §6, "Extent operations and file locks"). Other paths write
-//! the file too (a lease break, eviction with `evict_to_file`, a partial munmap): every one,
-//! and what each kind of crash leaves of the file, is in contract §5.
+//! hetmem keeps its own cache of the file's pages above the kernel's page cache: a region like an
+//! allocation, whose blocks are file-backed in the protocol. First touches read the file (`pread`,
+//! straight into device memory for a device fault); writebacks write it (`pwrite`, straight from
+//! device memory), never waiting for the file's inode lock (`sys::file`, contract §12). `flush`
+//! hands the dirty pages over to the file (a kernel MAP_SHARED store needs no such step: it is in
+//! the page cache at once), `sync` adds fdatasync (what msync(MS_SYNC) gives), `close` writes dirty
+//! pages back and unmaps, reporting errors, and dropping the mapping writes them back first too,
+//! keeping the mapping if it cannot (contract §13). `flush_range` and `invalidate_range` do a flush
+//! and a drop for a range, for applications that share the file with other writers by file locks
+//! instead of the lease (contract §6, "Extent operations and file locks"). Other paths write the
+//! file too (a lease break, eviction with `evict_to_file`, a partial munmap): every one, and what
+//! each kind of crash leaves of the file, is in contract §5.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -396,18 +397,18 @@ impl FileMapping {
         Some(self.view.slice_mut())
     }
 
-    /// Writes every dirty page back to the file and waits, like msync(MS_SYNC). A writeback
-    /// error (EIO, ENOSPC, EDQUOT) is reported once; the pages stay dirty and a later flush
-    /// retries. Like the kernel's errseq_t, each mapping reports, once, an error that any
-    /// writeback of the file in this process met since this mapping last reported one (or was
-    /// made; or before it was made, if nobody was told of it): its own, one of another mapping
-    /// of the file, or one no flush waited for (drop, eviction, lease break). Read-only mappings
-    /// have nothing to write but report those errors, as fsync does on a read-only descriptor;
-    /// private mappings, like msync, report nothing. A Shared mapping also reports an error of
-    /// the kernel's own writeback of the page cache that its descriptor has not reported yet
-    /// (what `fdatasync` would say, learnt without writing anything), and then makes the pages
-    /// it wrote since its last good [`FileMapping::sync`] dirty again, so they are written once
-    /// more (`docs/file-contract.md` §8).
+    /// Writes every dirty page back to the file and waits. Unlike msync(MS_SYNC) it makes nothing
+    /// durable ([`FileMapping::sync`] does). A writeback error (EIO, ENOSPC, EDQUOT) is reported
+    /// once; the pages stay dirty and a later flush retries. Like the kernel's errseq_t, each
+    /// mapping reports, once, an error that any writeback of the file in this process met since
+    /// this mapping last reported one (or was made; or before it was made, if nobody was told of
+    /// it): its own, one of another mapping of the file, or one no flush waited for (drop,
+    /// eviction, lease break). Read-only mappings have nothing to write but report those errors, as
+    /// fsync does on a read-only descriptor; private mappings, like msync, report nothing. A Shared
+    /// mapping also reports an error of the kernel's own writeback of the page cache that its
+    /// descriptor has not reported yet (what `fdatasync` would say, learnt without writing
+    /// anything), and then makes the pages it wrote since its last good [`FileMapping::sync`] dirty
+    /// again, so they are written once more (`docs/file-contract.md` §8).
     pub fn flush(&self) -> Result<()> {
         if !self.handle.runtime().is_owner() {
             return Err(Error::Invalid("the context belongs to the parent process"));

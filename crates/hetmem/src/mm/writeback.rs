@@ -1,4 +1,4 @@
-//! Writeback of a file region's dirty pages (msync's analogue).
+//! Writeback of a file region's dirty pages: the hand-over to the file (`FileMapping::flush`).
 
 use hetmem_proto::{Access, PageRun, Proc, RequestKind, PAGES_PER_BLOCK, PAGE_SIZE};
 
