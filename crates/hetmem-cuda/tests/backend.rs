@@ -448,6 +448,44 @@ fn the_backend_alone() {
     });
 }
 
+/// The shipped `add_u8` kernel and a launcher for `backend`'s device (`CudaLauncher::for_backend`:
+/// it reaches pages in device memory, at the CPU's addresses, or remote through registered views).
+fn add_kernel(backend: &Arc<CudaBackend>) -> (hetmem_cuda::Function, hetmem_cuda::CudaLauncher) {
+    let module = hetmem_cuda::Module::from_ptx(backend.cuda(), hetmem_cuda::kernels::PTX)
+        .expect("the shipped PTX loads");
+    let add = module
+        .function(hetmem_cuda::kernels::names::ADD_U8)
+        .expect("add_u8");
+    let launcher = hetmem_cuda::CudaLauncher::for_backend(backend).expect("a launcher");
+    (add, launcher)
+}
+
+/// Launches `add_u8` (+`v` on every byte) over the declared range, given to the kernel as one
+/// address (`CudaLauncher::range_address`; `Invalid` when the range has none).
+fn launch_add(
+    launcher: &hetmem_cuda::CudaLauncher,
+    dev: &hetmem::Device,
+    add: &hetmem_cuda::Function,
+    declared: hetmem::DeclaredAccess,
+    v: u8,
+) -> hetmem::Result<hetmem::Launch> {
+    let len = declared.len;
+    let config = hetmem_cuda::LaunchConfig::for_elements(len as u64, 256, 4096);
+    // SAFETY: add_u8 takes (u8*, u64, u8) and touches exactly the `len` bytes at the address
+    // it is given, which is the declared range.
+    unsafe {
+        launcher.launch(dev, add, &config, &[declared], |resident, args| {
+            let p = launcher
+                .range_address(resident, 0)
+                .ok_or(hetmem::Error::Invalid(
+                    "the range has no single device address",
+                ))?;
+            args.ptr(p).arg(len as u64).arg(v);
+            Ok(())
+        })
+    }
+}
+
 /// A kernel launched over a declared range (`CudaLauncher`, `hetmem::Device::launch`): the range
 /// is made resident on the device first, the kernel gets its device address, and the CPU then
 /// faults back what the kernel wrote. A range the kernel cannot get as one address is refused
@@ -460,35 +498,15 @@ fn a_declared_launch_runs_over_resident_pages_and_the_cpu_sees_its_writes() {
         let Some((h, backend)) = context(name, 16 * MIB) else {
             return;
         };
-        let module = hetmem_cuda::Module::from_ptx(backend.cuda(), hetmem_cuda::kernels::PTX)
-            .expect("the shipped PTX loads");
-        let add = module
-            .function(hetmem_cuda::kernels::names::ADD_U8)
-            .expect("add_u8");
-        let launcher = hetmem_cuda::CudaLauncher::new(backend.cuda()).expect("a launcher");
+        let (add, launcher) = add_kernel(&backend);
         let dev = h.device(0).expect("device 0");
         let len = 2 * CHUNK_SIZE;
         let mut want = pattern(len, 5);
         let mut buf = h.alloc(len).unwrap();
         fill(&mut buf, &want);
         let block = CHUNK_SIZE;
-        let config = hetmem_cuda::LaunchConfig::for_elements(block as u64, 256, 1024);
-        // SAFETY: add_u8 takes (u8*, u64, u8) and touches exactly the declared block.
-        let launch = unsafe {
-            launcher.launch(
-                &dev,
-                &add,
-                &config,
-                &[hetmem::DeclaredAccess::write(buf.addr(), block)],
-                |resident, args| {
-                    let p = hetmem_cuda::contiguous(resident, 0)
-                        .ok_or(hetmem::Error::Invalid("not one run"))?;
-                    args.ptr(p).arg(block as u64).arg(3u8);
-                    Ok(())
-                },
-            )
-        }
-        .expect("the launch");
+        let declared = hetmem::DeclaredAccess::write(buf.addr(), block);
+        let launch = launch_add(&launcher, &dev, &add, declared, 3).expect("the launch");
         launch.wait().expect("the kernel");
         for b in &mut want[..block] {
             *b = b.wrapping_add(3);
@@ -500,21 +518,8 @@ fn a_declared_launch_runs_over_resident_pages_and_the_cpu_sees_its_writes() {
         );
         verify("after the kernel", &buf, &want);
         // Two blocks are two runs in device memory: not one address for the kernel.
-        // SAFETY: as above; this launch is refused before the kernel runs.
-        let refused = unsafe {
-            launcher.launch(
-                &dev,
-                &add,
-                &config,
-                &[hetmem::DeclaredAccess::write(buf.addr(), len)],
-                |resident, args| {
-                    let p = hetmem_cuda::contiguous(resident, 0)
-                        .ok_or(hetmem::Error::Invalid("not one run"))?;
-                    args.ptr(p).arg(len as u64).arg(1u8);
-                    Ok(())
-                },
-            )
-        };
+        let declared = hetmem::DeclaredAccess::write(buf.addr(), len);
+        let refused = launch_add(&launcher, &dev, &add, declared, 1);
         assert!(matches!(refused, Err(hetmem::Error::Invalid(_))));
         verify("after the refused launch", &buf, &want);
         assert_eq!(h.stats().errors, 0, "{:?}", backend.last_error());
@@ -583,12 +588,7 @@ fn a_failing_launch_is_reported_and_system_memory_kept() {
             note("no failure hook in this driver: only the fake driver can fail a kernel here");
             return;
         };
-        let module = hetmem_cuda::Module::from_ptx(backend.cuda(), hetmem_cuda::kernels::PTX)
-            .expect("the shipped PTX loads");
-        let add = module
-            .function(hetmem_cuda::kernels::names::ADD_U8)
-            .expect("add_u8");
-        let launcher = hetmem_cuda::CudaLauncher::new(backend.cuda()).expect("a launcher");
+        let (add, launcher) = add_kernel(&backend);
         let dev = h.device(0).expect("device 0");
         let len = 2 * CHUNK_SIZE;
         let want = pattern(len, 9);
@@ -599,23 +599,8 @@ fn a_failing_launch_is_reported_and_system_memory_kept() {
         h.migrate(buf.addr(), CHUNK_SIZE, dev0()).unwrap();
         // SAFETY: the fake driver's test hook; it takes no arguments.
         unsafe { fail_next_event() };
-        let config = hetmem_cuda::LaunchConfig::for_elements(CHUNK_SIZE as u64, 256, 1024);
-        // SAFETY: add_u8 takes (u8*, u64, u8) and touches exactly the declared block.
-        let launch = unsafe {
-            launcher.launch(
-                &dev,
-                &add,
-                &config,
-                &[hetmem::DeclaredAccess::write(buf.addr(), CHUNK_SIZE)],
-                |resident, args| {
-                    let p = hetmem_cuda::contiguous(resident, 0)
-                        .ok_or(hetmem::Error::Invalid("not one run"))?;
-                    args.ptr(p).arg(CHUNK_SIZE as u64).arg(1u8);
-                    Ok(())
-                },
-            )
-        }
-        .expect("the launch is submitted");
+        let declared = hetmem::DeclaredAccess::write(buf.addr(), CHUNK_SIZE);
+        let launch = launch_add(&launcher, &dev, &add, declared, 1).expect("submitted");
         assert!(matches!(launch.wait(), Err(hetmem::Error::Io(_))));
         // The second block never left system memory.
         verify(
@@ -647,32 +632,15 @@ fn a_remote_launch_works_in_system_memory_in_place() {
             .cuda_backend(backend.clone())
             .build()
             .expect("a hetmem context");
-        let module = hetmem_cuda::Module::from_ptx(backend.cuda(), hetmem_cuda::kernels::PTX)
-            .expect("the shipped PTX loads");
-        let add = module
-            .function(hetmem_cuda::kernels::names::ADD_U8)
-            .expect("add_u8");
-        let launcher = hetmem_cuda::CudaLauncher::for_backend(&backend).expect("a launcher");
+        let (add, launcher) = add_kernel(&backend);
         let dev = h.device(0).expect("device 0");
         let len = 8 * MIB;
         let mut want = pattern(len, 13);
         let mut buf = h.alloc(len).unwrap();
         fill(&mut buf, &want);
-        let config = hetmem_cuda::LaunchConfig::for_elements(len as u64, 256, 4096);
         let declared =
-            [hetmem::DeclaredAccess::write(buf.addr(), len)
-                .placed(hetmem::LaunchPlacement::Remote)];
-        // SAFETY: add_u8 takes (u8*, u64, u8) and touches exactly the declared range.
-        let launch = unsafe {
-            launcher.launch(&dev, &add, &config, &declared, |resident, args| {
-                let p = launcher
-                    .range_address(resident, 0)
-                    .ok_or(hetmem::Error::Invalid("not one reachable run"))?;
-                args.ptr(p).arg(len as u64).arg(2u8);
-                Ok(())
-            })
-        }
-        .expect("the launch");
+            hetmem::DeclaredAccess::write(buf.addr(), len).placed(hetmem::LaunchPlacement::Remote);
+        let launch = launch_add(&launcher, &dev, &add, declared, 2).expect("the launch");
         launch.wait().expect("the kernel");
         assert_eq!(
             h.device_pages_used(DeviceId::new(0).unwrap()),
