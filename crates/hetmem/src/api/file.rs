@@ -298,7 +298,7 @@ impl Hetmem {
             caps,
             cache: cache_blocks.map(|limit| FileCache::new(limit, len.div_ceil(BLOCK_BYTES))),
         };
-        let region = inner.new_region(len, Some(backing))?;
+        let region = inner.new_region(len, Some(backing), true)?;
         let cpu = inner.map_cpu_view(&region)?;
         let va = cpu.addr();
         inner.register_view(va, len)?;

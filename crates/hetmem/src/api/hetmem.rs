@@ -302,7 +302,7 @@ impl Hetmem {
                 "length must be a non-zero multiple of the page size",
             ));
         }
-        let region = inner.new_region(len, None)?;
+        let region = inner.new_region(len, None, true)?;
         let cpu = inner.map_cpu_view(&region)?;
         let va = cpu.addr();
         inner.register_view(va, len)?;
@@ -361,7 +361,7 @@ impl Hetmem {
             return Err(Error::Invalid("the range is already managed"));
         }
         let inner = self.inner();
-        let region = inner.new_region(len, None)?;
+        let region = inner.new_region(len, None, false)?;
         // SAFETY: the caller guarantees nobody touches the range during the call; the backing
         // view is ours and `len` long.
         unsafe { mem::copy(region.backing.as_ptr(), ptr, len) };

@@ -31,10 +31,14 @@ pub(crate) static KEPT: Mutex<Vec<KeptMapping>> = Mutex::new(Vec::new());
 
 impl Runtime {
     #[allow(unsafe_code)]
+    /// A new region of `len` bytes. `at_new_address`: its CPU view will be mapped where the
+    /// runtime chooses (`alloc`, `map_file`), so a backend may reserve the same device addresses
+    /// for it; `register` keeps the caller's address, which no device reservation can take.
     pub(crate) fn new_region(
         &self,
         len: usize,
         file: Option<crate::mm::file_io::FileBacking>,
+        at_new_address: bool,
     ) -> Result<Arc<Region>> {
         self.check_owner()?;
         // The length and the metadata first: nothing of the region exists yet if they fail.
@@ -58,7 +62,7 @@ impl Runtime {
         }
         // The first backend that wants the region at one address for CPU and device reserves
         // it now; `map_cpu_view` maps the CPU view there.
-        for d in &self.devices {
+        for d in self.devices.iter().filter(|_| at_new_address) {
             if let Some(addr) = d
                 .backend
                 .reserve_address(len)
