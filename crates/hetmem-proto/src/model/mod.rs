@@ -7,11 +7,14 @@
 //!   checks the cross-block invariants after every event.
 //! - [`explore`] enumerates every reachable state of a small world (exhaustive model checking).
 //! - [`random`] runs long random event sequences against a plain oracle (differential testing).
+//! - [`file`] checks, one level up, the file mapping's procedures (write-back, `sync`, errors,
+//!   the lease and its break) against a two-level file (page cache and disk) and other writers.
 
 mod machine;
 mod world;
 
 pub mod explore;
+pub mod file;
 pub mod random;
 
 pub use machine::{Machine, Violation};
