@@ -292,6 +292,7 @@ impl Hetmem {
             leased: AtomicBool::new(false),
             unleased_cache: AtomicBool::new(false),
             retake: std::sync::Mutex::new(()),
+            breaking: AtomicBool::new(false),
             tail_checked: AtomicU64::new(meta.len()),
             io: FileIo::new(offset, len, meta.len(), tmpfs),
             unsynced: Unsynced::new(pages),

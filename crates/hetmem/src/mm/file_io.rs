@@ -56,6 +56,12 @@ pub(crate) struct FileBacking {
     pub unleased_cache: AtomicBool,
     /// Serialises taking the lease back and dropping what was cached without it.
     pub retake: std::sync::Mutex<()>,
+    /// The lease thread is serving a break of this mapping (`leases.rs::broken`): no retake
+    /// until it is done, since its end releases whatever lease is held, a retaken one too,
+    /// and would let another opener in before the writes made under it are written back (found
+    /// by the file-level model, `hetmem_proto::model::file`, config
+    /// `retake_during_a_timed_out_break_as_the_runtime_does`).
+    pub breaking: AtomicBool,
     /// The smallest file size whose partial last page was dropped from the cache (the size at
     /// map time, or at the last growth, to begin with): a shrink below it drops the new partial
     /// page (`check_eof`).

@@ -183,6 +183,10 @@ fn broken(inner: &Runtime, region: &Region) {
     if !inner.is_owner() {
         return;
     }
+    // No retake until this break is over: its release below would give up a retaken lease
+    // too (`FileBacking::breaking`). Set first: a retake needs the lease gone, which the
+    // kernel does only after lease-break-time, long after this thread got the signal.
+    f.breaking.store(true, Ordering::SeqCst);
     // From here on pages may be cached without the lease (a fault after its block's drop and
     // before the release reads the file while the other process waits): taking the lease back
     // drops them (`Runtime::retake_lease`).
@@ -207,6 +211,14 @@ fn broken(inner: &Runtime, region: &Region) {
             &[("region", region.id.into())],
         );
     }
+    // The release and the end of the break are one step for a retake (`retake_lease` holds
+    // the same lock while it looks at `breaking` and takes the lease): a retake either comes
+    // before it, and is refused, or after it, and takes a fresh lease this release cannot
+    // drop. Only the release syscall runs under the lock: nothing here waits for a fault.
+    let _retake = f.retake.lock().unwrap_or_else(|e| e.into_inner());
     f.leased.store(false, Ordering::Release);
     lease::release(f.file.as_fd());
+    // Pages cached during the break stay marked (`unleased_cache`): the next retake drops them.
+    f.unleased_cache.store(true, Ordering::Release);
+    f.breaking.store(false, Ordering::SeqCst);
 }

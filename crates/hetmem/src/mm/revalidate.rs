@@ -92,6 +92,13 @@ impl Runtime {
         if f.leased.load(Ordering::Acquire) {
             return;
         }
+        if f.breaking.load(Ordering::SeqCst) {
+            // A break timed out by the kernel is still being served: its end releases the
+            // lease, so one taken now would be lost with the writes made under it. The next
+            // check after the break takes it back (and drops what was cached meanwhile).
+            f.unleased_cache.store(true, Ordering::Release);
+            return;
+        }
         if !matches!(lease::take(f.file.as_fd(), write), Ok(true)) {
             f.unleased_cache.store(true, Ordering::Release);
             return;
