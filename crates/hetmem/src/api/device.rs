@@ -87,6 +87,45 @@ pub(super) fn satisfies(e: Pte, access: Access) -> bool {
     }
 }
 
+/// Runs `f` over `items` from up to `workers` threads named `name(w)`, each taking the next
+/// item; the first error stops the others and is returned. Items no thread took (every spawn
+/// failed) run on this thread, so none is skipped.
+pub(super) fn for_each_parallel<T: Sync>(
+    items: &[T],
+    workers: usize,
+    name: impl Fn(usize) -> String,
+    f: impl Fn(&T) -> Result<()> + Sync,
+) -> Result<()> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let first_err = std::sync::Mutex::new(None);
+    let work = || loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        let Some(item) = items.get(i) else {
+            return;
+        };
+        if let Err(e) = f(item) {
+            first_err
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert(e);
+            next.store(items.len(), Ordering::Relaxed);
+            return;
+        }
+    };
+    std::thread::scope(|s| {
+        for w in 0..workers.min(items.len()) {
+            let _ = std::thread::Builder::new()
+                .name(name(w))
+                .spawn_scoped(s, work);
+        }
+    });
+    work();
+    match first_err.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
 impl Device {
     pub(crate) fn new(shared: Arc<RuntimeHandle>, id: DeviceId) -> Self {
         Self { shared, id }
@@ -585,43 +624,22 @@ impl Device {
             }
             self.make_resident(&pieces, access, &rounds)?;
         }
-        let workers = state.kernel_workers.max(1).min(pieces.len().max(1));
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let first_err = std::sync::Mutex::new(None);
-        std::thread::scope(|s| {
-            for w in 0..workers {
-                let (next, rounds, first_err, pieces) = (&next, &rounds, &first_err, &pieces);
-                let _ = std::thread::Builder::new()
-                    .name(format!("hetmem-dev{}-w{w}", self.id.index()))
-                    .spawn_scoped(s, move || loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= pieces.len() {
-                            return;
-                        }
-                        let kind = match access {
-                            Access::Read => Kernel::Read,
-                            _ => Kernel::Write,
-                        };
-                        let r = self.access_pieces(&pieces[i..=i], access, f, rounds, Some(kind));
-                        if let Err(e) = r {
-                            first_err
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .get_or_insert(e);
-                            next.store(pieces.len(), Ordering::Relaxed);
-                            return;
-                        }
-                    });
-            }
-        });
+        let workers = state.kernel_workers.max(1);
+        let kind = match access {
+            Access::Read => Kernel::Read,
+            _ => Kernel::Write,
+        };
+        let r = for_each_parallel(
+            &pieces,
+            workers,
+            |w| format!("hetmem-dev{}-w{w}", self.id.index()),
+            |p| self.access_pieces(std::slice::from_ref(p), access, f, &rounds, Some(kind)),
+        );
         if rounds.load(Ordering::Relaxed) > 0 {
             self.inner()
                 .emit(MemEvent::DeviceCommandFaulted { dev: self.id });
         }
-        match first_err.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        r
     }
 
     /// Runs `f` on the device's worker threads over `[addr, addr + len)`, once per translated

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use hetmem_proto::{Access, DeviceId, Mem, PageMask, BLOCK_WORDS, PAGE_SIZE};
 
-use crate::api::device::{satisfies, Device};
+use crate::api::device::{for_each_parallel, satisfies, Device};
 use crate::error::{Error, Result};
 use crate::mm::launch::{LaunchCompletion, LaunchPin, LaunchShared};
 use crate::mm::region::Region;
@@ -451,8 +451,8 @@ impl Device {
 
     /// `make_resident` over the pieces from a few threads at once, so that the copies of
     /// several blocks are in flight together (a device's copy engine then runs back to back,
-    /// instead of idling while this thread takes each block's fault in turn). One piece, or
-    /// one worker, runs here.
+    /// instead of idling while this thread takes each block's fault in turn). One piece runs
+    /// here.
     fn make_resident_parallel(
         &self,
         pieces: &[BlockSpan],
@@ -460,34 +460,15 @@ impl Device {
         rounds: &AtomicU32,
     ) -> Result<()> {
         const WORKERS: usize = 4;
-        let workers = WORKERS.min(pieces.len());
-        if workers <= 1 {
+        if pieces.len() <= 1 {
             return self.make_resident(pieces, access, rounds);
         }
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let first_err = std::sync::Mutex::new(None);
-        std::thread::scope(|s| {
-            for _ in 0..workers {
-                s.spawn(|| loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(p) = pieces.get(i) else {
-                        return;
-                    };
-                    if let Err(e) = self.make_resident(std::slice::from_ref(p), access, rounds) {
-                        first_err
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .get_or_insert(e);
-                        next.store(pieces.len(), Ordering::Relaxed);
-                        return;
-                    }
-                });
-            }
-        });
-        match first_err.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        for_each_parallel(
+            pieces,
+            WORKERS,
+            |w| format!("hetmem-dev{}-resident{w}", self.id().index()),
+            |p| self.make_resident(std::slice::from_ref(p), access, rounds),
+        )
     }
 
     /// Migrates to the device the pages of `pieces` it maps remotely (in system memory): a
