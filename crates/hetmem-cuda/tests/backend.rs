@@ -18,8 +18,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use common::{assert_bytes_eq, checksum, note, open, pattern, skip, watchdog};
 use hetmem::{
-    Chunk, CopyOp, DeviceBackend, DeviceId, DeviceKind, Endpoint, Hetmem, SimConfig, Target,
-    PAGE_SIZE,
+    Chunk, CopyOp, DeviceBackend, DeviceId, DeviceKind, Endpoint, Hetmem, Target, PAGE_SIZE,
 };
 use hetmem_cuda::{CudaBackend, CudaBuilderExt, Error, CHUNK_SIZE};
 
@@ -44,15 +43,20 @@ fn dev0() -> Target {
 /// A context with device 0 as a CUDA device capped at `cap` bytes, and its backend; `None`
 /// after the skip line.
 fn context(test: &str, cap: usize) -> Option<(Hetmem, Arc<CudaBackend>)> {
+    context_with(test, cap, |b| b)
+}
+
+/// As [`context`], with the backend set up by `setup` first (`register_host_memory`,
+/// `same_address`).
+fn context_with(
+    test: &str,
+    cap: usize,
+    setup: impl FnOnce(CudaBackend) -> CudaBackend,
+) -> Option<(Hetmem, Arc<CudaBackend>)> {
     let cuda = open(test)?;
-    let backend = Arc::new(CudaBackend::new(&cuda, cap).expect("a CUDA backend"));
-    let config = SimConfig {
-        kind: DeviceKind::Private,
-        capacity: backend.capacity(),
-        workers: 1,
-    };
+    let backend = Arc::new(setup(CudaBackend::new(&cuda, cap).expect("a CUDA backend")));
     let h = Hetmem::builder()
-        .device_with_backend(config, backend.clone())
+        .cuda_backend(backend.clone())
         .build()
         .expect("a hetmem context");
     Some((h, backend))
@@ -534,18 +538,10 @@ fn registered_backing_views_round_trip_and_unregister() {
     let name = "registered_backing_views_round_trip_and_unregister";
     watchdog(name, 120, move || {
         let _driver = shared();
-        let Some(cuda) = open(name) else {
+        let Some((h, backend)) = context_with(name, 16 * MIB, |b| b.register_host_memory(true))
+        else {
             return;
         };
-        let backend = Arc::new(
-            CudaBackend::new(&cuda, 16 * MIB)
-                .expect("a CUDA backend")
-                .register_host_memory(true),
-        );
-        let h = Hetmem::builder()
-            .cuda_backend(backend.clone())
-            .build()
-            .expect("a hetmem context");
         let len = 6 * MIB;
         let want = pattern(len, 7);
         let mut buf = h.alloc(len).unwrap();
@@ -620,18 +616,10 @@ fn a_remote_launch_works_in_system_memory_in_place() {
     let name = "a_remote_launch_works_in_system_memory_in_place";
     watchdog(name, 120, move || {
         let _driver = shared();
-        let Some(cuda) = open(name) else {
+        let Some((h, backend)) = context_with(name, 4 * MIB, |b| b.register_host_memory(true))
+        else {
             return;
         };
-        let backend = Arc::new(
-            CudaBackend::new(&cuda, 4 * MIB)
-                .expect("a CUDA backend")
-                .register_host_memory(true),
-        );
-        let h = Hetmem::builder()
-            .cuda_backend(backend.clone())
-            .build()
-            .expect("a hetmem context");
         let (add, launcher) = add_kernel(&backend);
         let dev = h.device(0).expect("device 0");
         let len = 8 * MIB;
@@ -664,27 +652,14 @@ fn same_address_memory_takes_the_cpus_pointers() {
     let name = "same_address_memory_takes_the_cpus_pointers";
     watchdog(name, 120, move || {
         let _driver = shared();
-        let Some(cuda) = open(name) else {
+        let Some((h, backend)) = context_with(name, 16 * MIB, |b| b.same_address(true)) else {
             return;
         };
-        let backend = Arc::new(
-            CudaBackend::new(&cuda, 16 * MIB)
-                .expect("a CUDA backend")
-                .same_address(true),
-        );
-        let h = Hetmem::builder()
-            .cuda_backend(backend.clone())
-            .build()
-            .expect("a hetmem context");
-        let module = hetmem_cuda::Module::from_ptx(backend.cuda(), hetmem_cuda::kernels::PTX)
-            .expect("the shipped PTX loads");
-        let add = module
-            .function(hetmem_cuda::kernels::names::ADD_U8)
-            .expect("add_u8");
-        let walk = module
+        let (add, launcher) = add_kernel(&backend);
+        let walk = add
+            .module()
             .function(hetmem_cuda::kernels::names::WALK_LIST)
             .expect("walk_list");
-        let launcher = hetmem_cuda::CudaLauncher::for_backend(&backend).expect("a launcher");
         let dev = h.device(0).expect("device 0");
         let len = 3 * CHUNK_SIZE;
         let mut want = pattern(len, 17);
