@@ -171,6 +171,20 @@ impl<const W: usize> Block<W> {
         !s.dirty.is_empty() || !s.writeback.is_empty() || self.wb_error.is_some()
     }
 
+    /// The pages a Flush of the block has work on: dirty ones (to write back) and ones under
+    /// writeback (to wait for). A Flush over just these, plus one anywhere to report
+    /// `has_unreported_error`, does what a Flush of the whole block does, and leaves
+    /// requests on the block's other pages free to act meanwhile (a request waits for the
+    /// older requests that cover its pages).
+    pub fn flush_work(&self) -> PageMask<W> {
+        self.state.dirty | self.state.writeback
+    }
+
+    /// A writeback failed and no Flush has reported it yet.
+    pub fn has_unreported_error(&self) -> bool {
+        self.wb_error.is_some()
+    }
+
     /// Frames of `dev` this block holds.
     pub fn frames_held(&self, dev: DeviceId) -> u32 {
         self.state.frames[dev.index()].count()

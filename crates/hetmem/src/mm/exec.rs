@@ -4,9 +4,10 @@
 //!
 //! A drive runs under the block's engine lock: hand the event to the engine, execute the
 //! synchronous actions in order, run the transfers the engine started, report their completions,
-//! and repeat until the engine starts nothing new. Copies on a device's engine that have not
-//! finished when submitted (`DeviceBackend::is_done`) are left running (`InFlight`): the drive's
-//! caller waits for them without the lock and comes back to report them (`Runtime::drive`).
+//! and repeat until the engine starts nothing new. File reads and writebacks, and copies on a
+//! device's engine that have not finished when submitted (`DeviceBackend::is_done`), are left
+//! to the drive's caller (`InFlight`), which does or waits for them without the lock and comes
+//! back to report them (`Runtime::drive`).
 
 #![allow(unsafe_code)]
 
@@ -53,6 +54,7 @@ impl Outcome {
 }
 
 /// Asynchronous work a drive runs after the synchronous actions.
+#[derive(Clone, Copy, Debug)]
 struct Transfer {
     op: OpId,
     src: Source,
@@ -90,9 +92,10 @@ struct Traced {
     writeback: bool,
 }
 
-/// The transfers of one round of a drive: results of those that finished (file I/O, copies
-/// that failed to start) and batches still running. A drive that leaves batches running
-/// releases the engine lock until they finish (`Runtime::drive`).
+/// The transfers of one round of a drive: results of those that finished (copies that failed
+/// to start, copies between aliased memory), batches still running, and file I/O not yet done.
+/// A drive that leaves any of them releases the engine lock until they finish
+/// (`Runtime::drive`).
 #[derive(Debug, Default)]
 pub(crate) struct InFlight {
     /// Per op, its result so far: the first error of its transfers.
@@ -100,6 +103,12 @@ pub(crate) struct InFlight {
     running: Vec<Running>,
     /// Zero fills, by op: their adopted pages keep their data until the op has succeeded.
     zero_fills: Vec<(OpId, Mask)>,
+    /// File reads and writebacks, run by `wait` without the engine lock: `pread` and `pwrite`
+    /// can block for as long as the file system likes (a frozen file system, dirty
+    /// throttling, a hard-mounted NFS server), and faults on the block's other pages must not
+    /// wait for them (`docs/file-contract.md` §12). The protocol keeps the run's pages busy
+    /// (and a writeback's source stable) until their op completes, as for a device copy.
+    file_io: Vec<(Transfer, Option<Traced>)>,
 }
 
 impl InFlight {
@@ -114,15 +123,62 @@ impl InFlight {
         }
     }
 
-    /// Whether every batch has finished already.
+    /// Whether every transfer has finished already: no file I/O left to do, and every batch
+    /// done.
     fn done(&self, rt: &Runtime) -> bool {
-        self.running
-            .iter()
-            .all(|b| rt.devices[b.dev.index()].backend.is_done(b.fence))
+        self.file_io.is_empty()
+            && self
+                .running
+                .iter()
+                .all(|b| rt.devices[b.dev.index()].backend.is_done(b.fence))
     }
 
-    /// Waits for every running batch (without the engine lock, unless they are done).
-    pub(crate) fn wait(&mut self, rt: &Runtime) {
+    /// Runs or starts transfer `t` of block `bi`: a copy left running on a device's engine
+    /// joins `running`, the rest is done on return and its result recorded.
+    fn start(
+        &mut self,
+        rt: &Runtime,
+        region: &Region,
+        bi: usize,
+        t: &Transfer,
+        traced: Option<Traced>,
+    ) {
+        let r = match t.writeback {
+            Some(file_page) => rt.write_back(region, bi, t, file_page).map(|()| None),
+            None => rt.transfer(region, bi, t),
+        };
+        match r {
+            Ok(Some((dev, fence, event))) => {
+                self.merge(t.op, Ok(()));
+                self.running.push(Running {
+                    op: t.op,
+                    dev,
+                    fence,
+                    event,
+                    traced,
+                });
+            }
+            Ok(None) => {
+                if let Some(tr) = &traced {
+                    rt.trace_transfer(tr, Ok(()));
+                }
+                self.merge(t.op, Ok(()))
+            }
+            Err(e) => {
+                if let Some(tr) = &traced {
+                    rt.trace_transfer(tr, Err(e));
+                }
+                self.merge(t.op, Err(e))
+            }
+        }
+    }
+
+    /// Does the file I/O left to do, then waits for every running batch (without the engine
+    /// lock, unless everything is done already).
+    pub(crate) fn wait(&mut self, rt: &Runtime, region: &Region, bi: usize) {
+        for (t, traced) in std::mem::take(&mut self.file_io) {
+            self.start(rt, region, bi, &t, traced);
+        }
         for b in std::mem::take(&mut self.running) {
             let r = rt.devices[b.dev.index()].backend.wait(b.fence);
             if r.is_ok() {
@@ -228,33 +284,12 @@ impl Runtime {
                     run: t.run,
                     writeback: t.writeback.is_some(),
                 });
-                let r = match t.writeback {
-                    Some(file_page) => self.write_back(region, bi, t, file_page).map(|()| None),
-                    None => self.transfer(region, bi, t),
-                };
-                match r {
-                    Ok(Some((dev, fence, event))) => {
-                        flight.merge(t.op, Ok(()));
-                        flight.running.push(Running {
-                            op: t.op,
-                            dev,
-                            fence,
-                            event,
-                            traced,
-                        });
-                    }
-                    Ok(None) => {
-                        if let Some(tr) = &traced {
-                            self.trace_transfer(tr, Ok(()));
-                        }
-                        flight.merge(t.op, Ok(()))
-                    }
-                    Err(e) => {
-                        if let Some(tr) = &traced {
-                            self.trace_transfer(tr, Err(e));
-                        }
-                        flight.merge(t.op, Err(e))
-                    }
+                if t.writeback.is_some() || matches!(t.src, Source::File { .. }) {
+                    // Done without the engine lock (`InFlight::file_io`).
+                    flight.merge(t.op, Ok(()));
+                    flight.file_io.push((*t, traced));
+                } else {
+                    flight.start(self, region, bi, t, traced);
                 }
                 if t.src == Source::Zero && t.writeback.is_none() {
                     flight.zero_fills.push((t.op, mask_of(t.run)));
@@ -263,7 +298,7 @@ impl Runtime {
             if !flight.done(self) {
                 return Ok(Some(flight));
             }
-            flight.wait(self);
+            flight.wait(self, region, bi);
             self.report_completions(region, bi, block, flight, &mut actions)?;
         }
     }

@@ -76,7 +76,7 @@ impl Runtime {
             // running copies use.
             self.mirror_held(region, bi, &block);
             drop(block);
-            running.wait(self);
+            running.wait(self, region, bi);
             block = self.lock_block(slot);
             let next = self.complete_locked(region, bi, &mut block, running, &mut outcome);
             flight = next.inspect_err(|_| self.mirror_held(region, bi, &block))?;

@@ -3,6 +3,7 @@
 use hetmem_proto::{Access, PageRun, Proc, RequestKind, PAGES_PER_BLOCK, PAGE_SIZE};
 
 use crate::error::Result;
+use crate::mm::exec::Mask;
 use crate::mm::file_io::FileMode;
 use crate::mm::region::Region;
 use crate::mm::runtime::Runtime;
@@ -51,9 +52,28 @@ impl Runtime {
                 continue;
             };
             self.stats.blocks_flushed.add(1);
-            let r = self.request(region, bi, run, RequestKind::Flush);
-            if result.is_ok() {
-                result = r;
+            // One Flush per run of pages with work (dirty, or under writeback), not one over
+            // the whole range: a request holds back every later request on the pages it
+            // covers until it completes, and a writeback may block for long (a frozen file
+            // system, dirty throttling), during which faults on the block's clean pages must
+            // go on. A page dirtied after this look is not one this flush had to cover.
+            let (work, error) = {
+                let block = self.lock_block(&region.blocks[bi]);
+                (
+                    block.flush_work() & Mask::from_run(run),
+                    block.has_unreported_error(),
+                )
+            };
+            let mut runs: Vec<PageRun> = work.runs().collect();
+            if runs.is_empty() && error {
+                // Nothing to write, an error to report: a Flush with no work reports it.
+                runs.push(run);
+            }
+            for r in runs {
+                let res = self.request(region, bi, r, RequestKind::Flush);
+                if result.is_ok() {
+                    result = res;
+                }
             }
             // A pinned page is written by DMA with no fault we see: it counts as written again
             // as soon as its writeback is done (a CPU write fault marks it dirty), so every
