@@ -313,7 +313,7 @@ impl<const W: usize> Block<W> {
                 s.prot_write -= pages;
             }
             Invalidation::Truncate => s.eof |= pages,
-            Invalidation::Discard => {}
+            Invalidation::Discard | Invalidation::Revert => {}
             Invalidation::Extend => {
                 // Nothing beyond the end is mapped (invariant), so nothing to tear down; the
                 // pages become the file's again in arrival order (`Work::Extend`).
@@ -521,7 +521,7 @@ impl<const W: usize> Block<W> {
                     self.unmap(p, free, out);
                 }
                 let s = &mut self.state;
-                let keep = if kind == Invalidation::Truncate {
+                let keep = if matches!(kind, Invalidation::Truncate | Invalidation::Revert) {
                     s.dirty -= free;
                     PageMask::EMPTY
                 } else {

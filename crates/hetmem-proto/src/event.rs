@@ -83,6 +83,10 @@ pub enum Invalidation {
     /// truncation's drop (and any flush that still skips the pages) is over before they count
     /// as inside the file again, and completes then. Pages not beyond the end are left alone.
     Extend,
+    /// The file's copy wins: the pages' data is dropped, dirty or not, without a writeback, and
+    /// the next access reads the file. What `Truncate` does to the data, for pages that stay
+    /// inside the file (a conflict resolved for the other process's copy).
+    Revert,
     /// mprotect. Mappings beyond the new protection are revoked.
     Protect {
         /// Reads allowed.
@@ -121,6 +125,11 @@ pub enum OpError {
     /// space on the file system does not help, raising the quota does.
     #[error("disk quota exceeded (EDQUOT)")]
     Quota,
+    /// A writeback refused: the file was handed to another process before the page was
+    /// written (a lease break that ran out of time), and writing it now could overwrite that
+    /// process's data. The page stays dirty until its owner says which copy wins.
+    #[error("conflicting with another process's copy of the file (ESTALE)")]
+    Conflict,
 }
 
 /// One input to a block.

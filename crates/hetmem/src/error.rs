@@ -44,6 +44,16 @@ pub enum Error {
     /// signal is free for leases: the application handles or ignores every one).
     #[error("no file lease: {0}")]
     NoLease(crate::fs_caps::LeaseProbe),
+    /// A lease break ran out of `lease-break-time` before these pages of the mapping were
+    /// written back, and the kernel let the other process in: writing them now could
+    /// overwrite its data. They are kept, dirty, and never written back until the application
+    /// says which copy wins (`FileMapping::conflicts`, `FileMapping::resolve_conflicts`);
+    /// every `flush` and `sync` reports this meanwhile (ESTALE).
+    #[error("{pages} pages conflict with another process's copy of the file (ESTALE)")]
+    Conflict {
+        /// Conflicted pages of the mapping.
+        pages: usize,
+    },
     /// The kernel lacks a userfaultfd feature hetmem needs.
     #[error("this kernel lacks userfaultfd features {0:?}; hetmem needs Linux 5.19 or later")]
     Unsupported(Vec<&'static str>),
@@ -61,6 +71,7 @@ impl Error {
             Error::Busy(_) => libc::EBUSY,
             Error::Io(OpError::NoSpace) => libc::ENOSPC,
             Error::Io(OpError::Quota) => libc::EDQUOT,
+            Error::Io(OpError::Conflict) | Error::Conflict { .. } => libc::ESTALE,
             Error::Io(_) => libc::EIO,
             Error::Os { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::Unsupported(_) => libc::ENOSYS,

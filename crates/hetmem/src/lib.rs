@@ -45,4 +45,5 @@ pub use hetmem_proto::{
 };
 pub use mm::file_io::FileMode;
 pub use mm::launch::LaunchCompletion;
+pub use mm::lease_break::Resolution;
 pub use stats::StatsSnapshot;

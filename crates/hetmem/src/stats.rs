@@ -41,6 +41,9 @@ pub(crate) struct Stats {
     pub launch_waits: Counter,
     pub blocks_flushed: Counter,
     pub blocks_reclaimed: Counter,
+    pub break_waits: Counter,
+    pub pages_conflicted: Counter,
+    pub background_writebacks: Counter,
 }
 
 impl Stats {
@@ -133,6 +136,15 @@ pub struct StatsSnapshot {
     /// Clean blocks of file mappings whose copies were dropped (and memfd pages punched) to
     /// keep a mapping under its `FileOptions::cache_limit`.
     pub blocks_reclaimed: u64,
+    /// Faults on a file mapping held at its lease break's gate until the break was over
+    /// (`docs/file-contract.md` §6, "Bounded breaks").
+    pub break_waits: u64,
+    /// Dirty pages a lease break that ran out of time did not write back, and left
+    /// conflicted (`FileMapping::conflicts`); each counted once, when it became conflicted.
+    pub pages_conflicted: u64,
+    /// Blocks of file mappings written back early, in the background, to keep dirty data
+    /// within what a lease break can write back in time (`FileOptions::break_budget`).
+    pub background_writebacks: u64,
 }
 
 impl Stats {
@@ -155,6 +167,9 @@ impl Stats {
             launch_waits: self.launch_waits.get(),
             blocks_flushed: self.blocks_flushed.get(),
             blocks_reclaimed: self.blocks_reclaimed.get(),
+            break_waits: self.break_waits.get(),
+            pages_conflicted: self.pages_conflicted.get(),
+            background_writebacks: self.background_writebacks.get(),
         }
     }
 }
@@ -188,6 +203,13 @@ impl StatsSnapshot {
             blocks_reclaimed: self
                 .blocks_reclaimed
                 .saturating_sub(earlier.blocks_reclaimed),
+            break_waits: self.break_waits.saturating_sub(earlier.break_waits),
+            pages_conflicted: self
+                .pages_conflicted
+                .saturating_sub(earlier.pages_conflicted),
+            background_writebacks: self
+                .background_writebacks
+                .saturating_sub(earlier.background_writebacks),
         }
     }
 }

@@ -140,6 +140,7 @@ const MM_DATA: &[&str] = &[
     "mm::gate",
     "mm::kernel_runs",
     "mm::launch",
+    "mm::lease_break",
     "mm::poison",
     "mm::region",
     "mm::space",

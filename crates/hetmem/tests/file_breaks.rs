@@ -17,13 +17,18 @@ use std::time::{Duration, Instant};
 mod common;
 
 use anyhow::{bail, ensure, Context, Result};
-use common::file::{content, create_file, page_is, pread_file, stamp_page, unleased, MIB};
+use common::file::{
+    content, context, create_file, page_is, pread_file, stamp_page, unleased, wait_lease_breaking,
+    MIB,
+};
 use common::fs::{Mount, TempDir};
-use hetmem::{FileMode, Hetmem, PAGE_SIZE};
+use hetmem::{DeviceKind, Error, FileMode, FileOptions, Hetmem, Resolution, PAGE_SIZE};
 
 common::serial_tests!(
     common::file::DEFAULT_TIMEOUT_S;
     a_blocked_writeback_leaves_the_block_free,
+    faults_wait_at_the_break_gate,
+    a_break_past_its_deadline_leaves_conflicts,
 );
 
 fn is_root() -> bool {
@@ -85,6 +90,64 @@ fn wait_blocked(tid: i32, limit: Duration) -> Result<()> {
         std::thread::yield_now();
     }
     bail!("thread {tid} never blocked in the kernel")
+}
+
+/// The thread id of this process's `hetmem-lease` thread.
+fn lease_thread() -> Result<i32> {
+    for e in std::fs::read_dir("/proc/self/task")? {
+        let e = e?;
+        if std::fs::read_to_string(e.path().join("comm"))?.trim() == "hetmem-lease" {
+            return Ok(e.file_name().to_string_lossy().parse()?);
+        }
+    }
+    bail!("no hetmem-lease thread")
+}
+
+/// Waits (polling, with a deadline) until thread `tid` waits on a lock (a futex). The lease
+/// thread waits for signals in `read(2)` otherwise: in a futex it is inside a break, past
+/// the point where it closed the break gate, held by a device kernel's page-table lock.
+fn wait_in_futex(tid: i32, limit: Duration) -> Result<()> {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        let wchan = std::fs::read_to_string(format!("/proc/self/task/{tid}/wchan"))?;
+        if wchan.contains("futex") {
+            return Ok(());
+        }
+        std::thread::yield_now();
+    }
+    bail!("thread {tid} never waited on a lock")
+}
+
+/// Polls `f` until it holds, for at most `limit`.
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
+    let end = Instant::now() + limit;
+    while !f() {
+        ensure!(Instant::now() < end, "{what}: not after {limit:?}");
+        std::thread::yield_now();
+    }
+    Ok(())
+}
+
+/// `/proc/sys/fs/lease-break-time` set to `secs` until the drop puts the old value back.
+struct BreakTime(String);
+
+impl BreakTime {
+    const PATH: &'static str = "/proc/sys/fs/lease-break-time";
+
+    fn set(secs: u32) -> Result<Option<Self>> {
+        let old = std::fs::read_to_string(Self::PATH)?;
+        if let Err(e) = std::fs::write(Self::PATH, secs.to_string()) {
+            eprintln!("SKIPPED: cannot set {}: {e}", Self::PATH);
+            return Ok(None);
+        }
+        Ok(Some(BreakTime(old.trim().to_string())))
+    }
+}
+
+impl Drop for BreakTime {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, &self.0);
+    }
 }
 
 mod scenarios {
@@ -158,6 +221,208 @@ mod scenarios {
         let file = pread_file(&path)?;
         ensure!(page_is(&file[..PAGE_SIZE], 1, 0), "page 0 not written back");
         ensure!(hm.stats().errors == 0, "errors: {}", hm.stats().errors);
+        Ok(())
+    }
+
+    /// From a break's signal to its release, a new fault on the mapping waits: a CPU fault
+    /// on a clean page of a block the break has not reached yet is parked
+    /// (`stats().break_waits`) while a device kernel holds the break's flush, and is served
+    /// once the break is over. Without the gate it was served at once, and cached the page
+    /// again while the other process waited.
+    pub fn faults_wait_at_the_break_gate() -> Result<()> {
+        let dir = TempDir::new("break_gate")?;
+        let path = dir.path("data");
+        let len = 4 * MIB;
+        create_file(&path, &content(0, 0, len))?;
+        let hm = context(DeviceKind::Private, 16 * MIB)?;
+        let m = hm.map_file_with(&path, 0, len, FileOptions::new(FileMode::Shared))?;
+        if !m.is_leased() {
+            eprintln!("SKIPPED: no lease on {}", path.display());
+            return Ok(());
+        }
+        let dev = hm.device(0).context("device 0")?;
+        let lease = lease_thread()?;
+        let (started_tx, started_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let go_rx = std::sync::Mutex::new(go_rx);
+        let (read_tx, read_rx) = mpsc::channel();
+        let m = &m;
+        std::thread::scope(|s| -> Result<()> {
+            // A device kernel over page 0 (block 0), running until told: the break's flush
+            // waits for it before it can write the page back.
+            let kernel = s.spawn(|| {
+                dev.kernel_write(m.addr(), PAGE_SIZE, |_, page| {
+                    let _ = started_tx.send(());
+                    let _ = go_rx.lock().map(|rx| rx.recv());
+                    page[0] ^= 1;
+                })
+            });
+            let r = (|| -> Result<()> {
+                started_rx.recv_timeout(Duration::from_secs(10))?;
+                let opener = s.spawn(|| std::fs::File::open(&path));
+                wait_lease_breaking(&path)?;
+                wait_in_futex(lease, Duration::from_secs(10)).context("the lease thread")?;
+                // Page 7 of block 1: clean, never touched.
+                let page = 512 + 7;
+                s.spawn(move || {
+                    let got = page_is(&m.as_slice()[page * PAGE_SIZE..][..PAGE_SIZE], 0, page);
+                    let _ = read_tx.send(got);
+                });
+                wait_until("the fault parked", Duration::from_secs(10), || {
+                    hm.stats().break_waits == 1
+                })?;
+                ensure!(
+                    read_rx.try_recv() == Err(mpsc::TryRecvError::Empty),
+                    "the fault was served during the break"
+                );
+                let _ = go_tx.send(());
+                opener.join().expect("opener")?;
+                let read = read_rx.recv_timeout(Duration::from_secs(10));
+                ensure!(
+                    read == Ok(true),
+                    "the parked fault, after the break: {read:?}"
+                );
+                Ok(())
+            })();
+            let _ = go_tx.send(());
+            kernel.join().expect("kernel")?;
+            r
+        })?;
+        let file = pread_file(&path)?;
+        ensure!(
+            file[0] == content(0, 0, PAGE_SIZE)[0] ^ 1,
+            "the device's write"
+        );
+        ensure!(hm.stats().break_waits == 1 && hm.stats().errors == 0);
+        Ok(())
+    }
+
+    /// A break that runs past `lease-break-time` (1 s here) writes nothing after its
+    /// deadline: the kernel has let the opener in, and the opener's writes stay. The pages
+    /// the break did not write back are conflicted: kept dirty, reported by `flush` (ESTALE)
+    /// and never written until resolved, for the file's copy (read again) or the mapping's
+    /// (written by the next flush). Without the deadline, the break wrote them over the
+    /// opener's data.
+    pub fn a_break_past_its_deadline_leaves_conflicts() -> Result<()> {
+        if !is_root() {
+            eprintln!("SKIPPED: setting lease-break-time needs root");
+            return Ok(());
+        }
+        let Some(_break_time) = BreakTime::set(1)? else {
+            return Ok(());
+        };
+        let dir = TempDir::new("break_deadline")?;
+        let path = dir.path("data");
+        let len = 4 * MIB;
+        create_file(&path, &content(0, 0, len))?;
+        let hm = context(DeviceKind::Private, 16 * MIB)?;
+        let mut m = hm.map_file_with(&path, 0, len, FileOptions::new(FileMode::Shared))?;
+        if !m.is_leased() {
+            eprintln!("SKIPPED: no lease on {}", path.display());
+            return Ok(());
+        }
+        // Ours: pages 1..4 by the CPU, page 0 by a device kernel, page 600 by the CPU.
+        {
+            let w = m.as_mut_slice().expect("writable");
+            for p in [1, 2, 3, 600] {
+                stamp_page(&mut w[p * PAGE_SIZE..][..PAGE_SIZE], 1, p);
+            }
+        }
+        let dev = hm.device(0).context("device 0")?;
+        let lease = lease_thread()?;
+        let (started_tx, started_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let go_rx = std::sync::Mutex::new(go_rx);
+        let m = &m;
+        std::thread::scope(|s| -> Result<()> {
+            let kernel = s.spawn(|| {
+                dev.kernel_write(m.addr(), PAGE_SIZE, |_, page| {
+                    let _ = started_tx.send(());
+                    let _ = go_rx.lock().map(|rx| rx.recv());
+                    stamp_page(page, 1, 0);
+                })
+            });
+            let r = (|| -> Result<()> {
+                started_rx.recv_timeout(Duration::from_secs(10))?;
+                let opener = s.spawn(|| {
+                    std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(&path)
+                });
+                wait_lease_breaking(&path)?;
+                wait_in_futex(lease, Duration::from_secs(10)).context("the lease thread")?;
+                // The break began before this: its deadline (0.9 s after it began) has
+                // passed 1 s from now, whatever the kernel's timer did.
+                let past_deadline = Instant::now() + Duration::from_secs(1);
+                let theirs = opener.join().expect("opener")?;
+                while Instant::now() < past_deadline {
+                    std::thread::yield_now();
+                }
+                // The kernel let the opener in: it writes pages 2 and 600.
+                use std::os::unix::fs::FileExt;
+                for p in [2, 600] {
+                    let mut page = vec![0; PAGE_SIZE];
+                    stamp_page(&mut page, 2, p);
+                    theirs.write_all_at(&page, (p * PAGE_SIZE) as u64)?;
+                }
+                let _ = go_tx.send(());
+                wait_until("the break's end", Duration::from_secs(10), || {
+                    hm.stats().lease_breaks == 1
+                })?;
+                Ok(())
+            })();
+            let _ = go_tx.send(());
+            kernel.join().expect("kernel")?;
+            r
+        })?;
+        let file = pread_file(&path)?;
+        for (p, tag) in [(0, 0), (1, 0), (2, 2), (3, 0), (600, 2)] {
+            ensure!(
+                page_is(&file[p * PAGE_SIZE..][..PAGE_SIZE], tag, p),
+                "file page {p}: not tag {tag} (a writeback after the deadline?)"
+            );
+        }
+        let page = |p: usize| p * PAGE_SIZE..(p + 1) * PAGE_SIZE;
+        ensure!(
+            m.conflicts() == vec![0..4 * PAGE_SIZE, page(600)],
+            "conflicts: {:?}",
+            m.conflicts()
+        );
+        match m.flush() {
+            Err(e @ Error::Conflict { pages: 5 }) => ensure!(e.errno() == libc::ESTALE),
+            r => bail!("flush with conflicts: {r:?}"),
+        }
+        ensure!(pread_file(&path)? == file, "a flush wrote conflicted pages");
+        ensure!(
+            page_is(&m.as_slice()[page(1)], 1, 1),
+            "our page 1 was not kept"
+        );
+        // Theirs for pages 2 and 600, ours for the rest.
+        m.resolve_conflicts(600 * PAGE_SIZE, PAGE_SIZE, Resolution::Theirs)?;
+        m.resolve_conflicts(2 * PAGE_SIZE, PAGE_SIZE, Resolution::Theirs)?;
+        ensure!(
+            page_is(&m.as_slice()[page(600)], 2, 600),
+            "theirs: page 600"
+        );
+        ensure!(page_is(&m.as_slice()[page(2)], 2, 2), "theirs: page 2");
+        m.resolve_conflicts(0, 4 * PAGE_SIZE, Resolution::Mine)?;
+        ensure!(m.conflicts().is_empty());
+        m.flush().context("flush after resolving")?;
+        let file = pread_file(&path)?;
+        for (p, tag) in [(0, 1), (1, 1), (2, 2), (3, 1), (600, 2)] {
+            ensure!(
+                page_is(&file[page(p)], tag, p),
+                "after resolving, file page {p}: not tag {tag}"
+            );
+        }
+        let st = hm.stats();
+        ensure!(
+            st.pages_conflicted == 5,
+            "pages_conflicted {}",
+            st.pages_conflicted
+        );
+        ensure!(st.errors == 0, "errors: {}", st.errors);
         Ok(())
     }
 }

@@ -885,6 +885,7 @@ enum Ek {
     Os,
     Unsupported,
     NoLease,
+    Conflict,
 }
 
 fn kind(e: &Error) -> Ek {
@@ -899,6 +900,7 @@ fn kind(e: &Error) -> Ek {
         Error::Os { .. } => Ek::Os,
         Error::Unsupported(_) => Ek::Unsupported,
         Error::NoLease(_) => Ek::NoLease,
+        Error::Conflict { .. } => Ek::Conflict,
     }
 }
 

@@ -358,6 +358,8 @@ impl Device {
     /// A device fault on a piece, served by the protocol.
     fn fault(&self, p: &BlockSpan, access: Access) -> Result<()> {
         let inner = self.inner();
+        // A lease break of a file mapping holds new device faults until it is over.
+        inner.wait_at_break(&p.region);
         inner.emit(MemEvent::DeviceFault { dev: self.id });
         let prefetch = inner.place_device_fault(p, self.id, access);
         let start = std::time::Instant::now();

@@ -24,6 +24,7 @@ use crate::api::hetmem::Hetmem;
 use crate::error::{Error, Result};
 use crate::fs_caps::{FileCapabilities, Filesystem, LeaseProbe};
 use crate::mm::file_io::{ErrSeq, FileBacking, FileCache, FileIo, FileMode, Unsynced};
+use crate::mm::lease_break::Resolution;
 use crate::mm::lifecycle::{KeptMapping, KEPT};
 use crate::mm::region::Region;
 use crate::mm::runtime::Runtime;
@@ -293,6 +294,8 @@ impl Hetmem {
             unleased_cache: AtomicBool::new(false),
             retake: std::sync::Mutex::new(()),
             breaking: AtomicBool::new(false),
+            gate: Default::default(),
+            conflicts: Default::default(),
             tail_checked: AtomicU64::new(meta.len()),
             io: FileIo::new(offset, len, meta.len(), tmpfs),
             unsynced: Unsynced::new(pages),
@@ -468,6 +471,45 @@ impl FileMapping {
         self.report(own)
     }
 
+    /// The byte ranges of the mapping (offsets from its start) that a lease break left
+    /// conflicted: the break ran out of `lease-break-time` before their dirty pages were
+    /// written back, and the kernel let the other process in, so hetmem does not write them
+    /// over what that process may have written (`docs/file-contract.md` §6, "Bounded
+    /// breaks"). They stay dirty and cached, readable and writable; no writeback writes them
+    /// (`flush`, `sync`, eviction to the file, a drop: a drop loses them and counts an
+    /// error) until [`FileMapping::resolve_conflicts`] says which copy wins. Empty when there
+    /// are none, and always for Private and ReadOnly mappings.
+    pub fn conflicts(&self) -> Vec<std::ops::Range<usize>> {
+        self.backing()
+            .conflicts
+            .runs()
+            .into_iter()
+            .map(|(first, n)| first * PAGE_SIZE..(first + n) * PAGE_SIZE)
+            .collect()
+    }
+
+    /// Says which copy of the conflicted pages of `[offset, offset + len)` wins
+    /// ([`FileMapping::conflicts`]; pages of the range that are not conflicted are left
+    /// alone). [`Resolution::Mine`]: the mapping's pages stay dirty, and the next `flush`
+    /// writes them over the file. [`Resolution::Theirs`]: the mapping's copies are dropped
+    /// without being written, and the next access reads the file.
+    ///
+    /// # Errors
+    /// `Invalid` (EINVAL), before anything changes, for an empty range, an `offset` or `len`
+    /// that is not page-aligned, a range that does not lie inside the mapping, and in a fork
+    /// child.
+    pub fn resolve_conflicts(
+        &self,
+        offset: usize,
+        len: usize,
+        resolution: Resolution,
+    ) -> Result<()> {
+        let (first, n) = self.page_range(offset, len)?;
+        self.handle
+            .runtime()
+            .resolve_conflicts(&self.handle.region, first, n, resolution)
+    }
+
     /// The pages of `[offset, offset + len)` of the mapping, checked: non-empty, page-aligned,
     /// inside the mapping; in the process that made the mapping.
     fn page_range(&self, offset: usize, len: usize) -> Result<(usize, usize)> {
@@ -494,8 +536,14 @@ impl FileMapping {
         if self.mode == FileMode::Private {
             return own;
         }
+        // A writeback refused for a conflict is not an error of the file: what is reported
+        // is the conflicted pages still left, if any (resolved ones are not).
+        let own = match own {
+            Err(Error::Io(hetmem_proto::OpError::Conflict)) => Ok(()),
+            r => r,
+        };
         let reported = f.errseq.check_and_advance(&f.wb_seen);
-        match own {
+        let r = match own {
             Ok(()) | Err(Error::Io(_)) => match reported {
                 Some(e) => Err(Error::Io(e)),
                 // Asked only when nothing else is reported: the kernel reports its error once
@@ -504,6 +552,10 @@ impl FileMapping {
                 None => Ok(()),
             },
             r => r,
+        };
+        match f.conflicts.count() {
+            0 => r,
+            pages => r.and(Err(Error::Conflict { pages })),
         }
     }
 

@@ -515,6 +515,8 @@ impl Device {
                     dev: self.id(),
                     access,
                 };
+                // A device fault: held while a lease break of the mapping is in progress.
+                inner.wait_at_break(&p.region);
                 inner.request(&p.region, p.bi, p.run, kind)?;
             }
         }

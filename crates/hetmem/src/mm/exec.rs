@@ -1037,6 +1037,19 @@ impl Runtime {
         if f.mode != crate::mm::file_io::FileMode::Shared {
             return Ok(());
         }
+        // A lease break past its deadline: the kernel has let, or is about to let, the opener
+        // in, and this write could land over what it writes. The pages are conflicted instead
+        // (`mm/lease_break.rs`), and pages conflicted earlier are never written until their
+        // conflict is resolved. Kept dirty, as any failed writeback, and reported by `flush`
+        // as the conflict it is, not through the file's error sequence: no data was lost.
+        if f.gate.timed_out() {
+            let new = f.conflicts.add(bi, t.run);
+            self.stats.pages_conflicted.add(new as u64);
+            return Err(OpError::Conflict);
+        }
+        if f.conflicts.any_in(bi, t.run) {
+            return Err(OpError::Conflict);
+        }
         let r = self.write_back_run(region, bi, t, file_page, f);
         match r {
             // In the page cache now, on the disk only after an fdatasync that succeeds.

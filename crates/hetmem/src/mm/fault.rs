@@ -62,6 +62,11 @@ impl Runtime {
             return self.stale_fault(addr);
         };
         let p = &pieces[0];
+        // A lease break of the mapping is in progress: the fault waits for its end, parked
+        // (`mm/lease_break.rs`), and this thread goes on with other faults.
+        if self.park_at_break(&p.region, addr, write, tid) {
+            return;
+        }
         if self.kernel_cpu_access(p, write, tid) {
             return;
         }

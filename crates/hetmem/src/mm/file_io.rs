@@ -62,6 +62,12 @@ pub(crate) struct FileBacking {
     /// by the file-level model, `hetmem_proto::model::file`, config
     /// `retake_during_a_timed_out_break_as_the_runtime_does`).
     pub breaking: AtomicBool,
+    /// Holds new faults from a break's signal to its release, and says when the break ran out
+    /// of time (`mm/lease_break.rs`).
+    pub gate: crate::mm::lease_break::BreakGate,
+    /// Pages a timed-out break left conflicted: never written back until resolved
+    /// (`FileMapping::resolve_conflicts`).
+    pub conflicts: crate::mm::lease_break::Conflicts,
     /// The smallest file size whose partial last page was dropped from the cache (the size at
     /// map time, or at the last growth, to begin with): a shrink below it drops the new partial
     /// page (`check_eof`).
@@ -744,6 +750,7 @@ fn op_to_errno(e: OpError) -> i32 {
     match e {
         OpError::NoSpace => libc::ENOSPC,
         OpError::Quota => libc::EDQUOT,
+        OpError::Conflict => libc::ESTALE,
         OpError::Io | OpError::Device => libc::EIO,
     }
 }

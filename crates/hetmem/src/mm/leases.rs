@@ -8,8 +8,10 @@ use hetmem_proto::{Invalidation, PageRun, PAGES_PER_BLOCK};
 
 use crate::fs_caps::LeaseProbe;
 use crate::mm::file_io::FileMode;
+use crate::mm::lease_break::{break_deadline, ParkedFault, Resolution};
 use crate::mm::region::Region;
 use crate::mm::runtime::Runtime;
+use crate::mm::work::ServiceWork;
 use crate::policy::MemEvent;
 use crate::sys::lease;
 
@@ -187,11 +189,17 @@ fn broken(inner: &Runtime, region: &Region) {
     // too (`FileBacking::breaking`). Set first: a retake needs the lease gone, which the
     // kernel does only after lease-break-time, long after this thread got the signal.
     f.breaking.store(true, Ordering::SeqCst);
-    // From here on pages may be cached without the lease (a fault after its block's drop and
-    // before the release reads the file while the other process waits): taking the lease back
-    // drops them (`Runtime::retake_lease`).
-    f.unleased_cache.store(true, Ordering::Release);
     let start = std::time::Instant::now();
+    // New faults wait from here to the release (`mm/lease_break.rs`): the opener finds the
+    // data as of the signal, and nothing is cached again behind the discard. Past the
+    // deadline the kernel lets the opener in: writebacks stop, and what is still dirty is
+    // conflicted instead of written over the opener's data.
+    f.gate
+        .close(break_deadline(start, crate::sys::lease::break_time()));
+    // Pages may still be cached without the lease (a device fault let through past the
+    // deadline; a kernel-mode fault the fault service had read before the gate closed):
+    // taking the lease back drops them (`Runtime::retake_lease`).
+    f.unleased_cache.store(true, Ordering::Release);
     if f.mode == FileMode::Shared {
         let _ = inner.flush_region(region);
     }
@@ -221,4 +229,91 @@ fn broken(inner: &Runtime, region: &Region) {
     // Pages cached during the break stay marked (`unleased_cache`): the next retake drops them.
     f.unleased_cache.store(true, Ordering::Release);
     f.breaking.store(false, Ordering::SeqCst);
+    drop(_retake);
+    // The faults held meanwhile go on, without a lease (the opener has the file open).
+    inner.open_break_gate(region);
+}
+
+impl Runtime {
+    /// A CPU fault on `region`: parked at its break gate if a break is in progress (true: its
+    /// thread stays asleep, and the fault is served when the gate opens). Only in the process
+    /// that owns the context: a fork child's copy of a gate closed by its parent's break
+    /// would never open.
+    pub(crate) fn park_at_break(
+        &self,
+        region: &Region,
+        addr: usize,
+        write: bool,
+        tid: u32,
+    ) -> bool {
+        let Some(f) = &region.file else {
+            return false;
+        };
+        // The flag first: no lock on the fault path while no break is in progress. A fault
+        // that misses a break starting now came before its signal.
+        if !f.breaking.load(std::sync::atomic::Ordering::Acquire) || !self.is_owner() {
+            return false;
+        }
+        let parked = f.gate.park(ParkedFault { addr, write, tid });
+        if parked {
+            self.stats.break_waits.add(1);
+        }
+        parked
+    }
+
+    /// A device fault on `region`: waits while a break is in progress, until it is over or
+    /// past its deadline.
+    pub(crate) fn wait_at_break(&self, region: &Region) {
+        let Some(f) = &region.file else {
+            return;
+        };
+        if f.breaking.load(std::sync::atomic::Ordering::Acquire)
+            && self.is_owner()
+            && f.gate.wait_open()
+        {
+            self.stats.break_waits.add(1);
+        }
+    }
+
+    /// `FileMapping::resolve_conflicts` for pages `[first, first + n)`: the file's copy wins
+    /// by a revert of each conflicted run (dropped unwritten, read again at the next access;
+    /// still conflicted while that runs, so no flush writes them meanwhile), the mapping's by
+    /// forgetting the conflict.
+    pub(crate) fn resolve_conflicts(
+        &self,
+        region: &Region,
+        first: usize,
+        n: usize,
+        resolution: Resolution,
+    ) -> crate::error::Result<()> {
+        let Some(f) = &region.file else {
+            return Ok(());
+        };
+        if resolution == Resolution::Theirs {
+            for (bi, m) in f.conflicts.pages(first, n) {
+                for run in m.runs() {
+                    self.invalidate(region, bi, run, hetmem_proto::Invalidation::Revert)?;
+                }
+            }
+        }
+        f.conflicts.take(first, n);
+        Ok(())
+    }
+
+    /// Opens `region`'s break gate at the end of a break: the CPU faults parked meanwhile go
+    /// back to the fault service.
+    pub(crate) fn open_break_gate(&self, region: &Region) {
+        let Some(f) = &region.file else {
+            return;
+        };
+        let parked = f.gate.open();
+        if !parked.is_empty() {
+            self.work
+                .push(parked.into_iter().map(|p| ServiceWork::Fault {
+                    addr: p.addr,
+                    write: p.write,
+                    tid: p.tid,
+                }));
+        }
+    }
 }

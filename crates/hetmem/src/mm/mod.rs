@@ -11,6 +11,7 @@ pub(crate) mod gate;
 pub(crate) mod kernel_cpu;
 pub(crate) mod kernel_runs;
 pub(crate) mod launch;
+pub(crate) mod lease_break;
 pub(crate) mod leases;
 pub(crate) mod lifecycle;
 pub(crate) mod ops;

@@ -348,6 +348,7 @@ impl Runtime {
                     Invalidation::Truncate => "truncate",
                     Invalidation::Extend => "extend",
                     Invalidation::Discard => "discard",
+                    Invalidation::Revert => "revert",
                     Invalidation::Protect { .. } => "protect",
                 },
                 &[
@@ -365,7 +366,10 @@ impl Runtime {
         };
         let outcome = self
             .drive(region, bi, event, |block, _| {
-                if matches!(kind, Invalidation::Discard | Invalidation::Unmap) {
+                if matches!(
+                    kind,
+                    Invalidation::Discard | Invalidation::Unmap | Invalidation::Revert
+                ) {
                     // The data is gone for good: give its memory back.
                     self.release_pages(region, bi, block, run);
                 }

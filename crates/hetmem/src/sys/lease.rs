@@ -242,6 +242,17 @@ pub fn take(fd: BorrowedFd<'_>, write: bool) -> io::Result<bool> {
 /// a break is pending, F_GETLEASE shows the kind the lease is breaking to; the kernel takes a
 /// read lease back, and turns a write lease into a read one, when a break is not answered
 /// within lease-break-time.
+/// How long the kernel lets a lease break run before it takes the lease back and lets the
+/// opener in (`/proc/sys/fs/lease-break-time`, in seconds; 45 unless set), read at each
+/// break, so a change applies to the next one.
+pub fn break_time() -> std::time::Duration {
+    let secs = std::fs::read_to_string("/proc/sys/fs/lease-break-time")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(45);
+    std::time::Duration::from_secs(secs)
+}
+
 pub fn held(fd: BorrowedFd<'_>, write: bool) -> bool {
     // SAFETY: fcntl on our own descriptor with integer arguments.
     let kind = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETLEASE) };
