@@ -257,7 +257,7 @@ mod tests {
         };
         // The waiter cannot get past a closed gate: whenever it returns, the gate is open.
         g.open();
-        assert_eq!(rx.recv().unwrap(), false);
+        assert!(!rx.recv().unwrap());
         waiter.join().unwrap();
     }
 
