@@ -29,6 +29,7 @@ common::serial_tests!(
     a_blocked_writeback_leaves_the_block_free,
     faults_wait_at_the_break_gate,
     a_break_past_its_deadline_leaves_conflicts,
+    dirty_data_stays_within_the_break_budget,
 );
 
 fn is_root() -> bool {
@@ -423,6 +424,70 @@ mod scenarios {
             st.pages_conflicted
         );
         ensure!(st.errors == 0, "errors: {}", st.errors);
+        Ok(())
+    }
+
+    /// With a break budget, the dirty data of a leased Shared mapping is written back early,
+    /// in the background, down to what its write rate writes back in the budget (here none:
+    /// one block, the least): after 64 MiB of writes and no flush, at most 2 MiB is dirty,
+    /// the rest is in the file already. With the default budget (half of lease-break-time),
+    /// 4 MiB of writes stay dirty until the flush. Without the background writeback, all
+    /// 64 MiB stayed dirty, for the break to write.
+    pub fn dirty_data_stays_within_the_break_budget() -> Result<()> {
+        let dir = TempDir::new("break_budget")?;
+        let path = dir.path("data");
+        let len = 64 * MIB;
+        create_file(&path, &content(0, 0, len))?;
+        let hm = Hetmem::builder().build()?;
+        let options = FileOptions::new(FileMode::Shared).break_budget(Some(Duration::ZERO));
+        let mut m = hm.map_file_with(&path, 0, len, options)?;
+        if !m.is_leased() {
+            eprintln!("SKIPPED: no lease on {}", path.display());
+            return Ok(());
+        }
+        let pages = len / PAGE_SIZE;
+        {
+            let w = m.as_mut_slice().expect("writable");
+            for p in 0..pages {
+                stamp_page(&mut w[p * PAGE_SIZE..][..PAGE_SIZE], 1, p);
+            }
+        }
+        wait_until(
+            "dirty data under the budget",
+            Duration::from_secs(20),
+            || m.dirty_bytes() <= 2 * MIB,
+        )?;
+        let st = hm.stats();
+        ensure!(st.background_writebacks > 0, "no background writeback");
+        // In the file before any flush (the lease is ours: nobody else looks).
+        let file = std::fs::read(&path)?;
+        let written = (0..pages)
+            .filter(|&p| page_is(&file[p * PAGE_SIZE..][..PAGE_SIZE], 1, p))
+            .count();
+        ensure!(
+            written >= pages - 2 * MIB / PAGE_SIZE,
+            "only {written} of {pages} pages in the file"
+        );
+        m.flush()?;
+        ensure!(pread_file(&path)? == content(1, 0, len), "after the flush");
+        drop(m);
+
+        // The default budget: 4 MiB is far under what half of lease-break-time writes.
+        let path2 = dir.path("data2");
+        create_file(&path2, &content(0, 0, 4 * MIB))?;
+        let mut m = hm.map_file_with(&path2, 0, 4 * MIB, FileOptions::new(FileMode::Shared))?;
+        let before = hm.stats().background_writebacks;
+        {
+            let w = m.as_mut_slice().expect("writable");
+            for p in 0..4 * MIB / PAGE_SIZE {
+                stamp_page(&mut w[p * PAGE_SIZE..][..PAGE_SIZE], 1, p);
+            }
+        }
+        ensure!(m.dirty_bytes() == 4 * MIB, "dirty: {}", m.dirty_bytes());
+        ensure!(hm.stats().background_writebacks == before);
+        m.flush()?;
+        ensure!(m.dirty_bytes() == 0);
+        ensure!(hm.stats().errors == 0, "errors: {}", hm.stats().errors);
         Ok(())
     }
 }

@@ -23,7 +23,7 @@ use crate::api::buffer::RegionHandle;
 use crate::api::hetmem::Hetmem;
 use crate::error::{Error, Result};
 use crate::fs_caps::{FileCapabilities, Filesystem, LeaseProbe};
-use crate::mm::file_io::{ErrSeq, FileBacking, FileCache, FileIo, FileMode, Unsynced};
+use crate::mm::file_io::{BreakBudget, ErrSeq, FileBacking, FileCache, FileIo, FileMode, Unsynced};
 use crate::mm::lease_break::Resolution;
 use crate::mm::lifecycle::{KeptMapping, KEPT};
 use crate::mm::region::Region;
@@ -97,6 +97,17 @@ pub struct FileOptions {
     /// mappings, whose written pages exist nowhere else (`Error::Invalid`, checked before
     /// anything is opened). `docs/file-contract.md` §2.8.
     pub cache_limit: Option<usize>,
+    /// How long a lease break may spend writing this mapping's dirty pages back. A break
+    /// must be over within `lease-break-time` (45 s by default), or the kernel lets the
+    /// opener in and the pages not yet written are left conflicted
+    /// ([`FileMapping::conflicts`]). So hetmem keeps the dirty data under what the mapping's
+    /// measured write rate writes back in this time, by writing blocks back early, in the
+    /// background (as the kernel's flusher threads write back a dirty mmap), whenever more is
+    /// dirty (`docs/file-contract.md` §6, "Bounded breaks"). `None` (the default): half of
+    /// `lease-break-time`, as it is set when hetmem looks. `Some(Duration::MAX)`: no limit,
+    /// and nothing is written before `flush`, `sync`, a break or the drop, however long a
+    /// break then takes. Only for Shared mappings with a lease (`lease`).
+    pub break_budget: Option<std::time::Duration>,
 }
 
 impl FileOptions {
@@ -109,7 +120,14 @@ impl FileOptions {
             evict_to_file: false,
             require_lease: false,
             cache_limit: None,
+            break_budget: None,
         }
+    }
+
+    /// With a break budget ([`FileOptions::break_budget`]), or the default one (`None`).
+    pub fn break_budget(mut self, budget: Option<std::time::Duration>) -> Self {
+        self.break_budget = budget;
+        self
     }
 
     /// With a limit on the system memory the mapping keeps for file pages the CPU read
@@ -275,6 +293,17 @@ impl Hetmem {
         }
         let errseq = ErrSeq::of_file(&meta);
         let inner = &self.0.inner;
+        // Only where a break may come: a Shared mapping that wants a lease.
+        let break_budget = match options.break_budget {
+            _ if mode != FileMode::Shared
+                || !matches!(lease, LeaseProbe::Taken | LeaseProbe::InUse) =>
+            {
+                None
+            }
+            Some(d) if d == std::time::Duration::MAX => None,
+            Some(d) => Some(BreakBudget::Fixed(d)),
+            None => Some(BreakBudget::HalfBreakTime),
+        };
         let pages = len / PAGE_SIZE;
         let backing = FileBacking {
             file,
@@ -296,6 +325,10 @@ impl Hetmem {
             breaking: AtomicBool::new(false),
             gate: Default::default(),
             conflicts: Default::default(),
+            break_budget,
+            dirty_limit: AtomicUsize::new(usize::MAX),
+            write_rate: AtomicU64::new(crate::mm::file_io::INITIAL_WRITE_RATE),
+            flusher_kicked: AtomicBool::new(false),
             tail_checked: AtomicU64::new(meta.len()),
             io: FileIo::new(offset, len, meta.len(), tmpfs),
             unsynced: Unsynced::new(pages),
@@ -321,6 +354,9 @@ impl Hetmem {
         if let Some(f) = &mapping.handle.region.file {
             if f.lease_wanted.load(Ordering::Acquire) {
                 crate::mm::leases::register(inner, &mapping.handle.region);
+            }
+            if f.break_budget.is_some() {
+                crate::mm::flusher::register(inner, &mapping.handle.region);
             }
         }
         inner.check_eof(&mapping.handle.region);
@@ -469,6 +505,13 @@ impl FileMapping {
             .runtime()
             .invalidate_pages(&self.handle.region, first, n);
         self.report(own)
+    }
+
+    /// Bytes of the mapping that are dirty or under writeback: what a `flush` or a lease
+    /// break would write now (counted in pages, as of the last change of each block). The
+    /// background writeback keeps it under the break budget ([`FileOptions::break_budget`]).
+    pub fn dirty_bytes(&self) -> usize {
+        self.handle.region.dirty.pages() * PAGE_SIZE
     }
 
     /// The byte ranges of the mapping (offsets from its start) that a lease break left
@@ -707,6 +750,7 @@ impl Drop for FileMapping {
         if inner.is_owner() {
             // Not in a fork child: the lease is on the description it shares with the parent.
             crate::mm::leases::unregister(&self.handle.region);
+            crate::mm::flusher::unregister(&self.handle.region);
             if let Some(f) = &self.handle.region.file {
                 // The file is no longer open by this mapping from here: another mapping of it
                 // may take a write lease at once.

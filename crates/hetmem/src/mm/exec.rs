@@ -1123,7 +1123,10 @@ impl Runtime {
         // SAFETY: src holds the latest data of the run; the protocol keeps it stable during
         // writeback (mappings read-only, writers wait), and it stays mapped (guard or backing).
         let data = unsafe { std::slice::from_raw_parts(src as *const u8, bytes) };
+        let started = std::time::Instant::now();
         f.write_at(data, offset)?;
+        // The rate a break can count on (`mm/flusher.rs`).
+        f.note_write(bytes, started.elapsed());
         self.emit(MemEvent::WrittenBack {
             pages: t.run.len() as u64,
         });

@@ -68,6 +68,18 @@ pub(crate) struct FileBacking {
     /// Pages a timed-out break left conflicted: never written back until resolved
     /// (`FileMapping::resolve_conflicts`).
     pub conflicts: crate::mm::lease_break::Conflicts,
+    /// How long a lease break may spend writing back (`FileOptions::break_budget`; `None`:
+    /// half of `lease-break-time`, read again at each background writeback). Only for
+    /// Shared mappings that want a lease; `None` here too for the others.
+    pub break_budget: Option<BreakBudget>,
+    /// Dirty pages (and pages under writeback) past which the background writeback starts
+    /// (`mm/flusher.rs`): what the measured write rate writes back within the break budget.
+    /// `usize::MAX` without a budget.
+    pub dirty_limit: AtomicUsize,
+    /// The mapping's writeback rate, bytes per second, a moving average of its `write_at`s.
+    pub write_rate: AtomicU64,
+    /// The background writeback was asked to run for this mapping and has not finished yet.
+    pub flusher_kicked: AtomicBool,
     /// The smallest file size whose partial last page was dropped from the cache (the size at
     /// map time, or at the last growth, to begin with): a shrink below it drops the new partial
     /// page (`check_eof`).
@@ -92,6 +104,43 @@ pub(crate) struct FileBacking {
     /// The limit on system memory for blocks the CPU filled, and their order
     /// (`FileOptions::cache_limit`, `mm/cache.rs`).
     pub cache: Option<FileCache>,
+}
+
+/// How long a lease break of a mapping may spend writing back (`FileOptions::break_budget`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BreakBudget {
+    /// Half of `lease-break-time`, as it is at each look.
+    HalfBreakTime,
+    Fixed(std::time::Duration),
+}
+
+/// The write rate assumed before a mapping has written anything: 64 MiB/s, a slow disk's.
+pub(crate) const INITIAL_WRITE_RATE: u64 = 64 << 20;
+
+impl FileBacking {
+    /// Adds one writeback of `bytes` that took `took` to the write-rate average (an
+    /// eighth of the new sample). Small writes are slower per byte: the average errs low,
+    /// and so the dirty limit errs small, the safe side.
+    pub(crate) fn note_write(&self, bytes: usize, took: std::time::Duration) {
+        let secs = took.as_secs_f64().max(1e-6);
+        let sample = (bytes as f64 / secs) as u64;
+        let old = self.write_rate.load(Ordering::Relaxed);
+        let new = old - old / 8 + sample / 8;
+        self.write_rate.store(new.max(1), Ordering::Relaxed);
+    }
+
+    /// The dirty limit for a break of `break_time`: what the write rate writes back in the
+    /// budget, at least one block's pages. `usize::MAX` without a budget.
+    pub(crate) fn compute_dirty_limit(&self, break_time: std::time::Duration) -> usize {
+        let budget = match self.break_budget {
+            None => return usize::MAX,
+            Some(BreakBudget::HalfBreakTime) => break_time / 2,
+            Some(BreakBudget::Fixed(d)) => d,
+        };
+        let bytes = self.write_rate.load(Ordering::Relaxed) as f64 * budget.as_secs_f64();
+        let pages = (bytes / PAGE_SIZE as f64).min(usize::MAX as f64 / 2.0) as usize;
+        pages.max(hetmem_proto::PAGES_PER_BLOCK)
+    }
 }
 
 /// The blocks a file mapping's CPU faults filled, oldest first, and how many it may keep

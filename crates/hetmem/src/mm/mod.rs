@@ -6,6 +6,7 @@ pub(crate) mod completions;
 pub(crate) mod exec;
 pub(crate) mod fault;
 pub(crate) mod file_io;
+pub(crate) mod flusher;
 pub(crate) mod fork;
 pub(crate) mod gate;
 pub(crate) mod kernel_cpu;

@@ -8,7 +8,7 @@
 
 use std::ops::Range;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use hetmem_proto::{
@@ -327,9 +327,15 @@ impl PinTable {
 /// marked a page dirty has returned, and before the write it allowed can happen, the bit is set.
 /// A superset of the blocks a flush must visit, never less: a set bit whose block turned clean
 /// is cleared by the next drive of that block.
+///
+/// It also counts the pages a flush has work on (dirty, or under writeback), per block and in
+/// all: what a lease break would have to write back, which the background writeback keeps
+/// under the mapping's limit (`mm/flusher.rs`).
 #[derive(Debug)]
 pub(crate) struct DirtyBlocks {
     words: Box<[AtomicU64]>,
+    pages: Box<[AtomicU16]>,
+    total: AtomicUsize,
 }
 
 impl DirtyBlocks {
@@ -338,7 +344,14 @@ impl DirtyBlocks {
             words: (0..nblocks.div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
+            pages: (0..nblocks).map(|_| AtomicU16::new(0)).collect(),
+            total: AtomicUsize::new(0),
         }
+    }
+
+    /// Pages of the region dirty or under writeback, as of the last drive of each block.
+    pub(crate) fn pages(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
     }
 
     /// Records whether block `bi` may need a flush. Called under the block's engine lock.
@@ -346,6 +359,18 @@ impl DirtyBlocks {
         let Some(word) = self.words.get(bi / 64) else {
             return;
         };
+        if let Some(count) = self.pages.get(bi) {
+            // Under the block's engine lock: this block's count changes one drive at a time.
+            let now = block.flush_work().count() as u16;
+            let was = count.swap(now, Ordering::Relaxed);
+            if now > was {
+                self.total
+                    .fetch_add(usize::from(now - was), Ordering::Relaxed);
+            } else if was > now {
+                self.total
+                    .fetch_sub(usize::from(was - now), Ordering::Relaxed);
+            }
+        }
         let bit = 1u64 << (bi % 64);
         // Release: a flush that sees the bit (Acquire) sees the block it was set for; the
         // engine lock orders the block's own readers.

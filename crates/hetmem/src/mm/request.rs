@@ -90,6 +90,7 @@ impl Runtime {
         for &(va, len) in &outcome.wake {
             let _ = self.uffd.wake(va, len);
         }
+        self.check_dirty_limit(region);
         let foreign: Vec<_> = outcome
             .done
             .iter()
