@@ -313,7 +313,11 @@ impl<const W: usize> Block<W> {
                 s.prot_write -= pages;
             }
             Invalidation::Truncate => s.eof |= pages,
-            Invalidation::Discard | Invalidation::Revert => {}
+            Invalidation::Discard => {}
+            // Clean from here on, as `Truncate` puts pages past the end: no request older than
+            // this one (a flush, a drop, an eviction waiting for the pages) writes them back,
+            // since the file's copy is to win.
+            Invalidation::Revert => s.dirty -= pages,
             Invalidation::Extend => {
                 // Nothing beyond the end is mapped (invariant), so nothing to tear down; the
                 // pages become the file's again in arrival order (`Work::Extend`).

@@ -102,6 +102,33 @@ fn file_shrinks_and_grows_back() {
     assert!(r.states > 1000, "the growth moves were explored");
 }
 
+/// The file's copy wins (`Invalidate { Revert }`, a conflict resolved for another process) at
+/// any time: around writes, flushes (and failed writebacks), discards and device faults, with two
+/// requests outstanding, so a revert can arrive while a flush's writeback or a fill is in flight.
+/// After it completes the page must show the file's value: a stale copy left mapped or valid, or
+/// a dirty page still written back over the file afterwards, is a violation.
+#[test]
+fn file_pages_revert_to_the_file() {
+    let cfg = Config {
+        topology: private_and_coherent(),
+        layout: layout(&[0, 1]),
+        pages: 2,
+        capacity: vec![1, 1],
+        max_outstanding: 2,
+        max_writes: 2,
+        max_failures: 1,
+        moves: Moves {
+            flush: true,
+            revert: true,
+            discard: true,
+            ..Moves::default()
+        },
+        max_states: max_states(),
+    };
+    let r = run("file revert", cfg);
+    assert!(r.states > 1000, "the revert moves were explored");
+}
+
 #[test]
 fn remote_maps_with_faults_migrations_evictions_discards() {
     let cfg = Config {

@@ -36,6 +36,9 @@ pub struct Moves {
     /// The file growing back over the last page while it is beyond the end of the file
     /// (`Invalidate { Extend }`), at any point after its truncation: while its drop waits, too.
     pub extend: bool,
+    /// The file's copy of one file page wins over ours (`Invalidate { Revert }`: a conflict
+    /// resolved for another process): dropped unwritten, dirty or not.
+    pub revert: bool,
     /// mprotect read-only and back.
     pub protect: bool,
     /// Read-mostly and preferred-location advice.
@@ -221,6 +224,9 @@ fn moves(cfg: &Config, s: &State) -> Vec<Move> {
             }
             if cfg.moves.unmap {
                 v.push(Move::Invalidate(page(p), Invalidation::Unmap));
+            }
+            if cfg.moves.revert && w.blocks[0].page(p).file {
+                v.push(Move::Invalidate(page(p), Invalidation::Revert));
             }
             if cfg.moves.protect {
                 for (read, write) in [(true, false), (true, true)] {

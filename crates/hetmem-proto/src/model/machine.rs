@@ -46,6 +46,9 @@ pub struct Machine {
     pub(crate) latest: Vec<u32>,
     /// Pages no longer managed (munmapped or truncated): their data is nobody's business.
     pub(crate) gone: Vec<bool>,
+    /// Pages whose revert (`Invalidate { Revert }`) is pending: no writeback may start for
+    /// them, since the file's copy is to win.
+    pub(crate) reverting: Vec<bool>,
     in_flight: Vec<(OpId, InFlight)>,
 }
 
@@ -61,6 +64,7 @@ impl Machine {
             file: vec![0; pages],
             latest: vec![0; pages],
             gone: vec![false; pages],
+            reverting: vec![false; pages],
             in_flight: Vec::new(),
         }
     }
@@ -172,6 +176,11 @@ impl Machine {
                 file_page,
             } => {
                 for p in run.pages().take_while(|&p| p < n) {
+                    if self.reverting[p] {
+                        return Err(Violation::new(format!(
+                            "page {p} is written back after its revert: ours over the file's"
+                        )));
+                    }
                     self.require_frame(src, p)?;
                     self.require_file_page(file_page, run.start(), p)?;
                     let value = self.value(src, p);

@@ -34,6 +34,13 @@ pub enum Outstanding {
         /// Pages.
         run: PageRun,
     },
+    /// The file's copy wins over ours: on completion the pages hold the file's value again.
+    Revert {
+        /// Block index.
+        block: usize,
+        /// Pages.
+        run: PageRun,
+    },
     /// The file grew back over pages beyond its end; on completion they hold what the file
     /// grew with (a new version, as another process's `ftruncate` and `write` would put there).
     Extend {
@@ -148,12 +155,21 @@ impl<const W: usize> World<W> {
         let note = match kind {
             Invalidation::Discard => Outstanding::Discard { block, run },
             Invalidation::Extend => Outstanding::Extend { block, run },
+            Invalidation::Revert => Outstanding::Revert { block, run },
             _ => Outstanding::Other,
         };
-        if matches!(kind, Invalidation::Unmap | Invalidation::Truncate) {
+        // From the event on, the pages' data is being dropped (for a revert, until its
+        // completion says what they hold: the file's value).
+        if matches!(
+            kind,
+            Invalidation::Unmap | Invalidation::Truncate | Invalidation::Revert
+        ) {
             let n = self.machines[block].pages();
             for p in run.pages().take_while(|&p| p < n) {
                 self.machines[block].gone[p] = true;
+                if kind == Invalidation::Revert {
+                    self.machines[block].reverting[p] = true;
+                }
             }
         }
         let id = self.remember(slot, note);
@@ -308,6 +324,23 @@ impl<const W: usize> World<W> {
                 for p in run.pages().take_while(|&p| p < n) {
                     if !self.blocks[b].page(p).file {
                         self.machines[b].latest[p] = 0;
+                    }
+                }
+            }
+            Outstanding::Revert { block: b, run } => {
+                // Dropped unwritten: what the pages show next is the file's, whatever was
+                // written to them meanwhile.
+                let n = self.machines[b].pages();
+                for p in run.pages().take_while(|&p| p < n) {
+                    let m = &mut self.machines[b];
+                    m.gone[p] = false;
+                    m.reverting[p] = false;
+                    m.latest[p] = m.file[p];
+                    if let Some(log) = &mut self.log {
+                        log.push(format!(
+                            "b{b}: page {p} reverted to the file's {}",
+                            m.file[p]
+                        ));
                     }
                 }
             }
