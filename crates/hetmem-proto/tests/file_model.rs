@@ -22,14 +22,15 @@ fn search(name: &str, mut cfg: Config) -> (Report, f64) {
     let c = r.coverage;
     println!(
         "file-model {name}: {} states, {} transitions, depth {}, {secs:.1} s, truncated {}; \
-         breaks served {}, timeouts {}, retakes with drop {}, good syncs {}, errors reported {}, \
-         redirtied {}, crashes {}",
+         breaks served {}, timeouts {}, conflicts {}, retakes with drop {}, good syncs {}, \
+         errors reported {}, redirtied {}, crashes {}",
         r.states,
         r.transitions,
         r.max_depth,
         r.truncated,
         c.breaks_served,
         c.timeouts,
+        c.conflicts,
         c.retakes_with_drop,
         c.good_syncs,
         c.errors_reported,
@@ -51,8 +52,8 @@ fn passes(name: &str, cfg: Config) -> Report {
     assert!(!r.truncated, "{name}: state bound reached");
     let c = r.coverage;
     assert!(
-        c.breaks_served > 0 && c.timeouts > 0,
-        "{name}: no break ran"
+        c.breaks_served > 0 && c.timeouts > 0 && c.conflicts > 0,
+        "{name}: no break ran, or none ran past its deadline"
     );
     assert!(
         c.retakes_with_drop > 0,
@@ -158,8 +159,8 @@ fn shared_and_a_fork_child() {
     clean("shared + fork child", no_external_data(Second::ForkChild));
 }
 
-/// With another process's data operation too: private 17 M states (~130 s), fork child 13 M
-/// (~80 s); two Shared and read-only pass 50 M states without a violation but do not finish
+/// With another process's data operation too: private 15.6 M states (~130 s), fork child 12.3 M
+/// (~95 s); two Shared and read-only passed 50 M states without a violation but did not finish
 /// (`HETMEM_MC_MAX` raises the bound). Run with `--ignored`.
 #[test]
 #[ignore]
@@ -174,13 +175,14 @@ fn second_mappings_with_external_data() {
     }
 }
 
-/// The runtime as written lets `check_eof` take the lease back while the lease thread is still
+/// The runtime as it was let `check_eof` take the lease back while the lease thread is still
 /// serving a break the kernel timed out; `broken` then ends with `leased = false` and an
 /// `F_UNLCK` of the lease retaken meanwhile, without setting `unleased_cache` again. A page
 /// faulted in under the retaken lease can survive the next retake unchecked, and a second
 /// opener's break is answered by the first break's release before the writes made under the
-/// retaken lease are written back (P5). The model finds this; it is reported, not fixed here
-/// (docs/protocol.md §7.6). The other configs model the fix: the retake waits for the break.
+/// retaken lease are written back (P5). The model found this; the runtime now waits
+/// (`FileBacking::breaking`), as the other configs model: this config keeps the old rule to show
+/// that the model catches it.
 #[test]
 fn retake_during_a_timed_out_break_as_the_runtime_does() {
     let mut cfg = Config::new(Second::None);
@@ -229,12 +231,14 @@ fn retake_keeping_stale_pages_is_caught() {
     );
 }
 
+/// Caught by P7 first: with the lease released before the writeback, the shortest trace ends
+/// with a page mapping 0 still caches at the release.
 #[test]
 fn release_before_writeback_is_caught() {
     caught(
         "mutant ReleaseBeforeWriteback",
         mutant(Second::None, FileMutant::ReleaseBeforeWriteback),
-        "P5",
+        "P7",
     );
 }
 
@@ -249,5 +253,23 @@ fn private_mapping_writing_back_is_caught() {
         "mutant PrivateWritesBack (fork child)",
         mutant(Second::ForkChild, FileMutant::PrivateWritesBack),
         "P2",
+    );
+}
+
+#[test]
+fn a_break_writing_past_its_deadline_is_caught() {
+    caught(
+        "mutant NoDeadline",
+        mutant(Second::None, FileMutant::NoDeadline),
+        "P6",
+    );
+}
+
+#[test]
+fn faults_during_a_break_without_the_gate_are_caught() {
+    caught(
+        "mutant NoGate",
+        mutant(Second::None, FileMutant::NoGate),
+        "P7",
     );
 }

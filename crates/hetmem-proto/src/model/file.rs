@@ -18,9 +18,13 @@
 //!   errors, then for `sync` the `fdatasync`), hetmem's error sequence with the seen rule, the
 //!   re-dirtying of unsynced pages after a kernel writeback error;
 //! - the lease: the kernel's lease state (none, held, breaking), the lease thread's break
-//!   procedure (flush every page, then discard every page, then release), the kernel's
-//!   timeout of an unanswered break, hetmem's belief (`leased`) and its `unleased_cache` flag,
-//!   the retake with its drop of what was cached without the lease, and the size check;
+//!   procedure (flush every page, then discard every page, then release), its gate (mapping 0's
+//!   faults wait from the signal to the release: no fault on a page it does not cache, no write
+//!   to a page it cached clean or the break write-protected), its deadline (a move of its own,
+//!   before the kernel's timeout of a break being served; past it no writeback of mapping 0
+//!   lands and its pages are conflicted until resolved), the kernel's timeout, hetmem's belief
+//!   (`leased`) and its `unleased_cache` flag, the retake with its drop of what was cached
+//!   without the lease, and the size check;
 //! - another process that opens the file (breaking a held lease first), writes a page,
 //!   truncates down and up, punches a page or collapses the first page away, and closes it.
 //!
@@ -45,7 +49,13 @@
 //!   mapping 0 caches equals the page cache.
 //! - **P5 (break)**: when a break lets the opener proceed, every page that was dirty when the
 //!   break was signalled is in the page cache with at least that version, unless its writeback
-//!   failed during the break (§6).
+//!   failed or was refused as conflicted during the break (§6).
+//! - **P6 (deadline)**: from the kernel's timeout of a break being served (the opener is in) to
+//!   the break's release, no writeback of mapping 0 reaches the page cache; and a conflicted
+//!   page is never handed over before the application resolves it.
+//! - **P7 (gate)**: when a break releases, mapping 0 caches only pages whose writeback failed or
+//!   was refused in it (the break could not drop them): nothing was faulted in again behind the
+//!   break's discard.
 //!
 //! Not modelled: the protocol inside a block (devices, copies, in-flight ops: that is
 //! [`super::explore`]'s job), the runtime's locks and threads themselves (each step here is
@@ -94,6 +104,10 @@ pub enum FileMutant {
     ReleaseBeforeWriteback,
     /// A Private mapping's (or fork child's) flush writes its pages back (P2).
     PrivateWritesBack,
+    /// The break writes back past its deadline (P6).
+    NoDeadline,
+    /// No break gate: mapping 0 faults during a break (P7).
+    NoGate,
 }
 
 /// A small world to explore.
@@ -197,8 +211,14 @@ pub enum Move {
     ExtCollapse,
     /// The kernel writes page `p` of the page cache out; `true`: it fails.
     KernelWriteback(u8, bool),
-    /// The kernel gives up waiting on a break (`lease-break-time`).
+    /// The kernel gives up waiting on a break (`lease-break-time`): after the break's
+    /// deadline, if one is being served.
     Timeout,
+    /// The deadline of the break being served passes (`lease-break-time` less a margin).
+    Deadline,
+    /// The application resolves the conflict of mapping 0's page `p`: `true` for its own copy
+    /// (dirty, written by the next flush), `false` for the file's (dropped unwritten).
+    Resolve(u8, bool),
     /// The lease thread's next break step; `true`: its `pwrite` fails.
     BreakStep(bool),
     /// Power loss.
@@ -212,6 +232,8 @@ pub struct Coverage {
     pub breaks_served: u64,
     /// Breaks the kernel timed out.
     pub timeouts: u64,
+    /// Pages a break past its deadline left conflicted.
+    pub conflicts: u64,
     /// Retakes that dropped what was cached without the lease.
     pub retakes_with_drop: u64,
     /// `sync` calls that returned `Ok`.
@@ -346,6 +368,19 @@ struct State {
     /// the break.
     brk_start: [Option<u8>; PAGES],
     brk_failed: [bool; PAGES],
+    /// The break being served has write-protected page `p` for its writeback (the gate holds
+    /// a write to it from then on).
+    brk_wp: [bool; PAGES],
+    /// Ghost (P7): pages the break being served kept (its writeback failed or was refused).
+    brk_kept: [bool; PAGES],
+    /// The deadline of the break being served has passed (`FileBacking::gate.timed_out`).
+    deadline: bool,
+    /// Ghost (P6): the kernel let the opener in while the break was being served.
+    timed_out_in_break: bool,
+    /// Mapping 0's pages a break past its deadline refused to write (`FileBacking::conflicts`).
+    conflicted: [bool; PAGES],
+    /// Ghost (P6): a violation seen inside a step, reported by `check`.
+    p6: Option<u8>,
     opener: Option<Opener>,
     ext_open: bool,
     hseq: Seq,
@@ -390,6 +425,12 @@ impl State {
             brk_again: false,
             brk_start: [None; PAGES],
             brk_failed: [false; PAGES],
+            brk_wp: [false; PAGES],
+            brk_kept: [false; PAGES],
+            deadline: false,
+            timed_out_in_break: false,
+            conflicted: [false; PAGES],
+            p6: None,
             opener: None,
             ext_open: false,
             hseq: Seq::default(),
@@ -451,11 +492,27 @@ impl State {
     /// `pwrite` of mapping `m`'s dirty page `p` (every writeback path ends here,
     /// `mm/exec.rs::write_back`). A failure keeps the page dirty and records the error.
     fn pwrite(&mut self, cfg: &Config, m: usize, p: usize, fail: bool) -> bool {
+        if m == 0 {
+            // Refused, not failed: no error recorded, the page stays dirty and cached.
+            if self.conflicted[p] {
+                return false;
+            }
+            if self.brk.is_some() && self.deadline && !cfg.mutated(FileMutant::NoDeadline) {
+                self.conflicted[p] = true;
+                // Kept by this break (P5, P7), whoever's writeback it refused.
+                self.brk_failed[p] = true;
+                self.brk_kept[p] = true;
+                return false;
+            }
+        }
         if fail {
             self.record_pwrite_error(cfg);
             return false;
         }
         let v = self.maps[m].pages[p].val;
+        if m == 0 && self.timed_out_in_break && self.p6.is_none() {
+            self.p6 = Some(p as u8);
+        }
         self.handed(p, v);
         self.pc_dirty[p] = true;
         // A pwrite past the end of file extends it (§11.2's race without a lease).
@@ -566,11 +623,31 @@ impl State {
         // `broken`: from here on pages may be cached without the lease.
         self.unleased = true;
         self.brk = Some(0);
+        self.brk_wp = [false; PAGES];
+        self.brk_kept = [false; PAGES];
+        self.deadline = false;
+        self.timed_out_in_break = false;
     }
 
     /// The break's release: `leased` false, `F_UNLCK` of whatever lease mapping 0 holds now.
     fn release(&mut self, cfg: &Config) -> Check {
         self.leased = false;
+        for p in 0..PAGES {
+            let slot = self.maps[0].pages[p];
+            // Kept by the break: still dirty, or written back since by the application's own
+            // flush (after it resolved the page's conflict for its copy).
+            if slot.cached && !(self.brk_kept[p] || self.conflicted[p]) {
+                return Err(format!(
+                    "P7: the break releases but mapping 0 caches page {p} ({}), neither failed \
+                     nor conflicted: cached again behind the break's discard",
+                    if slot.dirty { "dirty" } else { "clean" }
+                ));
+            }
+        }
+        self.deadline = false;
+        self.timed_out_in_break = false;
+        self.brk_wp = [false; PAGES];
+        self.brk_kept = [false; PAGES];
         match self.klease {
             KLease::Breaking => {
                 for p in 0..PAGES {
@@ -598,6 +675,12 @@ impl State {
 
     /// The invariants checked in every state.
     fn check(&self) -> Check {
+        if let Some(p) = self.p6 {
+            return Err(format!(
+                "P6: mapping 0 hands page {p} over after the kernel let the opener in, before \
+                 the break's release"
+            ));
+        }
         for p in 0..PAGES {
             if self.unhanded & (bit(self.pc[p]) | bit(self.disk[p])) != 0 {
                 return Err(format!(
@@ -639,6 +722,10 @@ fn moves(cfg: &Config, s: &State) -> Vec<Move> {
         }
         let mode = cfg.mode(m);
         let mu = m as u8;
+        // The break gate: while a break of mapping 0 runs, its faults wait. A store goes
+        // through only to a page mapped writable (dirty) that the break has not yet
+        // write-protected for its writeback.
+        let gated = m == 0 && s.brk.is_some() && !cfg.mutated(FileMutant::NoGate);
         for p in 0..PAGES {
             let slot = map.pages[p];
             // A fork child's snapshot faults nothing from the file in this model.
@@ -646,10 +733,12 @@ fn moves(cfg: &Config, s: &State) -> Vec<Move> {
                 && mode != Second::ForkChild
                 && p < map.eof as usize
                 && p < s.size as usize
+                && !gated
             {
                 v.push(Move::Read(mu, p as u8));
             }
-            if slot.cached && s.writes_left > 0 && mode != Second::ReadOnly {
+            let held = gated && (!slot.dirty || s.brk_wp[p]);
+            if slot.cached && s.writes_left > 0 && mode != Second::ReadOnly && !held {
                 v.push(Move::Write(mu, p as u8));
             }
         }
@@ -730,8 +819,18 @@ fn moves(cfg: &Config, s: &State) -> Vec<Move> {
             }
         }
     }
-    if s.klease == KLease::Breaking {
+    // The deadline of a break being served comes before the kernel's timeout (the margin).
+    if s.klease == KLease::Breaking && (s.brk.is_none() || s.deadline) {
         v.push(Move::Timeout);
+    }
+    if s.brk.is_some() && !s.deadline {
+        v.push(Move::Deadline);
+    }
+    for p in 0..PAGES {
+        if s.conflicted[p] {
+            v.push(Move::Resolve(p as u8, true));
+            v.push(Move::Resolve(p as u8, false));
+        }
     }
     if let Some(step) = s.brk {
         let writes = break_page(cfg, step).is_some_and(|(_, p)| {
@@ -929,8 +1028,27 @@ fn apply(cfg: &Config, s: &mut State, mv: Move, cov: &mut Coverage) -> Check {
                 s.disk[p] = s.pc[p];
             }
         }
+        Move::Deadline => s.deadline = true,
+        Move::Resolve(p, mine) => {
+            let p = p as usize;
+            s.conflicted[p] = false;
+            if !mine {
+                // The file's copy wins: ours is dropped unwritten, and a sync in progress
+                // promises nothing for it (the application chose so, as a truncation does).
+                s.maps[0].pages[p] = Slot::default();
+                s.maps[0].unsynced[p] = None;
+                if let Some(op) = &mut s.maps[0].op {
+                    op.dirty_at_start[p] = None;
+                }
+                // Nor does a break in progress owe it to the opener (P5).
+                s.brk_start[p] = None;
+            }
+        }
         Move::Timeout => {
             cov.timeouts += 1;
+            if s.brk.is_some() {
+                s.timed_out_in_break = true;
+            }
             s.klease = KLease::None;
             s.proceed(cfg);
             // No opener waits any more: P5 has nothing left to check for this break.
@@ -944,14 +1062,21 @@ fn apply(cfg: &Config, s: &mut State, mv: Move, cov: &mut Coverage) -> Check {
             match break_page(cfg, step) {
                 Some((false, p)) => {
                     let slot = s.maps[0].pages[p];
+                    s.brk_wp[p] = true;
+                    let was = s.conflicted[p];
                     if slot.cached && slot.dirty && !s.pwrite(cfg, 0, p, fail) {
                         s.brk_failed[p] = true;
+                        s.brk_kept[p] = true;
+                    }
+                    if s.conflicted[p] && !was {
+                        cov.conflicts += 1;
                     }
                     s.brk = Some(step + 1);
                 }
                 Some((true, p)) => {
                     if !s.discard(cfg, p, fail) {
                         s.brk_failed[p] = true;
+                        s.brk_kept[p] = true;
                     }
                     s.brk = Some(step + 1);
                 }
@@ -997,6 +1122,7 @@ fn apply(cfg: &Config, s: &mut State, mv: Move, cov: &mut Coverage) -> Check {
             s.pc = s.disk;
             s.pc_dirty = [false; PAGES];
             s.maps = [Map::default(); 2];
+            s.conflicted = [false; PAGES];
         }
     }
     s.check()
