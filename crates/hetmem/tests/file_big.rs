@@ -37,6 +37,7 @@ common::serial_tests!(
     cache_limit_keeps_dirty_blocks,
     cache_limit_refused_where_it_cannot_work,
     scan_in_a_memory_cgroup,
+    metadata_that_cannot_fit_is_refused,
 );
 
 /// The child of `scan_in_a_memory_cgroup`: does nothing unless `HETMEM_CGROUP_CHILD` names a
@@ -601,6 +602,66 @@ mod scenarios {
             );
         }
         ensure!(hetmem_files_open() == 0, "a refused mapping left its memfd");
+        Ok(())
+    }
+
+    /// Block metadata is still built at `map_file` for the whole range (lazy metadata is not
+    /// done: `docs/file-contract.md` §11.1). A file whose metadata cannot fit in the machine's
+    /// memory is refused with `NoMem` before the file is opened (so before any lease) and
+    /// before anything is allocated: no open seen by inotify, no memfd, no descriptor of the
+    /// file left open, the context still working.
+    pub fn metadata_that_cannot_fit_is_refused() -> Result<()> {
+        let dir = TempDir::new("metadata_refused")?;
+        // On a tmpfs where one can be mounted: its files may be sparse past ext4's 16 TiB.
+        let mnt = dir.path("tmpfs");
+        std::fs::create_dir(&mnt)?;
+        let _tmpfs = common::fs::Mount::tmpfs(&mnt, "size=16m")?;
+        let path = mnt.join("data");
+        let hm = cpu_context()?;
+        let mem_bytes = std::fs::read_to_string("/proc/meminfo")?
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .context("MemTotal")?
+            * 1024;
+        // A mapping whose metadata would take twice the machine's memory.
+        let per_page = hm.metadata_bytes_per_page().max(1.0);
+        let mut len: u64 = 1 << 40;
+        while (len / PAGE_SIZE as u64) as f64 * per_page <= 2.0 * mem_bytes as f64 {
+            len *= 2;
+        }
+        let len = len - PAGE_SIZE as u64;
+        if sparse_file(&path, len)?.is_none() {
+            return Ok(());
+        }
+        // inotify tells whether the file was opened: refused before the open, which would break
+        // a lease another process held.
+        let ino = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        ensure!(ino >= 0, "inotify_init1");
+        let cpath = common::fs::cstr(&path)?;
+        ensure!(unsafe { libc::inotify_add_watch(ino, cpath.as_ptr(), libc::IN_OPEN) } >= 0);
+        let r = hm.map_file(&path, 0, len as usize, FileMode::Shared);
+        let mut buf = [0u8; 256];
+        let n = unsafe { libc::read(ino, buf.as_mut_ptr().cast(), buf.len()) };
+        unsafe { libc::close(ino) };
+        ensure!(n < 0, "the file was opened ({n} bytes of inotify events)");
+        ensure!(
+            matches!(r, Err(hetmem::Error::NoMem)),
+            "map_file of {} TiB: {:?}",
+            len >> 40,
+            r.err()
+        );
+        ensure!(hetmem_files_open() == 0, "a refused mapping left its memfd");
+        let want = path.canonicalize()?;
+        let still_open = std::fs::read_dir("/proc/self/fd")?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .any(|l| l == want);
+        ensure!(!still_open, "the file is still open after the refusal");
+        // The context still maps what fits.
+        std::fs::write(&path, vec![7u8; PAGE_SIZE])?;
+        let m = hm.map_file(&path, 0, PAGE_SIZE, FileMode::Shared)?;
+        ensure!(m.as_slice()[0] == 7);
         Ok(())
     }
 

@@ -236,6 +236,9 @@ impl Hetmem {
                 "offset + length is past the largest file offset",
             ));
         }
+        // The block metadata must fit in the machine's memory (it is built for the whole range
+        // at once): refused here, before the file is opened or leased.
+        Region::check_metadata_fits(len, self.0.inner.devices.len())?;
         let path = path.as_ref();
         // Resolved without opening it for I/O: a FIFO, device, socket or /proc file is refused
         // before any open could block or have side effects (`sys::file::Pinned`).

@@ -171,14 +171,22 @@ impl Region {
         if len > Self::MAX_LEN {
             return Err(Error::Invalid("length beyond what a memfd can hold"));
         }
-        let nblocks = len.div_ceil(BLOCK_BYTES);
-        let fits = nblocks
+        Self::check_metadata_fits(len, devices)?;
+        mem::try_vec(len.div_ceil(BLOCK_BYTES)).ok_or(Error::NoMem)
+    }
+
+    /// `NoMem` if the metadata of a `len`-byte region with `devices` devices cannot fit in the
+    /// machine's memory (every block's is built at once).
+    pub fn check_metadata_fits(len: usize, devices: usize) -> Result<()> {
+        let fits = len
+            .div_ceil(BLOCK_BYTES)
             .checked_mul(Self::metadata_per_block(devices))
             .is_some_and(mem::fits_in_memory);
-        if !fits {
-            return Err(Error::NoMem);
+        if fits {
+            Ok(())
+        } else {
+            Err(Error::NoMem)
         }
-        mem::try_vec(nblocks).ok_or(Error::NoMem)
     }
 
     /// A region over `memfd`, whose blocks go into `slots`, reserved for them by
