@@ -29,7 +29,9 @@ common::serial_tests!(
     a_blocked_writeback_leaves_the_block_free,
     faults_wait_at_the_break_gate,
     a_break_past_its_deadline_leaves_conflicts,
+    a_drop_with_conflicts_keeps_the_mapping,
     dirty_data_stays_within_the_break_budget,
+    the_budget_holds_beside_another_context,
 );
 
 fn is_root() -> bool {
@@ -305,6 +307,19 @@ mod scenarios {
     /// (written by the next flush). Without the deadline, the break wrote them over the
     /// opener's data.
     pub fn a_break_past_its_deadline_leaves_conflicts() -> Result<()> {
+        deadline_scenario(false)
+    }
+
+    /// As above, then the mapping is dropped with its conflicts unresolved: the drop cannot
+    /// write them (that is what conflicted means), so it keeps the mapping, data and all, for
+    /// `Hetmem::take_kept_file_mappings`, and counts an error (`stats().errors`), as for any
+    /// writeback that fails at a drop. The file keeps the opener's data and its old data; the
+    /// kept mapping still has its conflicts, and can resolve them.
+    pub fn a_drop_with_conflicts_keeps_the_mapping() -> Result<()> {
+        deadline_scenario(true)
+    }
+
+    fn deadline_scenario(drop_unresolved: bool) -> Result<()> {
         if !is_root() {
             eprintln!("SKIPPED: setting lease-break-time needs root");
             return Ok(());
@@ -334,10 +349,10 @@ mod scenarios {
         let (started_tx, started_rx) = mpsc::channel();
         let (go_tx, go_rx) = mpsc::channel::<()>();
         let go_rx = std::sync::Mutex::new(go_rx);
-        let m = &m;
+        let mr = &m;
         std::thread::scope(|s| -> Result<()> {
             let kernel = s.spawn(|| {
-                dev.kernel_write(m.addr(), PAGE_SIZE, |_, page| {
+                dev.kernel_write(mr.addr(), PAGE_SIZE, |_, page| {
                     let _ = started_tx.send(());
                     let _ = go_rx.lock().map(|rx| rx.recv());
                     stamp_page(page, 1, 0);
@@ -399,6 +414,34 @@ mod scenarios {
             page_is(&m.as_slice()[page(1)], 1, 1),
             "our page 1 was not kept"
         );
+        if drop_unresolved {
+            ensure!(hm.stats().errors == 0, "errors before the drop");
+            drop(m);
+            ensure!(
+                pread_file(&path)? == file,
+                "the drop wrote conflicted pages"
+            );
+            ensure!(hm.stats().errors == 1, "errors: {}", hm.stats().errors);
+            let kept = hm.take_kept_file_mappings();
+            ensure!(kept.len() == 1, "{} mappings kept", kept.len());
+            ensure!(kept[0].conflicts().len() == 2, "{:?}", kept[0].conflicts());
+            ensure!(
+                page_is(&kept[0].as_slice()[page(1)], 1, 1),
+                "kept: our page 1"
+            );
+            kept[0].resolve_conflicts(0, len, Resolution::Theirs)?;
+            ensure!(
+                page_is(&kept[0].as_slice()[page(600)], 2, 600),
+                "kept: theirs"
+            );
+            drop(kept);
+            ensure!(
+                pread_file(&path)? == file,
+                "the file after the kept mapping's drop"
+            );
+            ensure!(hm.stats().errors == 1, "errors: {}", hm.stats().errors);
+            return Ok(());
+        }
         // Theirs for pages 2 and 600, ours for the rest.
         m.resolve_conflicts(600 * PAGE_SIZE, PAGE_SIZE, Resolution::Theirs)?;
         m.resolve_conflicts(2 * PAGE_SIZE, PAGE_SIZE, Resolution::Theirs)?;
@@ -488,6 +531,42 @@ mod scenarios {
         m.flush()?;
         ensure!(m.dirty_bytes() == 0);
         ensure!(hm.stats().errors == 0, "errors: {}", hm.stats().errors);
+        Ok(())
+    }
+
+    /// The budget of a mapping in one context holds while another context has a mapping of
+    /// its own served by the same background thread. Region numbers are per context, so both
+    /// mappings are region 0 of theirs: the flusher once keyed them by that number, found the
+    /// other context's mapping for each request, and never wrote this one back.
+    pub fn the_budget_holds_beside_another_context() -> Result<()> {
+        let dir = TempDir::new("budget_two_contexts")?;
+        let (path_a, path_b) = (dir.path("a"), dir.path("b"));
+        let len = 16 * MIB;
+        create_file(&path_a, &content(0, 0, 4 * MIB))?;
+        create_file(&path_b, &content(0, 0, len))?;
+        let budget = FileOptions::new(FileMode::Shared).break_budget(Some(Duration::ZERO));
+        let hm_a = Hetmem::builder().build()?;
+        let a = hm_a.map_file_with(&path_a, 0, 4 * MIB, budget)?;
+        let hm_b = Hetmem::builder().build()?;
+        let mut b = hm_b.map_file_with(&path_b, 0, len, budget)?;
+        if !a.is_leased() || !b.is_leased() {
+            eprintln!("SKIPPED: no leases");
+            return Ok(());
+        }
+        {
+            let w = b.as_mut_slice().expect("writable");
+            for p in 0..len / PAGE_SIZE {
+                stamp_page(&mut w[p * PAGE_SIZE..][..PAGE_SIZE], 1, p);
+            }
+        }
+        wait_until("b under its budget", Duration::from_secs(20), || {
+            b.dirty_bytes() <= 2 * MIB
+        })?;
+        ensure!(hm_b.stats().background_writebacks > 0);
+        b.flush()?;
+        ensure!(pread_file(&path_b)? == content(1, 0, len));
+        drop(a);
+        ensure!(hm_a.stats().errors == 0 && hm_b.stats().errors == 0);
         Ok(())
     }
 }

@@ -522,8 +522,9 @@ impl FileMapping {
     /// written back, and the kernel let the other process in, so hetmem does not write them
     /// over what that process may have written (`docs/file-contract.md` §6, "Bounded
     /// breaks"). They stay dirty and cached, readable and writable; no writeback writes them
-    /// (`flush`, `sync`, eviction to the file, a drop: a drop loses them and counts an
-    /// error) until [`FileMapping::resolve_conflicts`] says which copy wins. Empty when there
+    /// (`flush`, `sync`, eviction to the file, a drop: a drop keeps the mapping for
+    /// [`Hetmem::take_kept_file_mappings`] and counts an error) until
+    /// [`FileMapping::resolve_conflicts`] says which copy wins. Empty when there
     /// are none, and always for Private and ReadOnly mappings.
     pub fn conflicts(&self) -> Vec<std::ops::Range<usize>> {
         self.backing()

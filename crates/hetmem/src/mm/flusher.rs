@@ -21,17 +21,25 @@ use hetmem_proto::PAGES_PER_BLOCK;
 use crate::mm::region::Region;
 use crate::mm::runtime::Runtime;
 
-type Entry = (u64, Weak<Runtime>, Weak<Region>);
+/// A mapping served: its key (`key`), its context and its region.
+type Entry = (usize, Weak<Runtime>, Weak<Region>);
+
+/// A region's key here: its address, unique among live regions of the process (region ids
+/// are per context, so two contexts' regions can share one). A region registered stays alive
+/// until its drop unregisters it, so the address is not reused meanwhile.
+fn key(region: &Region) -> usize {
+    region as *const Region as usize
+}
 
 #[derive(Default)]
 struct Queue {
     /// The process whose thread serves this queue: a fork child has none until it starts
     /// its own.
     pid: u32,
-    /// Mappings served, by region id.
+    /// Mappings served.
     registry: Vec<Entry>,
-    /// Region ids asked for, each at most once.
-    pending: VecDeque<u64>,
+    /// Keys of the regions asked for, each at most once.
+    pending: VecDeque<usize>,
 }
 
 static QUEUE: Mutex<Queue> = Mutex::new(Queue {
@@ -67,7 +75,7 @@ pub(crate) fn register(inner: &Arc<Runtime>, region: &Arc<Region>) {
         }
     }
     q.registry
-        .push((region.id, Arc::downgrade(inner), Arc::downgrade(region)));
+        .push((key(region), Arc::downgrade(inner), Arc::downgrade(region)));
     drop(q);
     let limit = f.compute_dirty_limit(crate::sys::lease::break_time());
     f.dirty_limit.store(limit, Ordering::Relaxed);
@@ -75,9 +83,10 @@ pub(crate) fn register(inner: &Arc<Runtime>, region: &Arc<Region>) {
 
 /// Stops serving `region`.
 pub(crate) fn unregister(region: &Region) {
+    let k = key(region);
     let mut q = lock();
-    q.registry.retain(|(id, _, _)| *id != region.id);
-    q.pending.retain(|id| *id != region.id);
+    q.registry.retain(|(r, _, _)| *r != k);
+    q.pending.retain(|r| *r != k);
 }
 
 /// Asks the flusher to bring `region` under its dirty limit; once until it has.
@@ -88,9 +97,10 @@ pub(crate) fn kick(region: &Region) {
     if f.flusher_kicked.swap(true, Ordering::AcqRel) {
         return;
     }
+    let k = key(region);
     let mut q = lock();
-    if q.pid == std::process::id() && !q.pending.contains(&region.id) {
-        q.pending.push_back(region.id);
+    if q.pid == std::process::id() && !q.pending.contains(&k) {
+        q.pending.push_back(k);
         WAKE.notify_one();
     } else {
         // No thread of ours serves it (a fork child's copy): never again.
@@ -104,11 +114,11 @@ fn serve() {
         let found = {
             let mut q = lock();
             loop {
-                if let Some(id) = q.pending.pop_front() {
+                if let Some(k) = q.pending.pop_front() {
                     break q
                         .registry
                         .iter()
-                        .find(|(r, _, _)| *r == id)
+                        .find(|(r, _, _)| *r == k)
                         .and_then(|(_, i, r)| Some((i.upgrade()?, r.upgrade()?)));
                 }
                 q = WAKE.wait(q).unwrap_or_else(|e| e.into_inner());
