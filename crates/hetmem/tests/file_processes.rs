@@ -356,7 +356,7 @@ mod scenarios {
     }
 
     /// Forks while another thread maps and drops files (taking the module's locks: the lease
-    /// registry, the files' error sequences): each child builds a context of its own and maps
+    /// registry, the files' error sequences, the background writeback's queue): each child builds a context of its own and maps
     /// a file, which would wait for ever had it inherited one of those locks held by the
     /// parent's other thread. The fork handlers hold them across the fork instead, and the
     /// child's handler lets them go (without it every child hangs). The race itself is a
@@ -395,7 +395,7 @@ mod scenarios {
                     let Ok(hm) = context(DeviceKind::Private, 4 * MIB) else {
                         return 1;
                     };
-                    match hm.map_file(&mine, 0, PAGE_SIZE, FileMode::ReadOnly) {
+                    match hm.map_file(&mine, 0, PAGE_SIZE, FileMode::Shared) {
                         Ok(m) if m.as_slice()[..8] == content(0, 0, PAGE_SIZE)[..8] => 0,
                         _ => 2,
                     }

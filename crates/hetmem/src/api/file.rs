@@ -754,8 +754,10 @@ impl Drop for FileMapping {
         if inner.is_owner() {
             // Not in a fork child: the lease is on the description it shares with the parent.
             crate::mm::leases::unregister(&self.handle.region);
-            crate::mm::flusher::unregister(&self.handle.region);
             if let Some(f) = &self.handle.region.file {
+                if f.break_budget.is_some() {
+                    crate::mm::flusher::unregister(&self.handle.region);
+                }
                 // The file is no longer open by this mapping from here: another mapping of it
                 // may take a write lease at once.
                 f.retire();

@@ -32,7 +32,7 @@ fn key(region: &Region) -> usize {
 }
 
 #[derive(Default)]
-struct Queue {
+pub(crate) struct Queue {
     /// The process whose thread serves this queue: a fork child has none until it starts
     /// its own.
     pid: u32,
@@ -51,6 +51,13 @@ static WAKE: Condvar = Condvar::new();
 
 fn lock() -> MutexGuard<'static, Queue> {
     QUEUE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The queue's lock, for fork's prepare handler (`mm/fork.rs`): a child must not inherit it
+/// locked by a thread it does not have (a `map_file` on another thread), or its first
+/// `map_file` would wait for ever.
+pub(crate) fn hold_for_fork() -> MutexGuard<'static, Queue> {
+    lock()
 }
 
 /// Serves `region` from now on, starting this process's flusher thread if it has none. If the

@@ -356,6 +356,7 @@ struct ForkHeld {
     _retiring: std::sync::MutexGuard<'static, Vec<(std::os::fd::RawFd, Arc<Region>)>>,
     _install: std::sync::MutexGuard<'static, ()>,
     _kept: std::sync::MutexGuard<'static, Vec<crate::mm::lifecycle::KeptMapping>>,
+    _flusher: std::sync::MutexGuard<'static, crate::mm::flusher::Queue>,
 }
 
 thread_local! {
@@ -377,6 +378,7 @@ fn hold_file_locks() {
         _kept: crate::mm::lifecycle::KEPT
             .lock()
             .unwrap_or_else(|e| e.into_inner()),
+        _flusher: crate::mm::flusher::hold_for_fork(),
     };
     FORK_HELD.with(|h| *h.borrow_mut() = Some(held));
 }
