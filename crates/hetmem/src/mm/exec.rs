@@ -181,8 +181,9 @@ impl Runtime {
         mut cpu_now: Mask,
         out: &mut Outcome,
     ) -> Result<Option<InFlight>, EventError> {
+        let mut transfers = Vec::new();
         loop {
-            let mut transfers = Vec::new();
+            transfers.clear();
             for action in actions.drain(..) {
                 match action {
                     Action::Transfer { op, src, dst, run } => transfers.push(Transfer {
@@ -452,7 +453,6 @@ impl Runtime {
                     }
                 }
                 for r in holes.runs() {
-                    self.cpu_ranges(region, bi, r, &mut ranges);
                     at.clear();
                     region.cpu_ranges_at(
                         bi * BLOCK_BYTES + r.start() * PAGE_SIZE,
@@ -476,7 +476,7 @@ impl Runtime {
                             out.wake.push((va, len));
                         }
                     } else {
-                        for &(va, len) in &ranges {
+                        for &(va, _, len) in &at {
                             self.zero_map(va, len);
                             out.wake.push((va, len));
                         }

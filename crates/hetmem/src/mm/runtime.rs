@@ -263,6 +263,13 @@ impl Runtime {
         self.space.spans(addr, end)
     }
 
+    /// The span of the one page at `addr`: `pieces(addr, PAGE_SIZE)`'s only piece, without
+    /// allocating (the fault path).
+    pub(crate) fn page_span(&self, addr: usize) -> Result<BlockSpan> {
+        self.check_range(addr, PAGE_SIZE)?;
+        self.space.span_at(addr)
+    }
+
     /// The tracer, when tracing is on: `if let Some(t) = self.trace() { t.instant(..) }` costs
     /// one branch when it is off.
     #[inline]
