@@ -108,6 +108,9 @@ impl Runtime {
         }
         let mut msgs = Vec::with_capacity(32);
         let mut work = Vec::with_capacity(32);
+        // The thread of the last fault this thread read, and when: faults of two threads close
+        // together are load for the spares, though each read brings one.
+        let (mut last_tid, mut last_at) = (0u32, 0u64);
         loop {
             let due = self.poisoned.next_due();
             let timeout = if watching && !armed {
@@ -189,11 +192,19 @@ impl Runtime {
             if ready.messages {
                 sp.rounds.fetch_add(1, Ordering::SeqCst);
                 if self.read_events(&mut msgs, &mut work, false) {
-                    let faults = work
-                        .iter()
-                        .filter(|w| matches!(w, ServiceWork::Fault { .. }))
-                        .count();
-                    if faults > 1 {
+                    // Two faults in one read, or faults of two threads close together.
+                    let mut faults = 0;
+                    let mut load = false;
+                    for w in &work {
+                        if let ServiceWork::Fault { tid, .. } = *w {
+                            faults += 1;
+                            load |= faults > 1
+                                || (tid != last_tid
+                                    && now.saturating_sub(last_at) < Spares::TOGETHER);
+                            (last_tid, last_at) = (tid, now);
+                        }
+                    }
+                    if load {
                         sp.hold(now);
                     }
                 } else {

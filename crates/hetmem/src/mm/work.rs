@@ -185,11 +185,12 @@ impl Background {
 /// back to sleep yet, for instance because the thread it just woke took its CPU. So a lone
 /// stream of faults stays on one thread, as with a plain userfaultfd handler.
 ///
-/// Spares arm (add the userfaultfd) when a read brings two faults or more (`hold`), and, while
+/// Spares arm (add the userfaultfd) when a read brings two faults, or faults of two threads come
+/// within `TOGETHER` of each other (`hold`; the message says the faulting thread), and, while
 /// watching, when faults are pending and no armed thread is waiting: the primary is held up in
 /// a long fault, or stuck behind one that needs another thread (a device kernel's closure that
 /// faults), so no fault waits on a busy primary for longer than a watch period. They disarm once
-/// `HOLD` has passed without such a read while some armed thread is waiting. A spare watches
+/// `HOLD` has passed without such faults while some armed thread is waiting. A spare watches
 /// (checks every `WATCH`) from the primary's first round after a quiet spell until `QUIET` has
 /// passed with no round while some armed thread waits.
 #[derive(Debug)]
@@ -213,8 +214,10 @@ impl Spares {
     /// How often a watching spare looks.
     pub(crate) const WATCH: std::time::Duration = std::time::Duration::from_millis(2);
     pub(crate) const WATCH_NS: u64 = 2_000_000;
-    /// How long spares stay armed after a read of two faults or more.
+    /// How long spares stay armed after faults of two threads came together.
     pub(crate) const HOLD: u64 = 20_000_000;
+    /// Faults of two threads this close (ns) came together.
+    pub(crate) const TOGETHER: u64 = 1_000_000;
     /// How long without progress before a spare stops watching.
     pub(crate) const QUIET: u64 = 200_000_000;
 
