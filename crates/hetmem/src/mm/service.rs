@@ -91,14 +91,11 @@ impl Runtime {
     pub(crate) fn serve(self: Arc<Self>, index: usize) {
         let spare = index > 0;
         let sp = &self.spares;
-        let waiter = match uffd::Waiter::new(
-            &self.uffd,
-            self.work.wakeup_fd(),
-            spare.then(|| sp.fd()),
-        ) {
-            Ok(w) => w,
-            Err(e) => return self.note_error("epoll", &e),
-        };
+        let waiter =
+            match uffd::Waiter::new(&self.uffd, self.work.wakeup_fd(), spare.then(|| sp.fd())) {
+                Ok(w) => w,
+                Err(e) => return self.note_error("epoll", &e),
+            };
         let mut armed = !spare;
         let mut watching = false;
         // A watching spare: the rounds it last saw, and since when it has seen no new one.
@@ -234,11 +231,7 @@ impl Runtime {
                     }
                 }
             }
-            if spare
-                && armed
-                && !sp.wanted(now)
-                && sp.idle_armed.load(Ordering::SeqCst) > 0
-            {
+            if spare && armed && !sp.wanted(now) && sp.idle_armed.load(Ordering::SeqCst) > 0 {
                 match waiter.watch_uffd(&self.uffd, false) {
                     Ok(()) => {
                         armed = false;

@@ -502,12 +502,21 @@ impl Waiter {
             return Err(errno());
         }
         // SAFETY: a fresh fd that nobody else owns.
-        let w = Self {
-            epoll: unsafe { OwnedFd::from_raw_fd(fd) },
-        };
-        w.ctl(libc::EPOLL_CTL_ADD, kick.as_raw_fd(), libc::EPOLLIN, TAG_KICK)?;
+        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        let w = Self { epoll };
+        w.ctl(
+            libc::EPOLL_CTL_ADD,
+            kick.as_raw_fd(),
+            libc::EPOLLIN,
+            TAG_KICK,
+        )?;
         match spare {
-            Some(fd) => w.ctl(libc::EPOLL_CTL_ADD, fd.as_raw_fd(), libc::EPOLLIN, TAG_SPARE)?,
+            Some(fd) => w.ctl(
+                libc::EPOLL_CTL_ADD,
+                fd.as_raw_fd(),
+                libc::EPOLLIN,
+                TAG_SPARE,
+            )?,
             None => w.watch_uffd(uffd, true)?,
         }
         Ok(w)
@@ -528,7 +537,13 @@ impl Waiter {
         )
     }
 
-    fn ctl(&self, op: libc::c_int, fd: libc::c_int, flags: libc::c_int, tag: u64) -> io::Result<()> {
+    fn ctl(
+        &self,
+        op: libc::c_int,
+        fd: libc::c_int,
+        flags: libc::c_int,
+        tag: u64,
+    ) -> io::Result<()> {
         let mut ev = libc::epoll_event {
             events: flags as u32,
             u64: tag,
