@@ -158,6 +158,8 @@ impl Runtime {
                             && self.uffd.has_messages()
                     };
                     if sp.wanted(now) || stuck() {
+                        // The next wait returns at once with what is pending. This round goes
+                        // on: a kick it drained may have been the only one for queued work.
                         match waiter.watch_uffd(&self.uffd, true) {
                             Ok(()) => {
                                 armed = true;
@@ -166,10 +168,7 @@ impl Runtime {
                             }
                             Err(e) => self.note_error("epoll", &e),
                         }
-                        // The next wait returns at once with what is pending.
-                        continue;
-                    }
-                    if rounds != seen {
+                    } else if rounds != seen {
                         (seen, quiet_since) = (rounds, now);
                     } else if now.saturating_sub(quiet_since) > Spares::QUIET
                         && sp.idle_armed.load(Ordering::SeqCst) > 0

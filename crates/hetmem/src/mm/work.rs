@@ -212,8 +212,8 @@ pub(crate) struct Spares {
 
 impl Spares {
     /// How often a watching spare looks.
-    pub(crate) const WATCH: std::time::Duration = std::time::Duration::from_millis(2);
-    pub(crate) const WATCH_NS: u64 = 2_000_000;
+    pub(crate) const WATCH: std::time::Duration = std::time::Duration::from_millis(10);
+    pub(crate) const WATCH_NS: u64 = 10_000_000;
     /// How long spares stay armed after faults of two threads came together.
     pub(crate) const HOLD: u64 = 20_000_000;
     /// Faults of two threads this close (ns) came together.
