@@ -530,3 +530,51 @@ fn protection_is_checked_before_anything_moves() -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+/// A fault that arrives while the only service thread waiting on the userfaultfd is held up is
+/// still served: here the held-up fault is a CPU read of a block that a running device kernel
+/// maps for writing (it waits for the kernel), and the kernel waits for the second fault, on
+/// another block. Spares join when the primary is held up (docs/runtime.md §3, "Spares"); if
+/// none did, this would hang.
+#[test]
+fn a_held_up_service_thread_does_not_hold_up_other_faults() -> anyhow::Result<()> {
+    common::watchdog("held_up_service_thread", 60, || {
+        let hm = Hetmem::builder()
+            .sim_device(DeviceKind::Private, 16 << 20)
+            .service_threads(2)
+            .fault_around_pages(1)
+            .build()?;
+        let dev = hm.device(0).expect("device 0");
+        let block = hetmem::PAGES_PER_BLOCK * PAGE_SIZE;
+        let buf = hm.alloc(2 * block)?;
+        // A first fault, so the spares have started watching.
+        std::hint::black_box(buf[2 * PAGE_SIZE]);
+        let (in_kernel, release) = (Barrier::new(2), Barrier::new(2));
+        let first = std::sync::atomic::AtomicBool::new(true);
+        std::thread::scope(|s| -> anyhow::Result<()> {
+            let kernel = s.spawn(|| {
+                dev.kernel_write(buf.addr(), block, |_, _| {
+                    if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                        in_kernel.wait();
+                        release.wait();
+                    }
+                })
+            });
+            in_kernel.wait();
+            let before = hm.stats().cpu_faults;
+            // Held up: its page is the running kernel's.
+            let reader = s.spawn(|| std::hint::black_box(buf[PAGE_SIZE]));
+            while hm.stats().cpu_faults == before {
+                std::thread::yield_now();
+            }
+            // Another block's fresh page: served while the first fault waits.
+            assert_eq!(std::hint::black_box(buf[block + PAGE_SIZE]), 0);
+            release.wait();
+            kernel.join().expect("kernel thread")?;
+            assert_eq!(reader.join().expect("reader thread"), 0);
+            Ok(())
+        })?;
+        assert_eq!(hm.stats().errors, 0);
+        Ok(())
+    })
+}

@@ -40,8 +40,6 @@ pub(crate) struct Outcome {
     pub wake: Vec<(usize, usize)>,
     /// Pages the CPU got a mapping for.
     pub cpu_mapped: Mask,
-    /// This batch of actions maps the CPU once only, so a map may wake its waiters itself.
-    lone_map: bool,
     /// A device's backend had no chunk to give (ENOMEM) during the drive.
     pub chunk_shortage: Option<DeviceId>,
 }
@@ -239,13 +237,9 @@ impl Runtime {
         mut cpu_now: Mask,
         out: &mut Outcome,
     ) -> Result<Option<InFlight>, EventError> {
+        let mut transfers = Vec::new();
         loop {
-            let mut transfers = Vec::new();
-            out.lone_map = actions
-                .iter()
-                .filter(|a| matches!(a, Action::CpuMap { .. }))
-                .count()
-                == 1;
+            transfers.clear();
             for action in actions.drain(..) {
                 match action {
                     Action::Transfer { op, src, dst, run } => transfers.push(Transfer {
@@ -494,7 +488,6 @@ impl Runtime {
                     }
                 }
                 for r in holes.runs() {
-                    self.cpu_ranges(region, bi, r, &mut ranges);
                     at.clear();
                     region.cpu_ranges_at(
                         bi * BLOCK_BYTES + r.start() * PAGE_SIZE,
@@ -518,10 +511,9 @@ impl Runtime {
                             out.wake.push((va, len));
                         }
                     } else {
-                        for &(va, len) in &ranges {
-                            if !self.zero_map(va, len, out.lone_map) {
-                                out.wake.push((va, len));
-                            }
+                        for &(va, _, len) in &at {
+                            self.zero_map(va, len);
+                            out.wake.push((va, len));
                         }
                     }
                 }
@@ -748,19 +740,16 @@ impl Runtime {
     /// ioctl allocates, clears and maps). A page already in the page cache gives EEXIST and is
     /// mapped with CONTINUE instead.
     ///
-    /// Fresh zero pages need nothing more, so the ioctl wakes their waiters itself (one
-    /// ioctl per fault, as a plain userfaultfd handler). Returns false if some page took the
-    /// CONTINUE path, whose waiters the caller must wake.
-    fn zero_map(&self, va: usize, len: usize, lone: bool) -> bool {
-        // A lone one-page map (a fault without fault-around): the ioctl wakes the faulting
-        // thread itself, saving a UFFDIO_WAKE on the latency path. Otherwise wake once at the
-        // end, or the woken thread would run ahead into pages not mapped yet and fault again.
-        let wake = lone && len == PAGE_SIZE;
+    /// Nobody is woken here: the caller wakes the range once the drive has let the block's
+    /// lock go (`Runtime::drive`). Woken from inside the ioctl, the faulting thread would run
+    /// (on a busy machine, in place of this one) and fault again while this thread still holds
+    /// the lock, so the next fault's service thread queued on it.
+    fn zero_map(&self, va: usize, len: usize) {
         let mut existing = Vec::new();
         let r = self.fill_each(
             va,
             len,
-            &mut |s, l| self.uffd.zeropage(s, l, wake),
+            &mut |s, l| self.uffd.zeropage(s, l, false),
             &mut |page| existing.push(page),
         );
         if let Err(e) = &r {
@@ -771,7 +760,6 @@ impl Runtime {
                 self.uffd.continue_(s, l, false, false)
             });
         }
-        wake && r.is_ok() && existing.is_empty()
     }
 
     /// Poisons a CPU range (UFFDIO_POISON): an access raises SIGBUS. A page that was mapped
@@ -792,7 +780,7 @@ impl Runtime {
             self.uffd.continue_(s, l, false, false)
         });
         if matches!(&r, Err(e) if e.raw_os_error() == Some(libc::EFAULT)) {
-            self.zero_map(va, PAGE_SIZE, false);
+            self.zero_map(va, PAGE_SIZE);
         }
         self.write_protect(va, PAGE_SIZE, wp);
     }

@@ -34,9 +34,9 @@ impl Runtime {
             None => self.serve_cpu_fault(addr, write, tid),
             Some(t) => {
                 let start = std::time::Instant::now();
-                let at = self.pieces(addr, PAGE_SIZE).ok();
+                let at = self.page_span(addr).ok();
                 self.serve_cpu_fault(addr, write, tid);
-                let p = at.as_ref().map(|p| &p[0]);
+                let p = at.as_ref();
                 t.complete(
                     "fault",
                     "cpu fault",
@@ -58,10 +58,10 @@ impl Runtime {
 
     fn serve_cpu_fault(&self, addr: usize, write: bool, tid: u32) {
         self.emit(MemEvent::CpuFault { write });
-        let Ok(pieces) = self.pieces(addr, PAGE_SIZE) else {
+        let Ok(span) = self.page_span(addr) else {
             return self.stale_fault(addr);
         };
-        let p = &pieces[0];
+        let p = &span;
         // A lease break of the mapping is in progress: the fault waits for its end, parked
         // (`mm/lease_break.rs`), and this thread goes on with other faults.
         if self.park_at_break(&p.region, addr, write, tid) {
@@ -180,8 +180,8 @@ impl Runtime {
     /// Whether the address map still shows piece `p`'s page at its address: the same region and
     /// page, not a newer region that took the addresses after the piece's went away.
     pub(crate) fn still_shows(&self, p: &BlockSpan) -> bool {
-        self.pieces(p.va, PAGE_SIZE).is_ok_and(|now| {
-            Arc::ptr_eq(&now[0].region, &p.region) && now[0].bi == p.bi && now[0].run == p.run
+        self.page_span(p.va).is_ok_and(|now| {
+            Arc::ptr_eq(&now.region, &p.region) && now.bi == p.bi && now.run == p.run
         })
     }
 

@@ -87,19 +87,19 @@ impl Runtime {
             after(&block, &outcome);
         }
         drop(block);
+        // Results for other threads' requests, posted before the wake so the bookkeeping is
+        // done when the woken threads run (a lone fault's drive finishes only its own).
+        let foreign = |(id, _): &&(hetmem_proto::ReqId, _)| Some(*id) != own;
+        if released || outcome.done.iter().any(|d| foreign(&d)) {
+            self.completions
+                .post(outcome.done.iter().filter(foreign).copied());
+        }
+        // The waiters of the ranges mapped are woken last, with no lock held: a woken thread
+        // that faults again at once finds this thread done with the block (`zero_map`).
         for &(va, len) in &outcome.wake {
             let _ = self.uffd.wake(va, len);
         }
         self.check_dirty_limit(region);
-        let foreign: Vec<_> = outcome
-            .done
-            .iter()
-            .filter(|(id, _)| Some(*id) != own)
-            .copied()
-            .collect();
-        if released || !foreign.is_empty() {
-            self.completions.post(foreign);
-        }
         if let Some(id) = queued {
             let result = self.completions.wait(id);
             outcome.done.push((id, result));

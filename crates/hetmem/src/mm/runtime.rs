@@ -15,7 +15,7 @@ use crate::mm::kernel_runs::KernelRuns;
 use crate::mm::poison::PoisonList;
 use crate::mm::space::{AddressSpace, BlockSpan};
 use crate::mm::testing::TransferFaults;
-use crate::mm::work::ServiceQueue;
+use crate::mm::work::{ServiceQueue, Spares};
 use crate::policy::{MemEvent, PlacementPolicy};
 use crate::stats::Stats;
 use crate::sys::uffd::Uffd;
@@ -69,6 +69,8 @@ pub(crate) struct Runtime {
     pub(crate) space: AddressSpace,
     /// Work for the service threads beside userfaultfd messages, and their wake-up.
     pub(crate) work: ServiceQueue,
+    /// Which service threads wait on the userfaultfd (`mm/work.rs`).
+    pub(crate) spares: Spares,
     pub(crate) next_req: AtomicU64,
     pub(crate) next_region: AtomicU64,
     /// Placement: what to bring, read ahead and evict (`crate::policy`).
@@ -120,7 +122,7 @@ impl RuntimeHandle {
             let runtime = runtime.clone();
             let t = std::thread::Builder::new()
                 .name(format!("hetmem-fault-{i}"))
-                .spawn(move || runtime.serve())
+                .spawn(move || runtime.serve(i))
                 .map_err(Error::os("spawn fault-service thread"))?;
             handle
                 .threads
@@ -156,6 +158,7 @@ impl Runtime {
             space: AddressSpace::default(),
             kernel_runs: KernelRuns::default(),
             work: ServiceQueue::new().map_err(Error::os("eventfd"))?,
+            spares: Spares::new().map_err(Error::os("eventfd"))?,
             next_req: AtomicU64::new(1),
             next_region: AtomicU64::new(1),
             policy,
@@ -258,6 +261,13 @@ impl Runtime {
     pub(crate) fn pieces(&self, addr: usize, len: usize) -> Result<Vec<BlockSpan>> {
         let end = self.check_range(addr, len)?;
         self.space.spans(addr, end)
+    }
+
+    /// The span of the one page at `addr`: `pieces(addr, PAGE_SIZE)`'s only piece, without
+    /// allocating (the fault path).
+    pub(crate) fn page_span(&self, addr: usize) -> Result<BlockSpan> {
+        self.check_range(addr, PAGE_SIZE)?;
+        self.space.span_at(addr)
     }
 
     /// The tracer, when tracing is on: `if let Some(t) = self.trace() { t.instant(..) }` costs

@@ -65,6 +65,21 @@ impl AddressSpace {
     /// Splits `[addr, end)` into spans of one view and one block each (the caller checked the
     /// range: `Runtime::spans`). `Err(Fault)` if some page is not managed memory.
     pub(crate) fn spans(&self, addr: usize, end: usize) -> Result<Vec<BlockSpan>> {
+        let mut out = Vec::new();
+        self.each_span(addr, end, |s| out.push(s))?;
+        Ok(out)
+    }
+
+    /// The span of the one page at `addr` (page-aligned): `spans` without the Vec, for the
+    /// fault path.
+    pub(crate) fn span_at(&self, addr: usize) -> Result<BlockSpan> {
+        let mut one = None;
+        self.each_span(addr, addr + PAGE_SIZE, |s| one = Some(s))?;
+        one.ok_or(Error::Fault("address is not managed memory"))
+    }
+
+    /// Calls `f` with each span of `[addr, end)`, in order, as `spans` returns them.
+    fn each_span(&self, addr: usize, end: usize, mut f: impl FnMut(BlockSpan)) -> Result<()> {
         // Wait for a reader that has taken an UNMAP/REMAP message but not yet applied it: the
         // munmap that sent it may already have returned.
         // One that starts reading after this check takes its messages after this lookup, as
@@ -73,7 +88,6 @@ impl AddressSpace {
             drop(self.events.lock().unwrap_or_else(|e| e.into_inner()));
         }
         let space = self.map.read().unwrap_or_else(|e| e.into_inner());
-        let mut out = Vec::new();
         let mut at = addr;
         while at < end {
             let Some((&va, entry)) = space.range(..=at).next_back() else {
@@ -89,7 +103,7 @@ impl AddressSpace {
                 let page = (off % BLOCK_BYTES) / PAGE_SIZE;
                 let n = ((stop - at) / PAGE_SIZE).min(PAGES_PER_BLOCK - page);
                 let run = PageRun::new(page, n, PAGES_PER_BLOCK).expect("inside one block");
-                out.push(BlockSpan {
+                f(BlockSpan {
                     region: entry.region.clone(),
                     bi,
                     run,
@@ -98,7 +112,7 @@ impl AddressSpace {
                 at += n * PAGE_SIZE;
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Held while userfaultfd messages are read and applied (`Runtime::read_events`).
