@@ -28,6 +28,7 @@ common::serial_tests!(
     common::file::DEFAULT_TIMEOUT_S;
     a_blocked_writeback_leaves_the_block_free,
     faults_wait_at_the_break_gate,
+    a_fault_parked_past_the_deadline_is_served,
     a_break_past_its_deadline_leaves_conflicts,
     a_drop_with_conflicts_keeps_the_mapping,
     dirty_data_stays_within_the_break_budget,
@@ -119,6 +120,17 @@ fn wait_in_futex(tid: i32, limit: Duration) -> Result<()> {
         std::thread::yield_now();
     }
     bail!("thread {tid} never waited on a lock")
+}
+
+/// Waits until the break of `m` is over: the lease thread emits `lease_breaks` just before it
+/// releases the lease and opens the gate, so a conflict resolved right after could meet the
+/// break still past its deadline. Once the opener has closed the file, the first access after
+/// the break takes the lease back (an `invalidate_range` of a clean page is one).
+fn wait_break_over(m: &hetmem::FileMapping) -> Result<()> {
+    wait_until("the lease taken back", Duration::from_secs(10), || {
+        let _ = m.invalidate_range(700 * PAGE_SIZE, PAGE_SIZE);
+        m.is_leased()
+    })
 }
 
 /// Polls `f` until it holds, for at most `limit`.
@@ -392,6 +404,7 @@ mod scenarios {
             kernel.join().expect("kernel")?;
             r
         })?;
+        wait_break_over(&m)?;
         let file = pread_file(&path)?;
         for (p, tag) in [(0, 0), (1, 0), (2, 2), (3, 0), (600, 2)] {
             ensure!(
@@ -567,6 +580,79 @@ mod scenarios {
         ensure!(pread_file(&path_b)? == content(1, 0, len));
         drop(a);
         ensure!(hm_a.stats().errors == 0 && hm_b.stats().errors == 0);
+        Ok(())
+    }
+
+    /// A break waits for a device kernel over block 0, whose closure reads a page of block 1
+    /// of the same mapping through the CPU: the fault is parked at the break's gate, and the
+    /// break cannot end before the kernel does. At the break's deadline (`lease-break-time`
+    /// 1 s here) the fault service serves the parked fault, the kernel finishes, and the break
+    /// ends (its writebacks past the deadline conflicted). Without that, all three waited for
+    /// each other for ever.
+    pub fn a_fault_parked_past_the_deadline_is_served() -> Result<()> {
+        if !is_root() {
+            eprintln!("SKIPPED: setting lease-break-time needs root");
+            return Ok(());
+        }
+        let Some(_break_time) = BreakTime::set(1)? else {
+            return Ok(());
+        };
+        let dir = TempDir::new("parked_past_deadline")?;
+        let path = dir.path("data");
+        let len = 4 * MIB;
+        create_file(&path, &content(0, 0, len))?;
+        let hm = context(DeviceKind::Private, 16 * MIB)?;
+        let m = hm.map_file_with(&path, 0, len, FileOptions::new(FileMode::Shared))?;
+        if !m.is_leased() {
+            eprintln!("SKIPPED: no lease on {}", path.display());
+            return Ok(());
+        }
+        let dev = hm.device(0).context("device 0")?;
+        let lease = lease_thread()?;
+        let (started_tx, started_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let go_rx = std::sync::Mutex::new(go_rx);
+        let (done_tx, done_rx) = mpsc::channel();
+        let m = &m;
+        let other = 600;
+        std::thread::scope(|s| -> Result<()> {
+            s.spawn(|| {
+                let r = dev.kernel_write(m.addr(), PAGE_SIZE, |_, page| {
+                    let _ = started_tx.send(());
+                    let _ = go_rx.lock().map(|rx| rx.recv());
+                    // Block 1 of the same mapping, through the CPU: parked at the gate.
+                    let seen = page_is(&m.as_slice()[other * PAGE_SIZE..][..PAGE_SIZE], 0, other);
+                    stamp_page(page, u32::from(seen) + 1, 0);
+                });
+                let _ = done_tx.send(r.map_err(|e| e.to_string()));
+            });
+            started_rx.recv_timeout(Duration::from_secs(10))?;
+            let opener = s.spawn(|| std::fs::File::open(&path));
+            wait_lease_breaking(&path)?;
+            wait_in_futex(lease, Duration::from_secs(10)).context("the lease thread")?;
+            let _ = go_tx.send(());
+            // A failure detector: served at the deadline (0.9 s), or never.
+            let done = done_rx.recv_timeout(Duration::from_secs(10));
+            ensure!(
+                done.is_ok(),
+                "the kernel never finished: its parked fault was not served"
+            );
+            ensure!(done == Ok(Ok(())), "the kernel: {done:?}");
+            drop(opener.join().expect("opener")?);
+            Ok(())
+        })?;
+        wait_break_over(m)?;
+        ensure!(hm.stats().break_waits >= 1, "the fault was not parked");
+        // The kernel's page 0 (tag 2: it read page 600 right) came after the deadline.
+        ensure!(
+            page_is(&m.as_slice()[..PAGE_SIZE], 2, 0),
+            "the kernel's write"
+        );
+        ensure!(!m.conflicts().is_empty(), "no conflict after the deadline");
+        m.resolve_conflicts(0, len, Resolution::Mine)?;
+        m.flush()?;
+        ensure!(page_is(&pread_file(&path)?[..PAGE_SIZE], 2, 0));
+        ensure!(hm.stats().errors == 0, "errors: {}", hm.stats().errors);
         Ok(())
     }
 }

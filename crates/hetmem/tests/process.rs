@@ -531,11 +531,11 @@ fn protection_is_checked_before_anything_moves() -> anyhow::Result<()> {
     })
 }
 
-/// A fault that arrives while the only service thread waiting on the userfaultfd is held up is
-/// still served: here the held-up fault is a CPU read of a block that a running device kernel
-/// maps for writing (it waits for the kernel), and the kernel waits for the second fault, on
-/// another block. Spares join when the primary is held up (docs/runtime.md §3, "Spares"); if
-/// none did, this would hang.
+/// A fault that arrives while a service thread is held up is still served: here the held-up
+/// fault is a CPU read of a block that a running device kernel maps for writing (it waits for
+/// the kernel), and the kernel waits for the second fault, on another block, which the other
+/// service thread serves. (A design with one thread on the userfaultfd and spares that join
+/// when it is held up hung here about once in fifteen runs.)
 #[test]
 fn a_held_up_service_thread_does_not_hold_up_other_faults() -> anyhow::Result<()> {
     common::watchdog("held_up_service_thread", 60, || {

@@ -62,12 +62,13 @@ impl Runtime {
             return self.stale_fault(addr);
         };
         let p = &span;
-        // A lease break of the mapping is in progress: the fault waits for its end, parked
-        // (`mm/lease_break.rs`), and this thread goes on with other faults.
-        if self.park_at_break(&p.region, addr, write, tid) {
+        // A device kernel's own access first: the break may be waiting for that kernel.
+        if self.kernel_cpu_access(p, write, tid) {
             return;
         }
-        if self.kernel_cpu_access(p, write, tid) {
+        // A lease break of the mapping is in progress: the fault waits for its end (or its
+        // deadline), parked (`mm/lease_break.rs`), and this thread goes on with other faults.
+        if self.park_at_break(&p.region, addr, write, tid) {
             return;
         }
         let page = p.run.start();

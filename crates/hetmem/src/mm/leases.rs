@@ -228,10 +228,13 @@ fn broken(inner: &Runtime, region: &Region) {
     lease::release(f.file.as_fd());
     // Pages cached during the break stay marked (`unleased_cache`): the next retake drops them.
     f.unleased_cache.store(true, Ordering::Release);
+    // The gate opens before the break counts as over: a retake that follows `breaking` must
+    // not meet the break's deadline on its writebacks.
+    let parked = f.gate.open();
     f.breaking.store(false, Ordering::SeqCst);
     drop(_retake);
     // The faults held meanwhile go on, without a lease (the opener has the file open).
-    inner.open_break_gate(region);
+    inner.serve_parked(parked);
 }
 
 impl Runtime {
@@ -241,7 +244,7 @@ impl Runtime {
     /// would never open.
     pub(crate) fn park_at_break(
         &self,
-        region: &Region,
+        region: &Arc<Region>,
         addr: usize,
         write: bool,
         tid: u32,
@@ -257,6 +260,8 @@ impl Runtime {
         let parked = f.gate.park(ParkedFault { addr, write, tid });
         if parked {
             self.stats.break_waits.add(1);
+            // Served at the deadline if the break is not over by then (`Runtime::serve`).
+            self.parked.add(region);
         }
         parked
     }
@@ -300,13 +305,23 @@ impl Runtime {
         Ok(())
     }
 
-    /// Opens `region`'s break gate at the end of a break: the CPU faults parked meanwhile go
-    /// back to the fault service.
-    pub(crate) fn open_break_gate(&self, region: &Region) {
-        let Some(f) = &region.file else {
-            return;
-        };
-        let parked = f.gate.open();
+    /// The CPU faults parked at gates whose break is past its deadline, queued for the fault
+    /// service: a break that outlives its deadline holds them no longer (it may be waiting for
+    /// a device kernel whose closure waits for one of them).
+    pub(crate) fn release_expired_parked(&self) {
+        let expired = self.parked.take_expired();
+        if !expired.is_empty() {
+            self.work
+                .push(expired.into_iter().map(|p| ServiceWork::Fault {
+                    addr: p.addr,
+                    write: p.write,
+                    tid: p.tid,
+                }));
+        }
+    }
+
+    /// Hands CPU faults parked at a break gate back to the fault service.
+    pub(crate) fn serve_parked(&self, parked: Vec<ParkedFault>) {
         if !parked.is_empty() {
             self.work
                 .push(parked.into_iter().map(|p| ServiceWork::Fault {

@@ -15,7 +15,7 @@ use crate::mm::kernel_runs::KernelRuns;
 use crate::mm::poison::PoisonList;
 use crate::mm::space::{AddressSpace, BlockSpan};
 use crate::mm::testing::TransferFaults;
-use crate::mm::work::{ServiceQueue, Spares};
+use crate::mm::work::ServiceQueue;
 use crate::policy::{MemEvent, PlacementPolicy};
 use crate::stats::Stats;
 use crate::sys::uffd::Uffd;
@@ -69,8 +69,6 @@ pub(crate) struct Runtime {
     pub(crate) space: AddressSpace,
     /// Work for the service threads beside userfaultfd messages, and their wake-up.
     pub(crate) work: ServiceQueue,
-    /// Which service threads wait on the userfaultfd (`mm/work.rs`).
-    pub(crate) spares: Spares,
     pub(crate) next_req: AtomicU64,
     pub(crate) next_region: AtomicU64,
     /// Placement: what to bring, read ahead and evict (`crate::policy`).
@@ -82,6 +80,8 @@ pub(crate) struct Runtime {
     pub(crate) orphaned: AtomicBool,
     /// CPU pages poisoned because a copy into them kept failing (`Runtime::poison_page`).
     pub(crate) poisoned: PoisonList,
+    /// Mappings with CPU faults parked at their lease breaks' gates (`mm/lease_break.rs`).
+    pub(crate) parked: crate::mm::lease_break::ParkedGates,
     /// Results of requests that finished in another thread's drive (`Runtime::drive`).
     pub(crate) completions: Completions,
     /// The trace file, when tracing is on (`HetmemBuilder::trace`, `crate::trace`).
@@ -122,7 +122,7 @@ impl RuntimeHandle {
             let runtime = runtime.clone();
             let t = std::thread::Builder::new()
                 .name(format!("hetmem-fault-{i}"))
-                .spawn(move || runtime.serve(i))
+                .spawn(move || runtime.serve())
                 .map_err(Error::os("spawn fault-service thread"))?;
             handle
                 .threads
@@ -158,7 +158,6 @@ impl Runtime {
             space: AddressSpace::default(),
             kernel_runs: KernelRuns::default(),
             work: ServiceQueue::new().map_err(Error::os("eventfd"))?,
-            spares: Spares::new().map_err(Error::os("eventfd"))?,
             next_req: AtomicU64::new(1),
             next_region: AtomicU64::new(1),
             policy,
@@ -166,6 +165,7 @@ impl Runtime {
             gate: ForkGate::default(),
             orphaned: AtomicBool::new(false),
             poisoned: PoisonList::default(),
+            parked: Default::default(),
             completions: Completions::default(),
             tracer,
         });

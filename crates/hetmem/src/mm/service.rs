@@ -1,14 +1,13 @@
 //! The fault-service threads: read userfaultfd messages, apply unmap/remap to the address space at
 //! once, and serve faults, read-ahead and invalidations of unmapped file ranges.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use hetmem_proto::{Invalidation, PageRun, RequestKind, BLOCK_BYTES, PAGES_PER_BLOCK, PAGE_SIZE};
 
 use crate::mm::region::Region;
 use crate::mm::runtime::Runtime;
-use crate::mm::work::{ServiceWork, Spares};
+use crate::mm::work::ServiceWork;
 use crate::sys::uffd::{self, Msg};
 
 impl Runtime {
@@ -80,49 +79,28 @@ impl Runtime {
         std::thread::yield_now();
     }
 
-    /// A fault-service thread; thread 0 is the primary, the others are spares (`Spares`).
+    /// A fault-service thread.
     ///
-    /// Each round sleeps until the userfaultfd has messages (for a thread that waits on it) or
-    /// the backlog was kicked (the wait returns at once while messages are pending), reads the
-    /// messages, adds the backlog's round, and serves them. Sleeping first, not reading again
-    /// after a round, is what a raw handler does: an isolated fault costs one `read` and the
-    /// thread is asleep as soon as the fault is served, leaving the CPU to the thread it just
-    /// woke.
-    pub(crate) fn serve(self: Arc<Self>, index: usize) {
-        let spare = index > 0;
-        let sp = &self.spares;
-        let waiter =
-            match uffd::Waiter::new(&self.uffd, self.work.wakeup_fd(), spare.then(|| sp.fd())) {
-                Ok(w) => w,
-                Err(e) => return self.note_error("epoll", &e),
-            };
-        let mut armed = !spare;
-        let mut watching = false;
-        // A watching spare: the rounds it last saw, and since when it has seen no new one.
-        let (mut seen, mut quiet_since) = (0u64, 0u64);
-        if spare {
-            sp.disarmed.fetch_add(1, Ordering::SeqCst);
-        }
+    /// Each round sleeps until the userfaultfd has messages or the backlog was kicked (the
+    /// wait returns at once while messages are pending), reads the messages, adds the backlog's
+    /// round, and serves them. Sleeping first, not reading again after a round, is what a raw
+    /// handler does: an isolated fault costs one `read` and the thread is asleep as soon as
+    /// the fault is served, leaving the CPU to the thread it just woke.
+    pub(crate) fn serve(self: Arc<Self>) {
+        let waiter = match uffd::Waiter::new(&self.uffd, self.work.wakeup_fd()) {
+            Ok(w) => w,
+            Err(e) => return self.note_error("epoll", &e),
+        };
         let mut msgs = Vec::with_capacity(32);
         let mut work = Vec::with_capacity(32);
-        // The thread of the last fault this thread read, and when: faults of two threads close
-        // together are load for the spares, though each read brings one.
-        let (mut last_tid, mut last_at) = (0u32, 0u64);
         loop {
-            let due = self.poisoned.next_due();
-            let timeout = if watching && !armed {
-                Some(due.map_or(Spares::WATCH, |d| d.min(Spares::WATCH)))
-            } else {
-                due
+            // Woken for a poisoned page's delay, or for a break gate's deadline with faults
+            // parked at it (`release_expired_parked` below).
+            let due = match (self.poisoned.next_due(), self.parked.next_due()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
             };
-            if armed {
-                sp.idle_armed.fetch_add(1, Ordering::SeqCst);
-            }
-            let ready = waiter.wait(timeout);
-            if armed {
-                sp.idle_armed.fetch_sub(1, Ordering::SeqCst);
-            }
-            let ready = match ready {
+            let ready = match waiter.wait(due) {
                 Ok(r) => r,
                 Err(e) => {
                     self.note_error("poll userfaultfd", &e);
@@ -135,79 +113,15 @@ impl Runtime {
             if ready.kicked {
                 self.work.drain_wakeups();
             }
-            let now = sp.now();
-            if spare {
-                if ready.spare {
-                    sp.drain();
-                }
-                if (ready.spare || !armed) && !watching {
-                    watching = true;
-                    sp.watching.fetch_add(1, Ordering::SeqCst);
-                    (seen, quiet_since) = (sp.rounds.load(Ordering::SeqCst), now);
-                }
-                if !armed {
-                    // Faults pending, no armed thread waiting, and no round begun for a whole
-                    // watch period: the armed threads are held up. (A primary that the thread
-                    // it woke has preempted is not held up: it begins its next round as soon
-                    // as that thread faults again.)
-                    let rounds = sp.rounds.load(Ordering::SeqCst);
-                    let stuck = || {
-                        rounds == seen
-                            && now.saturating_sub(quiet_since) >= Spares::WATCH_NS
-                            && sp.idle_armed.load(Ordering::SeqCst) == 0
-                            && self.uffd.has_messages()
-                    };
-                    if sp.wanted(now) || stuck() {
-                        // The next wait returns at once with what is pending. This round goes
-                        // on: a kick it drained may have been the only one for queued work.
-                        match waiter.watch_uffd(&self.uffd, true) {
-                            Ok(()) => {
-                                armed = true;
-                                sp.disarmed.fetch_sub(1, Ordering::SeqCst);
-                                sp.hold(now);
-                            }
-                            Err(e) => self.note_error("epoll", &e),
-                        }
-                    } else if rounds != seen {
-                        (seen, quiet_since) = (rounds, now);
-                    } else if now.saturating_sub(quiet_since) > Spares::QUIET
-                        && sp.idle_armed.load(Ordering::SeqCst) > 0
-                    {
-                        watching = false;
-                        sp.watching.fetch_sub(1, Ordering::SeqCst);
-                    }
-                }
-            } else if ready.messages && sp.watching.load(Ordering::SeqCst) == 0 {
-                // The first round after a quiet spell: a spare watches again, before this
-                // round can hold the primary up.
-                sp.call();
-            }
             // Faults first: what is pending on the descriptor and in the backlog. Then at most
             // one read-ahead, so the other threads can share them and a fault never waits
             // behind a queue of them.
-            if ready.messages {
-                sp.rounds.fetch_add(1, Ordering::SeqCst);
-                if self.read_events(&mut msgs, &mut work, false) {
-                    // Two faults in one read, or faults of two threads close together.
-                    let mut faults = 0;
-                    let mut load = false;
-                    for w in &work {
-                        if let ServiceWork::Fault { tid, .. } = *w {
-                            faults += 1;
-                            load |= faults > 1
-                                || (tid != last_tid
-                                    && now.saturating_sub(last_at) < Spares::TOGETHER);
-                            (last_tid, last_at) = (tid, now);
-                        }
-                    }
-                    if load {
-                        sp.hold(now);
-                    }
-                } else {
-                    // Another thread is reading: what is pending is its. Let it run.
-                    std::thread::yield_now();
-                }
+            if ready.messages && !self.read_events(&mut msgs, &mut work, false) {
+                // Another thread is reading: what is pending is its. Let it run.
+                std::thread::yield_now();
             }
+            // Faults parked at a break gate past its deadline join this round.
+            self.release_expired_parked();
             self.work.take_round(&mut work);
             if self.poisoned.pending() {
                 self.unpoison(|p| p.due <= std::time::Instant::now());
@@ -228,15 +142,6 @@ impl Runtime {
                     ServiceWork::Unmapped { region, off, len } => {
                         self.invalidate_file_range(&region, off, len, Invalidation::Unmap)
                     }
-                }
-            }
-            if spare && armed && !sp.wanted(now) && sp.idle_armed.load(Ordering::SeqCst) > 0 {
-                match waiter.watch_uffd(&self.uffd, false) {
-                    Ok(()) => {
-                        armed = false;
-                        sp.disarmed.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Err(e) => self.note_error("epoll", &e),
                 }
             }
         }

@@ -3,7 +3,7 @@
 //! of it (or of shutdown).
 
 use std::os::fd::BorrowedFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use hetmem_proto::{Mem, PageRun};
@@ -173,94 +173,5 @@ impl Background {
             Some(e) => Err(e),
             None => Ok(()),
         }
-    }
-}
-
-/// Which service threads wait on the userfaultfd (`docs/runtime.md` §3, "Spares").
-///
-/// Thread 0, the primary, always does. The others, the spares, add the userfaultfd to their set
-/// only while they are wanted: a fault woken into another CPU's thread costs that wake-up (an
-/// interrupt to the other CPU, tens of microseconds on a busy virtual machine), and with every
-/// thread waiting, the kernel hands a fault to a spare whenever the primary has not quite gone
-/// back to sleep yet, for instance because the thread it just woke took its CPU. So a lone
-/// stream of faults stays on one thread, as with a plain userfaultfd handler.
-///
-/// Spares arm (add the userfaultfd) when a read brings two faults, or faults of two threads come
-/// within `TOGETHER` of each other (`hold`; the message says the faulting thread), and, while
-/// watching, when faults are pending and no armed thread is waiting: the primary is held up in
-/// a long fault, or stuck behind one that needs another thread (a device kernel's closure that
-/// faults), so no fault waits on a busy primary for longer than a watch period. They disarm once
-/// `HOLD` has passed without such faults while some armed thread is waiting. A spare watches
-/// (checks every `WATCH`) from the primary's first round after a quiet spell until `QUIET` has
-/// passed with no round while some armed thread waits.
-#[derive(Debug)]
-pub(crate) struct Spares {
-    /// Wakes the spares: arm now (`hold`), or start watching.
-    fd: mem::EventFd,
-    base: std::time::Instant,
-    /// Armed threads asleep in their wait right now.
-    pub(crate) idle_armed: AtomicUsize,
-    /// Spares not armed.
-    pub(crate) disarmed: AtomicUsize,
-    /// Spares watching.
-    pub(crate) watching: AtomicUsize,
-    /// Until when (ns since `base`) the spares stay armed.
-    until: AtomicU64,
-    /// Rounds that read the userfaultfd: the watchers' sign of progress.
-    pub(crate) rounds: AtomicU64,
-}
-
-impl Spares {
-    /// How often a watching spare looks.
-    pub(crate) const WATCH: std::time::Duration = std::time::Duration::from_millis(10);
-    pub(crate) const WATCH_NS: u64 = 10_000_000;
-    /// How long spares stay armed after faults of two threads came together.
-    pub(crate) const HOLD: u64 = 20_000_000;
-    /// Faults of two threads this close (ns) came together.
-    pub(crate) const TOGETHER: u64 = 1_000_000;
-    /// How long without progress before a spare stops watching.
-    pub(crate) const QUIET: u64 = 200_000_000;
-
-    pub(crate) fn new() -> std::io::Result<Self> {
-        Ok(Self {
-            fd: mem::EventFd::new()?,
-            base: std::time::Instant::now(),
-            idle_armed: Default::default(),
-            disarmed: Default::default(),
-            watching: Default::default(),
-            until: Default::default(),
-            rounds: Default::default(),
-        })
-    }
-
-    /// Nanoseconds since the runtime started.
-    pub(crate) fn now(&self) -> u64 {
-        self.base.elapsed().as_nanos() as u64
-    }
-
-    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
-    }
-
-    pub(crate) fn drain(&self) {
-        self.fd.drain();
-    }
-
-    /// Wakes the spares if some are disarmed.
-    pub(crate) fn call(&self) {
-        if self.disarmed.load(Ordering::SeqCst) > 0 {
-            self.fd.signal();
-        }
-    }
-
-    /// Load was seen at `now`: spares stay armed for `HOLD`, and disarmed ones are called.
-    pub(crate) fn hold(&self, now: u64) {
-        self.until.fetch_max(now + Self::HOLD, Ordering::Relaxed);
-        self.call();
-    }
-
-    /// Whether spares are wanted armed at `now`.
-    pub(crate) fn wanted(&self, now: u64) -> bool {
-        now < self.until.load(Ordering::Relaxed)
     }
 }

@@ -434,18 +434,6 @@ impl Uffd {
         }
     }
 
-    /// Whether messages are pending (a poll that does not wait).
-    pub fn has_messages(&self) -> bool {
-        let mut p = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: poll reads and writes one pollfd on our stack and does not wait.
-        let n = unsafe { libc::poll(&mut p, 1, 0) };
-        n > 0 && p.revents & libc::POLLIN != 0
-    }
-
     /// Reads pending messages without blocking; returns how many were appended to `out`.
     pub fn read(&self, out: &mut Vec<Msg>) -> io::Result<usize> {
         const BATCH: usize = 32;
@@ -474,28 +462,16 @@ impl Uffd {
     }
 }
 
-/// One service thread's wait on the userfaultfd and wake-up eventfds. Each thread has its own
+/// One service thread's wait on the userfaultfd and a wake-up eventfd. Each thread has its own
 /// epoll set with the userfaultfd added EPOLLEXCLUSIVE, so a fault wakes one thread, not all.
-/// The userfaultfd can be left out of the set and added later (`watch_uffd`): a thread without it
-/// is woken by the eventfds only.
 #[derive(Debug)]
 pub struct Waiter {
     epoll: OwnedFd,
 }
 
-/// `Ready` tags of the descriptors in a `Waiter`'s set.
-const TAG_UFFD: u64 = 0;
-const TAG_KICK: u64 = 1;
-const TAG_SPARE: u64 = 2;
-
 impl Waiter {
-    /// Watches `kick` (every waiter) and `uffd` (exclusively), or, for a spare, `kick` and its
-    /// `spare` descriptor only.
-    pub fn new(
-        uffd: &Uffd,
-        kick: BorrowedFd<'_>,
-        spare: Option<BorrowedFd<'_>>,
-    ) -> io::Result<Self> {
+    /// Watches `uffd` (exclusively) and `kick` (every waiter).
+    pub fn new(uffd: &Uffd, kick: BorrowedFd<'_>) -> io::Result<Self> {
         // SAFETY: epoll_create1 returns a new fd or -1.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if fd < 0 {
@@ -503,69 +479,37 @@ impl Waiter {
         }
         // SAFETY: a fresh fd that nobody else owns.
         let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
-        let w = Self { epoll };
-        w.ctl(
-            libc::EPOLL_CTL_ADD,
-            kick.as_raw_fd(),
-            libc::EPOLLIN,
-            TAG_KICK,
-        )?;
-        match spare {
-            Some(fd) => w.ctl(
-                libc::EPOLL_CTL_ADD,
-                fd.as_raw_fd(),
-                libc::EPOLLIN,
-                TAG_SPARE,
-            )?,
-            None => w.watch_uffd(uffd, true)?,
+        for (fd, flags, tag) in [
+            (
+                uffd.fd.as_raw_fd(),
+                libc::EPOLLIN | libc::EPOLLEXCLUSIVE,
+                0u64,
+            ),
+            (kick.as_raw_fd(), libc::EPOLLIN, 1u64),
+        ] {
+            let mut ev = libc::epoll_event {
+                events: flags as u32,
+                u64: tag,
+            };
+            // SAFETY: registers a live fd with our epoll set, reading one epoll_event.
+            if unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+                return Err(errno());
+            }
         }
-        Ok(w)
-    }
-
-    /// Adds the userfaultfd to the set (EPOLLEXCLUSIVE), or takes it out.
-    pub fn watch_uffd(&self, uffd: &Uffd, on: bool) -> io::Result<()> {
-        let op = if on {
-            libc::EPOLL_CTL_ADD
-        } else {
-            libc::EPOLL_CTL_DEL
-        };
-        self.ctl(
-            op,
-            uffd.fd.as_raw_fd(),
-            libc::EPOLLIN | libc::EPOLLEXCLUSIVE,
-            TAG_UFFD,
-        )
-    }
-
-    fn ctl(
-        &self,
-        op: libc::c_int,
-        fd: libc::c_int,
-        flags: libc::c_int,
-        tag: u64,
-    ) -> io::Result<()> {
-        let mut ev = libc::epoll_event {
-            events: flags as u32,
-            u64: tag,
-        };
-        // SAFETY: adds or removes a live fd in our epoll set, reading one epoll_event.
-        if unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd, &mut ev) } < 0 {
-            return Err(errno());
-        }
-        Ok(())
+        Ok(Self { epoll })
     }
 
     /// Waits until the userfaultfd or the eventfd is readable, or `timeout` passed; returns
     /// which fired. It returns at once while the userfaultfd has messages (level-triggered).
     pub fn wait(&self, timeout: Option<std::time::Duration>) -> io::Result<Ready> {
-        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 3];
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 2];
         // Rounded up, so a wait never ends before the deadline it was given.
         let ms = timeout.map_or(-1, |t| {
             t.as_micros().div_ceil(1000).min(libc::c_int::MAX as u128) as libc::c_int
         });
         loop {
-            // SAFETY: epoll_wait writes at most 3 events into our stack array.
-            let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), evs.as_mut_ptr(), 3, ms) };
+            // SAFETY: epoll_wait writes at most 2 events into our stack array.
+            let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), evs.as_mut_ptr(), 2, ms) };
             if n < 0 {
                 let e = errno();
                 if e.raw_os_error() == Some(libc::EINTR) {
@@ -575,9 +519,8 @@ impl Waiter {
             }
             let fired = &evs[..n as usize];
             return Ok(Ready {
-                messages: fired.iter().any(|e| e.u64 == TAG_UFFD),
-                kicked: fired.iter().any(|e| e.u64 == TAG_KICK),
-                spare: fired.iter().any(|e| e.u64 == TAG_SPARE),
+                messages: fired.iter().any(|e| e.u64 == 0),
+                kicked: fired.iter().any(|e| e.u64 == 1),
             });
         }
     }
@@ -590,8 +533,6 @@ pub struct Ready {
     pub messages: bool,
     /// The wake-up eventfd fired.
     pub kicked: bool,
-    /// The spares' eventfd fired.
-    pub spare: bool,
 }
 
 impl AsFd for Uffd {
