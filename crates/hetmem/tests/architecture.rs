@@ -141,6 +141,7 @@ const MM_DATA: &[&str] = &[
     "mm::kernel_runs",
     "mm::launch",
     "mm::lease_break",
+    "mm::parked",
     "mm::poison",
     "mm::region",
     "mm::space",

@@ -16,6 +16,7 @@ pub(crate) mod lease_break;
 pub(crate) mod leases;
 pub(crate) mod lifecycle;
 pub(crate) mod ops;
+pub(crate) mod parked;
 pub(crate) mod pin;
 pub(crate) mod placement;
 pub(crate) mod poison;

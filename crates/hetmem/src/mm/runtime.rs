@@ -81,7 +81,7 @@ pub(crate) struct Runtime {
     /// CPU pages poisoned because a copy into them kept failing (`Runtime::poison_page`).
     pub(crate) poisoned: PoisonList,
     /// Mappings with CPU faults parked at their lease breaks' gates (`mm/lease_break.rs`).
-    pub(crate) parked: crate::mm::lease_break::ParkedGates,
+    pub(crate) parked: crate::mm::parked::ParkedGates,
     /// Results of requests that finished in another thread's drive (`Runtime::drive`).
     pub(crate) completions: Completions,
     /// The trace file, when tracing is on (`HetmemBuilder::trace`, `crate::trace`).
