@@ -309,15 +309,7 @@ impl Runtime {
     /// service: a break that outlives its deadline holds them no longer (it may be waiting for
     /// a device kernel whose closure waits for one of them).
     pub(crate) fn release_expired_parked(&self) {
-        let expired = self.parked.take_expired();
-        if !expired.is_empty() {
-            self.work
-                .push(expired.into_iter().map(|p| ServiceWork::Fault {
-                    addr: p.addr,
-                    write: p.write,
-                    tid: p.tid,
-                }));
-        }
+        self.serve_parked(self.parked.take_expired());
     }
 
     /// Hands CPU faults parked at a break gate back to the fault service.
