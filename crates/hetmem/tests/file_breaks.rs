@@ -22,7 +22,9 @@ use common::file::{
     MIB,
 };
 use common::fs::{Mount, TempDir};
-use hetmem::{DeviceKind, Error, FileMode, FileOptions, Hetmem, Resolution, PAGE_SIZE};
+use hetmem::{
+    DeviceKind, Error, FileMapping, FileMode, FileOptions, Hetmem, Resolution, PAGE_SIZE,
+};
 
 common::serial_tests!(
     common::file::DEFAULT_TIMEOUT_S;
@@ -131,6 +133,22 @@ fn wait_break_over(m: &hetmem::FileMapping) -> Result<()> {
         let _ = m.invalidate_range(700 * PAGE_SIZE, PAGE_SIZE);
         m.is_leased()
     })
+}
+
+/// A 4 MiB file of page stamps (tag 0) in a fresh directory, and a leased Shared mapping of it
+/// in a context with a simulated private device; `None` (SKIPPED printed) where no lease can
+/// be had. The directory comes first so that it outlives the mapping.
+fn leased_file(name: &str) -> Result<Option<(TempDir, std::path::PathBuf, Hetmem, FileMapping)>> {
+    let dir = TempDir::new(name)?;
+    let path = dir.path("data");
+    create_file(&path, &content(0, 0, 4 * MIB))?;
+    let hm = context(DeviceKind::Private, 16 * MIB)?;
+    let m = hm.map_file_with(&path, 0, 4 * MIB, FileOptions::new(FileMode::Shared))?;
+    if !m.is_leased() {
+        eprintln!("SKIPPED: no lease on {}", path.display());
+        return Ok(None);
+    }
+    Ok(Some((dir, path, hm, m)))
 }
 
 /// Polls `f` until it holds, for at most `limit`.
@@ -245,16 +263,9 @@ mod scenarios {
     /// once the break is over. Without the gate it was served at once, and cached the page
     /// again while the other process waited.
     pub fn faults_wait_at_the_break_gate() -> Result<()> {
-        let dir = TempDir::new("break_gate")?;
-        let path = dir.path("data");
-        let len = 4 * MIB;
-        create_file(&path, &content(0, 0, len))?;
-        let hm = context(DeviceKind::Private, 16 * MIB)?;
-        let m = hm.map_file_with(&path, 0, len, FileOptions::new(FileMode::Shared))?;
-        if !m.is_leased() {
-            eprintln!("SKIPPED: no lease on {}", path.display());
+        let Some((_dir, path, hm, m)) = leased_file("break_gate")? else {
             return Ok(());
-        }
+        };
         let dev = hm.device(0).context("device 0")?;
         let lease = lease_thread()?;
         let (started_tx, started_rx) = mpsc::channel();
@@ -339,16 +350,10 @@ mod scenarios {
         let Some(_break_time) = BreakTime::set(1)? else {
             return Ok(());
         };
-        let dir = TempDir::new("break_deadline")?;
-        let path = dir.path("data");
-        let len = 4 * MIB;
-        create_file(&path, &content(0, 0, len))?;
-        let hm = context(DeviceKind::Private, 16 * MIB)?;
-        let mut m = hm.map_file_with(&path, 0, len, FileOptions::new(FileMode::Shared))?;
-        if !m.is_leased() {
-            eprintln!("SKIPPED: no lease on {}", path.display());
+        let Some((_dir, path, hm, mut m)) = leased_file("break_deadline")? else {
             return Ok(());
-        }
+        };
+        let len = 4 * MIB;
         // Ours: pages 1..4 by the CPU, page 0 by a device kernel, page 600 by the CPU.
         {
             let w = m.as_mut_slice().expect("writable");
@@ -597,16 +602,10 @@ mod scenarios {
         let Some(_break_time) = BreakTime::set(1)? else {
             return Ok(());
         };
-        let dir = TempDir::new("parked_past_deadline")?;
-        let path = dir.path("data");
-        let len = 4 * MIB;
-        create_file(&path, &content(0, 0, len))?;
-        let hm = context(DeviceKind::Private, 16 * MIB)?;
-        let m = hm.map_file_with(&path, 0, len, FileOptions::new(FileMode::Shared))?;
-        if !m.is_leased() {
-            eprintln!("SKIPPED: no lease on {}", path.display());
+        let Some((_dir, path, hm, m)) = leased_file("parked_past_deadline")? else {
             return Ok(());
-        }
+        };
+        let len = 4 * MIB;
         let dev = hm.device(0).context("device 0")?;
         let lease = lease_thread()?;
         let (started_tx, started_rx) = mpsc::channel();
