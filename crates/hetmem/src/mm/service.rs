@@ -131,7 +131,10 @@ impl Runtime {
                     ServiceWork::Fault { addr, write, tid } => {
                         self.cpu_fault(addr & !(PAGE_SIZE - 1), write, tid)
                     }
-                    ServiceWork::Prefetch { region, bi } => self.prefetch(&region, bi),
+                    ServiceWork::Prefetch { region, bi } => {
+                        self.prefetch(&region, bi);
+                        self.work.read_ahead_done();
+                    }
                     ServiceWork::Migrate {
                         region,
                         bi,
