@@ -49,6 +49,18 @@ pub enum Backing {
     /// A shared mapping of a memfd, as hetmem's CPU views are: a fault allocates and clears a
     /// page in the page cache (shmem).
     Memfd,
+    /// A memfd whose every page was allocated beforehand (`fallocate`), registered MINOR: a
+    /// fault maps the page already in the page cache (UFFDIO_CONTINUE), with no allocation and
+    /// no clearing. The least a handler on shmem can do per fault: the floor of any runtime
+    /// whose views are shmem, as hetmem's are.
+    MemfdPopulated,
+}
+
+impl Backing {
+    /// Whether faults are MINOR ones served by UFFDIO_CONTINUE (else MISSING, UFFDIO_ZEROPAGE).
+    fn minor(self) -> bool {
+        self == Backing::MemfdPopulated
+    }
 }
 
 impl AnonMap {
@@ -62,7 +74,7 @@ impl AnonMap {
         let len = len.div_ceil(PAGE).max(1) * PAGE;
         let (flags, fd) = match backing {
             Backing::Anonymous => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, None),
-            Backing::Memfd => {
+            Backing::Memfd | Backing::MemfdPopulated => {
                 // SAFETY: memfd_create takes a C string and flags and returns a new fd or -1.
                 let fd =
                     unsafe { libc::memfd_create(c"hetmem-baseline".as_ptr(), libc::MFD_CLOEXEC) };
@@ -74,6 +86,12 @@ impl AnonMap {
                 // SAFETY: sets the size of our own memfd.
                 if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } < 0 {
                     return Err(errno());
+                }
+                if backing == Backing::MemfdPopulated {
+                    // SAFETY: allocates (zeroed) pages of our own memfd.
+                    if unsafe { libc::fallocate(fd.as_raw_fd(), 0, 0, len as libc::off_t) } < 0 {
+                        return Err(errno());
+                    }
                 }
                 (libc::MAP_SHARED, Some(fd))
             }
@@ -159,10 +177,10 @@ fn open_uffd() -> io::Result<OwnedFd> {
     Err(last)
 }
 
-fn uffd_api(fd: RawFd) -> io::Result<()> {
+fn uffd_api(fd: RawFd, features: u64) -> io::Result<()> {
     let mut arg = uapi::uffdio_api {
         api: uapi::UFFD_API as u64,
-        features: 0,
+        features,
         ioctls: 0,
     };
     // SAFETY: UFFDIO_API reads and writes one uffdio_api on our stack.
@@ -180,16 +198,20 @@ fn uffd_api(fd: RawFd) -> io::Result<()> {
 }
 
 fn uffd_register_missing(fd: RawFd, addr: usize, len: usize) -> io::Result<()> {
+    uffd_register(fd, addr, len, uapi::UFFDIO_REGISTER_MODE_MISSING as u64)
+}
+
+fn uffd_register(fd: RawFd, addr: usize, len: usize, mode: u64) -> io::Result<()> {
     let mut arg = uapi::uffdio_register {
         range: uapi::uffdio_range {
             start: addr as u64,
             len: len as u64,
         },
-        mode: uapi::UFFDIO_REGISTER_MODE_MISSING as u64,
+        mode,
         ioctls: 0,
     };
     // SAFETY: UFFDIO_REGISTER reads and writes one uffdio_register on our stack; the range is
-    // a private anonymous mapping we own.
+    // a mapping we own.
     let r = unsafe {
         libc::ioctl(
             fd,
@@ -203,31 +225,47 @@ fn uffd_register_missing(fd: RawFd, addr: usize, len: usize) -> io::Result<()> {
     Ok(())
 }
 
-/// Serves one missing fault: maps the zero page at `page`, waking the faulting thread.
-fn serve_zeropage(fd: RawFd, page: usize) {
-    let mut arg = uapi::uffdio_zeropage {
-        range: uapi::uffdio_range {
-            start: page as u64,
-            len: PAGE as u64,
-        },
-        mode: 0,
-        zeropage: 0,
+/// Serves one fault, waking the faulting thread: maps the zero page at `page` (MISSING), or
+/// the page already in the page cache (MINOR, `minor`).
+fn serve_page(fd: RawFd, page: usize, minor: bool) {
+    let range = uapi::uffdio_range {
+        start: page as u64,
+        len: PAGE as u64,
     };
-    // SAFETY: UFFDIO_ZEROPAGE reads and writes one uffdio_zeropage on our stack; the page is
-    // in the registered range.
-    let r = unsafe {
-        libc::ioctl(
-            fd,
-            uioctl::UFFDIO_ZEROPAGE as _,
-            &mut arg as *mut uapi::uffdio_zeropage,
-        )
+    let r = if minor {
+        let mut arg = uapi::uffdio_continue {
+            range,
+            mode: 0,
+            mapped: 0,
+        };
+        // SAFETY: UFFDIO_CONTINUE reads and writes one uffdio_continue on our stack; the page
+        // is in the registered range, and in the memfd's page cache.
+        unsafe {
+            libc::ioctl(
+                fd,
+                uioctl::UFFDIO_CONTINUE as _,
+                &mut arg as *mut uapi::uffdio_continue,
+            )
+        }
+    } else {
+        let mut arg = uapi::uffdio_zeropage {
+            range,
+            mode: 0,
+            zeropage: 0,
+        };
+        // SAFETY: UFFDIO_ZEROPAGE reads and writes one uffdio_zeropage on our stack; the page
+        // is in the registered range.
+        unsafe {
+            libc::ioctl(
+                fd,
+                uioctl::UFFDIO_ZEROPAGE as _,
+                &mut arg as *mut uapi::uffdio_zeropage,
+            )
+        }
     };
     if r < 0 && errno().raw_os_error() == Some(libc::EEXIST) {
         // Already mapped (a duplicate message): just wake whoever waits on it.
-        let mut range = uapi::uffdio_range {
-            start: page as u64,
-            len: PAGE as u64,
-        };
+        let mut range = range;
         // SAFETY: UFFDIO_WAKE reads one uffdio_range on our stack.
         unsafe {
             libc::ioctl(
@@ -239,9 +277,9 @@ fn serve_zeropage(fd: RawFd, page: usize) {
     }
 }
 
-/// Reads the pending messages (at most `buf`'s worth) and serves each page fault with
-/// UFFDIO_ZEROPAGE. Returns the faults served.
-fn read_and_serve(uffd: RawFd, buf: &mut [u8; MSG_LEN * 16]) -> u64 {
+/// Reads the pending messages (at most `buf`'s worth) and serves each page fault
+/// (`serve_page`). Returns the faults served.
+fn read_and_serve(uffd: RawFd, buf: &mut [u8; MSG_LEN * 16], minor: bool) -> u64 {
     // SAFETY: reads at most `buf.len()` bytes into the caller's buffer.
     let n = unsafe { libc::read(uffd, buf.as_mut_ptr().cast(), buf.len()) };
     if n <= 0 {
@@ -254,7 +292,7 @@ fn read_and_serve(uffd: RawFd, buf: &mut [u8; MSG_LEN * 16]) -> u64 {
             continue;
         }
         let addr = u64::from_ne_bytes(msg[16..24].try_into().expect("8 bytes")) as usize;
-        serve_zeropage(uffd, addr & !(PAGE - 1));
+        serve_page(uffd, addr & !(PAGE - 1), minor);
         served += 1;
     }
     served
@@ -272,8 +310,8 @@ fn stop_eventfd() -> io::Result<OwnedFd> {
 }
 
 /// The handler thread: poll the userfaultfd and the stop eventfd, read messages, serve page
-/// faults with UFFDIO_ZEROPAGE. Returns the number of faults served.
-fn handler(uffd: RawFd, stop: RawFd) -> u64 {
+/// faults (`serve_page`). Returns the number of faults served.
+fn handler(uffd: RawFd, stop: RawFd, minor: bool) -> u64 {
     let mut served = 0u64;
     let mut buf = [0u8; MSG_LEN * 16];
     loop {
@@ -303,7 +341,7 @@ fn handler(uffd: RawFd, stop: RawFd) -> u64 {
         if fds[0].revents & libc::POLLIN == 0 {
             continue;
         }
-        served += read_and_serve(uffd, &mut buf);
+        served += read_and_serve(uffd, &mut buf, minor);
     }
 }
 
@@ -311,17 +349,28 @@ fn handler(uffd: RawFd, stop: RawFd) -> u64 {
 /// registered MISSING with a userfaultfd whose handler thread answers UFFDIO_ZEROPAGE, and
 /// returns each touch's latency in nanoseconds: one complete userfaultfd round trip.
 pub fn uffd_fault_latencies_ns(pages: usize, backing: Backing) -> io::Result<Vec<u64>> {
+    let minor = backing.minor();
     let uffd = open_uffd()?;
-    uffd_api(uffd.as_raw_fd())?;
+    let features = if minor {
+        u64::from(uapi::UFFD_FEATURE_MINOR_SHMEM)
+    } else {
+        0
+    };
+    uffd_api(uffd.as_raw_fd(), features)?;
     let map = AnonMap::with_backing(pages * PAGE, backing)?;
-    uffd_register_missing(uffd.as_raw_fd(), map.addr(), map.len())?;
+    let mode = if minor {
+        uapi::UFFDIO_REGISTER_MODE_MINOR
+    } else {
+        uapi::UFFDIO_REGISTER_MODE_MISSING
+    };
+    uffd_register(uffd.as_raw_fd(), map.addr(), map.len(), u64::from(mode))?;
     let stop = stop_eventfd()?;
     let (ufd, sfd) = (uffd.as_raw_fd(), stop.as_raw_fd());
     let mut lat = Vec::with_capacity(pages);
     let served = std::thread::scope(|s| {
         let h = std::thread::Builder::new()
             .name("uffd-baseline".into())
-            .spawn_scoped(s, move || handler(ufd, sfd))?;
+            .spawn_scoped(s, move || handler(ufd, sfd, minor))?;
         let mem = map.as_slice();
         for i in 0..pages {
             let t = Instant::now();
@@ -382,7 +431,7 @@ fn exclusive_handler(uffd: RawFd, stop: RawFd) -> io::Result<u64> {
         if evs[..n as usize].iter().any(|e| e.u64 == 1) {
             return Ok(served);
         }
-        served += read_and_serve(uffd, &mut buf);
+        served += read_and_serve(uffd, &mut buf, false);
     }
 }
 
@@ -393,7 +442,7 @@ fn exclusive_handler(uffd: RawFd, stop: RawFd) -> io::Result<u64> {
 pub fn uffd_fault_throughput(threads: usize, pages: usize) -> io::Result<f64> {
     let threads = threads.max(1);
     let uffd = open_uffd()?;
-    uffd_api(uffd.as_raw_fd())?;
+    uffd_api(uffd.as_raw_fd(), 0)?;
     let map = AnonMap::new(threads * pages * PAGE)?;
     uffd_register_missing(uffd.as_raw_fd(), map.addr(), map.len())?;
     let stop = stop_eventfd()?;
