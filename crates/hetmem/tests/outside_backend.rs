@@ -94,6 +94,11 @@ struct ArenaBackend {
     /// The views registered, and the host side of every copy, to check staging.
     registered: std::sync::Mutex<Vec<(usize, usize)>>,
     host_sides: std::sync::Mutex<Vec<usize>>,
+    /// Copies done when `copy` returns (`is_done`), as the simulated backend's are, so the
+    /// runtime runs them under the block's lock.
+    synchronous: std::sync::atomic::AtomicBool,
+    /// Held: the next copy says it started on the first channel, then waits for the second.
+    hold: Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
 }
 
 impl DeviceBackend for ArenaBackend {
@@ -136,7 +141,20 @@ impl DeviceBackend for ArenaBackend {
         }
         drop(sides);
         // SAFETY: our caller's contract, passed on.
-        Ok(unsafe { self.mem.submit(ops) })
+        let fence = unsafe { self.mem.submit(ops) };
+        if !self.synchronous.load(Ordering::Acquire) {
+            return Ok(fence);
+        }
+        if let Some((started, release)) = self.hold.lock().unwrap().take() {
+            started.send(()).unwrap();
+            release.recv().unwrap();
+        }
+        self.mem.complete(fence)?;
+        Ok(fence)
+    }
+
+    fn is_done(&self, _fence: Fence) -> bool {
+        self.synchronous.load(Ordering::Acquire)
     }
 
     unsafe fn register_host(&self, ptr: *mut u8, len: usize) -> std::io::Result<bool> {
@@ -148,6 +166,10 @@ impl DeviceBackend for ArenaBackend {
     }
 
     fn wait(&self, fence: Fence) -> Result<(), OpError> {
+        if self.synchronous.load(Ordering::Acquire) {
+            // Completed in `copy`.
+            return Ok(());
+        }
         self.mem.complete(fence)
     }
 
@@ -228,6 +250,58 @@ fn evicts_through_an_outside_backend() -> anyhow::Result<()> {
         assert_eq!(h.stats().errors, 0);
         Ok(())
     })
+}
+
+/// A backend whose copies are done when `copy` returns is driven with the block's lock held
+/// through them. A request that needs the frames such a drive holds must wait for it and evict
+/// its block, not find nothing to evict and call the device full: that was the ENOMEM that
+/// `stress.rs::concurrent_eviction_never_reports_enomem` met about one run in four under load.
+#[test]
+fn eviction_waits_for_a_drive_that_holds_the_frames() -> anyhow::Result<()> {
+    common::watchdog(
+        "eviction_waits_for_a_drive_that_holds_the_frames",
+        60,
+        || {
+            let backend = Arc::new(ArenaBackend::default());
+            backend.synchronous.store(true, Ordering::Release);
+            let (started_tx, started) = std::sync::mpsc::channel();
+            let (release, release_rx) = std::sync::mpsc::channel();
+            *backend.hold.lock().unwrap() = Some((started_tx, release_rx));
+            // Room for one block.
+            let h = context(backend.clone(), CHUNK);
+            let mut buf = h.alloc(2 * CHUNK).unwrap();
+            fill(&mut buf, 0x30);
+            let d0 = Target::Device(hetmem::DeviceId::new(0).unwrap());
+            let (first, second) = (buf.addr(), buf.addr() + CHUNK);
+            let h = &h;
+            std::thread::scope(|s| {
+                let a = s.spawn(move || h.migrate(first, CHUNK, d0));
+                // The first block's copy runs, holding the device's only chunk, under its lock.
+                started.recv().unwrap();
+                let (done_tx, done) = std::sync::mpsc::channel();
+                let b = s.spawn(move || {
+                    let r = h.migrate(second, CHUNK, d0);
+                    done_tx.send(()).unwrap();
+                    r
+                });
+                // The second request must wait for that copy. Before the fix it found nothing to
+                // evict and gave up after 200 ms with ENOMEM; a second is far past that.
+                let gave_up = done.recv_timeout(std::time::Duration::from_secs(1)).is_ok();
+                release.send(()).unwrap();
+                let ra = a.join().unwrap();
+                assert!(ra.is_ok(), "first: {ra:?}");
+                let r = b.join().unwrap();
+                assert!(
+                    !gave_up && r.is_ok(),
+                    "the second migration returned while the first held the frames: {r:?}"
+                );
+            });
+            assert!(h.stats().pages_evicted >= (CHUNK / PAGE_SIZE) as u64);
+            check(&buf, 0x30);
+            assert_eq!(h.stats().errors, 0);
+            Ok(())
+        },
+    )
 }
 
 #[test]

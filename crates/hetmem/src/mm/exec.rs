@@ -274,6 +274,14 @@ impl Runtime {
             if transfers.is_empty() {
                 return Ok(None);
             }
+            // Frames just reserved on a device are in use from now on: eviction, which
+            // reads the mirror without the lock, must see them while the copies run, even
+            // when they run under the lock (a backend whose copies are done when `copy`
+            // returns). Otherwise another thread's request finds nothing to evict while
+            // this drive fills the device, and calls it full (`request`).
+            if transfers.iter().any(|t| matches!(t.dst, Mem::Device(_))) {
+                self.mirror_frames(region, bi, block);
+            }
             let mut flight = InFlight::default();
             for t in &transfers {
                 let traced = self.trace().map(|_| Traced {

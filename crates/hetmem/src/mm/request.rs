@@ -113,8 +113,14 @@ impl Runtime {
     /// whether a flush has work in it (`Region::dirty`). Called under the engine lock whenever
     /// a drive lets it go, so the mirrors never lag a state someone else could act on.
     fn mirror_held(&self, region: &Region, bi: usize, block: &hetmem_proto::Block2M) {
-        let slot = &region.blocks[bi];
         region.dirty.record(bi, block);
+        self.mirror_frames(region, bi, block);
+    }
+
+    /// The frame counts alone (`mirror_held`): also called when a drive reserves frames for
+    /// copies it runs under the lock (`run`).
+    pub(crate) fn mirror_frames(&self, region: &Region, bi: usize, block: &hetmem_proto::Block2M) {
+        let slot = &region.blocks[bi];
         for d in self.topology.devices() {
             let held = block.frames_held(d);
             slot.held[d.index()].store(held, Ordering::Relaxed);
@@ -187,9 +193,10 @@ impl Runtime {
                         fruitless_since = None;
                         continue;
                     }
-                    // Nothing was evictable just now. Frames another thread reserved may be
-                    // inside a drive (not yet visible to eviction) or on their way back to the
-                    // budget: keep trying for a while before calling the device full.
+                    // Nothing was evictable just now. Frames another thread's drive holds are
+                    // visible to eviction from their reservation on (`run`), but some may be
+                    // on their way back to the budget, or pinned by a running launch: keep
+                    // trying for a while before calling the device full.
                     let since = *fruitless_since.get_or_insert_with(std::time::Instant::now);
                     if since.elapsed() > std::time::Duration::from_millis(200) {
                         return Err(Error::NoMem);
