@@ -28,7 +28,7 @@ grep -q '^verified: OK' "$dir/demo-file.out" || { cat "$dir/demo-file.out"; exit
 cargo run -q -p hetmem-cli -- bench --device cuda --gpu-mib 16 --device-mib 4 --runs 1 --launches 100 \
   --json "$dir/bench-cuda.json" --plot "$dir/bench-cuda.svg" > "$dir/bench-cuda.out" 2> "$dir/bench-cuda.err" \
   || { cat "$dir/bench-cuda.out" "$dir/bench-cuda.err"; exit 1; }
-for id in 1a 1b 2a 2b 3a 3b 3c 3d 4a 4b 4c '5 ' '6 ' 7-j1; do
+for id in 1a 1b 2a 2b 3a 3b 3c 3d 4a 4b 4c '5 ' '6 ' 7-j1 8a 8b 8c; do
   grep -q "^$id" "$dir/bench-cuda.out" || { echo "bench row $id missing"; cat "$dir/bench-cuda.out"; exit 1; }
 done
 grep -q 'no figure here is a GPU measurement' "$dir/bench-cuda.out" || { cat "$dir/bench-cuda.out"; exit 1; }

@@ -20,7 +20,7 @@ use crate::baseline::{self, AnonMap};
 pub enum DeviceArg {
     /// A simulated device: rows a-m against native baselines.
     Sim,
-    /// CUDA device 0: rows 1-7 against pinned copies, CUDA managed memory, a pinned pipeline
+    /// CUDA device 0: rows 1-8 against pinned copies, CUDA managed memory, pinned pipelines
     /// and plain launches (`--gpu-mib`, `--device-mib`, `--budget-s`).
     Cuda,
 }
@@ -53,7 +53,8 @@ pub struct BenchArgs {
     /// hot/cold over 4x device memory with access counters). With `--device cuda`, row
     /// numbers: `--only 1,4` (1: GPU first access, 2: CPU read-back, 3: migration, 4:
     /// streaming 4x the cap, 5: random touches over 4x the cap, remote against migrate, 6:
-    /// launch overhead, 7: CPU fault throughput).
+    /// launch overhead, 7: CPU fault throughput, 8: a file 4x the cap scanned warm and cold
+    /// (O_DIRECT) and updated).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Pages touched per run by the fault-latency measurement (e).
@@ -76,7 +77,7 @@ pub struct BenchArgs {
     /// compare with a run without it).
     #[arg(long)]
     pub trace: Option<String>,
-    /// The device: simulated (rows a-m), or CUDA device 0 (rows 1-7, each against the CUDA way
+    /// The device: simulated (rows a-m), or CUDA device 0 (rows 1-8, each against the CUDA way
     /// of doing the same work, measured in the same run).
     #[arg(long, value_enum, default_value_t = DeviceArg::Sim)]
     pub device: DeviceArg,
@@ -155,10 +156,10 @@ fn inc_u64(bytes: &mut [u8]) {
 }
 
 /// `std::env::temp_dir()/hetmem-bench-<pid>/`, removed with everything in it on drop.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
-    fn new() -> Result<Self> {
+    pub(crate) fn new() -> Result<Self> {
         let p = std::env::temp_dir().join(format!("hetmem-bench-{}", std::process::id()));
         std::fs::create_dir_all(&p).with_context(|| format!("create {}", p.display()))?;
         Ok(Self(p))
@@ -174,7 +175,7 @@ impl Drop for TempDir {
 /// Creates `path` with `len` bytes of the pattern, made durable (so no writeback of it runs
 /// during the measurements), then reads it once so it sits in the page cache. Returns the
 /// pattern's u64 sum.
-fn create_pattern_file(path: &Path, len: usize) -> Result<u64> {
+pub(crate) fn create_pattern_file(path: &Path, len: usize) -> Result<u64> {
     let f = OpenOptions::new()
         .read(true)
         .write(true)

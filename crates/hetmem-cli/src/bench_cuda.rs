@@ -23,6 +23,11 @@
 //!    are checked against the CPU's replay of the same random sequence.
 //! 6. Launch overhead with a resident 2 MiB declared range against a plain launch.
 //! 7. CPU fault service throughput with 1..16 threads (no GPU: the simulated bench's j rows).
+//! 8. File data on the GPU, a file 4 times the cap: a launch per block scans it (8a: warm page
+//!    cache; 8b: cold, O_DIRECT: hetmem reads straight into its registered backing pages, the
+//!    pinned staging of the copy) or adds 1 to every byte and `sync`s (8c), against a
+//!    double-buffered pipeline that `pread`s into pinned staging (with O_DIRECT for 8b), copies,
+//!    runs the same kernel (copies back and `pwrite`s for 8c).
 //!
 //! Against a fake driver (`scripts/fake-cuda-check.sh`) the rows run and verify but measure
 //! nothing about a GPU; the report then says so (`warning`), and so does the plot.
@@ -37,7 +42,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context as _, Result};
-use hetmem::{DeclaredAccess, Device, Hetmem, Launch, ManagedBuf, Target as Dest, PAGE_SIZE};
+use hetmem::{
+    DeclaredAccess, Device, FileMode, FileOptions, Hetmem, Launch, ManagedBuf, Target as Dest,
+    PAGE_SIZE,
+};
 use hetmem_cuda::{
     kernels, Cuda, CudaBackend, CudaBuilderExt, CudaLauncher, DeviceBuffer, DevicePtr, DeviceSpan,
     Function, HostMem, KernelArgs, LaunchConfig, Location, ManagedBuffer, Module, PinnedBuffer,
@@ -47,8 +55,8 @@ use indicatif::ProgressBar;
 use serde::Serialize;
 
 use crate::bench::{
-    fault_throughput_rows, fill_pattern_at, gbps, pattern_word, row, sum_u64, to_system, with,
-    BenchArgs,
+    create_pattern_file, fault_throughput_rows, fill_pattern_at, gbps, pattern_word, row, sum_u64,
+    to_system, with, BenchArgs, TempDir,
 };
 use crate::report::{self, Counters, Row, Target};
 
@@ -59,7 +67,7 @@ const BLOCK: usize = 2 << 20;
 const SUM_SLOTS: usize = BLOCK / 8;
 
 /// The rows, with their share of the time budget (relative weights, from the expected cost).
-const ROWS: [(u32, f64); 7] = [
+const ROWS: [(u32, f64); 8] = [
     (1, 3.0),
     (2, 2.0),
     (3, 2.0),
@@ -67,6 +75,7 @@ const ROWS: [(u32, f64); 7] = [
     (5, 2.0),
     (6, 0.5),
     (7, 2.0),
+    (8, 4.0),
 ];
 
 /// The kernels the bench launches, from the shipped PTX.
@@ -439,6 +448,67 @@ fn host_bytes<'a>(g: &Gpu, m: &'a impl HostMem) -> Result<&'a [u8]> {
     Ok(unsafe { std::slice::from_raw_parts(m.as_ptr(), m.len()) })
 }
 
+/// Opens `path` for the pipeline, with O_DIRECT if `direct`, writable if `write`.
+fn open_file(path: &std::path::Path, direct: bool, write: bool) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))
+}
+
+/// Drops `path`'s pages from the page cache (written back first), so the next read is cold.
+#[allow(unsafe_code)]
+fn drop_page_cache(path: &std::path::Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    f.sync_data()?;
+    // SAFETY: posix_fadvise takes a descriptor we own and plain integers.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    ensure!(r == 0, "posix_fadvise(DONTNEED): errno {r}");
+    Ok(())
+}
+
+/// `pread`s `len` bytes of `f` at `at` into pinned memory `[off, off + len)`. The caller has
+/// synchronised the stream that last used those bytes, so no GPU work touches them meanwhile.
+#[allow(unsafe_code)]
+fn read_into_pinned(
+    f: &std::fs::File,
+    m: &PinnedBuffer,
+    off: usize,
+    len: usize,
+    at: u64,
+) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    ensure!(off + len <= m.len(), "pinned range out of bounds");
+    // SAFETY: `[off, off + len)` lies inside the pinned allocation (checked above), which stays
+    // mapped while `m` is borrowed; no GPU work uses it (the caller's synchronisation) and no
+    // other slice of it is alive while this one is.
+    let dst = unsafe { std::slice::from_raw_parts_mut(m.as_ptr().add(off), len) };
+    f.read_exact_at(dst, at)?;
+    Ok(())
+}
+
+/// `pwrite`s pinned memory `[off, off + len)` to `f` at `at`; the caller has synchronised the
+/// stream whose copy filled it.
+#[allow(unsafe_code)]
+fn write_from_pinned(
+    f: &std::fs::File,
+    m: &PinnedBuffer,
+    off: usize,
+    len: usize,
+    at: u64,
+) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    ensure!(off + len <= m.len(), "pinned range out of bounds");
+    // SAFETY: as in `read_into_pinned`; the bytes are only read.
+    let src = unsafe { std::slice::from_raw_parts(m.as_ptr().add(off), len) };
+    f.write_all_at(src, at)?;
+    Ok(())
+}
+
 /// Adds `k` to every byte of `w` (modulo 256 each), as `hetmem_add_u8` does.
 fn add_bytes(w: u64, k: u8) -> u64 {
     const H: u64 = 0x8080_8080_8080_8080;
@@ -615,7 +685,7 @@ fn date_utc() -> String {
     )
 }
 
-/// The rows chosen with `--only` (row numbers 1-7), or all.
+/// The rows chosen with `--only` (row numbers 1-8), or all.
 fn chosen(a: &BenchArgs) -> Result<Vec<u32>> {
     if a.only.is_empty() {
         return Ok(ROWS.iter().map(|(r, _)| *r).collect());
@@ -623,8 +693,8 @@ fn chosen(a: &BenchArgs) -> Result<Vec<u32>> {
     let mut v = Vec::new();
     for s in &a.only {
         match s.trim().parse::<u32>() {
-            Ok(r) if (1..=7).contains(&r) => v.push(r),
-            _ => bail!("--only with --device cuda takes row numbers 1-7, got {s:?}"),
+            Ok(r) if (1..=8).contains(&r) => v.push(r),
+            _ => bail!("--only with --device cuda takes row numbers 1-8, got {s:?}"),
         }
     }
     Ok(v)
@@ -1518,6 +1588,231 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     Target::AtLeast(100.0),
                     col(&s, 0, 0),
                     col(&s, 1, 0),
+                ),
+            ));
+        }
+        done(&rows, from, &budget)?;
+    }
+
+    if has(8) {
+        eprintln!(
+            "row 8: GPU scans and updates a {} MiB file through a {} MiB cap",
+            4 * a.device_mib,
+            a.device_mib
+        );
+        let deadline = budget.row(8);
+        let from = rows.len();
+        if budget.spent() {
+            over(&mut rows, "8", "file data on the GPU");
+        } else {
+            let dir = TempDir::new()?;
+            let path = dir.0.join("row8.bin");
+            let expected = create_pattern_file(&path, stream_len)?;
+            let backend = Arc::new(
+                CudaBackend::new(&cuda, cap)
+                    .context("hetmem's CUDA backend for row 8")?
+                    .register_host_memory(true),
+            );
+            let hm = Hetmem::builder()
+                .cuda_backend(backend)
+                .build()
+                .context("build the file context")?;
+            let dev = hm.device(0).context("device 0")?;
+            let blocks = stream_len / BLOCK;
+            // A launch's block stays on the device until it completes: leave one free for
+            // the next launch's fill.
+            let window = a.in_flight.min(cap / BLOCK - 1).max(1);
+            // The pipeline's staging: two pinned pieces (page-aligned, so O_DIRECT reads and
+            // writes straight into and out of them), two device buffers, two streams.
+            let staging = PinnedBuffer::new(&cuda, 2 * BLOCK).context("pinned staging")?;
+            let dbufs = [
+                DeviceBuffer::new(&cuda, BLOCK)?,
+                DeviceBuffer::new(&cuda, BLOCK)?,
+            ];
+            let slot0 = g.slots(blocks)?;
+            let (last_w, last_c, last_u) = (Cell::new(None), Cell::new(None), Cell::new(None));
+            // hetmem: a fresh mapping per run, so every block comes from the file; a launch
+            // per block sums it on the device.
+            let hetmem_scan = |direct: bool, last: &Cell<Option<Counters>>| -> Result<Vec<f64>> {
+                if direct {
+                    drop_page_cache(&path)?;
+                }
+                g.zero_sums()?;
+                let st = hm.stats();
+                let t = Instant::now();
+                let opts = FileOptions::new(FileMode::ReadOnly).direct(direct);
+                let m = hm.map_file_with(&path, 0, stream_len, opts)?;
+                hetmem_pass(&g, &dev, m.addr(), stream_len, window, |i| {
+                    BlockKernel::Sum(slot0.offset(8 * i))
+                })?;
+                let secs = t.elapsed().as_secs_f64();
+                last.set(Some(hm.stats().since(&st)));
+                // hetmem turns O_DIRECT off for a mapping whose file refuses it: the row would
+                // then not be what it says.
+                ensure!(
+                    m.is_direct() == direct,
+                    "row 8b: the mapping's O_DIRECT was turned off (does {} support it?)",
+                    path.display()
+                );
+                drop(m);
+                ensure!(
+                    g.read_sums(blocks)? == expected,
+                    "row 8: hetmem's file sums differ"
+                );
+                Ok(vec![gbps(stream_len, secs)])
+            };
+            // The pipeline: pread a block into a pinned piece while the other piece's copy
+            // and sum run on its stream.
+            let pipeline_scan = |direct: bool| -> Result<Vec<f64>> {
+                if direct {
+                    drop_page_cache(&path)?;
+                }
+                g.zero_sums()?;
+                let t = Instant::now();
+                let f = open_file(&path, direct, false)?;
+                for i in 0..blocks {
+                    let k = i % 2;
+                    let st = &g.streams[k];
+                    st.synchronize()?;
+                    read_into_pinned(&f, &staging, k * BLOCK, BLOCK, (i * BLOCK) as u64)?;
+                    st.copy_h2d(dbufs[k].whole(), staging.span(k * BLOCK, BLOCK)?)?;
+                    enqueue_sum(
+                        &g,
+                        st,
+                        &g.block_cfg,
+                        dbufs[k].whole(),
+                        g.sums.span(i * 8, 8)?,
+                    )?;
+                }
+                g.sync()?;
+                let secs = t.elapsed().as_secs_f64();
+                ensure!(
+                    g.read_sums(blocks)? == expected,
+                    "row 8: the pipeline's file sums differ"
+                );
+                Ok(vec![gbps(stream_len, secs)])
+            };
+            let warm = sample(
+                runs,
+                deadline,
+                &mut [&mut || hetmem_scan(false, &last_w), &mut || {
+                    pipeline_scan(false)
+                }],
+            )?;
+            let cold = sample(
+                runs,
+                deadline,
+                &mut [&mut || hetmem_scan(true, &last_c), &mut || {
+                    pipeline_scan(true)
+                }],
+            )?;
+            // The update: +1 on every byte of the file, made durable. Both sides update the
+            // same file; `passes` counts them, warm-up included.
+            let passes = Cell::new(0u8);
+            let mut h = || -> Result<Vec<f64>> {
+                let st = hm.stats();
+                let t = Instant::now();
+                let m =
+                    hm.map_file_with(&path, 0, stream_len, FileOptions::new(FileMode::Shared))?;
+                hetmem_pass(&g, &dev, m.addr(), stream_len, window, |_| {
+                    BlockKernel::Add(1)
+                })?;
+                m.sync()?;
+                let secs = t.elapsed().as_secs_f64();
+                last_u.set(Some(hm.stats().since(&st)));
+                drop(m);
+                passes.set(passes.get().wrapping_add(1));
+                Ok(vec![gbps(stream_len, secs)])
+            };
+            let mut p = || -> Result<Vec<f64>> {
+                let t = Instant::now();
+                let f = open_file(&path, false, true)?;
+                // Block i is written back when its piece is needed again (block i + 2), or at
+                // the end.
+                let write_back = |i: usize| -> Result<()> {
+                    let k = i % 2;
+                    g.streams[k].synchronize()?;
+                    write_from_pinned(&f, &staging, k * BLOCK, BLOCK, (i * BLOCK) as u64)
+                };
+                for i in 0..blocks {
+                    let k = i % 2;
+                    let st = &g.streams[k];
+                    if i >= 2 {
+                        write_back(i - 2)?;
+                    } else {
+                        st.synchronize()?;
+                    }
+                    read_into_pinned(&f, &staging, k * BLOCK, BLOCK, (i * BLOCK) as u64)?;
+                    let piece = staging.span(k * BLOCK, BLOCK)?;
+                    st.copy_h2d(dbufs[k].whole(), piece)?;
+                    enqueue_add(&g, st, &g.block_cfg, dbufs[k].whole(), 1)?;
+                    st.copy_d2h(staging.span(k * BLOCK, BLOCK)?, dbufs[k].whole())?;
+                }
+                for i in blocks.saturating_sub(2)..blocks {
+                    write_back(i)?;
+                }
+                f.sync_data()?;
+                let secs = t.elapsed().as_secs_f64();
+                passes.set(passes.get().wrapping_add(1));
+                Ok(vec![gbps(stream_len, secs)])
+            };
+            let update = sample(runs, deadline, &mut [&mut h, &mut p])?;
+            // Every byte of the file went up by one per pass, on either side.
+            use std::os::unix::fs::FileExt;
+            let f = open_file(&path, false, false)?;
+            let mut piece = vec![0u8; BLOCK];
+            for off in (0..stream_len).step_by(BLOCK) {
+                f.read_exact_at(&mut piece, off as u64)?;
+                check_added(
+                    &piece,
+                    off / 8,
+                    passes.get(),
+                    "row 8 (the file after the updates)",
+                )?;
+            }
+            let what = format!(
+                "GPU and a {} MiB file, 4x a {} MiB cap: launch per 2 MiB block, {window} in flight",
+                4 * a.device_mib,
+                a.device_mib
+            );
+            let pipe = "pread into pinned staging + copy + kernel, double-buffered (two pinned pieces, two device buffers, two streams)";
+            rows.push(with(
+                last_w.take(),
+                row_vs(
+                    "8a",
+                    &format!("{what}, scan (sum), warm page cache (map_file ReadOnly)"),
+                    "GB/s",
+                    pipe,
+                    "pipeline",
+                    Target::AtLeast(0.8),
+                    col(&warm, 0, 0),
+                    col(&warm, 1, 0),
+                ),
+            ));
+            rows.push(with(
+                last_c.take(),
+                row_vs(
+                    "8b",
+                    &format!("{what}, scan (sum), cold cache, O_DIRECT (FileOptions::direct)"),
+                    "GB/s",
+                    &format!("{pipe}, O_DIRECT"),
+                    "pipeline",
+                    Target::AtLeast(0.8),
+                    col(&cold, 0, 0),
+                    col(&cold, 1, 0),
+                ),
+            ));
+            rows.push(with(
+                last_u.take(),
+                row_vs(
+                    "8c",
+                    &format!("{what}, update (+1 per byte, map_file Shared), then sync"),
+                    "GB/s",
+                    "pread + copy + kernel + copy back + pwrite, double-buffered, then fdatasync",
+                    "pipeline",
+                    Target::AtLeast(0.7),
+                    col(&update, 0, 0),
+                    col(&update, 1, 0),
                 ),
             ));
         }

@@ -24,9 +24,9 @@ impl Drop for Scratch {
 }
 
 /// Every row id the bench prints, in order (7: fault throughput with 1, 2, 4 threads at least).
-const IDS: [&str; 16] = [
+const IDS: [&str; 19] = [
     "1a", "1b", "2a", "2b", "3a", "3b", "3c", "3d", "4a", "4b", "4c", "5 ", "6 ", "7-j1", "7-j2",
-    "7-j4",
+    "7-j4", "8a", "8b", "8c",
 ];
 
 #[test]
