@@ -745,3 +745,149 @@ fn same_address_memory_takes_the_cpus_pointers() {
         assert_eq!(h.stats().errors, 0, "{:?}", backend.last_error());
     });
 }
+
+/// A scratch directory for a file test, removed on drop.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(test: &str) -> Scratch {
+        let p = std::env::temp_dir().join(format!("hetmem-cuda-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("a scratch directory");
+        Scratch(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// File pages on the GPU: a launch declared over a Shared file
+/// mapping brings its pages from the file into device memory, the kernel writes them there, and
+/// `flush` writes them from device memory back to the file (staged through host memory: device
+/// memory is not host-addressable).
+#[test]
+fn a_launch_writes_file_pages_and_flush_puts_them_in_the_file() {
+    let name = "a_launch_writes_file_pages_and_flush_puts_them_in_the_file";
+    watchdog(name, 120, move || {
+        let _driver = shared();
+        let Some((h, backend)) = context(name, 16 * MIB) else {
+            return;
+        };
+        let (add, launcher) = add_kernel(&backend);
+        let dev = h.device(0).expect("device 0");
+        let dir = Scratch::new(name);
+        let path = dir.0.join("data");
+        let len = 2 * CHUNK_SIZE;
+        let mut want = pattern(len, 21);
+        std::fs::write(&path, &want).unwrap();
+        let m = h.map_file(&path, 0, len, hetmem::FileMode::Shared).unwrap();
+        let declared = hetmem::DeclaredAccess::write(m.addr(), CHUNK_SIZE);
+        launch_add(&launcher, &dev, &add, declared, 4)
+            .expect("the launch")
+            .wait()
+            .expect("the kernel");
+        assert_eq!(
+            h.stats().pages_from_file as usize,
+            CHUNK_SIZE / PAGE_SIZE,
+            "the declared block came from the file, and only it"
+        );
+        for b in &mut want[..CHUNK_SIZE] {
+            *b = b.wrapping_add(4);
+        }
+        m.flush().expect("flush");
+        assert_bytes_eq(
+            "the file after flush",
+            &std::fs::read(&path).unwrap(),
+            &want,
+        );
+        verify("the CPU's view of the mapping", m.as_slice(), &want);
+        assert_eq!(h.stats().errors, 0, "{:?}", backend.last_error());
+    });
+}
+
+/// Remote placement of file pages: a kernel over a Shared file mapping twice the cap, placed
+/// `Remote`, works on the pages in system memory (the memfd copy of the file, through the
+/// registered backing view); nothing migrates, and `flush` writes the kernel's writes to the file.
+#[test]
+fn a_remote_launch_over_file_pages_works_in_system_memory() {
+    let name = "a_remote_launch_over_file_pages_works_in_system_memory";
+    watchdog(name, 120, move || {
+        let _driver = shared();
+        let Some((h, backend)) = context_with(name, 4 * MIB, |b| b.register_host_memory(true))
+        else {
+            return;
+        };
+        let (add, launcher) = add_kernel(&backend);
+        let dev = h.device(0).expect("device 0");
+        let dir = Scratch::new(name);
+        let path = dir.0.join("data");
+        let len = 8 * MIB;
+        let mut want = pattern(len, 22);
+        std::fs::write(&path, &want).unwrap();
+        let m = h.map_file(&path, 0, len, hetmem::FileMode::Shared).unwrap();
+        let declared =
+            hetmem::DeclaredAccess::write(m.addr(), len).placed(hetmem::LaunchPlacement::Remote);
+        launch_add(&launcher, &dev, &add, declared, 6)
+            .expect("the launch")
+            .wait()
+            .expect("the kernel");
+        assert_eq!(
+            h.device_pages_used(DeviceId::new(0).unwrap()),
+            0,
+            "nothing migrated"
+        );
+        for b in &mut want {
+            *b = b.wrapping_add(6);
+        }
+        m.flush().expect("flush");
+        assert_bytes_eq(
+            "the file after flush",
+            &std::fs::read(&path).unwrap(),
+            &want,
+        );
+        assert_eq!(h.stats().errors, 0, "{:?}", backend.last_error());
+    });
+}
+
+/// A lease break while a launch holds file pages on the GPU: another open of the file breaks
+/// hetmem's lease, and returns only once the break has written back what the device holds, so
+/// the opener reads the kernel's writes.
+#[test]
+fn a_lease_break_hands_over_what_a_launch_wrote() {
+    let name = "a_lease_break_hands_over_what_a_launch_wrote";
+    watchdog(name, 120, move || {
+        let _driver = shared();
+        let Some((h, backend)) = context(name, 16 * MIB) else {
+            return;
+        };
+        let (add, launcher) = add_kernel(&backend);
+        let dev = h.device(0).expect("device 0");
+        let dir = Scratch::new(name);
+        let path = dir.0.join("data");
+        let len = 2 * CHUNK_SIZE;
+        let mut want = pattern(len, 23);
+        std::fs::write(&path, &want).unwrap();
+        let m = h.map_file(&path, 0, len, hetmem::FileMode::Shared).unwrap();
+        if !m.is_leased() {
+            note(format!(
+                "{name}: no lease on this file system, nothing to break"
+            ));
+            return;
+        }
+        let declared = hetmem::DeclaredAccess::write(m.addr(), CHUNK_SIZE);
+        let launch = launch_add(&launcher, &dev, &add, declared, 9).expect("the launch");
+        for b in &mut want[..CHUNK_SIZE] {
+            *b = b.wrapping_add(9);
+        }
+        // Not waited for: the open breaks the lease with the launch as it is.
+        let seen = std::fs::read(&path).unwrap();
+        launch.wait().expect("the kernel");
+        assert_bytes_eq("what the other opener read", &seen, &want);
+        assert!(h.stats().lease_breaks >= 1, "the open broke the lease");
+        verify("the CPU's view of the mapping", m.as_slice(), &want);
+        assert_eq!(h.stats().errors, 0, "{:?}", backend.last_error());
+    });
+}
