@@ -741,8 +741,12 @@ fn same_address_memory_takes_the_cpus_pointers() {
             assert_eq!(word(out(i)), (10 * i as u64 + 1) * 2 + 1);
         }
         drop(buf);
-        assert_eq!(backend.same_address_counts(), (0, 0), "all torn down");
         assert_eq!(h.stats().errors, 0, "{:?}", backend.last_error());
+        // The region goes with its last reference, which a service thread may still hold for
+        // a moment after it woke the thread whose fault it served: the context's drop (with
+        // the device handle's) joins them.
+        drop((dev, h));
+        assert_eq!(backend.same_address_counts(), (0, 0), "all torn down");
     });
 }
 
@@ -764,47 +768,91 @@ impl Drop for Scratch {
     }
 }
 
-/// File pages on the GPU: a launch declared over a Shared file
-/// mapping brings its pages from the file into device memory, the kernel writes them there, and
-/// `flush` writes them from device memory back to the file (staged through host memory: device
-/// memory is not host-addressable).
+/// What a file test on the GPU starts from: a context (its backend set up by `setup`), the
+/// `add_u8` kernel and its launcher, device 0, and a Shared mapping of a file of `len` pattern
+/// bytes (`want`, which the test then updates as the file should end up).
+struct FileTest {
+    h: Hetmem,
+    backend: Arc<CudaBackend>,
+    add: hetmem_cuda::Function,
+    launcher: hetmem_cuda::CudaLauncher,
+    dev: hetmem::Device,
+    m: hetmem::FileMapping,
+    path: std::path::PathBuf,
+    want: Vec<u8>,
+    _dir: Scratch,
+}
+
+impl FileTest {
+    fn new(
+        name: &str,
+        cap: usize,
+        setup: impl FnOnce(CudaBackend) -> CudaBackend,
+        len: usize,
+        seed: u64,
+    ) -> Option<FileTest> {
+        let (h, backend) = context_with(name, cap, setup)?;
+        let (add, launcher) = add_kernel(&backend);
+        let dev = h.device(0).expect("device 0");
+        let dir = Scratch::new(name);
+        let path = dir.0.join("data");
+        let want = pattern(len, seed);
+        std::fs::write(&path, &want).unwrap();
+        let m = h.map_file(&path, 0, len, hetmem::FileMode::Shared).unwrap();
+        Some(FileTest {
+            h,
+            backend,
+            add,
+            launcher,
+            dev,
+            m,
+            path,
+            want,
+            _dir: dir,
+        })
+    }
+
+    /// Launches +`v` on every byte of `declared`.
+    fn launch_add(&self, declared: hetmem::DeclaredAccess, v: u8) -> hetmem::Launch {
+        launch_add(&self.launcher, &self.dev, &self.add, declared, v).expect("the launch")
+    }
+
+    /// `want` after +`v` on every byte of `range`.
+    fn added(&mut self, range: std::ops::Range<usize>, v: u8) {
+        for b in &mut self.want[range] {
+            *b = b.wrapping_add(v);
+        }
+    }
+}
+
+/// File pages on the GPU: a launch declared over a Shared file mapping brings its pages from
+/// the file into device memory, the kernel writes them there, and `flush` writes them from
+/// device memory back to the file (staged through host memory: device memory is not
+/// host-addressable).
 #[test]
 fn a_launch_writes_file_pages_and_flush_puts_them_in_the_file() {
     let name = "a_launch_writes_file_pages_and_flush_puts_them_in_the_file";
     watchdog(name, 120, move || {
         let _driver = shared();
-        let Some((h, backend)) = context(name, 16 * MIB) else {
+        let Some(mut t) = FileTest::new(name, 16 * MIB, |b| b, 2 * CHUNK_SIZE, 21) else {
             return;
         };
-        let (add, launcher) = add_kernel(&backend);
-        let dev = h.device(0).expect("device 0");
-        let dir = Scratch::new(name);
-        let path = dir.0.join("data");
-        let len = 2 * CHUNK_SIZE;
-        let mut want = pattern(len, 21);
-        std::fs::write(&path, &want).unwrap();
-        let m = h.map_file(&path, 0, len, hetmem::FileMode::Shared).unwrap();
-        let declared = hetmem::DeclaredAccess::write(m.addr(), CHUNK_SIZE);
-        launch_add(&launcher, &dev, &add, declared, 4)
-            .expect("the launch")
-            .wait()
-            .expect("the kernel");
+        let declared = hetmem::DeclaredAccess::write(t.m.addr(), CHUNK_SIZE);
+        t.launch_add(declared, 4).wait().expect("the kernel");
         assert_eq!(
-            h.stats().pages_from_file as usize,
+            t.h.stats().pages_from_file as usize,
             CHUNK_SIZE / PAGE_SIZE,
             "the declared block came from the file, and only it"
         );
-        for b in &mut want[..CHUNK_SIZE] {
-            *b = b.wrapping_add(4);
-        }
-        m.flush().expect("flush");
+        t.added(0..CHUNK_SIZE, 4);
+        t.m.flush().expect("flush");
         assert_bytes_eq(
             "the file after flush",
-            &std::fs::read(&path).unwrap(),
-            &want,
+            &std::fs::read(&t.path).unwrap(),
+            &t.want,
         );
-        verify("the CPU's view of the mapping", m.as_slice(), &want);
-        assert_eq!(h.stats().errors, 0, "{:?}", backend.last_error());
+        verify("the CPU's view of the mapping", t.m.as_slice(), &t.want);
+        assert_eq!(t.h.stats().errors, 0, "{:?}", t.backend.last_error());
     });
 }
 
@@ -816,39 +864,27 @@ fn a_remote_launch_over_file_pages_works_in_system_memory() {
     let name = "a_remote_launch_over_file_pages_works_in_system_memory";
     watchdog(name, 120, move || {
         let _driver = shared();
-        let Some((h, backend)) = context_with(name, 4 * MIB, |b| b.register_host_memory(true))
-        else {
+        let len = 8 * MIB;
+        let setup = |b: CudaBackend| b.register_host_memory(true);
+        let Some(mut t) = FileTest::new(name, 4 * MIB, setup, len, 22) else {
             return;
         };
-        let (add, launcher) = add_kernel(&backend);
-        let dev = h.device(0).expect("device 0");
-        let dir = Scratch::new(name);
-        let path = dir.0.join("data");
-        let len = 8 * MIB;
-        let mut want = pattern(len, 22);
-        std::fs::write(&path, &want).unwrap();
-        let m = h.map_file(&path, 0, len, hetmem::FileMode::Shared).unwrap();
         let declared =
-            hetmem::DeclaredAccess::write(m.addr(), len).placed(hetmem::LaunchPlacement::Remote);
-        launch_add(&launcher, &dev, &add, declared, 6)
-            .expect("the launch")
-            .wait()
-            .expect("the kernel");
+            hetmem::DeclaredAccess::write(t.m.addr(), len).placed(hetmem::LaunchPlacement::Remote);
+        t.launch_add(declared, 6).wait().expect("the kernel");
         assert_eq!(
-            h.device_pages_used(DeviceId::new(0).unwrap()),
+            t.h.device_pages_used(DeviceId::new(0).unwrap()),
             0,
             "nothing migrated"
         );
-        for b in &mut want {
-            *b = b.wrapping_add(6);
-        }
-        m.flush().expect("flush");
+        t.added(0..len, 6);
+        t.m.flush().expect("flush");
         assert_bytes_eq(
             "the file after flush",
-            &std::fs::read(&path).unwrap(),
-            &want,
+            &std::fs::read(&t.path).unwrap(),
+            &t.want,
         );
-        assert_eq!(h.stats().errors, 0, "{:?}", backend.last_error());
+        assert_eq!(t.h.stats().errors, 0, "{:?}", t.backend.last_error());
     });
 }
 
@@ -860,34 +896,24 @@ fn a_lease_break_hands_over_what_a_launch_wrote() {
     let name = "a_lease_break_hands_over_what_a_launch_wrote";
     watchdog(name, 120, move || {
         let _driver = shared();
-        let Some((h, backend)) = context(name, 16 * MIB) else {
+        let Some(mut t) = FileTest::new(name, 16 * MIB, |b| b, 2 * CHUNK_SIZE, 23) else {
             return;
         };
-        let (add, launcher) = add_kernel(&backend);
-        let dev = h.device(0).expect("device 0");
-        let dir = Scratch::new(name);
-        let path = dir.0.join("data");
-        let len = 2 * CHUNK_SIZE;
-        let mut want = pattern(len, 23);
-        std::fs::write(&path, &want).unwrap();
-        let m = h.map_file(&path, 0, len, hetmem::FileMode::Shared).unwrap();
-        if !m.is_leased() {
+        if !t.m.is_leased() {
             note(format!(
                 "{name}: no lease on this file system, nothing to break"
             ));
             return;
         }
-        let declared = hetmem::DeclaredAccess::write(m.addr(), CHUNK_SIZE);
-        let launch = launch_add(&launcher, &dev, &add, declared, 9).expect("the launch");
-        for b in &mut want[..CHUNK_SIZE] {
-            *b = b.wrapping_add(9);
-        }
+        let declared = hetmem::DeclaredAccess::write(t.m.addr(), CHUNK_SIZE);
+        let launch = t.launch_add(declared, 9);
+        t.added(0..CHUNK_SIZE, 9);
         // Not waited for: the open breaks the lease with the launch as it is.
-        let seen = std::fs::read(&path).unwrap();
+        let seen = std::fs::read(&t.path).unwrap();
         launch.wait().expect("the kernel");
-        assert_bytes_eq("what the other opener read", &seen, &want);
-        assert!(h.stats().lease_breaks >= 1, "the open broke the lease");
-        verify("the CPU's view of the mapping", m.as_slice(), &want);
-        assert_eq!(h.stats().errors, 0, "{:?}", backend.last_error());
+        assert_bytes_eq("what the other opener read", &seen, &t.want);
+        assert!(t.h.stats().lease_breaks >= 1, "the open broke the lease");
+        verify("the CPU's view of the mapping", t.m.as_slice(), &t.want);
+        assert_eq!(t.h.stats().errors, 0, "{:?}", t.backend.last_error());
     });
 }
