@@ -1,6 +1,6 @@
 //! Native baselines that need raw system calls: private anonymous mappings and a minimal
-//! userfaultfd fault handler (MISSING mode, UFFDIO_ZEROPAGE), the floor any userfaultfd-based
-//! runtime pays per CPU fault.
+//! userfaultfd fault handler (MISSING mode, UFFDIO_ZEROPAGE; or MINOR mode, UFFDIO_CONTINUE, on a
+//! memfd whose pages exist), the floor any userfaultfd-based runtime pays per CPU fault.
 //!
 //! The only module of the crate with `unsafe`; everything it exports is a safe API.
 
