@@ -19,7 +19,7 @@ mod common;
 use anyhow::{bail, ensure, Context, Result};
 use common::file::{
     content, context, create_file, page_is, pread_file, stamp_page, unleased, wait_lease_breaking,
-    MIB,
+    BreakTime, MIB,
 };
 use common::fs::{Mount, TempDir};
 use hetmem::{
@@ -159,28 +159,6 @@ fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Resul
         std::thread::yield_now();
     }
     Ok(())
-}
-
-/// `/proc/sys/fs/lease-break-time` set to `secs` until the drop puts the old value back.
-struct BreakTime(String);
-
-impl BreakTime {
-    const PATH: &'static str = "/proc/sys/fs/lease-break-time";
-
-    fn set(secs: u32) -> Result<Option<Self>> {
-        let old = std::fs::read_to_string(Self::PATH)?;
-        if let Err(e) = std::fs::write(Self::PATH, secs.to_string()) {
-            eprintln!("SKIPPED: cannot set {}: {e}", Self::PATH);
-            return Ok(None);
-        }
-        Ok(Some(BreakTime(old.trim().to_string())))
-    }
-}
-
-impl Drop for BreakTime {
-    fn drop(&mut self) {
-        let _ = std::fs::write(Self::PATH, &self.0);
-    }
 }
 
 mod scenarios {

@@ -22,7 +22,7 @@ mod common;
 use anyhow::{ensure, Context, Result};
 use common::file::{
     assert_same, content, context, create_file, fd_of, pread_file, wait_child, wait_lease_breaking,
-    with_lease_thread_held, DEFAULT_TIMEOUT_S, MIB,
+    with_lease_thread_held, BreakTime, DEFAULT_TIMEOUT_S, MIB,
 };
 use common::fs::TempDir;
 use common::process::{exit_code, fork_child, pipe};
@@ -353,23 +353,9 @@ mod scenarios {
             0
         });
 
-        // Put back on every way out, panics included; a run killed before it could is undone
-        // by the next one, from the value saved in a file.
-        const SAVED: &str = "/tmp/hetmem-lease-break-time.saved";
-        struct Restore(String);
-        impl Drop for Restore {
-            fn drop(&mut self) {
-                if std::fs::write(KNOB, self.0.trim()).is_ok() {
-                    let _ = std::fs::remove_file(SAVED);
-                }
-            }
-        }
-        if let Ok(saved) = std::fs::read_to_string(SAVED) {
-            std::fs::write(KNOB, saved.trim())?;
-        }
-        let restore = Restore(std::fs::read_to_string(KNOB)?);
-        std::fs::write(SAVED, &restore.0)?;
-        std::fs::write(KNOB, "1")?;
+        let Some(restore) = BreakTime::set(1)? else {
+            return Ok(());
+        };
         let r = with_lease_thread_held(&dev_b, &b, &path_b, &mut go_b, || {
             go_a.write_all(b"a")?;
             // The kernel gives up on our answer after 1 s and lets the reader in.

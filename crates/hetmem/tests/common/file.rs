@@ -307,3 +307,38 @@ pub fn hetmem_memfds() -> usize {
     seen.dedup();
     seen.len()
 }
+
+/// `/proc/sys/fs/lease-break-time` set for a test, put back on drop (panics included). The old
+/// value is also saved in a file until then, so a run killed before it could put it back is
+/// undone by the next one.
+pub struct BreakTime(String);
+
+impl BreakTime {
+    const KNOB: &'static str = "/proc/sys/fs/lease-break-time";
+    const SAVED: &'static str = "/tmp/hetmem-lease-break-time.saved";
+
+    /// Sets it to `secs`; `None` (the test is skipped, saying why) where it cannot be set.
+    pub fn set(secs: u32) -> Result<Option<BreakTime>> {
+        if let Ok(saved) = std::fs::read_to_string(Self::SAVED) {
+            if std::fs::write(Self::KNOB, saved.trim()).is_ok() {
+                let _ = std::fs::remove_file(Self::SAVED);
+            }
+        }
+        let old = std::fs::read_to_string(Self::KNOB)?.trim().to_string();
+        std::fs::write(Self::SAVED, &old)?;
+        if let Err(e) = std::fs::write(Self::KNOB, secs.to_string()) {
+            let _ = std::fs::remove_file(Self::SAVED);
+            eprintln!("SKIPPED: cannot set {}: {e}", Self::KNOB);
+            return Ok(None);
+        }
+        Ok(Some(BreakTime(old)))
+    }
+}
+
+impl Drop for BreakTime {
+    fn drop(&mut self) {
+        if std::fs::write(Self::KNOB, &self.0).is_ok() {
+            let _ = std::fs::remove_file(Self::SAVED);
+        }
+    }
+}
