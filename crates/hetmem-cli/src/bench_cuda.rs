@@ -471,6 +471,15 @@ fn drop_page_cache(path: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// Pinned memory `[off, off + len)` as a pointer, checked to lie inside `m`.
+fn pinned_range(m: &PinnedBuffer, off: usize, len: usize) -> Result<*mut u8> {
+    ensure!(
+        off.checked_add(len).is_some_and(|end| end <= m.len()),
+        "pinned range out of bounds"
+    );
+    Ok(m.as_ptr().wrapping_add(off))
+}
+
 /// `pread`s `len` bytes of `f` at `at` into pinned memory `[off, off + len)`. The caller has
 /// synchronised the stream that last used those bytes, so no GPU work touches them meanwhile.
 #[allow(unsafe_code)]
@@ -482,12 +491,11 @@ fn read_into_pinned(
     at: u64,
 ) -> Result<()> {
     use std::os::unix::fs::FileExt;
-    ensure!(off + len <= m.len(), "pinned range out of bounds");
-    // SAFETY: `[off, off + len)` lies inside the pinned allocation (checked above), which stays
+    let p = pinned_range(m, off, len)?;
+    // SAFETY: `[p, p + len)` lies inside the pinned allocation (`pinned_range`), which stays
     // mapped while `m` is borrowed; no GPU work uses it (the caller's synchronisation) and no
     // other slice of it is alive while this one is.
-    let dst = unsafe { std::slice::from_raw_parts_mut(m.as_ptr().add(off), len) };
-    f.read_exact_at(dst, at)?;
+    f.read_exact_at(unsafe { std::slice::from_raw_parts_mut(p, len) }, at)?;
     Ok(())
 }
 
@@ -502,10 +510,9 @@ fn write_from_pinned(
     at: u64,
 ) -> Result<()> {
     use std::os::unix::fs::FileExt;
-    ensure!(off + len <= m.len(), "pinned range out of bounds");
+    let p = pinned_range(m, off, len)?;
     // SAFETY: as in `read_into_pinned`; the bytes are only read.
-    let src = unsafe { std::slice::from_raw_parts(m.as_ptr().add(off), len) };
-    f.write_all_at(src, at)?;
+    f.write_all_at(unsafe { std::slice::from_raw_parts(p, len) }, at)?;
     Ok(())
 }
 
